@@ -1,0 +1,125 @@
+//! The seam between the engine (validation, step bookkeeping, loss) and the code that owns the
+//! centers and does the arithmetic. Each backend drives all of this process's shards and talks to
+//! other shards through its communicator.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::sharding::ShardRange;
+use half::{bf16, f16};
+
+/// One local shard's embeddings in host memory, already validated.
+#[derive(Clone, Copy)]
+pub enum Embeddings<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+impl Embeddings<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Embeddings::F32(v) => v.len(),
+            Embeddings::F16(v) => v.len(),
+            Embeddings::BF16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends the values as f32.
+    pub fn extend_f32(&self, out: &mut Vec<f32>) {
+        match self {
+            Embeddings::F32(v) => out.extend_from_slice(v),
+            Embeddings::F16(v) => out.extend(v.iter().map(|x| x.to_f32())),
+            Embeddings::BF16(v) => out.extend(v.iter().map(|x| x.to_f32())),
+        }
+    }
+}
+
+/// Where one local shard's embedding gradient goes, in the embeddings' dtype.
+pub enum GradOut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    BF16(&'a mut [bf16]),
+}
+
+impl GradOut<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            GradOut::F32(d) => d.len(),
+            GradOut::F16(d) => d.len(),
+            GradOut::BF16(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn write(&mut self, src: &[f32]) {
+        match self {
+            GradOut::F32(d) => d.copy_from_slice(src),
+            GradOut::F16(d) => d.iter_mut().zip(src).for_each(|(o, &v)| *o = f16::from_f32(v)),
+            GradOut::BF16(d) => d.iter_mut().zip(src).for_each(|(o, &v)| *o = bf16::from_f32(v)),
+        }
+    }
+}
+
+/// One local shard's validated input.
+pub struct HostBatch<'a> {
+    pub embeddings: Embeddings<'a>,
+    pub labels: &'a [i64],
+}
+
+/// What the forward pass of a step should do.
+#[derive(Clone, Copy, Debug)]
+pub struct StepPlan {
+    pub step: u64,
+    pub seed: u64,
+    /// 1.0 uses every class (evaluation, or model parallelism).
+    pub sample_rate: f32,
+    /// Keep what the backward pass needs; false for evaluation.
+    pub train: bool,
+}
+
+/// Per-row softmax statistics over all shards' sampled columns, after the all-reduces.
+#[derive(Clone, Debug, Default)]
+pub struct RowStats {
+    pub max: Vec<f32>,
+    pub sum: Vec<f32>,
+    pub target_logit: Vec<f32>,
+    pub target_cos: Vec<f32>,
+    pub other_cos: Vec<f32>,
+    /// Sampled classes summed over all shards.
+    pub sampled_classes: u64,
+}
+
+/// Wall time of each phase of the last step, for benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PhaseTimes {
+    pub gather: f64,
+    pub sample: f64,
+    pub forward: f64,
+    pub reduce: f64,
+    pub backward: f64,
+    pub scatter: f64,
+}
+
+/// A backend: the shards of this process, their centers and optimizer state.
+pub trait Backend: Send {
+    /// The class ranges of the local shards, in rank order.
+    fn ranges(&self) -> &[ShardRange];
+    /// Gathers the batch, samples, computes cosines and the reduced softmax statistics.
+    fn forward(&mut self, batches: &[HostBatch<'_>], plan: StepPlan) -> Result<RowStats>;
+    /// After a training `forward`: writes each shard's embedding gradient into `grads` and updates
+    /// the sampled centers with learning rate `lr`.
+    fn backward(&mut self, stats: &RowStats, lr: f32, grads: &mut [GradOut<'_>]) -> Result<()>;
+    /// Copies centers of global classes `[first, first + count)` (all owned here) into `out`.
+    fn get_centers(&self, first: u64, count: u64, normalized: bool, out: &mut [f32]) -> Result<()>;
+    /// Overwrites those centers and resets their optimizer state.
+    fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()>;
+    fn phase_times(&self) -> PhaseTimes;
+}

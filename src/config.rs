@@ -1,0 +1,196 @@
+//! The validated configuration of a head. The C ABI converts `pfc_config` into this; everything past
+//! this module may assume the invariants checked here.
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimizerKind {
+    Sgd,
+    AdamW,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MarginGrad {
+    /// `∂z/∂c = s` for every column, the target included (the reference's behaviour).
+    StraightThrough,
+    /// The true derivative of the margin function.
+    Exact,
+}
+
+/// The combined margin `s·(cos(m1·θ + m2) − m3)` on the target, `s·c` elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MarginConfig {
+    pub scale: f32,
+    pub m1: f32,
+    pub m2: f32,
+    pub m3: f32,
+    /// Non-target cosines above this are zeroed and get no gradient; 0 disables the filter.
+    pub interclass_filter: f32,
+    pub grad: MarginGrad,
+    pub arcface_fallback: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OptimizerConfig {
+    pub kind: OptimizerKind,
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub num_classes: u64,
+    pub embedding_dim: usize,
+    pub sample_rate: f32,
+    pub margin: MarginConfig,
+    pub optimizer: OptimizerConfig,
+    pub compute_dtype: DType,
+    pub seed: u64,
+    pub init_std: f32,
+    pub backend: BackendKind,
+    pub local_shards: usize,
+    pub devices: Vec<i32>,
+    pub world_size: usize,
+    pub first_rank: usize,
+}
+
+/// Largest embedding dimension accepted; far above any face model, small enough that `N·d` and
+/// `C·d` products are checked rather than trusted.
+pub(crate) const MAX_EMBEDDING_DIM: usize = 1 << 16;
+/// Largest number of classes accepted (labels are `int64`).
+pub(crate) const MAX_CLASSES: u64 = 1 << 40;
+/// Shards one process may drive.
+pub(crate) const MAX_LOCAL_SHARDS: usize = 64;
+
+impl Default for Config {
+    /// The reference's defaults (SPEC §1): s = 64, ArcFace m2 = 0.5, full softmax, SGD 0.1/0.9/5e-4.
+    fn default() -> Self {
+        Config {
+            num_classes: 0,
+            embedding_dim: 0,
+            sample_rate: 1.0,
+            margin: MarginConfig {
+                scale: 64.0,
+                m1: 1.0,
+                m2: 0.5,
+                m3: 0.0,
+                interclass_filter: 0.0,
+                grad: MarginGrad::StraightThrough,
+                arcface_fallback: false,
+            },
+            optimizer: OptimizerConfig {
+                kind: OptimizerKind::Sgd,
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            compute_dtype: DType::F32,
+            seed: 0,
+            init_std: 0.01,
+            backend: BackendKind::Cpu,
+            local_shards: 1,
+            devices: Vec::new(),
+            world_size: 1,
+            first_rank: 0,
+        }
+    }
+}
+
+fn check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(message()))
+    }
+}
+
+fn finite_in(name: &str, v: f32, lo: f32, hi: f32) -> Result<()> {
+    check(v.is_finite() && v >= lo && v <= hi, || format!("{name} = {v} is outside [{lo}, {hi}]"))
+}
+
+impl Config {
+    /// Checks every field; a config that passes can build a head (memory permitting).
+    pub fn validate(&self) -> Result<()> {
+        check(self.num_classes >= 1 && self.num_classes <= MAX_CLASSES, || {
+            format!("num_classes = {} is outside [1, {MAX_CLASSES}]", self.num_classes)
+        })?;
+        check(self.embedding_dim >= 1 && self.embedding_dim <= MAX_EMBEDDING_DIM, || {
+            format!("embedding_dim = {} is outside [1, {MAX_EMBEDDING_DIM}]", self.embedding_dim)
+        })?;
+        check(self.sample_rate > 0.0 && self.sample_rate <= 1.0, || {
+            format!("sample_rate = {} is outside (0, 1]", self.sample_rate)
+        })?;
+        let m = &self.margin;
+        check(m.scale.is_finite() && m.scale > 0.0, || format!("scale = {} must be finite and > 0", m.scale))?;
+        finite_in("m1", m.m1, 0.0, 100.0)?;
+        finite_in("m2", m.m2, -std::f32::consts::PI, std::f32::consts::PI)?;
+        finite_in("m3", m.m3, -2.0, 2.0)?;
+        check(m.interclass_filter.is_finite() && m.interclass_filter >= 0.0 && m.interclass_filter < 1.0, || {
+            format!("interclass_filter = {} is outside [0, 1) (0 disables it)", m.interclass_filter)
+        })?;
+        let o = &self.optimizer;
+        finite_in("lr", o.lr, 0.0, f32::MAX)?;
+        finite_in("weight_decay", o.weight_decay, 0.0, f32::MAX)?;
+        match o.kind {
+            OptimizerKind::Sgd => finite_in("momentum", o.momentum, 0.0, 1.0)?,
+            OptimizerKind::AdamW => {
+                check(o.beta1.is_finite() && (0.0..1.0).contains(&o.beta1), || {
+                    format!("beta1 = {} is outside [0, 1)", o.beta1)
+                })?;
+                check(o.beta2.is_finite() && (0.0..1.0).contains(&o.beta2), || {
+                    format!("beta2 = {} is outside [0, 1)", o.beta2)
+                })?;
+                check(o.eps.is_finite() && o.eps > 0.0, || format!("eps = {} must be finite and > 0", o.eps))?;
+            }
+        }
+        finite_in("init_std", self.init_std, 0.0, f32::MAX)?;
+        check(self.local_shards >= 1 && self.local_shards <= MAX_LOCAL_SHARDS, || {
+            format!("local_shards = {} is outside [1, {MAX_LOCAL_SHARDS}]", self.local_shards)
+        })?;
+        check(self.world_size >= self.local_shards, || {
+            format!("world_size = {} is smaller than local_shards = {}", self.world_size, self.local_shards)
+        })?;
+        check(self.first_rank + self.local_shards <= self.world_size, || {
+            format!(
+                "first_rank = {} with local_shards = {} exceeds world_size = {}",
+                self.first_rank, self.local_shards, self.world_size
+            )
+        })?;
+        check(self.num_classes >= self.world_size as u64, || {
+            format!("num_classes = {} is smaller than world_size = {}: every shard needs a class", self.num_classes, self.world_size)
+        })?;
+        check(self.devices.is_empty() || self.devices.len() == self.local_shards, || {
+            format!("devices lists {} ordinals for {} local shards", self.devices.len(), self.local_shards)
+        })?;
+        Ok(())
+    }
+}

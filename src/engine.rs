@@ -1,0 +1,175 @@
+//! The head: validated configuration, step bookkeeping and everything shared by the backends —
+//! input validation, the loss and accuracy from reduced statistics, center access. A failed call
+//! leaves the head exactly as it was: inputs are checked before any backend state changes.
+
+use crate::backend::{cpu::CpuBackend, Backend, GradOut, HostBatch, PhaseTimes, RowStats, StepPlan};
+use crate::config::{BackendKind, Config};
+use crate::error::{Error, Result, Status};
+
+/// What one step reports (SPEC §1.10).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepStats {
+    pub loss: f64,
+    pub accuracy: f64,
+    /// Training steps the head has taken, this one included.
+    pub step: u64,
+    pub global_batch: u64,
+    pub sampled_classes: u64,
+}
+
+pub struct Head {
+    cfg: Config,
+    backend: Box<dyn Backend>,
+    step: u64,
+    lr: f32,
+}
+
+impl Head {
+    pub fn new(cfg: Config) -> Result<Self> {
+        cfg.validate()?;
+        let backend: Box<dyn Backend> = match cfg.backend {
+            BackendKind::Cpu => Box::new(CpuBackend::new(&cfg)?),
+            BackendKind::Cuda => {
+                return Err(Error::new(Status::Unavailable, "this build of partialfc has no CUDA backend yet; use the CPU backend"))
+            }
+        };
+        let lr = cfg.optimizer.lr;
+        Ok(Head { cfg, backend, step: 0, lr })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    pub fn learning_rate(&self) -> f32 {
+        self.lr
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f32) -> Result<()> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::invalid(format!("learning rate {lr} must be finite and >= 0")));
+        }
+        self.lr = lr;
+        Ok(())
+    }
+
+    /// Global classes owned by this process: `(first, count)`.
+    pub fn local_classes(&self) -> (u64, u64) {
+        let ranges = self.backend.ranges();
+        let last = ranges[ranges.len() - 1];
+        (ranges[0].start, last.start + last.len - ranges[0].start)
+    }
+
+    pub fn phase_times(&self) -> PhaseTimes {
+        self.backend.phase_times()
+    }
+
+    fn check_batches(&self, batches: &[HostBatch<'_>]) -> Result<()> {
+        let shards = self.cfg.local_shards;
+        if batches.len() != shards {
+            return Err(Error::invalid(format!("got {} batches for {} local shards: pass one per shard", batches.len(), shards)));
+        }
+        let d = self.cfg.embedding_dim;
+        let mut total = 0usize;
+        for (s, b) in batches.iter().enumerate() {
+            let rows = b.labels.len();
+            if b.embeddings.len() != rows * d {
+                return Err(Error::invalid(format!("batch {s}: {} embedding values for {rows} rows of dimension {d}", b.embeddings.len())));
+            }
+            if let Some((i, &label)) = b.labels.iter().enumerate().find(|(_, &l)| l < 0 || l as u64 >= self.cfg.num_classes) {
+                return Err(Error::invalid(format!(
+                    "batch {s}: label {label} at row {i} is outside [0, {})",
+                    self.cfg.num_classes
+                )));
+            }
+            if let Some(at) = first_non_finite(&b.embeddings) {
+                return Err(Error::invalid(format!("batch {s}: embedding row {} holds NaN or Inf", at / d)));
+            }
+            total += rows;
+        }
+        if total == 0 {
+            return Err(Error::invalid("the global batch is empty"));
+        }
+        Ok(())
+    }
+
+    fn stats(&self, rows: &RowStats) -> StepStats {
+        let n = rows.max.len();
+        let mut loss = 0.0f64;
+        let mut correct = 0usize;
+        for i in 0..n {
+            // Exact log-softmax: log Σ exp(z) − z_y, with no clamp on the probability.
+            loss += (rows.sum[i] as f64).ln() + rows.max[i] as f64 - rows.target_logit[i] as f64;
+            correct += usize::from(rows.target_cos[i] > rows.other_cos[i]);
+        }
+        StepStats {
+            loss: loss / n as f64,
+            accuracy: correct as f64 / n as f64,
+            step: self.step,
+            global_batch: n as u64,
+            sampled_classes: rows.sampled_classes,
+        }
+    }
+
+    /// One training step: gradients into `grads` (one per local shard), sampled centers updated.
+    pub fn train_step(&mut self, batches: &[HostBatch<'_>], grads: &mut [GradOut<'_>]) -> Result<StepStats> {
+        self.check_batches(batches)?;
+        for (s, (b, g)) in batches.iter().zip(grads.iter()).enumerate() {
+            if g.len() != b.embeddings.len() {
+                return Err(Error::invalid(format!("batch {s}: gradient buffer has {} values, embeddings {}", g.len(), b.embeddings.len())));
+            }
+        }
+        let plan = StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: self.cfg.sample_rate, train: true };
+        let rows = self.backend.forward(batches, plan)?;
+        self.backend.backward(&rows, self.lr, grads)?;
+        self.step += 1;
+        Ok(self.stats(&rows))
+    }
+
+    /// Loss and accuracy over every class; nothing changes.
+    pub fn evaluate(&mut self, batches: &[HostBatch<'_>]) -> Result<StepStats> {
+        self.check_batches(batches)?;
+        let plan = StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: 1.0, train: false };
+        let rows = self.backend.forward(batches, plan)?;
+        Ok(self.stats(&rows))
+    }
+
+    fn check_range(&self, first: u64, count: u64, buffer_len: usize) -> Result<()> {
+        let (lo, n) = self.local_classes();
+        let end = first.checked_add(count).ok_or_else(|| Error::invalid("first + count overflows"))?;
+        if count == 0 || first < lo || end > lo + n {
+            return Err(Error::invalid(format!("classes [{first}, {end}) are not within this process's [{lo}, {})", lo + n)));
+        }
+        let need = (count as usize).checked_mul(self.cfg.embedding_dim);
+        if need != Some(buffer_len) {
+            return Err(Error::invalid(format!("buffer holds {buffer_len} values; {count} centers need {}", count as usize * self.cfg.embedding_dim)));
+        }
+        Ok(())
+    }
+
+    pub fn get_centers(&self, first: u64, count: u64, normalized: bool, out: &mut [f32]) -> Result<()> {
+        self.check_range(first, count, out.len())?;
+        self.backend.get_centers(first, count, normalized, out)
+    }
+
+    pub fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()> {
+        self.check_range(first, count, values.len())?;
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid(format!("center value {at} is NaN or Inf")));
+        }
+        self.backend.set_centers(first, count, values)
+    }
+}
+
+fn first_non_finite(e: &crate::backend::Embeddings<'_>) -> Option<usize> {
+    use crate::backend::Embeddings;
+    match e {
+        Embeddings::F32(v) => v.iter().position(|x| !x.is_finite()),
+        Embeddings::F16(v) => v.iter().position(|x| !x.is_finite()),
+        Embeddings::BF16(v) => v.iter().position(|x| !x.is_finite()),
+    }
+}

@@ -1,0 +1,76 @@
+//! Status codes and the crate's error type. The numeric codes are part of the C ABI and never change.
+
+use std::fmt;
+
+/// Why an operation failed; `code()` is the `pfc_status` the C ABI returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    NullArgument,
+    InvalidArgument,
+    OutOfMemory,
+    Unavailable,
+    Device,
+    Communication,
+    Io,
+    Corrupt,
+    Incompatible,
+    Panic,
+}
+
+impl Status {
+    pub fn code(self) -> i32 {
+        match self {
+            Status::NullArgument => 1,
+            Status::InvalidArgument => 2,
+            Status::OutOfMemory => 3,
+            Status::Unavailable => 4,
+            Status::Device => 5,
+            Status::Communication => 6,
+            Status::Io => 7,
+            Status::Corrupt => 8,
+            Status::Incompatible => 9,
+            Status::Panic => 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Error {
+    pub status: Status,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(status: Status, message: impl Into<String>) -> Self {
+        Error { status, message: message.into() }
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::new(Status::InvalidArgument, message)
+    }
+    pub fn null(name: &str) -> Self {
+        Error::new(Status::NullArgument, format!("{name} is NULL"))
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Allocates a zeroed vector, reporting exhaustion as `OutOfMemory` instead of aborting the host.
+pub fn try_zeroed<T: Clone + Default>(len: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        Error::new(
+            Status::OutOfMemory,
+            format!("cannot allocate {what}: {len} elements of {} bytes", std::mem::size_of::<T>()),
+        )
+    })?;
+    v.resize(len, T::default());
+    Ok(v)
+}

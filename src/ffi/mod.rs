@@ -1,0 +1,400 @@
+//! The C ABI (`include/partialfc.h`, generated from this module by cbindgen). Every function checks
+//! its pointers and integers before touching the head, runs under `guard`, and writes its outputs
+//! only when it succeeds.
+
+mod guard;
+pub mod types;
+
+use self::guard::{guard, with_last_error};
+pub use self::types::*;
+use crate::backend::{Embeddings, GradOut, HostBatch};
+use crate::config::{BackendKind, Config, DType, MarginConfig, MarginGrad, OptimizerConfig, OptimizerKind};
+use crate::engine::{Head, StepStats};
+use crate::error::{Error, Result, Status};
+use parking_lot::Mutex;
+use std::ffi::c_char;
+
+/// An opaque training head. Calls on one head are serialized by its lock.
+#[allow(non_camel_case_types)]
+pub struct pfc_head {
+    inner: Mutex<Head>,
+}
+
+/// Rows accepted in one shard's batch; keeps `rows × dim` far from overflow.
+const MAX_BATCH_ROWS: u64 = 1 << 24;
+
+fn int_bool(name: &str, v: i32) -> Result<bool> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(Error::invalid(format!("{name} = {v}: expected 0 or 1"))),
+    }
+}
+
+fn dtype_of(name: &str, v: i32) -> Result<DType> {
+    match v {
+        PFC_DTYPE_F32 => Ok(DType::F32),
+        PFC_DTYPE_F16 => Ok(DType::F16),
+        PFC_DTYPE_BF16 => Ok(DType::BF16),
+        _ => Err(Error::invalid(format!("{name} = {v} is not a PFC_DTYPE_* value"))),
+    }
+}
+
+fn default_c_config() -> pfc_config {
+    let d = Config::default();
+    pfc_config {
+        struct_size: std::mem::size_of::<pfc_config>() as u32,
+        num_classes: d.num_classes,
+        embedding_dim: d.embedding_dim as u32,
+        sample_rate: d.sample_rate,
+        scale: d.margin.scale,
+        m1: d.margin.m1,
+        m2: d.margin.m2,
+        m3: d.margin.m3,
+        interclass_filter: d.margin.interclass_filter,
+        margin_grad: PFC_MARGIN_GRAD_STRAIGHT_THROUGH,
+        arcface_fallback: 0,
+        optimizer: PFC_OPTIMIZER_SGD,
+        lr: d.optimizer.lr,
+        momentum: d.optimizer.momentum,
+        weight_decay: d.optimizer.weight_decay,
+        beta1: d.optimizer.beta1,
+        beta2: d.optimizer.beta2,
+        eps: d.optimizer.eps,
+        compute_dtype: PFC_DTYPE_F32,
+        seed: d.seed,
+        init_std: d.init_std,
+        backend: PFC_BACKEND_CPU,
+        local_shards: 1,
+        devices: std::ptr::null(),
+        world_size: 0,
+        first_rank: 0,
+        nccl_id: std::ptr::null(),
+    }
+}
+
+/// Converts and validates a C configuration.
+///
+/// # Safety
+/// `devices`, when not NULL, must point to `local_shards` integers.
+unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
+    let expected = std::mem::size_of::<pfc_config>() as u32;
+    if c.struct_size != expected {
+        return Err(Error::new(
+            Status::Incompatible,
+            format!(
+                "pfc_config.struct_size is {} but this library's pfc_config has {expected} bytes: initialise it with pfc_config_init and build against the matching header",
+                c.struct_size
+            ),
+        ));
+    }
+    let margin_grad = match c.margin_grad {
+        PFC_MARGIN_GRAD_STRAIGHT_THROUGH => MarginGrad::StraightThrough,
+        PFC_MARGIN_GRAD_EXACT => MarginGrad::Exact,
+        v => return Err(Error::invalid(format!("margin_grad = {v} is not a PFC_MARGIN_GRAD_* value"))),
+    };
+    let optimizer = match c.optimizer {
+        PFC_OPTIMIZER_SGD => OptimizerKind::Sgd,
+        PFC_OPTIMIZER_ADAMW => OptimizerKind::AdamW,
+        v => return Err(Error::invalid(format!("optimizer = {v} is not a PFC_OPTIMIZER_* value"))),
+    };
+    let backend = match c.backend {
+        PFC_BACKEND_CPU => BackendKind::Cpu,
+        PFC_BACKEND_CUDA => BackendKind::Cuda,
+        v => return Err(Error::invalid(format!("backend = {v} is not a PFC_BACKEND_* value"))),
+    };
+    let local_shards = c.local_shards as usize;
+    if local_shards == 0 || local_shards > crate::config::MAX_LOCAL_SHARDS {
+        return Err(Error::invalid(format!("local_shards = {local_shards} is outside [1, {}]", crate::config::MAX_LOCAL_SHARDS)));
+    }
+    let devices = if c.devices.is_null() { Vec::new() } else { std::slice::from_raw_parts(c.devices, local_shards).to_vec() };
+    let world_size = if c.world_size == 0 { local_shards } else { c.world_size as usize };
+    if world_size > local_shards && c.nccl_id.is_null() {
+        return Err(Error::null("nccl_id (needed when world_size > local_shards)"));
+    }
+    Ok(Config {
+        num_classes: c.num_classes,
+        embedding_dim: c.embedding_dim as usize,
+        sample_rate: c.sample_rate,
+        margin: MarginConfig {
+            scale: c.scale,
+            m1: c.m1,
+            m2: c.m2,
+            m3: c.m3,
+            interclass_filter: c.interclass_filter,
+            grad: margin_grad,
+            arcface_fallback: int_bool("arcface_fallback", c.arcface_fallback)?,
+        },
+        optimizer: OptimizerConfig {
+            kind: optimizer,
+            lr: c.lr,
+            momentum: c.momentum,
+            weight_decay: c.weight_decay,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+        },
+        compute_dtype: dtype_of("compute_dtype", c.compute_dtype)?,
+        seed: c.seed,
+        init_std: c.init_std,
+        backend,
+        local_shards,
+        devices,
+        world_size,
+        first_rank: c.first_rank as usize,
+    })
+}
+
+fn head_ref<'a>(h: *const pfc_head) -> Result<&'a pfc_head> {
+    // SAFETY: a non-NULL head pointer comes from pfc_create and is alive until pfc_destroy.
+    unsafe { h.as_ref() }.ok_or_else(|| Error::null("head"))
+}
+
+/// A batch's slices, checked against the head's configuration.
+struct BatchSlices<'a> {
+    inputs: Vec<HostBatch<'a>>,
+    grads: Vec<GradOut<'a>>,
+}
+
+/// # Safety
+/// The pointers in `b` must be valid for the sizes they declare.
+unsafe fn batch_slices<'a>(head: &Head, b: *const pfc_batch, n: u32, want_grads: bool) -> Result<BatchSlices<'a>> {
+    let shards = head.config().local_shards;
+    if n as usize != shards {
+        return Err(Error::invalid(format!("got {n} batches for {shards} local shards: pass one per shard")));
+    }
+    if b.is_null() {
+        return Err(Error::null("batches"));
+    }
+    let d = head.config().embedding_dim;
+    let batches = std::slice::from_raw_parts(b, n as usize);
+    let mut out = BatchSlices { inputs: Vec::with_capacity(shards), grads: Vec::with_capacity(shards) };
+    for (s, batch) in batches.iter().enumerate() {
+        let dtype = dtype_of("batch dtype", batch.dtype)?;
+        match batch.memory {
+            PFC_MEMORY_HOST => {}
+            PFC_MEMORY_DEVICE => {
+                return Err(Error::invalid(format!("batch {s}: device memory needs the CUDA backend; this head runs on the CPU")))
+            }
+            v => return Err(Error::invalid(format!("batch {s}: memory = {v} is not a PFC_MEMORY_* value"))),
+        }
+        if batch.batch_size > MAX_BATCH_ROWS {
+            return Err(Error::invalid(format!("batch {s}: batch_size {} exceeds {MAX_BATCH_ROWS}", batch.batch_size)));
+        }
+        let rows = batch.batch_size as usize;
+        let values = rows * d;
+        let (emb_ptr, label_ptr, grad_ptr) = (batch.embeddings, batch.labels, batch.grad_embeddings);
+        if rows > 0 {
+            if emb_ptr.is_null() {
+                return Err(Error::null(&format!("batch {s}: embeddings")));
+            }
+            if label_ptr.is_null() {
+                return Err(Error::null(&format!("batch {s}: labels")));
+            }
+            if want_grads && grad_ptr.is_null() {
+                return Err(Error::null(&format!("batch {s}: grad_embeddings")));
+            }
+            if want_grads {
+                let bytes = values * dtype.size();
+                let (e0, g0) = (emb_ptr as usize, grad_ptr as usize);
+                if e0 < g0 + bytes && g0 < e0 + bytes {
+                    return Err(Error::invalid(format!("batch {s}: grad_embeddings overlaps embeddings")));
+                }
+            }
+        }
+        let labels: &[i64] = if rows == 0 { &[] } else { std::slice::from_raw_parts(label_ptr, rows) };
+        let embeddings = match (dtype, rows) {
+            (DType::F32, 0) => Embeddings::F32(&[]),
+            (DType::F16, 0) => Embeddings::F16(&[]),
+            (DType::BF16, 0) => Embeddings::BF16(&[]),
+            (DType::F32, _) => Embeddings::F32(std::slice::from_raw_parts(emb_ptr.cast(), values)),
+            (DType::F16, _) => Embeddings::F16(std::slice::from_raw_parts(emb_ptr.cast(), values)),
+            (DType::BF16, _) => Embeddings::BF16(std::slice::from_raw_parts(emb_ptr.cast(), values)),
+        };
+        out.inputs.push(HostBatch { embeddings, labels });
+        if want_grads {
+            out.grads.push(match (dtype, rows) {
+                (DType::F32, 0) => GradOut::F32(&mut []),
+                (DType::F16, 0) => GradOut::F16(&mut []),
+                (DType::BF16, 0) => GradOut::BF16(&mut []),
+                (DType::F32, _) => GradOut::F32(std::slice::from_raw_parts_mut(grad_ptr.cast(), values)),
+                (DType::F16, _) => GradOut::F16(std::slice::from_raw_parts_mut(grad_ptr.cast(), values)),
+                (DType::BF16, _) => GradOut::BF16(std::slice::from_raw_parts_mut(grad_ptr.cast(), values)),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn write_stats(stats: *mut pfc_step_stats, s: StepStats) {
+    // SAFETY: a non-NULL stats pointer is the caller's writable struct.
+    if let Some(out) = unsafe { stats.as_mut() } {
+        *out = pfc_step_stats {
+            loss: s.loss,
+            accuracy: s.accuracy,
+            step: s.step,
+            global_batch: s.global_batch,
+            sampled_classes: s.sampled_classes,
+        };
+    }
+}
+
+/// Fills `cfg` with the defaults (the reference's: s = 64, ArcFace m2 = 0.5, sample_rate 1, SGD
+/// lr 0.1 momentum 0.9 weight decay 5e-4, AdamW betas 0.9/0.999 eps 1e-8, centers N(0, 0.01²), f32,
+/// CPU, one shard) and sets `struct_size`. `num_classes` and `embedding_dim` must then be set.
+/// NULL is a no-op.
+#[no_mangle]
+pub extern "C" fn pfc_config_init(cfg: *mut pfc_config) {
+    // SAFETY: a non-NULL cfg is the caller's writable struct.
+    if let Some(c) = unsafe { cfg.as_mut() } {
+        *c = default_c_config();
+    }
+}
+
+/// Creates a head: validates `cfg`, allocates and initialises the local shards' centers and
+/// optimizer state. On success `*out` owns the head (free it with `pfc_destroy`); on failure `*out`
+/// is untouched. A CUDA request on a machine without a usable driver gives PFC_ERR_UNAVAILABLE.
+#[no_mangle]
+pub extern "C" fn pfc_create(cfg: *const pfc_config, out: *mut *mut pfc_head) -> pfc_status {
+    guard(|| {
+        // SAFETY: non-NULL pointers from the caller, per the header's contract.
+        let c = unsafe { cfg.as_ref() }.ok_or_else(|| Error::null("cfg"))?;
+        if out.is_null() {
+            return Err(Error::null("out"));
+        }
+        let config = unsafe { config_from_c(c) }?;
+        let head = Head::new(config)?;
+        let boxed = Box::new(pfc_head { inner: Mutex::new(head) });
+        unsafe { *out = Box::into_raw(boxed) };
+        Ok(())
+    })
+}
+
+/// Frees a head and everything it owns. NULL is a no-op.
+#[no_mangle]
+pub extern "C" fn pfc_destroy(head: *mut pfc_head) {
+    if !head.is_null() {
+        // Dropping frees memory only; a panic here would be a bug in a destructor, kept from C.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: the pointer came from pfc_create and is destroyed once.
+            drop(unsafe { Box::from_raw(head) });
+        }));
+    }
+}
+
+/// One training step over `n` batches, one per local shard (`n` must equal `local_shards`): the
+/// gradient of the mean loss times world_size is written to each batch's `grad_embeddings`, and the
+/// sampled centers are updated. `stats` may be NULL.
+#[no_mangle]
+pub extern "C" fn pfc_train_step(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats) -> pfc_status {
+    guard(|| {
+        let mut h = head_ref(head)?.inner.lock();
+        let mut slices = unsafe { batch_slices(&h, batches, n, true) }?;
+        let s = h.train_step(&slices.inputs, &mut slices.grads)?;
+        write_stats(stats, s);
+        Ok(())
+    })
+}
+
+/// Loss and accuracy over all classes (no sampling), nothing updated; `grad_embeddings` is ignored.
+#[no_mangle]
+pub extern "C" fn pfc_evaluate(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats) -> pfc_status {
+    guard(|| {
+        let mut h = head_ref(head)?.inner.lock();
+        let slices = unsafe { batch_slices(&h, batches, n, false) }?;
+        let s = h.evaluate(&slices.inputs)?;
+        write_stats(stats, s);
+        Ok(())
+    })
+}
+
+/// Sets the learning rate used by later steps (finite, >= 0).
+#[no_mangle]
+pub extern "C" fn pfc_set_learning_rate(head: *mut pfc_head, lr: f32) -> pfc_status {
+    guard(|| head_ref(head)?.inner.lock().set_learning_rate(lr))
+}
+
+/// The global classes this process owns: `[*first, *first + *count)`.
+#[no_mangle]
+pub extern "C" fn pfc_local_classes(head: *const pfc_head, first: *mut u64, count: *mut u64) -> pfc_status {
+    guard(|| {
+        let h = head_ref(head)?.inner.lock();
+        if first.is_null() {
+            return Err(Error::null("first"));
+        }
+        if count.is_null() {
+            return Err(Error::null("count"));
+        }
+        let (f, c) = h.local_classes();
+        unsafe {
+            *first = f;
+            *count = c;
+        }
+        Ok(())
+    })
+}
+
+/// Copies centers of global classes `[first, first + count)` (owned by this process) into `out`
+/// (count × embedding_dim floats), L2-normalized when `normalized` is 1.
+#[no_mangle]
+pub extern "C" fn pfc_get_centers(head: *const pfc_head, first: u64, count: u64, normalized: i32, out: *mut f32) -> pfc_status {
+    guard(|| {
+        let h = head_ref(head)?.inner.lock();
+        if out.is_null() {
+            return Err(Error::null("out"));
+        }
+        let normalized = int_bool("normalized", normalized)?;
+        let len = center_values(&h, count)?;
+        let mut tmp = crate::error::try_zeroed::<f32>(len, "center copy")?;
+        h.get_centers(first, count, normalized, &mut tmp)?;
+        unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), out, len) };
+        Ok(())
+    })
+}
+
+/// Overwrites centers of global classes `[first, first + count)` from `in` (count × embedding_dim
+/// floats, finite) and resets those rows' optimizer state (warm start).
+#[no_mangle]
+pub extern "C" fn pfc_set_centers(head: *mut pfc_head, first: u64, count: u64, r#in: *const f32) -> pfc_status {
+    guard(|| {
+        let mut h = head_ref(head)?.inner.lock();
+        if r#in.is_null() {
+            return Err(Error::null("in"));
+        }
+        let len = center_values(&h, count)?;
+        let values = unsafe { std::slice::from_raw_parts(r#in, len) };
+        h.set_centers(first, count, values)
+    })
+}
+
+fn center_values(h: &Head, count: u64) -> Result<usize> {
+    let (_, local) = h.local_classes();
+    if count == 0 || count > local {
+        return Err(Error::invalid(format!("count = {count} is outside [1, {local}] (this process's classes)")));
+    }
+    Ok(count as usize * h.config().embedding_dim)
+}
+
+/// Copies the calling thread's last error message into `buf` (at most `cap` bytes, NUL-terminated
+/// when `cap` > 0) and returns its full length in bytes, excluding the NUL.
+#[no_mangle]
+pub extern "C" fn pfc_last_error(buf: *mut c_char, cap: usize) -> usize {
+    with_last_error(|msg| {
+        if !buf.is_null() && cap > 0 {
+            let n = msg.len().min(cap - 1);
+            // SAFETY: the caller provides `cap` writable bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(msg.as_ptr().cast::<c_char>(), buf, n);
+                *buf.add(n) = 0;
+            }
+        }
+        msg.len()
+    })
+}
+
+/// The library version, e.g. "0.1.0"; a static string.
+#[no_mangle]
+pub extern "C" fn pfc_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+

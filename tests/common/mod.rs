@@ -1,0 +1,179 @@
+//! Helpers shared by the integration tests: the golden files and driving a head through the C ABI.
+#![allow(dead_code)]
+
+use partialfc::ffi::*;
+use safetensors::SafeTensors;
+use std::path::PathBuf;
+
+pub fn shared_dir() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let candidate = here.join("../shared");
+    assert!(candidate.join("golden").is_dir(), "../shared/golden not found beside the repository");
+    candidate
+}
+
+pub struct Golden {
+    pub name: String,
+    pub config: serde_json::Value,
+    bytes: Vec<u8>,
+}
+
+impl Golden {
+    pub fn all() -> Vec<Golden> {
+        let mut files: Vec<_> = std::fs::read_dir(shared_dir().join("golden"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no golden files");
+        files
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+                let cfg = meta.metadata().as_ref().unwrap()["config"].clone();
+                Golden {
+                    name: p.file_name().unwrap().to_string_lossy().into(),
+                    config: serde_json::from_str(&cfg).unwrap(),
+                    bytes,
+                }
+            })
+            .collect()
+    }
+
+    pub fn f32(&self, name: &str) -> Vec<f32> {
+        let t = SafeTensors::deserialize(&self.bytes).unwrap();
+        let v = t.tensor(name).unwrap();
+        v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    pub fn i64(&self, name: &str) -> Vec<i64> {
+        let t = SafeTensors::deserialize(&self.bytes).unwrap();
+        let v = t.tensor(name).unwrap();
+        v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    pub fn usize(&self, key: &str) -> usize {
+        self.config[key].as_u64().unwrap() as usize
+    }
+    pub fn f32_of(&self, key: &str) -> f32 {
+        self.config[key].as_f64().unwrap() as f32
+    }
+
+    /// The configuration of this file for a head with `shards` local shards.
+    pub fn pfc_config(&self, shards: u32) -> pfc_config {
+        let mut c = default_config();
+        c.num_classes = self.usize("num_classes") as u64;
+        c.embedding_dim = self.usize("embedding_dim") as u32;
+        c.scale = self.f32_of("scale");
+        c.m1 = self.f32_of("m1");
+        c.m2 = self.f32_of("m2");
+        c.m3 = self.f32_of("m3");
+        c.interclass_filter = self.f32_of("interclass_filtering_threshold");
+        c.lr = self.f32_of("lr");
+        c.weight_decay = self.f32_of("weight_decay");
+        if self.config["optimizer"] == "adamw" {
+            c.optimizer = PFC_OPTIMIZER_ADAMW;
+            c.beta1 = self.config["adamw_betas"][0].as_f64().unwrap() as f32;
+            c.beta2 = self.config["adamw_betas"][1].as_f64().unwrap() as f32;
+            c.eps = self.f32_of("adamw_eps");
+        } else {
+            c.momentum = self.f32_of("momentum");
+        }
+        c.sample_rate = self.f32_of("sample_rate");
+        c.local_shards = shards;
+        c
+    }
+}
+
+pub fn default_config() -> pfc_config {
+    let mut c = std::mem::MaybeUninit::<pfc_config>::zeroed();
+    pfc_config_init(c.as_mut_ptr());
+    unsafe { c.assume_init() }
+}
+
+pub fn last_error() -> String {
+    let n = pfc_last_error(std::ptr::null_mut(), 0);
+    let mut buf = vec![0u8; n + 1];
+    pfc_last_error(buf.as_mut_ptr().cast(), buf.len());
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[track_caller]
+pub fn ok(status: pfc_status) {
+    assert_eq!(status, PFC_OK, "status {status}: {}", last_error());
+}
+
+/// An owned head, destroyed on drop.
+pub struct TestHead(pub *mut pfc_head);
+
+impl TestHead {
+    pub fn new(cfg: &pfc_config) -> TestHead {
+        let mut h = std::ptr::null_mut();
+        ok(pfc_create(cfg, &mut h));
+        TestHead(h)
+    }
+
+    pub fn local_classes(&self) -> (u64, u64) {
+        let (mut f, mut c) = (0, 0);
+        ok(pfc_local_classes(self.0, &mut f, &mut c));
+        (f, c)
+    }
+
+    pub fn centers(&self, d: usize) -> Vec<f32> {
+        let (f, c) = self.local_classes();
+        let mut out = vec![0f32; c as usize * d];
+        ok(pfc_get_centers(self.0, f, c, 0, out.as_mut_ptr()));
+        out
+    }
+
+    pub fn set_centers(&self, values: &[f32]) {
+        let (f, c) = self.local_classes();
+        ok(pfc_set_centers(self.0, f, c, values.as_ptr()));
+    }
+
+    /// One f32 step with the global batch split into `shards` local batches by `rows_per_shard`.
+    pub fn step(&self, emb: &[f32], labels: &[i64], d: usize, rows_per_shard: &[usize]) -> (pfc_step_stats, Vec<f32>) {
+        let mut grad = vec![0f32; emb.len()];
+        let mut batches = Vec::new();
+        let mut at = 0;
+        for &rows in rows_per_shard {
+            batches.push(pfc_batch {
+                embeddings: emb[at * d..].as_ptr().cast(),
+                labels: labels[at..].as_ptr(),
+                grad_embeddings: grad[at * d..].as_mut_ptr().cast(),
+                batch_size: rows as u64,
+                dtype: PFC_DTYPE_F32,
+                memory: PFC_MEMORY_HOST,
+                stream: std::ptr::null_mut(),
+            });
+            at += rows;
+        }
+        assert_eq!(at, labels.len());
+        let mut stats = pfc_step_stats::default();
+        ok(pfc_train_step(self.0, batches.as_ptr(), batches.len() as u32, &mut stats));
+        (stats, grad)
+    }
+}
+
+impl Drop for TestHead {
+    fn drop(&mut self) {
+        pfc_destroy(self.0);
+    }
+}
+
+/// ‖a − b‖₂ / ‖b‖₂: the golden files' measure. Element-wise ratios are ill-conditioned there —
+/// AdamW's first step maps gradients near `eps` to updates that the reference's own f32 rounding
+/// moves by several percent — while the norm-wise error of a float64 model stays below 3e-5.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let norm = b.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+    let diff = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>().sqrt();
+    diff / norm
+}
+
+/// Splits `n` rows into `shards` nearly equal parts.
+pub fn even_split(n: usize, shards: usize) -> Vec<usize> {
+    (0..shards).map(|r| n / shards + usize::from(r < n % shards)).collect()
+}

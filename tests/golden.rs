@@ -1,0 +1,61 @@
+//! Parity with the reference implementation's vectors in ../shared/golden, through the C ABI, with
+//! the file's world size and with other shard counts (at r = 1 sharding must not change the result).
+
+mod common;
+use common::*;
+
+const TOL: f64 = 1e-4;
+
+fn run(g: &Golden, shards: usize) {
+    let (c, d) = (g.usize("num_classes"), g.usize("embedding_dim"));
+    let world = g.usize("world_size");
+    let steps = g.usize("steps");
+    let head = TestHead::new(&g.pfc_config(shards as u32));
+    let init = g.f32("weight_init");
+    head.set_centers(&init);
+    for t in 0..steps {
+        let emb = g.f32(&format!("emb.{t}"));
+        let labels = g.i64(&format!("labels.{t}"));
+        let n = labels.len();
+        let (stats, grad) = head.step(&emb, &labels, d, &even_split(n, shards));
+        let want_loss = g.f32(&format!("loss.{t}"))[0] as f64;
+        let loss_err = (stats.loss - want_loss).abs() / want_loss.abs();
+        assert!(loss_err <= TOL, "{} shards={shards} step {t}: loss {} vs {want_loss}", g.name, stats.loss);
+        assert_eq!(stats.global_batch, n as u64);
+        assert_eq!(stats.sampled_classes, c as u64);
+        // The reference returns world_size × the local gradient of the mean loss; we return
+        // local_shards × it.
+        let want: Vec<f32> = g.f32(&format!("grad_emb.{t}")).iter().map(|v| v / world as f32 * shards as f32).collect();
+        let e = rel_err(&grad, &want);
+        assert!(e <= TOL, "{} shards={shards} step {t}: grad rel err {e}", g.name);
+        let w = head.centers(d);
+        let want_w = g.f32(&format!("weight.{t}"));
+        let e = rel_err(&w, &want_w);
+        assert!(e <= TOL, "{} shards={shards} step {t}: weight rel err {e}", g.name);
+        // The update itself, not only the weights it is added to.
+        let prev = if t == 0 { init.clone() } else { g.f32(&format!("weight.{}", t - 1)) };
+        let delta: Vec<f32> = w.iter().zip(&prev).map(|(a, b)| a - b).collect();
+        let want_delta: Vec<f32> = want_w.iter().zip(&prev).map(|(a, b)| a - b).collect();
+        let e = rel_err(&delta, &want_delta);
+        assert!(e <= 1e-3, "{} shards={shards} step {t}: update rel err {e}", g.name);
+        let _ = c;
+    }
+}
+
+#[test]
+fn golden_with_the_files_world_size() {
+    for g in Golden::all() {
+        run(&g, g.usize("world_size"));
+    }
+}
+
+#[test]
+fn golden_with_other_shard_counts() {
+    for g in Golden::all() {
+        for shards in [1, 2, 3, 5, 8] {
+            if shards != g.usize("world_size") {
+                run(&g, shards);
+            }
+        }
+    }
+}

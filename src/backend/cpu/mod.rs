@@ -22,6 +22,12 @@ use std::time::Instant;
 /// core's L2 cache between the GEMM and the element-wise passes.
 const BLOCK: usize = 256;
 
+/// Enough blocks per task that each thread gets a few tasks, so per-task scratch (an N×d gradient
+/// accumulator among it) is allocated and summed a handful of times per step, not per block.
+fn min_blocks_per_task(blocks: usize) -> usize {
+    blocks.div_ceil(4 * rayon::current_num_threads()).max(1)
+}
+
 /// A pointer that several threads may use to write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct Shared<T>(*mut T);
@@ -201,9 +207,12 @@ impl Shard {
         self.inv_norm.resize(k, 0.0);
         if plan.train {
             let need = k.checked_mul(n).ok_or_else(|| Error::invalid("batch × sampled classes overflows"))?;
-            self.cos = try_zeroed(need, "cosine scratch (sampled classes × global batch)")?;
-        } else {
-            self.cos = Vec::new();
+            // Kept between steps: the GEMM overwrites it, and re-allocating would page-fault 4·N·k
+            // bytes every step.
+            if self.cos.len() < need {
+                self.cos.clear();
+                self.cos = try_zeroed(need, "cosine scratch (sampled classes × global batch)")?;
+            }
         }
         let blocks = k.div_ceil(BLOCK);
         let cos_out = Shared(self.cos.as_mut_ptr());
@@ -219,6 +228,7 @@ impl Shard {
         };
         let merged = (0..blocks)
             .into_par_iter()
+            .with_min_len(min_blocks_per_task(blocks))
             .fold(worker, |mut w, b| {
                 let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
                 let rows = end - start;
@@ -289,8 +299,10 @@ impl Shard {
             grad_centers: vec![0.0; BLOCK * d],
             grad_x: vec![0.0; n * d],
         };
-        let total = (0..k.div_ceil(BLOCK))
+        let blocks = k.div_ceil(BLOCK);
+        let total = (0..blocks)
             .into_par_iter()
+            .with_min_len(min_blocks_per_task(blocks))
             .fold(worker, |mut w, b| {
                 let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
                 let rows = end - start;
@@ -329,7 +341,6 @@ impl Shard {
                 a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
                 a
             });
-        self.cos = Vec::new();
         total.unwrap_or_else(|| vec![0.0; n * d])
     }
 }

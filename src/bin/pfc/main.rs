@@ -1,1 +1,33 @@
-fn main() {}
+//! `pfc`: train a PartialFC head on synthetic identities, or benchmark its training step.
+
+mod bench;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pfc", version, about = "PartialFC classification-head runtime: train and benchmark on the CPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a head and a small backbone end to end on synthetic identities (the default command).
+    Train(train::TrainArgs),
+    /// Time training steps, side by side with the reference PartialFC_V2 when it is available.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or_else(|| Command::Train(train::TrainArgs::parse_from(["train"]))) {
+        Command::Train(args) => train::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("pfc: error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,170 @@
+//! `pfc bench`: median step time of the CPU engine, with a per-phase breakdown and GEMM GFLOP/s, side
+//! by side with the reference PartialFC_V2 (../shared/bench/reference_step.py) in the same run.
+
+use clap::Parser;
+use partialfc::backend::{Embeddings, GradOut, HostBatch, PhaseTimes};
+use partialfc::config::Config;
+use partialfc::rng;
+use partialfc::Head;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+pub struct BenchArgs {
+    /// Classes; with --sample-rate, benchmarks one configuration instead of SPEC §6's two.
+    #[arg(long)]
+    pub classes: Option<u64>,
+    #[arg(long, default_value_t = 0.1)]
+    pub sample_rate: f32,
+    #[arg(long, default_value_t = 512)]
+    pub dim: usize,
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Timed steps (after two warm-up steps); the median is reported.
+    #[arg(long, default_value_t = 7)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub shards: u32,
+    /// Folder holding the reference's partial_fc_v2.py and losses.py; skipped when absent.
+    #[arg(long, default_value = ".reference")]
+    pub reference_dir: PathBuf,
+    #[arg(long, default_value = "../shared/bench/reference_step.py")]
+    pub reference_script: PathBuf,
+    /// Steps the reference times (it is slow).
+    #[arg(long, default_value_t = 5)]
+    pub reference_steps: usize,
+}
+
+struct Measured {
+    median: f64,
+    phases: PhaseTimes,
+    sampled: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn ours(classes: u64, rate: f32, a: &BenchArgs) -> Result<Measured, String> {
+    let mut cfg = Config { num_classes: classes, embedding_dim: a.dim, sample_rate: rate, ..Config::default() };
+    cfg.local_shards = a.shards as usize;
+    cfg.world_size = cfg.local_shards;
+    let mut head = Head::new(cfg).map_err(|e| e.message)?;
+    let shards = a.shards as usize;
+    let rows = |s: usize| a.batch / shards + usize::from(s < a.batch % shards);
+    // Four distinct batches, as the reference script rotates; never time on zeros.
+    let batches: Vec<(Vec<Vec<f32>>, Vec<Vec<i64>>)> = (0..4u64)
+        .map(|b| {
+            let e = (0..shards)
+                .map(|s| {
+                    let mut v = vec![0f32; rows(s) * a.dim];
+                    rng::init_center(b, s as u64, 1.0, &mut v);
+                    v
+                })
+                .collect();
+            let l = (0..shards)
+                .map(|s| (0..rows(s)).map(|r| (rng::at(rng::stream(b, 7, s as u64), r as u64) % classes) as i64).collect())
+                .collect();
+            (e, l)
+        })
+        .collect();
+    let mut grads: Vec<Vec<f32>> = (0..shards).map(|s| vec![0f32; rows(s) * a.dim]).collect();
+    let mut times = Vec::new();
+    let mut phases = Vec::new();
+    let mut sampled = 0;
+    for i in 0..a.steps + 2 {
+        let (e, l) = &batches[i % batches.len()];
+        let inputs: Vec<HostBatch> = (0..shards).map(|s| HostBatch { embeddings: Embeddings::F32(&e[s]), labels: &l[s] }).collect();
+        let mut outs: Vec<GradOut> = grads.iter_mut().map(|g| GradOut::F32(g)).collect();
+        let t = Instant::now();
+        let stats = head.train_step(&inputs, &mut outs).map_err(|e| e.message)?;
+        let dt = t.elapsed().as_secs_f64();
+        if i >= 2 {
+            times.push(dt);
+            phases.push(head.phase_times());
+            sampled = stats.sampled_classes;
+        }
+    }
+    let pick = |f: fn(&PhaseTimes) -> f64| median(phases.iter().map(f).collect());
+    Ok(Measured {
+        median: median(times),
+        phases: PhaseTimes {
+            gather: pick(|p| p.gather),
+            sample: pick(|p| p.sample),
+            forward: pick(|p| p.forward),
+            reduce: pick(|p| p.reduce),
+            backward: pick(|p| p.backward),
+            scatter: pick(|p| p.scatter),
+        },
+        sampled,
+    })
+}
+
+fn reference(classes: u64, rate: f32, a: &BenchArgs) -> Result<f64, String> {
+    let out = Command::new("python3")
+        .arg(&a.reference_script)
+        .args(["--device", "cpu", "--classes", &classes.to_string(), "--dim", &a.dim.to_string()])
+        .args(["--batch", &a.batch.to_string(), "--sample-rate", &rate.to_string(), "--steps", &a.reference_steps.to_string()])
+        .env("PFC_REFERENCE_DIR", &a.reference_dir)
+        .output()
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("reference failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")));
+    }
+    let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("reference printed no JSON ({e}): {line}"))?;
+    v["median_step_s"].as_f64().ok_or_else(|| "reference JSON lacks median_step_s".into())
+}
+
+pub fn run(a: BenchArgs) -> Result<(), String> {
+    let configs: Vec<(u64, f32)> = match a.classes {
+        Some(c) => vec![(c, a.sample_rate)],
+        None => vec![(1_000_000, 0.1), (100_000, 1.0)],
+    };
+    let have_reference = a.reference_dir.join("partial_fc_v2.py").is_file() && a.reference_script.is_file();
+    if !have_reference {
+        println!(
+            "(reference not found: put partial_fc_v2.py and losses.py in {} and check {}; timing ours only)",
+            a.reference_dir.display(),
+            a.reference_script.display()
+        );
+    }
+    println!(
+        "threads: {}, d = {}, N = {}, shards = {}, f32, SGD; medians of {} steps",
+        rayon::current_num_threads(),
+        a.dim,
+        a.batch,
+        a.shards,
+        a.steps
+    );
+    println!("| C | r | ours step | images/s | GEMM GFLOP/s | gather | sample | forward | reduce | backward | scatter | reference step | speed-up |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (classes, rate) in configs {
+        let m = ours(classes, rate, &a)?;
+        let flops = 3.0 * 2.0 * a.batch as f64 * m.sampled as f64 * a.dim as f64;
+        let (reference_cell, speedup) = if have_reference {
+            match reference(classes, rate, &a) {
+                Ok(r) => (format!("{r:.3} s"), format!("{:.2}×", r / m.median)),
+                Err(e) => (format!("failed: {e}"), "—".into()),
+            }
+        } else {
+            ("—".into(), "—".into())
+        };
+        let p = m.phases;
+        println!(
+            "| {classes} | {rate} | {:.3} s | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {reference_cell} | {speedup} |",
+            m.median,
+            a.batch as f64 / m.median,
+            flops / m.median / 1e9,
+            p.gather,
+            p.sample,
+            p.forward,
+            p.reduce,
+            p.backward,
+            p.scatter
+        );
+    }
+    Ok(())
+}

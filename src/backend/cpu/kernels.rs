@@ -228,12 +228,31 @@ multiversion! {
 }
 
 multiversion! {
-    /// Back through `x̂ = x/‖x‖`: `(g − x̂(x̂·g))·(1/‖x‖)·factor`, in place on `grad`.
-    pub fn normalize_backward(unit: &[f32], inv_norm: f32, factor: f32, grad: &mut [f32]) {
-        let dot = dot(unit, grad);
-        let k = inv_norm * factor;
-        for (g, &u) in grad.iter_mut().zip(unit) {
-            *g = (*g - u * dot) * k;
+    /// Back through a normalization `u = v/‖v‖`, given `dir = v` and `dir_scale = 1/‖v‖`:
+    /// `grad ← (grad − û(û·grad))·factor` with `û = dir·dir_scale`, in place.
+    pub fn project_out(dir: &[f32], dir_scale: f32, factor: f32, grad: &mut [f32]) {
+        let along = dot(dir, grad) * dir_scale * dir_scale;
+        for (g, &v) in grad.iter_mut().zip(dir) {
+            *g = (*g - v * along) * factor;
+        }
+    }
+}
+
+multiversion! {
+    /// 1/‖row‖ (PyTorch's `normalize` eps, 1e-12) of the rows `ids` of a row-major matrix.
+    pub fn row_inv_norms(matrix: &[f32], dim: usize, ids: &[u32], out: &mut [f32]) {
+        for (o, &j) in out.iter_mut().zip(ids) {
+            let row = &matrix[j as usize * dim..(j as usize + 1) * dim];
+            *o = 1.0 / dot(row, row).sqrt().max(1e-12);
+        }
+    }
+}
+
+multiversion! {
+    /// Multiplies row r (of `width` values) by `factors[r]`.
+    pub fn scale_rows(rows: &mut [f32], width: usize, factors: &[f32]) {
+        for (row, &f) in rows.chunks_exact_mut(width).zip(factors) {
+            row.iter_mut().for_each(|v| *v *= f);
         }
     }
 }

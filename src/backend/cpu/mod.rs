@@ -164,6 +164,36 @@ impl CpuBackend {
     }
 }
 
+/// The centers of one block as a GEMM operand (`ids.len()` rows of `d`). With f32 and consecutive
+/// ids it is the centers themselves, unnormalized, and the caller scales results by 1/‖W_j‖
+/// (`true`); otherwise a copy in `scratch`: raw for f32, or normalized and rounded to the compute
+/// dtype, since rounding must apply to the unit vectors as a GPU's bf16 GEMM would see them (`false`).
+///
+/// # Safety
+/// `centers` must hold the rows `ids` (each `d` long), and no other thread may write them meanwhile.
+unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: usize, dtype: DType, scratch: &'a mut [f32]) -> (&'a [f32], bool) {
+    let rows = ids.len();
+    let first = ids[0] as usize;
+    if dtype == DType::F32 && ids[rows - 1] as usize - first == rows - 1 {
+        return (centers.slice(first * d, rows * d), true);
+    }
+    let copy = &mut scratch[..rows * d];
+    for ((dst, &j), &r) in copy.chunks_exact_mut(d).zip(ids).zip(inv) {
+        let src: &[f32] = centers.slice(j as usize * d, d);
+        if dtype == DType::F32 {
+            dst.copy_from_slice(src);
+        } else {
+            dst.iter_mut().zip(src).for_each(|(o, &v)| *o = v * r);
+        }
+    }
+    if dtype == DType::F32 {
+        (copy, true)
+    } else {
+        quantize(dtype, copy);
+        (copy, false)
+    }
+}
+
 /// Per-thread scratch of the forward pass.
 struct ForwardWorker {
     centers: Vec<f32>,
@@ -176,8 +206,7 @@ struct ForwardWorker {
 
 /// Per-thread scratch of the backward pass.
 struct BackwardWorker {
-    unit: Vec<f32>,
-    unit_gemm: Vec<f32>,
+    centers: Vec<f32>,
     grad_centers: Vec<f32>,
     grad_x: Vec<f32>,
 }
@@ -218,6 +247,8 @@ impl Shard {
         let cos_out = Shared(self.cos.as_mut_ptr());
         let inv_out = Shared(self.inv_norm.as_mut_ptr());
         let (centers, sampled, col, margin) = (&self.centers, &self.sampled, &self.col, &cfg.margin);
+        // Read-only in the forward pass; `center_block` takes the pointer form the backward pass needs.
+        let centers_ptr = Shared(self.centers.as_ptr().cast_mut());
         let (train, dtype) = (plan.train, cfg.compute_dtype);
         let worker = || ForwardWorker {
             centers: vec![0.0; BLOCK * d],
@@ -232,16 +263,17 @@ impl Shard {
             .fold(worker, |mut w, b| {
                 let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
                 let rows = end - start;
-                let gathered = &mut w.centers[..rows * d];
-                for (dst, &j) in gathered.chunks_exact_mut(d).zip(&sampled[start..end]) {
-                    dst.copy_from_slice(&centers[j as usize * d..(j as usize + 1) * d]);
-                }
                 // SAFETY: block b owns entries [start, end) of inv_norm and rows [start, end) of cos.
                 let inv = unsafe { inv_out.slice(start, rows) };
-                kernels::normalize_rows_inplace(gathered, d, inv);
-                quantize(dtype, gathered);
+                let ids = &sampled[start..end];
+                kernels::row_inv_norms(centers, d, ids, inv);
+                // SAFETY: nothing writes centers during the forward pass.
+                let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, &mut w.centers) };
                 let cos = if train { unsafe { cos_out.slice(start * n, rows * n) } } else { &mut w.cos[..rows * n] };
-                matmul(rows, n, d, cos, Operand::rows(gathered, d), Operand::transposed(unit_gemm, d), false);
+                matmul(rows, n, d, cos, Operand::rows(operand, d), Operand::transposed(unit_gemm, d), false);
+                if scaled_after {
+                    kernels::scale_rows(cos, n, inv);
+                }
                 let lo = by_col.partition_point(|&(c, _)| (c as usize) < start);
                 let hi = by_col.partition_point(|&(c, _)| (c as usize) < end);
                 for &(c, i) in &by_col[lo..hi] {
@@ -294,8 +326,7 @@ impl Shard {
         let state = self.optimizer.rows_ptr();
         let (sampled, inv_norm, opt, dtype) = (&self.sampled, &self.inv_norm, &cfg.optimizer, cfg.compute_dtype);
         let worker = || BackwardWorker {
-            unit: vec![0.0; BLOCK * d],
-            unit_gemm: if dtype == DType::F32 { Vec::new() } else { vec![0.0; BLOCK * d] },
+            centers: vec![0.0; BLOCK * d],
             grad_centers: vec![0.0; BLOCK * d],
             grad_x: vec![0.0; n * d],
         };
@@ -310,27 +341,26 @@ impl Shard {
                 // which are distinct classes.
                 let g = unsafe { cos_ptr.slice(start * n, rows * n) };
                 kernels::cos_gradient(g, n, start as i32, &grads, params);
-                quantize(dtype, g);
-                let unit = &mut w.unit[..rows * d];
-                for ((dst, &j), &inv) in unit.chunks_exact_mut(d).zip(&sampled[start..end]).zip(&inv_norm[start..end]) {
-                    let src = unsafe { centers_ptr.slice(j as usize * d, d) };
-                    dst.iter_mut().zip(src.iter()).for_each(|(o, &v)| *o = v * inv);
-                }
-                let unit_for_gemm: &[f32] = if dtype == DType::F32 {
-                    unit
+                let ids = &sampled[start..end];
+                let inv = &inv_norm[start..end];
+                // SAFETY: the centers of this block are read here and written below, by this block only.
+                let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, &mut w.centers) };
+                if scaled_after {
+                    // ∂/∂(W_j·x̂) = ∂/∂cos · 1/‖W_j‖: the GEMMs then see unnormalized centers.
+                    kernels::scale_rows(g, n, inv);
                 } else {
-                    let q = &mut w.unit_gemm[..rows * d];
-                    q.copy_from_slice(unit);
-                    quantize(dtype, q);
-                    q
-                };
-                matmul(n, d, rows, &mut w.grad_x, Operand::transposed(g, n), Operand::rows(unit_for_gemm, d), true);
+                    quantize(dtype, g);
+                }
+                matmul(n, d, rows, &mut w.grad_x, Operand::transposed(g, n), Operand::rows(operand, d), true);
                 let gc = &mut w.grad_centers[..rows * d];
                 matmul(rows, d, n, gc, Operand::rows(g, n), Operand::rows(unit_gemm, d), false);
-                for (r, &j) in sampled[start..end].iter().enumerate() {
+                for (r, &j) in ids.iter().enumerate() {
                     let grad = &mut gc[r * d..(r + 1) * d];
-                    kernels::normalize_backward(&unit[r * d..(r + 1) * d], inv_norm[start + r], 1.0, grad);
+                    // SAFETY: as above; `operand` is no longer used.
                     let weights = unsafe { centers_ptr.slice(j as usize * d, d) };
+                    // Back through W/‖W‖; the 1/‖W‖ factor is already in `grad` when scaled_after.
+                    let factor = if scaled_after { 1.0 } else { inv[r] };
+                    kernels::project_out(weights, inv[r], factor, grad);
                     // SAFETY: row j is touched by this block only.
                     unsafe { state.update(opt, lr, j as usize, weights, grad) };
                 }
@@ -463,7 +493,7 @@ impl Backend for CpuBackend {
             let first_row = seg.start / d;
             local.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
                 let i = first_row + r;
-                kernels::normalize_backward(&self.unit[i * d..(i + 1) * d], self.inv_norm[i], world, g);
+                kernels::project_out(&self.unit[i * d..(i + 1) * d], 1.0, self.inv_norm[i] * world, g);
             });
             out.write(local);
         }

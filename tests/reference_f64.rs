@@ -1,0 +1,564 @@
+//! The engine (f32, through the C ABI) against an independent float64 model of SPEC §1 for one
+//! step at sample_rate 1: loss, returned embedding gradient and the center gradient recovered from
+//! an SGD step with lr 1, momentum 0, weight decay 0 (ΔW = −gW). Every margin family, with and
+//! without the inter-class filter, both margin-gradient modes, one and three local shards; and, in
+//! exact mode, central finite differences of the model's loss against the engine's gradients and
+//! against the model's own analytic gradient (which validates the model).
+
+mod common;
+use common::*;
+use partialfc::ffi::*;
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic data.
+
+/// SplitMix64: small, deterministic, good enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.uniform()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    /// Standard normal (Box–Muller).
+    fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Rows scaled to unit norm (PyTorch `normalize`: x / max(‖x‖, 1e-12)) and the divisors used.
+fn normalize_rows(v: &[f64], d: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut unit = v.to_vec();
+    let mut norms = Vec::with_capacity(v.len() / d);
+    for row in unit.chunks_exact_mut(d) {
+        let n = norm(row).max(1e-12);
+        row.iter_mut().for_each(|x| *x /= n);
+        norms.push(n);
+    }
+    (unit, norms)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The float64 model of SPEC §1 (one step, sample_rate 1, every class, dense).
+
+#[derive(Clone, Copy, Debug)]
+struct Margin {
+    s: f64,
+    m1: f64,
+    m2: f64,
+    m3: f64,
+    /// Inter-class filter threshold; 0 = off.
+    filter: f64,
+    exact: bool,
+}
+
+struct Problem {
+    n: usize,
+    c: usize,
+    d: usize,
+    /// N × d, the f32 values the engine sees, widened.
+    e: Vec<f64>,
+    y: Vec<usize>,
+    /// C × d.
+    w: Vec<f64>,
+}
+
+struct Reference {
+    loss: f64,
+    /// ∂loss/∂e · world (SPEC §1.8's convention).
+    grad_e: Vec<f64>,
+    /// ∂loss/∂W.
+    grad_w: Vec<f64>,
+    /// Rows whose largest softmax probability exceeds 0.99 (a saturated softmax).
+    saturated: usize,
+}
+
+/// Logit of column j for row i and ∂z/∂c under the configured gradient mode; `c` clamped.
+fn logit(m: &Margin, c: f64, is_target: bool) -> (f64, f64) {
+    if is_target {
+        let theta = c.acos();
+        let angle = m.m1 * theta + m.m2;
+        let z = m.s * (angle.cos() - m.m3);
+        let slope = if m.exact { m.s * m.m1 * angle.sin() / theta.sin() } else { m.s };
+        (z, slope)
+    } else if m.filter > 0.0 && c > m.filter {
+        (0.0, 0.0)
+    } else {
+        (m.s * c, m.s)
+    }
+}
+
+/// Raw cosines x·wᵀ (N × C, unclamped).
+fn raw_cosines(p: &Problem, x: &[f64], w: &[f64]) -> Vec<f64> {
+    let (n, c, d) = (p.n, p.c, p.d);
+    let mut cos = vec![0.0; n * c];
+    for i in 0..n {
+        for j in 0..c {
+            cos[i * c + j] = dot(&x[i * d..(i + 1) * d], &w[j * d..(j + 1) * d]);
+        }
+    }
+    cos
+}
+
+/// The mean loss only (for finite differences).
+fn model_loss(m: &Margin, p: &Problem, e: &[f64], w: &[f64]) -> f64 {
+    let (x, _) = normalize_rows(e, p.d);
+    let (wu, _) = normalize_rows(w, p.d);
+    let cos = raw_cosines(p, &x, &wu);
+    let mut total = 0.0;
+    let mut z = vec![0.0; p.c];
+    for i in 0..p.n {
+        for j in 0..p.c {
+            z[j] = logit(m, cos[i * p.c + j].clamp(-1.0, 1.0), j == p.y[i]).0;
+        }
+        let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        total += lse - z[p.y[i]];
+    }
+    total / p.n as f64
+}
+
+/// Loss and gradients of SPEC §1 in float64.
+fn model(m: &Margin, p: &Problem, world: usize) -> Reference {
+    let (n, c, d) = (p.n, p.c, p.d);
+    let (x, enorm) = normalize_rows(&p.e, d);
+    let (wu, wnorm) = normalize_rows(&p.w, d);
+    let cos = raw_cosines(p, &x, &wu);
+    // G = ∂loss/∂cos (N × C).
+    let mut g = vec![0.0; n * c];
+    let mut loss = 0.0;
+    let mut z = vec![0.0; c];
+    let mut slope = vec![0.0; c];
+    let mut saturated = 0;
+    for i in 0..n {
+        for j in 0..c {
+            let (zz, sl) = logit(m, cos[i * c + j].clamp(-1.0, 1.0), j == p.y[i]);
+            z[j] = zz;
+            slope[j] = sl;
+        }
+        let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+        loss += max + sum.ln() - z[p.y[i]];
+        saturated += usize::from(1.0 / sum > 0.99);
+        for j in 0..c {
+            let raw = cos[i * c + j];
+            let inside = (-1.0..=1.0).contains(&raw);
+            let prob = (z[j] - max).exp() / sum;
+            let onehot = if j == p.y[i] { 1.0 } else { 0.0 };
+            g[i * c + j] = if inside { (prob - onehot) / n as f64 * slope[j] } else { 0.0 };
+        }
+    }
+    loss /= n as f64;
+    // Back through the normalizations.
+    let mut grad_e = vec![0.0; n * d];
+    for i in 0..n {
+        let mut gx = vec![0.0; d];
+        for j in 0..c {
+            let gij = g[i * c + j];
+            for k in 0..d {
+                gx[k] += gij * wu[j * d + k];
+            }
+        }
+        let xi = &x[i * d..(i + 1) * d];
+        let proj = dot(xi, &gx);
+        for k in 0..d {
+            grad_e[i * d + k] = (gx[k] - xi[k] * proj) / enorm[i] * world as f64;
+        }
+    }
+    let mut grad_w = vec![0.0; c * d];
+    for j in 0..c {
+        let mut gw = vec![0.0; d];
+        for i in 0..n {
+            let gij = g[i * c + j];
+            for k in 0..d {
+                gw[k] += gij * x[i * d + k];
+            }
+        }
+        let wj = &wu[j * d..(j + 1) * d];
+        let proj = dot(wj, &gw);
+        for k in 0..d {
+            grad_w[j * d + k] = (gw[k] - wj[k] * proj) / wnorm[j];
+        }
+    }
+    Reference { loss, grad_e, grad_w, saturated }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test data: targets correlated with their centers, a few centers planted next to embeddings of
+// other classes (non-target cosines ≈ 0.9, above any filter threshold), one sample whose target
+// cosine is strongly negative (m1·θ + m2 > π for the larger margins: no fallback), varied norms.
+
+const THRESHOLD: f64 = 0.3;
+
+struct Data {
+    p: Problem,
+    e32: Vec<f32>,
+    w32: Vec<f32>,
+    labels: Vec<i64>,
+    /// Classes planted next to an embedding of another class.
+    planted: Vec<usize>,
+}
+
+fn unit_random(rng: &mut Rng, d: usize) -> Vec<f64> {
+    let v: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
+    let n = norm(&v);
+    v.into_iter().map(|x| x / n).collect()
+}
+
+fn try_make(c: usize, d: usize, n: usize, seed: u64) -> Option<Data> {
+    let mut rng = Rng(seed);
+    // Centers: random directions, norms in [0.3, 3].
+    let mut w = Vec::with_capacity(c * d);
+    for _ in 0..c {
+        let scale = rng.range(0.3, 3.0);
+        w.extend(unit_random(&mut rng, d).into_iter().map(|v| v * scale));
+    }
+    // Labels, with some repeats (several samples of one class).
+    let mut y: Vec<usize> = (0..n).map(|_| rng.below(c)).collect();
+    y[1] = y[0];
+    y[n - 1] = y[n / 2];
+    // Embeddings: a·ŵ_y + unit noise, so that the target cosine is ≈ a/√(a²+1).
+    let mut e = Vec::with_capacity(n * d);
+    for i in 0..n {
+        let a = if i == 2 { -1.6 } else if i == 3 { 0.0 } else { rng.range(0.3, 1.6) };
+        let (wy, _) = normalize_rows(&w[y[i] * d..(y[i] + 1) * d], d);
+        let noise = unit_random(&mut rng, d);
+        let scale = rng.range(0.5, 3.0);
+        let dir: Vec<f64> = wy.iter().zip(&noise).map(|(u, r)| a * u + r).collect();
+        let k = scale / norm(&dir);
+        e.extend(dir.into_iter().map(|v| v * k));
+    }
+    // Plant a few centers of unused classes next to embeddings of other classes.
+    let mut planted = Vec::new();
+    for &i in &[4usize, 5, n - 2] {
+        let j = loop {
+            let j = rng.below(c);
+            if !y.contains(&j) && !planted.contains(&j) {
+                break j;
+            }
+        };
+        let (xi, _) = normalize_rows(&e[i * d..(i + 1) * d], d);
+        let noise = unit_random(&mut rng, d);
+        let scale = rng.range(0.5, 2.0);
+        let dir: Vec<f64> = xi.iter().zip(&noise).map(|(u, r)| u + 0.45 * r).collect();
+        let k = scale / norm(&dir);
+        for t in 0..d {
+            w[j * d + t] = dir[t] * k;
+        }
+        planted.push(j);
+    }
+    // Round to f32: both sides see exactly these values.
+    let e32: Vec<f32> = e.iter().map(|&v| v as f32).collect();
+    let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+    let p = Problem {
+        n,
+        c,
+        d,
+        e: e32.iter().map(|&v| v as f64).collect(),
+        y: y.clone(),
+        w: w32.iter().map(|&v| v as f64).collect(),
+    };
+    // Reject data near the filter threshold, near the clamp, or with θ near 0 or π for a target.
+    let (x, _) = normalize_rows(&p.e, d);
+    let (wu, _) = normalize_rows(&p.w, d);
+    let cos = raw_cosines(&p, &x, &wu);
+    let mut above = 0;
+    for i in 0..n {
+        for j in 0..c {
+            let v = cos[i * c + j];
+            if v.abs() > 0.99 {
+                return None;
+            }
+            if j != y[i] {
+                if (v - THRESHOLD).abs() < 1e-3 {
+                    return None;
+                }
+                above += usize::from(v > THRESHOLD);
+            }
+        }
+    }
+    // The filter must act: the planted columns at least, plus some natural ones.
+    if above < 5 {
+        return None;
+    }
+    let labels = y.iter().map(|&v| v as i64).collect();
+    Some(Data { p, e32, w32, labels, planted })
+}
+
+fn make_data(c: usize, d: usize, n: usize, seed: u64) -> Data {
+    (0..100).find_map(|k| try_make(c, d, n, seed.wrapping_mul(1000).wrapping_add(k))).expect("no valid data in 100 seeds")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine through the C ABI.
+
+struct EngineOut {
+    loss: f64,
+    /// Returned embedding gradient (local_shards × ∂loss/∂e).
+    grad_e: Vec<f32>,
+    /// W_before − W_after with lr 1, no momentum, no weight decay: the center gradient.
+    grad_w: Vec<f64>,
+}
+
+fn run_engine(m: &Margin, data: &Data, shards: usize) -> EngineOut {
+    let p = &data.p;
+    let mut cfg = default_config();
+    cfg.num_classes = p.c as u64;
+    cfg.embedding_dim = p.d as u32;
+    cfg.sample_rate = 1.0;
+    cfg.scale = m.s as f32;
+    cfg.m1 = m.m1 as f32;
+    cfg.m2 = m.m2 as f32;
+    cfg.m3 = m.m3 as f32;
+    cfg.interclass_filter = m.filter as f32;
+    cfg.margin_grad = if m.exact { PFC_MARGIN_GRAD_EXACT } else { PFC_MARGIN_GRAD_STRAIGHT_THROUGH };
+    cfg.optimizer = PFC_OPTIMIZER_SGD;
+    cfg.lr = 1.0;
+    cfg.momentum = 0.0;
+    cfg.weight_decay = 0.0;
+    cfg.local_shards = shards as u32;
+    let head = TestHead::new(&cfg);
+    assert_eq!(head.local_classes(), (0, p.c as u64));
+    head.set_centers(&data.w32);
+    assert_eq!(head.centers(p.d), data.w32, "pfc_get_centers does not return what pfc_set_centers wrote");
+    let (stats, grad_e) = head.step(&data.e32, &data.labels, p.d, &even_split(p.n, shards));
+    assert_eq!(stats.global_batch, p.n as u64);
+    assert_eq!(stats.sampled_classes, p.c as u64);
+    let after = head.centers(p.d);
+    let grad_w = data.w32.iter().zip(&after).map(|(&b, &a)| b as f64 - a as f64).collect();
+    EngineOut { loss: stats.loss, grad_e, grad_w }
+}
+
+/// ‖a − b‖₂ / ‖b‖₂ in f64.
+fn rel_err64(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    diff / norm(b).max(1e-300)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases.
+
+const ARCFACE: (f64, f64, f64) = (1.0, 0.5, 0.0);
+const COSFACE: (f64, f64, f64) = (1.0, 0.0, 0.4);
+const SPHERE: (f64, f64, f64) = (1.35, 0.0, 0.0);
+const COMBINED: (f64, f64, f64) = (1.2, 0.3, 0.2);
+
+/// (name, margins, scale, C, d, N, seed): sizes differ per family; C and N not multiples of 3.
+const FAMILIES: [(&str, (f64, f64, f64), f64, usize, usize, usize, u64); 5] = [
+    ("arcface", ARCFACE, 40.0, 101, 32, 17, 1),
+    ("cosface", COSFACE, 24.0, 152, 48, 23, 2),
+    ("sphereface-m1", SPHERE, 16.0, 59, 16, 10, 3),
+    ("combined", COMBINED, 32.0, 197, 64, 20, 4),
+    // The default scale.
+    ("arcface-s64", ARCFACE, 64.0, 83, 24, 14, 5),
+];
+
+const LOSS_TOL: f64 = 1e-5;
+const GRAD_TOL: f64 = 1e-4;
+
+fn margin_of(m: (f64, f64, f64), s: f64, filter: bool, exact: bool) -> Margin {
+    Margin { s, m1: m.0, m2: m.1, m3: m.2, filter: if filter { THRESHOLD } else { 0.0 }, exact }
+}
+
+fn compare_family(family: usize) {
+    let (name, mm, s, c, d, n, seed) = FAMILIES[family];
+    let data = make_data(c, d, n, seed);
+    let mut worst = (0.0f64, 0.0f64, 0.0f64);
+    for filter in [false, true] {
+        for exact in [true, false] {
+            let m = margin_of(mm, s, filter, exact);
+            let want = model(&m, &data.p, 1);
+            // The case must exercise something: a loss that is neither ≈0 nor absurd.
+            assert!(want.loss > 0.05 && want.loss < 200.0, "{name}: degenerate loss {}", want.loss);
+            assert!(2 * want.saturated <= n, "{name}: {}/{n} rows have a saturated softmax", want.saturated);
+            for shards in [1usize, 3] {
+                let got = run_engine(&m, &data, shards);
+                let tag = format!("{name} filter={filter} exact={exact} shards={shards}");
+                let loss_err = (got.loss - want.loss).abs() / want.loss.abs();
+                assert!(loss_err <= LOSS_TOL, "{tag}: loss {} vs f64 {} (rel {loss_err:.3e})", got.loss, want.loss);
+                let ge: Vec<f64> = got.grad_e.iter().map(|&v| v as f64 / shards as f64).collect();
+                let e_err = rel_err64(&ge, &want.grad_e);
+                assert!(e_err <= GRAD_TOL, "{tag}: embedding gradient rel err {e_err:.3e}");
+                let w_err = rel_err64(&got.grad_w, &want.grad_w);
+                assert!(w_err <= GRAD_TOL, "{tag}: center gradient rel err {w_err:.3e}");
+                println!("{tag}: saturated rows {}/{n}, loss {:.6} rel {loss_err:.2e}, grad_e rel {e_err:.2e}, grad_w rel {w_err:.2e}", want.saturated, want.loss);
+                worst = (worst.0.max(loss_err), worst.1.max(e_err), worst.2.max(w_err));
+            }
+        }
+    }
+    println!("{name}: worst loss rel {:.2e}, grad_e rel {:.2e}, grad_w rel {:.2e}", worst.0, worst.1, worst.2);
+}
+
+#[test]
+fn arcface_matches_f64_model() {
+    compare_family(0);
+}
+
+#[test]
+fn cosface_matches_f64_model() {
+    compare_family(1);
+}
+
+#[test]
+fn m1_margin_matches_f64_model() {
+    compare_family(2);
+}
+
+#[test]
+fn combined_margin_matches_f64_model() {
+    compare_family(3);
+}
+
+/// The model's modes, filter and margins are not interchangeable: each switch changes the result
+/// (else the comparisons above could pass with a feature ignored on both sides).
+#[test]
+fn arcface_default_scale_matches_f64_model() {
+    compare_family(4);
+}
+
+#[test]
+fn model_switches_matter() {
+    let (_, mm, s, c, d, n, seed) = FAMILIES[3];
+    let data = make_data(c, d, n, seed);
+    let base = model(&margin_of(mm, s, false, true), &data.p, 1);
+    let st = model(&margin_of(mm, s, false, false), &data.p, 1);
+    let filt = model(&margin_of(mm, s, true, true), &data.p, 1);
+    assert!(rel_err64(&st.grad_e, &base.grad_e) > 1e-2, "exact vs straight-through barely differ");
+    assert!(rel_err64(&filt.grad_w, &base.grad_w) > 1e-2, "the filter barely changes the center gradient");
+    assert!((filt.loss - base.loss).abs() > 1e-3 * base.loss, "the filter barely changes the loss");
+    // The planted classes are filtered for their rows: with the filter their gradient comes only
+    // from rows below the threshold.
+    for &j in &data.planted {
+        let g0 = norm(&base.grad_w[j * d..(j + 1) * d]);
+        let g1 = norm(&filt.grad_w[j * d..(j + 1) * d]);
+        assert!(g1 < g0, "planted class {j}: filtered gradient {g1} not below unfiltered {g0}");
+    }
+    // CosFace: m1 = 1, m2 = 0, so the exact derivative is s, the same as straight-through.
+    let cf = make_data(FAMILIES[1].3, FAMILIES[1].4, FAMILIES[1].5, FAMILIES[1].6);
+    let a = model(&margin_of(COSFACE, 32.0, true, true), &cf.p, 1);
+    let b = model(&margin_of(COSFACE, 32.0, true, false), &cf.p, 1);
+    assert!(rel_err64(&a.grad_e, &b.grad_e) < 1e-9 && rel_err64(&a.grad_w, &b.grad_w) < 1e-9);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finite differences (exact mode).
+
+/// Fourth-order central difference of the model loss along one coordinate.
+fn fd(m: &Margin, p: &Problem, center: bool, idx: usize) -> f64 {
+    const H: f64 = 1e-5;
+    let mut e = p.e.clone();
+    let mut w = p.w.clone();
+    let mut at = |delta: f64| {
+        if center {
+            w[idx] = p.w[idx] + delta;
+        } else {
+            e[idx] = p.e[idx] + delta;
+        }
+        model_loss(m, p, &e, &w)
+    };
+    let (f1, f_1, f2, f_2) = (at(H), at(-H), at(2.0 * H), at(-2.0 * H));
+    (8.0 * (f1 - f_1) - (f2 - f_2)) / (12.0 * H)
+}
+
+fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0.0, |a, &b| a.max(b.abs()))
+}
+
+const FD_MODEL_TOL: f64 = 1e-6;
+const FD_ENGINE_TOL: f64 = 1e-3;
+
+fn fd_family(family: usize) {
+    let (name, mm, s, c, d, n, seed) = FAMILIES[family];
+    let data = make_data(c, d, n, seed);
+    let p = &data.p;
+    // Center rows to check: the target classes of a few rows, the planted classes, a few others.
+    let mut classes: Vec<usize> = vec![p.y[0], p.y[2], p.y[3], p.y[n - 1]];
+    classes.extend(&data.planted);
+    let mut rng = Rng(seed ^ 0xFD);
+    classes.extend((0..3).map(|_| rng.below(c)));
+    classes.sort_unstable();
+    classes.dedup();
+    for filter in [false, true] {
+        let m = margin_of(mm, s, filter, true);
+        let want = model(&m, p, 1);
+        let (scale_me, scale_mw) = (max_abs(&want.grad_e), max_abs(&want.grad_w));
+        // Finite differences: every embedding entry, every entry of the chosen center rows.
+        let fd_e: Vec<f64> = (0..n * d).map(|idx| fd(&m, p, false, idx)).collect();
+        let w_idx: Vec<usize> = classes.iter().flat_map(|&j| (0..d).map(move |k| j * d + k)).collect();
+        let fd_w: Vec<f64> = w_idx.iter().map(|&idx| fd(&m, p, true, idx)).collect();
+        let tag = format!("{name} filter={filter}");
+        let mut worst_model = 0.0f64;
+        for (idx, &f) in fd_e.iter().enumerate() {
+            let err = (f - want.grad_e[idx]).abs() / scale_me;
+            assert!(err <= FD_MODEL_TOL, "{tag}: e[{idx}] fd {f} vs model {} ({err:.2e})", want.grad_e[idx]);
+            worst_model = worst_model.max(err);
+        }
+        for (&idx, &f) in w_idx.iter().zip(&fd_w) {
+            let err = (f - want.grad_w[idx]).abs() / scale_mw;
+            assert!(err <= FD_MODEL_TOL, "{tag}: W[{},{}] fd {f} vs model {} ({err:.2e})", idx / d, idx % d, want.grad_w[idx]);
+            worst_model = worst_model.max(err);
+        }
+        println!("{tag}: fd vs f64 model max {worst_model:.2e} ({} embedding, {} center entries)", fd_e.len(), fd_w.len());
+        for shards in [1usize, 3] {
+            let got = run_engine(&m, &data, shards);
+            let got_e: Vec<f64> = got.grad_e.iter().map(|&v| v as f64 / shards as f64).collect();
+            let (scale_e, scale_w) = (max_abs(&got_e), max_abs(&got.grad_w));
+            let mut worst_engine = 0.0f64;
+            for (idx, &f) in fd_e.iter().enumerate() {
+                let err = (f - got_e[idx]).abs() / scale_e;
+                assert!(err <= FD_ENGINE_TOL, "{tag} shards={shards}: e[{idx}] fd {f} vs engine {} ({err:.2e})", got_e[idx]);
+                worst_engine = worst_engine.max(err);
+            }
+            for (&idx, &f) in w_idx.iter().zip(&fd_w) {
+                let err = (f - got.grad_w[idx]).abs() / scale_w;
+                assert!(err <= FD_ENGINE_TOL, "{tag} shards={shards}: W[{},{}] fd {f} vs engine {} ({err:.2e})", idx / d, idx % d, got.grad_w[idx]);
+                worst_engine = worst_engine.max(err);
+            }
+            println!("{tag} shards={shards}: fd vs engine max {worst_engine:.2e}");
+        }
+    }
+}
+
+#[test]
+fn finite_differences_arcface() {
+    fd_family(0);
+}
+
+#[test]
+fn finite_differences_cosface() {
+    fd_family(1);
+}
+
+#[test]
+fn finite_differences_m1_margin() {
+    fd_family(2);
+}
+
+#[test]
+fn finite_differences_combined_margin() {
+    fd_family(3);
+}

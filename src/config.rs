@@ -85,6 +85,9 @@ pub struct Config {
 pub(crate) const MAX_EMBEDDING_DIM: usize = 1 << 16;
 /// Largest number of classes accepted (labels are `int64`).
 pub(crate) const MAX_CLASSES: u64 = 1 << 40;
+/// Upper bound on scale, learning rate, weight decay and init_std: far above any useful value, low
+/// enough that squares and products of centers stay finite in f32.
+pub(crate) const MAX_HYPERPARAMETER: f32 = 1e4;
 /// Shards one process may drive.
 pub(crate) const MAX_LOCAL_SHARDS: usize = 64;
 
@@ -133,7 +136,7 @@ fn check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
-fn finite_in(name: &str, v: f32, lo: f32, hi: f32) -> Result<()> {
+pub(crate) fn finite_in(name: &str, v: f32, lo: f32, hi: f32) -> Result<()> {
     check(v.is_finite() && v >= lo && v <= hi, || format!("{name} = {v} is outside [{lo}, {hi}]"))
 }
 
@@ -150,7 +153,9 @@ impl Config {
             format!("sample_rate = {} is outside (0, 1]", self.sample_rate)
         })?;
         let m = &self.margin;
-        check(m.scale.is_finite() && m.scale > 0.0, || format!("scale = {} must be finite and > 0", m.scale))?;
+        check(m.scale.is_finite() && m.scale > 0.0 && m.scale <= MAX_HYPERPARAMETER, || {
+            format!("scale = {} is outside (0, {MAX_HYPERPARAMETER}]", m.scale)
+        })?;
         finite_in("m1", m.m1, 0.0, 100.0)?;
         finite_in("m2", m.m2, -std::f32::consts::PI, std::f32::consts::PI)?;
         finite_in("m3", m.m3, -2.0, 2.0)?;
@@ -158,8 +163,8 @@ impl Config {
             format!("interclass_filter = {} is outside [0, 1) (0 disables it)", m.interclass_filter)
         })?;
         let o = &self.optimizer;
-        finite_in("lr", o.lr, 0.0, f32::MAX)?;
-        finite_in("weight_decay", o.weight_decay, 0.0, f32::MAX)?;
+        finite_in("lr", o.lr, 0.0, MAX_HYPERPARAMETER)?;
+        finite_in("weight_decay", o.weight_decay, 0.0, MAX_HYPERPARAMETER)?;
         match o.kind {
             OptimizerKind::Sgd => finite_in("momentum", o.momentum, 0.0, 1.0)?,
             OptimizerKind::AdamW => {
@@ -172,7 +177,7 @@ impl Config {
                 check(o.eps.is_finite() && o.eps > 0.0, || format!("eps = {} must be finite and > 0", o.eps))?;
             }
         }
-        finite_in("init_std", self.init_std, 0.0, f32::MAX)?;
+        finite_in("init_std", self.init_std, 0.0, MAX_HYPERPARAMETER)?;
         check(self.local_shards >= 1 && self.local_shards <= MAX_LOCAL_SHARDS, || {
             format!("local_shards = {} is outside [1, {MAX_LOCAL_SHARDS}]", self.local_shards)
         })?;

@@ -50,9 +50,7 @@ impl Head {
     }
 
     pub fn set_learning_rate(&mut self, lr: f32) -> Result<()> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(Error::invalid(format!("learning rate {lr} must be finite and >= 0")));
-        }
+        crate::config::finite_in("learning rate", lr, 0.0, crate::config::MAX_HYPERPARAMETER)?;
         self.lr = lr;
         Ok(())
     }

@@ -12,7 +12,7 @@ pub enum OptimizerState {
 
 impl OptimizerState {
     pub fn new(kind: OptimizerKind, rows: usize, dim: usize) -> Result<Self> {
-        let elems = rows.checked_mul(dim).unwrap_or(usize::MAX);
+        let elems = rows.saturating_mul(dim);
         Ok(match kind {
             OptimizerKind::Sgd => OptimizerState::Sgd { momentum: try_zeroed(elems, "SGD momentum")? },
             OptimizerKind::AdamW => OptimizerState::AdamW {

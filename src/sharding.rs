@@ -24,12 +24,15 @@ impl ShardRange {
     }
 }
 
-/// `k_r = floor(sample_rate · n_r)`, computed as the reference does (f32 rate, f64 product).
+/// `k_r = floor(sample_rate · n_r)` as the reference computes it from a Python float: the rate is
+/// taken as the decimal the user wrote (the shortest one that rounds to this f32), so 0.7 of 10
+/// classes is 7, not the 6 that the f32 0.699999988 would give.
 pub fn sample_count(sample_rate: f32, shard_len: u64) -> u64 {
     if sample_rate >= 1.0 {
         return shard_len;
     }
-    ((sample_rate as f64) * shard_len as f64).floor() as u64
+    let rate: f64 = sample_rate.to_string().parse().expect("a finite f32 prints as a decimal");
+    (rate * shard_len as f64).floor() as u64
 }
 
 /// The sampling key of a class at a step: uniform, independent across classes, steps and seeds.
@@ -95,6 +98,16 @@ mod tests {
             }
             assert_eq!(next, c);
         }
+    }
+
+    #[test]
+    fn sample_count_follows_the_decimal_rate() {
+        assert_eq!(sample_count(0.7, 10), 7);
+        assert_eq!(sample_count(0.9, 10), 9);
+        assert_eq!(sample_count(0.35, 20), 7);
+        assert_eq!(sample_count(0.1, 1_000_000), 100_000);
+        assert_eq!(sample_count(0.1, 9), 0);
+        assert_eq!(sample_count(1.0, 9), 9);
     }
 
     #[test]

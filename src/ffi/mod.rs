@@ -1,6 +1,9 @@
 //! The C ABI (`include/partialfc.h`, generated from this module by cbindgen). Every function checks
 //! its pointers and integers before touching the head, runs under `guard`, and writes its outputs
 //! only when it succeeds.
+// C callers cannot see `unsafe`: the pointer contracts are stated in the header, and every pointer
+// is checked for NULL before use.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 mod guard;
 pub mod types;
@@ -145,6 +148,22 @@ unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
     })
 }
 
+/// Rejects a pointer that is not aligned for its element type (Rust slices require it).
+fn check_aligned<T>(ptr: *const T, what: &str) -> Result<()> {
+    if (ptr as usize) % std::mem::align_of::<T>() != 0 {
+        return Err(Error::invalid(format!(
+            "{what} at {ptr:p} is not aligned to {} bytes",
+            std::mem::align_of::<T>()
+        )));
+    }
+    Ok(())
+}
+
+/// Byte ranges `[start, end)` of caller buffers, to prove outputs alias nothing else.
+fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
 fn head_ref<'a>(h: *const pfc_head) -> Result<&'a pfc_head> {
     // SAFETY: a non-NULL head pointer comes from pfc_create and is alive until pfc_destroy.
     unsafe { h.as_ref() }.ok_or_else(|| Error::null("head"))
@@ -168,7 +187,10 @@ unsafe fn batch_slices<'a>(head: &Head, b: *const pfc_batch, n: u32, want_grads:
     }
     let d = head.config().embedding_dim;
     let batches = std::slice::from_raw_parts(b, n as usize);
-    let mut out = BatchSlices { inputs: Vec::with_capacity(shards), grads: Vec::with_capacity(shards) };
+    // Every gradient buffer must be disjoint from every input and every other gradient buffer of
+    // the call: they become `&mut` slices beside shared ones.
+    let mut inputs: Vec<(usize, usize)> = Vec::new();
+    let mut outputs: Vec<(usize, (usize, usize))> = Vec::new();
     for (s, batch) in batches.iter().enumerate() {
         let dtype = dtype_of("batch dtype", batch.dtype)?;
         match batch.memory {
@@ -194,14 +216,39 @@ unsafe fn batch_slices<'a>(head: &Head, b: *const pfc_batch, n: u32, want_grads:
             if want_grads && grad_ptr.is_null() {
                 return Err(Error::null(&format!("batch {s}: grad_embeddings")));
             }
+            let bytes = values * dtype.size();
+            match dtype {
+                DType::F32 => check_aligned(emb_ptr.cast::<f32>(), &format!("batch {s}: embeddings"))?,
+                DType::F16 | DType::BF16 => check_aligned(emb_ptr.cast::<u16>(), &format!("batch {s}: embeddings"))?,
+            }
+            check_aligned(label_ptr, &format!("batch {s}: labels"))?;
+            inputs.push((emb_ptr as usize, emb_ptr as usize + bytes));
+            inputs.push((label_ptr as usize, label_ptr as usize + rows * 8));
             if want_grads {
-                let bytes = values * dtype.size();
-                let (e0, g0) = (emb_ptr as usize, grad_ptr as usize);
-                if e0 < g0 + bytes && g0 < e0 + bytes {
-                    return Err(Error::invalid(format!("batch {s}: grad_embeddings overlaps embeddings")));
+                match dtype {
+                    DType::F32 => check_aligned(grad_ptr.cast::<f32>().cast_const(), &format!("batch {s}: grad_embeddings"))?,
+                    DType::F16 | DType::BF16 => {
+                        check_aligned(grad_ptr.cast::<u16>().cast_const(), &format!("batch {s}: grad_embeddings"))?
+                    }
                 }
+                outputs.push((s, (grad_ptr as usize, grad_ptr as usize + bytes)));
             }
         }
+    }
+    for (i, &(s, out)) in outputs.iter().enumerate() {
+        if inputs.iter().any(|&r| overlaps(r, out)) {
+            return Err(Error::invalid(format!("batch {s}: grad_embeddings overlaps an input buffer (embeddings or labels)")));
+        }
+        if outputs[..i].iter().any(|&(_, other)| overlaps(other, out)) {
+            return Err(Error::invalid(format!("batch {s}: grad_embeddings overlaps another batch's grad_embeddings")));
+        }
+    }
+    let mut out = BatchSlices { inputs: Vec::with_capacity(shards), grads: Vec::with_capacity(shards) };
+    for batch in batches {
+        let dtype = dtype_of("batch dtype", batch.dtype)?;
+        let rows = batch.batch_size as usize;
+        let values = rows * d;
+        let (emb_ptr, label_ptr, grad_ptr) = (batch.embeddings, batch.labels, batch.grad_embeddings);
         let labels: &[i64] = if rows == 0 { &[] } else { std::slice::from_raw_parts(label_ptr, rows) };
         let embeddings = match (dtype, rows) {
             (DType::F32, 0) => Embeddings::F32(&[]),
@@ -343,6 +390,7 @@ pub extern "C" fn pfc_get_centers(head: *const pfc_head, first: u64, count: u64,
         if out.is_null() {
             return Err(Error::null("out"));
         }
+        check_aligned(out.cast_const(), "out")?;
         let normalized = int_bool("normalized", normalized)?;
         let len = center_values(&h, count)?;
         let mut tmp = crate::error::try_zeroed::<f32>(len, "center copy")?;
@@ -361,6 +409,7 @@ pub extern "C" fn pfc_set_centers(head: *mut pfc_head, first: u64, count: u64, r
         if r#in.is_null() {
             return Err(Error::null("in"));
         }
+        check_aligned(r#in, "in")?;
         let len = center_values(&h, count)?;
         let values = unsafe { std::slice::from_raw_parts(r#in, len) };
         h.set_centers(first, count, values)

@@ -48,7 +48,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     y * scale
@@ -186,7 +186,7 @@ multiversion! {
                 let z = if is_target { zt[i] } else { z };
                 let prob = exp(z - max[i]) * inv_sum[i];
                 let d = if is_target { slope[i] } else if filtered { 0.0 } else { p.scale };
-                let inside = raw >= -1.0 && raw <= 1.0;
+                let inside = (-1.0..=1.0).contains(&raw);
                 let grad = (prob - if is_target { 1.0 } else { 0.0 }) * g.inv_batch * d;
                 row[i] = if inside { grad } else { 0.0 };
             }

@@ -55,7 +55,9 @@ fn ours(classes: u64, rate: f32, a: &BenchArgs) -> Result<Measured, String> {
     let shards = a.shards as usize;
     let rows = |s: usize| a.batch / shards + usize::from(s < a.batch % shards);
     // Four distinct batches, as the reference script rotates; never time on zeros.
-    let batches: Vec<(Vec<Vec<f32>>, Vec<Vec<i64>>)> = (0..4u64)
+    // Per batch: each shard's (embeddings, labels).
+    type Batch = (Vec<Vec<f32>>, Vec<Vec<i64>>);
+    let batches: Vec<Batch> = (0..4u64)
         .map(|b| {
             let e = (0..shards)
                 .map(|s| {

@@ -1,4 +1,4 @@
-//! Why the CPU backend uses the `gemm` crate one block at a time: the forward product of SPEC §6
+//! Why the CPU backend uses the `gemm` crate, one single-threaded call per block of classes: the forward product of SPEC §6
 //! (256×512 embeddings times 100,000 centers) by each candidate, on all of this machine's threads.
 //!
 //!     cargo run --release --example gemm_choice
@@ -11,7 +11,10 @@ use std::time::Instant;
 const N: usize = 256;
 const D: usize = 512;
 const K: usize = 100_000;
-const BLOCK: usize = 256;
+/// Classes per call; `BLOCK=1024 cargo run …` tries other sizes.
+fn block() -> usize {
+    std::env::var("BLOCK").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+}
 
 fn best_of(runs: usize, mut f: impl FnMut()) -> f64 {
     (0..runs)
@@ -32,27 +35,23 @@ fn main() {
     println!("C[k×n] = W[k×d]·Xᵀ, n = {N}, d = {D}, k = {K}, {threads} threads; best of 5");
 
     let t = best_of(5, || {
-        out.par_chunks_mut(BLOCK * N).enumerate().for_each(|(b, c)| {
+        out.par_chunks_mut(block() * N).enumerate().for_each(|(b, c)| {
             let rows = c.len() / N;
-            let wb = &w[b * BLOCK * D..(b * BLOCK + rows) * D];
+            let wb = &w[b * block() * D..(b * block() + rows) * D];
             unsafe {
                 gemm::gemm(rows, N, D, c.as_mut_ptr(), 1, N as isize, false, wb.as_ptr(), 1, D as isize, x.as_ptr(), D as isize, 1, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None);
             }
         })
     });
-    println!("gemm, blocks of {BLOCK} on rayon (partialfc's use) {:>7.1} GFLOP/s", flops / t / 1e9);
+    println!("gemm crate, blocks of {} on rayon (partialfc) {:>7.1} GFLOP/s", block(), flops / t / 1e9);
 
     let t = best_of(5, || {
-        out.par_chunks_mut(BLOCK * N).enumerate().for_each(|(b, c)| {
+        out.par_chunks_mut(block() * N).enumerate().for_each(|(b, c)| {
             let rows = c.len() / N;
-            let wb = &w[b * BLOCK * D..(b * BLOCK + rows) * D];
+            let wb = &w[b * block() * D..(b * block() + rows) * D];
             unsafe { matrixmultiply::sgemm(rows, D, N, 1.0, wb.as_ptr(), D as isize, 1, x.as_ptr(), 1, D as isize, 0.0, c.as_mut_ptr(), N as isize, 1) };
         })
     });
-    println!("matrixmultiply, blocks of {BLOCK} on rayon     {:>7.1} GFLOP/s", flops / t / 1e9);
+    println!("matrixmultiply, blocks of {} on rayon {:>7.1} GFLOP/s", block(), flops / t / 1e9);
 
-    let t = best_of(5, || unsafe {
-        matrixmultiply::sgemm(K, D, N, 1.0, w.as_ptr(), D as isize, 1, x.as_ptr(), 1, D as isize, 0.0, out.as_mut_ptr(), N as isize, 1);
-    });
-    println!("matrixmultiply, one call, its own threads   {:>7.1} GFLOP/s", flops / t / 1e9);
 }

@@ -12,35 +12,6 @@ use partialfc::ffi::*;
 // ---------------------------------------------------------------------------------------------
 // Deterministic data.
 
-/// SplitMix64: small, deterministic, good enough for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.uniform()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-}
-
 fn norm(v: &[f64]) -> f64 {
     v.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
@@ -237,7 +208,7 @@ fn try_make(c: usize, d: usize, n: usize, seed: u64) -> Option<Data> {
         w.extend(unit_random(&mut rng, d).into_iter().map(|v| v * scale));
     }
     // Labels, with some repeats (several samples of one class).
-    let mut y: Vec<usize> = (0..n).map(|_| rng.below(c)).collect();
+    let mut y: Vec<usize> = (0..n).map(|_| rng.below(c as u64) as usize).collect();
     y[1] = y[0];
     y[n - 1] = y[n / 2];
     // Embeddings: a·ŵ_y + unit noise, so that the target cosine is ≈ a/√(a²+1).
@@ -255,7 +226,7 @@ fn try_make(c: usize, d: usize, n: usize, seed: u64) -> Option<Data> {
     let mut planted = Vec::new();
     for &i in &[4usize, 5, n - 2] {
         let j = loop {
-            let j = rng.below(c);
+            let j = rng.below(c as u64) as usize;
             if !y.contains(&j) && !planted.contains(&j) {
                 break j;
             }
@@ -499,7 +470,7 @@ fn fd_family(family: usize) {
     let mut classes: Vec<usize> = vec![p.y[0], p.y[2], p.y[3], p.y[n - 1]];
     classes.extend(&data.planted);
     let mut rng = Rng(seed ^ 0xFD);
-    classes.extend((0..3).map(|_| rng.below(c)));
+    classes.extend((0..3).map(|_| rng.below(c as u64) as usize));
     classes.sort_unstable();
     classes.dedup();
     for filter in [false, true] {

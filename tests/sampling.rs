@@ -16,35 +16,6 @@ use std::collections::BTreeSet;
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A test-side PRNG (SplitMix64 with its own state), independent of the crate's counter-based one.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.unit().max(1e-300), self.unit());
-        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
 /// The distinct local indices of `labels` that fall in `range`, sorted.
 fn positives(range: ShardRange, labels: &[i64]) -> Vec<u32> {
     let set: BTreeSet<u32> = labels
@@ -154,8 +125,8 @@ fn sampled_set_holds_every_positive_sorted_unique_with_the_documented_size() {
     for case in 0..400 {
         let c = 1 + rng.below(if case % 4 == 0 { 40 } else { 3000 });
         let s = 1 + rng.below(8.min(c)) as usize;
-        let rate = if case % 3 == 0 { (rng.unit() as f32).max(1e-4) } else { rates[rng.below(rates.len() as u64) as usize] };
-        let seed = rng.next();
+        let rate = if case % 3 == 0 { (rng.uniform() as f32).max(1e-4) } else { rates[rng.below(rates.len() as u64) as usize] };
+        let seed = rng.next_u64();
         let step = rng.below(1_000_000);
         // A batch with duplicates: labels drawn from a random pool of identities.
         let pool: Vec<i64> = (0..1 + rng.below(200)).map(|_| rng.below(c) as i64).collect();
@@ -548,7 +519,7 @@ fn changed_rows(before: &[f32], after: &[f32]) -> Vec<u64> {
 }
 
 fn batch(rng: &mut Rng, n: usize, lo: u64, hi: u64) -> (Vec<f32>, Vec<i64>) {
-    let emb: Vec<f32> = (0..n * D).map(|_| rng.normal()).collect();
+    let emb: Vec<f32> = (0..n * D).map(|_| rng.normal() as f32).collect();
     let labels: Vec<i64> = (0..n).map(|_| (lo + rng.below(hi - lo)) as i64).collect();
     (emb, labels)
 }

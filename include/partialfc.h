@@ -30,6 +30,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define FORMAT_VERSION 1
+
 #define PFC_BACKEND_CPU 0
 
 #define PFC_BACKEND_CUDA 1
@@ -53,6 +55,13 @@
 
 // The true derivative of the margin function.
 #define PFC_MARGIN_GRAD_EXACT 1
+
+// Export formats: safetensors (one tensor `centers` [C, d]), NumPy `.npy`, FAISS `.fvecs`.
+#define PFC_FORMAT_SAFETENSORS 0
+
+#define PFC_FORMAT_NPY 1
+
+#define PFC_FORMAT_FVECS 2
 
 // Bytes of an NCCL unique id.
 #define PFC_NCCL_ID_BYTES 128
@@ -222,6 +231,36 @@ pfc_status pfc_get_centers(const struct pfc_head *head,
 // Overwrites centers of global classes `[first, first + count)` from `in` (count × embedding_dim
 // floats, finite) and resets those rows' optimizer state (warm start).
 pfc_status pfc_set_centers(struct pfc_head *head, uint64_t first, uint64_t count, const float *in);
+
+// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest plus one
+// safetensors file per shard with centers and all optimizer state. The previous checkpoint in `dir`
+// stays loadable until the new one is complete (a crash mid-save loses nothing).
+pfc_status pfc_save_checkpoint(const struct pfc_head *head, const char *dir);
+
+// Restores centers, optimizer state, step, seed and learning rate from the checkpoint in `dir`,
+// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file
+// gives PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer gives PFC_ERR_INCOMPATIBLE;
+// on any failure the head is unchanged.
+pfc_status pfc_load_checkpoint(struct pfc_head *head, const char *dir);
+
+// Writes all C centers to one file at `path`: `format` is a PFC_FORMAT_* value, `dtype`
+// PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs: f32 only), `normalized` 1 for unit rows. Streamed in
+// chunks; the file appears atomically.
+pfc_status pfc_export_centers(const struct pfc_head *head,
+                              const char *path,
+                              int32_t format,
+                              int32_t dtype,
+                              int32_t normalized);
+
+// The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
+// floats) over this process's centers: `ids` (n × k int64) and `scores` (n × k floats), each row
+// sorted by score, ties by smaller class id.
+pfc_status pfc_search(const struct pfc_head *head,
+                      const float *queries,
+                      uint64_t n,
+                      uint32_t k,
+                      int64_t *ids,
+                      float *scores);
 
 // Copies the calling thread's last error message into `buf` (at most `cap` bytes, NUL-terminated
 // when `cap` > 0) and returns its full length in bytes, excluding the NUL.

@@ -5,6 +5,7 @@
 use crate::backend::{cpu::CpuBackend, Backend, GradOut, HostBatch, PhaseTimes, RowStats, StepPlan};
 use crate::config::{BackendKind, Config};
 use crate::error::{Error, Result, Status};
+use crate::optimizer::StateTensor;
 
 /// What one step reports (SPEC §1.10).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -151,7 +152,13 @@ impl Head {
 
     pub fn get_centers(&self, first: u64, count: u64, normalized: bool, out: &mut [f32]) -> Result<()> {
         self.check_range(first, count, out.len())?;
-        self.backend.get_centers(first, count, normalized, out)
+        self.backend.read_state(StateTensor::Centers, first, count, out)?;
+        if normalized {
+            let d = self.cfg.embedding_dim;
+            let mut inv = vec![0.0; count as usize];
+            crate::backend::cpu::kernels::normalize_rows_inplace(out, d, &mut inv);
+        }
+        Ok(())
     }
 
     pub fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()> {
@@ -161,6 +168,71 @@ impl Head {
         }
         self.backend.set_centers(first, count, values)
     }
+}
+
+impl Head {
+    /// The `k` most similar local classes by cosine for each query (rows of `queries`), best first,
+    /// ties by smaller class id: `(ids, scores)`, `n × k` each.
+    pub fn search(&self, queries: &[f32], k: usize) -> Result<(Vec<i64>, Vec<f32>)> {
+        let d = self.cfg.embedding_dim;
+        let (_, local) = self.local_classes();
+        if queries.is_empty() || queries.len() % d != 0 {
+            return Err(Error::invalid(format!("{} query values do not form rows of dimension {d}", queries.len())));
+        }
+        if k == 0 || k as u64 > local {
+            return Err(Error::invalid(format!("k = {k} is outside [1, {local}] (this process's classes)")));
+        }
+        if let Some(at) = queries.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid(format!("query row {} holds NaN or Inf", at / d)));
+        }
+        let mut unit = crate::error::try_zeroed::<f32>(queries.len(), "normalized queries")?;
+        let mut inv = vec![0.0; queries.len() / d];
+        crate::backend::cpu::kernels::normalize_rows(queries, d, &mut unit, &mut inv);
+        let hits = self.backend.search(&unit, k)?;
+        let mut ids = Vec::with_capacity(hits.len() * k);
+        let mut scores = Vec::with_capacity(hits.len() * k);
+        for row in hits {
+            for (score, class) in row {
+                ids.push(class as i64);
+                scores.push(score);
+            }
+        }
+        Ok((ids, scores))
+    }
+
+    /// Rows `[first, first + count)` of a state tensor (checkpoints).
+    pub(crate) fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
+        self.backend.read_state(tensor, first, count, out)
+    }
+
+    pub(crate) fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()> {
+        self.backend.read_steps(first, count, out)
+    }
+
+    /// Replaces the whole training state at once; the caller has validated every piece, so this
+    /// cannot fail half-way on the CPU backend.
+    pub(crate) fn restore(&mut self, restored: Restored) -> Result<()> {
+        let (first, count) = self.local_classes();
+        for (tensor, values) in &restored.tensors {
+            self.backend.write_state(*tensor, first, count, values)?;
+        }
+        if let Some(steps) = &restored.steps {
+            self.backend.write_steps(first, count, steps)?;
+        }
+        self.step = restored.step;
+        self.cfg.seed = restored.seed;
+        self.lr = restored.lr;
+        Ok(())
+    }
+}
+
+/// A complete, validated training state for this process's classes, read from a checkpoint.
+pub(crate) struct Restored {
+    pub tensors: Vec<(StateTensor, Vec<f32>)>,
+    pub steps: Option<Vec<u32>>,
+    pub step: u64,
+    pub seed: u64,
+    pub lr: f32,
 }
 
 fn first_non_finite(e: &crate::backend::Embeddings<'_>) -> Option<usize> {

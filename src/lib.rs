@@ -6,14 +6,18 @@
 //! arithmetic, per device kind), `engine` (the head shared by all backends), `ffi` (the C boundary).
 
 pub mod backend;
+pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod ffi;
+pub mod fsutil;
 pub mod margin;
 pub mod optimizer;
 pub mod rng;
+pub mod search;
 pub mod sharding;
 
 pub use config::Config;

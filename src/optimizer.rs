@@ -4,6 +4,34 @@
 use crate::config::{OptimizerConfig, OptimizerKind};
 use crate::error::{try_zeroed, Result};
 
+/// A per-row f32 tensor of a shard: its centers or one of the optimizer's buffers. Checkpoints hold
+/// exactly the tensors `for_optimizer` lists, plus AdamW's step counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateTensor {
+    Centers,
+    Momentum,
+    ExpAvg,
+    ExpAvgSq,
+}
+
+impl StateTensor {
+    pub fn name(self) -> &'static str {
+        match self {
+            StateTensor::Centers => "centers",
+            StateTensor::Momentum => "momentum",
+            StateTensor::ExpAvg => "exp_avg",
+            StateTensor::ExpAvgSq => "exp_avg_sq",
+        }
+    }
+
+    pub fn for_optimizer(kind: OptimizerKind) -> &'static [StateTensor] {
+        match kind {
+            OptimizerKind::Sgd => &[StateTensor::Centers, StateTensor::Momentum],
+            OptimizerKind::AdamW => &[StateTensor::Centers, StateTensor::ExpAvg, StateTensor::ExpAvgSq],
+        }
+    }
+}
+
 /// Optimizer state for `rows` centers of dimension `dim`.
 pub enum OptimizerState {
     Sgd { momentum: Vec<f32> },
@@ -33,6 +61,40 @@ impl OptimizerState {
                 exp_avg_sq[span].fill(0.0);
                 steps[first..first + count].fill(0);
             }
+        }
+    }
+
+    /// The per-row f32 tensor `tensor` of this state (not `Centers`), if this optimizer keeps it.
+    pub fn tensor(&self, tensor: StateTensor) -> Option<&[f32]> {
+        match (self, tensor) {
+            (OptimizerState::Sgd { momentum }, StateTensor::Momentum) => Some(momentum),
+            (OptimizerState::AdamW { exp_avg, .. }, StateTensor::ExpAvg) => Some(exp_avg),
+            (OptimizerState::AdamW { exp_avg_sq, .. }, StateTensor::ExpAvgSq) => Some(exp_avg_sq),
+            _ => None,
+        }
+    }
+
+    pub fn tensor_mut(&mut self, tensor: StateTensor) -> Option<&mut [f32]> {
+        match (self, tensor) {
+            (OptimizerState::Sgd { momentum }, StateTensor::Momentum) => Some(momentum),
+            (OptimizerState::AdamW { exp_avg, .. }, StateTensor::ExpAvg) => Some(exp_avg),
+            (OptimizerState::AdamW { exp_avg_sq, .. }, StateTensor::ExpAvgSq) => Some(exp_avg_sq),
+            _ => None,
+        }
+    }
+
+    /// AdamW's per-row step counts (bias correction); None for SGD.
+    pub fn steps(&self) -> Option<&[u32]> {
+        match self {
+            OptimizerState::AdamW { steps, .. } => Some(steps),
+            OptimizerState::Sgd { .. } => None,
+        }
+    }
+
+    pub fn steps_mut(&mut self) -> Option<&mut [u32]> {
+        match self {
+            OptimizerState::AdamW { steps, .. } => Some(steps),
+            OptimizerState::Sgd { .. } => None,
         }
     }
 

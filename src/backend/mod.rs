@@ -5,6 +5,7 @@
 pub mod cpu;
 
 use crate::error::Result;
+use crate::optimizer::StateTensor;
 use crate::sharding::ShardRange;
 use half::{bf16, f16};
 
@@ -117,9 +118,17 @@ pub trait Backend: Send {
     /// After a training `forward`: writes each shard's embedding gradient into `grads` and updates
     /// the sampled centers with learning rate `lr`.
     fn backward(&mut self, stats: &RowStats, lr: f32, grads: &mut [GradOut<'_>]) -> Result<()>;
-    /// Copies centers of global classes `[first, first + count)` (all owned here) into `out`.
-    fn get_centers(&self, first: u64, count: u64, normalized: bool, out: &mut [f32]) -> Result<()>;
-    /// Overwrites those centers and resets their optimizer state.
+    /// Copies rows of global classes `[first, first + count)` (all owned here) of `tensor` into `out`.
+    fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()>;
+    /// Overwrites those rows of `tensor`.
+    fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()>;
+    /// AdamW's per-row step counts of those classes.
+    fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()>;
+    fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()>;
+    /// Overwrites centers and resets their optimizer state (warm start).
     fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()>;
+    /// The `k` best (cosine, class) pairs of each unit-norm query (rows of `queries`) over the local
+    /// centers, best first, ties by smaller class id.
+    fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>>;
     fn phase_times(&self) -> PhaseTimes;
 }

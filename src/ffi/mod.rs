@@ -424,6 +424,100 @@ fn center_values(h: &Head, count: u64) -> Result<usize> {
     Ok(count as usize * h.config().embedding_dim)
 }
 
+/// A C path argument as a filesystem path.
+///
+/// # Safety
+/// `p`, when not NULL, must be a NUL-terminated string.
+unsafe fn path_arg<'a>(p: *const c_char, name: &str) -> Result<&'a std::path::Path> {
+    use std::os::unix::ffi::OsStrExt;
+    if p.is_null() {
+        return Err(Error::null(name));
+    }
+    let bytes = std::ffi::CStr::from_ptr(p).to_bytes();
+    if bytes.is_empty() {
+        return Err(Error::invalid(format!("{name} is empty")));
+    }
+    Ok(std::path::Path::new(std::ffi::OsStr::from_bytes(bytes)))
+}
+
+/// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest plus one
+/// safetensors file per shard with centers and all optimizer state. The previous checkpoint in `dir`
+/// stays loadable until the new one is complete (a crash mid-save loses nothing).
+#[no_mangle]
+pub extern "C" fn pfc_save_checkpoint(head: *const pfc_head, dir: *const c_char) -> pfc_status {
+    guard(|| {
+        let h = head_ref(head)?.inner.lock();
+        let dir = unsafe { path_arg(dir, "dir") }?;
+        crate::checkpoint::save(&h, dir)
+    })
+}
+
+/// Restores centers, optimizer state, step, seed and learning rate from the checkpoint in `dir`,
+/// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file
+/// gives PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer gives PFC_ERR_INCOMPATIBLE;
+/// on any failure the head is unchanged.
+#[no_mangle]
+pub extern "C" fn pfc_load_checkpoint(head: *mut pfc_head, dir: *const c_char) -> pfc_status {
+    guard(|| {
+        let mut h = head_ref(head)?.inner.lock();
+        let dir = unsafe { path_arg(dir, "dir") }?;
+        crate::checkpoint::load(&mut h, dir)
+    })
+}
+
+/// Writes all C centers to one file at `path`: `format` is a PFC_FORMAT_* value, `dtype`
+/// PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs: f32 only), `normalized` 1 for unit rows. Streamed in
+/// chunks; the file appears atomically.
+#[no_mangle]
+pub extern "C" fn pfc_export_centers(head: *const pfc_head, path: *const c_char, format: i32, dtype: i32, normalized: i32) -> pfc_status {
+    guard(|| {
+        let h = head_ref(head)?.inner.lock();
+        let path = unsafe { path_arg(path, "path") }?;
+        let format = match format {
+            PFC_FORMAT_SAFETENSORS => crate::export::Format::Safetensors,
+            PFC_FORMAT_NPY => crate::export::Format::Npy,
+            PFC_FORMAT_FVECS => crate::export::Format::Fvecs,
+            v => return Err(Error::invalid(format!("format = {v} is not a PFC_FORMAT_* value"))),
+        };
+        let dtype = dtype_of("dtype", dtype)?;
+        let normalized = int_bool("normalized", normalized)?;
+        crate::export::export_centers(&h, path, format, dtype, normalized)
+    })
+}
+
+/// The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
+/// floats) over this process's centers: `ids` (n × k int64) and `scores` (n × k floats), each row
+/// sorted by score, ties by smaller class id.
+#[no_mangle]
+pub extern "C" fn pfc_search(head: *const pfc_head, queries: *const f32, n: u64, k: u32, ids: *mut i64, scores: *mut f32) -> pfc_status {
+    guard(|| {
+        let h = head_ref(head)?.inner.lock();
+        for (p, name) in [(queries.is_null(), "queries"), (ids.is_null(), "ids"), (scores.is_null(), "scores")] {
+            if p {
+                return Err(Error::null(name));
+            }
+        }
+        check_aligned(queries, "queries")?;
+        check_aligned(ids.cast_const(), "ids")?;
+        check_aligned(scores.cast_const(), "scores")?;
+        if n == 0 || n > MAX_BATCH_ROWS {
+            return Err(Error::invalid(format!("n = {n} is outside [1, {MAX_BATCH_ROWS}]")));
+        }
+        let d = h.config().embedding_dim;
+        let q = unsafe { std::slice::from_raw_parts(queries, n as usize * d) };
+        let out = n as usize * k as usize;
+        if overlaps((ids as usize, ids as usize + out * 8), (scores as usize, scores as usize + out * 4)) {
+            return Err(Error::invalid("ids and scores overlap"));
+        }
+        let (found_ids, found_scores) = h.search(q, k as usize)?;
+        unsafe {
+            std::ptr::copy_nonoverlapping(found_ids.as_ptr(), ids, out);
+            std::ptr::copy_nonoverlapping(found_scores.as_ptr(), scores, out);
+        }
+        Ok(())
+    })
+}
+
 /// Copies the calling thread's last error message into `buf` (at most `cap` bytes, NUL-terminated
 /// when `cap` > 0) and returns its full length in bytes, excluding the NUL.
 #[no_mangle]

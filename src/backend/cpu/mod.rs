@@ -3,6 +3,7 @@
 
 mod gemm;
 pub mod kernels;
+mod search;
 
 use self::gemm::{matmul, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
@@ -12,7 +13,7 @@ use crate::comm::{HostCommunicator, ReduceOp};
 use crate::config::{Config, DType};
 use crate::error::{try_zeroed, Error, Result};
 use crate::margin::target_logit;
-use crate::optimizer::OptimizerState;
+use crate::optimizer::{OptimizerState, StateTensor};
 use crate::rng;
 use crate::sharding::{sample, ShardRange};
 use rayon::prelude::*;
@@ -212,6 +213,20 @@ struct BackwardWorker {
 }
 
 impl Shard {
+    fn tensor(&self, tensor: StateTensor) -> Result<&[f32]> {
+        match tensor {
+            StateTensor::Centers => Ok(&self.centers),
+            t => self.optimizer.tensor(t).ok_or_else(|| Error::invalid(format!("this optimizer keeps no {}", t.name()))),
+        }
+    }
+
+    fn tensor_mut(&mut self, tensor: StateTensor) -> Result<&mut [f32]> {
+        match tensor {
+            StateTensor::Centers => Ok(&mut self.centers),
+            t => self.optimizer.tensor_mut(t).ok_or_else(|| Error::invalid(format!("this optimizer keeps no {}", t.name()))),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn forward(&mut self, cfg: &Config, plan: StepPlan, labels: &[i64], unit_gemm: &[f32], params: LogitParams) -> Result<()> {
         let n = labels.len();
@@ -504,19 +519,47 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn get_centers(&self, first: u64, count: u64, normalized: bool, out: &mut [f32]) -> Result<()> {
+    fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
         for (s, row, rows, at) in self.pieces(first, count) {
-            let src = &self.shards[s].centers[row * d..(row + rows) * d];
-            let dst = &mut out[at * d..(at + rows) * d];
-            if normalized {
-                let mut inv = vec![0.0; rows];
-                kernels::normalize_rows(src, d, dst, &mut inv);
-            } else {
-                dst.copy_from_slice(src);
-            }
+            let src = self.shards[s].tensor(tensor)?;
+            out[at * d..(at + rows) * d].copy_from_slice(&src[row * d..(row + rows) * d]);
         }
         Ok(())
+    }
+
+    fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()> {
+        let d = self.cfg.embedding_dim;
+        for (s, row, rows, at) in self.pieces(first, count) {
+            let dst = self.shards[s].tensor_mut(tensor)?;
+            dst[row * d..(row + rows) * d].copy_from_slice(&values[at * d..(at + rows) * d]);
+        }
+        Ok(())
+    }
+
+    fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()> {
+        for (s, row, rows, at) in self.pieces(first, count) {
+            let src = self.shards[s].optimizer.steps().ok_or_else(|| Error::invalid("this optimizer keeps no step counts"))?;
+            out[at..at + rows].copy_from_slice(&src[row..row + rows]);
+        }
+        Ok(())
+    }
+
+    fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()> {
+        for (s, row, rows, at) in self.pieces(first, count) {
+            let dst = self.shards[s].optimizer.steps_mut().ok_or_else(|| Error::invalid("this optimizer keeps no step counts"))?;
+            dst[row..row + rows].copy_from_slice(&values[at..at + rows]);
+        }
+        Ok(())
+    }
+
+    fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>> {
+        let d = self.cfg.embedding_dim;
+        let mut best = crate::search::TopK::new(queries.len() / d, k);
+        for shard in &self.shards {
+            best.merge(search::scan(&shard.centers, d, shard.range.start, queries, k));
+        }
+        Ok(best.into_sorted())
     }
 
     fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()> {

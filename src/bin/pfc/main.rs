@@ -1,6 +1,7 @@
 //! `pfc`: train a PartialFC head on synthetic identities, or benchmark its training step.
 
 mod bench;
+mod plan;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Time training steps, side by side with the reference PartialFC_V2 when it is available.
     Bench(bench::BenchArgs),
+    /// Per-GPU memory and communication of one step: data parallel vs model parallel vs PartialFC, exact to the byte.
+    Plan(plan::PlanArgs),
 }
 
 fn main() {
@@ -25,6 +28,7 @@ fn main() {
     let result = match cli.command.unwrap_or_else(|| Command::Train(train::TrainArgs::parse_from(["train"]))) {
         Command::Train(args) => train::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Plan(args) => plan::run(args),
     };
     if let Err(e) = result {
         eprintln!("pfc: error: {e}");

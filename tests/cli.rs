@@ -7,30 +7,79 @@ fn pfc(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+fn out_dir(name: &str) -> String {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.to_string_lossy().into_owned()
+}
+
+/// The number after `key` on the first line containing `line_has`.
+fn figure(out: &str, line_has: &str, key: &str) -> f64 {
+    let line = out.lines().find(|l| l.contains(line_has)).unwrap_or_else(|| panic!("no line with {line_has:?} in:\n{out}"));
+    let rest = line.split(key).nth(1).unwrap_or_else(|| panic!("no {key:?} in {line:?}"));
+    rest.trim_start().split(|c: char| !(c.is_ascii_digit() || c == '.')).next().unwrap().parse().unwrap()
+}
+
+const SMALL: &[&str] = &["--classes", "2000", "--dim", "64", "--steps", "150", "--batch", "128", "--shards", "3", "--eval-identities", "300", "--log-every", "30"];
+
 #[test]
-fn train_learns_identities_far_above_chance() {
-    let (ok, out, err) = pfc(&["train", "--classes", "2000", "--dim", "64", "--steps", "120", "--batch", "128", "--shards", "3"]);
+fn train_learns_identities_and_evaluates_far_above_chance() {
+    let out = out_dir("train");
+    let mut args = vec!["train", "--out", &out];
+    args.extend_from_slice(SMALL);
+    let (ok, stdout, err) = pfc(&args);
     assert!(ok, "pfc train failed: {err}");
-    let last = out.lines().last().unwrap();
-    let top1: f64 = last.rsplit("top-1 ").next().unwrap().trim_end_matches('%').parse().unwrap();
-    // Chance is 1/2000 = 0.05%.
-    assert!(top1 > 20.0, "held-out top-1 {top1}% in: {out}");
-    let losses: Vec<f64> = out
-        .lines()
-        .filter(|l| l.starts_with("step"))
-        .map(|l| l.split("loss").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap())
-        .collect();
+    // Chance: top-1 1/2000 = 0.05%; TAR at FAR 1e-3 about 0.1%.
+    let top1 = figure(&stdout, "identification", "top-1");
+    let tar = figure(&stdout, "FAR 1e-3", "TAR");
+    assert!(top1 > 20.0 && tar > 20.0, "top-1 {top1}%, TAR {tar}%:\n{stdout}");
+    let losses: Vec<f64> = stdout.lines().filter(|l| l.starts_with("step")).map(|l| figure(l, "step", "loss")).collect();
     assert!(losses.len() >= 3 && losses.last().unwrap() < losses.first().unwrap(), "loss did not fall: {losses:?}");
+    assert!(std::path::Path::new(&out).join("centers.safetensors").is_file());
+}
+
+#[test]
+fn train_resumes_from_its_checkpoint_exactly() {
+    let (a, b) = (out_dir("resume-a"), out_dir("resume-b"));
+    let common = ["--classes", "500", "--dim", "32", "--batch", "64", "--eval-identities", "50", "--log-every", "10", "--checkpoint-every", "20"];
+    let mut whole = vec!["train", "--out", &a, "--steps", "40"];
+    whole.extend_from_slice(&common);
+    let (ok, full, err) = pfc(&whole);
+    assert!(ok, "{err}");
+    let mut first = vec!["train", "--out", &b, "--steps", "20"];
+    first.extend_from_slice(&common);
+    assert!(pfc(&first).0);
+    let mut rest = vec!["train", "--out", &b, "--steps", "40", "--resume"];
+    rest.extend_from_slice(&common);
+    let (ok, resumed, err) = pfc(&rest);
+    assert!(ok, "{err}");
+    let last = |s: &str| s.lines().filter(|l| l.starts_with("step") && l.contains("40/40")).map(|l| l.split("img/s").next().unwrap().rsplit_once(' ').unwrap().0.to_string()).next();
+    // Same loss and accuracy at the last step (the rate differs).
+    let strip = |s: Option<String>| s.map(|l| l.split("acc").next().unwrap().to_string());
+    assert_eq!(strip(last(&full)), strip(last(&resumed)), "\nfull:\n{full}\nresumed:\n{resumed}");
+    assert!(strip(last(&full)).is_some());
 }
 
 #[test]
 fn bad_options_are_rejected_with_a_message() {
-    let (ok, _, err) = pfc(&["train", "--margin", "sphereface"]);
-    assert!(!ok && err.contains("--margin sphereface"), "{err}");
-    let (ok, _, err) = pfc(&["train", "--sample-rate", "0"]);
-    assert!(!ok && err.contains("sample_rate"), "{err}");
-    let (ok, _, err) = pfc(&["train", "--classes", "many"]);
-    assert!(!ok && err.contains("--classes"), "{err}");
+    for (args, needle) in [
+        (vec!["train", "--margin", "sphereface"], "--margin sphereface"),
+        (vec!["train", "--sample-rate", "0"], "sample_rate"),
+        (vec!["train", "--classes", "many"], "--classes"),
+        (vec!["train", "--label-noise", "1.5"], "--label-noise"),
+        (vec!["train", "--backend", "tpu"], "--backend tpu"),
+        (vec!["train", "--backend", "cuda"], "CUDA"),
+    ] {
+        let (ok, _, err) = pfc(&args);
+        assert!(!ok && err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn resume_without_a_checkpoint_is_an_error() {
+    let out = out_dir("no-checkpoint");
+    let (ok, _, err) = pfc(&["train", "--resume", "--out", &out, "--classes", "100", "--steps", "1"]);
+    assert!(!ok && err.contains("--resume") && err.contains("checkpoint"), "{err}");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The CPU backend: every local shard in this process, the collectives in memory, blocks of sampled
 //! classes spread over a work-stealing pool. It is the reference the CUDA backend is tested against.
 
-mod gemm;
+pub mod gemm;
 pub mod kernels;
 mod search;
 

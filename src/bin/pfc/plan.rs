@@ -189,10 +189,7 @@ fn validate(a: &PlanArgs) -> Result<(), String> {
         return Err("--classes 0: there must be at least 1 class".into());
     }
     if a.classes < a.gpus {
-        return Err(format!(
-            "--classes {} is smaller than --gpus {}: every GPU needs at least one class",
-            a.classes, a.gpus
-        ));
+        return Err(format!("--classes {} is smaller than --gpus {}: every GPU needs at least one class", a.classes, a.gpus));
     }
     if !(a.sample_rate.is_finite() && a.sample_rate > 0.0 && a.sample_rate <= 1.0) {
         return Err(format!("--sample-rate {}: the sample rate must be in (0, 1]", a.sample_rate));
@@ -333,7 +330,8 @@ fn to_json(a: &PlanArgs, p: &Plan) -> Value {
             "global_batch": u(p.n),
             "dim": a.dim,
             "classes": a.classes,
-            "sample_rate": a.sample_rate as f64,
+            // The decimal the user wrote (0.1), not the f32 widened (0.10000000149011612).
+            "sample_rate": a.sample_rate.to_string().parse::<f64>().unwrap_or(a.sample_rate as f64),
             "dtype": a.dtype.name(),
             "dtype_bytes": u(p.e),
             "optimizer": match a.optimizer { PlanOptimizer::Sgd => "sgd", PlanOptimizer::Adamw => "adamw" },
@@ -416,19 +414,14 @@ fn print_table(a: &PlanArgs, p: &Plan) {
     println!();
 
     let [dp, mp, pfc] = &p.columns;
-    let header = ["data parallel".to_string(), "model parallel (r = 1)".to_string(), format!("PartialFC (r = {})", a.sample_rate)];
+    let header =
+        ["data parallel".to_string(), "model parallel (r = 1)".to_string(), format!("PartialFC (r = {})", a.sample_rate)];
     let line = |label: &str, f: &dyn Fn(&Column) -> u128| {
-        println!("{label:<26}{:>32}{:>32}{:>32}", cell(f(dp), si), cell(f(mp), si), cell(f(pfc), si));
+        println!("{label:<30}{:>32}{:>32}{:>32}", cell(f(dp), si), cell(f(mp), si), cell(f(pfc), si));
     };
-    println!("{:<26}{:>32}{:>32}{:>32}", "", header[0], header[1], header[2]);
+    println!("{:<30}{:>32}{:>32}{:>32}", "", header[0], header[1], header[2]);
     println!("memory per GPU");
-    println!(
-        "{:<26}{:>32}{:>32}{:>32}",
-        "  classes held",
-        g(dp.classes),
-        g(mp.classes),
-        g(pfc.classes)
-    );
+    println!("{:<30}{:>32}{:>32}{:>32}", "  classes held", g(dp.classes), g(mp.classes), g(pfc.classes));
     line("  centers (f32)", &|c| c.centers);
     line(
         match a.optimizer {
@@ -439,7 +432,7 @@ fn print_table(a: &PlanArgs, p: &Plan) {
     );
     line("  center gradients", &|c| c.center_gradients);
     println!(
-        "{:<26}{:>32}{:>32}{:>32}",
+        "{:<30}{:>32}{:>32}{:>32}",
         "  logits shape",
         format!("{} x {}", g(dp.logit_rows), g(dp.logit_columns)),
         format!("{} x {}", g(mp.logit_rows), g(mp.logit_columns)),
@@ -454,20 +447,22 @@ fn print_table(a: &PlanArgs, p: &Plan) {
     line("  gradient", &|c| c.gradient);
     line("  total communication", &|c| c.communication_total());
     if let Some((payload, sent)) = p.backbone {
-        let params = a.backbone_params.unwrap_or(0) as u128;
         println!("host backbone, not the head's (the same in every column)");
-        println!("{:<26}{:>32}{:>32}{:>32}", "  gradient (f32)", cell(payload, si), cell(payload, si), cell(payload, si));
-        println!("{:<26}{:>32}{:>32}{:>32}", "  gradient all-reduce", cell(sent, si), cell(sent, si), cell(sent, si));
+        println!("{:<30}{:>32}{:>32}{:>32}", "  gradient (f32)", cell(payload, si), cell(payload, si), cell(payload, si));
+        println!("{:<30}{:>32}{:>32}{:>32}", "  gradient all-reduce", cell(sent, si), cell(sent, si), cell(sent, si));
         line("  step total, head + backbone", &|c| c.communication_total() + sent);
-        println!();
-        println!("backbone: {} parameters x 4 B = {} B of f32 gradients, all-reduced by the host (DDP), sent 2(S-1)/S", g(params), g(payload));
-    } else {
-        println!();
     }
+    println!();
 
     let s1 = p.s - 1;
     println!("How each row is counted (n = classes on the largest shard, k = sampled of them; all per GPU):");
-    println!("  centers            rows x d x 4 B (f32 master copies): DP {} x {} x 4, MP and PFC {} x {} x 4", g(p.c), g(p.d), g(p.n_max), g(p.d));
+    println!(
+        "  centers            rows x d x 4 B (f32 master copies): DP {} x {} x 4, MP and PFC {} x {} x 4",
+        g(p.c),
+        g(p.d),
+        g(p.n_max),
+        g(p.d)
+    );
     match a.optimizer {
         PlanOptimizer::Sgd => println!("  optimizer          SGD momentum: one f32 per center element, as the centers"),
         PlanOptimizer::Adamw => println!(
@@ -478,7 +473,11 @@ fn print_table(a: &PlanArgs, p: &Plan) {
     println!(
         "  logits             DP: B x C (the local batch against every class); MP: N x n; PFC: N x k; {e} B each ({dt}); one matrix, no softmax copy"
     );
-    println!("  embedding gather   MP/PFC: N x d x {e} B = {} B gathered; each GPU sends (S-1)/S of it, (S-1) x B x d x {e} = {} B", g(p.n * p.d * e), g(s1 * p.b * p.d * e));
+    println!(
+        "  embedding gather   MP/PFC: N x d x {e} B = {} B gathered; each GPU sends (S-1)/S of it, (S-1) x B x d x {e} = {} B",
+        g(p.n * p.d * e),
+        g(s1 * p.b * p.d * e)
+    );
     println!(
         "  label gather       MP/PFC: N x 8 B (i64 labels) + S x 8 B (u64 batch sizes) = {} B gathered; sent (S-1) x (B + 1) x 8 = {} B",
         g(p.n * 8 + p.s * 8),
@@ -493,12 +492,16 @@ fn print_table(a: &PlanArgs, p: &Plan) {
         g(2 * p.n * 4),
         g(5 * p.n * 4)
     );
-    println!(
-        "  gradient           DP: all-reduce of the C x d f32 center gradient = {} B, sent 2(S-1)/S;",
-        g(p.c * p.d * 4)
-    );
+    println!("  gradient           DP: all-reduce of the C x d f32 center gradient = {} B, sent 2(S-1)/S;", g(p.c * p.d * 4));
     println!("                     MP/PFC: reduce-scatter of the N x d embedding gradient ({dt}) = {} B, sent (S-1)/S; center gradients stay local", g(p.n * p.d * e));
     println!("  DP needs no all-gather and no softmax statistics: every GPU holds every class");
+    if let Some((payload, _)) = p.backbone {
+        println!(
+            "  backbone           {} parameters x 4 B = {} B of f32 gradients, all-reduced by the host (DDP), sent 2(S-1)/S",
+            g(a.backbone_params.unwrap_or(0) as u128),
+            g(payload)
+        );
+    }
     println!();
     println!("Communication counts the bytes each GPU sends (and receives) with ring algorithms:");
     println!("  all-gather (S-1)/S x the gathered total; reduce-scatter (S-1)/S x the buffer; all-reduce 2(S-1)/S x the buffer.");

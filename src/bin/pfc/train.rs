@@ -1,95 +1,292 @@
-//! `pfc train`: synthetic identities, a linear backbone trained with the gradients the head returns,
-//! PartialFC sampling, then held-out evaluation over all classes.
+//! `pfc train`: the main job. Synthetic identities with long-tailed sizes (optionally noisy labels
+//! and identities split across two labels), a small MLP backbone trained with the gradients the head
+//! returns, PartialFC sampling; then face-recognition evaluation — verification TAR at FAR 1e-3 and
+//! 1e-4 on identities the head never saw, closed-set identification through the head's search —
+//! and the centers exported.
 
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use partialfc::backend::cpu::gemm::{matmul, Operand};
 use partialfc::backend::{Embeddings, GradOut, HostBatch};
-use partialfc::config::{Config, DType, MarginGrad};
+use partialfc::config::{BackendKind, Config};
+use partialfc::export::Format;
 use partialfc::rng;
 use partialfc::Head;
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser, Debug, Clone)]
 pub struct TrainArgs {
-    /// Identities (classes of the head).
-    #[arg(long, default_value_t = 20_000)]
+    /// Training identities, i.e. classes of the head.
+    #[arg(long, default_value_t = 100_000)]
     pub classes: u64,
-    /// Embedding dimension produced by the backbone.
+    /// Embedding dimension the backbone produces and the head's centers have.
     #[arg(long, default_value_t = 128)]
     pub dim: usize,
-    /// Dimension of the synthetic "images" the backbone reads.
-    #[arg(long, default_value_t = 64)]
-    pub input_dim: usize,
-    /// Images per step over all shards.
-    #[arg(long, default_value_t = 256)]
+    /// Images per step over all shards (the global batch).
+    #[arg(long, default_value_t = 512)]
     pub batch: usize,
-    #[arg(long, default_value_t = 400)]
+    /// Training steps.
+    #[arg(long, default_value_t = 1500)]
     pub steps: u64,
-    /// Fraction of each shard's classes sampled per step (PartialFC); 1 = full softmax.
+    /// PartialFC: fraction of each shard's classes used per step (positives always); 1 = full softmax.
     #[arg(long, default_value_t = 0.1)]
     pub sample_rate: f32,
-    /// Local shards (threads of work standing in for GPUs).
-    #[arg(long, default_value_t = 2)]
-    pub shards: u32,
-    /// Margin: arcface (m2 = 0.5) or cosface (m3 = 0.4).
+    /// Margin: arcface (s=64, m2=0.5) or cosface (s=64, m3=0.4).
     #[arg(long, default_value = "arcface")]
     pub margin: String,
-    /// Head learning rate (SGD, momentum 0.9).
+    /// Inter-class filter threshold: non-target cosines above it are ignored (0 = off; try 0.4 with noise).
+    #[arg(long, default_value_t = 0.0)]
+    pub filter: f32,
+    /// Fraction of training images given a wrong, random label.
+    #[arg(long, default_value_t = 0.0)]
+    pub label_noise: f32,
+    /// Fraction of identities that also appear under a second label (inter-class conflicts).
+    #[arg(long, default_value_t = 0.0)]
+    pub conflicts: f32,
+    /// Zipf exponent of identity sizes: identity of rank i is drawn ∝ (i+1)^-tail (0 = uniform).
+    #[arg(long, default_value_t = 0.8)]
+    pub tail: f64,
+    /// Within-identity variation of the synthetic images, relative to the identity signal.
+    #[arg(long, default_value_t = 0.6)]
+    pub noise: f32,
+    /// Backend running the head: cpu, or cuda (needs the CUDA backend and a GPU).
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// Shards of the head in this process (threads of work on the CPU, GPUs with CUDA).
+    #[arg(long, default_value_t = 2)]
+    pub shards: u32,
+    /// Learning rate of the head (SGD, momentum 0.9, weight decay 5e-4).
     #[arg(long, default_value_t = 0.1)]
     pub lr: f32,
-    /// Within-identity noise of the synthetic images relative to the identity signal.
-    #[arg(long, default_value_t = 0.7)]
-    pub noise: f32,
+    /// Learning rate of the backbone (SGD, momentum 0.9).
+    #[arg(long, default_value_t = 0.05)]
+    pub backbone_lr: f32,
+    /// Held-out identities (never trained on) for the verification benchmark.
+    #[arg(long, default_value_t = 2000)]
+    pub eval_identities: usize,
+    /// Directory for exported centers (centers.safetensors) and, with --checkpoint-every, checkpoints.
+    #[arg(long, default_value = "pfc-out")]
+    pub out: PathBuf,
+    /// Save a checkpoint (head and backbone) to OUT/checkpoint every N steps and at the end (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: u64,
+    /// Continue from OUT/checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Seed of the data, the backbone and the head.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Print a line every N steps instead of drawing a progress bar (0 = bar on a terminal).
+    #[arg(long, default_value_t = 0)]
+    pub log_every: u64,
 }
 
-/// Identity `c`'s image: its prototype plus per-image noise, both drawn from counters.
-fn image(seed: u64, class: u64, instance: u64, noise: f32, out: &mut [f32]) {
-    rng::init_center(seed, class, 1.0, out);
-    let mut n = vec![0f32; out.len()];
-    rng::init_center(seed ^ 0xA5A5_5A5A, class.wrapping_mul(1 << 20) ^ instance, noise, &mut n);
-    out.iter_mut().zip(&n).for_each(|(o, v)| *o += v);
+const INPUT_DIM: usize = 64;
+const HIDDEN: usize = 256;
+
+/// The synthetic world: identity prototypes, how labels map to identities, how often each appears.
+struct World {
+    seed: u64,
+    noise: f32,
+    classes: u64,
+    /// Identity behind each training label: conflicts make two labels share one identity.
+    identity_of_label: Vec<u64>,
+    /// Cumulative draw probabilities of the labels (long tail).
+    cumulative: Vec<f64>,
+    label_noise: f32,
 }
 
+impl World {
+    fn new(a: &TrainArgs) -> World {
+        let classes = a.classes;
+        let conflicting = (a.conflicts as f64 * classes as f64) as u64;
+        // The last `conflicting` labels re-use the identities of randomly chosen other labels.
+        let identity_of_label = (0..classes)
+            .map(|c| if c >= classes - conflicting { rng::at(rng::stream(a.seed, 11, 0), c) % (classes - conflicting) } else { c })
+            .collect();
+        let mut total = 0.0;
+        let cumulative = (0..classes)
+            .map(|c| {
+                // Labels are shuffled against the tail so that shards see a mix of sizes.
+                let rank = (rng::at(rng::stream(a.seed, 12, 0), c) % classes) as f64;
+                total += (rank + 1.0).powf(-a.tail);
+                total
+            })
+            .collect::<Vec<f64>>()
+            .into_iter()
+            .map(|x| x / total)
+            .collect();
+        World { seed: a.seed, noise: a.noise, classes, identity_of_label, cumulative, label_noise: a.label_noise }
+    }
+
+    /// One image of `identity` (training identities and held-out ones alike), instance `i`.
+    fn image(&self, identity: u64, instance: u64, out: &mut [f32]) {
+        rng::init_center(self.seed, identity, 1.0, out);
+        let mut n = [0f32; INPUT_DIM];
+        rng::init_center(self.seed ^ 0x5EED, identity.wrapping_mul(0x1_0000_0001) ^ instance, self.noise, &mut n);
+        // A fixed non-linearity, so that the backbone has something to learn.
+        out.iter_mut().zip(&n).for_each(|(o, v)| *o = (*o + v).tanh());
+    }
+
+    /// A training image: (pixels, label) for global image number `i`.
+    fn sample(&self, i: u64, out: &mut [f32]) -> i64 {
+        let u = (rng::at(rng::stream(self.seed, 13, 0), i) >> 11) as f64 / (1u64 << 53) as f64;
+        let label = self.cumulative.partition_point(|&c| c < u).min(self.classes as usize - 1) as u64;
+        self.image(self.identity_of_label[label as usize], i, out);
+        let flip = (rng::at(rng::stream(self.seed, 14, 0), i) >> 40) as f32 / (1u64 << 24) as f32;
+        if flip < self.label_noise {
+            (rng::at(rng::stream(self.seed, 15, 0), i) % self.classes) as i64
+        } else {
+            label as i64
+        }
+    }
+}
+
+/// A two-layer perceptron `e = relu(x·W1 + b1)·W2`, trained by SGD with momentum.
 struct Backbone {
-    weights: Vec<f32>,
-    input_dim: usize,
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    w2: Vec<f32>,
+    velocity: Vec<Vec<f32>>,
     dim: usize,
 }
 
 impl Backbone {
-    fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let mut e = vec![0f32; rows * self.dim];
-        for r in 0..rows {
-            let xr = &x[r * self.input_dim..(r + 1) * self.input_dim];
-            let er = &mut e[r * self.dim..(r + 1) * self.dim];
-            for (i, &xi) in xr.iter().enumerate() {
-                let w = &self.weights[i * self.dim..(i + 1) * self.dim];
-                er.iter_mut().zip(w).for_each(|(o, &wv)| *o += xi * wv);
-            }
-        }
-        e
+    fn new(seed: u64, dim: usize) -> Backbone {
+        let mut w1 = vec![0f32; INPUT_DIM * HIDDEN];
+        let mut w2 = vec![0f32; HIDDEN * dim];
+        rng::init_center(seed ^ 0xB0B, 1, (2.0 / INPUT_DIM as f32).sqrt(), &mut w1);
+        rng::init_center(seed ^ 0xB0B, 2, (1.0 / HIDDEN as f32).sqrt(), &mut w2);
+        let velocity = vec![vec![0.0; w1.len()], vec![0.0; HIDDEN], vec![0.0; w2.len()]];
+        Backbone { w1, b1: vec![0.0; HIDDEN], w2, velocity, dim }
     }
 
-    fn sgd(&mut self, x: &[f32], grad: &[f32], rows: usize, lr: f32) {
-        for r in 0..rows {
-            let xr = &x[r * self.input_dim..(r + 1) * self.input_dim];
-            let gr = &grad[r * self.dim..(r + 1) * self.dim];
-            for (i, &xi) in xr.iter().enumerate() {
-                let w = &mut self.weights[i * self.dim..(i + 1) * self.dim];
-                w.iter_mut().zip(gr).for_each(|(wv, &g)| *wv -= lr * xi * g);
+    /// Embeddings and the hidden activations the backward pass needs.
+    fn forward(&self, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut h = vec![0f32; rows * HIDDEN];
+        matmul(rows, HIDDEN, INPUT_DIM, &mut h, Operand::rows(x, INPUT_DIM), Operand::rows(&self.w1, HIDDEN), false);
+        for row in h.chunks_exact_mut(HIDDEN) {
+            row.iter_mut().zip(&self.b1).for_each(|(v, b)| *v = (*v + b).max(0.0));
+        }
+        let mut e = vec![0f32; rows * self.dim];
+        matmul(rows, self.dim, HIDDEN, &mut e, Operand::rows(&h, HIDDEN), Operand::rows(&self.w2, self.dim), false);
+        (e, h)
+    }
+
+    fn step(&mut self, x: &[f32], h: &[f32], grad_e: &[f32], rows: usize, lr: f32) {
+        let d = self.dim;
+        let mut g_w2 = vec![0f32; HIDDEN * d];
+        matmul(HIDDEN, d, rows, &mut g_w2, Operand::transposed(h, HIDDEN), Operand::rows(grad_e, d), false);
+        let mut g_h = vec![0f32; rows * HIDDEN];
+        matmul(rows, HIDDEN, d, &mut g_h, Operand::rows(grad_e, d), Operand::transposed(&self.w2, d), false);
+        g_h.iter_mut().zip(h).for_each(|(g, &a)| if a <= 0.0 { *g = 0.0 });
+        let mut g_w1 = vec![0f32; INPUT_DIM * HIDDEN];
+        matmul(INPUT_DIM, HIDDEN, rows, &mut g_w1, Operand::transposed(x, INPUT_DIM), Operand::rows(&g_h, HIDDEN), false);
+        let mut g_b1 = vec![0f32; HIDDEN];
+        for row in g_h.chunks_exact(HIDDEN) {
+            g_b1.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        for ((param, grad), vel) in [&mut self.w1, &mut self.b1, &mut self.w2].into_iter().zip([g_w1, g_b1, g_w2]).zip(&mut self.velocity) {
+            for ((p, g), v) in param.iter_mut().zip(grad).zip(vel.iter_mut()) {
+                *v = 0.9 * *v + g;
+                *p -= lr * *v;
             }
         }
+    }
+
+    fn save(&self, path: &std::path::Path) -> Result<(), String> {
+        let named = [("w1", &self.w1), ("b1", &self.b1), ("w2", &self.w2), ("v_w1", &self.velocity[0]), ("v_b1", &self.velocity[1]), ("v_w2", &self.velocity[2])];
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+            named.iter().map(|(n, d)| (n.to_string(), vec![d.len()], d.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
+        let views = bytes
+            .iter()
+            .map(|(n, shape, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).map_err(|e| e.to_string())?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        let data = safetensors::serialize(views, None).map_err(|e| e.to_string())?;
+        let mut f = partialfc::fsutil::AtomicFile::create(path).map_err(|e| e.message)?;
+        f.write_all(&data).map_err(|e| e.message)?;
+        f.commit().map_err(|e| e.message)
+    }
+
+    fn load(&mut self, path: &std::path::Path) -> Result<(), String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let dim = self.dim;
+        let targets: [(&str, &mut Vec<f32>); 6] = {
+            let [v0, v1, v2] = &mut self.velocity[..] else { unreachable!() };
+            [("w1", &mut self.w1), ("b1", &mut self.b1), ("w2", &mut self.w2), ("v_w1", v0), ("v_b1", v1), ("v_w2", v2)]
+        };
+        for (name, dst) in targets {
+            let t = st.tensor(name).map_err(|e| format!("{}: {e}", path.display()))?;
+            if t.shape() != [dst.len()] {
+                return Err(format!("{}: backbone tensor {name} does not fit dimension {dim}", path.display()));
+            }
+            dst.iter_mut().zip(t.data().chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        }
+        Ok(())
+    }
+}
+
+fn check(ok: bool, message: impl FnOnce() -> String) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(message())
+    }
+}
+
+/// Verification: true-accept rate at each false-accept rate, over all pairs of `unit` embeddings.
+fn tar_at_far(unit: &[f32], identity: &[u64], d: usize, fars: &[f64]) -> Vec<(f64, f64, f32)> {
+    let n = identity.len();
+    let mut sim = vec![0f32; n * n];
+    matmul(n, n, d, &mut sim, Operand::rows(unit, d), Operand::transposed(unit, d), false);
+    let (mut genuine, mut impostor) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        for j in i + 1..n {
+            if identity[i] == identity[j] { genuine.push(sim[i * n + j]) } else { impostor.push(sim[i * n + j]) }
+        }
+    }
+    fars.iter()
+        .map(|&far| {
+            // The threshold that lets through `far` of the impostor pairs.
+            let accepted = ((far * impostor.len() as f64).floor() as usize).min(impostor.len() - 1);
+            let at = impostor.len() - 1 - accepted;
+            impostor.select_nth_unstable_by(at, |a, b| a.total_cmp(b));
+            let threshold = impostor[at];
+            let tar = genuine.iter().filter(|&&g| g > threshold).count() as f64 / genuine.len() as f64;
+            (far, tar, threshold)
+        })
+        .collect()
+}
+
+fn normalize(v: &mut [f32], d: usize) {
+    for row in v.chunks_exact_mut(d) {
+        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|x| *x /= n);
     }
 }
 
 pub fn run(a: TrainArgs) -> Result<(), String> {
+    check(a.classes >= 2, || format!("--classes {} must be at least 2", a.classes))?;
+    check(a.batch >= a.shards as usize && a.batch > 0, || format!("--batch {} must be at least --shards {}", a.batch, a.shards))?;
+    check((0.0..1.0).contains(&a.label_noise), || format!("--label-noise {} is outside [0, 1)", a.label_noise))?;
+    check((0.0..=0.5).contains(&a.conflicts), || format!("--conflicts {} is outside [0, 0.5]", a.conflicts))?;
+    check(a.tail.is_finite() && a.tail >= 0.0, || format!("--tail {} must be >= 0", a.tail))?;
+    check(a.noise.is_finite() && a.noise >= 0.0, || format!("--noise {} must be >= 0", a.noise))?;
+    check(a.eval_identities >= 2, || format!("--eval-identities {} must be at least 2", a.eval_identities))?;
+    check(a.backbone_lr.is_finite() && a.backbone_lr >= 0.0, || format!("--backbone-lr {} must be >= 0", a.backbone_lr))?;
     let mut cfg = Config { num_classes: a.classes, embedding_dim: a.dim, sample_rate: a.sample_rate, seed: a.seed, ..Config::default() };
+    cfg.backend = match a.backend.as_str() {
+        "cpu" => BackendKind::Cpu,
+        "cuda" => BackendKind::Cuda,
+        other => return Err(format!("--backend {other}: expected cpu or cuda")),
+    };
     cfg.local_shards = a.shards as usize;
     cfg.world_size = cfg.local_shards;
     cfg.optimizer.lr = a.lr;
-    cfg.compute_dtype = DType::F32;
-    cfg.margin.grad = MarginGrad::StraightThrough;
+    cfg.margin.interclass_filter = a.filter;
     match a.margin.as_str() {
         "arcface" => {}
         "cosface" => {
@@ -98,93 +295,120 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         }
         other => return Err(format!("--margin {other}: expected arcface or cosface")),
     }
-    if a.batch < a.shards as usize {
-        return Err(format!("--batch {} is smaller than --shards {}", a.batch, a.shards));
-    }
     let mut head = Head::new(cfg).map_err(|e| e.message)?;
-    let mut backbone = Backbone { weights: vec![0.0; a.input_dim * a.dim], input_dim: a.input_dim, dim: a.dim };
-    for (i, row) in backbone.weights.chunks_mut(a.dim).enumerate() {
-        rng::init_center(a.seed ^ 0xB0B, i as u64, (1.0 / a.input_dim as f32).sqrt(), row);
+    let world = World::new(&a);
+    let mut backbone = Backbone::new(a.seed, a.dim);
+    let checkpoint = a.out.join("checkpoint");
+    std::fs::create_dir_all(&a.out).map_err(|e| format!("cannot create {}: {e}", a.out.display()))?;
+    if a.resume {
+        partialfc::checkpoint::load(&mut head, &checkpoint).map_err(|e| format!("--resume: {}", e.message))?;
+        backbone.load(&checkpoint.join("backbone.safetensors"))?;
     }
+    let first_step = head.steps_taken();
     println!(
-        "pfc train: {} identities, d = {}, batch {}, {} shards, sample rate {}, {} steps",
-        a.classes, a.dim, a.batch, a.shards, a.sample_rate, a.steps
+        "pfc train: {} identities (long tail {}, label noise {}, conflicts {}), d = {}, batch {}, {} {} shards, sample rate {}, filter {}, steps {}..{}",
+        a.classes, a.tail, a.label_noise, a.conflicts, a.dim, a.batch, a.shards, a.backend, a.sample_rate, a.filter, first_step, a.steps
     );
     let shards = a.shards as usize;
     let rows_of = |s: usize| a.batch / shards + usize::from(s < a.batch % shards);
+    let bar = if a.log_every == 0 && std::io::stdout().is_terminal() {
+        let bar = ProgressBar::new(a.steps);
+        bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").unwrap());
+        bar.set_position(first_step);
+        Some(bar)
+    } else {
+        None
+    };
+    let log_every = if a.log_every > 0 { a.log_every } else { (a.steps / 20).max(1) };
     let started = Instant::now();
-    let mut images = 0u64;
-    let mut last = None;
-    for step in 0..a.steps {
-        let mut xs = Vec::new();
-        let mut labels = Vec::new();
-        for s in 0..shards {
-            let rows = rows_of(s);
-            let mut x = vec![0f32; rows * a.input_dim];
-            let mut l = Vec::with_capacity(rows);
-            for r in 0..rows {
-                let class = rng::at(rng::stream(a.seed, 99, step), (s * a.batch + r) as u64) % a.classes;
-                image(a.seed, class, step * a.batch as u64 + (s * a.batch + r) as u64, a.noise, &mut x[r * a.input_dim..(r + 1) * a.input_dim]);
-                l.push(class as i64);
+    let mut x = vec![0f32; a.batch * INPUT_DIM];
+    let mut labels = vec![0i64; a.batch];
+    let mut grads = vec![0f32; a.batch * a.dim];
+    let mut last_loss = f64::NAN;
+    for step in first_step..a.steps {
+        for (r, (img, label)) in x.chunks_exact_mut(INPUT_DIM).zip(labels.iter_mut()).enumerate() {
+            *label = world.sample(step * a.batch as u64 + r as u64, img);
+        }
+        let (emb, hidden) = backbone.forward(&x, a.batch);
+        let stats = {
+            let mut batches = Vec::with_capacity(shards);
+            let mut outs = Vec::with_capacity(shards);
+            let (mut e_rest, mut l_rest, mut g_rest) = (&emb[..], &labels[..], &mut grads[..]);
+            for s in 0..shards {
+                let rows = rows_of(s);
+                let (e, er) = e_rest.split_at(rows * a.dim);
+                let (l, lr) = l_rest.split_at(rows);
+                let (g, gr) = std::mem::take(&mut g_rest).split_at_mut(rows * a.dim);
+                batches.push(HostBatch { embeddings: Embeddings::F32(e), labels: l });
+                outs.push(GradOut::F32(g));
+                (e_rest, l_rest, g_rest) = (er, lr, gr);
             }
-            xs.push(x);
-            labels.push(l);
+            head.train_step(&batches, &mut outs).map_err(|e| e.message)?
+        };
+        // The head returns shards × the mean-loss gradient; this one backbone sees the whole batch.
+        grads.iter_mut().for_each(|g| *g /= shards as f32);
+        backbone.step(&x, &hidden, &grads, a.batch, a.backbone_lr);
+        last_loss = stats.loss;
+        let done = step + 1;
+        let rate = (done - first_step) as f64 * a.batch as f64 / started.elapsed().as_secs_f64();
+        let msg = format!("loss {:>7.3}  acc {:>5.1}%  {:>6.0} img/s", stats.loss, stats.accuracy * 100.0, rate);
+        match &bar {
+            Some(b) => {
+                b.set_position(done);
+                b.set_message(msg);
+            }
+            None if done % log_every == 0 || done == a.steps => println!("step {done:>6}/{}  {msg}", a.steps),
+            None => {}
         }
-        let embeddings: Vec<Vec<f32>> = (0..shards).map(|s| backbone.forward(&xs[s], rows_of(s))).collect();
-        let mut grads: Vec<Vec<f32>> = embeddings.iter().map(|e| vec![0f32; e.len()]).collect();
-        let batches: Vec<HostBatch> =
-            (0..shards).map(|s| HostBatch { embeddings: Embeddings::F32(&embeddings[s]), labels: &labels[s] }).collect();
-        let mut outs: Vec<GradOut> = grads.iter_mut().map(|g| GradOut::F32(g)).collect();
-        let stats = head.train_step(&batches, &mut outs).map_err(|e| e.message)?;
-        // The returned gradient is local_shards × the mean-loss gradient; one backbone sees it all.
-        for s in 0..shards {
-            backbone.sgd(&xs[s], &grads[s], rows_of(s), 0.05 / shards as f32);
-        }
-        images += a.batch as u64;
-        last = Some(stats);
-        if step % 20 == 0 || step + 1 == a.steps {
-            let rate = images as f64 / started.elapsed().as_secs_f64();
-            println!(
-                "step {:>5}/{}  loss {:>8.4}  acc {:>6.2}%  sampled {:>7}  {:>8.0} images/s",
-                step + 1,
-                a.steps,
-                stats.loss,
-                stats.accuracy * 100.0,
-                stats.sampled_classes,
-                rate
-            );
+        if a.checkpoint_every > 0 && (done % a.checkpoint_every == 0 || done == a.steps) {
+            partialfc::checkpoint::save(&head, &checkpoint).map_err(|e| e.message)?;
+            backbone.save(&checkpoint.join("backbone.safetensors"))?;
         }
     }
-    // Held-out images of the training identities, scored against every class.
-    let mut correct = 0.0;
-    let mut loss = 0.0;
-    let eval_rounds = 4u64;
-    for round in 0..eval_rounds {
-        let rows = a.batch;
-        let mut x = vec![0f32; rows * a.input_dim];
-        let mut l = Vec::with_capacity(rows);
-        for r in 0..rows {
-            let class = rng::at(rng::stream(a.seed, 100, round), r as u64) % a.classes;
-            image(a.seed, class, u64::MAX - (round * rows as u64 + r as u64), a.noise, &mut x[r * a.input_dim..(r + 1) * a.input_dim]);
-            l.push(class as i64);
-        }
-        let e = backbone.forward(&x, rows);
-        let mut batches = vec![HostBatch { embeddings: Embeddings::F32(&e), labels: &l }];
-        for _ in 1..shards {
-            batches.push(HostBatch { embeddings: Embeddings::F32(&[]), labels: &[] });
-        }
-        let s = head.evaluate(&batches).map_err(|e| e.message)?;
-        correct += s.accuracy;
-        loss += s.loss;
+    if let Some(b) = bar {
+        b.finish();
     }
-    let final_stats = last.map(|s| s.loss).unwrap_or(f64::NAN);
-    println!(
-        "done in {:.1}s: last training loss {:.4}; held-out images, all {} classes: loss {:.4}, top-1 {:.2}%",
-        started.elapsed().as_secs_f64(),
-        final_stats,
-        a.classes,
-        loss / eval_rounds as f64,
-        correct / eval_rounds as f64 * 100.0
-    );
+    let train_time = started.elapsed().as_secs_f64();
+
+    // Verification on identities the head never saw: 4 images each, every pair.
+    let per_identity = 4;
+    let identities: Vec<u64> = (0..a.eval_identities as u64).map(|i| a.classes + 1_000_003 + i).collect();
+    let n = identities.len() * per_identity;
+    let mut images = vec![0f32; n * INPUT_DIM];
+    let mut owner = Vec::with_capacity(n);
+    for (k, img) in images.chunks_exact_mut(INPUT_DIM).enumerate() {
+        let id = identities[k / per_identity];
+        world.image(id, u64::MAX - k as u64, img);
+        owner.push(id);
+    }
+    let (mut unit, _) = backbone.forward(&images, n);
+    normalize(&mut unit, a.dim);
+    let verification = tar_at_far(&unit, &owner, a.dim, &[1e-3, 1e-4]);
+
+    // Closed-set identification: new images of training identities, searched over the centers.
+    let queries = 2048usize;
+    let mut q_images = vec![0f32; queries * INPUT_DIM];
+    let mut truth = Vec::with_capacity(queries);
+    for (j, img) in q_images.chunks_exact_mut(INPUT_DIM).enumerate() {
+        let i = (1u64 << 62) + j as u64;
+        let u = (rng::at(rng::stream(a.seed, 16, 0), i) >> 11) as f64 / (1u64 << 53) as f64;
+        let label = world.cumulative.partition_point(|&c| c < u).min(a.classes as usize - 1) as u64;
+        world.image(world.identity_of_label[label as usize], i, img);
+        truth.push(label as i64);
+    }
+    let (q_emb, _) = backbone.forward(&q_images, queries);
+    let k = 5usize.min(a.classes as usize);
+    let (ids, _) = head.search(&q_emb, k).map_err(|e| e.message)?;
+    let top1 = truth.iter().enumerate().filter(|(j, &t)| ids[j * k] == t).count() as f64 / queries as f64;
+    let top5 = truth.iter().enumerate().filter(|(j, &t)| ids[j * k..(j + 1) * k].contains(&t)).count() as f64 / queries as f64;
+
+    let export = a.out.join("centers.safetensors");
+    partialfc::export::export_centers(&head, &export, Format::Safetensors, partialfc::config::DType::F32, true).map_err(|e| e.message)?;
+    println!("trained {} steps in {:.1}s; last loss {:.3}", a.steps - first_step, train_time, last_loss);
+    for (far, tar, threshold) in verification {
+        println!("verification ({} unseen identities): TAR {:.2}% at FAR {:e} (threshold {:.3})", a.eval_identities, tar * 100.0, far, threshold);
+    }
+    println!("identification ({} queries, {} classes): top-1 {:.2}%, top-5 {:.2}%", queries, a.classes, top1 * 100.0, top5 * 100.0);
+    println!("centers exported to {}", export.display());
     Ok(())
 }

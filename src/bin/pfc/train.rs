@@ -261,6 +261,10 @@ fn tar_at_far(unit: &[f32], identity: &[u64], d: usize, fars: &[f64]) -> Vec<(f6
         .collect()
 }
 
+fn verification_tar(results: &[(f64, f64, f32)], far: f64) -> f64 {
+    results.iter().find(|r| r.0 == far).map_or(f64::NAN, |r| r.1)
+}
+
 fn normalize(v: &mut [f32], d: usize) {
     for row in v.chunks_exact_mut(d) {
         let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
@@ -405,10 +409,21 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let export = a.out.join("centers.safetensors");
     partialfc::export::export_centers(&head, &export, Format::Safetensors, partialfc::config::DType::F32, true).map_err(|e| e.message)?;
     println!("trained {} steps in {:.1}s; last loss {:.3}", a.steps - first_step, train_time, last_loss);
-    for (far, tar, threshold) in verification {
+    for &(far, tar, threshold) in &verification {
         println!("verification ({} unseen identities): TAR {:.2}% at FAR {:e} (threshold {:.3})", a.eval_identities, tar * 100.0, far, threshold);
     }
     println!("identification ({} queries, {} classes): top-1 {:.2}%, top-5 {:.2}%", queries, a.classes, top1 * 100.0, top5 * 100.0);
     println!("centers exported to {}", export.display());
+    let summary = serde_json::json!({
+        "classes": a.classes, "dim": a.dim, "batch": a.batch, "steps": a.steps, "sample_rate": a.sample_rate,
+        "margin": a.margin, "filter": a.filter, "label_noise": a.label_noise, "conflicts": a.conflicts,
+        "tail": a.tail, "noise": a.noise, "shards": a.shards, "seed": a.seed,
+        "train_seconds": train_time, "last_loss": last_loss,
+        "tar_far_1e-3": verification_tar(&verification, 1e-3), "tar_far_1e-4": verification_tar(&verification, 1e-4),
+        "top1": top1, "top5": top5,
+    });
+    let mut f = partialfc::fsutil::AtomicFile::create(&a.out.join("summary.json")).map_err(|e| e.message)?;
+    f.write_all(format!("{summary:#}\n").as_bytes()).map_err(|e| e.message)?;
+    f.commit().map_err(|e| e.message)?;
     Ok(())
 }

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""The experiments of docs/experiments.md: runs `pfc`, keeps each run's results as JSON under
+docs/experiments/results/, and draws the plots (PNG) and tables from them.
+
+    python3 scripts/experiments.py accuracy   # sample rate 1.0 / 0.3 / 0.1 on the same data
+    python3 scripts/experiments.py noise      # label noise and conflicts, with and without the filter
+    python3 scripts/experiments.py scale      # memory and step time as the class count grows
+    python3 scripts/experiments.py report     # plots + tables (markdown on stdout)
+
+Needs a release build (cargo build --release) and matplotlib for `report`.
+"""
+import json, os, resource, subprocess, sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PFC = os.path.join(ROOT, "target", "release", "pfc")
+RESULTS = os.path.join(ROOT, "docs", "experiments", "results")
+PLOTS = os.path.join(ROOT, "docs", "experiments")
+
+# One data set for the accuracy experiments: 20k identities, long tail, noisy images.
+DATA = ["--classes", "20000", "--dim", "128", "--batch", "512", "--steps", "1500", "--noise", "1.0",
+        "--eval-identities", "2000", "--log-every", "100", "--seed", "7"]
+
+
+def train(name, extra):
+    out = os.path.join("/tmp", "pfc-exp", name)
+    cmd = [PFC, "train", "--out", out] + DATA + extra
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    with open(os.path.join(out, "summary.json")) as f:
+        result = json.load(f)
+    result["command"] = "pfc " + " ".join(cmd[1:]).replace(out, "OUT")
+    save(name, result)
+
+
+def save(name, result):
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def accuracy():
+    for rate in ["1.0", "0.3", "0.1"]:
+        train("rate-" + rate, ["--sample-rate", rate])
+
+
+def noise():
+    dirty = ["--sample-rate", "0.1", "--label-noise", "0.2", "--conflicts", "0.1"]
+    train("noise-nofilter", dirty)
+    train("noise-filter", dirty + ["--filter", "0.4"])
+    train("clean-filter", ["--sample-rate", "0.1", "--filter", "0.4"])
+
+
+def scale():
+    for classes in [250_000, 500_000, 1_000_000, 2_000_000, 4_000_000]:
+        # A fresh interpreter per run, so that ru_maxrss is this run's peak alone.
+        probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True, check=True);"
+                 "print(r.stdout); print('maxrss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        cmd = [PFC, "bench", "--classes", str(classes), "--sample-rate", "0.1", "--dim", "512", "--batch", "256",
+               "--steps", "5", "--reference-dir", "/nonexistent"]
+        print("$", " ".join(cmd[1:]), flush=True)
+        out = subprocess.run([sys.executable, "-c", probe] + cmd, capture_output=True, text=True, check=True).stdout
+        row = next(l for l in out.splitlines() if l.startswith("| %d |" % classes))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        rss = int(next(l for l in out.splitlines() if l.startswith("maxrss_kib")).split()[1]) * 1024
+        save("scale-%d" % classes, {"classes": classes, "step_s": float(cells[2].split()[0]),
+                                     "images_per_s": float(cells[3]), "gemm_gflops": float(cells[4]),
+                                     "peak_rss_bytes": rss, "command": "pfc " + " ".join(cmd[1:])})
+
+
+def load(prefix):
+    out = []
+    for name in sorted(os.listdir(RESULTS)):
+        if name.startswith(prefix):
+            with open(os.path.join(RESULTS, name)) as f:
+                out.append((name[:-5], json.load(f)))
+    return out
+
+
+def report():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = load("rate-")
+    if runs:
+        runs.sort(key=lambda r: -r[1]["sample_rate"])
+        print("| sample rate | TAR@FAR=1e-3 | TAR@FAR=1e-4 | top-1 | top-5 | last loss | training time |")
+        print("|---|---|---|---|---|---|---|")
+        for _, r in runs:
+            print("| %.1f | %.2f%% | %.2f%% | %.2f%% | %.2f%% | %.3f | %.0f s |" % (
+                r["sample_rate"], 100 * r["tar_far_1e-3"], 100 * r["tar_far_1e-4"], 100 * r["top1"], 100 * r["top5"],
+                r["last_loss"], r["train_seconds"]))
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        rates = [str(r["sample_rate"]) for _, r in runs]
+        for key, label in [("tar_far_1e-3", "TAR @ FAR 1e-3"), ("tar_far_1e-4", "TAR @ FAR 1e-4"), ("top1", "identification top-1")]:
+            ax.plot(rates, [100 * r[key] for _, r in runs], marker="o", label=label)
+        ax.set_xlabel("sample rate r"); ax.set_ylabel("%"); ax.set_title("Accuracy vs PartialFC sample rate (20k identities)")
+        ax.legend(); ax.grid(alpha=0.3); fig.tight_layout(); fig.savefig(os.path.join(PLOTS, "accuracy-vs-rate.png"), dpi=120)
+        print()
+
+    runs = load("noise-") + load("clean-")
+    if runs:
+        print("| data | filter | TAR@FAR=1e-3 | TAR@FAR=1e-4 | top-1 | top-5 |")
+        print("|---|---|---|---|---|---|")
+        for _, r in runs:
+            data = "20%% noisy labels, 10%% conflicts" if r["label_noise"] > 0 else "clean"
+            print("| %s | %s | %.2f%% | %.2f%% | %.2f%% | %.2f%% |" % (
+                data, r["filter"] or "off", 100 * r["tar_far_1e-3"], 100 * r["tar_far_1e-4"], 100 * r["top1"], 100 * r["top5"]))
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labels = ["%s\nfilter %s" % ("noisy" if r["label_noise"] > 0 else "clean", r["filter"] or "off") for _, r in runs]
+        xs = range(len(runs))
+        ax.bar([x - 0.2 for x in xs], [100 * r["tar_far_1e-3"] for _, r in runs], width=0.4, label="TAR @ FAR 1e-3")
+        ax.bar([x + 0.2 for x in xs], [100 * r["top1"] for _, r in runs], width=0.4, label="identification top-1")
+        ax.set_xticks(list(xs)); ax.set_xticklabels(labels); ax.set_ylabel("%"); ax.legend(); ax.grid(alpha=0.3, axis="y")
+        ax.set_title("Label noise and conflicts, with and without the inter-class filter")
+        fig.tight_layout(); fig.savefig(os.path.join(PLOTS, "noise-filter.png"), dpi=120)
+        print()
+
+    runs = load("scale-")
+    if runs:
+        runs.sort(key=lambda r: r[1]["classes"])
+        print("| classes | step | images/s | GEMM GFLOP/s | peak memory |")
+        print("|---|---|---|---|---|")
+        for _, r in runs:
+            print("| %d | %.3f s | %.0f | %.0f | %.2f GiB |" % (r["classes"], r["step_s"], r["images_per_s"], r["gemm_gflops"], r["peak_rss_bytes"] / 2**30))
+        fig, ax1 = plt.subplots(figsize=(6, 3.5))
+        cs = [r["classes"] / 1e6 for _, r in runs]
+        ax1.plot(cs, [r["step_s"] for _, r in runs], marker="o", color="C0"); ax1.set_ylabel("step time (s)", color="C0")
+        ax2 = ax1.twinx(); ax2.plot(cs, [r["peak_rss_bytes"] / 2**30 for _, r in runs], marker="s", color="C1")
+        ax2.set_ylabel("peak memory (GiB)", color="C1"); ax1.set_xlabel("classes (millions), r = 0.1, d = 512, N = 256")
+        ax1.set_title("Step time and memory vs class count (CPU, 2 cores)"); ax1.grid(alpha=0.3)
+        fig.tight_layout(); fig.savefig(os.path.join(PLOTS, "scale.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    {"accuracy": accuracy, "noise": noise, "scale": scale, "report": report}[sys.argv[1]]()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test of the project: unit tests, golden parity, the float64 reference and finite differences,
 # sampling statistics, bad input at the C boundary, header freshness, the C program as C11 and C++17,
-# and the `pfc` command line. Installs what it needs when missing (idempotent).
+# the `pfc` command line, and every CUDA kernel compiled by NVRTC. Installs what it needs when missing (idempotent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,14 @@ if [ ! -d ../shared/golden ]; then
     echo "../shared/golden (the reference vectors) must sit beside the repository" >&2
     exit 1
 fi
+
+# NVRTC 13.0 (matching the lent GPUs' driver) compiles every CUDA kernel in tests/kernels.rs; no
+# GPU is needed. Installed once into .tools/ (ignored by git).
+nvrtc_lib=.tools/nvrtc/nvidia/cu13/lib
+if [ ! -e "$nvrtc_lib/libnvrtc.so.13" ]; then
+    python3 -m pip install --quiet --disable-pip-version-check --target .tools/nvrtc "nvidia-cuda-nvrtc==13.0.88"
+fi
+export LD_LIBRARY_PATH="$PWD/$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 # The C tests link the cdylib, which `cargo test` does not build by itself.
 cargo build --release --locked --lib --bins

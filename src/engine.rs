@@ -31,7 +31,13 @@ impl Head {
         let backend: Box<dyn Backend> = match cfg.backend {
             BackendKind::Cpu => Box::new(CpuBackend::new(&cfg)?),
             BackendKind::Cuda => {
-                return Err(Error::new(Status::Unavailable, "this build of partialfc has no CUDA backend yet; use the CPU backend"))
+                let ordinals: Vec<i32> =
+                    if cfg.devices.is_empty() { (0..cfg.local_shards as i32).collect() } else { cfg.devices.clone() };
+                crate::backend::cuda::probe(&ordinals)?;
+                return Err(Error::new(
+                    Status::Unavailable,
+                    "this build's CUDA backend has its kernels but not yet its training step; use the CPU backend",
+                ));
             }
         };
         let lr = cfg.optimizer.lr;

@@ -3,6 +3,7 @@
 //! other shards through its communicator.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::optimizer::StateTensor;

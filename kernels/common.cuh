@@ -1,0 +1,68 @@
+// Shared device helpers, prepended to every kernel source by the registry (NVRTC compiles each
+// source alone and has no CUDA headers here, so nothing is #included).
+
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+// PFC_DTYPE_* values.
+#define DTYPE_F32 0
+#define DTYPE_F16 1
+#define DTYPE_BF16 2
+
+#define INFINITY __int_as_float(0x7f800000)
+
+__device__ __forceinline__ u16 f32_to_bf16(float v) {
+    // Round to nearest even; inputs are finite (validated on entry).
+    u32 bits = __float_as_uint(v);
+    bits += 0x7FFFu + ((bits >> 16) & 1u);
+    return (u16)(bits >> 16);
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 v) {
+    return __uint_as_float(((u32)v) << 16);
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float v) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+
+__device__ __forceinline__ float load_as_f32(const void* base, u64 index, int dtype) {
+    if (dtype == DTYPE_F16) return f16_to_f32(((const u16*)base)[index]);
+    if (dtype == DTYPE_BF16) return bf16_to_f32(((const u16*)base)[index]);
+    return ((const float*)base)[index];
+}
+
+__device__ __forceinline__ void store_from_f32(void* base, u64 index, float v, int dtype) {
+    if (dtype == DTYPE_F16) ((u16*)base)[index] = f32_to_f16(v);
+    else if (dtype == DTYPE_BF16) ((u16*)base)[index] = f32_to_bf16(v);
+    else ((float*)base)[index] = v;
+}
+
+// Sum over a block of up to 1024 threads; every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* scratch /* 32 floats */) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    const int warps = (blockDim.x + 31) >> 5;
+    v = lane < warps ? scratch[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// SplitMix64's finalizer: must equal src/rng.rs `mix64` bit for bit.
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}

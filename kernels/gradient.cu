@@ -1,0 +1,94 @@
+// The backward pass of one shard: ∂loss/∂cos over the sampled columns, the embedding gradient
+// through its normalization, and the sparse update of the sampled centers.
+
+// g[j][i] = (softmax − onehot)/N · ∂z/∂cos, 0 where the filter removed the column or the clamp was
+// active; written in `dtype` for the backward GEMMs. Mirrors `cos_gradient` of the CPU backend.
+extern "C" __global__ void cos_gradient(const float* cos, int k, int n, const int* col, const float* target_logit,
+                                        const float* target_slope, const float* row_max, const float* inv_sum,
+                                        float inv_batch, float s, float filter, void* grad, int dtype) {
+    const u64 total = (u64)k * n;
+    for (u64 at = blockIdx.x * (u64)blockDim.x + threadIdx.x; at < total; at += (u64)gridDim.x * blockDim.x) {
+        const int j = (int)(at / n), i = (int)(at % n);
+        const float raw = cos[at];
+        const float c = fminf(fmaxf(raw, -1.0f), 1.0f);
+        const bool is_target = col[i] == j;
+        const bool filtered = !is_target && filter > 0.0f && c > filter;
+        const float z = is_target ? target_logit[i] : (filtered ? 0.0f : s * c);
+        const float prob = __expf(z - row_max[i]) * inv_sum[i];
+        const float slope = is_target ? target_slope[i] : (filtered ? 0.0f : s);
+        const bool inside = raw >= -1.0f && raw <= 1.0f;
+        const float g = inside ? (prob - (is_target ? 1.0f : 0.0f)) * inv_batch * slope : 0.0f;
+        store_from_f32(grad, at, g, dtype);
+    }
+}
+
+// Back through x̂ = x/|x|, times the world size: out[r] = (g − x̂(x̂·g))·inv_norm[r]·factor, in
+// the embeddings' dtype. One block per local row.
+extern "C" __global__ void embedding_grad(const float* grad, const float* unit, const float* inv_norm, int rows, int dim,
+                                          float factor, void* out, int dtype) {
+    __shared__ float scratch[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* g = grad + (u64)r * dim;
+    const float* u = unit + (u64)r * dim;
+    float dot = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) dot += g[c] * u[c];
+    dot = block_sum(dot, scratch);
+    const float k = inv_norm[r] * factor;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) store_from_f32(out, (u64)r * dim + c, (g[c] - u[c] * dot) * k, dtype);
+}
+
+// Center gradient of sampled row j from G = ∂loss/∂ŵ (k×d, f32): back through ŵ = W/|W|, then
+// PyTorch SGD (momentum, weight decay) on that row only. One block per sampled row.
+extern "C" __global__ void update_sgd(float* centers, float* momentum, const u32* sampled, const float* grad_unit,
+                                      const float* inv_norm, int k, int dim, float lr, float mu, float wd) {
+    __shared__ float scratch[32];
+    const int j = blockIdx.x;
+    if (j >= k) return;
+    float* w = centers + (u64)sampled[j] * dim;
+    float* buf = momentum + (u64)sampled[j] * dim;
+    const float* g = grad_unit + (u64)j * dim;
+    const float inv = inv_norm[j];
+    float dot = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) dot += w[c] * g[c];
+    const float along = block_sum(dot, scratch) * inv * inv;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        const float grad = (g[c] - w[c] * along) * inv;
+        const float b = mu * buf[c] + (grad + wd * w[c]);
+        buf[c] = b;
+        w[c] -= lr * b;
+    }
+}
+
+// The same with PyTorch AdamW and a per-row step count for bias correction.
+extern "C" __global__ void update_adamw(float* centers, float* exp_avg, float* exp_avg_sq, u32* steps, const u32* sampled,
+                                        const float* grad_unit, const float* inv_norm, int k, int dim, float lr,
+                                        float beta1, float beta2, float eps, float wd) {
+    __shared__ float scratch[32];
+    const int j = blockIdx.x;
+    if (j >= k) return;
+    const u64 row = sampled[j];
+    float* w = centers + row * dim;
+    float* m = exp_avg + row * dim;
+    float* v = exp_avg_sq + row * dim;
+    const float* g = grad_unit + (u64)j * dim;
+    const float inv = inv_norm[j];
+    float dot = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) dot += w[c] * g[c];
+    const float along = block_sum(dot, scratch) * inv * inv;
+    const u32 t = steps[row] + 1;
+    const double bias1 = 1.0 - pow((double)beta1, (double)t), bias2 = 1.0 - pow((double)beta2, (double)t);
+    const float step_size = (float)((double)lr / bias1), inv_sqrt_bias2 = (float)(1.0 / sqrt(bias2));
+    const float decay = 1.0f - lr * wd;
+    __syncthreads();
+    if (threadIdx.x == 0) steps[row] = t;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        const float grad = (g[c] - w[c] * along) * inv;
+        const float wc = w[c] * decay;
+        const float mc = beta1 * m[c] + (1.0f - beta1) * grad;
+        const float vc = beta2 * v[c] + (1.0f - beta2) * grad * grad;
+        m[c] = mc;
+        v[c] = vc;
+        w[c] = wc - step_size * mc / (sqrtf(vc) * inv_sqrt_bias2 + eps);
+    }
+}

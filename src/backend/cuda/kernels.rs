@@ -1,0 +1,120 @@
+//! The kernel registry: every `kernels/*.cu` source, embedded in the library, compiled by NVRTC for
+//! the device's architecture on first use and cached per architecture. The compile-check test
+//! (tests/kernels.rs) compiles the same list, so a kernel cannot ship without being checked.
+
+use crate::error::{Error, Result, Status};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::sync::OnceLock;
+
+/// One compilation unit and the entry points it defines.
+pub struct KernelSource {
+    pub file: &'static str,
+    pub source: &'static str,
+    pub entries: &'static [&'static str],
+}
+
+/// Device helpers prepended to every source (NVRTC sees no CUDA headers here).
+pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+pub const REGISTRY: &[KernelSource] = &[
+    KernelSource {
+        file: "normalize.cu",
+        source: include_str!("../../../kernels/normalize.cu"),
+        entries: &["normalize_rows", "gather_centers", "to_f32", "find_non_finite"],
+    },
+    KernelSource {
+        file: "sampling.cu",
+        source: include_str!("../../../kernels/sampling.cu"),
+        entries: &["mark_positives", "sample_keys", "radix_histogram", "count_selected", "compact_selected", "label_columns"],
+    },
+    KernelSource {
+        file: "softmax.cu",
+        source: include_str!("../../../kernels/softmax.cu"),
+        entries: &["target_logits", "row_stats", "combine_row_stats", "rescale_sums"],
+    },
+    KernelSource {
+        file: "gradient.cu",
+        source: include_str!("../../../kernels/gradient.cu"),
+        entries: &["cos_gradient", "embedding_grad", "update_sgd", "update_adamw"],
+    },
+];
+
+/// NVRTC output of one source: the PTX and the compiler's log (warnings).
+pub struct Compiled {
+    pub ptx: String,
+    pub log: String,
+}
+
+fn nvrtc_error(file: &str, what: &str, detail: impl std::fmt::Display) -> Error {
+    Error::new(Status::Device, format!("NVRTC {what} for kernels/{file}: {detail}"))
+}
+
+/// Compiles one registered source for `arch` (e.g. "sm_90"), returning the PTX and the log.
+pub fn compile(k: &KernelSource, arch: &str) -> Result<Compiled> {
+    use cudarc::nvrtc::result;
+    // SAFETY: only asks the dynamic loader whether the library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::new(Status::Unavailable, "NVRTC 13 (libnvrtc.so.13) is not on the loader path"));
+    }
+    let text = CString::new(format!("{COMMON}\n#line 1 \"{}\"\n{}", k.file, k.source)).expect("sources hold no NUL");
+    let name = CString::new(k.file).expect("file names hold no NUL");
+    let prog = result::create_program(&text, Some(&name)).map_err(|e| nvrtc_error(k.file, "create", e))?;
+    let options = [format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-default-device".into()];
+    // SAFETY: `prog` was created above and is destroyed once, below.
+    let compiled = unsafe { result::compile_program(prog, &options) };
+    let log = unsafe { result::get_program_log(prog) }
+        .map(|raw| unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().trim().to_string())
+        .unwrap_or_default();
+    let ptx = match compiled {
+        Ok(()) => unsafe { result::get_ptx(prog) }
+            .map(|raw| unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().into_owned())
+            .map_err(|e| nvrtc_error(k.file, "get_ptx", e)),
+        Err(e) => Err(nvrtc_error(k.file, "compile", format!("{e}\n{log}"))),
+    };
+    let _ = unsafe { result::destroy_program(prog) };
+    Ok(Compiled { ptx: ptx?, log })
+}
+
+/// PTX of every registered source for an architecture, compiled once per process.
+pub fn ptx_for(arch: &str) -> Result<Vec<(&'static KernelSource, String)>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Vec<String>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock();
+    if !cache.contains_key(arch) {
+        let ptx = REGISTRY.iter().map(|k| compile(k, arch).map(|c| c.ptx)).collect::<Result<Vec<_>>>()?;
+        cache.insert(arch.to_string(), ptx);
+    }
+    Ok(REGISTRY.iter().zip(cache[arch].iter().cloned()).collect())
+}
+
+/// The `sm_XY` architecture NVRTC targets for a compute capability.
+pub fn arch_of(compute_capability: (i32, i32)) -> String {
+    format!("sm_{}{}", compute_capability.0, compute_capability.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_source_is_registered_once_with_its_entries_present() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cu"))
+            .collect();
+        on_disk.sort();
+        let mut registered: Vec<String> = REGISTRY.iter().map(|k| k.file.to_string()).collect();
+        registered.sort();
+        assert_eq!(on_disk, registered, "kernels/*.cu and the registry disagree");
+        for k in REGISTRY {
+            for e in k.entries {
+                assert!(k.source.contains(&format!("__global__ void {e}(")), "{}: no entry {e}", k.file);
+            }
+        }
+        assert_eq!(arch_of((9, 0)), "sm_90");
+    }
+}

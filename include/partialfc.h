@@ -32,6 +32,18 @@
 
 #define FORMAT_VERSION 1
 
+// Bytes of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
+#define UNIQUE_ID_BYTES 128
+
+// `ncclDataType_t` and `ncclRedOp_t` values used here.
+#define NCCL_FLOAT32 7
+
+#define NCCL_INT64 4
+
+#define NCCL_SUM 0
+
+#define NCCL_MAX 2
+
 #define PFC_BACKEND_CPU 0
 
 #define PFC_BACKEND_CUDA 1
@@ -261,6 +273,11 @@ pfc_status pfc_search(const struct pfc_head *head,
                       uint32_t k,
                       int64_t *ids,
                       float *scores);
+
+// Writes a new NCCL unique id (PFC_NCCL_ID_BYTES bytes) to `out`, for a multi-process run: create
+// it in one process, give it to all (MPI, a file, torchrun's store), pass it as `pfc_config.nccl_id`.
+// PFC_ERR_UNAVAILABLE when NCCL (libnccl.so or libnccl.so.2) cannot be loaded.
+pfc_status pfc_nccl_unique_id(uint8_t *out);
 
 // Copies the calling thread's last error message into `buf` (at most `cap` bytes, NUL-terminated
 // when `cap` > 0) and returns its full length in bytes, excluding the NUL.

@@ -2,6 +2,7 @@
 //! distributed backends, the other processes' shards; buffers are given per local shard, in rank order.
 
 pub mod local;
+pub mod nccl;
 
 use crate::error::Result;
 

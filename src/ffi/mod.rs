@@ -518,6 +518,22 @@ pub extern "C" fn pfc_search(head: *const pfc_head, queries: *const f32, n: u64,
     })
 }
 
+/// Writes a new NCCL unique id (PFC_NCCL_ID_BYTES bytes) to `out`, for a multi-process run: create
+/// it in one process, give it to all (MPI, a file, torchrun's store), pass it as `pfc_config.nccl_id`.
+/// PFC_ERR_UNAVAILABLE when NCCL (libnccl.so or libnccl.so.2) cannot be loaded.
+#[no_mangle]
+pub extern "C" fn pfc_nccl_unique_id(out: *mut u8) -> pfc_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Error::null("out"));
+        }
+        let id = crate::comm::nccl::nccl()?.unique_id()?;
+        // SAFETY: the caller provides PFC_NCCL_ID_BYTES writable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(id.internal.as_ptr(), out, PFC_NCCL_ID_BYTES) };
+        Ok(())
+    })
+}
+
 /// Copies the calling thread's last error message into `buf` (at most `cap` bytes, NUL-terminated
 /// when `cap` > 0) and returns its full length in bytes, excluding the NUL.
 #[no_mangle]

@@ -45,6 +45,7 @@ pub const PFC_FORMAT_FVECS: i32 = 2;
 
 /// Bytes of an NCCL unique id.
 pub const PFC_NCCL_ID_BYTES: usize = 128;
+const _: () = assert!(PFC_NCCL_ID_BYTES == crate::comm::nccl::UNIQUE_ID_BYTES);
 
 /// Configuration of a head. Always start from `pfc_config_init`, then change fields.
 #[repr(C)]

@@ -33,11 +33,8 @@ impl Head {
             BackendKind::Cuda => {
                 let ordinals: Vec<i32> =
                     if cfg.devices.is_empty() { (0..cfg.local_shards as i32).collect() } else { cfg.devices.clone() };
-                crate::backend::cuda::probe(&ordinals)?;
-                return Err(Error::new(
-                    Status::Unavailable,
-                    "this build's CUDA backend has its kernels but not yet its training step; use the CPU backend",
-                ));
+                let devices = crate::backend::cuda::probe(&ordinals)?;
+                Box::new(crate::backend::cuda::CudaBackend::new(&cfg, &devices)?)
             }
         };
         let lr = cfg.optimizer.lr;

@@ -5,6 +5,8 @@ pub mod gemm;
 pub mod kernels;
 mod search;
 
+pub use search::scan as scan_centers;
+
 use self::gemm::{matmul, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
 use super::{Backend, GradOut, HostBatch, PhaseTimes, RowStats, StepPlan};
@@ -143,26 +145,6 @@ impl CpuBackend {
         LogitParams { scale: self.cfg.margin.scale, filter: self.cfg.margin.interclass_filter }
     }
 
-    /// The shard owning global class `class` and the row inside it.
-    fn locate(&self, class: u64) -> (usize, usize) {
-        let s = self.ranges.partition_point(|r| r.start + r.len <= class);
-        (s, (class - self.ranges[s].start) as usize)
-    }
-
-    /// Visits the local pieces of global classes `[first, first + count)`: (shard, first row, rows,
-    /// offset of the piece in the caller's buffer in rows).
-    fn pieces(&self, first: u64, count: u64) -> Vec<(usize, usize, usize, usize)> {
-        let mut out = Vec::new();
-        let mut class = first;
-        let end = first + count;
-        while class < end {
-            let (s, row) = self.locate(class);
-            let take = (self.ranges[s].len - row as u64).min(end - class) as usize;
-            out.push((s, row, take, (class - first) as usize));
-            class += take as u64;
-        }
-        out
-    }
 }
 
 /// The centers of one block as a GEMM operand (`ids.len()` rows of `d`). With f32 and consecutive
@@ -521,7 +503,7 @@ impl Backend for CpuBackend {
 
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
-        for (s, row, rows, at) in self.pieces(first, count) {
+        for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
             let src = self.shards[s].tensor(tensor)?;
             out[at * d..(at + rows) * d].copy_from_slice(&src[row * d..(row + rows) * d]);
         }
@@ -530,7 +512,7 @@ impl Backend for CpuBackend {
 
     fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
-        for (s, row, rows, at) in self.pieces(first, count) {
+        for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
             let dst = self.shards[s].tensor_mut(tensor)?;
             dst[row * d..(row + rows) * d].copy_from_slice(&values[at * d..(at + rows) * d]);
         }
@@ -538,7 +520,7 @@ impl Backend for CpuBackend {
     }
 
     fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()> {
-        for (s, row, rows, at) in self.pieces(first, count) {
+        for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
             let src = self.shards[s].optimizer.steps().ok_or_else(|| Error::invalid("this optimizer keeps no step counts"))?;
             out[at..at + rows].copy_from_slice(&src[row..row + rows]);
         }
@@ -546,7 +528,7 @@ impl Backend for CpuBackend {
     }
 
     fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()> {
-        for (s, row, rows, at) in self.pieces(first, count) {
+        for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
             let dst = self.shards[s].optimizer.steps_mut().ok_or_else(|| Error::invalid("this optimizer keeps no step counts"))?;
             dst[row..row + rows].copy_from_slice(&values[at..at + rows]);
         }
@@ -564,7 +546,7 @@ impl Backend for CpuBackend {
 
     fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
-        for (s, row, rows, at) in self.pieces(first, count) {
+        for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
             let shard = &mut self.shards[s];
             shard.centers[row * d..(row + rows) * d].copy_from_slice(&values[at * d..(at + rows) * d]);
             shard.optimizer.reset_rows(row, rows, d);

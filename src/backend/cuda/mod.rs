@@ -4,6 +4,9 @@
 //! boundary as well.
 
 pub mod kernels;
+mod step;
+
+pub use step::CudaBackend;
 
 use crate::error::{Error, Result, Status};
 use std::panic::{catch_unwind, AssertUnwindSafe};

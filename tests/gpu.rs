@@ -1,0 +1,122 @@
+//! The CUDA backend against the CPU backend and the golden files. Without a GPU these tests check
+//! that a CUDA head is refused with PFC_ERR_UNAVAILABLE; with PFC_REQUIRE_GPU=1 (scripts/gpu-check.sh)
+//! a missing GPU is a failure instead.
+
+mod common;
+use common::*;
+use partialfc::ffi::*;
+
+/// A CUDA head for `cfg`, or None where this machine has no usable GPU.
+fn cuda_head(cfg: &pfc_config) -> Option<TestHead> {
+    let mut c = *cfg;
+    c.backend = PFC_BACKEND_CUDA;
+    let mut h = std::ptr::null_mut();
+    match pfc_create(&c, &mut h) {
+        PFC_OK => Some(TestHead(h)),
+        PFC_ERR_UNAVAILABLE => {
+            let msg = last_error();
+            assert!(std::env::var_os("PFC_REQUIRE_GPU").is_none(), "PFC_REQUIRE_GPU is set but: {msg}");
+            assert!(msg.contains("CUDA") || msg.contains("GPU") || msg.contains("NVRTC") || msg.contains("cuBLAS"), "{msg}");
+            None
+        }
+        s => panic!("pfc_create(CUDA): status {s}: {}", last_error()),
+    }
+}
+
+fn data(c: u64, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
+    let mut rng = Rng(seed);
+    let e = (0..n * d).map(|_| rng.normal() as f32).collect();
+    let l = (0..n).map(|_| rng.below(c) as i64).collect();
+    (e, l)
+}
+
+fn config(c: u64, d: usize, rate: f32, compute: i32) -> pfc_config {
+    let mut cfg = default_config();
+    cfg.num_classes = c;
+    cfg.embedding_dim = d as u32;
+    cfg.sample_rate = rate;
+    cfg.compute_dtype = compute;
+    cfg.scale = 32.0;
+    cfg
+}
+
+#[test]
+fn cuda_matches_cpu_step_by_step() {
+    for (rate, compute, tol) in [(1.0, PFC_DTYPE_F32, 1e-4), (0.1, PFC_DTYPE_F32, 1e-4), (0.3, PFC_DTYPE_BF16, 3e-2), (0.3, PFC_DTYPE_F16, 5e-3)] {
+        let (c, d, n) = (20_011u64, 128usize, 96usize);
+        let cfg = config(c, d, rate, compute);
+        let Some(gpu) = cuda_head(&cfg) else { return };
+        let cpu = TestHead::new(&cfg);
+        assert_eq!(gpu.centers(d), cpu.centers(d), "initial centers differ");
+        for step in 0..3 {
+            let (e, l) = data(c, d, n, 100 + step);
+            let before = cpu.centers(d);
+            let (sc, gc) = cpu.step(&e, &l, d, &[n]);
+            let (sg, gg) = gpu.step(&e, &l, d, &[n]);
+            assert_eq!(sc.sampled_classes, sg.sampled_classes, "r {rate}: sampled set sizes differ");
+            assert!((sc.loss - sg.loss).abs() <= tol * sc.loss, "r {rate} dtype {compute}: loss {} vs {}", sc.loss, sg.loss);
+            assert!(rel_err(&gg, &gc) <= 10.0 * tol, "r {rate} dtype {compute}: gradient {}", rel_err(&gg, &gc));
+            let (wc, wg) = (cpu.centers(d), gpu.centers(d));
+            // The same rows moved: the GPU sampled exactly the CPU's set.
+            for j in 0..c as usize {
+                let moved_c = wc[j * d..(j + 1) * d] != before[j * d..(j + 1) * d];
+                let moved_g = wg[j * d..(j + 1) * d] != before[j * d..(j + 1) * d];
+                assert_eq!(moved_c, moved_g, "r {rate}: class {j} moved on one backend only");
+            }
+            assert!(rel_err(&wg, &wc) <= tol, "r {rate} dtype {compute}: centers {}", rel_err(&wg, &wc));
+        }
+    }
+}
+
+#[test]
+fn cuda_matches_the_golden_files() {
+    for g in Golden::all() {
+        let cfg = g.pfc_config(1);
+        let Some(head) = cuda_head(&cfg) else { return };
+        let d = g.usize("embedding_dim");
+        let world = g.usize("world_size") as f32;
+        head.set_centers(&g.f32("weight_init"));
+        for t in 0..g.usize("steps") {
+            let labels = g.i64(&format!("labels.{t}"));
+            let (st, grad) = head.step(&g.f32(&format!("emb.{t}")), &labels, d, &[labels.len()]);
+            let want = g.f32(&format!("loss.{t}"))[0] as f64;
+            assert!((st.loss - want).abs() <= 1e-4 * want, "{} step {t}: loss {} vs {want}", g.name, st.loss);
+            let want_grad: Vec<f32> = g.f32(&format!("grad_emb.{t}")).iter().map(|v| v / world).collect();
+            assert!(rel_err(&grad, &want_grad) <= 1e-4, "{} step {t}: gradient", g.name);
+            assert!(rel_err(&head.centers(d), &g.f32(&format!("weight.{t}"))) <= 1e-4, "{} step {t}: centers", g.name);
+        }
+    }
+}
+
+#[test]
+fn cuda_rejects_bad_input_and_keeps_its_centers() {
+    let cfg = config(1000, 64, 0.5, PFC_DTYPE_F32);
+    let Some(head) = cuda_head(&cfg) else { return };
+    let before = head.centers(64);
+    let (e, mut l) = data(1000, 64, 8, 5);
+    l[3] = 1000;
+    let mut grad = vec![0f32; e.len()];
+    let b = pfc_batch {
+        embeddings: e.as_ptr().cast(),
+        labels: l.as_ptr(),
+        grad_embeddings: grad.as_mut_ptr().cast(),
+        batch_size: 8,
+        dtype: PFC_DTYPE_F32,
+        memory: PFC_MEMORY_HOST,
+        stream: std::ptr::null_mut(),
+    };
+    assert_eq!(pfc_train_step(head.0, &b, 1, std::ptr::null_mut()), PFC_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("label"));
+    assert_eq!(head.centers(64), before);
+}
+
+#[test]
+fn nccl_unique_id_on_a_gpu_machine() {
+    let mut id = [0u8; PFC_NCCL_ID_BYTES];
+    let status = pfc_nccl_unique_id(id.as_mut_ptr());
+    if std::env::var_os("PFC_REQUIRE_GPU").is_some() {
+        assert_eq!(status, PFC_OK, "{}", last_error());
+    } else {
+        assert!(status == PFC_OK || status == PFC_ERR_UNAVAILABLE, "{}", last_error());
+    }
+}

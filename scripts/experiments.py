@@ -91,27 +91,28 @@ def report():
                 r["sample_rate"], 100 * r["tar_far_1e-3"], 100 * r["tar_far_1e-4"], 100 * r["top1"], 100 * r["top5"],
                 r["last_loss"], r["train_seconds"]))
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        rates = [str(r["sample_rate"]) for _, r in runs]
+        rates = ["%g" % round(r["sample_rate"], 4) for _, r in runs]
         for key, label in [("tar_far_1e-3", "TAR @ FAR 1e-3"), ("tar_far_1e-4", "TAR @ FAR 1e-4"), ("top1", "identification top-1")]:
             ax.plot(rates, [100 * r[key] for _, r in runs], marker="o", label=label)
         ax.set_xlabel("sample rate r"); ax.set_ylabel("%"); ax.set_title("Accuracy vs PartialFC sample rate (20k identities)")
-        ax.legend(); ax.grid(alpha=0.3); fig.tight_layout(); fig.savefig(os.path.join(PLOTS, "accuracy-vs-rate.png"), dpi=120)
+        ax.set_ylim(0, 100); ax.legend(loc="lower left"); ax.grid(alpha=0.3); fig.tight_layout(); fig.savefig(os.path.join(PLOTS, "accuracy-vs-rate.png"), dpi=120)
         print()
 
-    runs = load("noise-") + load("clean-")
+    # The clean run without the filter is the accuracy experiment's r = 0.1 run (same data and settings).
+    runs = load("noise-") + load("clean-") + load("rate-0.1")
     if runs:
         print("| data | filter | TAR@FAR=1e-3 | TAR@FAR=1e-4 | top-1 | top-5 |")
         print("|---|---|---|---|---|---|")
         for _, r in runs:
-            data = "20%% noisy labels, 10%% conflicts" if r["label_noise"] > 0 else "clean"
+            data = "%.0f%% noisy labels, %.0f%% conflicts" % (100 * r["label_noise"], 100 * r["conflicts"]) if r["label_noise"] > 0 else "clean"
             print("| %s | %s | %.2f%% | %.2f%% | %.2f%% | %.2f%% |" % (
-                data, r["filter"] or "off", 100 * r["tar_far_1e-3"], 100 * r["tar_far_1e-4"], 100 * r["top1"], 100 * r["top5"]))
+                data, ("%g" % round(r["filter"], 4)) if r["filter"] else "off", 100 * r["tar_far_1e-3"], 100 * r["tar_far_1e-4"], 100 * r["top1"], 100 * r["top5"]))
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        labels = ["%s\nfilter %s" % ("noisy" if r["label_noise"] > 0 else "clean", r["filter"] or "off") for _, r in runs]
+        labels = ["%s\nfilter %s" % ("noisy" if r["label_noise"] > 0 else "clean", ("%g" % round(r["filter"], 4)) if r["filter"] else "off") for _, r in runs]
         xs = range(len(runs))
         ax.bar([x - 0.2 for x in xs], [100 * r["tar_far_1e-3"] for _, r in runs], width=0.4, label="TAR @ FAR 1e-3")
         ax.bar([x + 0.2 for x in xs], [100 * r["top1"] for _, r in runs], width=0.4, label="identification top-1")
-        ax.set_xticks(list(xs)); ax.set_xticklabels(labels); ax.set_ylabel("%"); ax.legend(); ax.grid(alpha=0.3, axis="y")
+        ax.set_xticks(list(xs)); ax.set_xticklabels(labels); ax.set_ylabel("%"); ax.set_ylim(0, 100); ax.legend(loc="lower left"); ax.grid(alpha=0.3, axis="y")
         ax.set_title("Label noise and conflicts, with and without the inter-class filter")
         fig.tight_layout(); fig.savefig(os.path.join(PLOTS, "noise-filter.png"), dpi=120)
         print()

@@ -12,6 +12,15 @@ fi
 if ! command -v cc >/dev/null 2>&1 || ! command -v c++ >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq gcc g++ >/dev/null
 fi
+# The Go binding's tests (tests/bindings.rs) need Go: Debian's golang-go when none is found.
+if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
+    apt-get update -qq && apt-get install -y -qq golang-go >/dev/null
+fi
+# tests/export_search.rs reads the exports back with numpy and the safetensors package.
+if ! python3 -c 'import numpy, safetensors' >/dev/null 2>&1; then
+    python3 -m pip install --quiet numpy safetensors \
+        || python3 -m pip install --quiet --break-system-packages numpy safetensors
+fi
 if [ ! -d ../shared/golden ]; then
     echo "../shared/golden (the reference vectors) must sit beside the repository" >&2
     exit 1

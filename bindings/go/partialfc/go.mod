@@ -1,0 +1,3 @@
+module partialfc.dev/bindings/go/partialfc
+
+go 1.19

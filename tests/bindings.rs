@@ -1,0 +1,280 @@
+//! The host bindings (SPEC §4): builds libpartialfc (shared and static) with a nested
+//! `cargo build --release --lib` as tests/c_program.rs does, then
+//! - compiles tests/cpp/binding_test.cpp against bindings/cpp/partialfc.hpp with
+//!   `g++ -std=c++17 -Wall -Wextra -Werror -pedantic` and runs it;
+//! - runs `go vet` and `go test` on bindings/go/partialfc: on the default build (zero-copy batches
+//!   through runtime.Pinner on Go ≥ 1.21), on the copying build (`-tags partialfc_copy`, what Go
+//!   1.19 uses), and under the strict cgo pointer checker (GOEXPERIMENT=cgocheck2, or
+//!   GODEBUG=cgocheck=2 before Go 1.21), which aborts on any Go pointer C memory keeps;
+//! - builds the examples: examples/cpp/train.cpp (linked with libpartialfc.a) trains, saves a
+//!   checkpoint, exports centers and writes queries; examples/go/identify (linked both ways)
+//!   answers those queries from each exported file and from the checkpoint.
+//!
+//! A missing `go` fails the test with a message: scripts/test.sh installs Debian's golang-go. Go
+//! runs offline (GOPROXY=off, GOTOOLCHAIN=local) with its caches under the target directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn describe(what: &str, out: &Output) -> String {
+    format!(
+        "{what} failed ({}):\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `cmd`, panicking with its output unless it succeeds.
+fn run(cmd: &mut Command) -> Output {
+    let what = format!("{cmd:?}");
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(out.status.success(), "{}", describe(&what, &out));
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `cargo build --release --lib` once per test process; the directory holding libpartialfc.so and
+/// libpartialfc.a (taken from cargo's JSON messages, so any target-dir setting is respected).
+fn lib_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = run(Command::new(&cargo).current_dir(root()).args([
+            "build",
+            "--release",
+            "--locked",
+            "--lib",
+            "--message-format=json-render-diagnostics",
+        ]));
+        let files: Vec<PathBuf> = stdout(&out)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "partialfc")
+            .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
+            .filter_map(|f| f.as_str().map(PathBuf::from))
+            .collect();
+        let so = files
+            .iter()
+            .find(|f| f.extension().is_some_and(|e| e == "so"))
+            .unwrap_or_else(|| panic!("cargo reported no libpartialfc.so: {files:?}"));
+        let dir = so.parent().unwrap().to_path_buf();
+        assert!(dir.join("libpartialfc.a").is_file(), "no libpartialfc.a beside {}", so.display());
+        dir
+    })
+}
+
+/// A fresh scratch directory under cargo's per-target temporary directory.
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bindings-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// $CXX, else g++ (the issue's compiler), else c++.
+fn cxx() -> String {
+    std::env::var("CXX").unwrap_or_else(|_| {
+        let has_gxx = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("g++").is_file()));
+        if has_gxx { "g++" } else { "c++" }.into()
+    })
+}
+
+/// `g++ -std=c++17 -Wall -Wextra -Werror -pedantic` with the header paths; link flags follow.
+fn cxx17(src: &str, exe: &Path, optimize: bool) -> Command {
+    let mut cmd = Command::new(cxx());
+    cmd.args(["-std=c++17", "-Wall", "-Wextra", "-Werror", "-pedantic"])
+        .args(if optimize { &["-O2"][..] } else { &[][..] })
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg("-I")
+        .arg(root().join("bindings/cpp"))
+        .arg(root().join(src))
+        .arg("-o")
+        .arg(exe);
+    cmd
+}
+
+#[test]
+fn cpp_binding_compiles_as_cxx17_and_passes() {
+    let lib = lib_dir();
+    let dir = scratch("cpp");
+    let exe = dir.join("binding_test");
+    run(cxx17("tests/cpp/binding_test.cpp", &exe, false)
+        .arg("-L")
+        .arg(lib)
+        .arg("-lpartialfc")
+        .arg(format!("-Wl,-rpath,{}", lib.display())));
+    let out = run(Command::new(&exe).arg(dir.join("work")));
+    let text = stdout(&out);
+    let last = text.lines().last().unwrap_or_default();
+    assert!(last.starts_with("c++ binding (C++17): ") && last.ends_with("checks passed"), "unexpected output:\n{text}");
+    eprintln!("{last}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `go` command: $GO, then PATH, then the usual install places. Missing, the test fails.
+fn go() -> PathBuf {
+    if let Some(go) = std::env::var_os("GO").filter(|g| !g.is_empty()) {
+        return PathBuf::from(go);
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("go")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(["/usr/local/go/bin/go", "/usr/lib/go/bin/go"].map(PathBuf::from))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "the Go toolchain is missing, so the Go binding cannot be tested: run `bash scripts/test.sh` \
+                 (it installs Debian's golang-go), or `apt-get install golang-go`, or set GO=/path/to/go"
+            )
+        })
+}
+
+/// A `go` command in `dir`, offline, with caches under the target directory and the freshly built
+/// library first on the linker's path.
+fn go_cmd(dir: &str, args: &[&str]) -> Command {
+    let lib = lib_dir();
+    let state = lib.parent().unwrap_or(lib).join("go");
+    let mut cmd = Command::new(go());
+    cmd.current_dir(root().join(dir))
+        .args(args)
+        .env("GOCACHE", state.join("cache"))
+        .env("GOPATH", state.join("path"))
+        .env("GOMODCACHE", state.join("path/pkg/mod"))
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOTOOLCHAIN", "local")
+        .env("GOPROXY", "off")
+        .env("GOSUMDB", "off")
+        .env("GO111MODULE", "on")
+        .env("CGO_ENABLED", "1")
+        .env("CGO_LDFLAGS", format!("-L{} -Wl,-rpath,{}", lib.display(), lib.display()))
+        .env_remove("GOEXPERIMENT")
+        .env_remove("GODEBUG");
+    cmd
+}
+
+/// The Go minor version (`go1.21.3` → 21).
+fn go_minor() -> u32 {
+    let out = run(&mut go_cmd("bindings/go/partialfc", &["env", "GOVERSION"]));
+    let v = stdout(&out);
+    v.trim()
+        .strip_prefix("go1.")
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse the Go version {v:?}"))
+}
+
+fn gofmt_clean(dir: &str) {
+    let gofmt = go().with_file_name("gofmt");
+    if !gofmt.is_file() {
+        eprintln!("no gofmt beside {}; formatting not checked", go().display());
+        return;
+    }
+    let out = run(Command::new(gofmt).arg("-l").arg(root().join(dir)));
+    assert!(out.stdout.is_empty(), "gofmt -l lists files to format:\n{}", stdout(&out));
+}
+
+#[test]
+fn go_package_vets_and_passes_its_tests() {
+    let pkg = "bindings/go/partialfc";
+    let minor = go_minor();
+    gofmt_clean(pkg);
+    for tags in ["", "partialfc_copy", "partialfc_static"] {
+        run(&mut go_cmd(pkg, &["vet", &format!("-tags={tags}"), "./..."]));
+    }
+    let out = run(&mut go_cmd(pkg, &["test", "-count=1", "./..."]));
+    eprint!("{}", stdout(&out));
+    run(&mut go_cmd(pkg, &["test", "-count=1", "-tags=partialfc_copy", "./..."]));
+    // The strict pointer checker: any Go pointer written into C memory (or passed inside Go memory)
+    // aborts the program.
+    let mut strict = go_cmd(pkg, &["test", "-count=1", "./..."]);
+    if minor >= 21 {
+        strict.env("GOEXPERIMENT", "cgocheck2");
+    } else {
+        strict.env("GODEBUG", "cgocheck=2");
+    }
+    run(&mut strict);
+}
+
+#[test]
+fn examples_build_train_export_and_identify() {
+    let lib = lib_dir();
+    let dir = scratch("examples");
+
+    // The C++ training loop, linked statically.
+    let train = dir.join("pfc_train_cpp");
+    run(cxx17("examples/cpp/train.cpp", &train, true)
+        .arg(lib.join("libpartialfc.a"))
+        .args(["-lpthread", "-ldl", "-lm"]));
+    let out_dir = dir.join("out");
+    let out = run(Command::new(&train).arg(&out_dir).arg("200"));
+    let text = stdout(&out);
+    eprint!("{text}");
+    assert!(text.contains("identification top-1"), "unexpected output:\n{text}");
+    for f in ["checkpoint/manifest.json", "centers.npy", "centers.fvecs", "centers.safetensors", "queries.txt"] {
+        assert!(out_dir.join(f).is_file(), "the C++ example did not write {f}");
+    }
+
+    // The Go identification example, linked with the shared and with the static library.
+    let example = "examples/go/identify";
+    gofmt_clean(example);
+    run(&mut go_cmd(example, &["vet", "./..."]));
+    let shared = dir.join("identify");
+    let stat = dir.join("identify_static");
+    run(go_cmd(example, &["build", "-o"]).arg(&shared));
+    run(go_cmd(example, &["build", "-tags=partialfc_static", "-o"]).arg(&stat));
+    let binary = std::fs::read(&stat).unwrap();
+    assert!(
+        !binary.windows(15).any(|w| w == b"libpartialfc.so"),
+        "the static build still depends on libpartialfc.so"
+    );
+
+    let queries = out_dir.join("queries.txt");
+    for (exe, source) in [
+        (&shared, "centers.npy"),
+        (&shared, "centers.fvecs"),
+        (&shared, "checkpoint"),
+        (&stat, "centers.safetensors"),
+        (&stat, "checkpoint"),
+    ] {
+        let out = run(Command::new(exe).arg("-quiet").arg("-queries").arg(&queries).arg(out_dir.join(source)));
+        let text = stdout(&out);
+        let top1: f64 = text
+            .split("top-1 ")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no top-1 rate in the output of identify {source}:\n{text}"));
+        assert!(top1 >= 0.5, "identify {source}: top-1 {top1} is too low:\n{text}");
+        eprint!("{source}: {text}");
+    }
+    // A corrupt checkpoint is reported with its status, not a crash.
+    let shard = std::fs::read_dir(out_dir.join("checkpoint"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .expect("a shard file in the checkpoint");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let at = bytes.len() - 6;
+    bytes[at] ^= 0x01;
+    std::fs::write(&shard, bytes).unwrap();
+    let out = Command::new(&shared).arg("-queries").arg(&queries).arg(out_dir.join("checkpoint")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("PFC_ERR_CORRUPT"),
+        "identify on a corrupt checkpoint: {}",
+        describe("identify", &out)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -30,8 +30,6 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FORMAT_VERSION 1
-
 // Bytes of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
 #define UNIQUE_ID_BYTES 128
 

@@ -2,11 +2,16 @@
 //! rate, the shard table with each file's size and CRC-32, and its own CRC-32 on a second line) and
 //! one safetensors file per shard with its centers and all optimizer state.
 //!
-//! Crash safety: shard files get names unique to the save, the manifest is replaced atomically last,
-//! and only then are the previous save's files removed — a crash at any point leaves a manifest whose
-//! files are all present and complete. Loading verifies everything before changing anything, and
-//! reads each class's rows from whichever shard file holds them, so a checkpoint loads into any
-//! shard count.
+//! Crash safety: shard files get names unique to the save (never those of a file already in the
+//! directory), the manifest is replaced atomically last, and only then are the previous save's files
+//! removed — a crash at any point leaves a manifest whose files are all present and complete. A save
+//! that fails removes the shard files it wrote unless its manifest got into place; a successful save
+//! removes whatever earlier crashed saves left (unreferenced shard files, temporary files). One
+//! directory has one writer at a time.
+//!
+//! Loading verifies everything before changing anything — the manifest byte for byte against its
+//! checksum line, each file's size and CRC-32, tensor names, types, shapes and finiteness — and reads
+//! each class's rows from whichever shard file holds them, so a checkpoint loads into any shard count.
 
 use crate::config::OptimizerKind;
 use crate::engine::{Head, Restored};
@@ -18,8 +23,8 @@ use serde_json::{json, Value};
 use std::fs;
 use std::path::Path;
 
-pub const FORMAT: &str = "partialfc-checkpoint";
-pub const FORMAT_VERSION: u64 = 1;
+pub(crate) const FORMAT: &str = "partialfc-checkpoint";
+pub(crate) const FORMAT_VERSION: u64 = 1;
 const MANIFEST: &str = "manifest.json";
 /// Rows copied per write while streaming a shard's tensors.
 const CHUNK_ROWS: u64 = 8192;
@@ -61,21 +66,86 @@ pub fn save(head: &Head, dir: &Path) -> Result<()> {
         return Err(Error::new(Status::Unavailable, "this process owns only part of the classes; multi-process checkpoints need the distributed backend"));
     }
     fs::create_dir_all(dir).map_err(|e| io_error("cannot create checkpoint directory", dir, e))?;
-    let previous = read_manifest(dir).ok();
-    let save_id = format!("{:016x}", crate::rng::mix64(std::process::id() as u64 ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_nanos() as u64).unwrap_or(0))));
+    let save_id = fresh_save_id(dir, cfg.world_size);
+    let names: Vec<String> = (0..cfg.world_size).map(|r| shard_name(&save_id, r)).collect();
+    match write_checkpoint(head, dir, &names) {
+        Ok(()) => {
+            // The new manifest is durable: nothing else of ours in `dir` is referenced any more —
+            // the previous save's shards, and whatever a crashed or failed save left behind.
+            remove_unreferenced(dir, &names);
+            Ok(())
+        }
+        Err(e) => {
+            // Unless the new manifest made it into place (a failure after its rename), the shard
+            // files this save committed are referenced by nothing: remove them.
+            let installed = read_manifest(dir).is_ok_and(|m| m.shards.iter().any(|s| names.contains(&s.file)));
+            if !installed {
+                for name in &names {
+                    let _ = fs::remove_file(dir.join(name));
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn shard_name(save_id: &str, rank: usize) -> String {
+    format!("shard-{save_id}-{rank:05}.safetensors")
+}
+
+/// A save id whose shard file names exist nowhere in `dir`, so that a save never overwrites a file
+/// the current manifest references.
+fn fresh_save_id(dir: &Path, world_size: usize) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_nanos() as u64).unwrap_or(0);
+    let mut seed = std::process::id() as u64 ^ now;
+    loop {
+        let id = format!("{:016x}", crate::rng::mix64(seed));
+        if (0..world_size).all(|r| !dir.join(shard_name(&id, r)).exists()) {
+            return id;
+        }
+        seed = seed.wrapping_add(1);
+    }
+}
+
+/// Whether `name` is a file a save of this module writes: a shard file, or the temporary file of a
+/// shard or of the manifest (see `AtomicFile`).
+fn is_checkpoint_file(name: &str) -> bool {
+    (name.starts_with("shard-") && name.ends_with(".safetensors"))
+        || ((name.starts_with(".shard-") || name.starts_with(".manifest.json.")) && name.contains(".tmp-"))
+}
+
+/// Best effort: removes this module's files in `dir` that are not in `keep`, then syncs `dir`. One
+/// directory has one writer at a time.
+fn remove_unreferenced(dir: &Path, keep: &[String]) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let mut removed = false;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if is_checkpoint_file(name) && !keep.iter().any(|k| k == name) && entry.file_type().is_ok_and(|t| t.is_file()) {
+            removed |= fs::remove_file(entry.path()).is_ok();
+        }
+    }
+    if removed {
+        let _ = sync_dir(dir);
+    }
+}
+
+/// Writes the shard files `names` (one per rank) and then the manifest that names them.
+fn write_checkpoint(head: &Head, dir: &Path, names: &[String]) -> Result<()> {
+    let cfg = head.config();
     let d = cfg.embedding_dim as u64;
     let tensors = StateTensor::for_optimizer(cfg.optimizer.kind);
     let mut shards = Vec::new();
-    for rank in 0..cfg.world_size {
+    for (rank, name) in names.iter().enumerate() {
         let range = ShardRange::of(cfg.num_classes, cfg.world_size, rank);
-        let name = format!("shard-{save_id}-{rank:05}.safetensors");
         let mut layout: Vec<(&str, &str, Vec<u64>, u64)> =
             tensors.iter().map(|t| (t.name(), "F32", vec![range.len, d], range.len * d * 4)).collect();
         if cfg.optimizer.kind == OptimizerKind::AdamW {
             layout.push(("steps", "U32", vec![range.len], range.len * 4));
         }
         let meta = json!({"start": range.start.to_string(), "len": range.len.to_string(), "rank": rank.to_string()});
-        let mut file = AtomicFile::create(&dir.join(&name))?;
+        let mut file = AtomicFile::create(&dir.join(name))?;
         let mut crc = crc32fast::Hasher::new();
         let mut size = 0u64;
         let mut put = |file: &mut AtomicFile, bytes: &[u8]| -> Result<()> {
@@ -128,17 +198,7 @@ pub fn save(head: &Head, dir: &Path) -> Result<()> {
     .to_string();
     let mut manifest = AtomicFile::create(&dir.join(MANIFEST))?;
     manifest.write_all(format!("{body}\ncrc32 {:08x}\n", crc32fast::hash(body.as_bytes())).as_bytes())?;
-    manifest.commit()?;
-    // The new manifest is durable: the previous save's files are no longer referenced.
-    if let Some(old) = previous {
-        let keep: Vec<&str> = old.shards.iter().map(|s| s.file.as_str()).collect();
-        let now: Vec<String> = (0..cfg.world_size).map(|r| format!("shard-{save_id}-{r:05}.safetensors")).collect();
-        for file in keep.iter().filter(|f| !now.iter().any(|n| n == *f)) {
-            let _ = fs::remove_file(dir.join(file));
-        }
-        sync_dir(dir)?;
-    }
-    Ok(())
+    manifest.commit()
 }
 
 struct ShardEntry {
@@ -181,10 +241,9 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
         Err(e) => return Err(io_error("cannot read", &path, e)),
     };
     let text = String::from_utf8(text).map_err(|_| corrupt(format!("{} is not UTF-8", path.display())))?;
-    let mut lines = text.split('\n');
-    let (body, check) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-    let want = check.strip_prefix("crc32 ").and_then(|h| u32::from_str_radix(h, 16).ok());
-    if want != Some(crc32fast::hash(body.as_bytes())) || lines.any(|l| !l.is_empty()) {
+    // Exactly `body \n crc32 xxxxxxxx \n` as `save` writes it: any other byte is damage.
+    let (body, check) = text.split_once('\n').unwrap_or((&text, ""));
+    if check != format!("crc32 {:08x}\n", crc32fast::hash(body.as_bytes())) {
         return Err(corrupt(format!("{} fails its checksum: altered or truncated", path.display())));
     }
     let v: Value = serde_json::from_str(body).map_err(|e| corrupt(format!("{}: {e}", path.display())))?;
@@ -199,7 +258,7 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
     let mut shards = Vec::new();
     for s in field(&v, "shards")?.as_array().ok_or_else(|| corrupt("checkpoint manifest: \"shards\" is not a list"))? {
         let file = field(s, "file")?.as_str().ok_or_else(|| corrupt("checkpoint manifest: bad shard file name"))?;
-        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+        if file.is_empty() || file.contains(['/', '\\', '\0']) || file.starts_with('.') {
             return Err(corrupt(format!("checkpoint manifest names a file outside the checkpoint: {file}")));
         }
         let crc = uint(s, "crc32")?;
@@ -214,7 +273,7 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
     let m = Manifest {
         num_classes: uint(&v, "num_classes")?,
         embedding_dim: uint(&v, "embedding_dim")?,
-        optimizer: field(&v, "optimizer")?.as_str().unwrap_or("").to_string(),
+        optimizer: field(&v, "optimizer")?.as_str().ok_or_else(|| corrupt("checkpoint manifest: \"optimizer\" is not a string"))?.to_string(),
         step: uint(&v, "step")?,
         seed: uint(&v, "seed")?,
         lr,
@@ -267,6 +326,9 @@ pub fn load(head: &mut Head, dir: &Path) -> Result<()> {
     };
     for s in m.shards.iter().filter(|s| s.start < first + count && first < s.start + s.len) {
         let path = dir.join(&s.file);
+        if path.is_dir() {
+            return Err(corrupt(format!("checkpoint file {} is a directory", path.display())));
+        }
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(corrupt(format!("checkpoint file {} is missing", path.display()))),

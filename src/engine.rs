@@ -189,9 +189,12 @@ impl Head {
             return Err(Error::invalid(format!("query row {} holds NaN or Inf", at / d)));
         }
         let mut unit = crate::error::try_zeroed::<f32>(queries.len(), "normalized queries")?;
-        let mut inv = vec![0.0; queries.len() / d];
-        crate::backend::cpu::kernels::normalize_rows(queries, d, &mut unit, &mut inv);
+        crate::search::unit_rows(queries, d, &mut unit);
         let hits = self.backend.search(&unit, k)?;
+        // The C ABI copies exactly n × k results: never hand back short rows.
+        if hits.len() != queries.len() / d || hits.iter().any(|row| row.len() != k) {
+            return Err(Error::new(Status::Panic, "internal error: search returned fewer than k hits for a query"));
+        }
         let mut ids = Vec::with_capacity(hits.len() * k);
         let mut scores = Vec::with_capacity(hits.len() * k);
         for row in hits {

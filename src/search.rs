@@ -25,6 +25,21 @@ impl PartialOrd for Hit {
     }
 }
 
+/// Scales each row of `src` to unit L2 norm into `dst` (PyTorch's `normalize`, eps 1e-12 on the
+/// norm), also for rows whose squared norm overflows f32, which are normalized in float64.
+pub fn unit_rows(src: &[f32], d: usize, dst: &mut [f32]) {
+    let mut inv = vec![0.0; src.len() / d];
+    crate::backend::cpu::kernels::normalize_rows(src, d, dst, &mut inv);
+    for ((row, out), &r) in src.chunks_exact(d).zip(dst.chunks_exact_mut(d)).zip(&inv) {
+        if r == 0.0 {
+            let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = (v as f64 / norm) as f32;
+            }
+        }
+    }
+}
+
 /// The best `k` hits of each of `n` queries seen so far.
 pub struct TopK {
     k: usize,
@@ -33,7 +48,9 @@ pub struct TopK {
 
 impl TopK {
     pub fn new(queries: usize, k: usize) -> Self {
-        TopK { k, heaps: (0..queries).map(|_| BinaryHeap::with_capacity(k + 1)).collect() }
+        // Heaps grow as hits arrive: with k near C, reserving k per query up front in every
+        // per-thread partial result would multiply memory by the number of partial results.
+        TopK { k, heaps: (0..queries).map(|_| BinaryHeap::with_capacity(k.min(64) + 1)).collect() }
     }
 
     /// The score a hit must beat to enter query `q`'s list (−∞ while it has fewer than k).

@@ -503,6 +503,11 @@ pub extern "C" fn pfc_search(head: *const pfc_head, queries: *const f32, n: u64,
         if n == 0 || n > MAX_BATCH_ROWS {
             return Err(Error::invalid(format!("n = {n} is outside [1, {MAX_BATCH_ROWS}]")));
         }
+        // k before the overlap check, which trusts n × k: a k beyond the classes is the error to report.
+        let (_, local) = h.local_classes();
+        if k == 0 || k as u64 > local {
+            return Err(Error::invalid(format!("k = {k} is outside [1, {local}] (this process's classes)")));
+        }
         let d = h.config().embedding_dim;
         let q = unsafe { std::slice::from_raw_parts(queries, n as usize * d) };
         let out = n as usize * k as usize;

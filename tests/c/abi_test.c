@@ -6,12 +6,18 @@
  *   c++ -x c++ -std=c++17 -Wall -Wextra -Werror       (same)
  * Exits 0 and prints "c abi: N checks passed" on success; prints the failed check and exits 1 otherwise.
  */
+/* mkdtemp, opendir and unlink for the checkpoint and export tests' scratch directory. */
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200809L
+#endif
 #include "partialfc.h"
 
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static unsigned checks_passed = 0;
 
@@ -589,6 +595,303 @@ static void test_f16(void) {
     pfc_destroy(h32);
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* Checkpoints, export and search. Files go to a fresh directory under /tmp, removed at the end.    */
+
+static char scratch[64];
+
+static const char *scratch_path(char *buf, size_t cap, const char *name) {
+    int n = snprintf(buf, cap, "%s/%s", scratch, name);
+    CHECK(n > 0 && (size_t)n < cap);
+    return buf;
+}
+
+/* Removes every file of directory `dir`, then the directory (one level deep is all the tests make). */
+static void remove_tree(const char *dir) {
+    DIR *d = opendir(dir);
+    if (d == NULL) {
+        return;
+    }
+    struct dirent *e;
+    char path[512];
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) {
+            continue;
+        }
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (unlink(path) != 0) {
+            remove_tree(path);
+        }
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+static long count_files(const char *dir) {
+    DIR *d = opendir(dir);
+    CHECK(d != NULL);
+    long n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        n += e->d_name[0] != '.';
+    }
+    closedir(d);
+    return n;
+}
+
+/* Reads a whole file into a malloc'd buffer; `*len` gets its size. */
+static unsigned char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    CHECK(f != NULL);
+    CHECK(fseek(f, 0, SEEK_END) == 0);
+    long n = ftell(f);
+    CHECK(n >= 0);
+    CHECK(fseek(f, 0, SEEK_SET) == 0);
+    unsigned char *buf = (unsigned char *)malloc((size_t)n + 1);
+    CHECK(buf != NULL);
+    CHECK(fread(buf, 1, (size_t)n, f) == (size_t)n);
+    fclose(f);
+    *len = (size_t)n;
+    return buf;
+}
+
+static void train_steps(pfc_head *h, int steps, pfc_step_stats *last) {
+    static float grad[N * D];
+    pfc_batch b[SHARDS];
+    make_batches(b, emb, grad, PFC_DTYPE_F32, sizeof(float));
+    for (int t = 0; t < steps; t++) {
+        EXPECT_OK(pfc_train_step(h, b, SHARDS, last));
+    }
+}
+
+static void test_checkpoint(void) {
+    char dir[128], manifest[160];
+    scratch_path(dir, sizeof dir, "ckpt");
+    scratch_path(manifest, sizeof manifest, "ckpt/manifest.json");
+
+    pfc_config cfg;
+    base_config(&cfg);
+    cfg.optimizer = PFC_OPTIMIZER_ADAMW;
+    cfg.lr = 0.01f;
+    cfg.sample_rate = 0.5f;
+    pfc_head *h = NULL;
+    EXPECT_OK(pfc_create(&cfg, &h));
+    pfc_step_stats st;
+    train_steps(h, 2, &st);
+    CHECK(st.step == 2);
+    EXPECT_OK(pfc_save_checkpoint(h, dir));
+    CHECK(count_files(dir) == 1 + SHARDS); /* the manifest and one file per shard */
+
+    /* The same layout, another seed and learning rate: after loading, training continues exactly. */
+    pfc_config other = cfg;
+    other.seed = 99;
+    other.lr = 0.5f;
+    pfc_head *same = NULL;
+    EXPECT_OK(pfc_create(&other, &same));
+    static float a[C * D], b[C * D];
+    get_all_centers(h, a);
+    get_all_centers(same, b);
+    CHECK(memcmp(a, b, sizeof a) != 0);
+    EXPECT_OK(pfc_load_checkpoint(same, dir));
+    get_all_centers(same, b);
+    CHECK(memcmp(a, b, sizeof a) == 0);
+    pfc_step_stats s1, s2;
+    train_steps(h, 2, &s1);
+    train_steps(same, 2, &s2);
+    CHECK(s1.step == 4 && s2.step == 4);
+    CHECK(s1.loss == s2.loss && s1.sampled_classes == s2.sampled_classes);
+    get_all_centers(h, a);
+    get_all_centers(same, b);
+    CHECK(memcmp(a, b, sizeof a) == 0);
+
+    /* Another shard count loads the same centers. */
+    EXPECT_OK(pfc_save_checkpoint(h, dir)); /* replaces the previous checkpoint */
+    CHECK(count_files(dir) == 1 + SHARDS);
+    pfc_config three = cfg;
+    three.local_shards = 3;
+    pfc_head *h3 = NULL;
+    EXPECT_OK(pfc_create(&three, &h3));
+    EXPECT_OK(pfc_load_checkpoint(h3, dir));
+    uint64_t first = 0, count = 0;
+    EXPECT_OK(pfc_local_classes(h3, &first, &count));
+    CHECK(first == 0 && count == C);
+    EXPECT_OK(pfc_get_centers(h3, 0, C, 0, b));
+    CHECK(memcmp(a, b, sizeof a) == 0);
+
+    /* Errors leave the head as it was. */
+    char missing[128];
+    scratch_path(missing, sizeof missing, "no-such-checkpoint");
+    EXPECT_ERROR(pfc_load_checkpoint(h3, missing), PFC_ERR_IO, "no-such-checkpoint");
+    EXPECT_ERROR(pfc_load_checkpoint(h3, NULL), PFC_ERR_NULL_ARGUMENT, "dir");
+    EXPECT_STATUS(pfc_save_checkpoint(NULL, dir), PFC_ERR_NULL_ARGUMENT);
+    pfc_config wider = cfg;
+    wider.num_classes = C + 1;
+    pfc_head *hw = NULL;
+    EXPECT_OK(pfc_create(&wider, &hw));
+    EXPECT_ERROR(pfc_load_checkpoint(hw, dir), PFC_ERR_INCOMPATIBLE, "classes");
+    pfc_destroy(hw);
+    pfc_config sgd = cfg;
+    sgd.optimizer = PFC_OPTIMIZER_SGD;
+    pfc_head *hs = NULL;
+    EXPECT_OK(pfc_create(&sgd, &hs));
+    EXPECT_ERROR(pfc_load_checkpoint(hs, dir), PFC_ERR_INCOMPATIBLE, "optimizer");
+    pfc_destroy(hs);
+    /* One byte appended to the manifest: corrupt, and nothing changes. */
+    train_steps(same, 1, NULL);
+    get_all_centers(same, a);
+    FILE *f = fopen(manifest, "ab");
+    CHECK(f != NULL);
+    CHECK(fputc(' ', f) == ' ');
+    fclose(f);
+    EXPECT_ERROR(pfc_load_checkpoint(same, dir), PFC_ERR_CORRUPT, "manifest");
+    get_all_centers(same, b);
+    CHECK(memcmp(a, b, sizeof a) == 0);
+
+    pfc_destroy(h3);
+    pfc_destroy(same);
+    pfc_destroy(h);
+}
+
+static void test_export(void) {
+    pfc_config cfg;
+    base_config(&cfg);
+    pfc_head *h = NULL;
+    EXPECT_OK(pfc_create(&cfg, &h));
+    static float w[C * D], unit[C * D];
+    get_all_centers(h, w);
+    EXPECT_OK(pfc_get_centers(h, 0, C, 1, unit));
+    char path[128];
+    size_t len = 0;
+
+    /* .npy f32: the NPY 1.0 header, then the rows as little-endian floats (this host's order). */
+    EXPECT_OK(pfc_export_centers(h, scratch_path(path, sizeof path, "c.npy"), PFC_FORMAT_NPY, PFC_DTYPE_F32, 0));
+    unsigned char *npy = read_file(path, &len);
+    CHECK(memcmp(npy, "\x93NUMPY\x01\x00", 8) == 0);
+    size_t header = 10u + (size_t)npy[8] + 256u * npy[9];
+    CHECK(header % 64 == 0);
+    CHECK(len == header + sizeof w);
+    npy[header - 1] = 0;
+    CHECK(strstr((const char *)npy + 10, "'descr': '<f4'") != NULL);
+    CHECK(strstr((const char *)npy + 10, "'shape': (12, 16)") != NULL);
+    CHECK(memcmp(npy + header, w, sizeof w) == 0);
+    free(npy);
+
+    /* .fvecs: each row as int32 dimension + floats; normalized here. */
+    EXPECT_OK(pfc_export_centers(h, scratch_path(path, sizeof path, "c.fvecs"), PFC_FORMAT_FVECS, PFC_DTYPE_F32, 1));
+    unsigned char *fv = read_file(path, &len);
+    CHECK(len == C * (4 + D * sizeof(float)));
+    for (int c = 0; c < C; c++) {
+        int32_t dim;
+        memcpy(&dim, fv + c * (4 + D * sizeof(float)), 4);
+        CHECK(dim == D);
+        CHECK(memcmp(fv + c * (4 + D * sizeof(float)) + 4, unit + c * D, D * sizeof(float)) == 0);
+    }
+    free(fv);
+
+    /* safetensors f16: an 8-byte header length, a JSON header naming `centers`, then binary16 rows. */
+    EXPECT_OK(pfc_export_centers(h, scratch_path(path, sizeof path, "c.safetensors"), PFC_FORMAT_SAFETENSORS, PFC_DTYPE_F16, 1));
+    unsigned char *st = read_file(path, &len);
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--) n = (n << 8) | st[i];
+    CHECK(len == 8 + n + C * D * 2);
+    char *json = (char *)malloc((size_t)n + 1);
+    CHECK(json != NULL);
+    memcpy(json, st + 8, (size_t)n);
+    json[n] = 0;
+    CHECK(strstr(json, "\"centers\"") != NULL && strstr(json, "\"F16\"") != NULL && strstr(json, "[12,16]") != NULL);
+    free(json);
+    for (int k = 0; k < C * D; k++) {
+        uint16_t v = (uint16_t)(st[8 + n + 2 * k] | (st[8 + n + 2 * k + 1] << 8));
+        CHECK(v == f32_to_f16(unit[k]));
+    }
+    free(st);
+
+    EXPECT_ERROR(pfc_export_centers(h, scratch_path(path, sizeof path, "x.fvecs"), PFC_FORMAT_FVECS, PFC_DTYPE_F16, 0), PFC_ERR_INVALID_ARGUMENT, "f32");
+    EXPECT_ERROR(pfc_export_centers(h, path, 3, PFC_DTYPE_F32, 0), PFC_ERR_INVALID_ARGUMENT, "format");
+    EXPECT_ERROR(pfc_export_centers(h, path, PFC_FORMAT_NPY, PFC_DTYPE_BF16, 0), PFC_ERR_INVALID_ARGUMENT, "f16");
+    EXPECT_ERROR(pfc_export_centers(h, NULL, PFC_FORMAT_NPY, PFC_DTYPE_F32, 0), PFC_ERR_NULL_ARGUMENT, "path");
+    pfc_destroy(h);
+}
+
+static double cosine(const float *a, const float *b) {
+    double ab = 0.0, aa = 0.0, bb = 0.0;
+    for (int j = 0; j < D; j++) {
+        ab += (double)a[j] * b[j];
+        aa += (double)a[j] * a[j];
+        bb += (double)b[j] * b[j];
+    }
+    return ab / sqrt(aa) / sqrt(bb);
+}
+
+static void test_search(void) {
+    pfc_config cfg;
+    base_config(&cfg);
+    pfc_head *h = NULL;
+    EXPECT_OK(pfc_create(&cfg, &h));
+    /* The prototypes as centers, class 11 a copy of class 3 at twice the length: they tie exactly. */
+    static float centers[C * D];
+    memcpy(centers, prototypes, sizeof centers);
+    for (int j = 0; j < D; j++) centers[11 * D + j] = 2.0f * centers[3 * D + j];
+    EXPECT_OK(pfc_set_centers(h, 0, C, centers));
+
+    enum { Q = 4, K = 3 };
+    static float queries[Q * D];
+    const int from[Q] = {3, 0, 7, 11};
+    for (int q = 0; q < Q; q++) {
+        for (int j = 0; j < D; j++) queries[q * D + j] = 5.0f * centers[from[q] * D + j] + 0.01f * uniform();
+    }
+    int64_t ids[Q * K];
+    float scores[Q * K];
+    EXPECT_OK(pfc_search(h, queries, Q, K, ids, scores));
+    for (int q = 0; q < Q; q++) {
+        /* Brute force: the best class by cosine, ids ascending among equals. */
+        double best = -2.0;
+        int best_id = -1;
+        for (int c = 0; c < C; c++) {
+            double s = cosine(queries + q * D, centers + c * D);
+            if (s > best + 1e-9) {
+                best = s;
+                best_id = c;
+            }
+        }
+        CHECK(ids[q * K] == best_id);
+        CHECK(fabs(scores[q * K] - best) < 1e-5);
+        for (int r = 1; r < K; r++) {
+            CHECK(scores[q * K + r] <= scores[q * K + r - 1]);
+            CHECK(fabs(scores[q * K + r] - cosine(queries + q * D, centers + ids[q * K + r] * D)) < 1e-5);
+        }
+    }
+    /* Queries near class 3 or 11: both first, tied, ids ascending. */
+    CHECK(ids[0] == 3 && ids[1] == 11 && scores[0] == scores[1]);
+    CHECK(ids[3 * K] == 3 && ids[3 * K + 1] == 11 && scores[3 * K] == scores[3 * K + 1]);
+
+    /* k = C: every class once. */
+    static int64_t all_ids[C];
+    static float all_scores[C];
+    EXPECT_OK(pfc_search(h, queries + 2 * D, 1, C, all_ids, all_scores));
+    int seen[C] = {0};
+    for (int c = 0; c < C; c++) {
+        CHECK(all_ids[c] >= 0 && all_ids[c] < C);
+        seen[all_ids[c]]++;
+    }
+    for (int c = 0; c < C; c++) CHECK(seen[c] == 1);
+
+    /* Bad arguments: nothing written. */
+    memset(ids, 0x5a, sizeof ids);
+    EXPECT_ERROR(pfc_search(h, queries, Q, 0, ids, scores), PFC_ERR_INVALID_ARGUMENT, "k");
+    EXPECT_ERROR(pfc_search(h, queries, 1, C + 1, ids, scores), PFC_ERR_INVALID_ARGUMENT, "k");
+    EXPECT_ERROR(pfc_search(h, queries, 0, 1, ids, scores), PFC_ERR_INVALID_ARGUMENT, "n");
+    float saved = queries[D + 2];
+    queries[D + 2] = NAN;
+    EXPECT_ERROR(pfc_search(h, queries, Q, K, ids, scores), PFC_ERR_INVALID_ARGUMENT, "NaN");
+    queries[D + 2] = saved;
+    EXPECT_ERROR(pfc_search(h, NULL, 1, 1, ids, scores), PFC_ERR_NULL_ARGUMENT, "queries");
+    EXPECT_ERROR(pfc_search(h, queries, 1, 1, NULL, scores), PFC_ERR_NULL_ARGUMENT, "ids");
+    EXPECT_ERROR(pfc_search(h, queries, 1, 1, ids, NULL), PFC_ERR_NULL_ARGUMENT, "scores");
+    CHECK(bytes_all(ids, sizeof ids, 0x5a));
+    pfc_destroy(h);
+}
+
 int main(void) {
     make_problem();
     test_version_and_config();
@@ -598,6 +901,12 @@ int main(void) {
     test_training();
     test_centers();
     test_f16();
+    strcpy(scratch, "/tmp/pfc_abi_test_XXXXXX");
+    CHECK(mkdtemp(scratch) != NULL);
+    test_checkpoint();
+    test_export();
+    test_search();
+    remove_tree(scratch);
 #ifdef __cplusplus
     printf("c abi (C++%ld): %u checks passed\n", (long)(__cplusplus / 100 % 100), checks_passed);
 #else

@@ -5,9 +5,10 @@ use partialfc::ffi::*;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 
+/// `../shared` beside the repository, or `PFC_SHARED_DIR` (the GPU machine gets a staged copy).
 pub fn shared_dir() -> PathBuf {
     let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let candidate = here.join("../shared");
+    let candidate = std::env::var_os("PFC_SHARED_DIR").map(PathBuf::from).unwrap_or_else(|| here.join("../shared"));
     assert!(candidate.join("golden").is_dir(), "../shared/golden not found beside the repository");
     candidate
 }

@@ -1,5 +1,6 @@
 //! `pfc bench`: median step time of the CPU engine, with a per-phase breakdown and GEMM GFLOP/s, side
 //! by side with the reference PartialFC_V2 (../shared/bench/reference_step.py) in the same run.
+//! `pfc bench --search`: queries per second of top-k search over all centers (default C = 1M, d = 512).
 
 use clap::Parser;
 use partialfc::backend::{Embeddings, GradOut, HostBatch, PhaseTimes};
@@ -34,6 +35,19 @@ pub struct BenchArgs {
     /// Steps the reference times (it is slow).
     #[arg(long, default_value_t = 5)]
     pub reference_steps: usize,
+    /// Benchmark top-k search (pfc_search) instead of the training step: queries/s over all
+    /// classes (default C = 1,000,000 random centers from the head's initialisation, d = --dim).
+    #[arg(long)]
+    pub search: bool,
+    /// With --search: queries per call; each count is timed separately.
+    #[arg(long, value_delimiter = ',', default_value = "1024,1")]
+    pub queries: Vec<usize>,
+    /// With --search: results per query.
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// With --search: timed calls per query count (after one warm-up call); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
 }
 
 struct Measured {
@@ -120,7 +134,61 @@ fn reference(classes: u64, rate: f32, a: &BenchArgs) -> Result<f64, String> {
     v["median_step_s"].as_f64().ok_or_else(|| "reference JSON lacks median_step_s".into())
 }
 
+/// `--search`: times `Head::search` (what pfc_search runs) on random centers and random queries.
+fn search(a: &BenchArgs) -> Result<(), String> {
+    let classes = a.classes.unwrap_or(1_000_000);
+    let mut cfg = Config { num_classes: classes, embedding_dim: a.dim, ..Config::default() };
+    cfg.local_shards = a.shards as usize;
+    cfg.world_size = cfg.local_shards;
+    let t = Instant::now();
+    let head = Head::new(cfg).map_err(|e| e.message)?;
+    let init = t.elapsed().as_secs_f64();
+    println!(
+        "search: C = {classes}, d = {}, k = {}, shards = {}, threads = {}, f32 centers ({:.1} GiB, initialised in {init:.1} s); medians of {} calls after one warm-up",
+        a.dim,
+        a.k,
+        a.shards,
+        rayon::current_num_threads(),
+        classes as f64 * a.dim as f64 * 4.0 / (1u64 << 30) as f64,
+        a.runs
+    );
+    println!("| queries per call | median call | queries/s | GFLOP/s (2·n·C·d) | fastest call |");
+    println!("|---|---|---|---|---|");
+    for &n in &a.queries {
+        if n == 0 {
+            return Err("--queries: counts must be at least 1".into());
+        }
+        let mut queries = vec![0f32; n * a.dim];
+        for (q, row) in queries.chunks_exact_mut(a.dim).enumerate() {
+            rng::init_center(0xBE_9C4, q as u64, 1.0, row);
+        }
+        let mut times = Vec::new();
+        for i in 0..=a.runs {
+            let t = Instant::now();
+            let (ids, scores) = head.search(&queries, a.k).map_err(|e| e.message)?;
+            let dt = t.elapsed().as_secs_f64();
+            if ids.len() != n * a.k || scores.iter().any(|s| !s.is_finite()) {
+                return Err("search returned malformed results".into());
+            }
+            if i > 0 {
+                times.push(dt);
+            }
+        }
+        let fastest = times.iter().cloned().fold(f64::INFINITY, f64::min);
+        let m = median(times);
+        println!(
+            "| {n} | {m:.3} s | {:.0} | {:.0} | {fastest:.3} s |",
+            n as f64 / m,
+            2.0 * n as f64 * classes as f64 * a.dim as f64 / m / 1e9
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: BenchArgs) -> Result<(), String> {
+    if a.search {
+        return search(&a);
+    }
     let configs: Vec<(u64, f32)> = match a.classes {
         Some(c) => vec![(c, a.sample_rate)],
         None => vec![(1_000_000, 0.1), (100_000, 1.0)],

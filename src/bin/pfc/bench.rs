@@ -4,7 +4,7 @@
 
 use clap::Parser;
 use partialfc::backend::{Embeddings, GradOut, HostBatch, PhaseTimes};
-use partialfc::config::Config;
+use partialfc::config::{BackendKind, Config, DType};
 use partialfc::rng;
 use partialfc::Head;
 use std::path::PathBuf;
@@ -48,6 +48,33 @@ pub struct BenchArgs {
     /// With --search: timed calls per query count (after one warm-up call); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Backend running the head: cpu, or cuda (scripts/gpu-check.sh).
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// GEMM input precision: f32, f16 or bf16 (accumulation is f32).
+    #[arg(long, default_value = "f32")]
+    pub compute_dtype: String,
+    /// Also print each configuration's result as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn head_config(classes: u64, rate: f32, a: &BenchArgs) -> Result<Config, String> {
+    let mut cfg = Config { num_classes: classes, embedding_dim: a.dim, sample_rate: rate, ..Config::default() };
+    cfg.local_shards = a.shards as usize;
+    cfg.world_size = cfg.local_shards;
+    cfg.backend = match a.backend.as_str() {
+        "cpu" => BackendKind::Cpu,
+        "cuda" => BackendKind::Cuda,
+        other => return Err(format!("--backend {other}: expected cpu or cuda")),
+    };
+    cfg.compute_dtype = match a.compute_dtype.as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => return Err(format!("--compute-dtype {other}: expected f32, f16 or bf16")),
+    };
+    Ok(cfg)
 }
 
 struct Measured {
@@ -62,10 +89,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn ours(classes: u64, rate: f32, a: &BenchArgs) -> Result<Measured, String> {
-    let mut cfg = Config { num_classes: classes, embedding_dim: a.dim, sample_rate: rate, ..Config::default() };
-    cfg.local_shards = a.shards as usize;
-    cfg.world_size = cfg.local_shards;
-    let mut head = Head::new(cfg).map_err(|e| e.message)?;
+    let mut head = Head::new(head_config(classes, rate, a)?).map_err(|e| e.message)?;
     let shards = a.shards as usize;
     let rows = |s: usize| a.batch / shards + usize::from(s < a.batch % shards);
     // Four distinct batches, as the reference script rotates; never time on zeros.
@@ -137,11 +161,8 @@ fn reference(classes: u64, rate: f32, a: &BenchArgs) -> Result<f64, String> {
 /// `--search`: times `Head::search` (what pfc_search runs) on random centers and random queries.
 fn search(a: &BenchArgs) -> Result<(), String> {
     let classes = a.classes.unwrap_or(1_000_000);
-    let mut cfg = Config { num_classes: classes, embedding_dim: a.dim, ..Config::default() };
-    cfg.local_shards = a.shards as usize;
-    cfg.world_size = cfg.local_shards;
     let t = Instant::now();
-    let head = Head::new(cfg).map_err(|e| e.message)?;
+    let head = Head::new(head_config(classes, 1.0, a)?).map_err(|e| e.message)?;
     let init = t.elapsed().as_secs_f64();
     println!(
         "search: C = {classes}, d = {}, k = {}, shards = {}, threads = {}, f32 centers ({:.1} GiB, initialised in {init:.1} s); medians of {} calls after one warm-up",
@@ -235,6 +256,16 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
             p.backward,
             p.scatter
         );
+        if a.json {
+            let line = serde_json::json!({
+                "impl": "partialfc", "backend": a.backend, "compute_dtype": a.compute_dtype, "classes": classes,
+                "sample_rate": rate, "dim": a.dim, "batch": a.batch, "shards": a.shards, "steps": a.steps,
+                "median_step_s": m.median, "images_per_s": a.batch as f64 / m.median, "gemm_gflops": flops / m.median / 1e9,
+                "sampled_classes": m.sampled,
+                "phases_s": {"gather": p.gather, "sample": p.sample, "forward": p.forward, "reduce": p.reduce, "backward": p.backward, "scatter": p.scatter},
+            });
+            println!("{line}");
+        }
     }
     Ok(())
 }

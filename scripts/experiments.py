@@ -4,7 +4,7 @@ docs/experiments/results/, and draws the plots (PNG) and tables from them.
 
     python3 scripts/experiments.py accuracy   # sample rate 1.0 / 0.3 / 0.1 on the same data
     python3 scripts/experiments.py noise      # label noise and conflicts, with and without the filter
-    python3 scripts/experiments.py scale      # memory and step time as the class count grows
+    python3 scripts/experiments.py scale [C…] # memory and step time as the class count grows
     python3 scripts/experiments.py report     # plots + tables (markdown on stdout)
 
 Needs a release build (cargo build --release) and matplotlib for `report`.
@@ -51,7 +51,9 @@ def noise():
 
 
 def scale():
-    for classes in [250_000, 500_000, 1_000_000, 2_000_000, 4_000_000]:
+    # 5M classes of d = 512 with SGD momentum need about 20 GiB: the most this 24 GiB machine holds.
+    sizes = [int(c) for c in sys.argv[2:]] or [250_000, 500_000, 1_000_000, 2_000_000, 4_000_000, 5_000_000]
+    for classes in sizes:
         # A fresh interpreter per run, so that ru_maxrss is this run's peak alone.
         probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True, check=True);"
                  "print(r.stdout); print('maxrss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")

@@ -40,10 +40,14 @@ results="$OUT/results.jsonl"
 : > "$results"
 for classes in 1000000 10000000; do
     for dtype in f32 bf16; do
-        line=$(.gpu/pfc bench --backend cuda --compute-dtype "$dtype" --classes "$classes" --sample-rate 0.1 \
-            --dim 512 --batch 1024 --steps 10 --reference-dir /nonexistent --json | tail -1)
-        echo "$line"
-        [ -n "$line" ] && echo "$line" >> "$results" || failures=$((failures + 1))
+        if out=$(.gpu/pfc bench --backend cuda --compute-dtype "$dtype" --classes "$classes" --sample-rate 0.1 \
+            --dim 512 --batch 1024 --steps 10 --reference-dir /nonexistent --json 2>&1); then
+            echo "$out"
+            tail -1 <<<"$out" >> "$results"
+        else
+            echo "$out"
+            failures=$((failures + 1))
+        fi
     done
 done
 
@@ -51,10 +55,13 @@ step "benchmark (reference PartialFC_V2 on the same GPU)"
 if [ -f .gpu/reference/partial_fc_v2.py ]; then
     for classes in 1000000 10000000; do
         for fp16 in "" "--fp16"; do
-            line=$(PFC_REFERENCE_DIR=.gpu/reference python3 .gpu/reference_step.py --device cuda --classes "$classes" \
-                --dim 512 --batch 1024 --sample-rate 0.1 --steps 10 $fp16 2>>"$OUT/reference-stderr.log" | tail -1)
-            echo "$line"
-            [ -n "$line" ] && echo "$line" >> "$results"
+            if line=$(PFC_REFERENCE_DIR=.gpu/reference python3 .gpu/reference_step.py --device cuda --classes "$classes" \
+                --dim 512 --batch 1024 --sample-rate 0.1 --steps 10 $fp16 2>>"$OUT/reference-stderr.log"); then
+                echo "$line"
+                tail -1 <<<"$line" >> "$results"
+            else
+                echo "reference failed at C = $classes $fp16 (see reference-stderr.log)"
+            fi
         done
     done
 else

@@ -13,72 +13,10 @@
 //! A missing `go` fails the test with a message: scripts/test.sh installs Debian's golang-go. Go
 //! runs offline (GOPROXY=off, GOTOOLCHAIN=local) with its caches under the target directory.
 
+mod native;
+use native::{describe, lib_dir, root, run, scratch, stdout};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn describe(what: &str, out: &Output) -> String {
-    format!(
-        "{what} failed ({}):\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs `cmd`, panicking with its output unless it succeeds.
-fn run(cmd: &mut Command) -> Output {
-    let what = format!("{cmd:?}");
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    assert!(out.status.success(), "{}", describe(&what, &out));
-    out
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `cargo build --release --lib` once per test process; the directory holding libpartialfc.so and
-/// libpartialfc.a (taken from cargo's JSON messages, so any target-dir setting is respected).
-fn lib_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = run(Command::new(&cargo).current_dir(root()).args([
-            "build",
-            "--release",
-            "--locked",
-            "--lib",
-            "--message-format=json-render-diagnostics",
-        ]));
-        let files: Vec<PathBuf> = stdout(&out)
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "partialfc")
-            .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
-            .filter_map(|f| f.as_str().map(PathBuf::from))
-            .collect();
-        let so = files
-            .iter()
-            .find(|f| f.extension().is_some_and(|e| e == "so"))
-            .unwrap_or_else(|| panic!("cargo reported no libpartialfc.so: {files:?}"));
-        let dir = so.parent().unwrap().to_path_buf();
-        assert!(dir.join("libpartialfc.a").is_file(), "no libpartialfc.a beside {}", so.display());
-        dir
-    })
-}
-
-/// A fresh scratch directory under cargo's per-target temporary directory.
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bindings-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use std::process::Command;
 
 /// $CXX, else g++ (the compiler), else c++.
 fn cxx() -> String {

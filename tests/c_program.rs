@@ -7,49 +7,10 @@
 //! lock before running tests, so the nested build does not deadlock) and takes the library's path
 //! from cargo's own JSON messages, which respects CARGO_TARGET_DIR and any other target-dir setting.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn describe(what: &str, out: &Output) -> String {
-    format!(
-        "{what} failed ({}):\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs `cargo build --release --lib` and returns the directory holding libpartialfc's shared library.
-fn build_cdylib() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(&cargo)
-        .current_dir(root())
-        .args(["build", "--release", "--locked", "--lib", "--message-format=json-render-diagnostics"])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cargo:?}: {e}"));
-    assert!(out.status.success(), "{}", describe("cargo build --release --lib", &out));
-    let so = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "partialfc")
-        .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default().into_iter().filter_map(|f| f.as_str().map(PathBuf::from)))
-        .find(|f| f.extension().is_some_and(|e| e == "so" || e == "dylib"))
-        .unwrap_or_else(|| panic!("cargo reported no shared library for partialfc:\n{}", String::from_utf8_lossy(&out.stdout)));
-    assert!(so.is_file(), "{} does not exist after the build", so.display());
-    so.parent().unwrap().to_path_buf()
-}
-
-/// A fresh scratch directory under cargo's per-target temporary directory.
-fn scratch_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("c_program-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod native;
+use native::{describe, lib_dir, root, scratch};
+use std::path::Path;
+use std::process::Command;
 
 fn compile(compiler: &str, lang_flags: &[&str], lib_dir: &Path, exe: &Path) {
     let src = root().join("tests/c/abi_test.c");
@@ -86,15 +47,15 @@ fn run(exe: &Path, want_banner: &str) {
 
 #[test]
 fn c_abi_program_compiles_as_c11_and_cxx17_and_passes() {
-    let lib_dir = build_cdylib();
-    let dir = scratch_dir();
+    let lib_dir = lib_dir();
+    let dir = scratch("c_program");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
 
     let c_exe = dir.join("abi_test_c11");
-    compile(&cc, &["-std=c11", "-pedantic"], &lib_dir, &c_exe);
+    compile(&cc, &["-std=c11", "-pedantic"], lib_dir, &c_exe);
     let cxx_exe = dir.join("abi_test_cxx17");
-    compile(&cxx, &["-x", "c++", "-std=c++17", "-pedantic"], &lib_dir, &cxx_exe);
+    compile(&cxx, &["-x", "c++", "-std=c++17", "-pedantic"], lib_dir, &cxx_exe);
 
     run(&c_exe, "c abi (C11)");
     run(&cxx_exe, "c abi (C++17)");

@@ -19,26 +19,10 @@ __device__ __forceinline__ u16 f32_to_bf16(float v) {
     return (u16)(bits >> 16);
 }
 
-__device__ __forceinline__ float bf16_to_f32(u16 v) {
-    return __uint_as_float(((u32)v) << 16);
-}
-
 __device__ __forceinline__ u16 f32_to_f16(float v) {
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
-}
-
-__device__ __forceinline__ float f16_to_f32(u16 v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-}
-
-__device__ __forceinline__ float load_as_f32(const void* base, u64 index, int dtype) {
-    if (dtype == DTYPE_F16) return f16_to_f32(((const u16*)base)[index]);
-    if (dtype == DTYPE_BF16) return bf16_to_f32(((const u16*)base)[index]);
-    return ((const float*)base)[index];
 }
 
 __device__ __forceinline__ void store_from_f32(void* base, u64 index, float v, int dtype) {

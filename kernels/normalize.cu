@@ -32,17 +32,3 @@ extern "C" __global__ void gather_centers(const float* centers, const u32* sampl
     if (threadIdx.x == 0) inv_norm[j] = inv;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) store_from_f32(out, (u64)j * dim + c, row[c] * inv, dtype);
 }
-
-// Host embeddings of any dtype to f32 (inputs may arrive as f16/bf16).
-extern "C" __global__ void to_f32(const void* src, int dtype, u64 n, float* dst) {
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        dst[i] = load_as_f32(src, i, dtype);
-}
-
-// Flags non-finite values: *bad becomes 1 if any of x is NaN or Inf.
-extern "C" __global__ void find_non_finite(const void* x, int dtype, u64 n, int* bad) {
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const float v = load_as_f32(x, i, dtype);
-        if (!isfinite(v)) *bad = 1;
-    }
-}

@@ -339,7 +339,8 @@ const SPHERE: (f64, f64, f64) = (1.35, 0.0, 0.0);
 const COMBINED: (f64, f64, f64) = (1.2, 0.3, 0.2);
 
 /// (name, margins, scale, C, d, N, seed): sizes differ per family; C and N not multiples of 3.
-const FAMILIES: [(&str, (f64, f64, f64), f64, usize, usize, usize, u64); 5] = [
+type Family = (&'static str, (f64, f64, f64), f64, usize, usize, usize, u64);
+const FAMILIES: [Family; 5] = [
     ("arcface", ARCFACE, 40.0, 101, 32, 17, 1),
     ("cosface", COSFACE, 24.0, 152, 48, 23, 2),
     ("sphereface-m1", SPHERE, 16.0, 59, 16, 10, 3),

@@ -22,7 +22,7 @@ pub const REGISTRY: &[KernelSource] = &[
     KernelSource {
         file: "normalize.cu",
         source: include_str!("../../../kernels/normalize.cu"),
-        entries: &["normalize_rows", "gather_centers", "to_f32", "find_non_finite"],
+        entries: &["normalize_rows", "gather_centers"],
     },
     KernelSource {
         file: "sampling.cu",

@@ -66,9 +66,7 @@ struct GpuShard {
     state: Vec<(StateTensor, CudaSlice<f32>)>,
     steps: Option<CudaSlice<u32>>,
     // Per step.
-    n: usize,
     k: usize,
-    labels: Option<CudaSlice<i64>>,
     unit: Option<CudaSlice<f32>>,
     unit_gemm: Option<CudaSlice<u8>>,
     inv_norm_e: Option<CudaSlice<f32>>,
@@ -196,9 +194,7 @@ impl CudaBackend {
                 centers,
                 state,
                 steps,
-                n: 0,
                 k: 0,
-                labels: None,
                 unit: None,
                 unit_gemm: None,
                 inv_norm_e: None,
@@ -298,7 +294,7 @@ impl GpuShard {
         for pass in 0..8 {
             let shift = 56 - 8 * pass;
             let mut hist = self.zeros::<u32>(256, "radix histogram")?;
-            let shift32 = shift as i32;
+            let shift32: i32 = shift;
             launch!(self, "radix_histogram", grid_for(len.min(1 << 20)), &keys, &len64, &prefix, &mask, &shift32, &mut hist)?;
             let counts: Vec<u32> = self.stream.clone_dtoh(&hist).map_err(|e| device_error("download", e))?;
             let mut bin = 255usize;
@@ -369,7 +365,6 @@ impl Backend for CudaBackend {
         let mut sample_time = 0.0;
         for shard in &mut self.shards {
             shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-            shard.n = n;
             let emb_d = shard.stream.clone_htod(&emb).map_err(|e| device_error("upload", e))?;
             let labels_d = shard.stream.clone_htod(&labels).map_err(|e| device_error("upload", e))?;
             let mut unit = shard.zeros::<f32>(n * d, "normalized embeddings")?;
@@ -416,7 +411,6 @@ impl Backend for CudaBackend {
                 launch!(shard, "combine_row_stats", grid_for(n), &part_max, &part_sum, &part_other, &parts32, &n32, &mut head_max, &mut sum, &mut other)?;
             }
             let local_max = shard.stream.clone_dtod(&max_stats.slice(0..n)).map_err(|e| device_error("copy", e))?;
-            shard.labels = Some(labels_d);
             shard.unit = Some(unit);
             shard.unit_gemm = Some(unit_gemm);
             shard.inv_norm_e = Some(inv_e);

@@ -495,7 +495,7 @@ impl Backend for CudaBackend {
                 // gx [N][d] = Gᵀ·Ŵ; column-major: (d×N) = Ŵ(d×k)·G(k×N).
                 shard.gemm(false, true, d, n, k, w, d, g, n, gxp, d, dtype, false)?;
                 let (gu, _gu) = g_unit.device_ptr_mut(&stream);
-                // gŴ [k][d] = G·X̂; column-major: (d×k) = X̂(d×N)·Gᵀ(N×k).
+                // gŴ [k][d] = G·X̂; column-major: (d×k) = X̂(d×N)·G(N×k), G being [k][N] row-major.
                 shard.gemm(false, false, d, k, n, x, d, g, n, gu, d, dtype, false)?;
             }
             let sampled = shard.sampled.take().expect("forward");

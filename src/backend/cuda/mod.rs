@@ -4,6 +4,7 @@
 //! boundary as well.
 
 pub mod kernels;
+mod select;
 mod step;
 
 pub use step::CudaBackend;

@@ -6,6 +6,7 @@
 //! embedding gradient are all-reduced with NCCL when there are several GPUs.
 
 use super::kernels::{arch_of, ptx_for};
+use super::select::{compaction_offsets, kth_largest};
 use super::DeviceInfo;
 use crate::backend::{Backend, GradOut, HostBatch, PhaseTimes, RowStats, StepPlan};
 use crate::comm::nccl::{self, Comm, NCCL_FLOAT32, NCCL_MAX, NCCL_SUM};
@@ -290,27 +291,11 @@ impl GpuShard {
             host[..len].iter().filter(|&&p| p != 0).count()
         };
         let k = want.max(positives);
-        let (mut prefix, mut mask, mut remaining) = (0u64, 0u64, k as u64);
-        for pass in 0..8 {
-            let shift = 56 - 8 * pass;
+        let (threshold, take_equal) = kth_largest(k as u64, |prefix, mask, shift| {
             let mut hist = self.zeros::<u32>(256, "radix histogram")?;
-            let shift32: i32 = shift;
-            launch!(self, "radix_histogram", grid_for(len.min(1 << 20)), &keys, &len64, &prefix, &mask, &shift32, &mut hist)?;
-            let counts: Vec<u32> = self.stream.clone_dtoh(&hist).map_err(|e| device_error("download", e))?;
-            let mut bin = 255usize;
-            loop {
-                let c = counts[bin] as u64;
-                if c >= remaining || bin == 0 {
-                    break;
-                }
-                remaining -= c;
-                bin -= 1;
-            }
-            prefix |= (bin as u64) << shift;
-            mask |= 0xFFu64 << shift;
-        }
-        let threshold = prefix;
-        let take_equal = remaining as u32;
+            launch!(self, "radix_histogram", grid_for(len.min(1 << 20)), &keys, &len64, &prefix, &mask, &shift, &mut hist)?;
+            self.stream.clone_dtoh(&hist).map_err(|e| device_error("download", e))
+        })?;
         let blocks = len.div_ceil(COMPACT_BLOCK as usize);
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (COMPACT_BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut above = self.zeros::<u32>(blocks, "block counts")?;
@@ -318,16 +303,8 @@ impl GpuShard {
         launch!(self, "count_selected", cfg, &keys, &len64, &threshold, &mut above, &mut equal)?;
         let above_h: Vec<u32> = self.stream.clone_dtoh(&above).map_err(|e| device_error("download", e))?;
         let equal_h: Vec<u32> = self.stream.clone_dtoh(&equal).map_err(|e| device_error("download", e))?;
-        let (mut sel_before, mut eq_before) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
-        let (mut sel, mut eq) = (0u32, 0u32);
-        for b in 0..blocks {
-            sel_before.push(sel);
-            eq_before.push(eq);
-            let taken_eq = (eq + equal_h[b]).min(take_equal) - eq.min(take_equal);
-            sel += above_h[b] + taken_eq;
-            eq += equal_h[b];
-        }
-        debug_assert_eq!(sel as usize, k);
+        let (sel_before, eq_before, total) = compaction_offsets(&above_h, &equal_h, take_equal);
+        debug_assert_eq!(total as usize, k);
         let sel_d = self.stream.clone_htod(&sel_before).map_err(|e| device_error("upload", e))?;
         let eq_d = self.stream.clone_htod(&eq_before).map_err(|e| device_error("upload", e))?;
         let mut out = self.zeros::<u32>(k, "sampled ids")?;

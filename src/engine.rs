@@ -2,7 +2,7 @@
 //! input validation, the loss and accuracy from reduced statistics, center access. A failed call
 //! leaves the head exactly as it was: inputs are checked before any backend state changes.
 
-use crate::backend::{cpu::CpuBackend, Backend, GradOut, HostBatch, PhaseTimes, RowStats, StepPlan};
+use crate::backend::{cpu::CpuBackend, Backend, DeviceBatch, GradOut, HostBatch, HostValues, PhaseTimes, RowStats, StepPlan};
 use crate::config::{BackendKind, Config};
 use crate::error::{Error, Result, Status};
 use crate::optimizer::StateTensor;
@@ -138,6 +138,29 @@ impl Head {
         let plan = StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: 1.0, train: false };
         let rows = self.backend.forward(batches, plan)?;
         Ok(self.stats(&rows))
+    }
+
+    /// A step (or, with `train` false, an evaluation) on batches in device memory. This version stages
+    /// them through the host: the inputs are copied out (after the callers' streams), validated and
+    /// stepped like host batches, and the gradients copied back (before the callers' streams go on).
+    pub fn step_device(&mut self, batches: &[DeviceBatch], train: bool) -> Result<StepStats> {
+        if batches.len() != self.cfg.local_shards {
+            return Err(Error::invalid(format!("got {} batches for {} local shards", batches.len(), self.cfg.local_shards)));
+        }
+        let staged = self.backend.download(batches, self.cfg.embedding_dim)?;
+        let inputs: Vec<HostBatch> =
+            staged.iter().map(|s| HostBatch { embeddings: s.embeddings.as_embeddings(), labels: &s.labels }).collect();
+        if !train {
+            return self.evaluate(&inputs);
+        }
+        let mut grads: Vec<HostValues> =
+            batches.iter().map(|b| HostValues::zeros(b.dtype, b.rows * self.cfg.embedding_dim)).collect();
+        let stats = {
+            let mut outs: Vec<GradOut> = grads.iter_mut().map(|g| g.as_grad_out()).collect();
+            self.train_step(&inputs, &mut outs)?
+        };
+        self.backend.upload_grads(batches, &grads)?;
+        Ok(stats)
     }
 
     fn check_range(&self, first: u64, count: u64, buffer_len: usize) -> Result<()> {

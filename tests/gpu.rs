@@ -120,3 +120,39 @@ fn nccl_unique_id_on_a_gpu_machine() {
         assert!(status == PFC_OK || status == PFC_ERR_UNAVAILABLE, "{}", last_error());
     }
 }
+
+#[test]
+fn device_pointers_ordered_on_a_callers_stream() {
+    let (c, d, n) = (5003u64, 64usize, 40usize);
+    let cfg = config(c, d, 0.2, PFC_DTYPE_F32);
+    let Some(device_head) = cuda_head(&cfg) else { return };
+    let host_head = cuda_head(&cfg).expect("a second CUDA head");
+    let ctx = cudarc::driver::CudaContext::new(0).expect("GPU 0");
+    let stream = ctx.new_stream().expect("a caller's stream");
+    for step in 0..3 {
+        let (e, l) = data(c, d, n, 300 + step);
+        let e_d = stream.clone_htod(&e).unwrap();
+        let l_d = stream.clone_htod(&l).unwrap();
+        let mut g_d = stream.alloc_zeros::<f32>(n * d).unwrap();
+        let (ep, _a) = cudarc::driver::DevicePtr::device_ptr(&e_d, &stream);
+        let (lp, _b) = cudarc::driver::DevicePtr::device_ptr(&l_d, &stream);
+        let (gp, _c) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut g_d, &stream);
+        let b = pfc_batch {
+            embeddings: ep as *const _,
+            labels: lp as *const _,
+            grad_embeddings: gp as *mut _,
+            batch_size: n as u64,
+            dtype: PFC_DTYPE_F32,
+            memory: PFC_MEMORY_DEVICE,
+            stream: stream.cu_stream() as *mut _,
+        };
+        let mut st = pfc_step_stats::default();
+        ok(pfc_train_step(device_head.0, &b, 1, &mut st));
+        drop((_a, _b, _c));
+        let got: Vec<f32> = stream.clone_dtoh(&g_d).unwrap();
+        let (want_stats, want) = host_head.step(&e, &l, d, &[n]);
+        assert_eq!(st.loss, want_stats.loss, "step {step}: device-memory loss");
+        assert_eq!(got, want, "step {step}: device-memory gradient");
+    }
+    assert_eq!(device_head.centers(d), host_head.centers(d));
+}

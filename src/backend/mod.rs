@@ -70,6 +70,58 @@ impl GradOut<'_> {
     }
 }
 
+/// One local shard's batch in device memory (CUDA backend): pointers on that shard's GPU, and the
+/// caller's stream (0 for none) that the step is ordered after and that then sees the outputs.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceBatch {
+    pub embeddings: u64,
+    pub labels: u64,
+    /// 0 when no gradient is wanted (evaluation).
+    pub grad: u64,
+    pub rows: usize,
+    pub dtype: crate::config::DType,
+    pub stream: usize,
+}
+
+/// Values of one of the batch dtypes, owned on the host.
+pub enum HostValues {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl HostValues {
+    pub fn zeros(dtype: crate::config::DType, len: usize) -> Self {
+        match dtype {
+            crate::config::DType::F32 => HostValues::F32(vec![0.0; len]),
+            crate::config::DType::F16 => HostValues::F16(vec![f16::ZERO; len]),
+            crate::config::DType::BF16 => HostValues::BF16(vec![bf16::ZERO; len]),
+        }
+    }
+
+    pub fn as_embeddings(&self) -> Embeddings<'_> {
+        match self {
+            HostValues::F32(v) => Embeddings::F32(v),
+            HostValues::F16(v) => Embeddings::F16(v),
+            HostValues::BF16(v) => Embeddings::BF16(v),
+        }
+    }
+
+    pub fn as_grad_out(&mut self) -> GradOut<'_> {
+        match self {
+            HostValues::F32(v) => GradOut::F32(v),
+            HostValues::F16(v) => GradOut::F16(v),
+            HostValues::BF16(v) => GradOut::BF16(v),
+        }
+    }
+}
+
+/// A device batch copied to the host.
+pub struct StagedBatch {
+    pub embeddings: HostValues,
+    pub labels: Vec<i64>,
+}
+
 /// One local shard's validated input.
 pub struct HostBatch<'a> {
     pub embeddings: Embeddings<'a>,
@@ -148,4 +200,12 @@ pub trait Backend: Send {
     /// centers, best first, ties by smaller class id.
     fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>>;
     fn phase_times(&self) -> PhaseTimes;
+    /// Copies device batches to the host, ordered after the callers' streams.
+    fn download(&mut self, _batches: &[DeviceBatch], _dim: usize) -> Result<Vec<StagedBatch>> {
+        Err(crate::error::Error::invalid("device memory needs the CUDA backend; this head runs on the CPU"))
+    }
+    /// Writes gradients to the device batches' `grad` pointers; the callers' streams then see them.
+    fn upload_grads(&mut self, _batches: &[DeviceBatch], _grads: &[HostValues]) -> Result<()> {
+        Err(crate::error::Error::invalid("device memory needs the CUDA backend; this head runs on the CPU"))
+    }
 }

@@ -10,7 +10,7 @@ pub mod types;
 
 use self::guard::{guard, with_last_error};
 pub use self::types::*;
-use crate::backend::{Embeddings, GradOut, HostBatch};
+use crate::backend::{DeviceBatch, Embeddings, GradOut, HostBatch};
 use crate::config::{BackendKind, Config, DType, MarginConfig, MarginGrad, OptimizerConfig, OptimizerKind};
 use crate::engine::{Head, StepStats};
 use crate::error::{Error, Result, Status};
@@ -169,7 +169,12 @@ fn head_ref<'a>(h: *const pfc_head) -> Result<&'a pfc_head> {
     unsafe { h.as_ref() }.ok_or_else(|| Error::null("head"))
 }
 
-/// A batch's slices, checked against the head's configuration.
+/// A call's batches, checked against the head's configuration: host slices, or device pointers.
+enum Parsed<'a> {
+    Host(BatchSlices<'a>),
+    Device(Vec<DeviceBatch>),
+}
+
 struct BatchSlices<'a> {
     inputs: Vec<HostBatch<'a>>,
     grads: Vec<GradOut<'a>>,
@@ -177,7 +182,7 @@ struct BatchSlices<'a> {
 
 /// # Safety
 /// The pointers in `b` must be valid for the sizes they declare.
-unsafe fn batch_slices<'a>(head: &Head, b: *const pfc_batch, n: u32, want_grads: bool) -> Result<BatchSlices<'a>> {
+unsafe fn batch_slices<'a>(head: &Head, b: *const pfc_batch, n: u32, want_grads: bool) -> Result<Parsed<'a>> {
     let shards = head.config().local_shards;
     if n as usize != shards {
         return Err(Error::invalid(format!("got {n} batches for {shards} local shards: pass one per shard")));
@@ -194,11 +199,14 @@ unsafe fn batch_slices<'a>(head: &Head, b: *const pfc_batch, n: u32, want_grads:
     for (s, batch) in batches.iter().enumerate() {
         let dtype = dtype_of("batch dtype", batch.dtype)?;
         match batch.memory {
-            PFC_MEMORY_HOST => {}
-            PFC_MEMORY_DEVICE => {
-                return Err(Error::invalid(format!("batch {s}: device memory needs the CUDA backend; this head runs on the CPU")))
-            }
+            PFC_MEMORY_HOST | PFC_MEMORY_DEVICE => {}
             v => return Err(Error::invalid(format!("batch {s}: memory = {v} is not a PFC_MEMORY_* value"))),
+        }
+        if batch.memory != batches[0].memory {
+            return Err(Error::invalid(format!("batch {s}: memory differs from batch 0's; pass all batches in host or all in device memory")));
+        }
+        if batch.memory == PFC_MEMORY_DEVICE && head.config().backend != crate::config::BackendKind::Cuda {
+            return Err(Error::invalid(format!("batch {s}: device memory needs the CUDA backend; this head runs on the CPU")));
         }
         if batch.batch_size > MAX_BATCH_ROWS {
             return Err(Error::invalid(format!("batch {s}: batch_size {} exceeds {MAX_BATCH_ROWS}", batch.batch_size)));
@@ -243,6 +251,22 @@ unsafe fn batch_slices<'a>(head: &Head, b: *const pfc_batch, n: u32, want_grads:
             return Err(Error::invalid(format!("batch {s}: grad_embeddings overlaps another batch's grad_embeddings")));
         }
     }
+    if batches[0].memory == PFC_MEMORY_DEVICE {
+        let device = batches
+            .iter()
+            .map(|b| {
+                Ok(DeviceBatch {
+                    embeddings: b.embeddings as u64,
+                    labels: b.labels as u64,
+                    grad: if want_grads { b.grad_embeddings as u64 } else { 0 },
+                    rows: b.batch_size as usize,
+                    dtype: dtype_of("batch dtype", b.dtype)?,
+                    stream: b.stream as usize,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(Parsed::Device(device));
+    }
     let mut out = BatchSlices { inputs: Vec::with_capacity(shards), grads: Vec::with_capacity(shards) };
     for batch in batches {
         let dtype = dtype_of("batch dtype", batch.dtype)?;
@@ -270,7 +294,7 @@ unsafe fn batch_slices<'a>(head: &Head, b: *const pfc_batch, n: u32, want_grads:
             });
         }
     }
-    Ok(out)
+    Ok(Parsed::Host(out))
 }
 
 fn write_stats(stats: *mut pfc_step_stats, s: StepStats) {
@@ -336,8 +360,10 @@ pub extern "C" fn pfc_destroy(head: *mut pfc_head) {
 pub extern "C" fn pfc_train_step(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats) -> pfc_status {
     guard(|| {
         let mut h = head_ref(head)?.inner.lock();
-        let mut slices = unsafe { batch_slices(&h, batches, n, true) }?;
-        let s = h.train_step(&slices.inputs, &mut slices.grads)?;
+        let s = match unsafe { batch_slices(&h, batches, n, true) }? {
+            Parsed::Host(mut slices) => h.train_step(&slices.inputs, &mut slices.grads)?,
+            Parsed::Device(device) => h.step_device(&device, true)?,
+        };
         write_stats(stats, s);
         Ok(())
     })
@@ -348,8 +374,10 @@ pub extern "C" fn pfc_train_step(head: *mut pfc_head, batches: *const pfc_batch,
 pub extern "C" fn pfc_evaluate(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats) -> pfc_status {
     guard(|| {
         let mut h = head_ref(head)?.inner.lock();
-        let slices = unsafe { batch_slices(&h, batches, n, false) }?;
-        let s = h.evaluate(&slices.inputs)?;
+        let s = match unsafe { batch_slices(&h, batches, n, false) }? {
+            Parsed::Host(slices) => h.evaluate(&slices.inputs)?,
+            Parsed::Device(device) => h.step_device(&device, false)?,
+        };
         write_stats(stats, s);
         Ok(())
     })

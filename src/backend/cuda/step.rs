@@ -8,7 +8,7 @@
 use super::kernels::{arch_of, ptx_for};
 use super::select::{compaction_offsets, kth_largest};
 use super::DeviceInfo;
-use crate::backend::{Backend, GradOut, HostBatch, PhaseTimes, RowStats, StepPlan};
+use crate::backend::{Backend, DeviceBatch, GradOut, HostBatch, HostValues, PhaseTimes, RowStats, StagedBatch, StepPlan};
 use crate::comm::nccl::{self, Comm, NCCL_FLOAT32, NCCL_MAX, NCCL_SUM};
 use crate::config::{Config, DType, MarginGrad, OptimizerKind};
 use crate::error::{Error, Result, Status};
@@ -614,5 +614,73 @@ impl Backend for CudaBackend {
 
     fn phase_times(&self) -> PhaseTimes {
         self.times
+    }
+
+    fn download(&mut self, batches: &[DeviceBatch], dim: usize) -> Result<Vec<StagedBatch>> {
+        use cudarc::driver::result::{memcpy_dtoh_async, stream};
+        let mut staged = Vec::with_capacity(batches.len());
+        for (shard, b) in self.shards.iter().zip(batches) {
+            shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
+            let ours = shard.stream.cu_stream();
+            after_caller(b.stream, ours)?;
+            let mut embeddings = HostValues::zeros(b.dtype, b.rows * dim);
+            let mut labels = vec![0i64; b.rows];
+            if b.rows > 0 {
+                // SAFETY: the caller's pointers hold `rows` labels and `rows × dim` values on this GPU.
+                unsafe {
+                    match &mut embeddings {
+                        HostValues::F32(v) => memcpy_dtoh_async(v, b.embeddings, ours),
+                        HostValues::F16(v) => memcpy_dtoh_async(v, b.embeddings, ours),
+                        HostValues::BF16(v) => memcpy_dtoh_async(v, b.embeddings, ours),
+                    }
+                    .map_err(|e| device_error("copying device embeddings", e))?;
+                    memcpy_dtoh_async(&mut labels, b.labels, ours).map_err(|e| device_error("copying device labels", e))?;
+                    stream::synchronize(ours).map_err(|e| device_error("synchronize", e))?;
+                }
+            }
+            staged.push(StagedBatch { embeddings, labels });
+        }
+        Ok(staged)
+    }
+
+    fn upload_grads(&mut self, batches: &[DeviceBatch], grads: &[HostValues]) -> Result<()> {
+        use cudarc::driver::result::{memcpy_htod_async, stream};
+        for ((shard, b), g) in self.shards.iter().zip(batches).zip(grads) {
+            shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
+            let ours = shard.stream.cu_stream();
+            if b.rows > 0 {
+                // SAFETY: the caller's gradient pointer holds as many values of this dtype, on this GPU;
+                // the host copy outlives the transfer (synchronized below).
+                unsafe {
+                    match g {
+                        HostValues::F32(v) => memcpy_htod_async(b.grad, v, ours),
+                        HostValues::F16(v) => memcpy_htod_async(b.grad, v, ours),
+                        HostValues::BF16(v) => memcpy_htod_async(b.grad, v, ours),
+                    }
+                    .map_err(|e| device_error("writing device gradients", e))?;
+                    stream::synchronize(ours).map_err(|e| device_error("synchronize", e))?;
+                }
+            }
+            after_caller(ours as usize, b.stream as _)?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes stream `then` wait for the work queued so far on stream `first` (an event, not a device
+/// sync). Either may be 0 for none.
+fn after_caller(first: usize, then: cudarc::driver::sys::CUstream) -> Result<()> {
+    use cudarc::driver::result::{event, stream};
+    use cudarc::driver::sys::{CUevent_flags, CUevent_wait_flags};
+    if first == 0 || then.is_null() {
+        return Ok(());
+    }
+    let ev = event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| device_error("event", e))?;
+    // SAFETY: `first` is a live stream of the caller's (or ours); the event is destroyed after the
+    // wait is queued, which CUDA allows.
+    unsafe {
+        let queued = event::record(ev, first as _).and_then(|_| stream::wait_event(then, ev, CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT));
+        let _ = event::destroy(ev);
+        queued.map_err(|e| device_error("ordering with the caller's stream", e))
     }
 }

@@ -12,7 +12,9 @@
  *   returns. Host inputs are read before return. Heads are freed with pfc_destroy.
  * - memory = PFC_MEMORY_DEVICE (CUDA backend only): pointers are on that shard's GPU; with a
  *   stream the step is ordered after earlier work on it and later work on it sees the outputs
- *   (events, not a device sync); stats == NULL then means the call does not wait for the GPU.
+ *   (events, not a device sync). All batches of a call use the same memory kind. This version
+ *   stages device batches through host memory, so the call returns after the GPU work (stats ==
+ *   NULL does not yet make it asynchronous).
  * - Gradient convention: grad_embeddings is world_size times the gradient of the global mean
  *   loss with respect to this shard's embeddings (the reference's convention: it cancels a
  *   data-parallel backbone's gradient averaging).

@@ -490,47 +490,51 @@ func (h *Head) shard(op string, i int, train bool, emb unsafe.Pointer, nemb int,
 	return b, nil
 }
 
+// first points at s's first element, or is nil for an empty slice.
+func first[T any](s []T) unsafe.Pointer {
+	if len(s) == 0 {
+		return nil
+	}
+	return unsafe.Pointer(&s[0])
+}
+
+// shardParts is one batch's embeddings, labels and gradient, whatever its element type.
+type shardParts struct {
+	emb    unsafe.Pointer
+	nemb   int
+	labels []int64
+	grad   unsafe.Pointer
+	ngrad  int
+}
+
 func (h *Head) stepF32(op string, train bool, batches []Batch) (StepStats, error) {
-	head, err := h.acquire(op)
-	if err != nil {
-		return StepStats{}, err
-	}
-	defer h.release()
-	bufs := make([]shardBuf, len(batches))
-	for i, b := range batches {
-		var e, g unsafe.Pointer
-		if len(b.Embeddings) > 0 {
-			e = unsafe.Pointer(&b.Embeddings[0])
-		}
-		if len(b.Grad) > 0 {
-			g = unsafe.Pointer(&b.Grad[0])
-		}
-		if bufs[i], err = h.shard(op, i, train, e, len(b.Embeddings), b.Labels, g, len(b.Grad), 4); err != nil {
-			return StepStats{}, err
-		}
-	}
-	return step(head, op, train, DTypeF32, bufs)
+	return h.stepWith(op, train, DTypeF32, 4, len(batches), func(i int) shardParts {
+		b := batches[i]
+		return shardParts{first(b.Embeddings), len(b.Embeddings), b.Labels, first(b.Grad), len(b.Grad)}
+	})
 }
 
 func (h *Head) stepHalf(op string, train bool, dtype DType, batches []HalfBatch) (StepStats, error) {
+	return h.stepWith(op, train, dtype, 2, len(batches), func(i int) shardParts {
+		b := batches[i]
+		return shardParts{first(b.Embeddings), len(b.Embeddings), b.Labels, first(b.Grad), len(b.Grad)}
+	})
+}
+
+// stepWith holds the head for one step over n batches of `elem`-byte values of `dtype`.
+func (h *Head) stepWith(op string, train bool, dtype DType, elem int, n int, part func(int) shardParts) (StepStats, error) {
 	head, err := h.acquire(op)
 	if err != nil {
 		return StepStats{}, err
 	}
 	defer h.release()
-	if dtype != DTypeF16 && dtype != DTypeBF16 {
+	if elem == 2 && dtype != DTypeF16 && dtype != DTypeBF16 {
 		return StepStats{}, invalid(op, "dtype %d: half batches hold DTypeF16 or DTypeBF16 values", int32(dtype))
 	}
-	bufs := make([]shardBuf, len(batches))
-	for i, b := range batches {
-		var e, g unsafe.Pointer
-		if len(b.Embeddings) > 0 {
-			e = unsafe.Pointer(&b.Embeddings[0])
-		}
-		if len(b.Grad) > 0 {
-			g = unsafe.Pointer(&b.Grad[0])
-		}
-		if bufs[i], err = h.shard(op, i, train, e, len(b.Embeddings), b.Labels, g, len(b.Grad), 2); err != nil {
+	bufs := make([]shardBuf, n)
+	for i := range bufs {
+		p := part(i)
+		if bufs[i], err = h.shard(op, i, train, p.emb, p.nemb, p.labels, p.grad, p.ngrad, elem); err != nil {
 			return StepStats{}, err
 		}
 	}

@@ -20,7 +20,7 @@ fn figure(out: &str, line_has: &str, key: &str) -> f64 {
     rest.trim_start().split(|c: char| !(c.is_ascii_digit() || c == '.')).next().unwrap().parse().unwrap()
 }
 
-const SMALL: &[&str] = &["--classes", "2000", "--dim", "64", "--steps", "150", "--batch", "128", "--shards", "3", "--eval-identities", "300", "--log-every", "30"];
+const SMALL: &[&str] = &["--classes", "2000", "--dim", "64", "--steps", "150", "--batch", "128", "--shards", "3", "--eval-identities", "300", "--log-every", "30", "--noise", "0.6"];
 
 #[test]
 fn train_learns_identities_and_evaluates_far_above_chance() {

@@ -48,8 +48,9 @@ pub struct TrainArgs {
     /// Zipf exponent of identity sizes: identity of rank i is drawn ∝ (i+1)^-tail (0 = uniform).
     #[arg(long, default_value_t = 0.8)]
     pub tail: f64,
-    /// Within-identity variation of the synthetic images, relative to the identity signal.
-    #[arg(long, default_value_t = 0.6)]
+    /// Within-identity variation of the synthetic images, relative to the identity signal (1.0 keeps
+    /// verification well short of saturation).
+    #[arg(long, default_value_t = 1.0)]
     pub noise: f32,
     /// Backend running the head: cpu, or cuda (needs the CUDA backend and a GPU).
     #[arg(long, default_value = "cpu")]

@@ -201,8 +201,9 @@ pub fn normalize_rows(src: &[f32], dim: usize, dst: &mut [f32], inv_norm: &mut [
 }
 
 /// A dot product with independent lane accumulators, so that it vectorizes without reassociation.
+/// Its summation order is fixed (lanes, then the tail), whatever the CPU features: search relies on it.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;
     let mut acc = [0.0f32; LANES];
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));

@@ -27,7 +27,7 @@ const BLOCK: usize = 256;
 
 /// Enough blocks per task that each thread gets a few tasks, so per-task scratch (an N×d gradient
 /// accumulator among it) is allocated and summed a handful of times per step, not per block.
-fn min_blocks_per_task(blocks: usize) -> usize {
+pub(super) fn min_blocks_per_task(blocks: usize) -> usize {
     blocks.div_ceil(4 * rayon::current_num_threads()).max(1)
 }
 

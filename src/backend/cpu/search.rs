@@ -26,36 +26,13 @@ fn selection_margin(d: usize) -> f32 {
     (2 * d + 16) as f32 * f32::EPSILON
 }
 
-/// `Σ aᵢbᵢ` in a fixed order (16 lane accumulators, then the lanes, then the tail) that does not
-/// depend on where the rows live.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0.0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let mut tail = 0.0f32;
-    for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
-        tail += x * y;
-    }
-    for (x, y) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut sum = 0.0f32;
-    for v in acc {
-        sum += v;
-    }
-    sum + tail
-}
-
 /// The cosine of unit query `q` and center `c` whose 1/‖c‖ is `inv` (from `row_inv_norms`, which
 /// depends on the row alone). A center whose squared norm overflows f32 (`inv` = 0) is scored in
 /// float64. Zero is always +0, so that ±0 tie.
 #[inline]
 fn exact_score(q: &[f32], c: &[f32], inv: f32) -> f32 {
     let s = if inv > 0.0 {
-        dot(q, c) * inv
+        kernels::dot(q, c) * inv
     } else {
         let (mut qc, mut cc) = (0.0f64, 0.0f64);
         for (&x, &y) in q.iter().zip(c) {
@@ -72,11 +49,10 @@ pub fn scan(centers: &[f32], d: usize, first_class: u64, queries: &[f32], k: usi
     let n = queries.len() / d;
     let rows = centers.len() / d;
     let blocks = rows.div_ceil(CENTER_BLOCK);
-    let tasks = blocks.div_ceil(4 * rayon::current_num_threads()).max(1);
     let margin = selection_margin(d);
     (0..blocks)
         .into_par_iter()
-        .with_min_len(tasks)
+        .with_min_len(super::min_blocks_per_task(blocks))
         .fold(
             || (TopK::new(n, k), Vec::new(), Vec::new(), Vec::new(), Vec::new()),
             |(mut best, mut scores, mut inv, mut ids, mut huge), b| {

@@ -251,16 +251,26 @@ pfc_status pfc_get_centers(const struct pfc_head *head,
 // floats, finite) and resets those rows' optimizer state (warm start).
 pfc_status pfc_set_centers(struct pfc_head *head, uint64_t first, uint64_t count, const float *in);
 
-// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest plus one
-// safetensors file per shard with centers and all optimizer state. The previous checkpoint in `dir`
-// stays loadable until the new one is complete (a crash mid-save loses nothing).
-pfc_status pfc_save_checkpoint(const struct pfc_head *head, const char *dir);
+// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest
+// (`manifest.json`, one JSON document with its checksum inside) plus one safetensors file per shard
+// with centers and all optimizer state. The previous checkpoint in `dir` stays loadable until the
+// new one is complete (a crash mid-save loses nothing). One writer per directory: while another head
+// or process saves into `dir` (it holds `dir/.partialfc.lock`), this call fails at once with
+// PFC_ERR_IO and touches nothing. A head whose state a load would refuse (NaN or Inf values, a
+// learning rate or step counts out of range) is not saved (PFC_ERR_INVALID_ARGUMENT) and no file is
+// touched. A save deletes only files this library wrote there: the replaced checkpoint's and what an
+// interrupted save of this library left.
+pfc_status pfc_save_checkpoint(const struct pfc_head *head,
+                               const char *dir);
 
 // Restores centers, optimizer state, step, seed and learning rate from the checkpoint in `dir`,
-// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file
-// gives PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer gives PFC_ERR_INCOMPATIBLE;
-// on any failure the head is unchanged.
-pfc_status pfc_load_checkpoint(struct pfc_head *head, const char *dir);
+// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file,
+// anything but a regular file (a FIFO, a device), or values the head would refuse give
+// PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer, or a checkpoint of another format
+// version (older versions of this library) give PFC_ERR_INCOMPATIBLE; a save in progress in `dir`
+// gives PFC_ERR_IO. Never reads more than the manifest declares. On any failure the head is unchanged.
+pfc_status pfc_load_checkpoint(struct pfc_head *head,
+                               const char *dir);
 
 // Writes all C centers to one file at `path`: `format` is a PFC_FORMAT_* value, `dtype`
 // PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs and FAISS: f32 only), `normalized` 1 for unit rows.

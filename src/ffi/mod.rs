@@ -468,9 +468,15 @@ unsafe fn path_arg<'a>(p: *const c_char, name: &str) -> Result<&'a std::path::Pa
     Ok(std::path::Path::new(std::ffi::OsStr::from_bytes(bytes)))
 }
 
-/// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest plus one
-/// safetensors file per shard with centers and all optimizer state. The previous checkpoint in `dir`
-/// stays loadable until the new one is complete (a crash mid-save loses nothing).
+/// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest
+/// (`manifest.json`, one JSON document with its checksum inside) plus one safetensors file per shard
+/// with centers and all optimizer state. The previous checkpoint in `dir` stays loadable until the
+/// new one is complete (a crash mid-save loses nothing). One writer per directory: while another head
+/// or process saves into `dir` (it holds `dir/.partialfc.lock`), this call fails at once with
+/// PFC_ERR_IO and touches nothing. A head whose state a load would refuse (NaN or Inf values, a
+/// learning rate or step counts out of range) is not saved (PFC_ERR_INVALID_ARGUMENT) and no file is
+/// touched. A save deletes only files this library wrote there: the replaced checkpoint's and what an
+/// interrupted save of this library left.
 #[no_mangle]
 pub extern "C" fn pfc_save_checkpoint(head: *const pfc_head, dir: *const c_char) -> pfc_status {
     guard(|| {
@@ -481,9 +487,11 @@ pub extern "C" fn pfc_save_checkpoint(head: *const pfc_head, dir: *const c_char)
 }
 
 /// Restores centers, optimizer state, step, seed and learning rate from the checkpoint in `dir`,
-/// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file
-/// gives PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer gives PFC_ERR_INCOMPATIBLE;
-/// on any failure the head is unchanged.
+/// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file,
+/// anything but a regular file (a FIFO, a device), or values the head would refuse give
+/// PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer, or a checkpoint of another format
+/// version (older versions of this library) give PFC_ERR_INCOMPATIBLE; a save in progress in `dir`
+/// gives PFC_ERR_IO. Never reads more than the manifest declares. On any failure the head is unchanged.
 #[no_mangle]
 pub extern "C" fn pfc_load_checkpoint(head: *mut pfc_head, dir: *const c_char) -> pfc_status {
     guard(|| {

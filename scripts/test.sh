@@ -16,6 +16,10 @@ fi
 if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
     apt-get update -qq && apt-get install -y -qq golang-go >/dev/null
 fi
+# tests/mpi.rs runs jobs over several processes with OpenMPI (Debian's packages).
+if ! command -v mpicc >/dev/null 2>&1 || ! command -v mpirun >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+fi
 # tests/export_search.rs reads the exports back with numpy and the safetensors package.
 if ! python3 -c 'import numpy, safetensors' >/dev/null 2>&1; then
     python3 -m pip install --quiet numpy safetensors \

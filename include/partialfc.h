@@ -291,7 +291,9 @@ pfc_status pfc_set_centers(struct pfc_head *head, uint64_t first, uint64_t count
 // PFC_ERR_IO and touches nothing. A head whose state a load would refuse (NaN or Inf values, a
 // learning rate or step counts out of range) is not saved (PFC_ERR_INVALID_ARGUMENT) and no file is
 // touched. A save deletes only files this library wrote there: the replaced checkpoint's and what an
-// interrupted save of this library left.
+// interrupted save of this library left. Collective on a multi-process head: every process writes
+// its own shards into `dir` (one directory on a filesystem all processes share); the manifest is
+// published only after every shard file of the job is durable.
 pfc_status pfc_save_checkpoint(const struct pfc_head *head,
                                const char *dir);
 
@@ -301,6 +303,8 @@ pfc_status pfc_save_checkpoint(const struct pfc_head *head,
 // PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer, or a checkpoint of another format
 // version (older versions of this library) give PFC_ERR_INCOMPATIBLE; a save in progress in `dir`
 // gives PFC_ERR_IO. Never reads more than the manifest declares. On any failure the head is unchanged.
+// Collective on a multi-process head (each process reads its own classes' rows, whatever layout
+// wrote them); a head refused after a failed exchange between processes is usable again after it.
 pfc_status pfc_load_checkpoint(struct pfc_head *head,
                                const char *dir);
 
@@ -308,6 +312,8 @@ pfc_status pfc_load_checkpoint(struct pfc_head *head,
 // PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs and FAISS: f32 only), `normalized` 1 for unit rows.
 // Streamed in chunks; the file appears atomically. An f16 export of centers beyond f16's range
 // (±65504) fails with PFC_ERR_INVALID_ARGUMENT and writes nothing: export them normalized or as f32.
+// Collective on a multi-process head: each process writes its classes' rows at their offset into
+// the one file, which appears only once all have written.
 pfc_status pfc_export_centers(const struct pfc_head *head,
                               const char *path,
                               int32_t format,
@@ -315,8 +321,10 @@ pfc_status pfc_export_centers(const struct pfc_head *head,
                               int32_t normalized);
 
 // The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
-// floats) over this process's centers: `ids` (n × k int64) and `scores` (n × k floats), each row
-// sorted by score, ties by smaller class id.
+// floats) over all centers of the job: `ids` (n × k int64) and `scores` (n × k floats), each row
+// sorted by score, ties by smaller class id. Collective on a multi-process head: every process
+// passes the same queries (else PFC_ERR_INVALID_ARGUMENT everywhere) and receives the same merged
+// result, equal to a single process's.
 pfc_status pfc_search(const struct pfc_head *head,
                       const float *queries,
                       uint64_t n,

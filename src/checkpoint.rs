@@ -123,42 +123,93 @@ fn check_saveable(head: &Head) -> Result<()> {
     Ok(())
 }
 
-/// Writes a checkpoint of `head` into `dir` (created if needed).
+/// Writes a checkpoint of `head` into `dir` (created if needed). Collective on a multi-process
+/// head: every process writes its own shards into the one directory (a shared filesystem across
+/// machines); process 0 holds the directory's lock, journals the save and publishes the manifest
+/// only after every process's shard files are durable. Any process's failure fails the save on all.
 pub fn save(head: &Head, dir: &Path) -> Result<()> {
+    let group = head.group();
     let cfg = head.config();
-    let (first, count) = head.local_classes();
-    if first != 0 || count != cfg.num_classes {
-        return Err(Error::new(Status::Unavailable, "this process owns only part of the classes; multi-process checkpoints need the distributed backend"));
-    }
-    check_saveable(head)?;
-    fs::create_dir_all(dir).map_err(|e| io_error("cannot create checkpoint directory", dir, e))?;
-    let mut lock = DirLock::exclusive(dir)?;
-    let pending = Journal::parse(&lock.contents(MAX_JOURNAL_BYTES)?);
-    let save_id = fresh_save_id(dir, cfg.world_size);
-    let own = JournalEntry { save: save_id.clone(), shards: cfg.world_size, supersedes: manifest_files(dir) };
-    lock.append(own.line().as_bytes())?;
-    let names = own.shard_files();
-    match write_checkpoint(head, dir, &save_id, &names) {
+    group.agree(check_saveable(head))?;
+    // Process 0 takes the directory and names the save; every process learns the name.
+    let mut lead: Option<(DirLock, Journal, JournalEntry)> = None;
+    let begun = if group.index() == 0 {
+        begin_save(dir, cfg.world_size).map(|(lock, pending, own)| {
+            let id = own.save.clone().into_bytes();
+            lead = Some((lock, pending, own));
+            id
+        })
+    } else {
+        Ok(Vec::new())
+    };
+    let begun = group.agree(begun)?;
+    let save_id = String::from_utf8_lossy(&group.allgather_varied(&begun)?[0]).into_owned();
+    let entry = JournalEntry { save: save_id.clone(), shards: cfg.world_size, supersedes: Vec::new() };
+    let ranks = cfg.first_rank..cfg.first_rank + cfg.local_shards;
+    let names = entry.shard_files();
+    let mine: Vec<String> = names[ranks.clone()].to_vec();
+    let outcome = (|| -> Result<()> {
+        let written = fs::create_dir_all(dir)
+            .map_err(|e| io_error("cannot create checkpoint directory", dir, e))
+            .and_then(|()| write_shards(head, dir, &save_id, ranks.clone()));
+        let table = group.agree(written)?;
+        // Every shard file of the job is durable: process 0 publishes the manifest naming them all.
+        let tables = group.allgather_varied(&serde_json::to_vec(&table).expect("JSON values serialize"))?;
+        let published = match &lead {
+            Some(_) => (|| {
+                let mut shards = Vec::new();
+                for t in &tables {
+                    let part: Vec<Value> = serde_json::from_slice(t).map_err(|e| Error::new(Status::Communication, format!("a process sent a bad shard table: {e}")))?;
+                    shards.extend(part);
+                }
+                write_manifest(head, dir, &save_id, shards)
+            })(),
+            None => Ok(()),
+        };
+        group.agree(published)
+    })();
+    match outcome {
         Ok(()) => {
-            // The new manifest is durable: nothing journaled is referenced any more but its files.
-            for entry in pending.entries.iter().chain([&own]) {
-                entry.remove_stale(dir, &names);
+            if let Some((mut lock, pending, own)) = lead {
+                // The new manifest is durable: nothing journaled is referenced any more but its files.
+                for entry in pending.entries.iter().chain([&own]) {
+                    entry.remove_stale(dir, &names);
+                }
+                let _ = crate::fsutil::sync_dir(dir);
+                let _ = lock.clear();
             }
-            let _ = crate::fsutil::sync_dir(dir);
-            let _ = lock.clear();
             Ok(())
         }
         Err(e) => {
             // Unless the new manifest made it into place (a failure after its rename), the files
-            // this save wrote are referenced by nothing: remove them. (Its journal line stays; the
-            // next save's clean-up finds nothing of it to remove.)
+            // this process wrote are referenced by nothing: remove them. (The journal line stays;
+            // the next save's clean-up finds nothing of them to remove.)
             let installed = read_manifest(dir).is_ok_and(|m| m.shards.iter().any(|s| names.contains(&s.file)));
             if !installed {
-                remove_regular(own.own_files(dir), &[]);
+                let mut files = Vec::new();
+                for name in &mine {
+                    files.extend(temp_path(&dir.join(name), &save_id).ok());
+                    files.push(dir.join(name));
+                }
+                if lead.is_some() {
+                    files.extend(temp_path(&dir.join(MANIFEST), &save_id).ok());
+                }
+                remove_regular(files, &[]);
             }
             Err(e)
         }
     }
+}
+
+/// Process 0's start of a save: the directory, its lock, the journal of earlier saves, and this
+/// save's journal line, durable before any file of the save exists.
+fn begin_save(dir: &Path, world_size: usize) -> Result<(DirLock, Journal, JournalEntry)> {
+    fs::create_dir_all(dir).map_err(|e| io_error("cannot create checkpoint directory", dir, e))?;
+    let mut lock = DirLock::exclusive(dir)?;
+    let pending = Journal::parse(&lock.contents(MAX_JOURNAL_BYTES)?);
+    let own = JournalEntry { save: fresh_save_id(dir, world_size), shards: world_size, supersedes: manifest_files(dir) };
+    lock.append(own.line().as_bytes())?;
+    Ok((lock, pending, own))
 }
 
 fn shard_name(save_id: &str, rank: usize) -> String {
@@ -270,8 +321,9 @@ fn manifest_files(dir: &Path) -> Vec<String> {
     shards.iter().filter_map(|s| s.get("file")?.as_str().filter(|f| plain_name(f)).map(String::from)).collect()
 }
 
-/// Writes the shard files `names` (one per rank) and then the manifest that names them.
-fn write_checkpoint(head: &Head, dir: &Path, save_id: &str, names: &[String]) -> Result<()> {
+/// Writes the shard files of global ranks `ranks` (this process's) of save `save_id`: their
+/// entries of the manifest's shard table.
+fn write_shards(head: &Head, dir: &Path, save_id: &str, ranks: std::ops::Range<usize>) -> Result<Vec<Value>> {
     let cfg = head.config();
     let d = cfg.embedding_dim;
     let tensors = StateTensor::for_optimizer(cfg.optimizer.kind);
@@ -281,7 +333,8 @@ fn write_checkpoint(head: &Head, dir: &Path, save_id: &str, names: &[String]) ->
     let mut bytes = Vec::new();
     bytes.try_reserve_exact(rows_per_chunk * d * 4).map_err(|_| Error::new(Status::OutOfMemory, "cannot allocate a checkpoint chunk"))?;
     let mut shards = Vec::new();
-    for (rank, name) in names.iter().enumerate() {
+    for rank in ranks {
+        let name = shard_name(save_id, rank);
         let range = ShardRange::of(cfg.num_classes, cfg.world_size, rank);
         let d64 = d as u64;
         let mut layout: Vec<(&str, &str, Vec<u64>, u64)> =
@@ -290,7 +343,7 @@ fn write_checkpoint(head: &Head, dir: &Path, save_id: &str, names: &[String]) ->
             layout.push(("steps", "U32", vec![range.len], range.len * 4));
         }
         let meta = json!({"start": range.start.to_string(), "len": range.len.to_string(), "rank": rank.to_string()});
-        let mut file = AtomicFile::create_tagged(&dir.join(name), save_id)?;
+        let mut file = AtomicFile::create_tagged(&dir.join(&name), save_id)?;
         let mut crc = crc32fast::Hasher::new();
         let mut size = 0u64;
         let mut put = |file: &mut AtomicFile, bytes: &[u8]| -> Result<()> {
@@ -328,6 +381,13 @@ fn write_checkpoint(head: &Head, dir: &Path, save_id: &str, names: &[String]) ->
         file.commit()?;
         shards.push(json!({"rank": rank, "start": range.start, "len": range.len, "file": name, "bytes": size, "crc32": crc}));
     }
+    Ok(shards)
+}
+
+/// Writes and publishes the manifest of save `save_id` over the shard table `shards` (any order).
+fn write_manifest(head: &Head, dir: &Path, save_id: &str, mut shards: Vec<Value>) -> Result<()> {
+    let cfg = head.config();
+    shards.sort_by_key(|s| s.get("rank").and_then(Value::as_u64).unwrap_or(u64::MAX));
     let m = &cfg.margin;
     let body = json!({
         "format": FORMAT,
@@ -622,9 +682,26 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
     Ok(())
 }
 
-/// Reads a checkpoint from `dir` into `head`, resharding as needed. On any error the head is
-/// unchanged.
+/// Reads a checkpoint from `dir` into `head`, resharding as needed: each process reads the rows of
+/// its own classes, whatever layout wrote them. On any process's error every process fails and
+/// every head is unchanged. A head poisoned by a failed exchange is usable again after a load.
 pub fn load(head: &mut Head, dir: &Path) -> Result<()> {
+    let poisoned = head.group().check().err();
+    head.group().heal();
+    let read = read_state(head, dir);
+    match head.group().agree(read) {
+        Ok(restored) => head.restore(restored),
+        Err(e) => {
+            if let Some(p) = poisoned {
+                head.group().poison(&p.message);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// This process's part of the checkpoint in `dir`, verified completely.
+fn read_state(head: &Head, dir: &Path) -> Result<Restored> {
     let _reading = DirLock::shared(dir)?;
     let m = read_manifest(dir)?;
     let cfg = head.config();
@@ -647,7 +724,7 @@ pub fn load(head: &mut Head, dir: &Path) -> Result<()> {
     let (first, count) = head.local_classes();
     let mut rows = RowsOut::new(first, count, cfg.embedding_dim, StateTensor::for_optimizer(kind), kind == OptimizerKind::AdamW)?;
     read_rows(dir, &m, &mut rows)?;
-    head.restore(Restored { tensors: rows.tensors, steps: rows.steps, step: m.step, seed: m.seed, lr: m.lr })
+    Ok(Restored { tensors: rows.tensors, steps: rows.steps, step: m.step, seed: m.seed, lr: m.lr })
 }
 
 /// All centers of the checkpoint in `dir`, verified as `load` verifies them: `(classes, dim, rows)`.

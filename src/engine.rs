@@ -222,11 +222,13 @@ impl Head {
 }
 
 impl Head {
-    /// The `k` most similar local classes by cosine for each query (rows of `queries`), best first,
-    /// ties by smaller class id: `(ids, scores)`, `n × k` each.
+    /// The `k` classes of the job most similar by cosine to each query (rows of `queries`), best
+    /// first, ties by smaller class id: `(ids, scores)`, `n × k` each. Collective on a multi-process
+    /// head: every process passes the same queries and receives the merged result.
     pub fn search(&self, queries: &[f32], k: usize) -> Result<(Vec<i64>, Vec<f32>)> {
         let (_, local) = self.local_classes();
-        crate::search::top_k(queries, self.cfg.embedding_dim, local, k, |unit, k| self.backend.search(unit, k))
+        let (d, classes) = (self.cfg.embedding_dim, self.cfg.num_classes);
+        crate::search::search_job(&self.group, queries, d, classes, local, k, |unit, k| self.backend.search(unit, k))
     }
 
     /// Rows `[first, first + count)` of a state tensor (checkpoints).

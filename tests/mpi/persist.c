@@ -11,8 +11,10 @@
  *   resume T FROM TAG  load DIR/ckpt (saved at step FROM), save it again as DIR/ckpt-TAG, export
  *                  DIR/export-TAG.*, search into DIR/search-TAG.bin, then train steps FROM..FROM+T
  *                  and export DIR/after-TAG.npy
- *   save-loop      train and save into DIR/kill forever, printing "saved STEP" after each save
- *                  (process 0) and "pid RANK PID" first (the test kills one process mid-save)
+ *   save-loop      (200003 classes) train and save into DIR/ckpt forever, printing "saved STEP" after each save
+ *                  (process 0), "saving RANK STEP" before each, and "pid RANK PID" first (the test
+ *                  kills one process mid-save)
+ *   save-once      (200003 classes) one step, one save into DIR/ckpt
  * Every process checks that its search results equal process 0's. The last line of a finished run
  * is "rank R: done".
  */
@@ -53,7 +55,10 @@ static int32_t mpi_allgather(void *ctx, const void *send, size_t bytes, void *re
     return MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, MPI_COMM_WORLD) == MPI_SUCCESS ? 0 : 1;
 }
 
-enum { CLASSES = 997, DIM = 16, ROWS = 24, QUERIES = 5, K = 10 };
+enum { DIM = 16, ROWS = 24, QUERIES = 5, K = 10 };
+
+/* Classes of the job; save-loop uses many, so that a save takes long enough to be killed in. */
+static uint64_t classes_ = 997;
 
 static char dir_[4096];
 static int shards_[64], nprocs_, first_, world_;
@@ -81,7 +86,7 @@ static int64_t labels_[ROWS];
 static void step(pfc_head *h, uint64_t t) {
     uint64_t s = 0xC0FFEE ^ (t * 0x9E3779B9ull);
     for (int i = 0; i < ROWS; i++) {
-        labels_[i] = (int64_t)(mix(&s) % CLASSES);
+        labels_[i] = (int64_t)(mix(&s) % classes_);
         for (int j = 0; j < DIM; j++) emb_[i * DIM + j] = uniform(&s);
     }
     /* Global shard g gets rows [g·ROWS/W, (g+1)·ROWS/W). */
@@ -105,7 +110,7 @@ static void step(pfc_head *h, uint64_t t) {
 static pfc_head *create(void) {
     pfc_config cfg;
     pfc_config_init(&cfg);
-    cfg.num_classes = CLASSES;
+    cfg.num_classes = classes_;
     cfg.embedding_dim = DIM;
     cfg.sample_rate = 0.5f;
     cfg.scale = 16.0f;
@@ -181,6 +186,7 @@ int main(int argc, char **argv) {
     }
     const char *mode = argv[3];
     char p[8192], name[256];
+    if (!strcmp(mode, "save-loop") || !strcmp(mode, "save-once")) classes_ = 200003;
     pfc_head *h = create();
     if (!strcmp(mode, "train") && argc == 5) {
         int steps = atoi(argv[4]);
@@ -203,12 +209,17 @@ int main(int argc, char **argv) {
         for (int t = 0; t < steps; t++) step(h, from + (uint64_t)t);
         snprintf(name, sizeof name, "after-%s.npy", tag);
         OK(pfc_export_centers(h, path(p, sizeof p, name), PFC_FORMAT_NPY, PFC_DTYPE_F32, 0));
+    } else if (!strcmp(mode, "save-once")) {
+        step(h, 0);
+        OK(pfc_save_checkpoint(h, path(p, sizeof p, "ckpt")));
     } else if (!strcmp(mode, "save-loop")) {
         printf("pid %d %ld\n", rank_, (long)getpid());
         fflush(stdout);
         for (uint64_t t = 0;; t++) {
             step(h, t);
-            OK(pfc_save_checkpoint(h, path(p, sizeof p, "kill")));
+            printf("saving %d %llu\n", rank_, (unsigned long long)(t + 1));
+            fflush(stdout);
+            OK(pfc_save_checkpoint(h, path(p, sizeof p, "ckpt")));
             if (rank_ == 0) {
                 printf("saved %llu\n", (unsigned long long)(t + 1));
                 fflush(stdout);

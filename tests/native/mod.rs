@@ -69,3 +69,35 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// `tests/mpi/NAME.c` compiled with mpicc against the library, once per test process.
+pub fn mpi_program(name: &str) -> PathBuf {
+    let lib = lib_dir();
+    let dir = scratch(&format!("mpi-{name}"));
+    let exe = dir.join(name);
+    let mut cmd = Command::new("mpicc");
+    cmd.args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root().join("include"))
+        .arg(root().join(format!("tests/mpi/{name}.c")))
+        .arg("-o")
+        .arg(&exe)
+        .arg("-L")
+        .arg(lib)
+        .arg("-lpartialfc")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lm");
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run mpicc (OpenMPI is installed by scripts/setup.sh): {e}"));
+    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+    exe
+}
+
+/// `mpirun` with what this machine needs: root is allowed, more processes than cores, shared
+/// memory without cross-memory attach (containers forbid it), one thread per process's pool.
+pub fn mpirun(n: usize) -> Command {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("OMPI_MCA_btl", "self,vader")
+        .env("RAYON_NUM_THREADS", "1");
+    cmd
+}

@@ -11,7 +11,6 @@ mod native;
 use common::Golden;
 use native::{describe, mpi_program, mpirun, scratch};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 fn parity_exe() -> &'static Path {

@@ -148,11 +148,15 @@ pub fn save(head: &Head, dir: &Path) -> Result<()> {
     let ranks = cfg.first_rank..cfg.first_rank + cfg.local_shards;
     let names = entry.shard_files();
     let mine: Vec<String> = names[ranks.clone()].to_vec();
+    // Whether process 0 may have published the manifest: then only it may tell which files are
+    // referenced, and the others leave theirs to the next save's clean-up.
+    let mut may_publish = false;
     let outcome = (|| -> Result<()> {
         let written = fs::create_dir_all(dir)
             .map_err(|e| io_error("cannot create checkpoint directory", dir, e))
             .and_then(|()| write_shards(head, dir, &save_id, ranks.clone()));
-        let table = group.agree(written)?;
+        let table = group.agree(written).inspect_err(|e| may_publish = e.status == Status::Communication)?;
+        may_publish = true;
         // Every shard file of the job is durable: process 0 publishes the manifest naming them all.
         let tables = group.allgather_varied(&serde_json::to_vec(&table).expect("JSON values serialize"))?;
         let published = match &lead {
@@ -182,10 +186,12 @@ pub fn save(head: &Head, dir: &Path) -> Result<()> {
         }
         Err(e) => {
             // Unless the new manifest made it into place (a failure after its rename), the files
-            // this process wrote are referenced by nothing: remove them. (The journal line stays;
-            // the next save's clean-up finds nothing of them to remove.)
+            // this process wrote are referenced by nothing: remove them. Process 0 knows; another
+            // process knows only while the manifest cannot have been published yet. What stays is
+            // journaled: the next save removes it.
+            let knows = lead.is_some() || !may_publish;
             let installed = read_manifest(dir).is_ok_and(|m| m.shards.iter().any(|s| names.contains(&s.file)));
-            if !installed {
+            if knows && !installed {
                 let mut files = Vec::new();
                 for name in &mine {
                     files.extend(temp_path(&dir.join(name), &save_id).ok());
@@ -686,10 +692,19 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
 /// its own classes, whatever layout wrote them. On any process's error every process fails and
 /// every head is unchanged. A head poisoned by a failed exchange is usable again after a load.
 pub fn load(head: &mut Head, dir: &Path) -> Result<()> {
+    load_from(head, Ok(dir))
+}
+
+/// `load` of a directory argument that may be bad on some process (agreed first, on a head that
+/// the load may heal).
+pub(crate) fn load_from(head: &mut Head, dir: Result<&Path>) -> Result<()> {
     let poisoned = head.group().check().err();
     head.group().heal();
-    let read = read_state(head, dir);
-    match head.group().agree(read) {
+    let outcome = head.group().agree(dir).and_then(|dir| {
+        let read = read_state(head, dir);
+        head.group().agree(read)
+    });
+    match outcome {
         Ok(restored) => head.restore(restored),
         Err(e) => {
             if let Some(p) = poisoned {

@@ -162,3 +162,20 @@ fn killing_one_process_mid_save_leaves_a_loadable_checkpoint() {
     job(dir, &[1, 1], &["save-once"]);
     assert_clean(&dir.join("ckpt"));
 }
+
+#[test]
+fn a_failing_callback_during_a_save_fails_it_everywhere_and_keeps_a_checkpoint() {
+    let s = Scratch::new("persist-mpi-fail");
+    let dir = &s.0;
+    let mut cmd = mpirun(3);
+    cmd.arg(exe()).arg(dir).arg("1,2,1").arg("fail-save");
+    let out = cmd.output().expect("cannot run mpirun");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+    let points: Vec<usize> = text.lines().filter_map(|l| l.strip_prefix("failure points ")).map(|n| n.trim().parse().unwrap()).collect();
+    assert_eq!(points.len(), 3, "{text}");
+    assert!(points.iter().all(|&p| p == points[0] && p >= 6), "{text}");
+    // What the failures left is a complete checkpoint: the first save's or a later one's.
+    let h = TestHead::new(&config(997, 16, 4, true, 0.5));
+    ok(load(&h, &dir.join("ckpt")));
+}

@@ -527,8 +527,7 @@ pub extern "C" fn pfc_save_checkpoint(head: *const pfc_head, dir: *const c_char)
 pub extern "C" fn pfc_load_checkpoint(head: *mut pfc_head, dir: *const c_char) -> pfc_status {
     guard(|| {
         let mut h = head_ref(head)?.inner.lock();
-        let dir = h.group().agree(unsafe { path_arg(dir, "dir") })?;
-        crate::checkpoint::load(&mut h, dir)
+        crate::checkpoint::load_from(&mut h, unsafe { path_arg(dir, "dir") })
     })
 }
 

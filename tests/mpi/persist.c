@@ -15,6 +15,9 @@
  *                  (process 0), "saving RANK STEP" before each, and "pid RANK PID" first (the test
  *                  kills one process mid-save)
  *   save-once      (200003 classes) one step, one save into DIR/ckpt
+ *   fail-save      save once, then again with the callback failing at its 1st, 2nd, … call of the
+ *                  save: each must give PFC_ERR_COMMUNICATION everywhere and leave a loadable
+ *                  checkpoint, the head refused until a load; prints "failure points N"
  * Every process checks that its search results equal process 0's. The last line of a finished run
  * is "rank R: done".
  */
@@ -49,8 +52,13 @@ static const char *last_error(void) {
         if (st_ != PFC_OK) FAIL("%s: status %d: %s", #call, st_, last_error()); \
     } while (0)
 
+/* Calls of the callback so far, and the one that fails on every process (-1: none), as a failed
+   MPI collective fails everywhere. */
+static long calls_, fail_at_ = -1;
+
 static int32_t mpi_allgather(void *ctx, const void *send, size_t bytes, void *recv) {
     (void)ctx;
+    if (calls_++ == fail_at_) return 7;
     if (bytes > (size_t)INT32_MAX) return 2;
     return MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, MPI_COMM_WORLD) == MPI_SUCCESS ? 0 : 1;
 }
@@ -209,6 +217,28 @@ int main(int argc, char **argv) {
         for (int t = 0; t < steps; t++) step(h, from + (uint64_t)t);
         snprintf(name, sizeof name, "after-%s.npy", tag);
         OK(pfc_export_centers(h, path(p, sizeof p, name), PFC_FORMAT_NPY, PFC_DTYPE_F32, 0));
+    } else if (!strcmp(mode, "fail-save")) {
+        step(h, 0);
+        OK(pfc_save_checkpoint(h, path(p, sizeof p, "ckpt")));
+        float q[DIM] = {1.0f};
+        int64_t id;
+        float score;
+        int points = 0;
+        for (long n = 0;; n++) {
+            step(h, (uint64_t)n + 1);
+            fail_at_ = calls_ + n;
+            int st = pfc_save_checkpoint(h, path(p, sizeof p, "ckpt"));
+            fail_at_ = -1;
+            if (st == PFC_OK) break;
+            if (st != PFC_ERR_COMMUNICATION) FAIL("save failing at its call %ld: status %d: %s", n, st, last_error());
+            points++;
+            /* Poisoned until a load, which restores a checkpoint every process can read. */
+            st = pfc_search(h, q, 1, 1, &id, &score);
+            if (st != PFC_ERR_COMMUNICATION) FAIL("search after a failed exchange: status %d: %s", st, last_error());
+            OK(pfc_load_checkpoint(h, path(p, sizeof p, "ckpt")));
+            OK(pfc_search(h, q, 1, 1, &id, &score));
+        }
+        printf("failure points %d\n", points);
     } else if (!strcmp(mode, "save-once")) {
         step(h, 0);
         OK(pfc_save_checkpoint(h, path(p, sizeof p, "ckpt")));

@@ -164,7 +164,7 @@ fn killing_one_process_mid_save_leaves_a_loadable_checkpoint() {
 }
 
 #[test]
-fn a_failing_callback_during_a_save_fails_it_everywhere_and_keeps_a_checkpoint() {
+fn a_failing_callback_fails_saves_and_exports_everywhere_and_keeps_what_was_there() {
     let s = Scratch::new("persist-mpi-fail");
     let dir = &s.0;
     let mut cmd = mpirun(3);
@@ -175,6 +175,10 @@ fn a_failing_callback_during_a_save_fails_it_everywhere_and_keeps_a_checkpoint()
     let points: Vec<usize> = text.lines().filter_map(|l| l.strip_prefix("failure points ")).map(|n| n.trim().parse().unwrap()).collect();
     assert_eq!(points.len(), 3, "{text}");
     assert!(points.iter().all(|&p| p == points[0] && p >= 6), "{text}");
+    let exports: Vec<usize> = text.lines().filter_map(|l| l.strip_prefix("export failure points ")).map(|n| n.trim().parse().unwrap()).collect();
+    assert!(exports.len() == 3 && exports.iter().all(|&p| p == exports[0] && p >= 4), "{text}");
+    let names = listing(dir);
+    assert!(names.iter().all(|n| !n.starts_with('.')), "temporary files left: {names:?}");
     // What the failures left is a complete checkpoint: the first save's or a later one's.
     let h = TestHead::new(&config(997, 16, 4, true, 0.5));
     ok(load(&h, &dir.join("ckpt")));

@@ -17,7 +17,9 @@
  *   save-once      (200003 classes) one step, one save into DIR/ckpt
  *   fail-save      save once, then again with the callback failing at its 1st, 2nd, … call of the
  *                  save: each must give PFC_ERR_COMMUNICATION everywhere and leave a loadable
- *                  checkpoint, the head refused until a load; prints "failure points N"
+ *                  checkpoint, the head refused until a load; prints "failure points N"; the same
+ *                  for exports (the previous file stays as it was; "export failure points N"), and a
+ *                  search with other queries on one process, refused everywhere alike
  * Every process checks that its search results equal process 0's. The last line of a finished run
  * is "rank R: done".
  */
@@ -239,6 +241,41 @@ int main(int argc, char **argv) {
             OK(pfc_search(h, q, 1, 1, &id, &score));
         }
         printf("failure points %d\n", points);
+        /* Exports: a failed exchange at any point leaves the previous file and nothing else. */
+        char prev[8192];
+        path(prev, sizeof prev, "c.npy");
+        OK(pfc_export_centers(h, prev, PFC_FORMAT_NPY, PFC_DTYPE_F32, 0));
+        FILE *f = fopen(prev, "rb");
+        static unsigned char before[1 << 20], after[1 << 20];
+        size_t len = fread(before, 1, sizeof before, f);
+        fclose(f);
+        step(h, 1000);
+        int export_points = 0;
+        for (long n = 0;; n++) {
+            fail_at_ = calls_ + n;
+            int st = pfc_export_centers(h, prev, PFC_FORMAT_NPY, PFC_DTYPE_F32, 0);
+            fail_at_ = -1;
+            if (st == PFC_OK) break;
+            if (st != PFC_ERR_COMMUNICATION) FAIL("export failing at its call %ld: status %d: %s", n, st, last_error());
+            export_points++;
+            f = fopen(prev, "rb");
+            size_t got = fread(after, 1, sizeof after, f);
+            fclose(f);
+            if (got != len || memcmp(before, after, len)) FAIL("a failed export changed %s", prev);
+            OK(pfc_load_checkpoint(h, path(p, sizeof p, "ckpt")));
+        }
+        printf("export failure points %d\n", export_points);
+        /* Other queries on one process: refused everywhere, with one message. */
+        float other[DIM] = {1.0f};
+        if (rank_ == size_ - 1) other[1] = 0.5f;
+        int st = pfc_search(h, other, 1, 1, &id, &score);
+        if (st != PFC_ERR_INVALID_ARGUMENT || !strstr(last_error(), "other queries")) FAIL("mismatched queries: status %d: %s", st, last_error());
+        char mine[512] = {0}, all[512 * 64];
+        snprintf(mine, sizeof mine, "%s", last_error());
+        MPI_Allgather(mine, 512, MPI_CHAR, all, 512, MPI_CHAR, MPI_COMM_WORLD);
+        for (int r = 0; r < size_; r++)
+            if (strcmp(all + 512 * r, mine)) FAIL("process %d reported \"%s\", this one \"%s\"", r, all + 512 * r, mine);
+        OK(pfc_search(h, q, 1, 1, &id, &score));
     } else if (!strcmp(mode, "save-once")) {
         step(h, 0);
         OK(pfc_save_checkpoint(h, path(p, sizeof p, "ckpt")));

@@ -595,7 +595,7 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
     let shown = path.display();
     let mut f = RegularFile::open(&path, "checkpoint file")?.ok_or_else(|| corrupt(format!("checkpoint file {shown} is missing")))?;
     let damaged = || corrupt(format!("checkpoint file {shown} fails its size or checksum: truncated or altered"));
-    if f.len() != s.bytes || s.bytes < 8 {
+    if f.size() != s.bytes || s.bytes < 8 {
         return Err(damaged());
     }
     let mut crc = crc32fast::Hasher::new();

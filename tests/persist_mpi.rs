@@ -98,8 +98,11 @@ fn killing_one_process_mid_save_leaves_a_loadable_checkpoint() {
     eprintln!("kill moments from seed {seed}");
     let mut rng = Rng(seed);
     let mut mid_save = 0;
-    let rounds = 4;
-    for round in 0..rounds {
+    // Rounds until two kills landed inside a save (leaving its files behind), ten at most.
+    let mut rounds = 0;
+    while rounds < 10 && mid_save < 2 {
+        let round = rounds;
+        rounds += 1;
         let mut cmd = mpirun(2);
         cmd.arg(exe()).arg(dir).arg("1,1").arg("save-loop").stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = cmd.spawn().expect("cannot run mpirun");
@@ -128,22 +131,24 @@ fn killing_one_process_mid_save_leaves_a_loadable_checkpoint() {
             }
         }
         assert!(pids.len() == 2 && saved >= want, "round {round}: the job did not get going ({pids:?}, saved {saved})");
-        // Alternately the process that publishes manifests and the other one, a moment after it
-        // began its next save.
+        // Alternately the process that publishes manifests and the other one, while a save's shard
+        // files are being written (a temporary file is there), a random moment later.
         let victim = round % 2;
-        loop {
-            let line = rx.recv_timeout(Duration::from_secs(30)).expect("the job stopped saving");
-            match line.split(' ').collect::<Vec<_>>()[..] {
-                ["saving", r, _] if r.parse::<usize>().unwrap() == victim => break,
-                ["saved", g] => saved = g.parse().unwrap(),
-                _ => {}
-            }
+        let t1 = Instant::now();
+        while !listing(&dir.join("ckpt")).iter().any(|n| n.starts_with(".shard-")) {
+            assert!(t1.elapsed() < Duration::from_secs(30), "round {round}: no save began");
+            std::thread::sleep(Duration::from_micros(200));
         }
-        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
+        std::thread::sleep(Duration::from_micros(rng.below(5_000)));
         unsafe { libc::kill(pids[&victim], libc::SIGKILL) };
         let _ = child.wait();
-        drop(rx);
         let _ = reader.join();
+        // The last save reported before the kill (its line may have come after the kill).
+        for line in rx.try_iter() {
+            if let Some(g) = line.strip_prefix("saved ") {
+                saved = g.parse().unwrap();
+            }
+        }
         let names = listing(&dir.join("ckpt"));
         eprintln!("round {round}: killed rank {} after save {saved}: {names:?}", round % 2);
         if names.iter().any(|n| n.starts_with('.') && n != LOCK_FILE) || names.len() > 4 {

@@ -208,7 +208,7 @@ impl Head {
 
     pub fn get_centers(&self, first: u64, count: u64, normalized: bool, out: &mut [f32]) -> Result<()> {
         self.check_range(first, count, out.len())?;
-        self.backend.read_state(StateTensor::Centers, first, count, out)?;
+        self.backend.state().read_state(StateTensor::Centers, first, count, out)?;
         if normalized {
             let d = self.cfg.embedding_dim;
             let mut inv = vec![0.0; count as usize];
@@ -222,7 +222,7 @@ impl Head {
         if let Some(at) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid(format!("center value {at} is NaN or Inf")));
         }
-        self.backend.set_centers(first, count, values)
+        self.backend.state_mut().set_centers(first, count, values)
     }
 }
 
@@ -243,7 +243,7 @@ impl Head {
         }
         let mut unit = crate::error::try_zeroed::<f32>(queries.len(), "normalized queries")?;
         crate::search::unit_rows(queries, d, &mut unit);
-        let hits = self.backend.search(&unit, k)?;
+        let hits = self.backend.state().search(&unit, k)?;
         // The C ABI copies exactly n × k results: never hand back short rows.
         if hits.len() != queries.len() / d || hits.iter().any(|row| row.len() != k) {
             return Err(Error::new(Status::Panic, "internal error: search returned fewer than k hits for a query"));
@@ -261,11 +261,11 @@ impl Head {
 
     /// Rows `[first, first + count)` of a state tensor (checkpoints).
     pub(crate) fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
-        self.backend.read_state(tensor, first, count, out)
+        self.backend.state().read_state(tensor, first, count, out)
     }
 
     pub(crate) fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()> {
-        self.backend.read_steps(first, count, out)
+        self.backend.state().read_steps(first, count, out)
     }
 
     /// Replaces the whole training state at once; the caller has validated every piece, so this
@@ -273,10 +273,10 @@ impl Head {
     pub(crate) fn restore(&mut self, restored: Restored) -> Result<()> {
         let (first, count) = self.local_classes();
         for (tensor, values) in &restored.tensors {
-            self.backend.write_state(*tensor, first, count, values)?;
+            self.backend.state_mut().write_state(*tensor, first, count, values)?;
         }
         if let Some(steps) = &restored.steps {
-            self.backend.write_steps(first, count, steps)?;
+            self.backend.state_mut().write_steps(first, count, steps)?;
         }
         self.step = restored.step;
         self.cfg.seed = restored.seed;

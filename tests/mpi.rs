@@ -16,25 +16,7 @@ use std::sync::OnceLock;
 
 fn parity_exe() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        let lib = lib_dir();
-        let dir = scratch("mpi");
-        let exe = dir.join("parity");
-        let mut cmd = Command::new("mpicc");
-        cmd.args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-I"])
-            .arg(root().join("include"))
-            .arg(root().join("tests/mpi/parity.c"))
-            .arg("-o")
-            .arg(&exe)
-            .arg("-L")
-            .arg(lib)
-            .arg("-lpartialfc")
-            .arg(format!("-Wl,-rpath,{}", lib.display()))
-            .arg("-lm");
-        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run mpicc (OpenMPI is installed by scripts/test.sh): {e}"));
-        assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
-        exe
-    })
+    EXE.get_or_init(|| build_example("mpicc", "tests/mpi/parity.c", "parity", &["-std=c11", "-O1"]))
 }
 
 /// `mpirun` with what this machine needs: root is allowed, more processes than cores, shared
@@ -191,6 +173,7 @@ fn mismatched_configurations_fail_everywhere_naming_the_field() {
     }
 }
 
+/// Compiles one MPI program against the library (OpenMPI's wrappers are installed by setup).
 fn build_example(compiler: &str, source: &str, name: &str, flags: &[&str]) -> PathBuf {
     let lib = lib_dir();
     let exe = scratch(&format!("mpi-example-{name}")).join(name);
@@ -208,7 +191,7 @@ fn build_example(compiler: &str, source: &str, name: &str, flags: &[&str]) -> Pa
         .arg("-lpartialfc")
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .arg("-lm");
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {compiler} (OpenMPI is installed by scripts/setup.sh): {e}"));
     assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
     exe
 }

@@ -152,6 +152,20 @@ pub struct RowStats {
     pub other_cos: Vec<f32>,
 }
 
+impl RowStats {
+    /// From the reduced statistics as the primitives lay them out (`Primitives::forward`),
+    /// copied to the host.
+    pub fn from_reduced(maxes: &[f32], sums: &[f32], n: usize) -> RowStats {
+        RowStats {
+            max: maxes[..n].to_vec(),
+            sum: sums[..n].to_vec(),
+            target_logit: sums[n..2 * n].to_vec(),
+            target_cos: maxes[2 * n..3 * n].to_vec(),
+            other_cos: maxes[n..2 * n].to_vec(),
+        }
+    }
+}
+
 /// Wall time of each phase of the last step, for benchmarks.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PhaseTimes {
@@ -211,7 +225,7 @@ impl Memory for Host {
 
 /// The per-shard compute primitives a backend implements; `engine::driver` strings them into
 /// the step (SPEC §1) once for every backend. `shard` indexes this process's shards.
-pub trait Primitives: Send {
+pub trait Primitives: ShardState + Send {
     type Mem: Memory;
     /// The class ranges of the local shards, in rank order.
     fn ranges(&self) -> &[ShardRange];
@@ -256,7 +270,11 @@ pub trait Primitives: Send {
     fn update_is_finite(&mut self, shard: usize, lr: f32) -> Result<bool>;
     /// The optimizer step over the accumulated rows; clears them.
     fn apply(&mut self, shard: usize, lr: f32) -> Result<()>;
+}
 
+/// The state a backend holds for this process's shards: centers, optimizer state, and search
+/// over the centers.
+pub trait ShardState {
     /// Copies rows of global classes `[first, first + count)` (all owned here) of `tensor` into `out`.
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()>;
     /// Overwrites those rows of `tensor`.
@@ -339,12 +357,8 @@ pub trait Backend: Send {
     /// One optimizer step over the accumulated gradients (false when there were none).
     fn apply(&mut self, lr: f32) -> Result<bool>;
     fn discard(&mut self);
-    fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()>;
-    fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()>;
-    fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()>;
-    fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()>;
-    fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()>;
-    fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>>;
+    fn state(&self) -> &dyn ShardState;
+    fn state_mut(&mut self) -> &mut dyn ShardState;
     fn phase_times(&self) -> PhaseTimes;
 }
 

@@ -8,9 +8,8 @@
 //! non-finite, or an allocation failure on any process fails the call everywhere with the same
 //! status and message, before the first center, optimizer state or output is written.
 
-use crate::backend::{Backend, Batches, Collectives, Evaluated, F32Buf, Memory, Outputs, PhaseTimes, Primitives, RowStats, StepPlan};
+use crate::backend::{Backend, Batches, Collectives, Evaluated, F32Buf, Memory, Outputs, PhaseTimes, Primitives, RowStats, ShardState, StepPlan};
 use crate::error::{Error, Result, Status};
-use crate::optimizer::StateTensor;
 use crate::sharding::ShardRange;
 use std::time::Instant;
 
@@ -239,28 +238,12 @@ impl<P: Primitives> Backend for Driver<P> {
         (0..self.shards()).for_each(|s| self.prims.discard(s));
     }
 
-    fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
-        self.prims.read_state(tensor, first, count, out)
+    fn state(&self) -> &dyn ShardState {
+        &self.prims
     }
 
-    fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()> {
-        self.prims.write_state(tensor, first, count, values)
-    }
-
-    fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()> {
-        self.prims.read_steps(first, count, out)
-    }
-
-    fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()> {
-        self.prims.write_steps(first, count, values)
-    }
-
-    fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()> {
-        self.prims.set_centers(first, count, values)
-    }
-
-    fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>> {
-        self.prims.search(queries, k)
+    fn state_mut(&mut self) -> &mut dyn ShardState {
+        &mut self.prims
     }
 
     fn phase_times(&self) -> PhaseTimes {

@@ -9,7 +9,7 @@ pub use search::scan as scan_centers;
 
 use self::gemm::{matmul, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
-use super::{Batches, Host, Outputs, Primitives, RowGrads, RowStats, StepPlan};
+use super::{Batches, Host, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan};
 use crate::config::{Config, DType};
 use crate::error::{try_zeroed, Error, Result};
 use crate::margin::target_logit;
@@ -455,13 +455,7 @@ impl Primitives for CpuBackend {
     }
 
     fn read_stats(&mut self, _shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, n: usize) -> Result<RowStats> {
-        Ok(RowStats {
-            max: maxes[..n].to_vec(),
-            sum: sums[..n].to_vec(),
-            target_logit: sums[n..2 * n].to_vec(),
-            target_cos: maxes[2 * n..3 * n].to_vec(),
-            other_cos: maxes[n..2 * n].to_vec(),
-        })
+        Ok(RowStats::from_reduced(maxes, sums, n))
     }
 
     fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>) -> Result<Vec<f32>> {
@@ -560,7 +554,9 @@ impl Primitives for CpuBackend {
         s.undo = None;
         Ok(())
     }
+}
 
+impl ShardState for CpuBackend {
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
         for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {

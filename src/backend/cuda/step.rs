@@ -10,7 +10,7 @@
 use super::kernels::{arch_of, ptx_for};
 use super::select::{compaction_offsets, kth_largest};
 use super::{Device, DeviceInfo};
-use crate::backend::{Batches, DeviceBatch, HostBatch, HostValues, Outputs, Primitives, RowGrads, RowStats, StepPlan};
+use crate::backend::{Batches, DeviceBatch, HostBatch, HostValues, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan};
 use crate::config::{Config, DType, MarginGrad, OptimizerKind};
 use crate::error::{Error, Result, Status};
 use crate::optimizer::StateTensor;
@@ -451,13 +451,7 @@ impl Primitives for CudaBackend {
         let g = &self.shards[shard];
         let maxes: Vec<f32> = g.stream.clone_dtoh(maxes).map_err(|e| device_error("download", e))?;
         let sums: Vec<f32> = g.stream.clone_dtoh(sums).map_err(|e| device_error("download", e))?;
-        Ok(RowStats {
-            max: maxes[..n].to_vec(),
-            sum: sums[..n].to_vec(),
-            target_logit: sums[n..2 * n].to_vec(),
-            target_cos: maxes[2 * n..3 * n].to_vec(),
-            other_cos: maxes[n..2 * n].to_vec(),
-        })
+        Ok(RowStats::from_reduced(&maxes, &sums, n))
     }
 
     fn backward(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
@@ -617,7 +611,9 @@ impl Primitives for CudaBackend {
         g.undo = None;
         Ok(())
     }
+}
 
+impl ShardState for CudaBackend {
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
         for (shard, row, rows, at) in crate::backend::pieces(&self.ranges, first, count) {

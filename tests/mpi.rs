@@ -196,8 +196,9 @@ fn build_example(compiler: &str, source: &str, name: &str, flags: &[&str]) -> Pa
     exe
 }
 
-/// examples/mpi/train.c, the README's multi-process recipe, learns over 2 and 3 processes; the C++
-/// binding's callable all-gather (examples/mpi/train.cpp) over 3 processes with uneven shards.
+/// examples/mpi/train.c, the README's multi-process recipe, learns over 2 and 3 processes; the
+/// benchmark recipe runs; the C++ binding's callable all-gather (examples/mpi/train.cpp) works over
+/// 3 processes with uneven shards.
 #[test]
 fn mpi_examples_train_over_processes() {
     let c = build_example("mpicc", "examples/mpi/train.c", "train", &["-std=c11"]);
@@ -210,6 +211,13 @@ fn mpi_examples_train_over_processes() {
         assert!(text.contains("learning") && !text.contains("NOT learning"), "{text}");
         eprintln!("{procs} processes × {shards}: {}", text.lines().last().unwrap_or_default());
     }
+    // The benchmark recipe of docs/benchmarks.md, on a small job.
+    let bench = build_example("mpicc", "examples/mpi/bench.c", "bench", &["-std=c11"]);
+    let mut cmd = mpirun(2);
+    cmd.arg(&bench).args(["5000", "0.2", "64", "1", "3", "32"]);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("median step"), "{}", String::from_utf8_lossy(&out.stdout));
     let cpp = build_example("mpicxx", "examples/mpi/train.cpp", "train_cpp", &["-std=c++17"]);
     let mut cmd = mpirun(3);
     cmd.arg(&cpp);

@@ -248,8 +248,10 @@ pub trait Primitives: ShardState + Send {
     /// The reduced statistics (the same on every shard), copied to the host.
     fn read_stats(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, n: usize) -> Result<RowStats>;
     /// The backward pass over the shard's sampled columns: its center gradients into the pending
-    /// buffer, and its part of the embedding gradient (N × d, before the reduce-scatter).
-    fn backward(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>) -> Result<F32Buf<Self::Mem>>;
+    /// buffer, and its part of the embedding gradient (N × d, before the reduce-scatter). With
+    /// `update_lr`, an optimizer step at that rate follows this compute: a backend may check it
+    /// (`update_is_finite`) here, while the rows are in cache.
+    fn backward(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, update_lr: Option<f32>) -> Result<F32Buf<Self::Mem>>;
     /// Back through the normalization of rows `[first_row, first_row + rows)` of the global
     /// batch, times `world` (SPEC §1.8): the shard's returned gradient, still in its memory.
     fn embedding_grad(&mut self, shard: usize, summed: F32Buf<Self::Mem>, first_row: usize, rows: usize, world: f32) -> Result<F32Buf<Self::Mem>>;

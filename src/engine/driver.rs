@@ -65,23 +65,27 @@ impl<P: Primitives> Driver<P> {
     fn forward(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan) -> Result<Forward<P::Mem>> {
         let d = self.dim;
         let t0 = Instant::now();
-        let loaded = checked.and_then(|()| self.prims.load(batches));
-        self.coll.agree(loaded.as_ref().map(|_| ()).map_err(Clone::clone))?;
-        let (local_emb, local_labels): (Vec<_>, Vec<_>) = loaded?.into_iter().unzip();
-        let rows = self.coll.gather_counts(&batches.rows())?;
+        // Batch sizes first (zeros from a process whose batches are malformed: the exchange keeps
+        // its size), then one verdict on every process's input and buffers.
+        let mine = if checked.is_ok() { batches.rows() } else { vec![0; self.shards()] };
+        let rows = self.coll.gather_counts(&mine)?;
         let n: usize = rows.iter().map(|&r| r as usize).sum();
-        if n == 0 {
-            return Err(Error::invalid("the global batch is empty"));
-        }
         let mut emb = Vec::with_capacity(self.shards());
         let mut labels = Vec::with_capacity(self.shards());
-        let allocated = (0..self.shards()).try_for_each(|s| {
-            let e = n.checked_mul(d).ok_or_else(|| Error::invalid("global batch × embedding_dim overflows"))?;
-            emb.push(self.prims.alloc_f32(s, e, "the gathered embeddings (global batch × embedding_dim)")?);
-            labels.push(self.prims.alloc_i64(s, n, "the gathered labels")?);
-            Ok(())
+        let loaded = checked.and_then(|()| {
+            if n == 0 {
+                return Err(Error::invalid("the global batch is empty"));
+            }
+            let local = self.prims.load(batches)?;
+            for s in 0..self.shards() {
+                let e = n.checked_mul(d).ok_or_else(|| Error::invalid("global batch × embedding_dim overflows"))?;
+                emb.push(self.prims.alloc_f32(s, e, "the gathered embeddings (global batch × embedding_dim)")?);
+                labels.push(self.prims.alloc_i64(s, n, "the gathered labels")?);
+            }
+            Ok(local)
         });
-        self.coll.agree(allocated)?;
+        self.coll.agree(loaded.as_ref().map(|_| ()).map_err(Clone::clone))?;
+        let (local_emb, local_labels): (Vec<_>, Vec<_>) = loaded?.into_iter().unzip();
         self.coll.all_gather_f32(&local_emb, &rows, d, &mut emb)?;
         self.coll.all_gather_i64(&local_labels, &rows, &mut labels)?;
         self.times.gather = t0.elapsed().as_secs_f64();
@@ -128,12 +132,12 @@ impl<P: Primitives> Driver<P> {
 
     /// The backward pass: each shard's center gradients pending, each local shard's embedding
     /// gradient returned, once the job agrees that all of them are finite.
-    fn backward(&mut self, fwd: Forward<P::Mem>) -> Result<(Vec<F32Buf<P::Mem>>, Evaluated)> {
+    fn backward(&mut self, fwd: Forward<P::Mem>, update_lr: Option<f32>) -> Result<(Vec<F32Buf<P::Mem>>, Evaluated)> {
         let d = self.dim;
         let t0 = Instant::now();
         let mut partial = Vec::with_capacity(self.shards());
         for s in 0..self.shards() {
-            partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s])?);
+            partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s], update_lr)?);
         }
         self.times.backward = t0.elapsed().as_secs_f64();
 
@@ -169,35 +173,35 @@ impl<P: Primitives> Driver<P> {
         Ok((grads, fwd.eval))
     }
 
-    /// Adds every shard's pending center gradients to its accumulated ones, on every process or on
-    /// none.
-    fn accumulate(&mut self) -> Result<()> {
+    /// Adds every shard's pending center gradients to its accumulated ones and, with `lr`, checks
+    /// that the optimizer step over them keeps every center finite; one verdict for the job. On
+    /// failure nothing stays accumulated from this call.
+    fn accumulate(&mut self, lr: Option<f32>) -> Result<()> {
+        let t0 = Instant::now();
         let mut done = 0;
+        let mut finite = true;
         let local = (0..self.shards()).try_for_each(|s| {
             self.prims.accumulate(s)?;
             done += 1;
+            if let Some(lr) = lr {
+                finite &= self.prims.update_is_finite(s, lr)?;
+            }
             Ok(())
         });
+        let local = local.and_then(|()| if finite { Ok(()) } else { Err(non_finite("a center after this update")) });
         let verdict = self.coll.agree(local);
         if verdict.is_err() {
             (0..done).for_each(|s| self.prims.unaccumulate(s));
         }
+        self.times.update = t0.elapsed().as_secs_f64();
         verdict
     }
 
-    /// Whether the optimizer step over the accumulated gradients keeps every center finite, agreed
-    /// by the job; then the step itself.
+    /// The optimizer step over the accumulated gradients, once the job has agreed it is finite.
     fn update(&mut self, lr: f32) -> Result<()> {
         let t0 = Instant::now();
-        let mut finite = true;
-        let checked = (0..self.shards()).try_for_each(|s| {
-            finite &= self.prims.update_is_finite(s, lr)?;
-            Ok(())
-        });
-        let checked = checked.and_then(|()| if finite { Ok(()) } else { Err(non_finite("a center after this update")) });
-        self.coll.agree(checked)?;
         let applied = (0..self.shards()).try_for_each(|s| self.prims.apply(s, lr));
-        self.times.update = t0.elapsed().as_secs_f64();
+        self.times.update += t0.elapsed().as_secs_f64();
         applied
     }
 }
@@ -213,25 +217,29 @@ impl<P: Primitives> Backend for Driver<P> {
 
     fn compute(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan, out: Outputs<'_, '_>, apply: Option<f32>) -> Result<Evaluated> {
         let fwd = self.forward(checked, batches, plan)?;
-        let (grads, eval) = self.backward(fwd)?;
-        self.accumulate()?;
+        let (grads, eval) = self.backward(fwd, apply)?;
+        self.accumulate(apply)?;
         if let Some(lr) = apply {
-            if let Err(e) = self.update(lr) {
-                (0..self.shards()).for_each(|s| self.prims.unaccumulate(s));
-                return Err(e);
-            }
+            self.update(lr)?;
         }
         self.prims.write_grads(&grads, out)?;
         Ok(eval)
     }
 
     fn apply(&mut self, lr: f32) -> Result<bool> {
-        let rows: usize = (0..self.shards()).map(|s| self.prims.accumulated_rows(s)).sum();
-        let any = self.coll.gather_counts(&[rows as u64])?.iter().any(|&r| r > 0);
-        if any {
-            self.update(lr)?;
+        let rows: Vec<u64> = (0..self.shards()).map(|s| self.prims.accumulated_rows(s) as u64).collect();
+        let any = self.coll.gather_counts(&rows)?.iter().any(|&r| r > 0);
+        if !any {
+            return Ok(false);
         }
-        Ok(any)
+        let mut finite = true;
+        let checked = (0..self.shards()).try_for_each(|s| {
+            finite &= self.prims.update_is_finite(s, lr)?;
+            Ok(())
+        });
+        self.coll.agree(checked.and_then(|()| if finite { Ok(()) } else { Err(non_finite("a center after this update")) }))?;
+        self.update(lr)?;
+        Ok(true)
     }
 
     fn discard(&mut self) {

@@ -94,6 +94,9 @@ struct Shard {
     /// `accumulate` (to undo it).
     accumulated: RowGrads,
     undo: Option<Undo>,
+    /// The verdict of `update_is_finite` at this learning rate over `pending`, taken during the
+    /// backward pass (when nothing was accumulated before it).
+    prechecked: Option<(f32, bool)>,
 }
 
 /// How to take back the last `accumulate`.
@@ -146,6 +149,7 @@ impl CpuBackend {
                 pending_finite: true,
                 accumulated: RowGrads::default(),
                 undo: None,
+                prechecked: None,
             });
         }
         Ok(CpuBackend { cfg: cfg.clone(), ranges, shards })
@@ -201,7 +205,10 @@ struct ForwardWorker {
 struct BackwardWorker {
     centers: Vec<f32>,
     grad_x: Vec<f32>,
+    /// Copies of one row's center and state for the update check.
+    update: Vec<f32>,
     finite: bool,
+    update_ok: bool,
 }
 
 impl Shard {
@@ -320,7 +327,7 @@ impl Shard {
 
     /// The backward pass: ∂loss/∂cos over the sampled columns, the center gradients (through the
     /// normalization of W) into `pending`, and this shard's part of the embedding gradient.
-    fn backward(&mut self, cfg: &Config, max: &[f32], inv_sum: &[f32], params: LogitParams) -> Result<Vec<f32>> {
+    fn backward(&mut self, cfg: &Config, max: &[f32], inv_sum: &[f32], params: LogitParams, check: Option<f32>) -> Result<Vec<f32>> {
         let n = max.len();
         let d = cfg.embedding_dim;
         let k = self.sampled.len();
@@ -345,7 +352,17 @@ impl Shard {
         let centers = &self.centers;
         let pending = Shared(self.pending.grads.as_mut_ptr());
         let (sampled, inv_norm, dtype) = (&self.sampled, &self.inv_norm, cfg.compute_dtype);
-        let worker = || Ok(BackwardWorker { centers: try_zeroed(BLOCK * d, "center block scratch")?, grad_x: try_zeroed(n * d, "embedding gradient scratch")?, finite: true });
+        let state = self.optimizer.rows_ptr();
+        let opt = cfg.optimizer;
+        let worker = || {
+            Ok(BackwardWorker {
+                centers: try_zeroed(BLOCK * d, "center block scratch")?,
+                grad_x: try_zeroed(n * d, "embedding gradient scratch")?,
+                update: try_zeroed(3 * d, "update check scratch")?,
+                finite: true,
+                update_ok: true,
+            })
+        };
         let blocks = k.div_ceil(BLOCK);
         let workers = for_blocks(blocks, worker, |w, b| {
             let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
@@ -372,13 +389,19 @@ impl Shard {
                 // Back through W/‖W‖; the 1/‖W‖ factor is already in `grad` when scaled_after.
                 let factor = if scaled_after { 1.0 } else { inv[r] };
                 kernels::project_out(weights, inv[r], factor, grad);
+                if let Some(lr) = check {
+                    // SAFETY: the row and its state are only read.
+                    w.update_ok &= unsafe { state.update_is_finite(&opt, lr, j as usize, weights, grad, &mut w.update) };
+                }
             }
             w.finite &= kernels::all_finite(gc);
         })?;
+        let update_ok = workers.iter().all(|w| w.update_ok);
         let total = workers.into_iter().map(|w| (w.grad_x, w.finite)).reduce(|(mut a, fa), (b, fb)| {
             a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
             (a, fa && fb)
         });
+        self.prechecked = check.map(|lr| (lr, update_ok));
         let (grad_x, finite) = match total {
             Some(t) => t,
             None => (try_zeroed(n * d, "embedding gradient")?, true),
@@ -458,11 +481,14 @@ impl Primitives for CpuBackend {
         Ok(RowStats::from_reduced(maxes, sums, n))
     }
 
-    fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>) -> Result<Vec<f32>> {
+    fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, update_lr: Option<f32>) -> Result<Vec<f32>> {
         let n = self.shards[shard].local_max.len();
         let inv_sum: Vec<f32> = sums[..n].iter().map(|&s| 1.0 / s).collect();
         let params = self.logit_params();
-        self.shards[shard].backward(&self.cfg, &maxes[..n], &inv_sum, params)
+        let s = &mut self.shards[shard];
+        // The update will run over exactly these rows only when nothing is accumulated yet.
+        let check = update_lr.filter(|_| s.accumulated.rows.is_empty());
+        s.backward(&self.cfg, &maxes[..n], &inv_sum, params, check)
     }
 
     fn embedding_grad(&mut self, shard: usize, mut summed: Vec<f32>, first_row: usize, _rows: usize, world: f32) -> Result<Vec<f32>> {
@@ -496,6 +522,7 @@ impl Primitives for CpuBackend {
             std::mem::swap(&mut s.accumulated, &mut s.pending);
             s.undo = Some(Undo::Moved);
         } else {
+            s.prechecked = None;
             let union = s.accumulated.union(&s.pending, d)?;
             s.undo = Some(Undo::Replaced(std::mem::replace(&mut s.accumulated, union)));
         }
@@ -515,6 +542,7 @@ impl Primitives for CpuBackend {
         let s = &mut self.shards[shard];
         s.accumulated.rows.clear();
         s.undo = None;
+        s.prechecked = None;
     }
 
     fn accumulated_rows(&self, shard: usize) -> usize {
@@ -525,6 +553,11 @@ impl Primitives for CpuBackend {
         let d = self.cfg.embedding_dim;
         let opt = self.cfg.optimizer;
         let s = &mut self.shards[shard];
+        if let (Some(Undo::Moved), Some((checked_lr, ok))) = (&s.undo, s.prechecked) {
+            if checked_lr.to_bits() == lr.to_bits() {
+                return Ok(ok);
+            }
+        }
         let state = s.optimizer.rows_ptr();
         let (acc, centers) = (&s.accumulated, &s.centers);
         let rows = acc.rows.len();
@@ -552,6 +585,7 @@ impl Primitives for CpuBackend {
         s.accumulated.rows.clear();
         std::mem::swap(&mut s.accumulated, &mut s.pending);
         s.undo = None;
+        s.prechecked = None;
         Ok(())
     }
 }

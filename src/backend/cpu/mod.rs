@@ -320,14 +320,15 @@ impl Shard {
         };
         // Max-type statistics ride in one all-reduce, sum-type ones in another (SPEC §1.7).
         let maxes = [rows.max.as_slice(), rows.cos_other.as_slice(), self.target_cos.as_slice()].concat();
-        let sums = [rows.sum.as_slice(), self.target_logit.as_slice()].concat();
+        let sums = [rows.sum.as_slice(), rows.rest.as_slice(), self.target_logit.as_slice()].concat();
         self.local_max = rows.max;
         Ok((maxes, sums))
     }
 
     /// The backward pass: ∂loss/∂cos over the sampled columns, the center gradients (through the
     /// normalization of W) into `pending`, and this shard's part of the embedding gradient.
-    fn backward(&mut self, cfg: &Config, max: &[f32], inv_sum: &[f32], params: LogitParams, check: Option<f32>) -> Result<Vec<f32>> {
+    #[allow(clippy::too_many_arguments)]
+    fn backward(&mut self, cfg: &Config, max: &[f32], inv_sum: &[f32], non_target_mass: &[f32], params: LogitParams, check: Option<f32>) -> Result<Vec<f32>> {
         let n = max.len();
         let d = cfg.embedding_dim;
         let k = self.sampled.len();
@@ -337,6 +338,7 @@ impl Shard {
             target_slope: &self.target_slope,
             max,
             inv_sum,
+            non_target_mass,
             inv_batch: 1.0 / n as f32,
         };
         // Kept between steps (and recycled after each update): the blocks overwrite their rows, and
@@ -469,10 +471,12 @@ impl Primitives for CpuBackend {
     fn rescale_sums(&mut self, shard: usize, maxes: &Vec<f32>, sums: &mut Vec<f32>) -> Result<()> {
         let s = &self.shards[shard];
         let n = s.local_max.len();
-        for ((sum, &m), &gm) in sums[..n].iter_mut().zip(&s.local_max).zip(&maxes[..n]) {
-            if *sum != 0.0 {
-                *sum *= (m - gm).exp();
-            }
+        let (sum, rest) = sums.split_at_mut(n);
+        // Both sums by the same factor; a shard without columns contributes 0.
+        for (i, (&m, &gm)) in s.local_max.iter().zip(&maxes[..n]).enumerate() {
+            let factor = if sum[i] == 0.0 { 0.0 } else { (m - gm).exp() };
+            sum[i] *= factor;
+            rest[i] *= factor;
         }
         Ok(())
     }
@@ -483,12 +487,12 @@ impl Primitives for CpuBackend {
 
     fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, update_lr: Option<f32>) -> Result<Vec<f32>> {
         let n = self.shards[shard].local_max.len();
-        let inv_sum: Vec<f32> = sums[..n].iter().map(|&s| 1.0 / s).collect();
+        let (inv_sum, non_target_mass) = super::softmax_factors(sums, n);
         let params = self.logit_params();
         let s = &mut self.shards[shard];
         // The update will run over exactly these rows only when nothing is accumulated yet.
         let check = update_lr.filter(|_| s.accumulated.rows.is_empty());
-        s.backward(&self.cfg, &maxes[..n], &inv_sum, params, check)
+        s.backward(&self.cfg, &maxes[..n], &inv_sum, &non_target_mass, params, check)
     }
 
     fn embedding_grad(&mut self, shard: usize, mut summed: Vec<f32>, first_row: usize, _rows: usize, world: f32) -> Result<Vec<f32>> {

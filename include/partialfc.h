@@ -7,7 +7,14 @@
  *   message. No panic, abort or print crosses this boundary.
  * - Threading: a head is used by one thread at a time; concurrent calls on one head are serialized
  *   by a lock inside the head, never racy. Different heads are independent. The library runs its own
- *   worker threads (RAYON_NUM_THREADS caps them).
+ *   worker threads (RAYON_NUM_THREADS caps them); a process that cannot start them (thread or
+ *   memory limits) gets PFC_ERR_OUT_OF_MEMORY from the call that needs them, pfc_create first.
+ * - fork(): a process that has used the library may fork, and the child may create heads and use
+ *   them (the library starts its worker threads again in the child). Heads inherited from the
+ *   parent are copies the child may use too, except one that another thread was calling at the
+ *   moment of the fork: in the child it may be half-updated, so every call on it returns
+ *   PFC_ERR_INVALID_ARGUMENT (pfc_destroy is safe). CUDA does not survive fork: after using a CUDA
+ *   head, run CUDA in processes started by exec (Python's "spawn"), not in forked children.
  * - Memory: the caller owns every buffer it passes; the library keeps no pointer after a call
  *   returns. Host inputs are read before return. Heads are freed with pfc_destroy.
  * - memory = PFC_MEMORY_DEVICE (CUDA backend only): pointers are on that shard's GPU; with a
@@ -83,7 +90,10 @@ typedef struct pfc_head pfc_head;
 
 // Configuration of a head. Always start from `pfc_config_init`, then change fields.
 typedef struct pfc_config {
-  // Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly.
+  // Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly. A struct
+  // from an older header (a smaller size: fields are only ever appended) is accepted, and the
+  // fields it lacks take their defaults; one from a newer header (larger) gives
+  // PFC_ERR_INCOMPATIBLE.
   uint32_t struct_size;
   // Total classes C over all shards.
   uint64_t num_classes;
@@ -206,7 +216,9 @@ void pfc_config_init(struct pfc_config *cfg);
 
 // Creates a head: validates `cfg`, allocates and initialises the local shards' centers and
 // optimizer state. On success `*out` owns the head (free it with `pfc_destroy`); on failure `*out`
-// is untouched. A CUDA request on a machine without a usable driver gives PFC_ERR_UNAVAILABLE.
+// is untouched. Only `cfg->struct_size` bytes of `cfg` are read. A CUDA request on a machine
+// without a usable driver gives PFC_ERR_UNAVAILABLE; too little memory, or a process that cannot
+// start the library's worker threads (thread or memory limits), PFC_ERR_OUT_OF_MEMORY.
 pfc_status pfc_create(const struct pfc_config *cfg, struct pfc_head **out);
 
 // Frees a head and everything it owns. NULL is a no-op.

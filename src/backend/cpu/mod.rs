@@ -108,9 +108,11 @@ impl CpuBackend {
         for &range in &ranges {
             let elems = (range.len as usize).checked_mul(d).ok_or_else(|| Error::invalid("num_classes × embedding_dim overflows"))?;
             let mut centers = try_zeroed::<f32>(elems, "class centers")?;
-            centers.par_chunks_mut(d).enumerate().for_each(|(j, row)| {
-                rng::init_center(cfg.seed, range.start + j as u64, cfg.init_std, row);
-            });
+            crate::pool::install(|| {
+                centers.par_chunks_mut(d).enumerate().for_each(|(j, row)| {
+                    rng::init_center(cfg.seed, range.start + j as u64, cfg.init_std, row);
+                })
+            })?;
             shards.push(Shard {
                 range,
                 centers,
@@ -254,7 +256,8 @@ impl Shard {
             target_block: vec![0.0; n],
             targets: Vec::new(),
         };
-        let merged = (0..blocks)
+        let merged = crate::pool::install(|| {
+            (0..blocks)
             .into_par_iter()
             .with_min_len(min_blocks_per_task(blocks))
             .fold(worker, |mut w, b| {
@@ -286,7 +289,8 @@ impl Shard {
                 a.rows.merge(&b.rows);
                 a.targets.extend_from_slice(&b.targets);
                 a
-            });
+            })
+        })?;
         self.target_logit = vec![0.0; n];
         self.target_slope = vec![0.0; n];
         self.target_cos = vec![f32::NEG_INFINITY; n];
@@ -306,7 +310,7 @@ impl Shard {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn backward(&mut self, cfg: &Config, stats: &RowStats, inv_sum: &[f32], lr: f32, unit_gemm: &[f32], params: LogitParams) -> Vec<f32> {
+    fn backward(&mut self, cfg: &Config, stats: &RowStats, inv_sum: &[f32], lr: f32, unit_gemm: &[f32], params: LogitParams) -> Result<Vec<f32>> {
         let n = stats.max.len();
         let d = cfg.embedding_dim;
         let k = self.sampled.len();
@@ -328,7 +332,8 @@ impl Shard {
             grad_x: vec![0.0; n * d],
         };
         let blocks = k.div_ceil(BLOCK);
-        let total = (0..blocks)
+        let total = crate::pool::install(|| {
+            (0..blocks)
             .into_par_iter()
             .with_min_len(min_blocks_per_task(blocks))
             .fold(worker, |mut w, b| {
@@ -367,8 +372,9 @@ impl Shard {
             .reduce_with(|mut a, b| {
                 a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
                 a
-            });
-        total.unwrap_or_else(|| vec![0.0; n * d])
+            })
+        })?;
+        Ok(total.unwrap_or_else(|| vec![0.0; n * d]))
     }
 }
 
@@ -469,7 +475,7 @@ impl Backend for CpuBackend {
         let params = self.logit_params();
         let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
         let partial: Vec<Vec<f32>> =
-            self.shards.iter_mut().map(|s| s.backward(&self.cfg, stats, &inv_sum, lr, unit_gemm, params)).collect();
+            self.shards.iter_mut().map(|s| s.backward(&self.cfg, stats, &inv_sum, lr, unit_gemm, params)).collect::<Result<_>>()?;
         self.times.backward = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
@@ -488,10 +494,13 @@ impl Backend for CpuBackend {
         let world = self.comm.world_size() as f32;
         for ((local, seg), out) in mine.iter_mut().zip(&segments).zip(grads.iter_mut()) {
             let first_row = seg.start / d;
-            local.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
-                let i = first_row + r;
-                kernels::project_out(&self.unit[i * d..(i + 1) * d], 1.0, self.inv_norm[i] * world, g);
-            });
+            let (unit, inv_norm) = (&self.unit, &self.inv_norm);
+            crate::pool::install(|| {
+                local.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
+                    let i = first_row + r;
+                    kernels::project_out(&unit[i * d..(i + 1) * d], 1.0, inv_norm[i] * world, g);
+                })
+            })?;
             out.write(local);
         }
         for (shard, buf) in self.shards.iter_mut().zip(mine) {
@@ -539,7 +548,7 @@ impl Backend for CpuBackend {
         let d = self.cfg.embedding_dim;
         let mut best = crate::search::TopK::new(queries.len() / d, k);
         for shard in &self.shards {
-            best.merge(search::scan(&shard.centers, d, shard.range.start, queries, k));
+            best.merge(crate::pool::install(|| search::scan(&shard.centers, d, shard.range.start, queries, k))?);
         }
         Ok(best.into_sorted())
     }

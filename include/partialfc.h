@@ -26,8 +26,9 @@
  *   loss with respect to this shard's embeddings (the reference's convention: it cancels a
  *   data-parallel backbone's gradient averaging).
  * - Bad input (NULL pointers, zero or oversized dims, labels outside [0, C), NaN/Inf embeddings,
- *   unknown enum values, a batch count other than local_shards, a CUDA request with no driver)
- *   gets a clear status and message and changes nothing.
+ *   embedding or center rows of norm above 2^62 (which cannot be normalized in f32), unknown enum
+ *   values, a batch count other than local_shards, a CUDA request with no driver) gets a clear
+ *   status and message and changes nothing.
  */
 
 
@@ -253,7 +254,10 @@ pfc_status pfc_get_centers(const struct pfc_head *head,
                            float *out);
 
 // Overwrites centers of global classes `[first, first + count)` from `in` (count × embedding_dim
-// floats, finite) and resets those rows' optimizer state (warm start).
+// floats, finite) and resets those rows' optimizer state (warm start). A row of norm above 2^62
+// (about 4.6e18; from about 1.8e19 its squared norm overflows f32, so it cannot be normalized) is
+// refused with PFC_ERR_INVALID_ARGUMENT naming its class. Zero rows are accepted: their cosine with
+// every embedding is 0, as with PyTorch's normalize.
 pfc_status pfc_set_centers(struct pfc_head *head, uint64_t first, uint64_t count, const float *in);
 
 // Writes a checkpoint of the head into directory `dir` (created if missing): a manifest plus one
@@ -277,8 +281,8 @@ pfc_status pfc_export_centers(const struct pfc_head *head,
                               int32_t normalized);
 
 // The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
-// floats) over this process's centers: `ids` (n × k int64) and `scores` (n × k floats), each row
-// sorted by score, ties by smaller class id.
+// floats, finite, of any norm: a zero query scores 0 with every class) over this process's centers:
+// `ids` (n × k int64) and `scores` (n × k floats), each row sorted by score, ties by smaller class id.
 pfc_status pfc_search(const struct pfc_head *head,
                       const float *queries,
                       uint64_t n,

@@ -453,7 +453,10 @@ pub extern "C" fn pfc_get_centers(head: *const pfc_head, first: u64, count: u64,
 }
 
 /// Overwrites centers of global classes `[first, first + count)` from `in` (count × embedding_dim
-/// floats, finite) and resets those rows' optimizer state (warm start).
+/// floats, finite) and resets those rows' optimizer state (warm start). A row of norm above 2^62
+/// (about 4.6e18; from about 1.8e19 its squared norm overflows f32, so it cannot be normalized) is
+/// refused with PFC_ERR_INVALID_ARGUMENT naming its class. Zero rows are accepted: their cosine with
+/// every embedding is 0, as with PyTorch's normalize.
 #[no_mangle]
 pub extern "C" fn pfc_set_centers(head: *mut pfc_head, first: u64, count: u64, r#in: *const f32) -> pfc_status {
     guard(|| {
@@ -538,8 +541,8 @@ pub extern "C" fn pfc_export_centers(head: *const pfc_head, path: *const c_char,
 }
 
 /// The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
-/// floats) over this process's centers: `ids` (n × k int64) and `scores` (n × k floats), each row
-/// sorted by score, ties by smaller class id.
+/// floats, finite, of any norm: a zero query scores 0 with every class) over this process's centers:
+/// `ids` (n × k int64) and `scores` (n × k floats), each row sorted by score, ties by smaller class id.
 #[no_mangle]
 pub extern "C" fn pfc_search(head: *const pfc_head, queries: *const f32, n: u64, k: u32, ids: *mut i64, scores: *mut f32) -> pfc_status {
     guard(|| {

@@ -256,8 +256,7 @@ impl Shard {
             target_block: vec![0.0; n],
             targets: Vec::new(),
         };
-        let merged = crate::pool::install(|| {
-            (0..blocks)
+        let merged = crate::pool::install(|| (0..blocks)
             .into_par_iter()
             .with_min_len(min_blocks_per_task(blocks))
             .fold(worker, |mut w, b| {
@@ -289,8 +288,7 @@ impl Shard {
                 a.rows.merge(&b.rows);
                 a.targets.extend_from_slice(&b.targets);
                 a
-            })
-        })?;
+            }))?;
         self.target_logit = vec![0.0; n];
         self.target_slope = vec![0.0; n];
         self.target_cos = vec![f32::NEG_INFINITY; n];
@@ -332,8 +330,7 @@ impl Shard {
             grad_x: vec![0.0; n * d],
         };
         let blocks = k.div_ceil(BLOCK);
-        let total = crate::pool::install(|| {
-            (0..blocks)
+        let total = crate::pool::install(|| (0..blocks)
             .into_par_iter()
             .with_min_len(min_blocks_per_task(blocks))
             .fold(worker, |mut w, b| {
@@ -372,8 +369,7 @@ impl Shard {
             .reduce_with(|mut a, b| {
                 a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
                 a
-            })
-        })?;
+            }))?;
         Ok(total.unwrap_or_else(|| vec![0.0; n * d]))
     }
 }
@@ -548,7 +544,7 @@ impl Backend for CpuBackend {
         let d = self.cfg.embedding_dim;
         let mut best = crate::search::TopK::new(queries.len() / d, k);
         for shard in &self.shards {
-            best.merge(crate::pool::install(|| search::scan(&shard.centers, d, shard.range.start, queries, k))?);
+            best.merge(search::scan(&shard.centers, d, shard.range.start, queries, k)?);
         }
         Ok(best.into_sorted())
     }

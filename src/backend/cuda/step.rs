@@ -609,7 +609,7 @@ impl Backend for CudaBackend {
         for range in &self.ranges {
             let mut centers = vec![0f32; range.len as usize * d];
             self.read_state(StateTensor::Centers, range.start, range.len, &mut centers)?;
-            best.merge(crate::backend::cpu::scan_centers(&centers, d, range.start, queries, k));
+            best.merge(crate::backend::cpu::scan_centers(&centers, d, range.start, queries, k)?);
         }
         Ok(best.into_sorted())
     }

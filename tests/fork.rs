@@ -1,9 +1,9 @@
 //! fork() after using the library (SPEC §2b): tests/c/fork_test.c, a C program that forks with the
 //! library's worker threads running, and with another thread inside a step, and whose children
-//! create and use heads (and find them refused when a thread limit forbids the worker threads).
+//! create and use heads (and get PFC_ERR_OUT_OF_MEMORY where a thread limit forbids the worker threads).
 
 mod native;
-use native::{describe, lib_dir, root, scratch};
+use native::{compile, describe, lib_dir, scratch};
 use std::process::Command;
 
 #[test]
@@ -12,23 +12,10 @@ fn children_of_a_process_that_used_the_library_create_and_use_heads() {
     let dir = scratch("fork");
     let exe = dir.join("fork_test");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let mut cmd = Command::new(&cc);
-    cmd.args(["-std=c11", "-pedantic", "-Wall", "-Wextra", "-Werror", "-pthread", "-I"])
-        .arg(root().join("include"))
-        .arg(root().join("tests/c/fork_test.c"))
-        .arg("-o")
-        .arg(&exe)
-        .arg("-L")
-        .arg(lib)
-        .arg("-lpartialfc")
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lm");
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run the compiler {cc:?}: {e}"));
-    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+    compile(&cc, &["-std=c11", "-pedantic", "-pthread"], "tests/c/fork_test.c", lib, &exe);
 
     let work = dir.join("files");
     std::fs::create_dir_all(&work).unwrap();
-    // The unprivileged child of the thread-limit scenario writes nothing, but may need to enter.
     let out = Command::new(&exe).arg(&work).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", describe(&exe.display().to_string(), &out));

@@ -11,7 +11,7 @@ use partialfc::backend::{Embeddings, GradOut, HostBatch};
 use partialfc::config::{BackendKind, Config};
 use partialfc::export::Format;
 use partialfc::rng;
-use partialfc::Head;
+use partialfc::{Head, Status};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -353,7 +353,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         check(emb.iter().all(|v| v.is_finite()), || {
             format!("step {}: the backbone diverged (its embeddings are NaN or Inf) with --backbone-lr {}: lower it", step + 1, a.backbone_lr)
         })?;
-        let stats = {
+        let stepped = {
             let mut batches = Vec::with_capacity(shards);
             let mut outs = Vec::with_capacity(shards);
             let (mut e_rest, mut l_rest, mut g_rest) = (&emb[..], &labels[..], &mut grads[..]);
@@ -366,15 +366,19 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
                 outs.push(GradOut::F32(g));
                 (e_rest, l_rest, g_rest) = (er, lr, gr);
             }
-            head.train_step(&batches, &mut outs).map_err(|e| e.message)?
+            head.train_step(&batches, &mut outs)
         };
-        check(stats.loss.is_finite() && grads.iter().all(|g| g.is_finite()), || {
-            format!(
-                "step {}: training diverged: the head's loss or gradients are NaN or Inf with --lr {} (SGD, momentum 0.9): lower --lr",
-                step + 1,
-                a.lr
-            )
-        })?;
+        let stats = match stepped {
+            Ok(stats) if stats.loss.is_finite() && grads.iter().all(|g| g.is_finite()) => stats,
+            Err(e) if e.status != Status::NonFinite => return Err(e.message),
+            _ => {
+                return Err(format!(
+                    "step {}: training diverged: the head's loss or gradients are NaN or Inf with --lr {} (SGD, momentum 0.9): lower --lr",
+                    step + 1,
+                    a.lr
+                ))
+            }
+        };
         // The head returns shards × the mean-loss gradient; this one backbone sees the whole batch.
         grads.iter_mut().for_each(|g| *g /= shards as f32);
         backbone.step(&x, &hidden, &grads, a.batch, a.backbone_lr);

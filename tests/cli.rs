@@ -132,3 +132,18 @@ fn resume_refuses_a_backbone_holding_nan() {
     let (ok, _, err) = pfc(&rest);
     assert!(!ok && err.contains("w1") && err.contains("NaN"), "{err}");
 }
+
+#[test]
+fn resume_refuses_a_target_before_the_checkpoint() {
+    let out = out_dir("resume-past");
+    let common = ["--out", &out, "--classes", "100", "--dim", "16", "--batch", "16", "--eval-identities", "10", "--checkpoint-every", "6"];
+    let mut first = vec!["train", "--steps", "6"];
+    first.extend_from_slice(&common);
+    let (ok, _, err) = pfc(&first);
+    assert!(ok, "{err}");
+    let mut rest = vec!["train", "--steps", "4", "--resume"];
+    rest.extend_from_slice(&common);
+    let (ok, out, err) = pfc(&rest);
+    assert!(!ok && err.contains("step 6") && err.contains("--steps 4"), "{out}
+{err}");
+}

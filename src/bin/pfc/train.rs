@@ -325,6 +325,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         backbone.load(&checkpoint.join("backbone.safetensors"))?;
     }
     let first_step = head.steps_taken();
+    check(first_step <= a.steps, || format!("--resume: the checkpoint is at step {first_step}, past --steps {}", a.steps))?;
     println!(
         "pfc train: {} identities (long tail {}, label noise {}, conflicts {}), d = {}, batch {}, {} {} shards, sample rate {}, filter {}, steps {}..{}",
         a.classes, a.tail, a.label_noise, a.conflicts, a.dim, a.batch, a.shards, a.backend, a.sample_rate, a.filter, first_step, a.steps

@@ -355,6 +355,9 @@ fn write_stats(stats: *mut pfc_step_stats, s: StepStats) {
 /// NULL is a no-op.
 #[no_mangle]
 pub extern "C" fn pfc_config_init(cfg: *mut pfc_config) {
+    // This writes the whole struct of this header. A program built against an older header calls
+    // it with a shorter struct, so once a layout is released, a release that appends fields must
+    // keep this symbol writing the released layout and give the new header a new init function.
     // SAFETY: a non-NULL cfg is the caller's writable struct.
     if let Some(c) = unsafe { cfg.as_mut() } {
         *c = default_c_config();

@@ -112,13 +112,18 @@ fn train_divergence_is_reported_as_such_naming_the_learning_rate() {
     assert!(err.contains("diverged") && err.contains("--lr 10000") && !err.contains("embedding row"), "{err}");
 }
 
+/// A tiny `pfc train` run in `out` to `steps`, checkpointing every 5 steps.
+fn tiny_run(out: &str, steps: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec!["train", "--out", out, "--steps", steps, "--checkpoint-every", "5"];
+    args.extend_from_slice(&["--classes", "100", "--dim", "16", "--batch", "16", "--eval-identities", "10"]);
+    args.extend_from_slice(extra);
+    pfc(&args)
+}
+
 #[test]
 fn resume_refuses_a_backbone_holding_nan() {
     let out = out_dir("nan-backbone");
-    let common = ["--out", &out, "--classes", "100", "--dim", "16", "--batch", "16", "--eval-identities", "10", "--checkpoint-every", "5"];
-    let mut first = vec!["train", "--steps", "5"];
-    first.extend_from_slice(&common);
-    let (ok, _, err) = pfc(&first);
+    let (ok, _, err) = tiny_run(&out, "5", &[]);
     assert!(ok, "{err}");
     // One NaN in the first layer's weights, checksum-free: the backbone file is the CLI's own.
     let path = std::path::Path::new(&out).join("checkpoint/backbone.safetensors");
@@ -127,23 +132,15 @@ fn resume_refuses_a_backbone_holding_nan() {
     let at = 8 + header + meta.info("w1").unwrap().data_offsets.0 + 4 * 17;
     bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     std::fs::write(&path, &bytes).unwrap();
-    let mut rest = vec!["train", "--steps", "10", "--resume"];
-    rest.extend_from_slice(&common);
-    let (ok, _, err) = pfc(&rest);
+    let (ok, _, err) = tiny_run(&out, "10", &["--resume"]);
     assert!(!ok && err.contains("w1") && err.contains("NaN"), "{err}");
 }
 
 #[test]
 fn resume_refuses_a_target_before_the_checkpoint() {
     let out = out_dir("resume-past");
-    let common = ["--out", &out, "--classes", "100", "--dim", "16", "--batch", "16", "--eval-identities", "10", "--checkpoint-every", "6"];
-    let mut first = vec!["train", "--steps", "6"];
-    first.extend_from_slice(&common);
-    let (ok, _, err) = pfc(&first);
+    let (ok, _, err) = tiny_run(&out, "5", &[]);
     assert!(ok, "{err}");
-    let mut rest = vec!["train", "--steps", "4", "--resume"];
-    rest.extend_from_slice(&common);
-    let (ok, out, err) = pfc(&rest);
-    assert!(!ok && err.contains("step 6") && err.contains("--steps 4"), "{out}
-{err}");
+    let (ok, stdout, err) = tiny_run(&out, "4", &["--resume"]);
+    assert!(!ok && err.contains("step 5") && err.contains("--steps 4"), "{stdout}\n{err}");
 }

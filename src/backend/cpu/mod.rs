@@ -30,6 +30,14 @@ pub(super) fn min_blocks_per_task(blocks: usize) -> usize {
     blocks.div_ceil(4 * rayon::current_num_threads()).max(1)
 }
 
+/// Blocks `0..blocks` as parallel tasks of `min_blocks_per_task` blocks, split in halves down to
+/// that size however the work is stolen, so that a floating-point reduction over the tasks is the
+/// same on every run.
+fn block_tasks(blocks: usize) -> impl IndexedParallelIterator<Item = usize> {
+    let per_task = min_blocks_per_task(blocks);
+    (0..blocks).into_par_iter().with_min_len(per_task).with_max_len(per_task)
+}
+
 /// A pointer that several threads may use to write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct Shared<T>(*mut T);
@@ -248,9 +256,7 @@ impl Shard {
             target_block: vec![0.0; n],
             targets: Vec::new(),
         };
-        let merged = crate::pool::install(|| (0..blocks)
-            .into_par_iter()
-            .with_min_len(min_blocks_per_task(blocks))
+        let merged = crate::pool::install(|| block_tasks(blocks)
             .fold(worker, |mut w, b| {
                 let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
                 let rows = end - start;
@@ -322,9 +328,7 @@ impl Shard {
             grad_x: vec![0.0; n * d],
         };
         let blocks = k.div_ceil(BLOCK);
-        let total = crate::pool::install(|| (0..blocks)
-            .into_par_iter()
-            .with_min_len(min_blocks_per_task(blocks))
+        let total = crate::pool::install(|| block_tasks(blocks)
             .fold(worker, |mut w, b| {
                 let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
                 let rows = end - start;

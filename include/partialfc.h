@@ -7,7 +7,14 @@
  *   message. No panic, abort or print crosses this boundary.
  * - Threading: a head is used by one thread at a time; concurrent calls on one head are serialized
  *   by a lock inside the head, never racy. Different heads are independent. The library runs its own
- *   worker threads (RAYON_NUM_THREADS caps them).
+ *   worker threads (RAYON_NUM_THREADS caps them); a process that cannot start them (thread or
+ *   memory limits) gets PFC_ERR_OUT_OF_MEMORY from the call that needs them, pfc_create first.
+ * - fork(): a process that has used the library may fork, and the child may create heads and use
+ *   them (the library starts its worker threads again in the child). Heads inherited from the
+ *   parent are copies the child may use too, except one that another thread was calling at the
+ *   moment of the fork: in the child it may be half-updated, so every call on it returns
+ *   PFC_ERR_INVALID_ARGUMENT (pfc_destroy is safe). CUDA does not survive fork: after using a CUDA
+ *   head, run CUDA in processes started by exec (Python's "spawn"), not in forked children.
  * - Memory: the caller owns every buffer it passes; the library keeps no pointer after a call
  *   returns. Host inputs are read before return. Heads are freed with pfc_destroy.
  * - memory = PFC_MEMORY_DEVICE (CUDA backend only): pointers are on that shard's GPU; with a
@@ -19,8 +26,27 @@
  *   loss with respect to this shard's embeddings (the reference's convention: it cancels a
  *   data-parallel backbone's gradient averaging).
  * - Bad input (NULL pointers, zero or oversized dims, labels outside [0, C), NaN/Inf embeddings,
- *   unknown enum values, a batch count other than local_shards, a CUDA request with no driver)
- *   gets a clear status and message and changes nothing.
+ *   embedding or center rows of norm above 2^62 (which cannot be normalized in f32), unknown enum
+ *   values, a batch count other than local_shards, a CUDA request with no driver) gets a clear
+ *   status and message and changes nothing.
+ * - Non-finite steps: a step whose loss, gradients or updated centers would be NaN or Inf returns
+ *   PFC_ERR_NON_FINITE and changes nothing (no center, optimizer state, step count or output); on
+ *   several shards or processes they agree first. The host decides: lower the learning rate, skip
+ *   the batch, reload a checkpoint.
+ * - Steps: pfc_train_step = pfc_train_compute + pfc_train_apply. The step count advances only at
+ *   apply, and sampling is keyed by it, so the computes accumulated into one apply share one draw of
+ *   negatives (as one large batch would) and each adds its own positives; their center gradients
+ *   add up over the union of the rows they sampled.
+ * - Processes (one job over several processes or machines): set process_count, process_index and
+ *   allgather (e.g. MPI_Allgather); global shard ranks follow process order. Calls that touch more
+ *   than local state are collective — every process makes them in the same order: pfc_create,
+ *   pfc_train_step/compute/apply, pfc_evaluate, pfc_set_learning_rate, checkpoint save and load,
+ *   export, search. pfc_local_classes, pfc_get_centers, pfc_set_centers, pfc_train_discard and
+ *   pfc_destroy are local; pfc_destroy never waits for other processes. Bad input on any process
+ *   fails the call on every process with the same status and message, and no process changes. The
+ *   same data, seed and total shard count give the same results whatever the process layout. A
+ *   failed exchange (the callback returned nonzero, an NCCL error) gives PFC_ERR_COMMUNICATION and
+ *   the head refuses every later collective call with it until a checkpoint is loaded.
  */
 
 
@@ -46,6 +72,9 @@
 #define NCCL_SUM 0
 
 #define NCCL_MAX 2
+
+// `ncclDataType_t` of bytes.
+#define NCCL_UINT8 1
 
 #define PFC_BACKEND_CPU 0
 
@@ -106,7 +135,10 @@ typedef int32_t (*pfc_allgather_fn)(void *ctx, const void *send, size_t bytes, v
 
 // Configuration of a head. Always start from `pfc_config_init`, then change fields.
 typedef struct pfc_config {
-  // Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly.
+  // Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly. A struct
+  // from an older header (a smaller size: fields are only ever appended) is accepted, and the
+  // fields it lacks take their defaults; one from a newer header (larger) gives
+  // PFC_ERR_INCOMPATIBLE.
   uint32_t struct_size;
   // Total classes C over all shards.
   uint64_t num_classes;
@@ -245,7 +277,9 @@ void pfc_config_init(struct pfc_config *cfg);
 
 // Creates a head: validates `cfg`, allocates and initialises the local shards' centers and
 // optimizer state. On success `*out` owns the head (free it with `pfc_destroy`); on failure `*out`
-// is untouched. A CUDA request on a machine without a usable driver gives PFC_ERR_UNAVAILABLE.
+// is untouched. Only `cfg->struct_size` bytes of `cfg` are read. A CUDA request on a machine
+// without a usable driver gives PFC_ERR_UNAVAILABLE; too little memory, or a process that cannot
+// start the library's worker threads (thread or memory limits), PFC_ERR_OUT_OF_MEMORY.
 pfc_status pfc_create(const struct pfc_config *cfg, struct pfc_head **out);
 
 // Frees a head and everything it owns. NULL is a no-op.
@@ -253,11 +287,36 @@ void pfc_destroy(struct pfc_head *head);
 
 // One training step over `n` batches, one per local shard (`n` must equal `local_shards`): the
 // gradient of the mean loss times world_size is written to each batch's `grad_embeddings`, and the
-// sampled centers are updated. `stats` may be NULL.
+// sampled centers are updated. `pfc_train_compute` followed by `pfc_train_apply`, in one call.
+// `stats` may be NULL. A step whose loss, gradients or updated centers would be NaN or Inf returns
+// PFC_ERR_NON_FINITE and changes nothing (no center, optimizer state, step count or output).
 pfc_status pfc_train_step(struct pfc_head *head,
                           const struct pfc_batch *batches,
                           uint32_t n,
                           struct pfc_step_stats *stats);
+
+// Forward and backward over `n` batches (one per local shard) without updating anything: writes
+// the embedding gradients (as `pfc_train_step` does) and adds the sampled centers' gradients to
+// those the head has accumulated since the last `pfc_train_apply`. Several computes before one
+// apply accumulate over the union of their sampled rows (gradients add up, as PyTorch's do).
+// Centers, optimizer state and the step count do not change, so the computes of one step use the
+// same step number: their negatives are the same draw (as one large batch would have), their
+// positives each batch's labels; `stats->step` reports the steps applied so far.
+// PFC_ERR_NON_FINITE when the loss or a gradient is NaN or Inf; nothing is written or accumulated.
+pfc_status pfc_train_compute(struct pfc_head *head,
+                             const struct pfc_batch *batches,
+                             uint32_t n,
+                             struct pfc_step_stats *stats);
+
+// Runs the optimizer once over the gradients accumulated by `pfc_train_compute` calls, with the
+// head's current learning rate, advances the step count and clears them. PFC_ERR_INVALID_ARGUMENT
+// when nothing was accumulated; PFC_ERR_NON_FINITE (nothing changes, the gradients stay
+// accumulated) when a center would become NaN, Inf or impossible to normalize.
+pfc_status pfc_train_apply(struct pfc_head *head);
+
+// Drops the gradients accumulated since the last `pfc_train_apply` (a skipped batch). Local: it
+// exchanges nothing, but every process should discard together to stay in step.
+pfc_status pfc_train_discard(struct pfc_head *head);
 
 // Loss and accuracy over all classes (no sampling), nothing updated; `grad_embeddings` is ignored.
 pfc_status pfc_evaluate(struct pfc_head *head,
@@ -280,7 +339,10 @@ pfc_status pfc_get_centers(const struct pfc_head *head,
                            float *out);
 
 // Overwrites centers of global classes `[first, first + count)` from `in` (count × embedding_dim
-// floats, finite) and resets those rows' optimizer state (warm start).
+// floats, finite) and resets those rows' optimizer state (warm start). A row of norm above 2^62
+// (about 4.6e18; from about 1.8e19 its squared norm overflows f32, so it cannot be normalized) is
+// refused with PFC_ERR_INVALID_ARGUMENT naming its class. Zero rows are accepted: their cosine with
+// every embedding is 0, as with PyTorch's normalize.
 pfc_status pfc_set_centers(struct pfc_head *head, uint64_t first, uint64_t count, const float *in);
 
 // Writes a checkpoint of the head into directory `dir` (created if missing): a manifest
@@ -321,10 +383,11 @@ pfc_status pfc_export_centers(const struct pfc_head *head,
                               int32_t normalized);
 
 // The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
-// floats) over all centers of the job: `ids` (n × k int64) and `scores` (n × k floats), each row
-// sorted by score, ties by smaller class id. Collective on a multi-process head: every process
-// passes the same queries (else PFC_ERR_INVALID_ARGUMENT everywhere) and receives the same merged
-// result, equal to a single process's.
+// floats, finite, of any norm: a zero query scores 0 with every class) over all centers of the job:
+// `ids` (n × k int64) and `scores` (n × k floats), each row sorted by score, ties by smaller class id.
+// Collective on a multi-process head: every process passes the same queries (else
+// PFC_ERR_INVALID_ARGUMENT everywhere) and receives the same merged result, equal to a single
+// process's.
 pfc_status pfc_search(const struct pfc_head *head,
                       const float *queries,
                       uint64_t n,

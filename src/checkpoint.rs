@@ -83,8 +83,13 @@ pub(crate) fn safetensors_header(tensors: &[(&str, &str, Vec<u64>, u64)], metada
 
 /// The first value of `values` (rows of `d` from class `first`) that no head may hold, as a message.
 fn first_bad_value(tensor: StateTensor, values: &[f32], first: u64, d: usize) -> Option<String> {
-    values.iter().position(|v| !v.is_finite()).map(|at| {
-        format!("{} of class {} holds NaN or Inf (value {} of the row)", tensor.name(), first + (at / d) as u64, at % d)
+    if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+        return Some(format!("{} of class {} holds NaN or Inf (value {} of the row)", tensor.name(), first + (at / d) as u64, at % d));
+    }
+    // The bound `pfc_set_centers` puts on a center: one whose norm f32 cannot normalize.
+    let oversized = if tensor == StateTensor::Centers { crate::engine::first_oversized_row(values, d) } else { None };
+    oversized.map(|(row, norm)| {
+        format!("the center of class {} has norm {norm:.3e}, above {:.3e}: it cannot be normalized in f32", first + row as u64, crate::engine::MAX_ROW_NORM)
     })
 }
 

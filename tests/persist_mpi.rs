@@ -10,7 +10,7 @@ mod native;
 mod persist;
 
 use common::*;
-use native::{describe, mpi_program, mpirun};
+use native::{compile, describe, lib_dir, mpirun, scratch};
 use partialfc::ffi::*;
 use persist::*;
 use std::io::BufRead;
@@ -21,7 +21,11 @@ use std::time::{Duration, Instant};
 
 fn exe() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| mpi_program("persist"))
+    EXE.get_or_init(|| {
+        let exe = scratch("mpi-persist").join("persist");
+        compile("mpicc", &["-std=c11", "-O1"], "tests/mpi/persist.c", lib_dir(), &exe);
+        exe
+    })
 }
 
 /// Runs the program over one process per entry of `shards` and checks that all finished.

@@ -308,9 +308,19 @@ static void test_create_errors(void) {
     EXPECT_ERROR(pfc_create(NULL, &h), PFC_ERR_NULL_ARGUMENT, "cfg");
     EXPECT_ERROR(pfc_create(&cfg, NULL), PFC_ERR_NULL_ARGUMENT, "out");
 
-    cfg.struct_size -= 8;
+    cfg.struct_size += 8; /* a newer header's struct */
     EXPECT_ERROR(pfc_create(&cfg, &h), PFC_ERR_INCOMPATIBLE, "struct_size");
     CHECK(h == sentinel);
+    cfg.struct_size -= 12; /* no header's */
+    EXPECT_ERROR(pfc_create(&cfg, &h), PFC_ERR_INCOMPATIBLE, "struct_size");
+    CHECK(h == sentinel);
+    /* The first release's struct ended before world_size: the fields after it take their defaults. */
+    base_config(&cfg);
+    cfg.struct_size = (uint32_t)offsetof(pfc_config, world_size);
+    cfg.world_size = 1234567;
+    EXPECT_OK(pfc_create(&cfg, &h));
+    pfc_destroy(h);
+    h = sentinel;
 
     base_config(&cfg);
     cfg.backend = PFC_BACKEND_CUDA;
@@ -464,6 +474,41 @@ static void test_training(void) {
     CHECK(memcmp(before, after, sizeof before) != 0);
 
     pfc_destroy(h);
+}
+
+/* The step split: compute (gradients out, center gradients accumulated), apply, discard. */
+static void test_step_split(void) {
+    pfc_config cfg;
+    base_config(&cfg);
+    pfc_head *h = NULL, *ref = NULL;
+    EXPECT_OK(pfc_create(&cfg, &h));
+    EXPECT_OK(pfc_create(&cfg, &ref));
+    static float grad[N * D], grad_ref[N * D];
+    static float before[C * D], after[C * D];
+    pfc_batch b[SHARDS], r[SHARDS];
+    make_batches(b, emb, grad, PFC_DTYPE_F32, sizeof(float));
+    make_batches(r, emb, grad_ref, PFC_DTYPE_F32, sizeof(float));
+    EXPECT_ERROR(pfc_train_apply(h), PFC_ERR_INVALID_ARGUMENT, "pfc_train_compute");
+    get_all_centers(h, before);
+    pfc_step_stats st, st_ref;
+    EXPECT_OK(pfc_train_compute(h, b, SHARDS, &st));
+    CHECK(st.step == 0);
+    get_all_centers(h, after);
+    CHECK(memcmp(before, after, sizeof before) == 0); /* compute changes no center */
+    EXPECT_OK(pfc_train_discard(h));
+    EXPECT_ERROR(pfc_train_apply(h), PFC_ERR_INVALID_ARGUMENT, "pfc_train_compute");
+    EXPECT_OK(pfc_train_compute(h, b, SHARDS, &st));
+    EXPECT_OK(pfc_train_apply(h));
+    EXPECT_OK(pfc_train_step(ref, r, SHARDS, &st_ref));
+    CHECK(st.loss == st_ref.loss && memcmp(grad, grad_ref, sizeof grad) == 0);
+    get_all_centers(h, before);
+    get_all_centers(ref, after);
+    CHECK(memcmp(before, after, sizeof before) == 0); /* compute + apply = train_step */
+    EXPECT_STATUS(pfc_train_apply(NULL), PFC_ERR_NULL_ARGUMENT);
+    EXPECT_STATUS(pfc_train_discard(NULL), PFC_ERR_NULL_ARGUMENT);
+    CHECK(PFC_ERR_NON_FINITE == 11);
+    pfc_destroy(h);
+    pfc_destroy(ref);
 }
 
 static void test_centers(void) {
@@ -927,6 +972,7 @@ int main(void) {
     test_last_error();
     test_create_errors();
     test_training();
+    test_step_split();
     test_centers();
     test_f16();
     strcpy(scratch, "/tmp/pfc_abi_test_XXXXXX");

@@ -70,25 +70,24 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// `tests/mpi/NAME.c` compiled with mpicc against the library, once per test process.
-pub fn mpi_program(name: &str) -> PathBuf {
-    let lib = lib_dir();
-    let dir = scratch(&format!("mpi-{name}"));
-    let exe = dir.join(name);
-    let mut cmd = Command::new("mpicc");
-    cmd.args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-I"])
+/// Compiles the C or C++ source `src` (under the repository) into `exe` against include/ and the
+/// library in `lib_dir` (rpath set), with warnings as errors and the given language flags.
+pub fn compile(compiler: &str, lang_flags: &[&str], src: &str, lib_dir: &Path, exe: &Path) {
+    let mut cmd = Command::new(compiler);
+    cmd.args(lang_flags)
+        .args(["-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
         .arg(root().join("include"))
-        .arg(root().join(format!("tests/mpi/{name}.c")))
+        .arg(root().join(src))
         .arg("-o")
-        .arg(&exe)
+        .arg(exe)
         .arg("-L")
-        .arg(lib)
+        .arg(lib_dir)
         .arg("-lpartialfc")
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
         .arg("-lm");
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run mpicc (OpenMPI is installed by scripts/setup.sh): {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run the compiler {compiler:?} (is it installed?): {e}"));
     assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
-    exe
 }
 
 /// `mpirun` with what this machine needs: root is allowed, more processes than cores, shared
@@ -100,8 +99,8 @@ pub fn mpirun(n: usize) -> Command {
     let session = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("ompi-{}-{run}", std::process::id()));
     std::fs::create_dir_all(&session).unwrap();
     let mut cmd = Command::new("mpirun");
-    cmd.env("OMPI_MCA_orte_tmpdir_base", &session);
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
+    cmd.env("OMPI_MCA_orte_tmpdir_base", &session)
+        .args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         .env("OMPI_MCA_btl", "self,vader")
         .env("RAYON_NUM_THREADS", "1");

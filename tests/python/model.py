@@ -1,0 +1,112 @@
+"""What the torch module is compared with: a float64 model of SPEC §1 (the reference's PartialFC_V2
+semantics at sample_rate 1, one process) as a torch module with a real `weight` Parameter, so a torch
+optimizer updates it exactly as the reference's optimizer updates its weight; a train_v2.py-style
+training loop that drives either module; and the reference's PolynomialLRWarmup schedule."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class Float64PartialFC(torch.nn.Module):
+    """Cosine logits with the combined margin (straight-through gradient, SPEC §1.8), the inter-class
+    filter, and an exact log-softmax cross-entropy averaged over the batch, all in float64."""
+
+    def __init__(self, weight, s, m1, m2, m3, threshold=0.0):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().to(torch.float64).clone())
+        self.s, self.m1, self.m2, self.m3, self.threshold = s, m1, m2, m3, threshold
+
+    def forward(self, embeddings, labels):
+        labels = labels.reshape(-1).long()
+        x = F.normalize(embeddings.to(torch.float64))
+        cos = (x @ F.normalize(self.weight).T).clamp(-1, 1)
+        rows = torch.arange(labels.shape[0])
+        if self.threshold > 0:
+            with torch.no_grad():
+                dirty = cos > self.threshold
+                dirty[rows, labels] = False
+            cos = cos.masked_fill(dirty, 0.0)
+        with torch.no_grad():
+            target = cos[rows, labels]
+            shift = torch.zeros_like(cos)
+            shift[rows, labels] = torch.cos(self.m1 * torch.acos(target) + self.m2) - self.m3 - target
+        return F.cross_entropy((cos + shift) * self.s, labels)
+
+
+def polynomial_lr_warmup(optimizer, warmup_iters, total_iters, power=1.0):
+    """insightface's PolynomialLRWarmup schedule (linear warmup from 0, then polynomial decay to 0)
+    as a LambdaLR: lr_t = base·t/w for t ≤ w, base·(1 − (min(t, T) − w)/(T − w))^power after."""
+    def factor(t):
+        if t <= warmup_iters:
+            return t / warmup_iters if warmup_iters > 0 else 1.0
+        return (1.0 - (min(total_iters, t) - warmup_iters) / (total_iters - warmup_iters)) ** power
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def backbone(in_features, embedding_size, dtype=torch.float32, seed=1):
+    """A small stand-in for iresnet: linear, PReLU, linear, BatchNorm1d features."""
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(in_features, 96), torch.nn.PReLU(96), torch.nn.Linear(96, embedding_size),
+        torch.nn.BatchNorm1d(embedding_size))
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    return net.to(dtype)
+
+
+def dataset(steps, batch, in_features, num_classes, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(num_classes, in_features, generator=g)
+    out = []
+    for _ in range(steps):
+        labels = torch.randint(0, num_classes, (batch,), generator=g)
+        images = centers[labels] + 0.5 * torch.randn(batch, in_features, generator=g)
+        out.append((images, labels))
+    return out
+
+
+def train_v2_loop(net, head, data, optimizer="sgd", lr=0.1, weight_decay=5e-4, gradient_acc=1, fp16=False,
+                  warmup=3, skip_at=(), dtype=torch.float32, on_step=None):
+    """train_v2.py's loop: one optimizer over [backbone, head] param groups, PolynomialLRWarmup, the
+    GradScaler branch when `fp16`, gradient accumulation, backbone clipping at 5. `skip_at`: global
+    steps whose update GradScaler must skip (an Inf is put in a backbone gradient there; without
+    fp16 the step is simply not taken, the same effect on the model). After each global step,
+    `on_step(step, loss, embedding_grad, stepped)` is called."""
+    groups = [{"params": net.parameters()}, {"params": head.parameters()}]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params=groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params=groups, lr=lr, weight_decay=weight_decay)
+    total = len(data)
+    scheduler = polynomial_lr_warmup(opt, warmup, total)
+    amp = torch.amp.GradScaler("cpu", growth_interval=100) if fp16 else None
+    for global_step, (images, labels) in enumerate(data, start=1):
+        embeddings = net(images.to(dtype))
+        embeddings.retain_grad()
+        loss = head(embeddings, labels)
+        stepped = global_step % gradient_acc == 0
+        scale = amp.get_scale() if fp16 else 1.0
+        if fp16:
+            amp.scale(loss).backward()
+            if stepped:
+                if global_step in skip_at:
+                    next(net.parameters()).grad.view(-1)[0] = float("inf")
+                amp.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 5)
+                amp.step(opt)
+                amp.update()
+                opt.zero_grad()
+        else:
+            loss.backward()
+            if stepped:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 5)
+                if global_step not in skip_at:
+                    opt.step()
+                opt.zero_grad()
+        scheduler.step()
+        if on_step is not None:
+            on_step(global_step, float(loss), embeddings.grad.detach() / scale, stepped and global_step not in skip_at)
+    return opt

@@ -68,45 +68,63 @@ def dataset(steps, batch, in_features, num_classes, seed=2):
     return out
 
 
-def train_v2_loop(net, head, data, optimizer="sgd", lr=0.1, weight_decay=5e-4, gradient_acc=1, fp16=False,
-                  warmup=3, skip_at=(), dtype=torch.float32, on_step=None):
+class Trainer:
     """train_v2.py's loop: one optimizer over [backbone, head] param groups, PolynomialLRWarmup, the
-    GradScaler branch when `fp16`, gradient accumulation, backbone clipping at 5. `skip_at`: global
-    steps whose update GradScaler must skip (an Inf is put in a backbone gradient there; without
-    fp16 the step is simply not taken, the same effect on the model). After each global step,
-    `on_step(step, loss, embedding_grad, stepped)` is called."""
-    groups = [{"params": net.parameters()}, {"params": head.parameters()}]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params=groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.AdamW(params=groups, lr=lr, weight_decay=weight_decay)
-    total = len(data)
-    scheduler = polynomial_lr_warmup(opt, warmup, total)
-    amp = torch.amp.GradScaler("cpu", growth_interval=100) if fp16 else None
-    for global_step, (images, labels) in enumerate(data, start=1):
-        embeddings = net(images.to(dtype))
+    GradScaler branch when `fp16`, gradient accumulation, backbone clipping at 5, and its checkpoint
+    dict (backbone, head, optimizer, scheduler). `skip_at`: global steps whose update GradScaler must
+    skip (an Inf is put in a backbone gradient there; without fp16 the step is simply not taken, the
+    same effect on a model without a scaler)."""
+
+    def __init__(self, net, head, total_steps, optimizer="sgd", lr=0.1, weight_decay=5e-4, gradient_acc=1,
+                 fp16=False, warmup=3, skip_at=(), dtype=torch.float32):
+        self.net, self.head, self.dtype = net, head, dtype
+        groups = [{"params": net.parameters()}, {"params": head.parameters()}]
+        if optimizer == "sgd":
+            self.opt = torch.optim.SGD(params=groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params=groups, lr=lr, weight_decay=weight_decay)
+        self.scheduler = polynomial_lr_warmup(self.opt, warmup, total_steps)
+        self.amp = torch.amp.GradScaler("cpu", growth_interval=100) if fp16 else None
+        self.gradient_acc, self.skip_at, self.global_step = gradient_acc, set(skip_at), 0
+
+    def step(self, images, labels):
+        """One iteration; returns (loss, embedding gradient of the unscaled loss, whether the update ran)."""
+        self.global_step += 1
+        embeddings = self.net(images.to(self.dtype))
         embeddings.retain_grad()
-        loss = head(embeddings, labels)
-        stepped = global_step % gradient_acc == 0
-        scale = amp.get_scale() if fp16 else 1.0
-        if fp16:
+        loss = self.head(embeddings, labels)
+        stepped = self.global_step % self.gradient_acc == 0
+        skip = self.global_step in self.skip_at
+        amp, opt = self.amp, self.opt
+        scale = amp.get_scale() if amp else 1.0
+        if amp:
             amp.scale(loss).backward()
             if stepped:
-                if global_step in skip_at:
-                    next(net.parameters()).grad.view(-1)[0] = float("inf")
+                if skip:
+                    next(self.net.parameters()).grad.view(-1)[0] = float("inf")
                 amp.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 5)
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), 5)
                 amp.step(opt)
                 amp.update()
                 opt.zero_grad()
         else:
             loss.backward()
             if stepped:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 5)
-                if global_step not in skip_at:
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), 5)
+                if not skip:
                     opt.step()
                 opt.zero_grad()
-        scheduler.step()
-        if on_step is not None:
-            on_step(global_step, float(loss), embeddings.grad.detach() / scale, stepped and global_step not in skip_at)
-    return opt
+        self.scheduler.step()
+        return float(loss.detach()), embeddings.grad.detach() / scale, stepped and not skip
+
+    def state_dict(self):
+        return {"global_step": self.global_step, "state_dict_backbone": self.net.state_dict(),
+                "state_dict_softmax_fc": self.head.state_dict(), "state_optimizer": self.opt.state_dict(),
+                "state_lr_scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, checkpoint):
+        self.global_step = checkpoint["global_step"]
+        self.net.load_state_dict(checkpoint["state_dict_backbone"])
+        self.head.load_state_dict(checkpoint["state_dict_softmax_fc"])
+        self.opt.load_state_dict(checkpoint["state_optimizer"])
+        self.scheduler.load_state_dict(checkpoint["state_lr_scheduler"])

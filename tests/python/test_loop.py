@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from model import Float64PartialFC, backbone, dataset, train_v2_loop
+from model import Float64PartialFC, Trainer, backbone, dataset
 from partialfc.torch import CombinedMarginLoss, PartialFC_V2
 
 C, D, B, STEPS, FEATURES = 300, 64, 32, 20, 48
@@ -17,12 +17,6 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def record(into):
-    def on_step(step, loss, grad, stepped):
-        into.append((step, loss, grad))
-    return on_step
-
-
 def run_pair(optimizer, lr, weight_decay, margin=(1.0, 0.5, 0.0), gradient_acc=1, fp16=False, skip_at=(), seed=0):
     torch.manual_seed(seed)
     ours = PartialFC_V2(CombinedMarginLoss(64, *margin), D, C)
@@ -30,28 +24,23 @@ def run_pair(optimizer, lr, weight_decay, margin=(1.0, 0.5, 0.0), gradient_acc=1
     data = dataset(STEPS, B, FEATURES, C)
     net = backbone(FEATURES, D)
     net64 = copy.deepcopy(net).double()
-    got, want, centers_got, centers_want = [], [], [], []
-
-    def ours_step(step, loss, grad, stepped):
-        got.append((step, loss, grad))
-        centers_got.append(ours.centers())
-
-    def model_step(step, loss, grad, stepped):
-        want.append((step, loss, grad))
-        centers_want.append(model.weight.detach().clone())
-
     kw = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay, gradient_acc=gradient_acc, skip_at=skip_at)
-    train_v2_loop(net, ours, data, fp16=fp16, on_step=ours_step, **kw)
-    train_v2_loop(net64, model, data, dtype=torch.float64, on_step=model_step, **kw)
+    trainer = Trainer(net, ours, STEPS, fp16=fp16, **kw)
+    trainer64 = Trainer(net64, model, STEPS, dtype=torch.float64, **kw)
+    got, want = [], []
+    for images, labels in data:
+        got.append(trainer.step(images, labels) + (ours.centers(),))
+        want.append(trainer64.step(images, labels) + (model.weight.detach().clone(),))
     assert len(got) == len(want) == STEPS
     worst = {"loss": 0.0, "grad": 0.0, "centers": 0.0}
-    for (step, loss, grad), (_, loss64, grad64), cg, cw in zip(got, want, centers_got, centers_want):
+    for (loss, grad, stepped, cg), (loss64, grad64, stepped64, cw) in zip(got, want):
+        assert stepped == stepped64
         worst["loss"] = max(worst["loss"], abs(loss - loss64) / abs(loss64))
         worst["grad"] = max(worst["grad"], rel(grad, grad64))
         worst["centers"] = max(worst["centers"], rel(cg, cw))
     for what, err in worst.items():
         assert err < 1e-4, f"{what}: relative error {err:.3g} against the float64 model ({worst})"
-    return ours, centers_got
+    return got
 
 
 @pytest.mark.parametrize("optimizer,lr,wd", [("sgd", 0.1, 5e-4), ("adamw", 1e-3, 0.1)])

@@ -1,0 +1,129 @@
+"""The module's surface: what parameters() and the optimizer see, eval mode and no-grad
+evaluation, CPU embeddings in f32, f16 and bf16, bad input as PartialFCError with nothing changed,
+unsupported optimizers refused with a reason, insightface's ArcFace/CosFace margin classes."""
+import pytest
+import torch
+
+from model import Float64PartialFC
+from partialfc import PartialFCError
+from partialfc import _native as n
+from partialfc.torch import CombinedMarginLoss, PartialFC_V2
+
+C, D, B = 150, 32, 16
+
+
+def module(margin=(1.0, 0.5, 0.0), **kw):
+    torch.manual_seed(0)
+    return PartialFC_V2(CombinedMarginLoss(64, *margin), D, C, **kw)
+
+
+def batch(seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, D, generator=g).to(dtype), torch.randint(0, C, (B,), generator=g)
+
+
+def test_parameters_are_one_scalar_token_and_state_dict_keys_are_the_references():
+    m = module()
+    params = list(m.named_parameters())
+    assert [name for name, _ in params] == ["pfc_token"] and params[0][1].shape == ()
+    assert "weight" in m.state_dict()
+    assert (m.num_local, m.class_start, m.num_sample) == (C, 0, C)
+
+
+def test_eval_and_no_grad_evaluate_over_all_classes_and_change_nothing():
+    m = module()
+    emb, labels = batch()
+    before = m.centers()
+    expected = float(Float64PartialFC(before, 64, 1.0, 0.5, 0.0)(emb, labels).detach())
+    m.eval()
+    loss = m(emb, labels)
+    assert loss.grad_fn is None
+    assert abs(float(loss) - expected) / expected < 1e-5
+    m.train()
+    with torch.no_grad():
+        assert abs(float(m(emb, labels)) - expected) / expected < 1e-5
+    assert torch.equal(m.centers(), before)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision_embeddings(dtype, tolerance):
+    emb, labels = batch()
+    reference = module()
+    e32 = emb.clone().requires_grad_(True)
+    loss32 = reference(e32, labels)
+    loss32.backward()
+    m = module()
+    e = emb.to(dtype).requires_grad_(True)
+    loss = m(e, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and e.grad.dtype == dtype
+    assert abs(float(loss) - float(loss32)) / float(loss32) < tolerance
+    assert float((e.grad.float() - e32.grad).norm() / e32.grad.norm()) < 2 * tolerance
+
+
+def test_bad_input_raises_partialfc_error_and_changes_nothing():
+    m = module()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    emb, labels = batch()
+    before = m.centers()
+    bad = labels.clone()
+    bad[3] = C
+    with pytest.raises(PartialFCError) as e:
+        m(emb, bad)
+    assert e.value.status == n.PFC_ERR_INVALID_ARGUMENT and "label" in e.value.message
+    nan = emb.clone()
+    nan[2, 5] = float("nan")
+    with pytest.raises(PartialFCError, match="NaN"):
+        m(nan, labels)
+    opt.step()
+    assert torch.equal(m.centers(), before)
+    with pytest.raises(ValueError, match=r"\[batch, 32\]"):
+        m(emb[:, :8], labels)
+    with pytest.raises(TypeError, match="float32"):
+        m(emb.double(), labels)
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), "nesterov"),
+    (lambda p: torch.optim.Adam(p, lr=0.1, weight_decay=0.1), "L2 weight decay"),
+    (lambda p: torch.optim.RMSprop(p, lr=0.1), "SGD or torch.optim.AdamW"),
+])
+def test_optimizers_the_head_cannot_follow_are_refused(make, reason):
+    m = module()
+    opt = make(m.parameters())
+    emb, labels = batch()
+    with pytest.raises(TypeError, match=reason):
+        m(emb, labels).backward()
+        opt.step()
+
+
+def test_insightface_arcface_and_cosface_classes_are_read_too():
+    class ArcFace(torch.nn.Module):
+        def __init__(self, s=64.0, margin=0.5):
+            super().__init__()
+            self.s, self.margin = s, margin
+
+    class CosFace(torch.nn.Module):
+        def __init__(self, s=64.0, m=0.40):
+            super().__init__()
+            self.s, self.m = s, m
+
+    emb, labels = batch()
+    for margin, equivalent in [(ArcFace(), (1.0, 0.5, 0.0)), (CosFace(), (1.0, 0.0, 0.4))]:
+        torch.manual_seed(0)
+        a = PartialFC_V2(margin, D, C).eval()
+        b = module(equivalent).eval()
+        assert float(a(emb, labels)) == float(b(emb, labels))
+    with pytest.raises(TypeError, match="CombinedMarginLoss"):
+        PartialFC_V2(torch.nn.Identity(), D, C)
+
+
+def test_combined_margin_loss_module_matches_the_float64_model():
+    torch.manual_seed(5)
+    weight = torch.randn(C, D)
+    emb, labels = batch()
+    for margin in [(1.0, 0.5, 0.0), (1.0, 0.0, 0.4), (1.0, 0.2, 0.2)]:
+        cos = torch.nn.functional.normalize(emb.double()) @ torch.nn.functional.normalize(weight.double()).T
+        logits = CombinedMarginLoss(64, *margin, interclass_filtering_threshold=0.3)(cos, labels)
+        expected = Float64PartialFC(weight, 64, *margin, threshold=0.3)(emb, labels)
+        assert torch.allclose(torch.nn.functional.cross_entropy(logits, labels), expected, rtol=1e-12)

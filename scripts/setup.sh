@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Every install the tests need, each only when missing, so a second run changes nothing and takes
+# seconds. scripts/test.sh calls it; run it alone to prepare a machine. Needs Rust (cargo) and, for
+# the Debian packages, root (apt-get).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo is missing: install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+
+# One `apt-get update` per run, and only when a package is actually missing.
+apt_updated=
+apt_install() {
+    if [ -z "$apt_updated" ]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+# Installs the Debian package $1 when any of the commands after it is missing.
+need_cmds() {
+    local pkg=$1
+    shift
+    local c
+    for c in "$@"; do
+        if ! command -v "$c" >/dev/null 2>&1; then
+            apt_install "$pkg"
+            return
+        fi
+    done
+}
+
+# C/C++ compilers (tests/c_program.rs, tests/bindings.rs), readelf for the installed soname, and the
+# tools a consumer of the installed library uses: pkg-config and CMake (tests/install.rs).
+need_cmds gcc cc gcc
+need_cmds g++ c++ g++
+need_cmds binutils readelf
+need_cmds pkg-config pkg-config
+need_cmds cmake cmake
+
+# The Go binding's tests need Go: Debian's golang-go when none is found.
+if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
+    apt_install golang-go
+fi
+
+# tests/export_search.rs reads the exports back with numpy and the safetensors package.
+if ! python3 -c 'import numpy, safetensors' >/dev/null 2>&1; then
+    python3 -m pip install --quiet numpy safetensors \
+        || python3 -m pip install --quiet --break-system-packages numpy safetensors
+fi
+
+# The PyTorch binding's tests (tests/python) run in the project venv .venv with torch from PyPI.
+bash scripts/python-env.sh
+
+# NVRTC 13.0 (matching the lent GPUs' driver) compiles every CUDA kernel in tests/kernels.rs; no
+# GPU is needed. Installed once into .tools/ (ignored by git).
+if [ ! -e .tools/nvrtc/nvidia/cu13/lib/libnvrtc.so.13 ]; then
+    python3 -m pip install --quiet --disable-pip-version-check --target .tools/nvrtc "nvidia-cuda-nvrtc==13.0.88"
+fi
+
+# cargo-c (`cargo cinstall`) installs the library as a system C library: tests/install.rs and
+# scripts/install.sh. 0.10.24 is the newest release that builds with rustc 1.95 (later ones need
+# 1.97). Compiling it takes about 9 minutes on 2 cores, once per machine: it lands in cargo's own
+# bin directory, shared by every checkout. Building it needs OpenSSL's headers.
+if ! cargo cinstall --version >/dev/null 2>&1; then
+    if ! pkg-config --exists openssl 2>/dev/null; then
+        apt_install libssl-dev
+    fi
+    echo "setup: compiling cargo-c 0.10.24 (once per machine, several minutes)" >&2
+    cargo install --locked --quiet cargo-c@0.10.24
+fi

@@ -2,6 +2,7 @@
 semantics at sample_rate 1, one process) as a torch module with a real `weight` Parameter, so a torch
 optimizer updates it exactly as the reference's optimizer updates its weight; a train_v2.py-style
 training loop that drives either module; and the reference's PolynomialLRWarmup schedule."""
+import copy
 import math
 
 import torch
@@ -128,3 +129,40 @@ class Trainer:
         self.head.load_state_dict(checkpoint["state_dict_softmax_fc"])
         self.opt.load_state_dict(checkpoint["state_optimizer"])
         self.scheduler.load_state_dict(checkpoint["state_lr_scheduler"])
+
+
+def rel(a, b):
+    """‖a − b‖ / ‖b‖ in float64 (the golden files' measure)."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def compare_in_loop(make_other, other_dtype, classes, dim, batch, steps, features, optimizer, lr, weight_decay,
+                    margin=(1.0, 0.5, 0.0), gradient_acc=1, fp16=False, skip_at=()):
+    """partialfc.torch.PartialFC_V2 and another head (`make_other(initial centers)`, with a `weight`
+    Parameter) trained side by side by Trainer from the same centers, backbone and data; the other
+    loop runs in `other_dtype`. Returns our per-step (loss, embedding grad, stepped, centers), the
+    worst relative errors of loss, embedding gradient and centers over the steps, and the other
+    head's smallest loss (small losses are where an f32 log-softmax loses digits)."""
+    from partialfc.torch import CombinedMarginLoss, PartialFC_V2
+    torch.manual_seed(0)
+    ours = PartialFC_V2(CombinedMarginLoss(64, *margin), dim, classes)
+    other = make_other(ours.centers())
+    data = dataset(steps, batch, features, classes)
+    net = backbone(features, dim)
+    net_other = copy.deepcopy(net).to(other_dtype)
+    kw = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay, gradient_acc=gradient_acc, skip_at=skip_at)
+    trainer = Trainer(net, ours, steps, fp16=fp16, **kw)
+    trainer_other = Trainer(net_other, other, steps, dtype=other_dtype, **kw)
+    got, worst = [], {"loss": 0.0, "grad": 0.0, "centers": 0.0}
+    smallest_loss = math.inf
+    for images, labels in data:
+        mine = trainer.step(images, labels) + (ours.centers(),)
+        loss, grad, stepped, centers = trainer_other.step(images, labels) + (other.weight.detach().clone(),)
+        assert mine[2] == stepped
+        worst["loss"] = max(worst["loss"], abs(mine[0] - loss) / abs(loss))
+        smallest_loss = min(smallest_loss, loss)
+        worst["grad"] = max(worst["grad"], rel(mine[1], grad))
+        worst["centers"] = max(worst["centers"], rel(mine[3], centers))
+        got.append(mine)
+    return got, worst, smallest_loss

@@ -32,6 +32,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// Processes one job may have; keeps `count × bytes` products far from overflow.
+#define MAX_PROCESSES (1 << 16)
+
 // Bytes of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
 #define UNIQUE_ID_BYTES 128
 
@@ -81,6 +84,19 @@
 // An opaque training head. Calls on one head are serialized by its lock.
 typedef struct pfc_head pfc_head;
 
+// The host's process group, as one collective (the pattern of UCC's out-of-band all-gather):
+// every process calls it with the same `bytes`; `recv` receives process_count × bytes, in process
+// order; it returns 0 on success. With MPI:
+// `MPI_Allgather(send, bytes, MPI_BYTE, recv, bytes, MPI_BYTE, comm)`.
+//
+// The library calls it from one thread per process at a time, in the same sequence on every
+// process (MPI collective semantics: a call on a multi-process head that touches more than local
+// state must be made by every process, in the same order), and keeps no pointer past the call. A
+// nonzero return gives PFC_ERR_COMMUNICATION and makes the head refuse every later call with
+// PFC_ERR_COMMUNICATION until a checkpoint is loaded into it; the callback should fail on every
+// process of the job or on none (as MPI's collectives do), or the other processes wait for it.
+typedef int32_t (*pfc_allgather_fn)(void *ctx, const void *send, size_t bytes, void *recv);
+
 // Configuration of a head. Always start from `pfc_config_init`, then change fields.
 typedef struct pfc_config {
   // Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly.
@@ -124,12 +140,23 @@ typedef struct pfc_config {
   uint32_t local_shards;
   // CUDA ordinals, `local_shards` entries; NULL = 0..local_shards-1. NULL for the CPU backend.
   const int32_t *devices;
-  // Shards over all processes; 0 = local_shards.
+  // Shards over all processes. 0 = derived: local_shards alone, or with `allgather` the sum of
+  // every process's local_shards (a nonzero value must then equal that sum).
   uint32_t world_size;
-  // Global rank of this process's first shard.
+  // Global rank of this process's first shard; derived (0 or the derived value) with `allgather`.
   uint32_t first_rank;
-  // `PFC_NCCL_ID_BYTES` bytes, needed when world_size > local_shards.
+  // `PFC_NCCL_ID_BYTES` bytes: the CUDA backend's way to form a job without `allgather`
+  // (world_size > local_shards, first_rank and this id distributed by the host).
   const uint8_t *nccl_id;
+  // Processes in the job; 1 (the default) = this process alone. Global shard ranks follow
+  // process order: process 0's shards first.
+  uint32_t process_count;
+  // This process, in [0, process_count): its place in `allgather`'s output.
+  uint32_t process_index;
+  // The job's all-gather, needed when process_count > 1 (see `pfc_allgather_fn`).
+  pfc_allgather_fn allgather;
+  // Passed to `allgather` unchanged.
+  void *allgather_ctx;
 } pfc_config;
 
 // Result of every fallible call: `PFC_OK` or one of the `PFC_ERR_*` codes.
@@ -193,6 +220,11 @@ typedef struct pfc_step_stats {
 
 // An internal error was caught at the boundary; the head is unchanged.
 #define PFC_ERR_PANIC 10
+
+// The step's loss, embedding or center gradients, or the centers it would write, are NaN or Inf
+// (divergence, overflow): nothing changed — no center, optimizer state, step count or output. The
+// host decides what to do (lower the learning rate, skip the batch, reload a checkpoint).
+#define PFC_ERR_NON_FINITE 11
 
 #ifdef __cplusplus
 extern "C" {

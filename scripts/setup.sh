@@ -45,6 +45,11 @@ if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
     apt_install golang-go
 fi
 
+# tests/mpi.rs runs jobs over several processes with OpenMPI (Debian's packages).
+if ! command -v mpicc >/dev/null 2>&1 || ! command -v mpirun >/dev/null 2>&1; then
+    apt_install openmpi-bin libopenmpi-dev
+fi
+
 # tests/export_search.rs reads the exports back with numpy and the safetensors package.
 if ! python3 -c 'import numpy, safetensors' >/dev/null 2>&1; then
     python3 -m pip install --quiet numpy safetensors \

@@ -2,10 +2,12 @@
 //! input validation, the loss and accuracy from reduced statistics, center access. A failed call
 //! leaves the head exactly as it was: inputs are checked before any backend state changes.
 
-use crate::backend::{cpu::CpuBackend, Backend, DeviceBatch, GradOut, HostBatch, HostValues, PhaseTimes, RowStats, StepPlan};
-use crate::config::{BackendKind, Config};
+use crate::backend::{Backend, DeviceBatch, GradOut, HostBatch, HostValues, PhaseTimes, RowStats, StepPlan};
+use crate::comm::group::ProcessGroup;
+use crate::config::Config;
 use crate::error::{Error, Result, Status};
 use crate::optimizer::StateTensor;
+use std::sync::Arc;
 
 /// What one step reports (SPEC §1.10).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -20,29 +22,48 @@ pub struct StepStats {
 
 pub struct Head {
     cfg: Config,
+    group: Arc<ProcessGroup>,
     backend: Box<dyn Backend>,
     step: u64,
     lr: f32,
 }
 
 impl Head {
+    /// A head whose shards all live in this process (or, for the CUDA backend, a job formed the
+    /// NCCL way from `world_size`, `first_rank` and an NCCL id).
     pub fn new(cfg: Config) -> Result<Self> {
-        cfg.validate()?;
-        let backend: Box<dyn Backend> = match cfg.backend {
-            BackendKind::Cpu => Box::new(CpuBackend::new(&cfg)?),
-            BackendKind::Cuda => {
-                let ordinals: Vec<i32> =
-                    if cfg.devices.is_empty() { (0..cfg.local_shards as i32).collect() } else { cfg.devices.clone() };
-                let devices = crate::backend::cuda::probe(&ordinals)?;
-                Box::new(crate::backend::cuda::CudaBackend::new(&cfg, &devices)?)
-            }
+        Self::with_group(cfg, ProcessGroup::solo())
+    }
+
+    /// Process `group.index()`'s part of a job over `group` (SPEC §2a); a collective call. Every
+    /// process must pass the same configuration but for `local_shards` and `devices`;
+    /// `world_size` (0 = derived) and `first_rank` are derived from all processes' `local_shards`.
+    /// Any process's error is every process's error.
+    pub fn with_group(mut cfg: Config, group: ProcessGroup) -> Result<Self> {
+        cfg.process_count = group.count();
+        cfg.process_index = group.index();
+        let process_shards = if group.is_solo() {
+            cfg.validate()?;
+            vec![cfg.local_shards]
+        } else {
+            group.agree(cfg.validate_local())?;
+            let shards = agree_on_layout(&mut cfg, &group)?;
+            cfg.validate()?;
+            shards
         };
+        let group = Arc::new(group);
+        let backend = group.agree(crate::backend::create(&cfg, &group, &process_shards))?;
         let lr = cfg.optimizer.lr;
-        Ok(Head { cfg, backend, step: 0, lr })
+        Ok(Head { cfg, group, backend, step: 0, lr })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The job's processes: checkpoints, export and search exchange data through it.
+    pub fn group(&self) -> &ProcessGroup {
+        &self.group
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -54,7 +75,7 @@ impl Head {
     }
 
     pub fn set_learning_rate(&mut self, lr: f32) -> Result<()> {
-        crate::config::finite_in("learning rate", lr, 0.0, crate::config::MAX_HYPERPARAMETER)?;
+        self.group.agree(crate::config::finite_in("learning rate", lr, 0.0, crate::config::MAX_HYPERPARAMETER))?;
         self.lr = lr;
         Ok(())
     }
@@ -93,7 +114,8 @@ impl Head {
             }
             total += rows;
         }
-        if total == 0 {
+        // Another process's rows may fill the global batch; the backend checks it after gathering.
+        if total == 0 && self.group.is_solo() {
             return Err(Error::invalid("the global batch is empty"));
         }
         Ok(())
@@ -119,12 +141,15 @@ impl Head {
 
     /// One training step: gradients into `grads` (one per local shard), sampled centers updated.
     pub fn train_step(&mut self, batches: &[HostBatch<'_>], grads: &mut [GradOut<'_>]) -> Result<StepStats> {
-        self.check_batches(batches)?;
-        for (s, (b, g)) in batches.iter().zip(grads.iter()).enumerate() {
-            if g.len() != b.embeddings.len() {
-                return Err(Error::invalid(format!("batch {s}: gradient buffer has {} values, embeddings {}", g.len(), b.embeddings.len())));
+        let checked = self.check_batches(batches).and_then(|()| {
+            for (s, (b, g)) in batches.iter().zip(grads.iter()).enumerate() {
+                if g.len() != b.embeddings.len() {
+                    return Err(Error::invalid(format!("batch {s}: gradient buffer has {} values, embeddings {}", g.len(), b.embeddings.len())));
+                }
             }
-        }
+            Ok(())
+        });
+        self.group.agree(checked)?;
         let plan = StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: self.cfg.sample_rate, train: true };
         let rows = self.backend.forward(batches, plan)?;
         self.backend.backward(&rows, self.lr, grads)?;
@@ -134,7 +159,7 @@ impl Head {
 
     /// Loss and accuracy over every class; nothing changes.
     pub fn evaluate(&mut self, batches: &[HostBatch<'_>]) -> Result<StepStats> {
-        self.check_batches(batches)?;
+        self.group.agree(self.check_batches(batches))?;
         let plan = StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: 1.0, train: false };
         let rows = self.backend.forward(batches, plan)?;
         Ok(self.stats(&rows))
@@ -271,4 +296,46 @@ fn first_non_finite(e: &crate::backend::Embeddings<'_>) -> Option<usize> {
         Embeddings::F16(v) => v.iter().position(|x| !x.is_finite()),
         Embeddings::BF16(v) => v.iter().position(|x| !x.is_finite()),
     }
+}
+
+/// Checks that every process of the job passed the same configuration and derives the shard
+/// layout: `world_size` is the sum of all `local_shards`, `first_rank` the sum of the earlier
+/// processes'. Returns every process's shard count. The same exchange yields the same verdict on
+/// every process.
+fn agree_on_layout(cfg: &mut Config, group: &ProcessGroup) -> Result<Vec<usize>> {
+    let fields = cfg.consensus_fields();
+    let mut mine = vec![cfg.local_shards as u64, cfg.world_size as u64, cfg.first_rank as u64];
+    mine.extend(fields.iter().map(|&(_, v)| v));
+    let all = group.allgather_u64(&mine)?;
+    let per = mine.len();
+    let rows: Vec<&[u64]> = all.chunks_exact(per).collect();
+    for (i, &(name, _)) in fields.iter().enumerate() {
+        let at = 3 + i;
+        if let Some(p) = rows.iter().position(|r| r[at] != rows[0][at]) {
+            return Err(Error::invalid(format!(
+                "pfc_config.{name} differs between processes: process 0 passed {}, process {p} passed {} (every process must pass the same configuration but for local_shards and devices)",
+                rows[0][at], rows[p][at]
+            )));
+        }
+    }
+    let shards: Vec<usize> = rows.iter().map(|r| r[0] as usize).collect();
+    let world: usize = shards.iter().sum();
+    if let Some(p) = rows.iter().position(|r| r[1] != 0 && r[1] as usize != world) {
+        return Err(Error::invalid(format!(
+            "world_size = {} on process {p}, but the processes' local_shards sum to {world} (pass 0 to derive it)",
+            rows[p][1]
+        )));
+    }
+    for (p, r) in rows.iter().enumerate() {
+        let first: usize = shards[..p].iter().sum();
+        if r[2] != 0 && r[2] as usize != first {
+            return Err(Error::invalid(format!(
+                "first_rank = {} on process {p}, but its shards start at global rank {first} (pass 0 to derive it)",
+                r[2]
+            )));
+        }
+    }
+    cfg.world_size = world;
+    cfg.first_rank = shards[..group.index()].iter().sum();
+    Ok(shards)
 }

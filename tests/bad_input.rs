@@ -454,6 +454,17 @@ fn create_rejects_bad_configs() {
             "first_rank",
         ),
         ("world_size > local_shards without nccl_id", Box::new(|c| c.world_size = 4), PFC_ERR_NULL_ARGUMENT, "nccl_id"),
+        ("process_count 0", Box::new(|c| c.process_count = 0), PFC_ERR_INVALID_ARGUMENT, "process_count"),
+        (
+            "process_index past process_count",
+            Box::new(|c| {
+                c.process_count = 2;
+                c.process_index = 2;
+            }),
+            PFC_ERR_INVALID_ARGUMENT,
+            "process_index",
+        ),
+        ("process_count 2 without allgather", Box::new(|c| c.process_count = 2), PFC_ERR_NULL_ARGUMENT, "allgather"),
         // Backends.
         ("CUDA backend", Box::new(|c| c.backend = PFC_BACKEND_CUDA), PFC_ERR_UNAVAILABLE, "CUDA"),
         (

@@ -100,6 +100,7 @@ enum class Status : std::int32_t {
     Corrupt = PFC_ERR_CORRUPT,
     Incompatible = PFC_ERR_INCOMPATIBLE,
     Panic = PFC_ERR_PANIC,
+    NonFinite = PFC_ERR_NON_FINITE,
 };
 
 enum class Backend : std::int32_t { Cpu = PFC_BACKEND_CPU, Cuda = PFC_BACKEND_CUDA };
@@ -138,6 +139,7 @@ inline const char* status_name(Status s) noexcept {
         case Status::Corrupt: return "PFC_ERR_CORRUPT";
         case Status::Incompatible: return "PFC_ERR_INCOMPATIBLE";
         case Status::Panic: return "PFC_ERR_PANIC";
+        case Status::NonFinite: return "PFC_ERR_NON_FINITE";
     }
     return "PFC_ERR_UNKNOWN";
 }

@@ -11,6 +11,7 @@ pub mod types;
 use self::guard::{guard, with_last_error};
 pub use self::types::*;
 use crate::backend::{DeviceBatch, Embeddings, GradOut, HostBatch};
+use crate::comm::group::{AllGather, CallbackAllGather, ProcessGroup};
 use crate::config::{BackendKind, Config, DType, MarginConfig, MarginGrad, OptimizerConfig, OptimizerKind};
 use crate::engine::{Head, StepStats};
 use crate::error::{Error, Result, Status};
@@ -73,14 +74,14 @@ fn default_c_config() -> pfc_config {
         world_size: 0,
         first_rank: 0,
         nccl_id: std::ptr::null(),
+        process_count: d.process_count as u32,
+        process_index: d.process_index as u32,
+        allgather: None,
+        allgather_ctx: std::ptr::null_mut(),
     }
 }
 
-/// Converts and validates a C configuration.
-///
-/// # Safety
-/// `devices`, when not NULL, must point to `local_shards` integers.
-unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
+fn check_struct_size(c: &pfc_config) -> Result<()> {
     let expected = std::mem::size_of::<pfc_config>() as u32;
     if c.struct_size != expected {
         return Err(Error::new(
@@ -91,6 +92,26 @@ unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// The process group a configuration names. Built before anything else is checked, so that every
+/// later error can be agreed on by all processes.
+///
+/// # Safety
+/// `allgather`, when set, must behave as `pfc_allgather_fn` documents, with `allgather_ctx`.
+unsafe fn group_from_c(c: &pfc_config) -> Result<ProcessGroup> {
+    check_struct_size(c)?;
+    let transport = c.allgather.map(|f| Box::new(CallbackAllGather::new(f, c.allgather_ctx)) as Box<dyn AllGather>);
+    ProcessGroup::new(c.process_count as usize, c.process_index as usize, transport)
+}
+
+/// Converts and validates a C configuration.
+///
+/// # Safety
+/// `devices`, when not NULL, must point to `local_shards` integers.
+unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
+    check_struct_size(c)?;
     let margin_grad = match c.margin_grad {
         PFC_MARGIN_GRAD_STRAIGHT_THROUGH => MarginGrad::StraightThrough,
         PFC_MARGIN_GRAD_EXACT => MarginGrad::Exact,
@@ -111,9 +132,11 @@ unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
         return Err(Error::invalid(format!("local_shards = {local_shards} is outside [1, {}]", crate::config::MAX_LOCAL_SHARDS)));
     }
     let devices = if c.devices.is_null() { Vec::new() } else { std::slice::from_raw_parts(c.devices, local_shards).to_vec() };
-    let world_size = if c.world_size == 0 { local_shards } else { c.world_size as usize };
-    if world_size > local_shards && c.nccl_id.is_null() {
-        return Err(Error::null("nccl_id (needed when world_size > local_shards)"));
+    let with_group = c.process_count > 1;
+    // With a process group the layout is derived at creation (0 asks for that).
+    let world_size = if c.world_size == 0 && !with_group { local_shards } else { c.world_size as usize };
+    if !with_group && world_size > local_shards && c.nccl_id.is_null() {
+        return Err(Error::null("nccl_id (needed when world_size > local_shards without allgather)"));
     }
     Ok(Config {
         num_classes: c.num_classes,
@@ -145,6 +168,8 @@ unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
         devices,
         world_size,
         first_rank: c.first_rank as usize,
+        process_count: c.process_count as usize,
+        process_index: c.process_index as usize,
     })
 }
 
@@ -333,8 +358,10 @@ pub extern "C" fn pfc_create(cfg: *const pfc_config, out: *mut *mut pfc_head) ->
         if out.is_null() {
             return Err(Error::null("out"));
         }
-        let config = unsafe { config_from_c(c) }?;
-        let head = Head::new(config)?;
+        let group = unsafe { group_from_c(c) }?;
+        // A bad field on one process fails every process, with the same message.
+        let config = group.agree(unsafe { config_from_c(c) })?;
+        let head = Head::with_group(config, group)?;
         let boxed = Box::new(pfc_head { inner: Mutex::new(head) });
         unsafe { *out = Box::into_raw(boxed) };
         Ok(())

@@ -34,6 +34,7 @@ static const char *status_name(pfc_status s) {
         case PFC_ERR_CORRUPT: return "PFC_ERR_CORRUPT";
         case PFC_ERR_INCOMPATIBLE: return "PFC_ERR_INCOMPATIBLE";
         case PFC_ERR_PANIC: return "PFC_ERR_PANIC";
+        case PFC_ERR_NON_FINITE: return "PFC_ERR_NON_FINITE";
         default: return "unknown status";
     }
 }

@@ -10,7 +10,6 @@ pub use search::scan as scan_centers;
 use self::gemm::{matmul, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
 use super::{Backend, GradOut, HostBatch, PhaseTimes, RowStats, StepPlan};
-use crate::comm::local::LocalCommunicator;
 use crate::comm::{HostCommunicator, ReduceOp};
 use crate::config::{Config, DType};
 use crate::error::{try_zeroed, Error, Result};
@@ -88,22 +87,15 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    pub fn new(cfg: &Config) -> Result<Self> {
-        if cfg.world_size != cfg.local_shards {
-            return Err(Error::new(
-                crate::error::Status::Unavailable,
-                format!(
-                    "the CPU backend runs every shard in one process: world_size {} must equal local_shards {}",
-                    cfg.world_size, cfg.local_shards
-                ),
-            ));
-        }
+    /// The local shards of `cfg`'s job, talking to the other shards through `comm`.
+    pub fn new(cfg: &Config, comm: Box<dyn HostCommunicator>) -> Result<Self> {
         if !cfg.devices.is_empty() {
             return Err(Error::invalid("devices is for the CUDA backend; pass NULL with the CPU backend"));
         }
         let d = cfg.embedding_dim;
-        let ranges: Vec<ShardRange> =
-            (0..cfg.local_shards).map(|r| ShardRange::of(cfg.num_classes, cfg.world_size, r)).collect();
+        let ranges: Vec<ShardRange> = (cfg.first_rank..cfg.first_rank + cfg.local_shards)
+            .map(|r| ShardRange::of(cfg.num_classes, cfg.world_size, r))
+            .collect();
         let mut shards = Vec::with_capacity(ranges.len());
         for &range in &ranges {
             let elems = (range.len as usize).checked_mul(d).ok_or_else(|| Error::invalid("num_classes × embedding_dim overflows"))?;
@@ -130,7 +122,7 @@ impl CpuBackend {
             cfg: cfg.clone(),
             ranges,
             shards,
-            comm: Box::new(LocalCommunicator::new(cfg.local_shards)),
+            comm,
             batch_rows: Vec::new(),
             labels: Vec::new(),
             unit: Vec::new(),
@@ -383,6 +375,9 @@ impl Backend for CpuBackend {
         let t0 = Instant::now();
         let counts = self.comm.all_gather_counts(&batches.iter().map(|b| b.labels.len() as u64).collect::<Vec<_>>())?;
         self.batch_rows = counts.iter().map(|&c| c as usize).collect();
+        if counts.iter().all(|&c| c == 0) {
+            return Err(Error::invalid("the global batch is empty"));
+        }
         let local: Vec<Vec<f32>> = batches
             .iter()
             .map(|b| {
@@ -456,7 +451,7 @@ impl Backend for CpuBackend {
             target_logit: sums[0][n..].to_vec(),
             target_cos: maxes[0][2 * n..].to_vec(),
             other_cos: maxes[0][n..2 * n].to_vec(),
-            sampled_classes: self.shards.iter().map(|s| s.sampled.len() as u64).sum(),
+            sampled_classes: self.comm.all_gather_counts(&self.shards.iter().map(|s| s.sampled.len() as u64).collect::<Vec<_>>())?.iter().sum(),
         })
     }
 
@@ -486,7 +481,7 @@ impl Backend for CpuBackend {
         let mut mine: Vec<Vec<f32>> = self.shards.iter_mut().map(|s| std::mem::take(&mut s.grad_unit)).collect();
         self.comm.reduce_scatter_sum(&partial, &segments, &mut mine)?;
         let world = self.comm.world_size() as f32;
-        for ((local, seg), out) in mine.iter_mut().zip(&segments).zip(grads.iter_mut()) {
+        for ((local, seg), out) in mine.iter_mut().zip(&segments[self.cfg.first_rank..]).zip(grads.iter_mut()) {
             let first_row = seg.start / d;
             local.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
                 let i = first_row + r;

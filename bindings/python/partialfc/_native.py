@@ -26,6 +26,7 @@ PFC_ERR_IO = 7
 PFC_ERR_CORRUPT = 8
 PFC_ERR_INCOMPATIBLE = 9
 PFC_ERR_PANIC = 10
+PFC_ERR_NON_FINITE = 11
 
 PFC_BACKEND_CPU = 0
 PFC_BACKEND_CUDA = 1
@@ -44,6 +45,11 @@ PFC_FORMAT_FVECS = 2
 PFC_NCCL_ID_BYTES = 128
 
 STATUS_NAMES = {v: k for k, v in list(globals().items()) if k.startswith("PFC_ERR_") or k == "PFC_OK"}
+
+
+# int32_t (*pfc_allgather_fn)(void *ctx, const void *send, size_t bytes, void *recv): 0 on success.
+pfc_allgather_fn = CFUNCTYPE(c_int32, c_void_p, c_void_p, c_size_t, c_void_p)
+FUNCTION_TYPES = {"pfc_allgather_fn": pfc_allgather_fn}
 
 
 class pfc_config(Structure):
@@ -75,6 +81,10 @@ class pfc_config(Structure):
         ("world_size", c_uint32),
         ("first_rank", c_uint32),
         ("nccl_id", POINTER(c_uint8)),
+        ("process_count", c_uint32),
+        ("process_index", c_uint32),
+        ("allgather", pfc_allgather_fn),
+        ("allgather_ctx", c_void_p),
     ]
 
 

@@ -157,6 +157,36 @@ def _with_settings(cfg, settings):
     return out
 
 
+def _collective_device():
+    return torch.device("cuda", torch.cuda.current_device()) if distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _broadcast_seed(seed):
+    value = torch.tensor([seed], dtype=torch.int64, device=_collective_device())
+    distributed.broadcast(value, 0)
+    return int(value.item())
+
+
+def _allgather_callback(world_size):
+    """pfc_allgather_fn over torch.distributed's default group (gloo: CPU tensors; NCCL: CUDA)."""
+    def allgather(ctx, send, size, recv):
+        try:
+            if size == 0:
+                return 0
+            device = _collective_device()
+            mine = torch.empty(size, dtype=torch.uint8)
+            ctypes.memmove(mine.data_ptr(), send, size)
+            out = torch.empty(world_size * size, dtype=torch.uint8, device=device)
+            distributed.all_gather_into_tensor(out, mine.to(device))
+            host = out.cpu()
+            ctypes.memmove(recv, host.data_ptr(), world_size * size)
+            return 0
+        except Exception as e:  # the library reports PFC_ERR_COMMUNICATION; say why here
+            warnings.warn(f"partialfc: torch.distributed all_gather failed: {e!r}")
+            return 1
+    return n.pfc_allgather_fn(allgather)
+
+
 class _Compute:
     """One forward's contribution to the head's accumulated gradient. `inputs` are kept so that the
     contribution can be computed again after the head had to be rebuilt or partly discarded."""
@@ -235,10 +265,6 @@ class PartialFC_V2(torch.nn.Module):
             self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         else:
             self.rank, self.world_size = 0, 1
-        if self.world_size > 1:
-            raise PartialFCError(n.PFC_ERR_UNAVAILABLE,
-                                 f"torch.distributed has {self.world_size} processes; this build of libpartialfc "
-                                 "drives one process only (no pfc_config.process_count)", "PartialFC_V2")
         self.margin_softmax = margin_loss
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
@@ -249,6 +275,13 @@ class PartialFC_V2(torch.nn.Module):
         self.num_sample = int(self.sample_rate * self.num_local)
         if seed is None:
             seed = torch.initial_seed() & ((1 << 63) - 1)
+        keep = ()
+        if self.world_size > 1:
+            # One shard per process, the reference's layout; the library's traffic goes through
+            # torch.distributed (SPEC §2a). Every process must sample alike: rank 0's seed wins.
+            allgather = _allgather_callback(self.world_size)
+            seed = _broadcast_seed(seed)
+            keep = (allgather,)
         cfg = config(
             num_classes=self.num_classes, embedding_dim=self.embedding_size, sample_rate=self.sample_rate,
             scale=s, m1=m1, m2=m2, m3=m3, interclass_filter=threshold, margin_grad=_MARGIN_GRADS[margin_grad],
@@ -256,7 +289,9 @@ class PartialFC_V2(torch.nn.Module):
             compute_dtype=n.PFC_DTYPE_F16 if self.fp16 else n.PFC_DTYPE_F32, seed=int(seed),
             # The centers come from torch's generator below, as the reference draws them.
             init_std=0.0, backend=n.PFC_BACKEND_CPU, local_shards=1)
-        self._head = Head(cfg)
+        if self.world_size > 1:
+            cfg.process_count, cfg.process_index, cfg.allgather = self.world_size, self.rank, keep[0]
+        self._head = Head(cfg, keep)
         first, count = self._head.local_classes()
         assert (first, count) == (self.class_start, self.num_local), "partition differs from the reference's"
         # Drawn exactly as the reference draws its weight, so the same torch seed gives the same centers.
@@ -411,7 +446,7 @@ class PartialFC_V2(torch.nn.Module):
         """Replaces the head by one created from `cfg`, carrying over its centers — and, when it holds
         any, its optimizer state, step, seed and learning rate. Accumulated gradients are not carried."""
         old = self._head
-        new = Head(cfg, keep)
+        new = Head(cfg, old._keep + tuple(keep))
         try:
             if self._stateful:
                 if cfg.optimizer != old.cfg.optimizer:
@@ -493,7 +528,7 @@ class PartialFC_V2(torch.nn.Module):
                                  "load_state_dict")
         settings = tuple(state["optimizer"])
         cfg = _with_settings(self._head.cfg, settings)
-        new = Head(cfg, getattr(self._head, "_keep", ()))
+        new = Head(cfg, self._head._keep)
         try:
             with tempfile.TemporaryDirectory(prefix="partialfc-") as tmp:
                 for name, data in state["checkpoint"].items():

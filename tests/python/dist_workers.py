@@ -1,0 +1,102 @@
+"""Processes of the multi-process tests (test_distributed.py starts them with
+torch.multiprocessing.spawn, one per rank, over a gloo process group on this machine), as torchrun
+would: each builds its PartialFC_V2 under an initialized torch.distributed and drives it."""
+import copy
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from model import Float64PartialFC, Trainer, backbone, dataset, rel
+from partialfc.torch import CombinedMarginLoss, PartialFC_V2
+
+
+def init(rank, world, port):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def golden(rank, world, port, path, tolerance):
+    """One golden file of `world` ranks: rank r feeds rows [r·B, (r+1)·B) of each step and checks its
+    loss, its rows of the embedding gradient and its classes' centers."""
+    init(rank, world, port)
+    with safe_open(path, "pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+    t = load_file(path)
+    margin = CombinedMarginLoss(cfg["scale"], cfg["m1"], cfg["m2"], cfg["m3"], cfg["interclass_filtering_threshold"])
+    module = PartialFC_V2(margin, cfg["embedding_dim"], cfg["num_classes"], cfg["sample_rate"])
+    rows = slice(module.class_start, module.class_start + module.num_local)
+    module.load_state_dict({"weight": t["weight_init"][rows]})
+    if cfg["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(module.parameters(), lr=cfg["lr"], betas=tuple(cfg["adamw_betas"]),
+                                eps=cfg["adamw_eps"], weight_decay=cfg["weight_decay"])
+    else:
+        opt = torch.optim.SGD(module.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                              weight_decay=cfg["weight_decay"])
+    b = cfg["batch_per_rank"]
+    mine = slice(rank * b, (rank + 1) * b)
+    for step in range(cfg["steps"]):
+        emb = t[f"emb.{step}"][mine].clone().requires_grad_(True)
+        loss = module(emb, t[f"labels.{step}"][mine])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        errors = {"loss": rel(loss.detach().reshape(1), t[f"loss.{step}"]),
+                  "grad_emb": rel(emb.grad, t[f"grad_emb.{step}"][mine]),
+                  "weight": rel(module.centers(), t[f"weight.{step}"][rows])}
+        for what, err in errors.items():
+            assert err < tolerance, f"{os.path.basename(path)} rank {rank} step {step} {what}: relative error {err:.3g}"
+    dist.destroy_process_group()
+
+
+class DistFloat64PartialFC(Float64PartialFC):
+    """The float64 model over a process group: the global batch gathered, the global mean loss, the
+    local embeddings' gradient times world size (the reference's convention). Every rank holds all
+    centers and updates them alike."""
+
+    def forward(self, embeddings, labels):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(embeddings) for _ in range(world)]
+        dist.all_gather(parts, embeddings.detach().contiguous())
+        label_parts = [torch.empty_like(labels) for _ in range(world)]
+        dist.all_gather(label_parts, labels.contiguous())
+        if embeddings.requires_grad:
+            embeddings.register_hook(lambda g: g * world)
+        parts[rank] = embeddings
+        return super().forward(torch.cat(parts), torch.cat(label_parts))
+
+
+def loop(rank, world, port, optimizer, lr, weight_decay, gradient_acc, fp16, skip_at, tolerance, classes, dim, batch,
+         steps, features):
+    """train_v2.py's loop on every rank (DDP backbone, each rank its own data) with our module and with
+    the float64 model, from the same weights; every rank checks the global loss, its embedding
+    gradient and its classes' centers at every step."""
+    init(rank, world, port)
+    torch.manual_seed(0)
+    weight = torch.normal(0, 0.01, (classes, dim))
+    ours = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), dim, classes)
+    rows = slice(ours.class_start, ours.class_start + ours.num_local)
+    ours.load_state_dict({"weight": weight[rows]})
+    model = DistFloat64PartialFC(weight, 64, 1.0, 0.5, 0.0)
+    net = backbone(features, dim)
+    net64 = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(net).double())
+    net = torch.nn.parallel.DistributedDataParallel(net)
+    kw = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay, gradient_acc=gradient_acc, skip_at=skip_at)
+    trainer = Trainer(net, ours, steps, fp16=fp16, **kw)
+    trainer64 = Trainer(net64, model, steps, dtype=torch.float64, **kw)
+    worst = {"loss": 0.0, "grad": 0.0, "centers": 0.0}
+    for images, labels in dataset(steps, batch, features, classes, seed=2 + rank):
+        loss, grad, stepped, = trainer.step(images, labels)
+        loss64, grad64, stepped64 = trainer64.step(images, labels)
+        assert stepped == stepped64
+        worst["loss"] = max(worst["loss"], abs(loss - loss64) / abs(loss64))
+        worst["grad"] = max(worst["grad"], rel(grad, grad64))
+        worst["centers"] = max(worst["centers"], rel(ours.centers(), model.weight.detach()[rows]))
+    for what, err in worst.items():
+        assert err < tolerance, f"rank {rank}: {what} relative error {err:.3g} against the float64 model ({worst})"
+    dist.destroy_process_group()

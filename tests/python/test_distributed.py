@@ -1,0 +1,41 @@
+"""Several processes under torch.distributed (gloo), as torchrun starts them: the module's traffic
+goes through the all-gather callback over torch.distributed (SPEC §2a). The golden files of 2 and 3
+ranks, and train_v2.py's loop over 2 ranks with a DDP backbone against the float64 model."""
+import glob
+import json
+import os
+import socket
+
+import pytest
+import torch.multiprocessing as mp
+from safetensors import safe_open
+
+import dist_workers
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def golden_by_world(golden_dir):
+    out = []
+    for path in sorted(glob.glob(os.path.join(golden_dir, "*.safetensors"))):
+        with safe_open(path, "pt") as f:
+            world = json.loads(f.metadata()["config"])["world_size"]
+        if world > 1:
+            out.append((path, world))
+    assert {w for _, w in out} >= {2, 3}, "golden files of 2 and 3 ranks expected"
+    return out
+
+
+def test_multi_rank_golden_files_through_the_module(golden_dir):
+    for path, world in golden_by_world(golden_dir):
+        mp.spawn(dist_workers.golden, args=(world, free_port(), path, 1e-4), nprocs=world)
+
+
+@pytest.mark.parametrize("optimizer,lr,wd", [("sgd", 0.1, 5e-4), ("adamw", 1e-3, 0.1)])
+def test_two_process_train_v2_loop_matches_float64_model(optimizer, lr, wd):
+    mp.spawn(dist_workers.loop, args=(2, free_port(), optimizer, lr, wd, 1, False, (), 1e-4, 301, 64, 16, 20, 48),
+             nprocs=2)

@@ -39,21 +39,27 @@ need_cmds g++ c++ g++
 need_cmds binutils readelf
 need_cmds pkg-config pkg-config
 need_cmds cmake cmake
+# tests/checkpoint_safety.rs reads the checkpoint manifest with jq (and Python's json).
+need_cmds jq jq
+# tests/mpi.rs and tests/persist_mpi.rs run jobs over several processes with OpenMPI.
+need_cmds openmpi-bin mpirun
+need_cmds libopenmpi-dev mpicc
 
 # The Go binding's tests need Go: Debian's golang-go when none is found.
 if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
     apt_install golang-go
 fi
 
-# tests/mpi.rs runs jobs over several processes with OpenMPI (Debian's packages).
-if ! command -v mpicc >/dev/null 2>&1 || ! command -v mpirun >/dev/null 2>&1; then
-    apt_install openmpi-bin libopenmpi-dev
-fi
-
 # tests/export_search.rs reads the exports back with numpy and the safetensors package.
 if ! python3 -c 'import numpy, safetensors' >/dev/null 2>&1; then
     python3 -m pip install --quiet numpy safetensors \
         || python3 -m pip install --quiet --break-system-packages numpy safetensors
+fi
+
+# tests/index.rs opens the PFC_FORMAT_FAISS export with FAISS itself and searches it.
+if ! python3 -c 'import faiss' >/dev/null 2>&1; then
+    python3 -m pip install --quiet faiss-cpu \
+        || python3 -m pip install --quiet --break-system-packages faiss-cpu
 fi
 
 # The PyTorch binding's tests (tests/python) run in the project venv .venv with torch from PyPI.

@@ -2,6 +2,7 @@
 torch.multiprocessing.spawn, one per rank, over a gloo process group on this machine), as torchrun
 would: each builds its PartialFC_V2 under an initialized torch.distributed and drives it."""
 import copy
+import io
 import json
 import os
 
@@ -99,4 +100,31 @@ def loop(rank, world, port, optimizer, lr, weight_decay, gradient_acc, fp16, ski
         worst["centers"] = max(worst["centers"], rel(ours.centers(), model.weight.detach()[rows]))
     for what, err in worst.items():
         assert err < tolerance, f"rank {rank}: {what} relative error {err:.3g} against the float64 model ({worst})"
+    dist.destroy_process_group()
+
+
+def state_round_trip(rank, world, port, sample_rate, classes, dim, batch, features):
+    """A train_v2 checkpoint per rank (checkpoint_gpu_{rank}.pt) written mid-run and loaded by a
+    fresh job continues bit-identically on every rank."""
+    init(rank, world, port)
+    data = dataset(10, batch, features, classes, seed=2 + rank)
+
+    def trainer(seed):
+        torch.manual_seed(seed)
+        head = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), dim, classes, sample_rate)
+        net = torch.nn.parallel.DistributedDataParallel(backbone(features, dim, seed=seed))
+        return Trainer(net, head, len(data), optimizer="adamw", lr=1e-3, weight_decay=0.1)
+
+    a = trainer(0)
+    for images, labels in data[:5]:
+        a.step(images, labels)
+    saved = io.BytesIO()
+    torch.save(a.state_dict(), saved)
+    expected = [a.step(x, y) + (a.head.centers(),) for x, y in data[5:]]
+    b = trainer(9)
+    saved.seek(0)
+    b.load_state_dict(torch.load(saved, weights_only=True))
+    got = [b.step(x, y) + (b.head.centers(),) for x, y in data[5:]]
+    for step, ((la, ga, _, ca), (lb, gb, _, cb)) in enumerate(zip(expected, got)):
+        assert la == lb and torch.equal(ga, gb) and torch.equal(ca, cb), f"rank {rank} step {step} differs"
     dist.destroy_process_group()

@@ -119,3 +119,25 @@ def test_a_step_releases_the_gil():
     inside = [t for t in ticks if span["start"] + 0.01 < t < span["end"] - 0.01]
     assert len(inside) > 100, "Python did not run while the step ran: the call held the GIL"
     head.close()
+
+
+def test_exported_centers_searched_through_an_index(tmp_path):
+    torch.manual_seed(4)
+    c, d = 50, 16
+    centers = torch.randn(c, d)
+    head = partialfc.Head(partialfc.config(num_classes=c, embedding_dim=d))
+    head.set_centers(0, c, centers.data_ptr())
+    path = tmp_path / "centers.safetensors"
+    head.export_centers(path)
+    index = partialfc.Index(path)
+    assert index.info() == (c, d)
+    ids, scores = torch.empty(c, 2, dtype=torch.int64), torch.empty(c, 2)
+    index.search(centers.data_ptr(), c, 2, ids.data_ptr(), scores.data_ptr())
+    assert torch.equal(ids[:, 0], torch.arange(c)) and torch.allclose(scores[:, 0], torch.ones(c))
+    head_ids, head_scores = torch.empty_like(ids), torch.empty_like(scores)
+    head.search(centers.data_ptr(), c, 2, head_ids.data_ptr(), head_scores.data_ptr())
+    assert torch.equal(ids, head_ids) and torch.equal(scores, head_scores)
+    index.close()
+    with pytest.raises(PartialFCError) as e:
+        partialfc.Index(tmp_path / "missing.npy")
+    assert e.value.status == n.PFC_ERR_IO

@@ -39,3 +39,8 @@ def test_multi_rank_golden_files_through_the_module(golden_dir):
 def test_two_process_train_v2_loop_matches_float64_model(optimizer, lr, wd):
     mp.spawn(dist_workers.loop, args=(2, free_port(), optimizer, lr, wd, 1, False, (), 1e-4, 301, 64, 16, 20, 48),
              nprocs=2)
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.4])
+def test_two_process_state_dict_round_trip_continues_bit_identically(sample_rate):
+    mp.spawn(dist_workers.state_round_trip, args=(2, free_port(), sample_rate, 301, 32, 16, 40), nprocs=2)

@@ -166,6 +166,41 @@ class Head:
                                    ctypes.cast(scores_address, ctypes.POINTER(ctypes.c_float))), "pfc_search")
 
 
+class Index:
+    """Search-only centers (pfc_index): an exported file of any PFC_FORMAT_* or a checkpoint
+    directory. `search` fills `ids` (n × k int64) and `scores` (n × k float32) at the given addresses."""
+
+    def __init__(self, path):
+        handle = n.INDEX()
+        check(n.lib.pfc_index_open(str(path).encode(), ctypes.byref(handle)), "pfc_index_open")
+        self._handle = handle
+
+    def info(self):
+        """(num_classes, embedding_dim)."""
+        classes, dim = ctypes.c_uint64(), ctypes.c_uint32()
+        check(n.lib.pfc_index_info(self._open(), ctypes.byref(classes), ctypes.byref(dim)), "pfc_index_info")
+        return classes.value, dim.value
+
+    def search(self, queries_address, rows, k, ids_address, scores_address):
+        check(n.lib.pfc_index_search(self._open(), ctypes.cast(queries_address, ctypes.POINTER(ctypes.c_float)), rows, k,
+                                     ctypes.cast(ids_address, ctypes.POINTER(ctypes.c_int64)),
+                                     ctypes.cast(scores_address, ctypes.POINTER(ctypes.c_float))), "pfc_index_search")
+
+    def _open(self):
+        if self._handle is None:
+            raise PartialFCError(n.PFC_ERR_NULL_ARGUMENT, "the index was closed", "partialfc")
+        return self._handle
+
+    def close(self):
+        if self._handle is not None:
+            n.lib.pfc_index_close(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        if getattr(self, "_handle", None) is not None and n is not None and n.lib is not None:
+            self.close()
+
+
 def nccl_unique_id():
     buf = (ctypes.c_uint8 * n.PFC_NCCL_ID_BYTES)()
     check(n.lib.pfc_nccl_unique_id(buf), "pfc_nccl_unique_id")

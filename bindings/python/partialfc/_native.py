@@ -42,6 +42,7 @@ PFC_MARGIN_GRAD_EXACT = 1
 PFC_FORMAT_SAFETENSORS = 0
 PFC_FORMAT_NPY = 1
 PFC_FORMAT_FVECS = 2
+PFC_FORMAT_FAISS = 3
 PFC_NCCL_ID_BYTES = 128
 
 STATUS_NAMES = {v: k for k, v in list(globals().items()) if k.startswith("PFC_ERR_") or k == "PFC_OK"}
@@ -114,7 +115,12 @@ class pfc_head(Structure):
     """Opaque."""
 
 
+class pfc_index(Structure):
+    """Opaque."""
+
+
 HEAD = POINTER(pfc_head)
+INDEX = POINTER(pfc_index)
 STATUS = c_int32
 
 # name: (result, argument types). Functions the loaded library lacks (an older build) are reported
@@ -136,6 +142,10 @@ PROTOTYPES = {
     "pfc_load_checkpoint": (STATUS, [HEAD, c_char_p]),
     "pfc_export_centers": (STATUS, [HEAD, c_char_p, c_int32, c_int32, c_int32]),
     "pfc_search": (STATUS, [HEAD, POINTER(c_float), c_uint64, c_uint32, POINTER(ctypes.c_int64), POINTER(c_float)]),
+    "pfc_index_open": (STATUS, [c_char_p, POINTER(INDEX)]),
+    "pfc_index_info": (STATUS, [INDEX, POINTER(c_uint64), POINTER(c_uint32)]),
+    "pfc_index_search": (STATUS, [INDEX, POINTER(c_float), c_uint64, c_uint32, POINTER(ctypes.c_int64), POINTER(c_float)]),
+    "pfc_index_close": (None, [INDEX]),
     "pfc_nccl_unique_id": (STATUS, [POINTER(c_uint8)]),
     "pfc_last_error": (c_size_t, [ctypes.c_char_p, c_size_t]),
     "pfc_version": (c_char_p, []),

@@ -34,9 +34,12 @@ How it maps onto the head (and where it differs from the reference):
   state_dict (weight only) loads too, resetting the centers' optimizer state. The reference's
   optimizer state for its `weight` (inside the optimizer's state_dict) is not imported.
 """
+import contextlib
 import ctypes
+import json
 import math
 import os
+import shutil
 import tempfile
 import warnings
 import weakref
@@ -188,8 +191,8 @@ def _allgather_callback(world_size):
 
 
 class _Compute:
-    """One forward's contribution to the head's accumulated gradient. `inputs` are kept so that the
-    contribution can be computed again after the head had to be rebuilt or partly discarded."""
+    """One forward's contribution to the head's accumulated gradient. Its embeddings and labels are kept so
+    that the contribution can be computed again after the head was rebuilt or partly discarded."""
 
     __slots__ = ("embeddings", "labels", "backwards")
 
@@ -453,8 +456,9 @@ class PartialFC_V2(torch.nn.Module):
                     raise PartialFCError(n.PFC_ERR_INCOMPATIBLE,
                                          "the head holds state of another optimizer (SGD vs AdamW) from earlier steps",
                                          "PartialFC_V2")
-                with tempfile.TemporaryDirectory(prefix="partialfc-") as tmp:
+                with self._shared_dir() as tmp:
                     old.save_checkpoint(tmp)
+                    self._barrier()
                     new.load_checkpoint(tmp)
             else:
                 first, count = old.local_classes()
@@ -511,31 +515,64 @@ class PartialFC_V2(torch.nn.Module):
         destination[prefix + "weight"] = self.centers()
         destination[prefix + "_extra_state"] = self.get_extra_state()
 
+    def _barrier(self):
+        if self.world_size > 1:
+            distributed.barrier()
+
+    @contextlib.contextmanager
+    def _shared_dir(self):
+        """A scratch directory at the same path on every process of the job (collective): made by
+        rank 0 under $PARTIALFC_STATE_DIR — a shared filesystem, for jobs over several machines —
+        or the temporary directory, and removed by it once every process is done."""
+        if self.world_size == 1:
+            with tempfile.TemporaryDirectory(prefix="partialfc-") as tmp:
+                yield tmp
+            return
+        path = [tempfile.mkdtemp(prefix="partialfc-", dir=os.environ.get("PARTIALFC_STATE_DIR"))
+                if self.rank == 0 else None]
+        distributed.broadcast_object_list(path, 0)
+        try:
+            yield path[0]
+        finally:
+            distributed.barrier()
+            if self.rank == 0:
+                shutil.rmtree(path[0], ignore_errors=True)
+
     def get_extra_state(self):
+        """The head's checkpoint: its manifest and this process's shard files (collective)."""
         files = {}
-        with tempfile.TemporaryDirectory(prefix="partialfc-") as tmp:
+        with self._shared_dir() as tmp:
             self._head.save_checkpoint(tmp)
-            for name in sorted(os.listdir(tmp)):
-                with open(os.path.join(tmp, name), "rb") as f:
-                    files[name] = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            self._barrier()  # process 0 publishes the manifest once every shard is durable
+            with open(os.path.join(tmp, "manifest.json"), "rb") as f:
+                manifest = f.read()
+            files["manifest.json"] = torch.frombuffer(bytearray(manifest), dtype=torch.uint8)
+            for shard in json.loads(manifest)["manifest"]["shards"]:
+                # One shard per process: global shard rank = process rank.
+                if self.world_size == 1 or shard["rank"] == self.rank:
+                    with open(os.path.join(tmp, shard["file"]), "rb") as f:
+                        files[shard["file"]] = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
         return {"format": _STATE_FORMAT, "optimizer": list(_settings_of(self._head.cfg)), "stateful": self._stateful,
                 "checkpoint": files}
 
     def set_extra_state(self, state):
-        """Restores the head from get_extra_state's checkpoint (centers, optimizer state and settings, step, seed)."""
+        """Restores the head from get_extra_state's checkpoint (centers, optimizer state and
+        settings, step, seed); collective: every process loads its own state at once."""
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise PartialFCError(n.PFC_ERR_INCOMPATIBLE, "_extra_state is not a partialfc.torch head state",
                                  "load_state_dict")
-        settings = tuple(state["optimizer"])
-        cfg = _with_settings(self._head.cfg, settings)
+        cfg = _with_settings(self._head.cfg, tuple(state["optimizer"]))
         new = Head(cfg, self._head._keep)
         try:
-            with tempfile.TemporaryDirectory(prefix="partialfc-") as tmp:
+            with self._shared_dir() as tmp:
                 for name, data in state["checkpoint"].items():
-                    if os.path.basename(name) != name:
+                    if os.path.basename(name) != name or name.startswith("."):
                         raise PartialFCError(n.PFC_ERR_CORRUPT, f"bad checkpoint file name {name!r}", "load_state_dict")
+                    if name == "manifest.json" and self.rank != 0:
+                        continue  # the same manifest on every process: rank 0 writes it
                     with open(os.path.join(tmp, name), "wb") as f:
                         f.write(data.numpy().tobytes())
+                self._barrier()
                 new.load_checkpoint(tmp)
         except BaseException:
             new.close()

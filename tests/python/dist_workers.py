@@ -11,7 +11,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from model import Float64PartialFC, Trainer, backbone, dataset, rel
+from model import Float64PartialFC, Trainer, backbone, dataset, golden_margin, golden_optimizer, rel
 from partialfc.torch import CombinedMarginLoss, PartialFC_V2
 
 
@@ -29,16 +29,10 @@ def golden(rank, world, port, path, tolerance):
     with safe_open(path, "pt") as f:
         cfg = json.loads(f.metadata()["config"])
     t = load_file(path)
-    margin = CombinedMarginLoss(cfg["scale"], cfg["m1"], cfg["m2"], cfg["m3"], cfg["interclass_filtering_threshold"])
-    module = PartialFC_V2(margin, cfg["embedding_dim"], cfg["num_classes"], cfg["sample_rate"])
+    module = PartialFC_V2(golden_margin(cfg), cfg["embedding_dim"], cfg["num_classes"], cfg["sample_rate"])
     rows = slice(module.class_start, module.class_start + module.num_local)
     module.load_state_dict({"weight": t["weight_init"][rows]})
-    if cfg["optimizer"] == "adamw":
-        opt = torch.optim.AdamW(module.parameters(), lr=cfg["lr"], betas=tuple(cfg["adamw_betas"]),
-                                eps=cfg["adamw_eps"], weight_decay=cfg["weight_decay"])
-    else:
-        opt = torch.optim.SGD(module.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                              weight_decay=cfg["weight_decay"])
+    opt = golden_optimizer(cfg, module.parameters())
     b = cfg["batch_per_rank"]
     mine = slice(rank * b, (rank + 1) * b)
     for step in range(cfg["steps"]):

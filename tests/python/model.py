@@ -166,3 +166,17 @@ def compare_in_loop(make_other, other_dtype, classes, dim, batch, steps, feature
         worst["centers"] = max(worst["centers"], rel(mine[3], centers))
         got.append(mine)
     return got, worst, smallest_loss
+
+
+def golden_margin(cfg):
+    """The margin of a golden file's `config`."""
+    from partialfc.torch import CombinedMarginLoss
+    return CombinedMarginLoss(cfg["scale"], cfg["m1"], cfg["m2"], cfg["m3"], cfg["interclass_filtering_threshold"])
+
+
+def golden_optimizer(cfg, params):
+    """The torch optimizer a golden file's `config` names, with its settings."""
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["adamw_betas"]), eps=cfg["adamw_eps"],
+                                 weight_decay=cfg["weight_decay"])
+    return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])

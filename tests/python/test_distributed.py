@@ -1,16 +1,13 @@
 """Several processes under torch.distributed (gloo), as torchrun starts them: the module's traffic
 goes through the all-gather callback over torch.distributed (SPEC §2a). The golden files of 2 and 3
 ranks, and train_v2.py's loop over 2 ranks with a DDP backbone against the float64 model."""
-import glob
-import json
-import os
 import socket
 
 import pytest
 import torch.multiprocessing as mp
-from safetensors import safe_open
 
 import dist_workers
+from test_golden import golden_files
 
 
 def free_port():
@@ -19,20 +16,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def golden_by_world(golden_dir):
-    out = []
-    for path in sorted(glob.glob(os.path.join(golden_dir, "*.safetensors"))):
-        with safe_open(path, "pt") as f:
-            world = json.loads(f.metadata()["config"])["world_size"]
-        if world > 1:
-            out.append((path, world))
-    assert {w for _, w in out} >= {2, 3}, "golden files of 2 and 3 ranks expected"
-    return out
-
-
 def test_multi_rank_golden_files_through_the_module(golden_dir):
-    for path, world in golden_by_world(golden_dir):
-        mp.spawn(dist_workers.golden, args=(world, free_port(), path, 1e-4), nprocs=world)
+    for world in (2, 3):
+        for path, _ in golden_files(golden_dir, world):
+            mp.spawn(dist_workers.golden, args=(world, free_port(), path, 1e-4), nprocs=world)
 
 
 @pytest.mark.parametrize("optimizer,lr,wd", [("sgd", 0.1, 5e-4), ("adamw", 1e-3, 0.1)])

@@ -5,12 +5,12 @@ import glob
 import json
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from safetensors import safe_open
 
-from partialfc.torch import CombinedMarginLoss, PartialFC_V2
+from model import golden_margin, golden_optimizer, rel
+from partialfc.torch import PartialFC_V2
 
 TOLERANCE = 1e-4  # SPEC §7: relative error in f32, norm-wise as the golden README measures it
 
@@ -26,27 +26,12 @@ def golden_files(golden_dir, world_size):
     return files
 
 
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def optimizer_for(cfg, params):
-    if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["adamw_betas"]), eps=cfg["adamw_eps"],
-                                 weight_decay=cfg["weight_decay"])
-    return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-
-
-def margin_of(cfg):
-    return CombinedMarginLoss(cfg["scale"], cfg["m1"], cfg["m2"], cfg["m3"], cfg["interclass_filtering_threshold"])
-
-
 def test_single_process_golden_files_through_the_module(golden_dir):
     for path, cfg in golden_files(golden_dir, 1):
         t = load_file(path)
-        module = PartialFC_V2(margin_of(cfg), cfg["embedding_dim"], cfg["num_classes"], cfg["sample_rate"])
+        module = PartialFC_V2(golden_margin(cfg), cfg["embedding_dim"], cfg["num_classes"], cfg["sample_rate"])
         module.load_state_dict({"weight": t["weight_init"]})
-        opt = optimizer_for(cfg, module.parameters())
+        opt = golden_optimizer(cfg, module.parameters())
         name = os.path.basename(path)
         for step in range(cfg["steps"]):
             emb = t[f"emb.{step}"].clone().requires_grad_(True)

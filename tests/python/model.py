@@ -10,13 +10,14 @@ import torch.nn.functional as F
 
 
 class Float64PartialFC(torch.nn.Module):
-    """Cosine logits with the combined margin (straight-through gradient, SPEC §1.8), the inter-class
-    filter, and an exact log-softmax cross-entropy averaged over the batch, all in float64."""
+    """Cosine logits with the combined margin (straight-through gradient by default, SPEC §1.8), the
+    inter-class filter, and an exact log-softmax cross-entropy averaged over the batch, all in float64."""
 
-    def __init__(self, weight, s, m1, m2, m3, threshold=0.0):
+    def __init__(self, weight, s, m1, m2, m3, threshold=0.0, exact=False):
         super().__init__()
         self.weight = torch.nn.Parameter(weight.detach().to(torch.float64).clone())
         self.s, self.m1, self.m2, self.m3, self.threshold = s, m1, m2, m3, threshold
+        self.exact = exact  # the true derivative of the margin instead of the straight-through one
 
     def forward(self, embeddings, labels):
         labels = labels.reshape(-1).long()
@@ -28,10 +29,12 @@ class Float64PartialFC(torch.nn.Module):
                 dirty = cos > self.threshold
                 dirty[rows, labels] = False
             cos = cos.masked_fill(dirty, 0.0)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.exact and torch.is_grad_enabled()):
             target = cos[rows, labels]
             shift = torch.zeros_like(cos)
             shift[rows, labels] = torch.cos(self.m1 * torch.acos(target) + self.m2) - self.m3 - target
+        if not self.exact:
+            shift = shift.detach()
         return F.cross_entropy((cos + shift) * self.s, labels)
 
 

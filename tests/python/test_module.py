@@ -57,7 +57,7 @@ def test_half_precision_embeddings(dtype, tolerance):
     loss = m(e, labels)
     loss.backward()
     assert loss.dtype == torch.float32 and e.grad.dtype == dtype
-    assert abs(float(loss) - float(loss32)) / float(loss32) < tolerance
+    assert abs(loss.item() - loss32.item()) / loss32.item() < tolerance
     assert float((e.grad.float() - e32.grad).norm() / e32.grad.norm()) < 2 * tolerance
 
 
@@ -127,3 +127,24 @@ def test_combined_margin_loss_module_matches_the_float64_model():
         logits = CombinedMarginLoss(64, *margin, interclass_filtering_threshold=0.3)(cos, labels)
         expected = Float64PartialFC(weight, 64, *margin, threshold=0.3)(emb, labels)
         assert torch.allclose(torch.nn.functional.cross_entropy(logits, labels), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("margin_grad", ["straight_through", "exact"])
+def test_margin_gradient_modes_match_the_float64_model(margin_grad):
+    m = module(margin_grad=margin_grad)
+    model = Float64PartialFC(m.centers(), 64, 1.0, 0.5, 0.0, exact=margin_grad == "exact")
+    emb, labels = batch()
+    e, e64 = emb.clone().requires_grad_(True), emb.double().requires_grad_(True)
+    m(e, labels).backward()
+    model(e64, labels).backward()
+    assert float((e.grad.double() - e64.grad).norm() / e64.grad.norm()) < 1e-4
+
+
+def test_fp16_flag_computes_the_gemms_in_half_precision():
+    emb, labels = batch()
+    losses = []
+    for fp16 in (False, True):
+        m = module(fp16=fp16)
+        assert m.fp16 is fp16
+        losses.append(float(m.eval()(emb, labels)))
+    assert losses[0] != losses[1] and abs(losses[0] - losses[1]) / losses[0] < 2e-3

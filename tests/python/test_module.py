@@ -148,3 +148,40 @@ def test_fp16_flag_computes_the_gemms_in_half_precision():
         assert m.fp16 is fp16
         losses.append(float(m.eval()(emb, labels)))
     assert losses[0] != losses[1] and abs(losses[0] - losses[1]) / losses[0] < 2e-3
+
+
+def test_nonfinite_nan_lets_grad_scaler_skip_the_step_and_leaves_the_head_unchanged():
+    torch.manual_seed(0)
+    m = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), D, C, nonfinite="nan")
+    net = torch.nn.Linear(24, D)
+    opt = torch.optim.SGD([{"params": net.parameters()}, {"params": m.parameters()}], lr=0.1, momentum=0.9,
+                          weight_decay=5e-4)
+    amp = torch.amp.GradScaler("cpu", growth_interval=100)
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        before = m.centers()
+        emb = net(torch.randn(B, 24, generator=g))
+        if step == 2:
+            emb = emb.clone()
+            emb[1, 3] = float("inf")  # an overflow in the backbone's forward
+        loss = m(emb, torch.randint(0, C, (B,), generator=g))
+        amp.scale(loss).backward()
+        amp.step(opt)
+        amp.update()
+        opt.zero_grad()
+        assert torch.isnan(loss).item() == (step == 2)
+        assert torch.equal(m.centers(), before) == (step == 2)
+    assert amp.get_scale() == 2.0 ** 15  # halved once, by the skipped step
+
+
+def test_nonfinite_nan_without_a_scaler_is_refused_at_the_step():
+    m = module(nonfinite="nan")
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    emb, labels = batch()
+    before = m.centers()
+    emb[0, 0] = float("nan")
+    m(emb, labels).backward()
+    with pytest.raises(PartialFCError, match="non-finite") as e:
+        opt.step()
+    assert e.value.status == n.PFC_ERR_NON_FINITE
+    assert torch.equal(m.centers(), before)

@@ -194,12 +194,13 @@ class _Compute:
     """One forward's contribution to the head's accumulated gradient. Its embeddings and labels are kept so
     that the contribution can be computed again after the head was rebuilt or partly discarded."""
 
-    __slots__ = ("embeddings", "labels", "backwards")
+    __slots__ = ("embeddings", "labels", "backwards", "finite")
 
-    def __init__(self, embeddings, labels):
+    def __init__(self, embeddings, labels, finite=True):
         self.embeddings = embeddings
         self.labels = labels
         self.backwards = 0
+        self.finite = finite  # False: a non-finite step the head did not take (nonfinite="nan")
 
 
 # id(token) -> module, for the optimizer hook. Weak: a module that is gone leaves no entry behind.
@@ -240,7 +241,8 @@ class _HeadStep(torch.autograd.Function):
             grad_emb = (ctx.grad.float() * grad_loss.float()).to(ctx.grad.dtype)
         # The token's gradient counts backward passes times the loss multiplier (the GradScaler
         # scale, which its unscale_ removes again): the optimizer hook checks it.
-        return grad_emb, grad_loss.detach().reshape(()).float(), None, None, None
+        token = grad_loss.detach().reshape(()).float()
+        return grad_emb, token if record.finite else torch.full_like(token, float("nan")), None, None, None
 
 
 class PartialFC_V2(torch.nn.Module):
@@ -248,7 +250,10 @@ class PartialFC_V2(torch.nn.Module):
     fp16=False)` on libpartialfc; see the module documentation for the mapping.
 
     Keyword-only extras: `seed` (sampling; default torch.initial_seed(), agreed with rank 0),
-    `margin_grad` ("straight_through", the reference's, or "exact"), `arcface_fallback`.
+    `margin_grad` ("straight_through", the reference's, or "exact"), `arcface_fallback`, and
+    `nonfinite`: "raise" (default: NaN/Inf embeddings or a non-finite step raise PartialFCError) or
+    "nan" (they give a NaN loss and NaN gradients and leave the head untouched, so that AMP's
+    GradScaler skips the step, as it does the reference's overflowing steps).
     torch.distributed, when initialized, gives the process layout (one shard per process); otherwise
     the module runs as a single process (world size 1).
     """
@@ -256,8 +261,11 @@ class PartialFC_V2(torch.nn.Module):
     _version = 2
 
     def __init__(self, margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False, *,
-                 seed=None, margin_grad="straight_through", arcface_fallback=False):
+                 seed=None, margin_grad="straight_through", arcface_fallback=False, nonfinite="raise"):
         super().__init__()
+        if nonfinite not in ("raise", "nan"):
+            raise ValueError(f"nonfinite must be 'raise' or 'nan', not {nonfinite!r}")
+        self.nonfinite = nonfinite
         s, m1, m2, m3, threshold = _margin_settings(margin_loss)
         if m3 > 0 and m2 != 0:
             warnings.warn("partialfc applies the full combined margin s·(cos(m1·θ + m2) − m3); "
@@ -344,17 +352,24 @@ class PartialFC_V2(torch.nn.Module):
             stats = self._head.evaluate([self._batch(embeddings, labels, None)])
             self._stats(stats)
             return torch.tensor(stats.loss, dtype=torch.float32, device=embeddings.device)
+        if self.nonfinite == "nan" and not self._all_finite(embeddings):
+            return self._nan_loss(local_embeddings, embeddings)
         grad = torch.empty_like(embeddings)
-        if _SPLIT:
-            self._drop_cleared()
-            stats = self._head.train_compute([self._batch(embeddings, labels, grad)])
-        else:
-            if self._group is None:
-                self._find_group()
-            if self._group is not None:
-                self._head.set_learning_rate(float(self._group["lr"]))
-            stats = self._head.train_step([self._batch(embeddings, labels, grad)])
-            self._stateful = True
+        try:
+            if _SPLIT:
+                self._drop_cleared()
+                stats = self._head.train_compute([self._batch(embeddings, labels, grad)])
+            else:
+                if self._group is None:
+                    self._find_group()
+                if self._group is not None:
+                    self._head.set_learning_rate(float(self._group["lr"]))
+                stats = self._head.train_step([self._batch(embeddings, labels, grad)])
+                self._stateful = True
+        except PartialFCError as e:
+            if self.nonfinite == "nan" and e.status == n.PFC_ERR_NON_FINITE:
+                return self._nan_loss(local_embeddings, embeddings)
+            raise
         self._stats(stats)
         # The step's own inputs are kept for a recomputation; the caller may reuse its tensors.
         record = _Compute(embeddings.clone() if embeddings.data_ptr() == local_embeddings.data_ptr() else embeddings,
@@ -362,6 +377,21 @@ class PartialFC_V2(torch.nn.Module):
         if _SPLIT:
             self._pending.append(record)
         loss = torch.tensor(stats.loss, dtype=torch.float32, device=embeddings.device)
+        return _HeadStep.apply(local_embeddings, self.pfc_token, record, grad, loss)
+
+    def _all_finite(self, embeddings):
+        finite = torch.isfinite(embeddings).all().to(dtype=torch.int32, device=_collective_device()
+                                                     if self.world_size > 1 else embeddings.device)
+        if self.world_size > 1:  # every process must take the same path into the collective step
+            distributed.all_reduce(finite, distributed.ReduceOp.MIN)
+        return bool(finite)
+
+    def _nan_loss(self, local_embeddings, embeddings):
+        """nonfinite="nan": a NaN loss and NaN gradients, the head untouched, so that GradScaler skips
+        the step as it skips the reference's non-finite steps."""
+        record = _Compute(None, None, finite=False)
+        grad = torch.full_like(embeddings, float("nan"))
+        loss = torch.tensor(float("nan"), dtype=torch.float32, device=embeddings.device)
         return _HeadStep.apply(local_embeddings, self.pfc_token, record, grad, loss)
 
     def _find_group(self):
@@ -409,6 +439,14 @@ class PartialFC_V2(torch.nn.Module):
             warnings.warn("partialfc: dropped optimizer state held for pfc_token (e.g. a reference optimizer "
                           "state_dict's state for its weight): the head keeps its own optimizer state")
         records, self._pending = self._pending, []
+        if token is not None and not math.isfinite(float(token)):
+            if records:
+                self._head.train_discard()
+            raise PartialFCError(
+                n.PFC_ERR_NON_FINITE,
+                "optimizer.step() ran after a non-finite forward (NaN/Inf embeddings or step, nonfinite='nan') or "
+                "a non-finite loss gradient; GradScaler skips such steps. The accumulated gradient was dropped",
+                "PartialFC_V2")
         if not _SPLIT:
             self._group = group
             settings = _optimizer_settings(optimizer, group)
@@ -421,7 +459,7 @@ class PartialFC_V2(torch.nn.Module):
             return
         done = [r for r in records if r.backwards]
         total = float(token)
-        if not math.isfinite(total) or abs(total - len(done)) > 1e-5 * max(1, len(done)):
+        if abs(total - len(done)) > 1e-5 * max(1, len(done)):
             self._head.train_discard()
             raise PartialFCError(
                 n.PFC_ERR_INVALID_ARGUMENT,

@@ -21,7 +21,7 @@ class Float64PartialFC(torch.nn.Module):
 
     def forward(self, embeddings, labels):
         labels = labels.reshape(-1).long()
-        x = F.normalize(embeddings.to(torch.float64))
+        x = F.normalize(embeddings.to(self.weight.dtype))
         cos = (x @ F.normalize(self.weight).T).clamp(-1, 1)
         rows = torch.arange(labels.shape[0])
         if self.threshold > 0:

@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from model import Trainer, backbone, dataset
+from model import Float64PartialFC, Trainer, backbone, dataset
 from partialfc.torch import CombinedMarginLoss, PartialFC_V2
 
 C, D, B, FEATURES = 240, 32, 24, 40
@@ -91,3 +91,29 @@ def test_pickling_the_module_is_refused_with_a_reason():
     module = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), D, C)
     with pytest.raises(TypeError, match="state_dict"):
         torch.save(module, io.BytesIO())
+
+
+def test_a_reference_train_v2_checkpoint_resumes():
+    # What train_v2.py saves for a reference run: the module's state_dict (weight) and the
+    # optimizer's, which holds a momentum buffer for that weight. The float32 copy of the float64
+    # model stands in for the reference module: the same parameter name and shape.
+    torch.manual_seed(2)
+    reference = Float64PartialFC(torch.randn(C, D) * 0.01, 64, 1.0, 0.5, 0.0).float()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    emb, labels = torch.randn(B, D), torch.randint(0, C, (B,))
+    reference(emb, labels).backward()
+    ref_opt.step()
+    saved = io.BytesIO()
+    torch.save({"state_dict_softmax_fc": reference.state_dict(), "state_optimizer": ref_opt.state_dict()}, saved)
+    saved.seek(0)
+    checkpoint = torch.load(saved, weights_only=True)
+
+    module = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), D, C)
+    module.load_state_dict(checkpoint["state_dict_softmax_fc"])
+    assert torch.equal(module.centers(), reference.weight.detach())
+    opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt.load_state_dict(checkpoint["state_optimizer"])
+    with pytest.warns(UserWarning, match="dropped optimizer state held for pfc_token"):
+        module(emb.clone().requires_grad_(True), labels).backward()
+        opt.step()
+    assert not opt.state and not torch.equal(module.centers(), reference.weight.detach())

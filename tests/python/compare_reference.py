@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The train_v2.py-style loop of test_loop.py with insightface's own PartialFC_V2 in place of the
 float64 model: partialfc.torch against the true reference, same backbone, data and initial weights,
-20 steps, world size 1 (gloo); beside it the same case against the float64 model, since the
+20 steps, world size 1 and 2 (gloo processes); beside it the same case against the float64 model, since the
 reference's f32 loss loses digits as the loss gets small (-log of a probability near 1). The reference cannot be fetched in CI, so this runs by hand and its
 output is committed (docs/benchmarks.md). The reference's files stay outside the repository:
 
@@ -55,7 +55,7 @@ cases = [
     ("sgd", 0.1, 5e-4, (1.0, 0.5, 0.0), 1, True, (5,)),
     ("adamw", 1e-3, 0.1, (1.0, 0.5, 0.0), 2, True, (6,)),
 ]
-for optimizer, lr, wd, margin, acc, fp16, skip in cases:
+for optimizer, lr, wd, margin, acc, fp16, skip in cases:  # world size 1
     _, worst, smallest = compare_in_loop(reference(margin), torch.float32, C, D, B, STEPS, FEATURES, optimizer, lr, wd,
                                          margin, acc, fp16, skip)
     _, worst64, _ = compare_in_loop(float64_model(margin), torch.float64, C, D, B, STEPS, FEATURES, optimizer, lr, wd,
@@ -64,3 +64,15 @@ for optimizer, lr, wd, margin, acc, fp16, skip in cases:
                       "skipped_steps": list(skip), "steps": STEPS, "reference_smallest_loss": smallest,
                       "worst_relative_error_vs_reference": worst, "worst_relative_error_vs_float64_model": worst64}))
 dist.destroy_process_group()
+
+# World size 2: two gloo processes, DDP backbone, each rank its own data (tests/python/dist_workers.py).
+import torch.multiprocessing as mp  # noqa: E402
+from test_distributed import free_port  # noqa: E402
+import dist_workers  # noqa: E402
+
+for optimizer, lr, wd, _, acc, fp16, skip in cases:
+    if _ != (1.0, 0.5, 0.0):
+        continue
+    for other in ("reference", "float64"):
+        mp.spawn(dist_workers.loop, nprocs=2, args=(2, free_port(), optimizer, lr, wd, acc, fp16, skip, None, 301, 64, 16,
+                                                   STEPS, 48, other, a.reference_dir))

@@ -21,6 +21,24 @@
  * - Bad input (NULL pointers, zero or oversized dims, labels outside [0, C), NaN/Inf embeddings,
  *   unknown enum values, a batch count other than local_shards, a CUDA request with no driver)
  *   gets a clear status and message and changes nothing.
+ * - Non-finite steps: a step whose loss, gradients or updated centers would be NaN or Inf returns
+ *   PFC_ERR_NON_FINITE and changes nothing (no center, optimizer state, step count or output); on
+ *   several shards or processes they agree first. The host decides: lower the learning rate, skip
+ *   the batch, reload a checkpoint.
+ * - Steps: pfc_train_step = pfc_train_compute + pfc_train_apply. The step count advances only at
+ *   apply, and sampling is keyed by it, so the computes accumulated into one apply share one draw of
+ *   negatives (as one large batch would) and each adds its own positives; their center gradients
+ *   add up over the union of the rows they sampled.
+ * - Processes (one job over several processes or machines): set process_count, process_index and
+ *   allgather (e.g. MPI_Allgather); global shard ranks follow process order. Calls that touch more
+ *   than local state are collective — every process makes them in the same order: pfc_create,
+ *   pfc_train_step/compute/apply, pfc_evaluate, pfc_set_learning_rate, checkpoint save and load,
+ *   export, search. pfc_local_classes, pfc_get_centers, pfc_set_centers, pfc_train_discard and
+ *   pfc_destroy are local; pfc_destroy never waits for other processes. Bad input on any process
+ *   fails the call on every process with the same status and message, and no process changes. The
+ *   same data, seed and total shard count give the same results whatever the process layout. A
+ *   failed exchange (the callback returned nonzero, an NCCL error) gives PFC_ERR_COMMUNICATION and
+ *   the head refuses every later collective call with it until a checkpoint is loaded.
  */
 
 
@@ -46,6 +64,9 @@
 #define NCCL_SUM 0
 
 #define NCCL_MAX 2
+
+// `ncclDataType_t` of bytes.
+#define NCCL_UINT8 1
 
 #define PFC_BACKEND_CPU 0
 
@@ -253,11 +274,36 @@ void pfc_destroy(struct pfc_head *head);
 
 // One training step over `n` batches, one per local shard (`n` must equal `local_shards`): the
 // gradient of the mean loss times world_size is written to each batch's `grad_embeddings`, and the
-// sampled centers are updated. `stats` may be NULL.
+// sampled centers are updated. `pfc_train_compute` followed by `pfc_train_apply`, in one call.
+// `stats` may be NULL. A step whose loss, gradients or updated centers would be NaN or Inf returns
+// PFC_ERR_NON_FINITE and changes nothing (no center, optimizer state, step count or output).
 pfc_status pfc_train_step(struct pfc_head *head,
                           const struct pfc_batch *batches,
                           uint32_t n,
                           struct pfc_step_stats *stats);
+
+// Forward and backward over `n` batches (one per local shard) without updating anything: writes
+// the embedding gradients (as `pfc_train_step` does) and adds the sampled centers' gradients to
+// those the head has accumulated since the last `pfc_train_apply`. Several computes before one
+// apply accumulate over the union of their sampled rows (gradients add up, as PyTorch's do).
+// Centers, optimizer state and the step count do not change, so the computes of one step use the
+// same step number: their negatives are the same draw (as one large batch would have), their
+// positives each batch's labels; `stats->step` reports the steps applied so far.
+// PFC_ERR_NON_FINITE when the loss or a gradient is NaN or Inf; nothing is written or accumulated.
+pfc_status pfc_train_compute(struct pfc_head *head,
+                             const struct pfc_batch *batches,
+                             uint32_t n,
+                             struct pfc_step_stats *stats);
+
+// Runs the optimizer once over the gradients accumulated by `pfc_train_compute` calls, with the
+// head's current learning rate, advances the step count and clears them. PFC_ERR_INVALID_ARGUMENT
+// when nothing was accumulated; PFC_ERR_NON_FINITE (nothing changes, the gradients stay
+// accumulated) when a center would become NaN, Inf or impossible to normalize.
+pfc_status pfc_train_apply(struct pfc_head *head);
+
+// Drops the gradients accumulated since the last `pfc_train_apply` (a skipped batch). Local: it
+// exchanges nothing, but every process should discard together to stay in step.
+pfc_status pfc_train_discard(struct pfc_head *head);
 
 // Loss and accuracy over all classes (no sampling), nothing updated; `grad_embeddings` is ignored.
 pfc_status pfc_evaluate(struct pfc_head *head,

@@ -2,7 +2,9 @@
 //! input validation, the loss and accuracy from reduced statistics, center access. A failed call
 //! leaves the head exactly as it was: inputs are checked before any backend state changes.
 
-use crate::backend::{Backend, DeviceBatch, GradOut, HostBatch, HostValues, PhaseTimes, RowStats, StepPlan};
+pub(crate) mod driver;
+
+use crate::backend::{Backend, Batches, Evaluated, GradOut, HostBatch, Outputs, PhaseTimes, StepPlan};
 use crate::comm::group::ProcessGroup;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -91,8 +93,19 @@ impl Head {
         self.backend.phase_times()
     }
 
-    fn check_batches(&self, batches: &[HostBatch<'_>]) -> Result<()> {
+    fn check_batches(&self, batches: Batches<'_, '_>) -> Result<()> {
         let shards = self.cfg.local_shards;
+        let batches = match batches {
+            Batches::Host(b) => b,
+            Batches::Device(b) => {
+                // Device batches are validated by the backend, where they are.
+                return if b.len() == shards {
+                    Ok(())
+                } else {
+                    Err(Error::invalid(format!("got {} batches for {} local shards: pass one per shard", b.len(), shards)))
+                };
+            }
+        };
         if batches.len() != shards {
             return Err(Error::invalid(format!("got {} batches for {} local shards: pass one per shard", batches.len(), shards)));
         }
@@ -103,89 +116,81 @@ impl Head {
             if b.embeddings.len() != rows * d {
                 return Err(Error::invalid(format!("batch {s}: {} embedding values for {rows} rows of dimension {d}", b.embeddings.len())));
             }
-            if let Some((i, &label)) = b.labels.iter().enumerate().find(|(_, &l)| l < 0 || l as u64 >= self.cfg.num_classes) {
-                return Err(Error::invalid(format!(
-                    "batch {s}: label {label} at row {i} is outside [0, {})",
-                    self.cfg.num_classes
-                )));
-            }
-            if let Some(at) = first_non_finite(&b.embeddings) {
-                return Err(Error::invalid(format!("batch {s}: embedding row {} holds NaN or Inf", at / d)));
-            }
             total += rows;
         }
-        // Another process's rows may fill the global batch; the backend checks it after gathering.
+        crate::backend::validate(batches, self.cfg.num_classes, d)?;
+        // Another process's rows may fill the global batch; the driver checks it after gathering.
         if total == 0 && self.group.is_solo() {
             return Err(Error::invalid("the global batch is empty"));
         }
         Ok(())
     }
 
-    fn stats(&self, rows: &RowStats) -> StepStats {
-        let n = rows.max.len();
-        let mut loss = 0.0f64;
-        let mut correct = 0usize;
-        for i in 0..n {
-            // Exact log-softmax: log Σ exp(z) − z_y, with no clamp on the probability.
-            loss += (rows.sum[i] as f64).ln() + rows.max[i] as f64 - rows.target_logit[i] as f64;
-            correct += usize::from(rows.target_cos[i] > rows.other_cos[i]);
-        }
-        StepStats {
-            loss: loss / n as f64,
-            accuracy: correct as f64 / n as f64,
-            step: self.step,
-            global_batch: n as u64,
-            sampled_classes: rows.sampled_classes,
-        }
+    fn stats(&self, e: Evaluated) -> StepStats {
+        StepStats { loss: e.loss, accuracy: e.accuracy, step: self.step, global_batch: e.global_batch, sampled_classes: e.sampled_classes }
     }
 
-    /// One training step: gradients into `grads` (one per local shard), sampled centers updated.
-    pub fn train_step(&mut self, batches: &[HostBatch<'_>], grads: &mut [GradOut<'_>]) -> Result<StepStats> {
-        let checked = self.check_batches(batches).and_then(|()| {
-            for (s, (b, g)) in batches.iter().zip(grads.iter()).enumerate() {
-                if g.len() != b.embeddings.len() {
-                    return Err(Error::invalid(format!("batch {s}: gradient buffer has {} values, embeddings {}", g.len(), b.embeddings.len())));
+    fn plan(&self, train: bool) -> StepPlan {
+        StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: if train { self.cfg.sample_rate } else { 1.0 }, train }
+    }
+
+    /// Forward and backward on a batch per local shard: the embedding gradients into `out`, the
+    /// sampled centers' gradients accumulated in the head; with `apply`, then one optimizer step
+    /// (and the step count advances). A collective call; all or nothing on every process.
+    pub fn compute(&mut self, batches: Batches<'_, '_>, out: Outputs<'_, '_>, apply: bool) -> Result<StepStats> {
+        self.group.check()?;
+        let checked = self.check_batches(batches).and_then(|()| match (&batches, &out) {
+            (Batches::Host(b), Outputs::Host(g)) => {
+                for (s, (b, g)) in b.iter().zip(g.iter()).enumerate() {
+                    if g.len() != b.embeddings.len() {
+                        return Err(Error::invalid(format!("batch {s}: gradient buffer has {} values, embeddings {}", g.len(), b.embeddings.len())));
+                    }
                 }
+                Ok(())
             }
-            Ok(())
+            (Batches::Device(_), Outputs::Device(_)) => Ok(()),
+            _ => Err(Error::invalid("batches and gradient buffers must be in the same kind of memory")),
         });
-        self.group.agree(checked)?;
-        let plan = StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: self.cfg.sample_rate, train: true };
-        let rows = self.backend.forward(batches, plan)?;
-        self.backend.backward(&rows, self.lr, grads)?;
+        let plan = self.plan(true);
+        let e = self.backend.compute(checked, batches, plan, out, apply.then_some(self.lr))?;
+        if apply {
+            self.step += 1;
+        }
+        Ok(self.stats(e))
+    }
+
+    /// One training step (compute + apply): gradients into `grads` (one per local shard), sampled
+    /// centers updated.
+    pub fn train_step(&mut self, batches: &[HostBatch<'_>], grads: &mut [GradOut<'_>]) -> Result<StepStats> {
+        self.compute(Batches::Host(batches), Outputs::Host(grads), true)
+    }
+
+    /// One optimizer step over the gradients accumulated by `compute`s, at the current learning
+    /// rate; the step count advances. A collective call.
+    pub fn apply(&mut self) -> Result<()> {
+        self.group.check()?;
+        if !self.backend.apply(self.lr)? {
+            return Err(Error::invalid("no accumulated gradients to apply: call pfc_train_compute first"));
+        }
         self.step += 1;
-        Ok(self.stats(&rows))
+        Ok(())
+    }
+
+    /// Drops the gradients accumulated since the last apply.
+    pub fn discard(&mut self) {
+        self.backend.discard();
     }
 
     /// Loss and accuracy over every class; nothing changes.
-    pub fn evaluate(&mut self, batches: &[HostBatch<'_>]) -> Result<StepStats> {
-        self.group.agree(self.check_batches(batches))?;
-        let plan = StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: 1.0, train: false };
-        let rows = self.backend.forward(batches, plan)?;
-        Ok(self.stats(&rows))
+    pub fn evaluate_batches(&mut self, batches: Batches<'_, '_>) -> Result<StepStats> {
+        self.group.check()?;
+        let checked = self.check_batches(batches);
+        let e = self.backend.evaluate(checked, batches, self.plan(false))?;
+        Ok(self.stats(e))
     }
 
-    /// A step (or, with `train` false, an evaluation) on batches in device memory. This version stages
-    /// them through the host: the inputs are copied out (after the callers' streams), validated and
-    /// stepped like host batches, and the gradients copied back (before the callers' streams go on).
-    pub fn step_device(&mut self, batches: &[DeviceBatch], train: bool) -> Result<StepStats> {
-        if batches.len() != self.cfg.local_shards {
-            return Err(Error::invalid(format!("got {} batches for {} local shards", batches.len(), self.cfg.local_shards)));
-        }
-        let staged = self.backend.download(batches, self.cfg.embedding_dim)?;
-        let inputs: Vec<HostBatch> =
-            staged.iter().map(|s| HostBatch { embeddings: s.embeddings.as_embeddings(), labels: &s.labels }).collect();
-        if !train {
-            return self.evaluate(&inputs);
-        }
-        let mut grads: Vec<HostValues> =
-            batches.iter().map(|b| HostValues::zeros(b.dtype, b.rows * self.cfg.embedding_dim)).collect();
-        let stats = {
-            let mut outs: Vec<GradOut> = grads.iter_mut().map(|g| g.as_grad_out()).collect();
-            self.train_step(&inputs, &mut outs)?
-        };
-        self.backend.upload_grads(batches, &grads)?;
-        Ok(stats)
+    pub fn evaluate(&mut self, batches: &[HostBatch<'_>]) -> Result<StepStats> {
+        self.evaluate_batches(Batches::Host(batches))
     }
 
     fn check_range(&self, first: u64, count: u64, buffer_len: usize) -> Result<()> {
@@ -253,6 +258,10 @@ impl Head {
         self.step = restored.step;
         self.cfg.seed = restored.seed;
         self.lr = restored.lr;
+        // Every process now holds the same state again: accumulated gradients are gone and a
+        // failed exchange is forgiven.
+        self.backend.discard();
+        self.group.heal();
         Ok(())
     }
 }
@@ -264,15 +273,6 @@ pub(crate) struct Restored {
     pub step: u64,
     pub seed: u64,
     pub lr: f32,
-}
-
-fn first_non_finite(e: &crate::backend::Embeddings<'_>) -> Option<usize> {
-    use crate::backend::Embeddings;
-    match e {
-        Embeddings::F32(v) => v.iter().position(|x| !x.is_finite()),
-        Embeddings::F16(v) => v.iter().position(|x| !x.is_finite()),
-        Embeddings::BF16(v) => v.iter().position(|x| !x.is_finite()),
-    }
 }
 
 /// Checks that every process of the job passed the same configuration and derives the shard

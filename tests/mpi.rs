@@ -190,3 +190,47 @@ fn mismatched_configurations_fail_everywhere_naming_the_field() {
         run_parity(&case.dir, 2, &["--mismatch", field]);
     }
 }
+
+fn build_example(compiler: &str, source: &str, name: &str, flags: &[&str]) -> PathBuf {
+    let lib = lib_dir();
+    let exe = scratch(&format!("mpi-example-{name}")).join(name);
+    let mut cmd = Command::new(compiler);
+    cmd.args(flags)
+        .args(["-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root().join("include"))
+        .arg("-I")
+        .arg(root().join("bindings/cpp"))
+        .arg(root().join(source))
+        .arg("-o")
+        .arg(&exe)
+        .arg("-L")
+        .arg(lib)
+        .arg("-lpartialfc")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lm");
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
+    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+    exe
+}
+
+/// examples/mpi/train.c, the README's multi-process recipe, learns over 2 and 3 processes; the C++
+/// binding's callable all-gather (examples/mpi/train.cpp) over 3 processes with uneven shards.
+#[test]
+fn mpi_examples_train_over_processes() {
+    let c = build_example("mpicc", "examples/mpi/train.c", "train", &["-std=c11"]);
+    for (procs, shards) in [(2, "1"), (3, "2")] {
+        let mut cmd = mpirun(procs);
+        cmd.arg(&c).args(["2000", shards, "30"]);
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+        assert!(text.contains("learning") && !text.contains("NOT learning"), "{text}");
+        eprintln!("{procs} processes × {shards}: {}", text.lines().last().unwrap_or_default());
+    }
+    let cpp = build_example("mpicxx", "examples/mpi/train.cpp", "train_cpp", &["-std=c++17"]);
+    let mut cmd = mpirun(3);
+    cmd.arg(&cpp);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("on every process"));
+}

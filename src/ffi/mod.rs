@@ -10,7 +10,7 @@ pub mod types;
 
 use self::guard::{guard, with_last_error};
 pub use self::types::*;
-use crate::backend::{DeviceBatch, Embeddings, GradOut, HostBatch};
+use crate::backend::{Batches, DeviceBatch, Embeddings, GradOut, HostBatch, Outputs};
 use crate::comm::group::{AllGather, CallbackAllGather, ProcessGroup};
 use crate::config::{BackendKind, Config, DType, MarginConfig, MarginGrad, OptimizerConfig, OptimizerKind};
 use crate::engine::{Head, StepStats};
@@ -168,6 +168,7 @@ unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
         devices,
         world_size,
         first_rank: c.first_rank as usize,
+        nccl_id: if c.nccl_id.is_null() { None } else { Some(std::slice::from_raw_parts(c.nccl_id, PFC_NCCL_ID_BYTES).to_vec()) },
         process_count: c.process_count as usize,
         process_index: c.process_index as usize,
     })
@@ -382,16 +383,54 @@ pub extern "C" fn pfc_destroy(head: *mut pfc_head) {
 
 /// One training step over `n` batches, one per local shard (`n` must equal `local_shards`): the
 /// gradient of the mean loss times world_size is written to each batch's `grad_embeddings`, and the
-/// sampled centers are updated. `stats` may be NULL.
+/// sampled centers are updated. `pfc_train_compute` followed by `pfc_train_apply`, in one call.
+/// `stats` may be NULL. A step whose loss, gradients or updated centers would be NaN or Inf returns
+/// PFC_ERR_NON_FINITE and changes nothing (no center, optimizer state, step count or output).
 #[no_mangle]
 pub extern "C" fn pfc_train_step(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats) -> pfc_status {
+    train(head, batches, n, stats, true)
+}
+
+/// Forward and backward over `n` batches (one per local shard) without updating anything: writes
+/// the embedding gradients (as `pfc_train_step` does) and adds the sampled centers' gradients to
+/// those the head has accumulated since the last `pfc_train_apply`. Several computes before one
+/// apply accumulate over the union of their sampled rows (gradients add up, as PyTorch's do).
+/// Centers, optimizer state and the step count do not change, so the computes of one step use the
+/// same step number: their negatives are the same draw (as one large batch would have), their
+/// positives each batch's labels; `stats->step` reports the steps applied so far.
+/// PFC_ERR_NON_FINITE when the loss or a gradient is NaN or Inf; nothing is written or accumulated.
+#[no_mangle]
+pub extern "C" fn pfc_train_compute(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats) -> pfc_status {
+    train(head, batches, n, stats, false)
+}
+
+fn train(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats, apply: bool) -> pfc_status {
     guard(|| {
         let mut h = head_ref(head)?.inner.lock();
         let s = match unsafe { batch_slices(&h, batches, n, true) }? {
-            Parsed::Host(mut slices) => h.train_step(&slices.inputs, &mut slices.grads)?,
-            Parsed::Device(device) => h.step_device(&device, true)?,
+            Parsed::Host(mut slices) => h.compute(Batches::Host(&slices.inputs), Outputs::Host(&mut slices.grads), apply)?,
+            Parsed::Device(device) => h.compute(Batches::Device(&device), Outputs::Device(&device), apply)?,
         };
         write_stats(stats, s);
+        Ok(())
+    })
+}
+
+/// Runs the optimizer once over the gradients accumulated by `pfc_train_compute` calls, with the
+/// head's current learning rate, advances the step count and clears them. PFC_ERR_INVALID_ARGUMENT
+/// when nothing was accumulated; PFC_ERR_NON_FINITE (nothing changes, the gradients stay
+/// accumulated) when a center would become NaN, Inf or impossible to normalize.
+#[no_mangle]
+pub extern "C" fn pfc_train_apply(head: *mut pfc_head) -> pfc_status {
+    guard(|| head_ref(head)?.inner.lock().apply())
+}
+
+/// Drops the gradients accumulated since the last `pfc_train_apply` (a skipped batch). Local: it
+/// exchanges nothing, but every process should discard together to stay in step.
+#[no_mangle]
+pub extern "C" fn pfc_train_discard(head: *mut pfc_head) -> pfc_status {
+    guard(|| {
+        head_ref(head)?.inner.lock().discard();
         Ok(())
     })
 }
@@ -403,7 +442,7 @@ pub extern "C" fn pfc_evaluate(head: *mut pfc_head, batches: *const pfc_batch, n
         let mut h = head_ref(head)?.inner.lock();
         let s = match unsafe { batch_slices(&h, batches, n, false) }? {
             Parsed::Host(slices) => h.evaluate(&slices.inputs)?,
-            Parsed::Device(device) => h.step_device(&device, false)?,
+            Parsed::Device(device) => h.evaluate_batches(Batches::Device(&device))?,
         };
         write_stats(stats, s);
         Ok(())

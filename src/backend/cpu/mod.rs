@@ -554,9 +554,10 @@ impl Primitives for CpuBackend {
             // SAFETY: accumulated rows are distinct, so each center and state row has one writer.
             unsafe { state.update(&opt, lr, j, centers.slice(j * d, d), &acc.grads[r * d..(r + 1) * d]) };
         });
-        // The accumulator's buffer becomes the next step's pending buffer (no re-allocation).
-        s.accumulated.rows.clear();
+        // The accumulator's buffer becomes the next step's pending buffer (no re-allocation); the
+        // pending buffer, which still holds the last compute's rows after a union, starts empty.
         std::mem::swap(&mut s.accumulated, &mut s.pending);
+        s.accumulated.rows.clear();
         s.undo = None;
         Ok(())
     }

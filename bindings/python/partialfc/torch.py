@@ -56,8 +56,6 @@ __all__ = ["PartialFC_V2", "CombinedMarginLoss", "PartialFCError"]
 _DTYPES = {torch.float32: n.PFC_DTYPE_F32, torch.float16: n.PFC_DTYPE_F16, torch.bfloat16: n.PFC_DTYPE_BF16}
 _MARGIN_GRADS = {"straight_through": n.PFC_MARGIN_GRAD_STRAIGHT_THROUGH, "exact": n.PFC_MARGIN_GRAD_EXACT}
 _STATE_FORMAT = "partialfc.torch/1"
-# Libraries before the compute/apply split only have pfc_train_step: the update then happens in forward.
-_SPLIT = all(n.has(f) for f in ("pfc_train_compute", "pfc_train_apply", "pfc_train_discard"))
 
 
 def _f32(x):
@@ -314,7 +312,6 @@ class PartialFC_V2(torch.nn.Module):
         self._pending = []
         # Whether the head holds optimizer state a rebuild must carry over (steps applied, or a state loaded).
         self._stateful = False
-        self._group = None
         self.last_stats = None
         _MODULES[id(self.pfc_token)] = self
 
@@ -355,17 +352,9 @@ class PartialFC_V2(torch.nn.Module):
         if self.nonfinite == "nan" and not self._all_finite(embeddings):
             return self._nan_loss(local_embeddings, embeddings)
         grad = torch.empty_like(embeddings)
+        self._drop_cleared()
         try:
-            if _SPLIT:
-                self._drop_cleared()
-                stats = self._head.train_compute([self._batch(embeddings, labels, grad)])
-            else:
-                if self._group is None:
-                    self._find_group()
-                if self._group is not None:
-                    self._head.set_learning_rate(float(self._group["lr"]))
-                stats = self._head.train_step([self._batch(embeddings, labels, grad)])
-                self._stateful = True
+            stats = self._head.train_compute([self._batch(embeddings, labels, grad)])
         except PartialFCError as e:
             if self.nonfinite == "nan" and e.status == n.PFC_ERR_NON_FINITE:
                 return self._nan_loss(local_embeddings, embeddings)
@@ -374,8 +363,7 @@ class PartialFC_V2(torch.nn.Module):
         # The step's own inputs are kept for a recomputation; the caller may reuse its tensors.
         record = _Compute(embeddings.clone() if embeddings.data_ptr() == local_embeddings.data_ptr() else embeddings,
                           labels.clone() if labels.data_ptr() == local_labels.data_ptr() else labels)
-        if _SPLIT:
-            self._pending.append(record)
+        self._pending.append(record)
         loss = torch.tensor(stats.loss, dtype=torch.float32, device=embeddings.device)
         return _HeadStep.apply(local_embeddings, self.pfc_token, record, grad, loss)
 
@@ -393,25 +381,6 @@ class PartialFC_V2(torch.nn.Module):
         grad = torch.full_like(embeddings, float("nan"))
         loss = torch.tensor(float("nan"), dtype=torch.float32, device=embeddings.device)
         return _HeadStep.apply(local_embeddings, self.pfc_token, record, grad, loss)
-
-    def _find_group(self):
-        """Without the compute/apply split the update happens in forward, before the optimizer's
-        first step names the token's param group: find the group (and its optimizer) that holds it."""
-        import gc
-        for params in gc.get_referrers(self.pfc_token):
-            for group in gc.get_referrers(params) if isinstance(params, list) else ():
-                if not (isinstance(group, dict) and group.get("params") is params):
-                    continue
-                for groups in gc.get_referrers(group):
-                    if not isinstance(groups, list):
-                        continue
-                    # The optimizer holds param_groups in its (managed or plain) __dict__.
-                    holders = gc.get_referrers(groups)
-                    holders += [o for d in holders if isinstance(d, dict) for o in gc.get_referrers(d)]
-                    for opt in holders:
-                        if isinstance(opt, torch.optim.Optimizer) and opt.param_groups is groups:
-                            self._optimizer_step(opt, group)
-                            return
 
     def _drop_cleared(self):
         """Gradients already backpropagated whose token gradient is gone were cleared by zero_grad
@@ -447,12 +416,6 @@ class PartialFC_V2(torch.nn.Module):
                 "optimizer.step() ran after a non-finite forward (NaN/Inf embeddings or step, nonfinite='nan') or "
                 "a non-finite loss gradient; GradScaler skips such steps. The accumulated gradient was dropped",
                 "PartialFC_V2")
-        if not _SPLIT:
-            self._group = group
-            settings = _optimizer_settings(optimizer, group)
-            if settings != _settings_of(self._head.cfg):
-                self._rebuild(_with_settings(self._head.cfg, settings))
-            return
         if token is None or not bool(token.ne(0).any()):
             if records:
                 self._head.train_discard()

@@ -22,10 +22,14 @@ def test_multi_rank_golden_files_through_the_module(golden_dir):
             mp.spawn(dist_workers.golden, args=(world, free_port(), path, 1e-4), nprocs=world)
 
 
-@pytest.mark.parametrize("optimizer,lr,wd", [("sgd", 0.1, 5e-4), ("adamw", 1e-3, 0.1)])
-def test_two_process_train_v2_loop_matches_float64_model(optimizer, lr, wd):
-    mp.spawn(dist_workers.loop, args=(2, free_port(), optimizer, lr, wd, 1, False, (), 1e-4, 301, 64, 16, 20, 48),
-             nprocs=2)
+@pytest.mark.parametrize("optimizer,lr,wd,gradient_acc,fp16,skip_at", [
+    ("sgd", 0.1, 5e-4, 1, False, ()),
+    ("adamw", 1e-3, 0.1, 1, False, ()),
+    ("sgd", 0.1, 5e-4, 2, True, (6,)),  # accumulation under GradScaler, one step skipped on both ranks
+])
+def test_two_process_train_v2_loop_matches_float64_model(optimizer, lr, wd, gradient_acc, fp16, skip_at):
+    mp.spawn(dist_workers.loop, nprocs=2, args=(2, free_port(), optimizer, lr, wd, gradient_acc, fp16, skip_at, 1e-4,
+                                                301, 64, 16, 20, 48))
 
 
 @pytest.mark.parametrize("sample_rate", [1.0, 0.4])

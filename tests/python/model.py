@@ -13,11 +13,14 @@ class Float64PartialFC(torch.nn.Module):
     """Cosine logits with the combined margin (straight-through gradient by default, SPEC §1.8), the
     inter-class filter, and an exact log-softmax cross-entropy averaged over the batch, all in float64."""
 
-    def __init__(self, weight, s, m1, m2, m3, threshold=0.0, exact=False):
+    def __init__(self, weight, s, m1, m2, m3, threshold=0.0, exact=False, loss_cap=None):
         super().__init__()
         self.weight = torch.nn.Parameter(weight.detach().to(torch.float64).clone())
         self.s, self.m1, self.m2, self.m3, self.threshold = s, m1, m2, m3, threshold
         self.exact = exact  # the true derivative of the margin instead of the straight-through one
+        # The reference clamps each sample's target probability at 1e-30 (a loss of at most 69.08)
+        # in the loss it reports, not in its gradient; loss_cap reproduces that report.
+        self.loss_cap = loss_cap
 
     def forward(self, embeddings, labels):
         labels = labels.reshape(-1).long()
@@ -35,7 +38,12 @@ class Float64PartialFC(torch.nn.Module):
             shift[rows, labels] = torch.cos(self.m1 * torch.acos(target) + self.m2) - self.m3 - target
         if not self.exact:
             shift = shift.detach()
-        return F.cross_entropy((cos + shift) * self.s, labels)
+        logits = (cos + shift) * self.s
+        if self.loss_cap is None:
+            return F.cross_entropy(logits, labels)
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
+        reported = per_sample.detach().clamp(max=self.loss_cap)
+        return (per_sample + (reported - per_sample.detach())).mean()
 
 
 def polynomial_lr_warmup(optimizer, warmup_iters, total_iters, power=1.0):

@@ -401,6 +401,8 @@ class PartialFC_V2(torch.nn.Module):
             self._head.train_compute([self._batch(r.embeddings, r.labels, grad)])
 
     def _optimizer_step(self, optimizer, group):
+        # An optimizer the head cannot follow is refused before anything changes.
+        settings = _optimizer_settings(optimizer, group)
         token = self.pfc_token.grad
         # The head's update is done here; the optimizer then skips the token (no gradient).
         self.pfc_token.grad = None
@@ -431,7 +433,6 @@ class PartialFC_V2(torch.nn.Module):
                 "partialfc applies the gradient of the unscaled loss to the centers, so multiply the loss only by "
                 "GradScaler and clip only the backbone's gradients (as train_v2 does); the accumulated gradient "
                 "was dropped", "PartialFC_V2")
-        settings = _optimizer_settings(optimizer, group)
         redo = len(done) < len(records)
         if settings != _settings_of(self._head.cfg):
             self._rebuild(_with_settings(self._head.cfg, settings))

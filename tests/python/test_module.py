@@ -185,3 +185,12 @@ def test_nonfinite_nan_without_a_scaler_is_refused_at_the_step():
         opt.step()
     assert e.value.status == n.PFC_ERR_NON_FINITE
     assert torch.equal(m.centers(), before)
+
+
+def test_half_and_dtype_moves_keep_the_head_and_its_token_in_f32():
+    m = module()
+    before = m.centers()
+    m.half()
+    m.to(torch.bfloat16)
+    assert m.pfc_token.dtype == torch.float32 and torch.equal(m.centers(), before)
+    assert m.train() is m and m.training and not m.eval().training

@@ -482,6 +482,10 @@ class PartialFC_V2(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        if self.pfc_token.dtype != torch.float32:
+            # .half()/.to(dtype) do not change the centers (f32 in the library); the token stays f32
+            # so that GradScaler can unscale its gradient.
+            self.pfc_token.data = self.pfc_token.data.float()
         device = self.pfc_token.device
         if device != self._device:
             if self._pending:

@@ -334,9 +334,9 @@ pfc_status pfc_set_centers(struct pfc_head *head, uint64_t first, uint64_t count
 // with centers and all optimizer state. The previous checkpoint in `dir` stays loadable until the
 // new one is complete (a crash mid-save loses nothing). One writer per directory: while another head
 // or process saves into `dir` (it holds `dir/.partialfc.lock`), this call fails at once with
-// PFC_ERR_IO and touches nothing. A head whose state a load would refuse (NaN or Inf values, a
-// learning rate or step counts out of range) is not saved (PFC_ERR_INVALID_ARGUMENT) and no file is
-// touched. A save deletes only files this library wrote there: the replaced checkpoint's and what an
+// PFC_ERR_IO and touches nothing. A head whose state a load would refuse is not saved and no file
+// is touched: NaN or Inf values give PFC_ERR_NON_FINITE, a learning rate or step counts out of
+// range PFC_ERR_INVALID_ARGUMENT. A save deletes only files this library wrote there: the replaced checkpoint's and what an
 // interrupted save of this library left. Collective on a multi-process head: every process writes
 // its own shards into `dir` (one directory on a filesystem all processes share); the manifest is
 // published only after every shard file of the job is durable.

@@ -90,7 +90,10 @@ fn first_bad_value(tensor: StateTensor, values: &[f32], first: u64, d: usize) ->
 
 /// Checks that loading would accept the head's state; reads it in bounded chunks and writes nothing.
 fn check_saveable(head: &Head) -> Result<()> {
-    let refuse = |why: String| Error::invalid(format!("cannot save this head: {why}; it diverged or was given bad values (load a good checkpoint or set its centers)"));
+    let refuse = |why: String| Error::invalid(format!("cannot save this head: {why}"));
+    let non_finite = |why: String| {
+        Error::new(Status::NonFinite, format!("cannot save this head: {why}; it diverged or was given bad values (load a good checkpoint or set its centers)"))
+    };
     check_learning_rate(head.learning_rate()).map_err(|e| refuse(e.message))?;
     check_steps(head.steps_taken(), &[]).map_err(|e| refuse(e.message))?;
     let cfg = head.config();
@@ -105,7 +108,7 @@ fn check_saveable(head: &Head) -> Result<()> {
             let values = &mut chunk[..n as usize * d];
             head.read_state(tensor, at, n, values)?;
             if let Some(why) = first_bad_value(tensor, values, at, d) {
-                return Err(refuse(why));
+                return Err(non_finite(why));
             }
             at += n;
         }
@@ -148,11 +151,15 @@ pub fn save(head: &Head, dir: &Path) -> Result<()> {
     let ranks = cfg.first_rank..cfg.first_rank + cfg.local_shards;
     let names = entry.shard_files();
     let mine: Vec<String> = names[ranks.clone()].to_vec();
+    // Whether process 0 may have published the manifest: then only it may tell which files are
+    // referenced, and the others leave theirs to the next save's clean-up.
+    let mut may_publish = false;
     let outcome = (|| -> Result<()> {
         let written = fs::create_dir_all(dir)
             .map_err(|e| io_error("cannot create checkpoint directory", dir, e))
             .and_then(|()| write_shards(head, dir, &save_id, ranks.clone()));
-        let table = group.agree(written)?;
+        let table = group.agree(written).inspect_err(|e| may_publish = e.status == Status::Communication)?;
+        may_publish = true;
         // Every shard file of the job is durable: process 0 publishes the manifest naming them all.
         let tables = group.allgather_varied(&serde_json::to_vec(&table).expect("JSON values serialize"))?;
         let published = match &lead {
@@ -182,10 +189,12 @@ pub fn save(head: &Head, dir: &Path) -> Result<()> {
         }
         Err(e) => {
             // Unless the new manifest made it into place (a failure after its rename), the files
-            // this process wrote are referenced by nothing: remove them. (The journal line stays;
-            // the next save's clean-up finds nothing of them to remove.)
+            // this process wrote are referenced by nothing: remove them. Process 0 knows; another
+            // process knows only while the manifest cannot have been published yet. What stays is
+            // journaled: the next save removes it.
+            let knows = lead.is_some() || !may_publish;
             let installed = read_manifest(dir).is_ok_and(|m| m.shards.iter().any(|s| names.contains(&s.file)));
-            if !installed {
+            if knows && !installed {
                 let mut files = Vec::new();
                 for name in &mine {
                     files.extend(temp_path(&dir.join(name), &save_id).ok());
@@ -589,7 +598,7 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
     let shown = path.display();
     let mut f = RegularFile::open(&path, "checkpoint file")?.ok_or_else(|| corrupt(format!("checkpoint file {shown} is missing")))?;
     let damaged = || corrupt(format!("checkpoint file {shown} fails its size or checksum: truncated or altered"));
-    if f.len() != s.bytes || s.bytes < 8 {
+    if f.size() != s.bytes || s.bytes < 8 {
         return Err(damaged());
     }
     let mut crc = crc32fast::Hasher::new();
@@ -657,9 +666,6 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
                             for (o, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
                                 *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                             }
-                            if let Some(why) = first_bad_value(t, dst, w0, d) {
-                                return Err(corrupt(format!("{shown}: {why}")));
-                            }
                         }
                     }
                     None => {
@@ -668,7 +674,6 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
                             for (o, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
                                 *o = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                             }
-                            check_steps(m.step, dst).map_err(|e| corrupt(format!("{shown}: {}", e.message)))?;
                         }
                     }
                 }
@@ -679,6 +684,18 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
     if crc.finalize() != s.crc32 {
         return Err(damaged());
     }
+    // The file is what was saved; its values must still be ones a head accepts.
+    if lo < hi {
+        let rows = (lo - out.first) as usize..(hi - out.first) as usize;
+        for (t, dst) in &out.tensors {
+            if let Some(why) = first_bad_value(*t, &dst[rows.start * d..rows.end * d], lo, d) {
+                return Err(corrupt(format!("{shown}: {why}")));
+            }
+        }
+        if let Some(steps) = &out.steps {
+            check_steps(m.step, &steps[rows]).map_err(|e| corrupt(format!("{shown}: {}", e.message)))?;
+        }
+    }
     Ok(())
 }
 
@@ -686,10 +703,19 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
 /// its own classes, whatever layout wrote them. On any process's error every process fails and
 /// every head is unchanged. A head poisoned by a failed exchange is usable again after a load.
 pub fn load(head: &mut Head, dir: &Path) -> Result<()> {
+    load_from(head, Ok(dir))
+}
+
+/// `load` of a directory argument that may be bad on some process (agreed first, on a head that
+/// the load may heal).
+pub(crate) fn load_from(head: &mut Head, dir: Result<&Path>) -> Result<()> {
     let poisoned = head.group().check().err();
     head.group().heal();
-    let read = read_state(head, dir);
-    match head.group().agree(read) {
+    let outcome = head.group().agree(dir).and_then(|dir| {
+        let read = read_state(head, dir);
+        head.group().agree(read)
+    });
+    match outcome {
         Ok(restored) => head.restore(restored),
         Err(e) => {
             if let Some(p) = poisoned {
@@ -783,26 +809,26 @@ mod tests {
                 }).collect()
             };
             let good = state(&h);
-            let mut cases: Vec<(String, Restored)> = Vec::new();
+            let mut cases: Vec<(String, Status, Restored)> = Vec::new();
             for (i, &t) in tensors.iter().enumerate() {
                 for bad in [f32::NAN, f32::INFINITY] {
                     let mut tensors = good.clone();
                     tensors[i].1[count as usize * d - 3] = bad;
                     let steps = adamw.then(|| vec![0u32; count as usize]);
-                    cases.push((format!("{} {bad}", t.name()), Restored { tensors, steps, step: 5, seed: 1, lr: 0.1 }));
+                    cases.push((format!("{} {bad}", t.name()), Status::NonFinite, Restored { tensors, steps, step: 5, seed: 1, lr: 0.1 }));
                 }
             }
             if adamw {
                 let mut steps = vec![3u32; count as usize];
                 steps[7] = 6;
-                cases.push(("a row stepped more often than the head".into(), Restored { tensors: good.clone(), steps: Some(steps), step: 5, seed: 1, lr: 0.1 }));
+                cases.push(("a row stepped more often than the head".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: Some(steps), step: 5, seed: 1, lr: 0.1 }));
             }
-            cases.push(("a step count beyond the limit".into(), Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: u64::MAX, seed: 1, lr: 0.1 }));
-            cases.push(("an infinite learning rate".into(), Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: 5, seed: 1, lr: f32::INFINITY }));
-            for (what, bad) in cases {
+            cases.push(("a step count beyond the limit".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: u64::MAX, seed: 1, lr: 0.1 }));
+            cases.push(("an infinite learning rate".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: 5, seed: 1, lr: f32::INFINITY }));
+            for (what, status, bad) in cases {
                 h.restore(bad).unwrap();
                 let e = save(&h, &dir).unwrap_err();
-                assert_eq!(e.status, Status::InvalidArgument, "{what}: {}", e.message);
+                assert_eq!(e.status, status, "{what}: {}", e.message);
                 assert!(e.message.contains("cannot save"), "{what}: {}", e.message);
                 assert_eq!(listing(&dir), before, "{what}: the directory changed");
                 // Nor into a new directory: nothing is created.

@@ -188,7 +188,8 @@ impl RegularFile {
         Ok(Some(RegularFile { file, path: path.to_path_buf(), len: meta.len(), read: 0 }))
     }
 
-    pub fn len(&self) -> u64 {
+    /// Bytes in the file when it was opened.
+    pub fn size(&self) -> u64 {
         self.len
     }
 

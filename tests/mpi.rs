@@ -9,43 +9,13 @@
 mod common;
 mod native;
 use common::Golden;
-use native::{describe, lib_dir, root, scratch};
+use native::{describe, mpi_program, mpirun, scratch};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 fn parity_exe() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        let lib = lib_dir();
-        let dir = scratch("mpi");
-        let exe = dir.join("parity");
-        let mut cmd = Command::new("mpicc");
-        cmd.args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-I"])
-            .arg(root().join("include"))
-            .arg(root().join("tests/mpi/parity.c"))
-            .arg("-o")
-            .arg(&exe)
-            .arg("-L")
-            .arg(lib)
-            .arg("-lpartialfc")
-            .arg(format!("-Wl,-rpath,{}", lib.display()))
-            .arg("-lm");
-        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run mpicc (OpenMPI is installed by scripts/test.sh): {e}"));
-        assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
-        exe
-    })
-}
-
-/// `mpirun` with what this machine needs: root is allowed, more processes than cores, shared
-/// memory without cross-memory attach (containers forbid it), one thread per process's pool.
-pub fn mpirun(n: usize) -> Command {
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("OMPI_MCA_btl", "self,vader")
-        .env("RAYON_NUM_THREADS", "1");
-    cmd
+    EXE.get_or_init(|| mpi_program("parity"))
 }
 
 fn run_parity(dir: &Path, procs: usize, extra: &[&str]) -> String {

@@ -11,8 +11,15 @@
  *   resume T FROM TAG  load DIR/ckpt (saved at step FROM), save it again as DIR/ckpt-TAG, export
  *                  DIR/export-TAG.*, search into DIR/search-TAG.bin, then train steps FROM..FROM+T
  *                  and export DIR/after-TAG.npy
- *   save-loop      train and save into DIR/kill forever, printing "saved STEP" after each save
- *                  (process 0) and "pid RANK PID" first (the test kills one process mid-save)
+ *   save-loop      (200003 classes) train and save into DIR/ckpt forever, printing "saved STEP" after each save
+ *                  (process 0), "saving RANK STEP" before each, and "pid RANK PID" first (the test
+ *                  kills one process mid-save)
+ *   save-once      (200003 classes) one step, one save into DIR/ckpt
+ *   fail-save      save once, then again with the callback failing at its 1st, 2nd, … call of the
+ *                  save: each must give PFC_ERR_COMMUNICATION everywhere and leave a loadable
+ *                  checkpoint, the head refused until a load; prints "failure points N"; the same
+ *                  for exports (the previous file stays as it was; "export failure points N"), and a
+ *                  search with other queries on one process, refused everywhere alike
  * Every process checks that its search results equal process 0's. The last line of a finished run
  * is "rank R: done".
  */
@@ -47,13 +54,21 @@ static const char *last_error(void) {
         if (st_ != PFC_OK) FAIL("%s: status %d: %s", #call, st_, last_error()); \
     } while (0)
 
+/* Calls of the callback so far, and the one that fails on every process (-1: none), as a failed
+   MPI collective fails everywhere. */
+static long calls_, fail_at_ = -1;
+
 static int32_t mpi_allgather(void *ctx, const void *send, size_t bytes, void *recv) {
     (void)ctx;
+    if (calls_++ == fail_at_) return 7;
     if (bytes > (size_t)INT32_MAX) return 2;
     return MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, MPI_COMM_WORLD) == MPI_SUCCESS ? 0 : 1;
 }
 
-enum { CLASSES = 997, DIM = 16, ROWS = 24, QUERIES = 5, K = 10 };
+enum { DIM = 16, ROWS = 24, QUERIES = 5, K = 10 };
+
+/* Classes of the job; save-loop uses many, so that a save takes long enough to be killed in. */
+static uint64_t classes_ = 997;
 
 static char dir_[4096];
 static int shards_[64], nprocs_, first_, world_;
@@ -81,7 +96,7 @@ static int64_t labels_[ROWS];
 static void step(pfc_head *h, uint64_t t) {
     uint64_t s = 0xC0FFEE ^ (t * 0x9E3779B9ull);
     for (int i = 0; i < ROWS; i++) {
-        labels_[i] = (int64_t)(mix(&s) % CLASSES);
+        labels_[i] = (int64_t)(mix(&s) % classes_);
         for (int j = 0; j < DIM; j++) emb_[i * DIM + j] = uniform(&s);
     }
     /* Global shard g gets rows [g·ROWS/W, (g+1)·ROWS/W). */
@@ -105,7 +120,7 @@ static void step(pfc_head *h, uint64_t t) {
 static pfc_head *create(void) {
     pfc_config cfg;
     pfc_config_init(&cfg);
-    cfg.num_classes = CLASSES;
+    cfg.num_classes = classes_;
     cfg.embedding_dim = DIM;
     cfg.sample_rate = 0.5f;
     cfg.scale = 16.0f;
@@ -181,6 +196,7 @@ int main(int argc, char **argv) {
     }
     const char *mode = argv[3];
     char p[8192], name[256];
+    if (!strcmp(mode, "save-loop") || !strcmp(mode, "save-once")) classes_ = 200003;
     pfc_head *h = create();
     if (!strcmp(mode, "train") && argc == 5) {
         int steps = atoi(argv[4]);
@@ -203,12 +219,74 @@ int main(int argc, char **argv) {
         for (int t = 0; t < steps; t++) step(h, from + (uint64_t)t);
         snprintf(name, sizeof name, "after-%s.npy", tag);
         OK(pfc_export_centers(h, path(p, sizeof p, name), PFC_FORMAT_NPY, PFC_DTYPE_F32, 0));
+    } else if (!strcmp(mode, "fail-save")) {
+        step(h, 0);
+        OK(pfc_save_checkpoint(h, path(p, sizeof p, "ckpt")));
+        float q[DIM] = {1.0f};
+        int64_t id;
+        float score;
+        int points = 0;
+        for (long n = 0;; n++) {
+            step(h, (uint64_t)n + 1);
+            fail_at_ = calls_ + n;
+            int st = pfc_save_checkpoint(h, path(p, sizeof p, "ckpt"));
+            fail_at_ = -1;
+            if (st == PFC_OK) break;
+            if (st != PFC_ERR_COMMUNICATION) FAIL("save failing at its call %ld: status %d: %s", n, st, last_error());
+            points++;
+            /* Poisoned until a load, which restores a checkpoint every process can read. */
+            st = pfc_search(h, q, 1, 1, &id, &score);
+            if (st != PFC_ERR_COMMUNICATION) FAIL("search after a failed exchange: status %d: %s", st, last_error());
+            OK(pfc_load_checkpoint(h, path(p, sizeof p, "ckpt")));
+            OK(pfc_search(h, q, 1, 1, &id, &score));
+        }
+        printf("failure points %d\n", points);
+        /* Exports: a failed exchange at any point leaves the previous file and nothing else. */
+        char prev[8192];
+        path(prev, sizeof prev, "c.npy");
+        OK(pfc_export_centers(h, prev, PFC_FORMAT_NPY, PFC_DTYPE_F32, 0));
+        FILE *f = fopen(prev, "rb");
+        static unsigned char before[1 << 20], after[1 << 20];
+        size_t len = fread(before, 1, sizeof before, f);
+        fclose(f);
+        step(h, 1000);
+        int export_points = 0;
+        for (long n = 0;; n++) {
+            fail_at_ = calls_ + n;
+            int st = pfc_export_centers(h, prev, PFC_FORMAT_NPY, PFC_DTYPE_F32, 0);
+            fail_at_ = -1;
+            if (st == PFC_OK) break;
+            if (st != PFC_ERR_COMMUNICATION) FAIL("export failing at its call %ld: status %d: %s", n, st, last_error());
+            export_points++;
+            f = fopen(prev, "rb");
+            size_t got = fread(after, 1, sizeof after, f);
+            fclose(f);
+            if (got != len || memcmp(before, after, len)) FAIL("a failed export changed %s", prev);
+            OK(pfc_load_checkpoint(h, path(p, sizeof p, "ckpt")));
+        }
+        printf("export failure points %d\n", export_points);
+        /* Other queries on one process: refused everywhere, with one message. */
+        float other[DIM] = {1.0f};
+        if (rank_ == size_ - 1) other[1] = 0.5f;
+        int st = pfc_search(h, other, 1, 1, &id, &score);
+        if (st != PFC_ERR_INVALID_ARGUMENT || !strstr(last_error(), "other queries")) FAIL("mismatched queries: status %d: %s", st, last_error());
+        char mine[512] = {0}, all[512 * 64];
+        snprintf(mine, sizeof mine, "%s", last_error());
+        MPI_Allgather(mine, 512, MPI_CHAR, all, 512, MPI_CHAR, MPI_COMM_WORLD);
+        for (int r = 0; r < size_; r++)
+            if (strcmp(all + 512 * r, mine)) FAIL("process %d reported \"%s\", this one \"%s\"", r, all + 512 * r, mine);
+        OK(pfc_search(h, q, 1, 1, &id, &score));
+    } else if (!strcmp(mode, "save-once")) {
+        step(h, 0);
+        OK(pfc_save_checkpoint(h, path(p, sizeof p, "ckpt")));
     } else if (!strcmp(mode, "save-loop")) {
         printf("pid %d %ld\n", rank_, (long)getpid());
         fflush(stdout);
         for (uint64_t t = 0;; t++) {
             step(h, t);
-            OK(pfc_save_checkpoint(h, path(p, sizeof p, "kill")));
+            printf("saving %d %llu\n", rank_, (unsigned long long)(t + 1));
+            fflush(stdout);
+            OK(pfc_save_checkpoint(h, path(p, sizeof p, "ckpt")));
             if (rank_ == 0) {
                 printf("saved %llu\n", (unsigned long long)(t + 1));
                 fflush(stdout);

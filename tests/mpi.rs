@@ -9,8 +9,9 @@
 mod common;
 mod native;
 use common::Golden;
-use native::{describe, mpi_program, mpirun, scratch};
+use native::{describe, lib_dir, mpi_program, mpirun, root, scratch};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::OnceLock;
 
 fn parity_exe() -> &'static Path {

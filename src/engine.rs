@@ -208,7 +208,7 @@ impl Head {
 
     pub fn get_centers(&self, first: u64, count: u64, normalized: bool, out: &mut [f32]) -> Result<()> {
         self.check_range(first, count, out.len())?;
-        self.backend.read_state(StateTensor::Centers, first, count, out)?;
+        self.backend.state().read_state(StateTensor::Centers, first, count, out)?;
         if normalized {
             let d = self.cfg.embedding_dim;
             let mut inv = vec![0.0; count as usize];
@@ -222,7 +222,13 @@ impl Head {
         if let Some(at) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid(format!("center value {at} is NaN or Inf")));
         }
-        self.backend.set_centers(first, count, values)
+        if let Some((row, norm)) = first_oversized_row(values, self.cfg.embedding_dim) {
+            return Err(Error::invalid(format!(
+                "the center of class {} has norm {norm:.3e}, above {MAX_ROW_NORM:.3e}: it cannot be normalized in f32",
+                first + row as u64
+            )));
+        }
+        self.backend.state_mut().set_centers(first, count, values)
     }
 }
 
@@ -233,16 +239,16 @@ impl Head {
     pub fn search(&self, queries: &[f32], k: usize) -> Result<(Vec<i64>, Vec<f32>)> {
         let (_, local) = self.local_classes();
         let (d, classes) = (self.cfg.embedding_dim, self.cfg.num_classes);
-        crate::search::search_job(&self.group, queries, d, classes, local, k, |unit, k| self.backend.search(unit, k))
+        crate::search::search_job(&self.group, queries, d, classes, local, k, |unit, k| self.backend.state().search(unit, k))
     }
 
     /// Rows `[first, first + count)` of a state tensor (checkpoints).
     pub(crate) fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
-        self.backend.read_state(tensor, first, count, out)
+        self.backend.state().read_state(tensor, first, count, out)
     }
 
     pub(crate) fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()> {
-        self.backend.read_steps(first, count, out)
+        self.backend.state().read_steps(first, count, out)
     }
 
     /// Replaces the whole training state at once; the caller has validated every piece, so this
@@ -250,10 +256,10 @@ impl Head {
     pub(crate) fn restore(&mut self, restored: Restored) -> Result<()> {
         let (first, count) = self.local_classes();
         for (tensor, values) in &restored.tensors {
-            self.backend.write_state(*tensor, first, count, values)?;
+            self.backend.state_mut().write_state(*tensor, first, count, values)?;
         }
         if let Some(steps) = &restored.steps {
-            self.backend.write_steps(first, count, steps)?;
+            self.backend.state_mut().write_steps(first, count, steps)?;
         }
         self.step = restored.step;
         self.cfg.seed = restored.seed;
@@ -273,6 +279,35 @@ pub(crate) struct Restored {
     pub step: u64,
     pub seed: u64,
     pub lr: f32,
+}
+
+/// The largest L2 norm a center or embedding row may have: 2^62. Its square, 2^124, leaves f32 16×
+/// headroom whatever the summation order, so every backend normalizes such a row; from about
+/// 1.8e19 the squared norm overflows f32 and the row would normalize to zero, or to NaN.
+pub(crate) const MAX_ROW_NORM: f64 = (1u64 << 62) as f64;
+
+/// The first row of `values` (rows of `d` finite values) whose norm is above [`MAX_ROW_NORM`], and
+/// that norm. Rows of any smaller norm, zero included, normalize as PyTorch's (eps 1e-12) would.
+/// Every way centers enter a head (set_centers, checkpoints) checks them with this.
+pub(crate) fn first_oversized_row(values: &[f32], d: usize) -> Option<(usize, f64)> {
+    values.chunks_exact(d).map(|row| row_norm(row.iter().copied())).enumerate().find(|&(_, n)| n > MAX_ROW_NORM)
+}
+
+/// Norms in float64: no finite f32 row overflows there.
+fn row_norm(row: impl Iterator<Item = f32>) -> f64 {
+    row.map(|v| v as f64 * v as f64).sum::<f64>().sqrt()
+}
+
+pub(crate) fn first_oversized_embedding(e: &crate::backend::Embeddings<'_>, d: usize) -> Option<(usize, f64)> {
+    use crate::backend::Embeddings;
+    match e {
+        Embeddings::F32(v) => first_oversized_row(v, d),
+        Embeddings::BF16(v) => {
+            v.chunks_exact(d).map(|row| row_norm(row.iter().map(|x| x.to_f32()))).enumerate().find(|&(_, n)| n > MAX_ROW_NORM)
+        }
+        // f16 rows are at most 65504·√d.
+        Embeddings::F16(_) => None,
+    }
 }
 
 /// Checks that every process of the job passed the same configuration and derives the shard

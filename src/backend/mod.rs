@@ -146,10 +146,38 @@ pub struct StepPlan {
 #[derive(Clone, Debug, Default)]
 pub struct RowStats {
     pub max: Vec<f32>,
+    /// Σ_j exp(z_j − max).
     pub sum: Vec<f32>,
+    /// Σ_{j≠y} exp(z_j − max), summed beside `sum` in the same all-reduce (SPEC §1.7).
+    pub rest: Vec<f32>,
     pub target_logit: Vec<f32>,
     pub target_cos: Vec<f32>,
     pub other_cos: Vec<f32>,
+}
+
+impl RowStats {
+    /// From the reduced statistics as the primitives lay them out (`Primitives::forward`):
+    /// max-type `[row max, best non-target cosine, target cosine]`, sum-type `[Σexp, non-target
+    /// Σexp, target logit]`, copied to the host.
+    pub fn from_reduced(maxes: &[f32], sums: &[f32], n: usize) -> RowStats {
+        RowStats {
+            max: maxes[..n].to_vec(),
+            sum: sums[..n].to_vec(),
+            rest: sums[n..2 * n].to_vec(),
+            target_logit: sums[2 * n..3 * n].to_vec(),
+            target_cos: maxes[2 * n..3 * n].to_vec(),
+            other_cos: maxes[n..2 * n].to_vec(),
+        }
+    }
+}
+
+/// The backward pass's per-row factors from the reduced sums (`[Σexp, non-target Σexp, …]`, N
+/// each): 1 / Σexp, and Σ_{j≠y} p_j (the target column's `1 − p_y`, taken from the non-target sum
+/// so that it keeps its digits when p_y → 1).
+pub fn softmax_factors(sums: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv_sum: Vec<f32> = sums[..n].iter().map(|&s| 1.0 / s).collect();
+    let mass = sums[n..2 * n].iter().zip(&inv_sum).map(|(&r, &inv)| r * inv).collect();
+    (inv_sum, mass)
 }
 
 /// Wall time of each phase of the last step, for benchmarks.
@@ -211,7 +239,7 @@ impl Memory for Host {
 
 /// The per-shard compute primitives a backend implements; `engine::driver` strings them into
 /// the step (SPEC §1) once for every backend. `shard` indexes this process's shards.
-pub trait Primitives: Send {
+pub trait Primitives: ShardState + Send {
     type Mem: Memory;
     /// The class ranges of the local shards, in rank order.
     fn ranges(&self) -> &[ShardRange];
@@ -226,16 +254,18 @@ pub trait Primitives: Send {
     fn sample(&mut self, shard: usize, labels: &I64Buf<Self::Mem>, plan: StepPlan) -> Result<u64>;
     /// Normalizes the gathered batch and computes the cosines over the sampled classes and the
     /// shard's statistics: max-type `[row max, best non-target cosine, target cosine]` and sum-type
-    /// `[Σexp relative to the shard's row max, target logit]`, each N long, laid out for one
-    /// all-reduce each (SPEC §1.7). Keeps what `backward` needs until the next `forward`.
+    /// `[Σexp and non-target Σexp relative to the shard's row max, target logit]`, each N long,
+    /// laid out for one all-reduce each (SPEC §1.7). Keeps what `backward` needs until the next `forward`.
     fn forward(&mut self, shard: usize, emb: F32Buf<Self::Mem>, labels: &I64Buf<Self::Mem>, plan: StepPlan) -> Result<Stats<Self::Mem>>;
-    /// After the max all-reduce: rescales the shard's Σexp from its own row max to the global one.
+    /// After the max all-reduce: rescales the shard's two sums from its own row max to the global one.
     fn rescale_sums(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &mut F32Buf<Self::Mem>) -> Result<()>;
     /// The reduced statistics (the same on every shard), copied to the host.
     fn read_stats(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, n: usize) -> Result<RowStats>;
     /// The backward pass over the shard's sampled columns: its center gradients into the pending
-    /// buffer, and its part of the embedding gradient (N × d, before the reduce-scatter).
-    fn backward(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>) -> Result<F32Buf<Self::Mem>>;
+    /// buffer, and its part of the embedding gradient (N × d, before the reduce-scatter). With
+    /// `update_lr`, an optimizer step at that rate follows this compute: a backend may check it
+    /// (`update_is_finite`) here, while the rows are in cache.
+    fn backward(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, update_lr: Option<f32>) -> Result<F32Buf<Self::Mem>>;
     /// Back through the normalization of rows `[first_row, first_row + rows)` of the global
     /// batch, times `world` (SPEC §1.8): the shard's returned gradient, still in its memory.
     fn embedding_grad(&mut self, shard: usize, summed: F32Buf<Self::Mem>, first_row: usize, rows: usize, world: f32) -> Result<F32Buf<Self::Mem>>;
@@ -256,7 +286,11 @@ pub trait Primitives: Send {
     fn update_is_finite(&mut self, shard: usize, lr: f32) -> Result<bool>;
     /// The optimizer step over the accumulated rows; clears them.
     fn apply(&mut self, shard: usize, lr: f32) -> Result<()>;
+}
 
+/// The state a backend holds for this process's shards: centers, optimizer state, and search
+/// over the centers.
+pub trait ShardState {
     /// Copies rows of global classes `[first, first + count)` (all owned here) of `tensor` into `out`.
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()>;
     /// Overwrites those rows of `tensor`.
@@ -339,12 +373,8 @@ pub trait Backend: Send {
     /// One optimizer step over the accumulated gradients (false when there were none).
     fn apply(&mut self, lr: f32) -> Result<bool>;
     fn discard(&mut self);
-    fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()>;
-    fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()>;
-    fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()>;
-    fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()>;
-    fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()>;
-    fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>>;
+    fn state(&self) -> &dyn ShardState;
+    fn state_mut(&mut self) -> &mut dyn ShardState;
     fn phase_times(&self) -> PhaseTimes;
 }
 
@@ -357,7 +387,8 @@ pub struct Evaluated {
     pub sampled_classes: u64,
 }
 
-/// Labels in `[0, num_classes)` and finite embeddings, batch by batch (the first offence named).
+/// Labels in `[0, num_classes)` and finite embeddings of a norm that normalizes in f32, batch by
+/// batch (the first offence named).
 pub(crate) fn validate(batches: &[HostBatch<'_>], num_classes: u64, d: usize) -> Result<()> {
     for (s, b) in batches.iter().enumerate() {
         if let Some((i, &label)) = b.labels.iter().enumerate().find(|(_, &l)| l < 0 || l as u64 >= num_classes) {
@@ -370,6 +401,12 @@ pub(crate) fn validate(batches: &[HostBatch<'_>], num_classes: u64, d: usize) ->
         };
         if let Some(at) = bad {
             return Err(Error::invalid(format!("batch {s}: embedding row {} holds NaN or Inf", at / d)));
+        }
+        if let Some((row, norm)) = crate::engine::first_oversized_embedding(&b.embeddings, d) {
+            return Err(Error::invalid(format!(
+                "batch {s}: embedding row {row} has norm {norm:.3e}, above {:.3e}: it cannot be normalized in f32",
+                crate::engine::MAX_ROW_NORM
+            )));
         }
     }
     Ok(())

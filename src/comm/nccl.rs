@@ -205,7 +205,9 @@ mod collectives {
         /// through the group's all-gather, or is made here when the job is this process alone.
         pub fn new(streams: Vec<Arc<CudaStream>>, world: usize, first_rank: usize, group: Arc<ProcessGroup>, nccl_id: Option<&[u8]>) -> Result<Self> {
             let mut out = NcclCollectives { streams, comms: Vec::new(), world, first_rank, group };
-            if world == 1 {
+            // A one-GPU job needs no communicator, unless the host formed it the NCCL way (a
+            // one-rank communicator: how the NCCL path is exercised on a one-GPU machine).
+            if world == 1 && nccl_id.is_none() {
                 return Ok(out);
             }
             let lib = nccl()?;
@@ -256,7 +258,7 @@ mod collectives {
         /// `parts[i]` (rows[rank]·width values each rank) gathered into every `out[i]`.
         fn gather<T: DeviceRepr + ValidAsZeroBits>(&self, local: &[CudaSlice<T>], rows: &[u64], width: usize, out: &mut [CudaSlice<T>], dtype: c_int) -> Result<()> {
             let lens: Vec<usize> = rows.iter().map(|&r| r as usize * width).collect();
-            if self.world == 1 {
+            if self.comms.is_empty() {
                 if lens[0] > 0 {
                     self.streams[0].memcpy_dtod(&local[0].slice(0..lens[0]), &mut out[0].slice_mut(0..lens[0])).map_err(device)?;
                 }
@@ -336,7 +338,7 @@ mod collectives {
         }
 
         fn gather_counts(&self, local: &[u64]) -> Result<Vec<u64>> {
-            if self.world == 1 {
+            if self.comms.is_empty() {
                 return Ok(local.to_vec());
             }
             let mut mine = Vec::new();
@@ -360,7 +362,7 @@ mod collectives {
         }
 
         fn all_reduce(&self, op: ReduceOp, bufs: &mut [<Device as Memory>::F32]) -> Result<()> {
-            if self.world == 1 {
+            if self.comms.is_empty() {
                 return Ok(());
             }
             let lib = nccl()?;
@@ -381,7 +383,7 @@ mod collectives {
         }
 
         fn reduce_scatter_sum(&self, bufs: &[CudaSlice<f32>], segments: &[std::ops::Range<usize>], out: &mut [CudaSlice<f32>]) -> Result<()> {
-            if self.world == 1 {
+            if self.comms.is_empty() {
                 let seg = segments[0].clone();
                 if !seg.is_empty() {
                     self.streams[0].memcpy_dtod(&bufs[0].slice(seg.clone()), &mut out[0].slice_mut(0..seg.len())).map_err(device)?;

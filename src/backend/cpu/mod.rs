@@ -9,7 +9,7 @@ pub use search::scan as scan_centers;
 
 use self::gemm::{matmul, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
-use super::{Batches, Host, Outputs, Primitives, RowGrads, RowStats, StepPlan};
+use super::{Batches, Host, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan};
 use crate::config::{Config, DType};
 use crate::error::{try_zeroed, Error, Result};
 use crate::margin::target_logit;
@@ -32,13 +32,15 @@ pub(super) fn min_blocks_per_task(blocks: usize) -> usize {
 /// with a worker from `make` (fallible: its scratch grows with the batch). Returns the workers in
 /// task order, so that merging them gives the same bits whatever thread ran which task.
 fn for_blocks<W: Send>(blocks: usize, make: impl Fn() -> Result<W>, body: impl Fn(&mut W, usize) + Sync) -> Result<Vec<W>> {
-    let per = min_blocks_per_task(blocks);
+    let per = crate::pool::install(|| min_blocks_per_task(blocks))?;
     let mut workers = (0..blocks.div_ceil(per)).map(|_| make()).collect::<Result<Vec<_>>>()?;
-    workers.par_iter_mut().enumerate().for_each(|(t, w)| {
-        for b in t * per..((t + 1) * per).min(blocks) {
-            body(w, b);
-        }
-    });
+    crate::pool::install(|| {
+        workers.par_iter_mut().enumerate().for_each(|(t, w)| {
+            for b in t * per..((t + 1) * per).min(blocks) {
+                body(w, b);
+            }
+        })
+    })?;
     Ok(workers)
 }
 
@@ -94,6 +96,9 @@ struct Shard {
     /// `accumulate` (to undo it).
     accumulated: RowGrads,
     undo: Option<Undo>,
+    /// The verdict of `update_is_finite` at this learning rate over `pending`, taken during the
+    /// backward pass (when nothing was accumulated before it).
+    prechecked: Option<(f32, bool)>,
 }
 
 /// How to take back the last `accumulate`.
@@ -124,9 +129,11 @@ impl CpuBackend {
         for &range in &ranges {
             let elems = (range.len as usize).checked_mul(d).ok_or_else(|| Error::invalid("num_classes × embedding_dim overflows"))?;
             let mut centers = try_zeroed::<f32>(elems, "class centers")?;
-            centers.par_chunks_mut(d).enumerate().for_each(|(j, row)| {
-                rng::init_center(cfg.seed, range.start + j as u64, cfg.init_std, row);
-            });
+            crate::pool::install(|| {
+                centers.par_chunks_mut(d).enumerate().for_each(|(j, row)| {
+                    rng::init_center(cfg.seed, range.start + j as u64, cfg.init_std, row);
+                })
+            })?;
             shards.push(Shard {
                 range,
                 centers,
@@ -146,6 +153,7 @@ impl CpuBackend {
                 pending_finite: true,
                 accumulated: RowGrads::default(),
                 undo: None,
+                prechecked: None,
             });
         }
         Ok(CpuBackend { cfg: cfg.clone(), ranges, shards })
@@ -201,7 +209,10 @@ struct ForwardWorker {
 struct BackwardWorker {
     centers: Vec<f32>,
     grad_x: Vec<f32>,
+    /// Copies of one row's center and state for the update check.
+    update: Vec<f32>,
     finite: bool,
+    update_ok: bool,
 }
 
 impl Shard {
@@ -313,14 +324,15 @@ impl Shard {
         };
         // Max-type statistics ride in one all-reduce, sum-type ones in another (SPEC §1.7).
         let maxes = [rows.max.as_slice(), rows.cos_other.as_slice(), self.target_cos.as_slice()].concat();
-        let sums = [rows.sum.as_slice(), self.target_logit.as_slice()].concat();
+        let sums = [rows.sum.as_slice(), rows.rest.as_slice(), self.target_logit.as_slice()].concat();
         self.local_max = rows.max;
         Ok((maxes, sums))
     }
 
     /// The backward pass: ∂loss/∂cos over the sampled columns, the center gradients (through the
     /// normalization of W) into `pending`, and this shard's part of the embedding gradient.
-    fn backward(&mut self, cfg: &Config, max: &[f32], inv_sum: &[f32], params: LogitParams) -> Result<Vec<f32>> {
+    #[allow(clippy::too_many_arguments)]
+    fn backward(&mut self, cfg: &Config, max: &[f32], inv_sum: &[f32], non_target_mass: &[f32], params: LogitParams, check: Option<f32>) -> Result<Vec<f32>> {
         let n = max.len();
         let d = cfg.embedding_dim;
         let k = self.sampled.len();
@@ -330,6 +342,7 @@ impl Shard {
             target_slope: &self.target_slope,
             max,
             inv_sum,
+            non_target_mass,
             inv_batch: 1.0 / n as f32,
         };
         // Kept between steps (and recycled after each update): the blocks overwrite their rows, and
@@ -345,7 +358,17 @@ impl Shard {
         let centers = &self.centers;
         let pending = Shared(self.pending.grads.as_mut_ptr());
         let (sampled, inv_norm, dtype) = (&self.sampled, &self.inv_norm, cfg.compute_dtype);
-        let worker = || Ok(BackwardWorker { centers: try_zeroed(BLOCK * d, "center block scratch")?, grad_x: try_zeroed(n * d, "embedding gradient scratch")?, finite: true });
+        let state = self.optimizer.rows_ptr();
+        let opt = cfg.optimizer;
+        let worker = || {
+            Ok(BackwardWorker {
+                centers: try_zeroed(BLOCK * d, "center block scratch")?,
+                grad_x: try_zeroed(n * d, "embedding gradient scratch")?,
+                update: try_zeroed(3 * d, "update check scratch")?,
+                finite: true,
+                update_ok: true,
+            })
+        };
         let blocks = k.div_ceil(BLOCK);
         let workers = for_blocks(blocks, worker, |w, b| {
             let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
@@ -372,13 +395,19 @@ impl Shard {
                 // Back through W/‖W‖; the 1/‖W‖ factor is already in `grad` when scaled_after.
                 let factor = if scaled_after { 1.0 } else { inv[r] };
                 kernels::project_out(weights, inv[r], factor, grad);
+                if let Some(lr) = check {
+                    // SAFETY: the row and its state are only read.
+                    w.update_ok &= unsafe { state.update_is_finite(&opt, lr, j as usize, weights, grad, &mut w.update) };
+                }
             }
             w.finite &= kernels::all_finite(gc);
         })?;
+        let update_ok = workers.iter().all(|w| w.update_ok);
         let total = workers.into_iter().map(|w| (w.grad_x, w.finite)).reduce(|(mut a, fa), (b, fb)| {
             a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
             (a, fa && fb)
         });
+        self.prechecked = check.map(|lr| (lr, update_ok));
         let (grad_x, finite) = match total {
             Some(t) => t,
             None => (try_zeroed(n * d, "embedding gradient")?, true),
@@ -446,38 +475,39 @@ impl Primitives for CpuBackend {
     fn rescale_sums(&mut self, shard: usize, maxes: &Vec<f32>, sums: &mut Vec<f32>) -> Result<()> {
         let s = &self.shards[shard];
         let n = s.local_max.len();
-        for ((sum, &m), &gm) in sums[..n].iter_mut().zip(&s.local_max).zip(&maxes[..n]) {
-            if *sum != 0.0 {
-                *sum *= (m - gm).exp();
-            }
+        let (sum, rest) = sums.split_at_mut(n);
+        // Both sums by the same factor; a shard without columns contributes 0.
+        for (i, (&m, &gm)) in s.local_max.iter().zip(&maxes[..n]).enumerate() {
+            let factor = if sum[i] == 0.0 { 0.0 } else { (m - gm).exp() };
+            sum[i] *= factor;
+            rest[i] *= factor;
         }
         Ok(())
     }
 
     fn read_stats(&mut self, _shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, n: usize) -> Result<RowStats> {
-        Ok(RowStats {
-            max: maxes[..n].to_vec(),
-            sum: sums[..n].to_vec(),
-            target_logit: sums[n..2 * n].to_vec(),
-            target_cos: maxes[2 * n..3 * n].to_vec(),
-            other_cos: maxes[n..2 * n].to_vec(),
-        })
+        Ok(RowStats::from_reduced(maxes, sums, n))
     }
 
-    fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>) -> Result<Vec<f32>> {
+    fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, update_lr: Option<f32>) -> Result<Vec<f32>> {
         let n = self.shards[shard].local_max.len();
-        let inv_sum: Vec<f32> = sums[..n].iter().map(|&s| 1.0 / s).collect();
+        let (inv_sum, non_target_mass) = super::softmax_factors(sums, n);
         let params = self.logit_params();
-        self.shards[shard].backward(&self.cfg, &maxes[..n], &inv_sum, params)
+        let s = &mut self.shards[shard];
+        // The update will run over exactly these rows only when nothing is accumulated yet.
+        let check = update_lr.filter(|_| s.accumulated.rows.is_empty());
+        s.backward(&self.cfg, &maxes[..n], &inv_sum, &non_target_mass, params, check)
     }
 
     fn embedding_grad(&mut self, shard: usize, mut summed: Vec<f32>, first_row: usize, _rows: usize, world: f32) -> Result<Vec<f32>> {
         let d = self.cfg.embedding_dim;
         let s = &self.shards[shard];
-        summed.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
-            let i = first_row + r;
-            kernels::project_out(&s.unit[i * d..(i + 1) * d], 1.0, s.inv_norm_e[i] * world, g);
-        });
+        crate::pool::install(|| {
+            summed.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
+                let i = first_row + r;
+                kernels::project_out(&s.unit[i * d..(i + 1) * d], 1.0, s.inv_norm_e[i] * world, g);
+            })
+        })?;
         Ok(summed)
     }
 
@@ -502,6 +532,7 @@ impl Primitives for CpuBackend {
             std::mem::swap(&mut s.accumulated, &mut s.pending);
             s.undo = Some(Undo::Moved);
         } else {
+            s.prechecked = None;
             let union = s.accumulated.union(&s.pending, d)?;
             s.undo = Some(Undo::Replaced(std::mem::replace(&mut s.accumulated, union)));
         }
@@ -521,6 +552,7 @@ impl Primitives for CpuBackend {
         let s = &mut self.shards[shard];
         s.accumulated.rows.clear();
         s.undo = None;
+        s.prechecked = None;
     }
 
     fn accumulated_rows(&self, shard: usize) -> usize {
@@ -531,15 +563,27 @@ impl Primitives for CpuBackend {
         let d = self.cfg.embedding_dim;
         let opt = self.cfg.optimizer;
         let s = &mut self.shards[shard];
+        if let (Some(Undo::Moved), Some((checked_lr, ok))) = (&s.undo, s.prechecked) {
+            if checked_lr.to_bits() == lr.to_bits() {
+                return Ok(ok);
+            }
+        }
         let state = s.optimizer.rows_ptr();
         let (acc, centers) = (&s.accumulated, &s.centers);
         let rows = acc.rows.len();
-        Ok((0..rows).into_par_iter().with_min_len(BLOCK).fold(|| (vec![0.0f32; 3 * d], true), |(mut scratch, ok), r| {
-            let j = acc.rows[r] as usize;
-            // SAFETY: rows are only read.
-            let fine = unsafe { state.update_is_finite(&opt, lr, j, &centers[j * d..(j + 1) * d], &acc.grads[r * d..(r + 1) * d], &mut scratch) };
-            (scratch, ok && fine)
-        }).map(|(_, ok)| ok).reduce(|| true, |a, b| a && b))
+        crate::pool::install(|| {
+            (0..rows)
+                .into_par_iter()
+                .with_min_len(BLOCK)
+                .fold(|| (vec![0.0f32; 3 * d], true), |(mut scratch, ok), r| {
+                    let j = acc.rows[r] as usize;
+                    // SAFETY: rows are only read.
+                    let fine = unsafe { state.update_is_finite(&opt, lr, j, &centers[j * d..(j + 1) * d], &acc.grads[r * d..(r + 1) * d], &mut scratch) };
+                    (scratch, ok && fine)
+                })
+                .map(|(_, ok)| ok)
+                .reduce(|| true, |a, b| a && b)
+        })
     }
 
     fn apply(&mut self, shard: usize, lr: f32) -> Result<()> {
@@ -549,19 +593,24 @@ impl Primitives for CpuBackend {
         let state = s.optimizer.rows_ptr();
         let centers = Shared(s.centers.as_mut_ptr());
         let acc = &s.accumulated;
-        (0..acc.rows.len()).into_par_iter().with_min_len(BLOCK).for_each(|r| {
-            let j = acc.rows[r] as usize;
-            // SAFETY: accumulated rows are distinct, so each center and state row has one writer.
-            unsafe { state.update(&opt, lr, j, centers.slice(j * d, d), &acc.grads[r * d..(r + 1) * d]) };
-        });
+        crate::pool::install(|| {
+            (0..acc.rows.len()).into_par_iter().with_min_len(BLOCK).for_each(|r| {
+                let j = acc.rows[r] as usize;
+                // SAFETY: accumulated rows are distinct, so each center and state row has one writer.
+                unsafe { state.update(&opt, lr, j, centers.slice(j * d, d), &acc.grads[r * d..(r + 1) * d]) };
+            })
+        })?;
         // The accumulator's buffer becomes the next step's pending buffer (no re-allocation); the
         // pending buffer, which still holds the last compute's rows after a union, starts empty.
         std::mem::swap(&mut s.accumulated, &mut s.pending);
         s.accumulated.rows.clear();
         s.undo = None;
+        s.prechecked = None;
         Ok(())
     }
+}
 
+impl ShardState for CpuBackend {
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
         for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
@@ -600,7 +649,7 @@ impl Primitives for CpuBackend {
         let d = self.cfg.embedding_dim;
         let mut best = crate::search::TopK::new(queries.len() / d, k);
         for shard in &self.shards {
-            best.merge(search::scan(&shard.centers, d, shard.range.start, queries, k));
+            best.merge(search::scan(&shard.centers, d, shard.range.start, queries, k)?);
         }
         Ok(best.into_sorted())
     }

@@ -53,6 +53,15 @@ def test_gradient_accumulation_under_grad_scaler_with_a_skip():
     run_pair("sgd", 0.1, 5e-4, gradient_acc=2, fp16=True, skip_at=(6,))
 
 
+def one_step(emb, labels):
+    """The centers of a fresh module after one step on this batch alone."""
+    m = fresh()
+    opt = sgd(m)
+    step(m, opt, emb, labels)
+    opt.step()
+    return m.centers()
+
+
 def test_zero_grad_without_a_step_drops_the_gradient():
     (a_emb, a_lab), (b_emb, b_lab) = batches(2)
     m = fresh()
@@ -61,11 +70,7 @@ def test_zero_grad_without_a_step_drops_the_gradient():
     opt.zero_grad()
     step(m, opt, b_emb, b_lab)
     opt.step()
-    only_b = fresh()
-    opt_b = sgd(only_b)
-    step(only_b, opt_b, b_emb, b_lab)
-    opt_b.step()
-    assert torch.equal(m.centers(), only_b.centers())
+    assert torch.equal(m.centers(), one_step(b_emb, b_lab))
 
 
 def test_a_forward_without_backward_does_not_reach_the_centers():
@@ -79,11 +84,7 @@ def test_a_forward_without_backward_does_not_reach_the_centers():
     step(m, opt, a_emb, a_lab, backward=False)
     step(m, opt, b_emb, b_lab)
     opt.step()
-    only_b = fresh()
-    opt_b = sgd(only_b)
-    step(only_b, opt_b, b_emb, b_lab)
-    opt_b.step()
-    assert torch.equal(m.centers(), only_b.centers())
+    assert torch.equal(m.centers(), one_step(b_emb, b_lab))
 
 
 def test_two_losses_in_one_backward_accumulate():

@@ -2,6 +2,7 @@
 
 mod bench;
 mod plan;
+mod records;
 mod train;
 
 use clap::{Parser, Subcommand};

@@ -125,3 +125,26 @@ fn bench_times_a_small_configuration() {
     assert!(ok, "{err}");
     assert!(out.lines().any(|l| l.starts_with("| 5000 | 0.1 |")), "{out}");
 }
+
+#[test]
+fn bench_help_explains_every_option_within_the_repository() {
+    let (ok, help, err) = pfc(&["bench", "--help"]);
+    assert!(ok, "{err}");
+    assert!(!help.contains("../"), "pfc bench --help points outside the repository:\n{help}");
+    // In the long help each option line is followed by its description, indented further; an
+    // undocumented option has none, or only its `[default: …]`.
+    let lines: Vec<&str> = help.lines().collect();
+    for (i, line) in lines.iter().enumerate().filter(|(_, l)| l.trim_start().starts_with('-')) {
+        let description: String = lines[i + 1..]
+            .iter()
+            .take_while(|l| l.starts_with("          ") && !l.trim_start().starts_with('-'))
+            .map(|l| l.trim())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let words = description.split("[default:").next().unwrap().trim();
+        assert!(!words.is_empty(), "undocumented option: {line:?}\n{help}");
+    }
+    for flag in ["--classes", "--sample-rate", "--dim", "--batch", "--shards", "--reference-dir", "--reference-script"] {
+        assert!(help.contains(flag), "{flag} is missing from:\n{help}");
+    }
+}

@@ -23,7 +23,6 @@
 package partialfc
 
 /*
-#cgo CFLAGS: -I${SRCDIR}/../../../include
 #include <stdlib.h>
 #include <string.h>
 #include "partialfc.h"

@@ -25,7 +25,7 @@ import (
 	"strconv"
 	"strings"
 
-	"partialfc.dev/bindings/go/partialfc"
+	"github.com/partialfc/partialfc/bindings/go/partialfc"
 )
 
 // Rows handed to SetCenters at a time: the whole matrix is never held in Go memory.

@@ -16,7 +16,7 @@
 
 mod native;
 use native::{describe, go, lib_dir, root, run, scratch, stdout};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 /// $CXX, else g++ (the compiler), else c++.

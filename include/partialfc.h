@@ -62,18 +62,25 @@
 // The true derivative of the margin function.
 #define PFC_MARGIN_GRAD_EXACT 1
 
-// Export formats: safetensors (one tensor `centers` [C, d]), NumPy `.npy`, FAISS `.fvecs`.
+// Export formats: safetensors (one tensor `centers` [C, d]), NumPy `.npy`, FAISS `.fvecs`, and a
+// FAISS `IndexFlatIP` file (`faiss.read_index` opens it; ids are class ids).
 #define PFC_FORMAT_SAFETENSORS 0
 
 #define PFC_FORMAT_NPY 1
 
 #define PFC_FORMAT_FVECS 2
 
+#define PFC_FORMAT_FAISS 3
+
 // Bytes of an NCCL unique id.
 #define PFC_NCCL_ID_BYTES 128
 
 // An opaque training head. Calls on one head are serialized by its lock.
 typedef struct pfc_head pfc_head;
+
+// A search-only index over trained centers: no optimizer state, no configuration. Immutable once
+// open, so any number of threads may search one index at the same time.
+typedef struct pfc_index pfc_index;
 
 // Configuration of a head. Always start from `pfc_config_init`, then change fields.
 typedef struct pfc_config {
@@ -250,8 +257,9 @@ pfc_status pfc_save_checkpoint(const struct pfc_head *head, const char *dir);
 pfc_status pfc_load_checkpoint(struct pfc_head *head, const char *dir);
 
 // Writes all C centers to one file at `path`: `format` is a PFC_FORMAT_* value, `dtype`
-// PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs: f32 only), `normalized` 1 for unit rows. Streamed in
-// chunks; the file appears atomically.
+// PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs and FAISS: f32 only), `normalized` 1 for unit rows.
+// Streamed in chunks; the file appears atomically. An f16 export of centers beyond f16's range
+// (±65504) fails with PFC_ERR_INVALID_ARGUMENT and writes nothing: export them normalized or as f32.
 pfc_status pfc_export_centers(const struct pfc_head *head,
                               const char *path,
                               int32_t format,
@@ -267,6 +275,33 @@ pfc_status pfc_search(const struct pfc_head *head,
                       uint32_t k,
                       int64_t *ids,
                       float *scores);
+
+// Opens the centers at `path` for search: a file written by `pfc_export_centers` in any
+// PFC_FORMAT_* (f32 or f16; also such files from numpy or FAISS: a float32/float16 [C, d] array, a
+// safetensors tensor `centers`, an `IndexFlatIP`) or a checkpoint directory (verified as
+// `pfc_load_checkpoint` verifies it). Class ids are row numbers. On success `*out` owns the index
+// (free it with `pfc_index_close`). A damaged or foreign file gives PFC_ERR_CORRUPT, a missing one
+// PFC_ERR_IO, too little memory PFC_ERR_OUT_OF_MEMORY.
+pfc_status pfc_index_open(const char *path, struct pfc_index **out);
+
+// The index's class count and embedding dimension.
+pfc_status pfc_index_info(const struct pfc_index *ix,
+                          uint64_t *num_classes,
+                          uint32_t *embedding_dim);
+
+// As `pfc_search`, over the index's centers: the `k` classes with the highest cosine to each of
+// the `n` queries (n × embedding_dim floats), `ids` (n × k int64) and `scores` (n × k floats), each
+// row sorted by score, ties by smaller class id — the same results as `pfc_search` on a head
+// holding these centers.
+pfc_status pfc_index_search(const struct pfc_index *ix,
+                            const float *queries,
+                            uint64_t n,
+                            uint32_t k,
+                            int64_t *ids,
+                            float *scores);
+
+// Frees an index. NULL is a no-op.
+void pfc_index_close(struct pfc_index *ix);
 
 // Writes a new NCCL unique id (PFC_NCCL_ID_BYTES bytes) to `out`, for a multi-process run: create
 // it in one process, give it to all (MPI, a file, torchrun's store), pass it as `pfc_config.nccl_id`.

@@ -4,7 +4,7 @@
 
 use crate::backend::{cpu::CpuBackend, Backend, DeviceBatch, GradOut, HostBatch, HostValues, PhaseTimes, RowStats, StepPlan};
 use crate::config::{BackendKind, Config};
-use crate::error::{Error, Result, Status};
+use crate::error::{Error, Result};
 use crate::optimizer::StateTensor;
 
 /// What one step reports (SPEC §1.10).
@@ -54,7 +54,7 @@ impl Head {
     }
 
     pub fn set_learning_rate(&mut self, lr: f32) -> Result<()> {
-        crate::config::finite_in("learning rate", lr, 0.0, crate::config::MAX_HYPERPARAMETER)?;
+        crate::config::check_learning_rate(lr)?;
         self.lr = lr;
         Ok(())
     }
@@ -200,33 +200,8 @@ impl Head {
     /// The `k` most similar local classes by cosine for each query (rows of `queries`), best first,
     /// ties by smaller class id: `(ids, scores)`, `n × k` each.
     pub fn search(&self, queries: &[f32], k: usize) -> Result<(Vec<i64>, Vec<f32>)> {
-        let d = self.cfg.embedding_dim;
         let (_, local) = self.local_classes();
-        if queries.is_empty() || queries.len() % d != 0 {
-            return Err(Error::invalid(format!("{} query values do not form rows of dimension {d}", queries.len())));
-        }
-        if k == 0 || k as u64 > local {
-            return Err(Error::invalid(format!("k = {k} is outside [1, {local}] (this process's classes)")));
-        }
-        if let Some(at) = queries.iter().position(|v| !v.is_finite()) {
-            return Err(Error::invalid(format!("query row {} holds NaN or Inf", at / d)));
-        }
-        let mut unit = crate::error::try_zeroed::<f32>(queries.len(), "normalized queries")?;
-        crate::search::unit_rows(queries, d, &mut unit);
-        let hits = self.backend.search(&unit, k)?;
-        // The C ABI copies exactly n × k results: never hand back short rows.
-        if hits.len() != queries.len() / d || hits.iter().any(|row| row.len() != k) {
-            return Err(Error::new(Status::Panic, "internal error: search returned fewer than k hits for a query"));
-        }
-        let mut ids = Vec::with_capacity(hits.len() * k);
-        let mut scores = Vec::with_capacity(hits.len() * k);
-        for row in hits {
-            for (score, class) in row {
-                ids.push(class as i64);
-                scores.push(score);
-            }
-        }
-        Ok((ids, scores))
+        crate::search::top_k(queries, self.cfg.embedding_dim, local, k, |unit, k| self.backend.search(unit, k))
     }
 
     /// Rows `[first, first + count)` of a state tensor (checkpoints).

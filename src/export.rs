@@ -1,11 +1,12 @@
-//! Exporting all centers as one file for search: safetensors (`centers` [C, d]), `.npy` or `.fvecs`,
-//! f32 or f16, optionally L2-normalized. Rows are streamed in chunks, never gathered whole, and the
-//! file appears atomically (written beside, synced, renamed).
+//! Exporting all centers as one file for search: safetensors (`centers` [C, d]), `.npy`, `.fvecs` or
+//! a FAISS `IndexFlatIP` (ids = class ids), f32 or f16, optionally L2-normalized. Rows are streamed
+//! in bounded chunks, never gathered whole, and the file appears atomically (written beside, synced,
+//! renamed). An f16 export refuses centers that f16 cannot hold rather than writing infinities.
 
 use crate::checkpoint::safetensors_header;
 use crate::config::DType;
 use crate::engine::Head;
-use crate::error::{Error, Result, Status};
+use crate::error::{try_zeroed, Error, Result, Status};
 use crate::fsutil::AtomicFile;
 use std::path::Path;
 
@@ -14,10 +15,13 @@ pub enum Format {
     Safetensors,
     Npy,
     Fvecs,
+    /// FAISS's `write_index` layout of an `IndexFlatIP`: fourcc `IxFI`, the index header, then the
+    /// vectors as one float vector (its length counted in floats).
+    Faiss,
 }
 
-/// Rows converted and written per chunk.
-const CHUNK_ROWS: u64 = 4096;
+/// Largest finite f16.
+const F16_MAX: f32 = 65504.0;
 
 fn header(format: Format, dtype: DType, classes: u64, dim: usize) -> Vec<u8> {
     let elem = dtype.size() as u64;
@@ -41,16 +45,31 @@ fn header(format: Format, dtype: DType, classes: u64, dim: usize) -> Vec<u8> {
             out
         }
         Format::Fvecs => Vec::new(),
+        Format::Faiss => {
+            let mut out = b"IxFI".to_vec();
+            out.extend_from_slice(&(dim as i32).to_le_bytes());
+            out.extend_from_slice(&(classes as i64).to_le_bytes());
+            // Two fields FAISS no longer uses, written as it writes them.
+            out.extend_from_slice(&(1i64 << 20).to_le_bytes());
+            out.extend_from_slice(&(1i64 << 20).to_le_bytes());
+            out.push(1); // is_trained
+            out.extend_from_slice(&FAISS_METRIC_INNER_PRODUCT.to_le_bytes());
+            out.extend_from_slice(&(classes * dim as u64).to_le_bytes());
+            out
+        }
     }
 }
+
+/// FAISS's `METRIC_INNER_PRODUCT`.
+pub(crate) const FAISS_METRIC_INNER_PRODUCT: i32 = 0;
 
 /// Writes every center of `head` to `path`.
 pub fn export_centers(head: &Head, path: &Path, format: Format, dtype: DType, normalized: bool) -> Result<()> {
     if dtype == DType::BF16 {
         return Err(Error::invalid("export dtype must be f32 or f16 (numpy and FAISS have no bfloat16)"));
     }
-    if format == Format::Fvecs && dtype != DType::F32 {
-        return Err(Error::invalid(".fvecs holds f32 vectors; export f16 as safetensors or .npy"));
+    if matches!(format, Format::Fvecs | Format::Faiss) && dtype != DType::F32 {
+        return Err(Error::invalid(".fvecs and FAISS indexes hold f32 vectors; export f16 as safetensors or .npy"));
     }
     let (first, count) = head.local_classes();
     let classes = head.config().num_classes;
@@ -61,15 +80,29 @@ pub fn export_centers(head: &Head, path: &Path, format: Format, dtype: DType, no
         ));
     }
     let d = head.config().embedding_dim;
+    let chunk_rows = crate::checkpoint::chunk_rows(d * 4) as u64;
+    let mut rows = try_zeroed::<f32>(chunk_rows.min(classes) as usize * d, "export chunk")?;
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(rows.len() * 4 + chunk_rows as usize * 4)
+        .map_err(|_| Error::new(Status::OutOfMemory, "cannot allocate an export chunk"))?;
     let mut file = AtomicFile::create(path)?;
     file.write_all(&header(format, dtype, classes, d))?;
-    let mut rows = vec![0f32; CHUNK_ROWS as usize * d];
-    let mut bytes = Vec::with_capacity(CHUNK_ROWS as usize * (d * 4 + 4));
     let mut at = 0;
     while at < classes {
-        let n = CHUNK_ROWS.min(classes - at);
+        let n = chunk_rows.min(classes - at);
         let chunk = &mut rows[..n as usize * d];
         head.get_centers(at, n, normalized, chunk)?;
+        if dtype == DType::F16 {
+            if let Some(i) = chunk.iter().position(|v| v.abs() > F16_MAX) {
+                return Err(Error::invalid(format!(
+                    "center of class {} holds {} (value {}), beyond f16's range (±{F16_MAX}): export normalized or as f32",
+                    at + (i / d) as u64,
+                    chunk[i],
+                    i % d
+                )));
+            }
+        }
         bytes.clear();
         for row in chunk.chunks_exact(d) {
             if format == Format::Fvecs {

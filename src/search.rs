@@ -1,8 +1,53 @@
 //! Top-k by cosine: bounded heaps per query, merged across blocks, threads and shards. Order: higher
-//! score first, then smaller class id, so results are deterministic with ties.
+//! score first, then smaller class id, so results are deterministic with ties. `top_k` is the one
+//! search path of training heads and search-only indexes: checks, query normalization, results.
 
+use crate::error::{try_zeroed, Error, Result, Status};
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
+
+/// The `k` best classes by cosine for each query (rows of `queries`, dimension `d`) among `classes`
+/// classes, which `scan` scores given unit-norm queries: `(ids, scores)`, `n × k` each, best first,
+/// ties by smaller class id.
+pub(crate) fn top_k(
+    queries: &[f32],
+    d: usize,
+    classes: u64,
+    k: usize,
+    scan: impl FnOnce(&[f32], usize) -> Result<Vec<Vec<(f32, u64)>>>,
+) -> Result<(Vec<i64>, Vec<f32>)> {
+    if queries.is_empty() || queries.len() % d != 0 {
+        return Err(Error::invalid(format!("{} query values do not form rows of dimension {d}", queries.len())));
+    }
+    check_k(k as u64, classes)?;
+    if let Some(at) = queries.iter().position(|v| !v.is_finite()) {
+        return Err(Error::invalid(format!("query row {} holds NaN or Inf", at / d)));
+    }
+    let mut unit = try_zeroed::<f32>(queries.len(), "normalized queries")?;
+    unit_rows(queries, d, &mut unit);
+    let hits = scan(&unit, k)?;
+    // The C ABI copies exactly n × k results: never hand back short rows.
+    if hits.len() != queries.len() / d || hits.iter().any(|row| row.len() != k) {
+        return Err(Error::new(Status::Panic, "internal error: search returned fewer than k hits for a query"));
+    }
+    let mut ids = try_zeroed::<i64>(hits.len() * k, "search results")?;
+    let mut scores = try_zeroed::<f32>(hits.len() * k, "search results")?;
+    for ((row, ids), scores) in hits.into_iter().zip(ids.chunks_exact_mut(k)).zip(scores.chunks_exact_mut(k)) {
+        for ((score, class), (id, s)) in row.into_iter().zip(ids.iter_mut().zip(scores.iter_mut())) {
+            *id = class as i64;
+            *s = score;
+        }
+    }
+    Ok((ids, scores))
+}
+
+/// `k` must be in [1, classes searched].
+pub(crate) fn check_k(k: u64, classes: u64) -> Result<()> {
+    if k == 0 || k > classes {
+        return Err(Error::invalid(format!("k = {k} is outside [1, {classes}] (the classes searched)")));
+    }
+    Ok(())
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Hit {

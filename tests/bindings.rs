@@ -9,7 +9,7 @@
 //!   GODEBUG=cgocheck=2 before Go 1.21), which aborts on any Go pointer C memory keeps;
 //! - builds the examples: examples/cpp/train.cpp (linked with libpartialfc.a) trains, saves a
 //!   checkpoint, exports centers and writes queries; examples/go/identify (linked both ways)
-//!   answers those queries from each exported file and from the checkpoint.
+//!   answers those queries through a search-only index over each exported file and the checkpoint.
 //!
 //! A missing `go` fails the test with a message: scripts/test.sh installs Debian's golang-go. Go
 //! runs offline (GOPROXY=off, GOTOOLCHAIN=local) with its caches under the target directory.
@@ -146,7 +146,7 @@ fn examples_build_train_export_and_identify() {
     let text = stdout(&out);
     eprint!("{text}");
     assert!(text.contains("identification top-1"), "unexpected output:\n{text}");
-    for f in ["checkpoint/manifest.json", "centers.npy", "centers.fvecs", "centers.safetensors", "queries.txt"] {
+    for f in ["checkpoint/manifest.json", "centers.npy", "centers.fvecs", "centers.faiss", "centers.safetensors", "queries.txt"] {
         assert!(out_dir.join(f).is_file(), "the C++ example did not write {f}");
     }
 
@@ -168,6 +168,7 @@ fn examples_build_train_export_and_identify() {
     for (exe, source) in [
         (&shared, "centers.npy"),
         (&shared, "centers.fvecs"),
+        (&shared, "centers.faiss"),
         (&shared, "checkpoint"),
         (&stat, "centers.safetensors"),
         (&stat, "checkpoint"),
@@ -201,4 +202,30 @@ fn examples_build_train_export_and_identify() {
         describe("identify", &out)
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The bindings' tables of statuses and enumerations derive from the header (their constants are
+/// the header's macros): every value the header defines has its constant in both bindings, so a
+/// status or format added to the C ABI cannot be forgotten there.
+#[test]
+fn bindings_cover_every_status_and_enumeration_of_the_header() {
+    let read = |p: &str| std::fs::read_to_string(root().join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let header = read("include/partialfc.h");
+    let go: String = ["partialfc.go", "index.go"].iter().map(|f| read(&format!("bindings/go/partialfc/{f}"))).collect();
+    let cpp = read("bindings/cpp/partialfc.hpp");
+    let tables = ["PFC_ERR_", "PFC_FORMAT_", "PFC_DTYPE_", "PFC_OPTIMIZER_", "PFC_MARGIN_GRAD_", "PFC_BACKEND_"];
+    let names: Vec<&str> = header
+        .lines()
+        .filter_map(|l| l.strip_prefix("#define "))
+        .filter_map(|d| d.split_whitespace().next())
+        .filter(|n| tables.iter().any(|t| n.starts_with(t)))
+        .collect();
+    assert!(names.len() >= 20, "too few table entries found in the header: {names:?}");
+    let in_text = |text: &str, token: &str| {
+        text.match_indices(token).any(|(i, _)| !text[i + token.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_'))
+    };
+    for name in names {
+        assert!(in_text(&go, &format!("C.{name}")), "the Go binding has no constant for {name}");
+        assert!(in_text(&cpp, name), "the C++ binding has no constant for {name}");
+    }
 }

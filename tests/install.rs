@@ -1,7 +1,7 @@
 //! The library installed as a system C library, used the way consumers outside the repository use
 //! it. `cargo cinstall` (cargo-c, installed by scripts/setup.sh) puts it into a temporary prefix once
 //! per test process; then
-//! - the soname: `readelf -d` shows libpartialfc.so.0, and libpartialfc.so → .so.0 → .so.0.x.y;
+//! - the soname: `readelf -d` shows libpartialfc.so.0; libpartialfc.so and .so.0 link to .so.0.x.y;
 //! - C: tests/c/abi_test.c (the whole header, training steps included) built with nothing but
 //!   `pkg-config --cflags --libs partialfc`, and linked against the soname;
 //! - C++: examples/cpp built by CMake with `find_package(partialfc CONFIG)` (shared and static
@@ -81,8 +81,9 @@ fn installs_a_versioned_shared_library_headers_and_package_files() {
     let (major, minor, patch) = (env!("CARGO_PKG_VERSION_MAJOR"), env!("CARGO_PKG_VERSION_MINOR"), env!("CARGO_PKG_VERSION_PATCH"));
     let real = format!("libpartialfc.so.{major}.{minor}.{patch}");
     let soname = format!("libpartialfc.so.{major}");
-    assert_eq!(std::fs::read_link(p.libdir.join("libpartialfc.so")).unwrap(), Path::new(&soname));
-    assert_eq!(std::fs::read_link(p.libdir.join(&soname)).unwrap(), Path::new(&real));
+    for link in ["libpartialfc.so", soname.as_str()] {
+        assert_eq!(std::fs::read_link(p.libdir.join(link)).ok().as_deref(), Some(Path::new(&real)), "{link} is not a link to {real}");
+    }
     assert!(p.libdir.join(&real).is_file() && p.libdir.join("libpartialfc.a").is_file());
     let dynamic = dynamic_entries(&p.libdir.join(&real));
     assert!(dynamic.contains(&format!("Library soname: [{soname}]")), "readelf -d {real}:\n{dynamic}");

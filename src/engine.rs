@@ -104,8 +104,7 @@ impl Head {
         let mut loss = 0.0f64;
         let mut correct = 0usize;
         for i in 0..n {
-            // Exact log-softmax: log Σ exp(z) − z_y, with no clamp on the probability.
-            loss += (rows.sum[i] as f64).ln() + rows.max[i] as f64 - rows.target_logit[i] as f64;
+            loss += sample_loss(rows.rest[i], rows.max[i], rows.target_logit[i]);
             correct += usize::from(rows.target_cos[i] > rows.other_cos[i]);
         }
         StepStats {
@@ -239,11 +238,46 @@ pub(crate) struct Restored {
     pub lr: f32,
 }
 
+/// One sample's exact log-softmax loss, with no clamp on the probability, from the non-target sum
+/// `rest = Σ_{j≠y} exp(z_j − max)`: `log Σ_j exp(z_j) − z_y = log(1 + rest / exp(z_y − max))`,
+/// i.e. softplus(a) with `a = ln rest + max − z_y`. Unlike `ln Σ + max − z_y`, which cancels to
+/// nothing when p_y → 1 (Σ ≈ 1 in f32), this keeps rest's relative precision at any loss, whether
+/// or not the target is the row's max, and cannot overflow. `rest = 0` (one class) gives 0.
+fn sample_loss(rest: f32, max: f32, target_logit: f32) -> f64 {
+    let a = (rest as f64).ln() + (max as f64 - target_logit as f64);
+    a.max(0.0) + (-a.abs()).exp().ln_1p()
+}
+
 fn first_non_finite(e: &crate::backend::Embeddings<'_>) -> Option<usize> {
     use crate::backend::Embeddings;
     match e {
         Embeddings::F32(v) => v.iter().position(|x| !x.is_finite()),
         Embeddings::F16(v) => v.iter().position(|x| !x.is_finite()),
         Embeddings::BF16(v) => v.iter().position(|x| !x.is_finite()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_loss;
+
+    /// `log Σ − z_y` in float64 from the same statistics, for comparison.
+    fn direct(rest: f64, max: f64, target: f64) -> f64 {
+        (rest + (target - max).exp()).ln() + max - target
+    }
+
+    #[test]
+    fn sample_loss_is_the_log_softmax_in_every_regime() {
+        // Target the max (rest relative to it), target below the max, one class, confident.
+        for &(rest, max, target) in &[(1.7f32, 3.0f32, 3.0f32), (2.5, 10.0, -40.0), (0.25, 5.0, 4.5)] {
+            let want = direct(rest as f64, max as f64, target as f64);
+            assert!((sample_loss(rest, max, target) - want).abs() <= 1e-12 * want, "{rest} {max} {target}");
+        }
+        assert_eq!(sample_loss(0.0, 2.0, 2.0), 0.0);
+        // p_y = 1 − 1e-9: the loss is 1e-9 to f32's precision of `rest`, where Σ = 1 + 1e-9 is 1 in f32.
+        let tiny = sample_loss(1e-9, 2.0, 2.0);
+        assert!((tiny - 1e-9).abs() < 1e-16, "{tiny:e}");
+        // A target far below the max cannot overflow.
+        assert!((sample_loss(1.0, 5000.0, -5000.0) - 10000.0).abs() < 1e-9);
     }
 }

@@ -143,12 +143,25 @@ pub struct StepPlan {
 #[derive(Clone, Debug, Default)]
 pub struct RowStats {
     pub max: Vec<f32>,
+    /// Σ_j exp(z_j − max).
     pub sum: Vec<f32>,
+    /// Σ_{j≠y} exp(z_j − max), summed beside `sum` in the same all-reduce (SPEC §1.7).
+    pub rest: Vec<f32>,
     pub target_logit: Vec<f32>,
     pub target_cos: Vec<f32>,
     pub other_cos: Vec<f32>,
     /// Sampled classes summed over all shards.
     pub sampled_classes: u64,
+}
+
+impl RowStats {
+    /// The backward pass's per-row factors: 1 / Σexp, and Σ_{j≠y} p_j (the target column's
+    /// `1 − p_y`, taken from the non-target sum so that it keeps its digits when p_y → 1).
+    pub fn softmax_factors(&self) -> (Vec<f32>, Vec<f32>) {
+        let inv_sum: Vec<f32> = self.sum.iter().map(|&s| 1.0 / s).collect();
+        let mass = self.rest.iter().zip(&inv_sum).map(|(&r, &inv)| r * inv).collect();
+        (inv_sum, mass)
+    }
 }
 
 /// Wall time of each phase of the last step, for benchmarks.

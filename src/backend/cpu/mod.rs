@@ -306,7 +306,7 @@ impl Shard {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn backward(&mut self, cfg: &Config, stats: &RowStats, inv_sum: &[f32], lr: f32, unit_gemm: &[f32], params: LogitParams) -> Vec<f32> {
+    fn backward(&mut self, cfg: &Config, stats: &RowStats, inv_sum: &[f32], non_target_mass: &[f32], lr: f32, unit_gemm: &[f32], params: LogitParams) -> Vec<f32> {
         let n = stats.max.len();
         let d = cfg.embedding_dim;
         let k = self.sampled.len();
@@ -316,6 +316,7 @@ impl Shard {
             target_slope: &self.target_slope,
             max: &stats.max,
             inv_sum,
+            non_target_mass,
             inv_batch: 1.0 / n as f32,
         };
         let cos_ptr = Shared(self.cos.as_mut_ptr());
@@ -437,14 +438,12 @@ impl Backend for CpuBackend {
             .iter()
             .map(|s| {
                 let rows = s.rows.as_ref().expect("forward ran");
-                let rescaled = rows.sum.iter().zip(&rows.max).zip(&global_max).map(|((&sum, &m), &gm)| {
-                    if sum == 0.0 {
-                        0.0
-                    } else {
-                        sum * (m - gm).exp()
-                    }
-                });
-                rescaled.chain(s.target_logit.iter().copied()).collect()
+                // Both sums relative to the global max; a shard without columns contributes 0.
+                let factor: Vec<f32> =
+                    rows.sum.iter().zip(&rows.max).zip(&global_max).map(|((&sum, &m), &gm)| if sum == 0.0 { 0.0 } else { (m - gm).exp() }).collect();
+                let sum = rows.sum.iter().zip(&factor).map(|(&v, &f)| v * f);
+                let rest = rows.rest.iter().zip(&factor).map(|(&v, &f)| v * f);
+                sum.chain(rest).chain(s.target_logit.iter().copied()).collect()
             })
             .collect();
         self.comm.all_reduce(ReduceOp::Sum, &mut sums)?;
@@ -453,7 +452,8 @@ impl Backend for CpuBackend {
         Ok(RowStats {
             max: global_max,
             sum: sums[0][..n].to_vec(),
-            target_logit: sums[0][n..].to_vec(),
+            rest: sums[0][n..2 * n].to_vec(),
+            target_logit: sums[0][2 * n..].to_vec(),
             target_cos: maxes[0][2 * n..].to_vec(),
             other_cos: maxes[0][n..2 * n].to_vec(),
             sampled_classes: self.shards.iter().map(|s| s.sampled.len() as u64).sum(),
@@ -465,11 +465,11 @@ impl Backend for CpuBackend {
         self.backward_ready = false;
         let d = self.cfg.embedding_dim;
         let t0 = Instant::now();
-        let inv_sum: Vec<f32> = stats.sum.iter().map(|&s| 1.0 / s).collect();
+        let (inv_sum, non_target_mass) = stats.softmax_factors();
         let params = self.logit_params();
         let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
         let partial: Vec<Vec<f32>> =
-            self.shards.iter_mut().map(|s| s.backward(&self.cfg, stats, &inv_sum, lr, unit_gemm, params)).collect();
+            self.shards.iter_mut().map(|s| s.backward(&self.cfg, stats, &inv_sum, &non_target_mass, lr, unit_gemm, params)).collect();
         self.times.backward = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();

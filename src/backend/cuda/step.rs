@@ -76,7 +76,8 @@ struct GpuShard {
     w_gemm: Option<CudaSlice<u8>>,
     inv_norm_w: Option<CudaSlice<f32>>,
     cos: Option<CudaSlice<f32>>,
-    /// [max, other cosine, target cosine] and [Σexp, target logit], each N long, for the all-reduces.
+    /// [max, other cosine, target cosine] and [Σexp, non-target Σexp, target logit], each N long, for
+    /// the all-reduces.
     max_stats: Option<CudaSlice<f32>>,
     sum_stats: Option<CudaSlice<f32>>,
     local_max: Option<CudaSlice<f32>>,
@@ -370,22 +371,24 @@ impl Backend for CudaBackend {
                 shard.gemm(true, false, n, k, d, a, d, b, d, c, n, dtype, false)?;
             }
             let mut max_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
-            let mut sum_stats = shard.zeros::<f32>(2 * n, "row statistics")?;
+            let mut sum_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
             let mut slope = shard.zeros::<f32>(n, "target slopes")?;
             {
                 let (mut head_max, mut rest) = max_stats.split_at_mut(n);
                 let (mut other, mut target_cos) = rest.split_at_mut(n);
-                let (mut sum, mut target_logit) = sum_stats.split_at_mut(n);
+                let (mut sum, mut tail) = sum_stats.split_at_mut(n);
+                let (mut rest, mut target_logit) = tail.split_at_mut(n);
                 launch!(shard, "target_logits", grid_for(n), &cos, &n32, &col, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
                 let parts = k.div_ceil(STATS_COLUMNS).max(1);
                 let mut part_max = shard.zeros::<f32>(parts * n, "partial statistics")?;
                 let mut part_sum = shard.zeros::<f32>(parts * n, "partial statistics")?;
+                let mut part_rest = shard.zeros::<f32>(parts * n, "partial statistics")?;
                 let mut part_other = shard.zeros::<f32>(parts * n, "partial statistics")?;
                 let cols = STATS_COLUMNS as i32;
                 let cfg = LaunchConfig { grid_dim: (n.div_ceil(THREADS as usize) as u32, parts as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-                launch!(shard, "row_stats", cfg, &cos, &k32, &n32, &col, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_other)?;
+                launch!(shard, "row_stats", cfg, &cos, &k32, &n32, &col, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
                 let parts32 = parts as i32;
-                launch!(shard, "combine_row_stats", grid_for(n), &part_max, &part_sum, &part_other, &parts32, &n32, &mut head_max, &mut sum, &mut other)?;
+                launch!(shard, "combine_row_stats", grid_for(n), &part_max, &part_sum, &part_rest, &part_other, &parts32, &n32, &mut head_max, &mut sum, &mut rest, &mut other)?;
             }
             let local_max = shard.stream.clone_dtod(&max_stats.slice(0..n)).map_err(|e| device_error("copy", e))?;
             shard.unit = Some(unit);
@@ -412,13 +415,14 @@ impl Backend for CudaBackend {
             let mut sum_stats = shard.sum_stats.take().expect("forward");
             {
                 let global = max_stats.slice(0..n);
-                let mut sum = sum_stats.slice_mut(0..n);
-                launch!(shard, "rescale_sums", grid_for(n), &local_max, &global, &mut sum, &n32)?;
+                let (mut sum, mut tail) = sum_stats.split_at_mut(n);
+                let mut rest = tail.slice_mut(0..n);
+                launch!(shard, "rescale_sums", grid_for(n), &local_max, &global, &mut sum, &mut rest, &n32)?;
             }
             shard.max_stats = Some(max_stats);
             shard.sum_stats = Some(sum_stats);
         }
-        self.all_reduce(NCCL_SUM, |s| s.sum_stats.as_mut().expect("forward"), 2 * n)?;
+        self.all_reduce(NCCL_SUM, |s| s.sum_stats.as_mut().expect("forward"), 3 * n)?;
         let first = &self.shards[0];
         let maxes: Vec<f32> = first.stream.clone_dtoh(first.max_stats.as_ref().expect("forward")).map_err(|e| device_error("download", e))?;
         let sums: Vec<f32> = first.stream.clone_dtoh(first.sum_stats.as_ref().expect("forward")).map_err(|e| device_error("download", e))?;
@@ -427,7 +431,8 @@ impl Backend for CudaBackend {
         Ok(RowStats {
             max: maxes[..n].to_vec(),
             sum: sums[..n].to_vec(),
-            target_logit: sums[n..2 * n].to_vec(),
+            rest: sums[n..2 * n].to_vec(),
+            target_logit: sums[2 * n..3 * n].to_vec(),
             target_cos: maxes[2 * n..3 * n].to_vec(),
             other_cos: maxes[n..2 * n].to_vec(),
             sampled_classes: self.shards.iter().map(|s| s.k as u64).sum(),
@@ -440,7 +445,7 @@ impl Backend for CudaBackend {
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let n = stats.max.len();
         let t0 = Instant::now();
-        let inv_sum: Vec<f32> = stats.sum.iter().map(|&v| 1.0 / v).collect();
+        let (inv_sum, non_target_mass) = stats.softmax_factors();
         let (s, filter) = (self.cfg.margin.scale, self.cfg.margin.interclass_filter);
         let opt = self.cfg.optimizer;
         let (n32, d32, dt) = (n as i32, d as i32, dtype_code(dtype));
@@ -452,12 +457,13 @@ impl Backend for CudaBackend {
             let k32 = k as i32;
             let row_max = shard.stream.clone_htod(&stats.max).map_err(|e| device_error("upload", e))?;
             let inv_sum_d = shard.stream.clone_htod(&inv_sum).map_err(|e| device_error("upload", e))?;
+            let mass_d = shard.stream.clone_htod(&non_target_mass).map_err(|e| device_error("upload", e))?;
             let cos = shard.cos.take().expect("forward");
             let sum_stats = shard.sum_stats.take().expect("forward");
-            let target_logit = sum_stats.slice(n..2 * n);
+            let target_logit = sum_stats.slice(2 * n..3 * n);
             let (col, slope) = (shard.col.take().expect("forward"), shard.target_slope.take().expect("forward"));
             let mut grad_cos = shard.zeros::<u8>(k * n * dtype.size(), "cosine gradient")?;
-            launch!(shard, "cos_gradient", grid_for(k * n), &cos, &k32, &n32, &col, &target_logit, &slope, &row_max, &inv_sum_d, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
+            launch!(shard, "cos_gradient", grid_for(k * n), &cos, &k32, &n32, &col, &target_logit, &slope, &row_max, &inv_sum_d, &mass_d, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
             drop(cos);
             let w_gemm = shard.w_gemm.take().expect("forward");
             let unit_gemm = shard.unit_gemm.take().expect("forward");

@@ -36,7 +36,8 @@ set_target_properties(partialfc::partialfc PROPERTIES
   INTERFACE_INCLUDE_DIRECTORIES "${_pfc_include}")
 
 if(PARTIALFC_STATIC_LIBRARY)
-  find_package(Threads REQUIRED)
+  include(CMakeFindDependencyMacro)
+  find_dependency(Threads)
   add_library(partialfc::partialfc_static STATIC IMPORTED)
   # What the Rust standard library needs from the system when linked statically.
   set_target_properties(partialfc::partialfc_static PROPERTIES

@@ -147,7 +147,7 @@ pub(crate) const MAX_STEPS: u64 = i32::MAX as u64;
 /// The learning rates a head accepts, wherever one enters: `pfc_create`, `pfc_set_learning_rate`,
 /// a checkpoint.
 pub(crate) fn check_learning_rate(lr: f32) -> Result<()> {
-    finite_in("learning rate", lr, 0.0, MAX_HYPERPARAMETER)
+    finite_in("lr (learning rate)", lr, 0.0, MAX_HYPERPARAMETER)
 }
 
 /// A training position a head can be in: `step` steps taken (at most `MAX_STEPS`), and AdamW rows

@@ -184,13 +184,15 @@ fn go_proxy(dir: &Path) -> PathBuf {
     std::fs::write(at.join(format!("{version}.info")), format!("{{\"Version\":\"{version}\",\"Time\":\"2026-01-01T00:00:00Z\"}}\n")).unwrap();
     let src = root().join("bindings/go/partialfc");
     std::fs::copy(src.join("go.mod"), at.join(format!("{version}.mod"))).unwrap();
-    let script = "import os, sys, zipfile\n\
-                  src, prefix, out = sys.argv[1:]\n\
-                  with zipfile.ZipFile(out, 'w', zipfile.ZIP_DEFLATED) as z:\n\
-                  \x20   for name in sorted(os.listdir(src)):\n\
-                  \x20       path = os.path.join(src, name)\n\
-                  \x20       if os.path.isfile(path):\n\
-                  \x20           z.write(path, prefix + '/' + name)\n";
+    let script = r#"
+import os, sys, zipfile
+src, prefix, out = sys.argv[1:]
+with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            z.write(path, prefix + "/" + name)
+"#;
     run(Command::new("python3")
         .arg("-c")
         .arg(script)

@@ -73,29 +73,41 @@ pub struct Records {
 impl Records {
     /// Starts `dir/train.jsonl`. A job resumed at `first_step` keeps the records of the steps its
     /// checkpoint contains and drops any later ones (a run that went on past its last checkpoint),
-    /// so the log and the curves describe the training the head actually had.
+    /// so the log and the curves describe the training the head actually had. The kept records are
+    /// rewritten atomically before new ones are appended, so a crash never loses them; a line that
+    /// does not parse (the last one of a job killed while writing it) is dropped with a warning.
     pub fn open(dir: &Path, first_step: u64) -> Result<Records, String> {
         let path = dir.join("train.jsonl");
         let mut steps = Vec::new();
         if first_step > 0 {
             if let Ok(f) = File::open(&path) {
+                let mut dropped = 0;
                 for line in BufReader::new(f).lines() {
                     let line = line.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                    let record = serde_json::from_str(&line).ok().and_then(|v| StepRecord::from_json(&v));
-                    match record {
+                    match serde_json::from_str(&line).ok().and_then(|v| StepRecord::from_json(&v)) {
                         Some(r) if r.step <= first_step => steps.push(r),
                         Some(_) => {}
-                        None => return Err(format!("{}: not a step record: {line:?}", path.display())),
+                        None => dropped += 1,
                     }
                 }
+                if dropped > 0 {
+                    eprintln!("pfc train: dropped {dropped} unreadable line(s) of {}", path.display());
+                }
             }
+            let mut kept = partialfc::fsutil::AtomicFile::create(&path).map_err(|e| e.message)?;
+            for r in &steps {
+                kept.write_all(format!("{}\n", r.to_json_line()).as_bytes()).map_err(|e| e.message)?;
+            }
+            kept.commit().map_err(|e| e.message)?;
         }
-        let file = File::create(&path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        let mut records = Records { path, out: BufWriter::new(file), steps: Vec::new() };
-        for r in steps {
-            records.push(r)?;
-        }
-        Ok(records)
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(first_step > 0)
+            .truncate(first_step == 0)
+            .open(&path)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(Records { path, out: BufWriter::new(file), steps })
     }
 
     /// Appends a step and flushes it, so the file is current while the job runs.
@@ -257,6 +269,28 @@ mod tests {
         let line = r.to_json_line();
         assert!(line.starts_with("{\"step\":3,\"loss\":2.5,"), "{line}");
         assert_eq!(StepRecord::from_json(&serde_json::from_str(&line).unwrap()), Some(r));
+    }
+
+    #[test]
+    fn a_resumed_log_keeps_the_checkpointed_steps_and_drops_a_torn_line() {
+        let dir = std::env::temp_dir().join(format!("pfc-records-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = |step| StepRecord { step, loss: 1.0, accuracy: 0.5, learning_rate: 0.1, images_per_second: 9.0, sampled_classes: 3 };
+        let mut first = Records::open(&dir, 0).unwrap();
+        for step in 1..=5 {
+            first.push(record(step)).unwrap();
+        }
+        drop(first);
+        let mut f = std::fs::OpenOptions::new().append(true).open(dir.join("train.jsonl")).unwrap();
+        f.write_all(b"{\"step\":6,\"lo").unwrap();
+        drop(f);
+        let mut resumed = Records::open(&dir, 3).unwrap();
+        resumed.push(record(4)).unwrap();
+        drop(resumed);
+        let text = std::fs::read_to_string(dir.join("train.jsonl")).unwrap();
+        let steps: Vec<u64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, [1, 2, 3, 4]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

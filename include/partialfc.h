@@ -7,7 +7,14 @@
  *   message. No panic, abort or print crosses this boundary.
  * - Threading: a head is used by one thread at a time; concurrent calls on one head are serialized
  *   by a lock inside the head, never racy. Different heads are independent. The library runs its own
- *   worker threads (RAYON_NUM_THREADS caps them).
+ *   worker threads (RAYON_NUM_THREADS caps them); a process that cannot start them (thread or
+ *   memory limits) gets PFC_ERR_OUT_OF_MEMORY from the call that needs them, pfc_create first.
+ * - fork(): a process that has used the library may fork, and the child may create heads and use
+ *   them (the library starts its worker threads again in the child). Heads inherited from the
+ *   parent are copies the child may use too, except one that another thread was calling at the
+ *   moment of the fork: in the child it may be half-updated, so every call on it returns
+ *   PFC_ERR_INVALID_ARGUMENT (pfc_destroy is safe). CUDA does not survive fork: after using a CUDA
+ *   head, run CUDA in processes started by exec (Python's "spawn"), not in forked children.
  * - Memory: the caller owns every buffer it passes; the library keeps no pointer after a call
  *   returns. Host inputs are read before return. Heads are freed with pfc_destroy.
  * - memory = PFC_MEMORY_DEVICE (CUDA backend only): pointers are on that shard's GPU; with a
@@ -19,8 +26,9 @@
  *   loss with respect to this shard's embeddings (the reference's convention: it cancels a
  *   data-parallel backbone's gradient averaging).
  * - Bad input (NULL pointers, zero or oversized dims, labels outside [0, C), NaN/Inf embeddings,
- *   unknown enum values, a batch count other than local_shards, a CUDA request with no driver)
- *   gets a clear status and message and changes nothing.
+ *   embedding or center rows of norm above 2^62 (which cannot be normalized in f32), unknown enum
+ *   values, a batch count other than local_shards, a CUDA request with no driver) gets a clear
+ *   status and message and changes nothing.
  */
 
 
@@ -82,9 +90,25 @@ typedef struct pfc_head pfc_head;
 // open, so any number of threads may search one index at the same time.
 typedef struct pfc_index pfc_index;
 
+// The host's process group, as one collective (the pattern of UCC's out-of-band all-gather):
+// every process calls it with the same `bytes`; `recv` receives process_count × bytes, in process
+// order; it returns 0 on success. With MPI:
+// `MPI_Allgather(send, bytes, MPI_BYTE, recv, bytes, MPI_BYTE, comm)`.
+//
+// The library calls it from one thread per process at a time, in the same sequence on every
+// process (MPI collective semantics: a call on a multi-process head that touches more than local
+// state must be made by every process, in the same order), and keeps no pointer past the call. A
+// nonzero return gives PFC_ERR_COMMUNICATION and makes the head refuse every later call with
+// PFC_ERR_COMMUNICATION until a checkpoint is loaded into it; the callback should fail on every
+// process of the job or on none (as MPI's collectives do), or the other processes wait for it.
+typedef int32_t (*pfc_allgather_fn)(void *ctx, const void *send, size_t bytes, void *recv);
+
 // Configuration of a head. Always start from `pfc_config_init`, then change fields.
 typedef struct pfc_config {
-  // Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly.
+  // Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly. A struct
+  // from an older header (a smaller size: fields are only ever appended) is accepted, and the
+  // fields it lacks take their defaults; one from a newer header (larger) gives
+  // PFC_ERR_INCOMPATIBLE.
   uint32_t struct_size;
   // Total classes C over all shards.
   uint64_t num_classes;
@@ -125,12 +149,23 @@ typedef struct pfc_config {
   uint32_t local_shards;
   // CUDA ordinals, `local_shards` entries; NULL = 0..local_shards-1. NULL for the CPU backend.
   const int32_t *devices;
-  // Shards over all processes; 0 = local_shards.
+  // Shards over all processes. 0 = derived: local_shards alone, or with `allgather` the sum of
+  // every process's local_shards (a nonzero value must then equal that sum).
   uint32_t world_size;
-  // Global rank of this process's first shard.
+  // Global rank of this process's first shard; derived (0 or the derived value) with `allgather`.
   uint32_t first_rank;
-  // `PFC_NCCL_ID_BYTES` bytes, needed when world_size > local_shards.
+  // `PFC_NCCL_ID_BYTES` bytes: the CUDA backend's way to form a job without `allgather`
+  // (world_size > local_shards, first_rank and this id distributed by the host).
   const uint8_t *nccl_id;
+  // Processes in the job; 1 (the default) = this process alone. Global shard ranks follow
+  // process order: process 0's shards first.
+  uint32_t process_count;
+  // This process, in [0, process_count): its place in `allgather`'s output.
+  uint32_t process_index;
+  // The job's all-gather, needed when process_count > 1 (see `pfc_allgather_fn`).
+  pfc_allgather_fn allgather;
+  // Passed to `allgather` unchanged.
+  void *allgather_ctx;
 } pfc_config;
 
 // Result of every fallible call: `PFC_OK` or one of the `PFC_ERR_*` codes.
@@ -195,6 +230,11 @@ typedef struct pfc_step_stats {
 // An internal error was caught at the boundary; the head is unchanged.
 #define PFC_ERR_PANIC 10
 
+// The step's loss, embedding or center gradients, or the centers it would write, are NaN or Inf
+// (divergence, overflow): nothing changed — no center, optimizer state, step count or output. The
+// host decides what to do (lower the learning rate, skip the batch, reload a checkpoint).
+#define PFC_ERR_NON_FINITE 11
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -207,7 +247,9 @@ void pfc_config_init(struct pfc_config *cfg);
 
 // Creates a head: validates `cfg`, allocates and initialises the local shards' centers and
 // optimizer state. On success `*out` owns the head (free it with `pfc_destroy`); on failure `*out`
-// is untouched. A CUDA request on a machine without a usable driver gives PFC_ERR_UNAVAILABLE.
+// is untouched. Only `cfg->struct_size` bytes of `cfg` are read. A CUDA request on a machine
+// without a usable driver gives PFC_ERR_UNAVAILABLE; too little memory, or a process that cannot
+// start the library's worker threads (thread or memory limits), PFC_ERR_OUT_OF_MEMORY.
 pfc_status pfc_create(const struct pfc_config *cfg, struct pfc_head **out);
 
 // Frees a head and everything it owns. NULL is a no-op.
@@ -242,7 +284,10 @@ pfc_status pfc_get_centers(const struct pfc_head *head,
                            float *out);
 
 // Overwrites centers of global classes `[first, first + count)` from `in` (count × embedding_dim
-// floats, finite) and resets those rows' optimizer state (warm start).
+// floats, finite) and resets those rows' optimizer state (warm start). A row of norm above 2^62
+// (about 4.6e18; from about 1.8e19 its squared norm overflows f32, so it cannot be normalized) is
+// refused with PFC_ERR_INVALID_ARGUMENT naming its class. Zero rows are accepted: their cosine with
+// every embedding is 0, as with PyTorch's normalize.
 pfc_status pfc_set_centers(struct pfc_head *head, uint64_t first, uint64_t count, const float *in);
 
 // Writes a checkpoint of the head into directory `dir` (created if missing): a manifest plus one
@@ -267,8 +312,8 @@ pfc_status pfc_export_centers(const struct pfc_head *head,
                               int32_t normalized);
 
 // The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
-// floats) over this process's centers: `ids` (n × k int64) and `scores` (n × k floats), each row
-// sorted by score, ties by smaller class id.
+// floats, finite, of any norm: a zero query scores 0 with every class) over this process's centers:
+// `ids` (n × k int64) and `scores` (n × k floats), each row sorted by score, ties by smaller class id.
 pfc_status pfc_search(const struct pfc_head *head,
                       const float *queries,
                       uint64_t n,

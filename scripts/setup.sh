@@ -42,6 +42,10 @@ need_cmds cmake cmake
 # tests/checkpoint_safety.rs reads the checkpoint manifest with jq (and Python's json).
 need_cmds jq jq
 
+# tests/mpi.rs runs jobs over several processes with OpenMPI (mpicc, mpirun).
+need_cmds openmpi-bin mpirun
+need_cmds libopenmpi-dev mpicc
+
 # The Go binding's tests need Go: Debian's golang-go when none is found.
 if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
     apt_install golang-go

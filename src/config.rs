@@ -76,8 +76,13 @@ pub struct Config {
     pub backend: BackendKind,
     pub local_shards: usize,
     pub devices: Vec<i32>,
+    /// Shards over all processes, and the global rank of this process's first shard: derived from
+    /// every process's `local_shards` when the head is created (SPEC §2a).
     pub world_size: usize,
     pub first_rank: usize,
+    /// Processes in the job and this one's place among them.
+    pub process_count: usize,
+    pub process_index: usize,
 }
 
 /// Largest embedding dimension accepted; far above any face model, small enough that `N·d` and
@@ -124,6 +129,8 @@ impl Default for Config {
             devices: Vec::new(),
             world_size: 1,
             first_rank: 0,
+            process_count: 1,
+            process_index: 0,
         }
     }
 }
@@ -213,9 +220,51 @@ impl Config {
         check(self.num_classes >= self.world_size as u64, || {
             format!("num_classes = {} is smaller than world_size = {}: every shard needs a class", self.num_classes, self.world_size)
         })?;
+        check(self.process_count >= 1 && self.process_index < self.process_count, || {
+            format!("process_index = {} is outside [0, process_count = {})", self.process_index, self.process_count)
+        })?;
         check(self.devices.is_empty() || self.devices.len() == self.local_shards, || {
             format!("devices lists {} ordinals for {} local shards", self.devices.len(), self.local_shards)
         })?;
         Ok(())
+    }
+}
+
+impl Config {
+    /// The fields every process of a job must agree on (SPEC §2a: all but `local_shards`,
+    /// `devices`, `process_index` and the callback), each as 8 bytes, for the check at creation.
+    pub(crate) fn consensus_fields(&self) -> Vec<(&'static str, u64)> {
+        let (m, o) = (&self.margin, &self.optimizer);
+        let f = |v: f32| u64::from(v.to_bits());
+        vec![
+            ("num_classes", self.num_classes),
+            ("embedding_dim", self.embedding_dim as u64),
+            ("sample_rate", f(self.sample_rate)),
+            ("scale", f(m.scale)),
+            ("m1", f(m.m1)),
+            ("m2", f(m.m2)),
+            ("m3", f(m.m3)),
+            ("interclass_filter", f(m.interclass_filter)),
+            ("margin_grad", m.grad as u64),
+            ("arcface_fallback", u64::from(m.arcface_fallback)),
+            ("optimizer", o.kind as u64),
+            ("lr", f(o.lr)),
+            ("momentum", f(o.momentum)),
+            ("weight_decay", f(o.weight_decay)),
+            ("beta1", f(o.beta1)),
+            ("beta2", f(o.beta2)),
+            ("eps", f(o.eps)),
+            ("compute_dtype", self.compute_dtype as u64),
+            ("seed", self.seed),
+            ("init_std", f(self.init_std)),
+            ("backend", self.backend as u64),
+            ("process_count", self.process_count as u64),
+        ]
+    }
+
+    /// The checks that need no other process: everything but the job's shard layout.
+    pub(crate) fn validate_local(&self) -> Result<()> {
+        let layout = Config { world_size: self.local_shards, first_rank: 0, ..self.clone() };
+        layout.validate()
     }
 }

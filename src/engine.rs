@@ -2,10 +2,12 @@
 //! input validation, the loss and accuracy from reduced statistics, center access. A failed call
 //! leaves the head exactly as it was: inputs are checked before any backend state changes.
 
-use crate::backend::{cpu::CpuBackend, Backend, DeviceBatch, GradOut, HostBatch, HostValues, PhaseTimes, RowStats, StepPlan};
-use crate::config::{BackendKind, Config};
+use crate::backend::{Backend, DeviceBatch, GradOut, HostBatch, HostValues, PhaseTimes, RowStats, StepPlan};
+use crate::comm::group::ProcessGroup;
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::optimizer::StateTensor;
+use std::sync::Arc;
 
 /// What one step reports (SPEC §1.10).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -20,29 +22,48 @@ pub struct StepStats {
 
 pub struct Head {
     cfg: Config,
+    group: Arc<ProcessGroup>,
     backend: Box<dyn Backend>,
     step: u64,
     lr: f32,
 }
 
 impl Head {
+    /// A head whose shards all live in this process (or, for the CUDA backend, a job formed the
+    /// NCCL way from `world_size`, `first_rank` and an NCCL id).
     pub fn new(cfg: Config) -> Result<Self> {
-        cfg.validate()?;
-        let backend: Box<dyn Backend> = match cfg.backend {
-            BackendKind::Cpu => Box::new(CpuBackend::new(&cfg)?),
-            BackendKind::Cuda => {
-                let ordinals: Vec<i32> =
-                    if cfg.devices.is_empty() { (0..cfg.local_shards as i32).collect() } else { cfg.devices.clone() };
-                let devices = crate::backend::cuda::probe(&ordinals)?;
-                Box::new(crate::backend::cuda::CudaBackend::new(&cfg, &devices)?)
-            }
+        Self::with_group(cfg, ProcessGroup::solo())
+    }
+
+    /// Process `group.index()`'s part of a job over `group` (SPEC §2a); a collective call. Every
+    /// process must pass the same configuration but for `local_shards` and `devices`;
+    /// `world_size` (0 = derived) and `first_rank` are derived from all processes' `local_shards`.
+    /// Any process's error is every process's error.
+    pub fn with_group(mut cfg: Config, group: ProcessGroup) -> Result<Self> {
+        cfg.process_count = group.count();
+        cfg.process_index = group.index();
+        let process_shards = if group.is_solo() {
+            cfg.validate()?;
+            vec![cfg.local_shards]
+        } else {
+            group.agree(cfg.validate_local())?;
+            let shards = agree_on_layout(&mut cfg, &group)?;
+            cfg.validate()?;
+            shards
         };
+        let group = Arc::new(group);
+        let backend = group.agree(crate::backend::create(&cfg, &group, &process_shards))?;
         let lr = cfg.optimizer.lr;
-        Ok(Head { cfg, backend, step: 0, lr })
+        Ok(Head { cfg, group, backend, step: 0, lr })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The job's processes: checkpoints, export and search exchange data through it.
+    pub fn group(&self) -> &ProcessGroup {
+        &self.group
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -54,7 +75,7 @@ impl Head {
     }
 
     pub fn set_learning_rate(&mut self, lr: f32) -> Result<()> {
-        crate::config::check_learning_rate(lr)?;
+        self.group.agree(crate::config::check_learning_rate(lr))?;
         self.lr = lr;
         Ok(())
     }
@@ -91,9 +112,15 @@ impl Head {
             if let Some(at) = first_non_finite(&b.embeddings) {
                 return Err(Error::invalid(format!("batch {s}: embedding row {} holds NaN or Inf", at / d)));
             }
+            if let Some((row, norm)) = first_oversized_embedding(&b.embeddings, d) {
+                return Err(Error::invalid(format!(
+                    "batch {s}: embedding row {row} has norm {norm:.3e}, above {MAX_ROW_NORM:.3e}: it cannot be normalized in f32"
+                )));
+            }
             total += rows;
         }
-        if total == 0 {
+        // Another process's rows may fill the global batch; the backend checks it after gathering.
+        if total == 0 && self.group.is_solo() {
             return Err(Error::invalid("the global batch is empty"));
         }
         Ok(())
@@ -118,12 +145,15 @@ impl Head {
 
     /// One training step: gradients into `grads` (one per local shard), sampled centers updated.
     pub fn train_step(&mut self, batches: &[HostBatch<'_>], grads: &mut [GradOut<'_>]) -> Result<StepStats> {
-        self.check_batches(batches)?;
-        for (s, (b, g)) in batches.iter().zip(grads.iter()).enumerate() {
-            if g.len() != b.embeddings.len() {
-                return Err(Error::invalid(format!("batch {s}: gradient buffer has {} values, embeddings {}", g.len(), b.embeddings.len())));
+        let checked = self.check_batches(batches).and_then(|()| {
+            for (s, (b, g)) in batches.iter().zip(grads.iter()).enumerate() {
+                if g.len() != b.embeddings.len() {
+                    return Err(Error::invalid(format!("batch {s}: gradient buffer has {} values, embeddings {}", g.len(), b.embeddings.len())));
+                }
             }
-        }
+            Ok(())
+        });
+        self.group.agree(checked)?;
         let plan = StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: self.cfg.sample_rate, train: true };
         let rows = self.backend.forward(batches, plan)?;
         self.backend.backward(&rows, self.lr, grads)?;
@@ -133,7 +163,7 @@ impl Head {
 
     /// Loss and accuracy over every class; nothing changes.
     pub fn evaluate(&mut self, batches: &[HostBatch<'_>]) -> Result<StepStats> {
-        self.check_batches(batches)?;
+        self.group.agree(self.check_batches(batches))?;
         let plan = StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: 1.0, train: false };
         let rows = self.backend.forward(batches, plan)?;
         Ok(self.stats(&rows))
@@ -190,6 +220,12 @@ impl Head {
         self.check_range(first, count, values.len())?;
         if let Some(at) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid(format!("center value {at} is NaN or Inf")));
+        }
+        if let Some((row, norm)) = first_oversized_row(values, self.cfg.embedding_dim) {
+            return Err(Error::invalid(format!(
+                "the center of class {} has norm {norm:.3e}, above {MAX_ROW_NORM:.3e}: it cannot be normalized in f32",
+                first + row as u64
+            )));
         }
         self.backend.set_centers(first, count, values)
     }
@@ -255,6 +291,77 @@ fn first_non_finite(e: &crate::backend::Embeddings<'_>) -> Option<usize> {
         Embeddings::F16(v) => v.iter().position(|x| !x.is_finite()),
         Embeddings::BF16(v) => v.iter().position(|x| !x.is_finite()),
     }
+}
+
+/// The largest L2 norm a center or embedding row may have: 2^62. Its square, 2^124, leaves f32 16×
+/// headroom whatever the summation order, so every backend normalizes such a row; from about
+/// 1.8e19 the squared norm overflows f32 and the row would normalize to zero, or to NaN.
+pub(crate) const MAX_ROW_NORM: f64 = (1u64 << 62) as f64;
+
+/// The first row of `values` (rows of `d` finite values) whose norm is above [`MAX_ROW_NORM`], and
+/// that norm. Rows of any smaller norm, zero included, normalize as PyTorch's (eps 1e-12) would.
+/// Every way centers enter a head (set_centers, checkpoints) checks them with this.
+pub(crate) fn first_oversized_row(values: &[f32], d: usize) -> Option<(usize, f64)> {
+    values.chunks_exact(d).map(|row| row_norm(row.iter().copied())).enumerate().find(|&(_, n)| n > MAX_ROW_NORM)
+}
+
+/// Norms in float64: no finite f32 row overflows there.
+fn row_norm(row: impl Iterator<Item = f32>) -> f64 {
+    row.map(|v| v as f64 * v as f64).sum::<f64>().sqrt()
+}
+
+fn first_oversized_embedding(e: &crate::backend::Embeddings<'_>, d: usize) -> Option<(usize, f64)> {
+    use crate::backend::Embeddings;
+    match e {
+        Embeddings::F32(v) => first_oversized_row(v, d),
+        Embeddings::BF16(v) => {
+            v.chunks_exact(d).map(|row| row_norm(row.iter().map(|x| x.to_f32()))).enumerate().find(|&(_, n)| n > MAX_ROW_NORM)
+        }
+        // f16 rows are at most 65504·√d.
+        Embeddings::F16(_) => None,
+    }
+}
+
+/// Checks that every process of the job passed the same configuration and derives the shard
+/// layout: `world_size` is the sum of all `local_shards`, `first_rank` the sum of the earlier
+/// processes'. Returns every process's shard count. The same exchange yields the same verdict on
+/// every process.
+fn agree_on_layout(cfg: &mut Config, group: &ProcessGroup) -> Result<Vec<usize>> {
+    let fields = cfg.consensus_fields();
+    let mut mine = vec![cfg.local_shards as u64, cfg.world_size as u64, cfg.first_rank as u64];
+    mine.extend(fields.iter().map(|&(_, v)| v));
+    let all = group.allgather_u64(&mine)?;
+    let per = mine.len();
+    let rows: Vec<&[u64]> = all.chunks_exact(per).collect();
+    for (i, &(name, _)) in fields.iter().enumerate() {
+        let at = 3 + i;
+        if let Some(p) = rows.iter().position(|r| r[at] != rows[0][at]) {
+            return Err(Error::invalid(format!(
+                "pfc_config.{name} differs between processes: process 0 passed {}, process {p} passed {} (every process must pass the same configuration but for local_shards and devices)",
+                rows[0][at], rows[p][at]
+            )));
+        }
+    }
+    let shards: Vec<usize> = rows.iter().map(|r| r[0] as usize).collect();
+    let world: usize = shards.iter().sum();
+    if let Some(p) = rows.iter().position(|r| r[1] != 0 && r[1] as usize != world) {
+        return Err(Error::invalid(format!(
+            "world_size = {} on process {p}, but the processes' local_shards sum to {world} (pass 0 to derive it)",
+            rows[p][1]
+        )));
+    }
+    for (p, r) in rows.iter().enumerate() {
+        let first: usize = shards[..p].iter().sum();
+        if r[2] != 0 && r[2] as usize != first {
+            return Err(Error::invalid(format!(
+                "first_rank = {} on process {p}, but its shards start at global rank {first} (pass 0 to derive it)",
+                r[2]
+            )));
+        }
+    }
+    cfg.world_size = world;
+    cfg.first_rank = shards[..group.index()].iter().sum();
+    Ok(shards)
 }
 
 #[cfg(test)]

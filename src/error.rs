@@ -15,7 +15,24 @@ pub enum Status {
     Corrupt,
     Incompatible,
     Panic,
+    /// The step's loss, gradients or updated centers are NaN or Inf; nothing changed.
+    NonFinite,
 }
+
+/// Every status, for decoding codes that crossed a process boundary.
+const ALL: [Status; 11] = [
+    Status::NullArgument,
+    Status::InvalidArgument,
+    Status::OutOfMemory,
+    Status::Unavailable,
+    Status::Device,
+    Status::Communication,
+    Status::Io,
+    Status::Corrupt,
+    Status::Incompatible,
+    Status::Panic,
+    Status::NonFinite,
+];
 
 impl Status {
     pub fn code(self) -> i32 {
@@ -30,7 +47,13 @@ impl Status {
             Status::Corrupt => 8,
             Status::Incompatible => 9,
             Status::Panic => 10,
+            Status::NonFinite => 11,
         }
+    }
+
+    /// The status with this nonzero code, if any.
+    pub fn from_code(code: i32) -> Option<Status> {
+        ALL.iter().copied().find(|s| s.code() == code)
     }
 }
 

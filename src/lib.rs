@@ -18,6 +18,7 @@ pub mod fsutil;
 pub mod index;
 pub mod margin;
 pub mod optimizer;
+pub mod pool;
 pub mod rng;
 pub mod search;
 pub mod sharding;

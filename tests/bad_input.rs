@@ -355,7 +355,7 @@ fn create_rejects_bad_configs() {
     let cases: Vec<(&str, Edit, pfc_status, &str)> = vec![
         // Layout.
         ("struct_size 0", Box::new(|c| c.struct_size = 0), PFC_ERR_INCOMPATIBLE, "struct_size"),
-        ("struct_size smaller", Box::new(|c| c.struct_size -= 8), PFC_ERR_INCOMPATIBLE, "struct_size"),
+        ("struct_size no layout had", Box::new(|c| c.struct_size -= 4), PFC_ERR_INCOMPATIBLE, "struct_size"),
         ("struct_size larger", Box::new(|c| c.struct_size += 8), PFC_ERR_INCOMPATIBLE, "struct_size"),
         ("struct_size garbage", Box::new(|c| c.struct_size = u32::MAX), PFC_ERR_INCOMPATIBLE, "struct_size"),
         // Sizes.
@@ -454,6 +454,17 @@ fn create_rejects_bad_configs() {
             "first_rank",
         ),
         ("world_size > local_shards without nccl_id", Box::new(|c| c.world_size = 4), PFC_ERR_NULL_ARGUMENT, "nccl_id"),
+        ("process_count 0", Box::new(|c| c.process_count = 0), PFC_ERR_INVALID_ARGUMENT, "process_count"),
+        (
+            "process_index past process_count",
+            Box::new(|c| {
+                c.process_count = 2;
+                c.process_index = 2;
+            }),
+            PFC_ERR_INVALID_ARGUMENT,
+            "process_index",
+        ),
+        ("process_count 2 without allgather", Box::new(|c| c.process_count = 2), PFC_ERR_NULL_ARGUMENT, "allgather"),
         // Backends.
         ("CUDA backend", Box::new(|c| c.backend = PFC_BACKEND_CUDA), PFC_ERR_UNAVAILABLE, "CUDA"),
         (

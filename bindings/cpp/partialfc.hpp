@@ -100,6 +100,7 @@ enum class Status : std::int32_t {
     Corrupt = PFC_ERR_CORRUPT,
     Incompatible = PFC_ERR_INCOMPATIBLE,
     Panic = PFC_ERR_PANIC,
+    NonFinite = PFC_ERR_NON_FINITE,
 };
 
 enum class Backend : std::int32_t { Cpu = PFC_BACKEND_CPU, Cuda = PFC_BACKEND_CUDA };
@@ -114,7 +115,7 @@ enum class Format : std::int32_t {
     Safetensors = PFC_FORMAT_SAFETENSORS,
     Npy = PFC_FORMAT_NPY,
     Fvecs = PFC_FORMAT_FVECS,
-    Faiss = PFC_FORMAT_FAISS,  // a FAISS IndexFlatIP file, f32
+    Faiss = PFC_FORMAT_FAISS,
 };
 
 // Storage types of half-precision embeddings and gradients (raw IEEE binary16 / bfloat16 bits).
@@ -139,6 +140,7 @@ inline const char* status_name(Status s) noexcept {
         case Status::Corrupt: return "PFC_ERR_CORRUPT";
         case Status::Incompatible: return "PFC_ERR_INCOMPATIBLE";
         case Status::Panic: return "PFC_ERR_PANIC";
+        case Status::NonFinite: return "PFC_ERR_NON_FINITE";
     }
     return "PFC_ERR_UNKNOWN";
 }

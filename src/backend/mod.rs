@@ -5,6 +5,11 @@
 pub mod cpu;
 pub mod cuda;
 
+use crate::comm::group::ProcessGroup;
+use crate::config::BackendKind;
+use crate::error::{Error, Status};
+use std::sync::Arc;
+
 use crate::error::Result;
 use crate::optimizer::StateTensor;
 use crate::sharding::ShardRange;
@@ -220,5 +225,35 @@ pub trait Backend: Send {
     /// Writes gradients to the device batches' `grad` pointers; the callers' streams then see them.
     fn upload_grads(&mut self, _batches: &[DeviceBatch], _grads: &[HostValues]) -> Result<()> {
         Err(crate::error::Error::invalid("device memory needs the CUDA backend; this head runs on the CPU"))
+    }
+}
+
+/// The backend `cfg` asks for, holding this process's shards of the job. `process_shards` lists
+/// every process's local shard count, in process order.
+pub(crate) fn create(cfg: &crate::config::Config, group: &Arc<ProcessGroup>, process_shards: &[usize]) -> Result<Box<dyn Backend>> {
+    match cfg.backend {
+        BackendKind::Cpu => {
+            let comm: Box<dyn crate::comm::HostCommunicator> = if group.is_solo() {
+                if cfg.world_size != cfg.local_shards {
+                    return Err(Error::new(
+                        Status::Unavailable,
+                        format!(
+                            "the CPU backend reaches other processes only through allgather: world_size {} > local_shards {} needs process_count > 1 and an allgather callback",
+                            cfg.world_size, cfg.local_shards
+                        ),
+                    ));
+                }
+                Box::new(crate::comm::local::LocalCommunicator::new(cfg.local_shards))
+            } else {
+                Box::new(crate::comm::process::ProcessCommunicator::new(group.clone(), process_shards.to_vec()))
+            };
+            Ok(Box::new(cpu::CpuBackend::new(cfg, comm)?))
+        }
+        BackendKind::Cuda => {
+            let ordinals: Vec<i32> =
+                if cfg.devices.is_empty() { (0..cfg.local_shards as i32).collect() } else { cfg.devices.clone() };
+            let devices = cuda::probe(&ordinals)?;
+            Ok(Box::new(cuda::CudaBackend::new(cfg, &devices)?))
+        }
     }
 }

@@ -65,9 +65,11 @@ impl HostCommunicator for LocalCommunicator {
             dst.clear();
             dst.extend_from_slice(&bufs[0][seg.clone()]);
             for other in &bufs[1..] {
-                dst.par_chunks_mut(CHUNK).zip(other[seg.clone()].par_chunks(CHUNK)).for_each(|(a, b)| {
-                    a.iter_mut().zip(b).for_each(|(x, &y)| *x += y);
-                });
+                crate::pool::install(|| {
+                    dst.par_chunks_mut(CHUNK).zip(other[seg.clone()].par_chunks(CHUNK)).for_each(|(a, b)| {
+                        a.iter_mut().zip(b).for_each(|(x, &y)| *x += y);
+                    })
+                })?;
             }
         }
         Ok(())

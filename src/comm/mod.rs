@@ -1,8 +1,10 @@
 //! Collectives between shards. A communicator spans the shards of one process ("local") and, for
 //! distributed backends, the other processes' shards; buffers are given per local shard, in rank order.
 
+pub mod group;
 pub mod local;
 pub mod nccl;
+pub mod process;
 
 use crate::error::Result;
 

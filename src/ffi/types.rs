@@ -19,6 +19,10 @@ pub const PFC_ERR_CORRUPT: pfc_status = 8;
 pub const PFC_ERR_INCOMPATIBLE: pfc_status = 9;
 /// An internal error was caught at the boundary; the head is unchanged.
 pub const PFC_ERR_PANIC: pfc_status = 10;
+/// The step's loss, embedding or center gradients, or the centers it would write, are NaN or Inf
+/// (divergence, overflow): nothing changed — no center, optimizer state, step count or output. The
+/// host decides what to do (lower the learning rate, skip the batch, reload a checkpoint).
+pub const PFC_ERR_NON_FINITE: pfc_status = 11;
 
 pub const PFC_BACKEND_CPU: i32 = 0;
 pub const PFC_BACKEND_CUDA: i32 = 1;
@@ -53,7 +57,10 @@ const _: () = assert!(PFC_NCCL_ID_BYTES == crate::comm::nccl::UNIQUE_ID_BYTES);
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct pfc_config {
-    /// Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly.
+    /// Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly. A struct
+    /// from an older header (a smaller size: fields are only ever appended) is accepted, and the
+    /// fields it lacks take their defaults; one from a newer header (larger) gives
+    /// PFC_ERR_INCOMPATIBLE.
     pub struct_size: u32,
     /// Total classes C over all shards.
     pub num_classes: u64,
@@ -94,13 +101,38 @@ pub struct pfc_config {
     pub local_shards: u32,
     /// CUDA ordinals, `local_shards` entries; NULL = 0..local_shards-1. NULL for the CPU backend.
     pub devices: *const i32,
-    /// Shards over all processes; 0 = local_shards.
+    /// Shards over all processes. 0 = derived: local_shards alone, or with `allgather` the sum of
+    /// every process's local_shards (a nonzero value must then equal that sum).
     pub world_size: u32,
-    /// Global rank of this process's first shard.
+    /// Global rank of this process's first shard; derived (0 or the derived value) with `allgather`.
     pub first_rank: u32,
-    /// `PFC_NCCL_ID_BYTES` bytes, needed when world_size > local_shards.
+    /// `PFC_NCCL_ID_BYTES` bytes: the CUDA backend's way to form a job without `allgather`
+    /// (world_size > local_shards, first_rank and this id distributed by the host).
     pub nccl_id: *const u8,
+    /// Processes in the job; 1 (the default) = this process alone. Global shard ranks follow
+    /// process order: process 0's shards first.
+    pub process_count: u32,
+    /// This process, in [0, process_count): its place in `allgather`'s output.
+    pub process_index: u32,
+    /// The job's all-gather, needed when process_count > 1 (see `pfc_allgather_fn`).
+    pub allgather: pfc_allgather_fn,
+    /// Passed to `allgather` unchanged.
+    pub allgather_ctx: *mut core::ffi::c_void,
 }
+
+/// The host's process group, as one collective (the pattern of UCC's out-of-band all-gather):
+/// every process calls it with the same `bytes`; `recv` receives process_count × bytes, in process
+/// order; it returns 0 on success. With MPI:
+/// `MPI_Allgather(send, bytes, MPI_BYTE, recv, bytes, MPI_BYTE, comm)`.
+///
+/// The library calls it from one thread per process at a time, in the same sequence on every
+/// process (MPI collective semantics: a call on a multi-process head that touches more than local
+/// state must be made by every process, in the same order), and keeps no pointer past the call. A
+/// nonzero return gives PFC_ERR_COMMUNICATION and makes the head refuse every later call with
+/// PFC_ERR_COMMUNICATION until a checkpoint is loaded into it; the callback should fail on every
+/// process of the job or on none (as MPI's collectives do), or the other processes wait for it.
+pub type pfc_allgather_fn =
+    Option<unsafe extern "C" fn(ctx: *mut core::ffi::c_void, send: *const core::ffi::c_void, bytes: usize, recv: *mut core::ffi::c_void) -> i32>;
 
 /// One local shard's batch for a step.
 #[repr(C)]

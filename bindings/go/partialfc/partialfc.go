@@ -77,6 +77,7 @@ const (
 	StatusCorrupt         Status = C.PFC_ERR_CORRUPT
 	StatusIncompatible    Status = C.PFC_ERR_INCOMPATIBLE
 	StatusPanic           Status = C.PFC_ERR_PANIC
+	StatusNonFinite       Status = C.PFC_ERR_NON_FINITE
 )
 
 var statusNames = map[Status]string{
@@ -91,6 +92,7 @@ var statusNames = map[Status]string{
 	StatusCorrupt:         "PFC_ERR_CORRUPT",
 	StatusIncompatible:    "PFC_ERR_INCOMPATIBLE",
 	StatusPanic:           "PFC_ERR_PANIC",
+	StatusNonFinite:       "PFC_ERR_NON_FINITE",
 }
 
 func (s Status) String() string {

@@ -10,7 +10,6 @@ pub use search::scan as scan_centers;
 use self::gemm::{matmul, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
 use super::{Backend, GradOut, HostBatch, PhaseTimes, RowStats, StepPlan};
-use crate::comm::local::LocalCommunicator;
 use crate::comm::{HostCommunicator, ReduceOp};
 use crate::config::{Config, DType};
 use crate::error::{try_zeroed, Error, Result};
@@ -29,6 +28,14 @@ const BLOCK: usize = 256;
 /// accumulator among it) is allocated and summed a handful of times per step, not per block.
 pub(super) fn min_blocks_per_task(blocks: usize) -> usize {
     blocks.div_ceil(4 * rayon::current_num_threads()).max(1)
+}
+
+/// Blocks `0..blocks` as parallel tasks of `min_blocks_per_task` blocks, split in halves down to
+/// that size however the work is stolen, so that a floating-point reduction over the tasks is the
+/// same on every run.
+fn block_tasks(blocks: usize) -> impl IndexedParallelIterator<Item = usize> {
+    let per_task = min_blocks_per_task(blocks);
+    (0..blocks).into_par_iter().with_min_len(per_task).with_max_len(per_task)
 }
 
 /// A pointer that several threads may use to write disjoint parts of one buffer.
@@ -88,29 +95,24 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    pub fn new(cfg: &Config) -> Result<Self> {
-        if cfg.world_size != cfg.local_shards {
-            return Err(Error::new(
-                crate::error::Status::Unavailable,
-                format!(
-                    "the CPU backend runs every shard in one process: world_size {} must equal local_shards {}",
-                    cfg.world_size, cfg.local_shards
-                ),
-            ));
-        }
+    /// The local shards of `cfg`'s job, talking to the other shards through `comm`.
+    pub fn new(cfg: &Config, comm: Box<dyn HostCommunicator>) -> Result<Self> {
         if !cfg.devices.is_empty() {
             return Err(Error::invalid("devices is for the CUDA backend; pass NULL with the CPU backend"));
         }
         let d = cfg.embedding_dim;
-        let ranges: Vec<ShardRange> =
-            (0..cfg.local_shards).map(|r| ShardRange::of(cfg.num_classes, cfg.world_size, r)).collect();
+        let ranges: Vec<ShardRange> = (cfg.first_rank..cfg.first_rank + cfg.local_shards)
+            .map(|r| ShardRange::of(cfg.num_classes, cfg.world_size, r))
+            .collect();
         let mut shards = Vec::with_capacity(ranges.len());
         for &range in &ranges {
             let elems = (range.len as usize).checked_mul(d).ok_or_else(|| Error::invalid("num_classes × embedding_dim overflows"))?;
             let mut centers = try_zeroed::<f32>(elems, "class centers")?;
-            centers.par_chunks_mut(d).enumerate().for_each(|(j, row)| {
-                rng::init_center(cfg.seed, range.start + j as u64, cfg.init_std, row);
-            });
+            crate::pool::install(|| {
+                centers.par_chunks_mut(d).enumerate().for_each(|(j, row)| {
+                    rng::init_center(cfg.seed, range.start + j as u64, cfg.init_std, row);
+                })
+            })?;
             shards.push(Shard {
                 range,
                 centers,
@@ -130,7 +132,7 @@ impl CpuBackend {
             cfg: cfg.clone(),
             ranges,
             shards,
-            comm: Box::new(LocalCommunicator::new(cfg.local_shards)),
+            comm,
             batch_rows: Vec::new(),
             labels: Vec::new(),
             unit: Vec::new(),
@@ -254,9 +256,7 @@ impl Shard {
             target_block: vec![0.0; n],
             targets: Vec::new(),
         };
-        let merged = (0..blocks)
-            .into_par_iter()
-            .with_min_len(min_blocks_per_task(blocks))
+        let merged = crate::pool::install(|| block_tasks(blocks)
             .fold(worker, |mut w, b| {
                 let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
                 let rows = end - start;
@@ -286,7 +286,7 @@ impl Shard {
                 a.rows.merge(&b.rows);
                 a.targets.extend_from_slice(&b.targets);
                 a
-            });
+            }))?;
         self.target_logit = vec![0.0; n];
         self.target_slope = vec![0.0; n];
         self.target_cos = vec![f32::NEG_INFINITY; n];
@@ -306,7 +306,7 @@ impl Shard {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn backward(&mut self, cfg: &Config, stats: &RowStats, inv_sum: &[f32], non_target_mass: &[f32], lr: f32, unit_gemm: &[f32], params: LogitParams) -> Vec<f32> {
+    fn backward(&mut self, cfg: &Config, stats: &RowStats, inv_sum: &[f32], non_target_mass: &[f32], lr: f32, unit_gemm: &[f32], params: LogitParams) -> Result<Vec<f32>> {
         let n = stats.max.len();
         let d = cfg.embedding_dim;
         let k = self.sampled.len();
@@ -329,9 +329,7 @@ impl Shard {
             grad_x: vec![0.0; n * d],
         };
         let blocks = k.div_ceil(BLOCK);
-        let total = (0..blocks)
-            .into_par_iter()
-            .with_min_len(min_blocks_per_task(blocks))
+        let total = crate::pool::install(|| block_tasks(blocks)
             .fold(worker, |mut w, b| {
                 let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
                 let rows = end - start;
@@ -368,8 +366,8 @@ impl Shard {
             .reduce_with(|mut a, b| {
                 a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
                 a
-            });
-        total.unwrap_or_else(|| vec![0.0; n * d])
+            }))?;
+        Ok(total.unwrap_or_else(|| vec![0.0; n * d]))
     }
 }
 
@@ -384,6 +382,9 @@ impl Backend for CpuBackend {
         let t0 = Instant::now();
         let counts = self.comm.all_gather_counts(&batches.iter().map(|b| b.labels.len() as u64).collect::<Vec<_>>())?;
         self.batch_rows = counts.iter().map(|&c| c as usize).collect();
+        if counts.iter().all(|&c| c == 0) {
+            return Err(Error::invalid("the global batch is empty"));
+        }
         let local: Vec<Vec<f32>> = batches
             .iter()
             .map(|b| {
@@ -456,7 +457,7 @@ impl Backend for CpuBackend {
             target_logit: sums[0][2 * n..].to_vec(),
             target_cos: maxes[0][2 * n..].to_vec(),
             other_cos: maxes[0][n..2 * n].to_vec(),
-            sampled_classes: self.shards.iter().map(|s| s.sampled.len() as u64).sum(),
+            sampled_classes: self.comm.all_gather_counts(&self.shards.iter().map(|s| s.sampled.len() as u64).collect::<Vec<_>>())?.iter().sum(),
         })
     }
 
@@ -469,7 +470,7 @@ impl Backend for CpuBackend {
         let params = self.logit_params();
         let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
         let partial: Vec<Vec<f32>> =
-            self.shards.iter_mut().map(|s| s.backward(&self.cfg, stats, &inv_sum, &non_target_mass, lr, unit_gemm, params)).collect();
+            self.shards.iter_mut().map(|s| s.backward(&self.cfg, stats, &inv_sum, &non_target_mass, lr, unit_gemm, params)).collect::<Result<_>>()?;
         self.times.backward = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
@@ -486,12 +487,15 @@ impl Backend for CpuBackend {
         let mut mine: Vec<Vec<f32>> = self.shards.iter_mut().map(|s| std::mem::take(&mut s.grad_unit)).collect();
         self.comm.reduce_scatter_sum(&partial, &segments, &mut mine)?;
         let world = self.comm.world_size() as f32;
-        for ((local, seg), out) in mine.iter_mut().zip(&segments).zip(grads.iter_mut()) {
+        for ((local, seg), out) in mine.iter_mut().zip(&segments[self.cfg.first_rank..]).zip(grads.iter_mut()) {
             let first_row = seg.start / d;
-            local.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
-                let i = first_row + r;
-                kernels::project_out(&self.unit[i * d..(i + 1) * d], 1.0, self.inv_norm[i] * world, g);
-            });
+            let (unit, inv_norm) = (&self.unit, &self.inv_norm);
+            crate::pool::install(|| {
+                local.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
+                    let i = first_row + r;
+                    kernels::project_out(&unit[i * d..(i + 1) * d], 1.0, inv_norm[i] * world, g);
+                })
+            })?;
             out.write(local);
         }
         for (shard, buf) in self.shards.iter_mut().zip(mine) {
@@ -539,7 +543,7 @@ impl Backend for CpuBackend {
         let d = self.cfg.embedding_dim;
         let mut best = crate::search::TopK::new(queries.len() / d, k);
         for shard in &self.shards {
-            best.merge(search::scan(&shard.centers, d, shard.range.start, queries, k));
+            best.merge(search::scan(&shard.centers, d, shard.range.start, queries, k)?);
         }
         Ok(best.into_sorted())
     }

@@ -29,6 +29,24 @@
  *   embedding or center rows of norm above 2^62 (which cannot be normalized in f32), unknown enum
  *   values, a batch count other than local_shards, a CUDA request with no driver) gets a clear
  *   status and message and changes nothing.
+ * - Non-finite steps: a step whose loss, gradients or updated centers would be NaN or Inf returns
+ *   PFC_ERR_NON_FINITE and changes nothing (no center, optimizer state, step count or output); on
+ *   several shards or processes they agree first. The host decides: lower the learning rate, skip
+ *   the batch, reload a checkpoint.
+ * - Steps: pfc_train_step = pfc_train_compute + pfc_train_apply. The step count advances only at
+ *   apply, and sampling is keyed by it, so the computes accumulated into one apply share one draw of
+ *   negatives (as one large batch would) and each adds its own positives; their center gradients
+ *   add up over the union of the rows they sampled.
+ * - Processes (one job over several processes or machines): set process_count, process_index and
+ *   allgather (e.g. MPI_Allgather); global shard ranks follow process order. Calls that touch more
+ *   than local state are collective — every process makes them in the same order: pfc_create,
+ *   pfc_train_step/compute/apply, pfc_evaluate, pfc_set_learning_rate, checkpoint save and load,
+ *   export, search. pfc_local_classes, pfc_get_centers, pfc_set_centers, pfc_train_discard and
+ *   pfc_destroy are local; pfc_destroy never waits for other processes. Bad input on any process
+ *   fails the call on every process with the same status and message, and no process changes. The
+ *   same data, seed and total shard count give the same results whatever the process layout. A
+ *   failed exchange (the callback returned nonzero, an NCCL error) gives PFC_ERR_COMMUNICATION and
+ *   the head refuses every later collective call with it until a checkpoint is loaded.
  */
 
 
@@ -257,11 +275,36 @@ void pfc_destroy(struct pfc_head *head);
 
 // One training step over `n` batches, one per local shard (`n` must equal `local_shards`): the
 // gradient of the mean loss times world_size is written to each batch's `grad_embeddings`, and the
-// sampled centers are updated. `stats` may be NULL.
+// sampled centers are updated. `pfc_train_compute` followed by `pfc_train_apply`, in one call.
+// `stats` may be NULL. A step whose loss, gradients or updated centers would be NaN or Inf returns
+// PFC_ERR_NON_FINITE and changes nothing (no center, optimizer state, step count or output).
 pfc_status pfc_train_step(struct pfc_head *head,
                           const struct pfc_batch *batches,
                           uint32_t n,
                           struct pfc_step_stats *stats);
+
+// Forward and backward over `n` batches (one per local shard) without updating anything: writes
+// the embedding gradients (as `pfc_train_step` does) and adds the sampled centers' gradients to
+// those the head has accumulated since the last `pfc_train_apply`. Several computes before one
+// apply accumulate over the union of their sampled rows (gradients add up, as PyTorch's do).
+// Centers, optimizer state and the step count do not change, so the computes of one step use the
+// same step number: their negatives are the same draw (as one large batch would have), their
+// positives each batch's labels; `stats->step` reports the steps applied so far.
+// PFC_ERR_NON_FINITE when the loss or a gradient is NaN or Inf; nothing is written or accumulated.
+pfc_status pfc_train_compute(struct pfc_head *head,
+                             const struct pfc_batch *batches,
+                             uint32_t n,
+                             struct pfc_step_stats *stats);
+
+// Runs the optimizer once over the gradients accumulated by `pfc_train_compute` calls, with the
+// head's current learning rate, advances the step count and clears them. PFC_ERR_INVALID_ARGUMENT
+// when nothing was accumulated; PFC_ERR_NON_FINITE (nothing changes, the gradients stay
+// accumulated) when a center would become NaN, Inf or impossible to normalize.
+pfc_status pfc_train_apply(struct pfc_head *head);
+
+// Drops the gradients accumulated since the last `pfc_train_apply` (a skipped batch). Local: it
+// exchanges nothing, but every process should discard together to stay in step.
+pfc_status pfc_train_discard(struct pfc_head *head);
 
 // Loss and accuracy over all classes (no sampling), nothing updated; `grad_embeddings` is ignored.
 pfc_status pfc_evaluate(struct pfc_head *head,
@@ -290,21 +333,37 @@ pfc_status pfc_get_centers(const struct pfc_head *head,
 // every embedding is 0, as with PyTorch's normalize.
 pfc_status pfc_set_centers(struct pfc_head *head, uint64_t first, uint64_t count, const float *in);
 
-// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest plus one
-// safetensors file per shard with centers and all optimizer state. The previous checkpoint in `dir`
-// stays loadable until the new one is complete (a crash mid-save loses nothing).
-pfc_status pfc_save_checkpoint(const struct pfc_head *head, const char *dir);
+// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest
+// (`manifest.json`, one JSON document with its checksum inside) plus one safetensors file per shard
+// with centers and all optimizer state. The previous checkpoint in `dir` stays loadable until the
+// new one is complete (a crash mid-save loses nothing). One writer per directory: while another head
+// or process saves into `dir` (it holds `dir/.partialfc.lock`), this call fails at once with
+// PFC_ERR_IO and touches nothing. A head whose state a load would refuse is not saved and no file
+// is touched: NaN or Inf values give PFC_ERR_NON_FINITE, a learning rate or step counts out of
+// range PFC_ERR_INVALID_ARGUMENT. A save deletes only files this library wrote there: the replaced checkpoint's and what an
+// interrupted save of this library left. Collective on a multi-process head: every process writes
+// its own shards into `dir` (one directory on a filesystem all processes share); the manifest is
+// published only after every shard file of the job is durable.
+pfc_status pfc_save_checkpoint(const struct pfc_head *head,
+                               const char *dir);
 
 // Restores centers, optimizer state, step, seed and learning rate from the checkpoint in `dir`,
-// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file
-// gives PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer gives PFC_ERR_INCOMPATIBLE;
-// on any failure the head is unchanged.
-pfc_status pfc_load_checkpoint(struct pfc_head *head, const char *dir);
+// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file,
+// anything but a regular file (a FIFO, a device), or values the head would refuse give
+// PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer, or a checkpoint of another format
+// version (older versions of this library) give PFC_ERR_INCOMPATIBLE; a save in progress in `dir`
+// gives PFC_ERR_IO. Never reads more than the manifest declares. On any failure the head is unchanged.
+// Collective on a multi-process head (each process reads its own classes' rows, whatever layout
+// wrote them); a head refused after a failed exchange between processes is usable again after it.
+pfc_status pfc_load_checkpoint(struct pfc_head *head,
+                               const char *dir);
 
 // Writes all C centers to one file at `path`: `format` is a PFC_FORMAT_* value, `dtype`
 // PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs and FAISS: f32 only), `normalized` 1 for unit rows.
 // Streamed in chunks; the file appears atomically. An f16 export of centers beyond f16's range
 // (±65504) fails with PFC_ERR_INVALID_ARGUMENT and writes nothing: export them normalized or as f32.
+// Collective on a multi-process head: each process writes its classes' rows at their offset into
+// the one file, which appears only once all have written.
 pfc_status pfc_export_centers(const struct pfc_head *head,
                               const char *path,
                               int32_t format,
@@ -312,8 +371,11 @@ pfc_status pfc_export_centers(const struct pfc_head *head,
                               int32_t normalized);
 
 // The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
-// floats, finite, of any norm: a zero query scores 0 with every class) over this process's centers:
+// floats, finite, of any norm: a zero query scores 0 with every class) over all centers of the job:
 // `ids` (n × k int64) and `scores` (n × k floats), each row sorted by score, ties by smaller class id.
+// Collective on a multi-process head: every process passes the same queries (else
+// PFC_ERR_INVALID_ARGUMENT everywhere) and receives the same merged result, equal to a single
+// process's.
 pfc_status pfc_search(const struct pfc_head *head,
                       const float *queries,
                       uint64_t n,

@@ -40,57 +40,98 @@ extern "C" __global__ void embedding_grad(const float* grad, const float* unit, 
     for (int c = threadIdx.x; c < dim; c += blockDim.x) store_from_f32(out, (u64)r * dim + c, (g[c] - u[c] * dot) * k, dtype);
 }
 
-// Center gradient of sampled row j from G = ∂loss/∂ŵ (k×d, f32): back through ŵ = W/|W|, then
-// PyTorch SGD (momentum, weight decay) on that row only. One block per sampled row.
-extern "C" __global__ void update_sgd(float* centers, float* momentum, const u32* sampled, const float* grad_unit,
-                                      const float* inv_norm, int k, int dim, float lr, float mu, float wd) {
+// Center gradient of sampled row j, back through ŵ = W/|W| from G = ∂loss/∂ŵ (k×d, f32):
+// out[j] = (g − w(w·g)/|w|²)/|w|. One block per sampled row. Mirrors the CPU's `project_out`.
+extern "C" __global__ void project_center_grads(const float* centers, const u32* sampled, const float* grad_unit,
+                                                const float* inv_norm, int k, int dim, float* out) {
     __shared__ float scratch[32];
     const int j = blockIdx.x;
     if (j >= k) return;
-    float* w = centers + (u64)sampled[j] * dim;
-    float* buf = momentum + (u64)sampled[j] * dim;
+    const float* w = centers + (u64)sampled[j] * dim;
     const float* g = grad_unit + (u64)j * dim;
     const float inv = inv_norm[j];
     float dot = 0.0f;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) dot += w[c] * g[c];
     const float along = block_sum(dot, scratch) * inv * inv;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) out[(u64)j * dim + c] = (g[c] - w[c] * along) * inv;
+}
+
+// Whether a row (its squared norm) is one the head accepts as a center: finite, of norm at most
+// 2^62 (src/engine.rs MAX_ROW_NORM), so that it normalizes in f32.
+__device__ __forceinline__ bool normalizable(float sq) { return sq == sq && sq <= 2.12676479e37f; }
+
+__device__ __forceinline__ bool finite(float v) { return (v - v) == 0.0f; }
+
+// PyTorch SGD (momentum, weight decay) on the `k` rows `rows` given their center gradients `grad`.
+// With commit = 0 nothing is written: *bad becomes 1 if any new center value or momentum would be
+// non-finite or a row impossible to normalize (the check before an update, SPEC §2b). One block
+// per row; the same arithmetic either way.
+extern "C" __global__ void update_sgd(float* centers, float* momentum, const u32* rows, const float* grad, int k, int dim,
+                                      float lr, float mu, float wd, int commit, int* bad) {
+    __shared__ float scratch[32];
+    const int j = blockIdx.x;
+    if (j >= k) return;
+    float* w = centers + (u64)rows[j] * dim;
+    float* buf = momentum + (u64)rows[j] * dim;
+    const float* g = grad + (u64)j * dim;
+    float sq = 0.0f;
+    bool ok = true;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-        const float grad = (g[c] - w[c] * along) * inv;
-        const float b = mu * buf[c] + (grad + wd * w[c]);
-        buf[c] = b;
-        w[c] -= lr * b;
+        const float b = mu * buf[c] + (g[c] + wd * w[c]);
+        const float wc = w[c] - lr * b;
+        ok = ok && finite(b);
+        sq += wc * wc;
+        if (commit) {
+            buf[c] = b;
+            w[c] = wc;
+        }
     }
+    sq = block_sum(sq, scratch);
+    if (!commit && (!ok || !normalizable(sq))) atomicOr(bad, 1);
 }
 
 // The same with PyTorch AdamW and a per-row step count for bias correction.
-extern "C" __global__ void update_adamw(float* centers, float* exp_avg, float* exp_avg_sq, u32* steps, const u32* sampled,
-                                        const float* grad_unit, const float* inv_norm, int k, int dim, float lr,
-                                        float beta1, float beta2, float eps, float wd) {
+extern "C" __global__ void update_adamw(float* centers, float* exp_avg, float* exp_avg_sq, u32* steps, const u32* rows,
+                                        const float* grad, int k, int dim, float lr, float beta1, float beta2, float eps,
+                                        float wd, int commit, int* bad) {
     __shared__ float scratch[32];
     const int j = blockIdx.x;
     if (j >= k) return;
-    const u64 row = sampled[j];
+    const u64 row = rows[j];
     float* w = centers + row * dim;
     float* m = exp_avg + row * dim;
     float* v = exp_avg_sq + row * dim;
-    const float* g = grad_unit + (u64)j * dim;
-    const float inv = inv_norm[j];
-    float dot = 0.0f;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) dot += w[c] * g[c];
-    const float along = block_sum(dot, scratch) * inv * inv;
-    const u32 t = steps[row] + 1;
+    const float* g = grad + (u64)j * dim;
+    const u32 t = steps[row] == 0xffffffffu ? steps[row] : steps[row] + 1;
     const double bias1 = 1.0 - pow((double)beta1, (double)t), bias2 = 1.0 - pow((double)beta2, (double)t);
     const float step_size = (float)((double)lr / bias1), inv_sqrt_bias2 = (float)(1.0 / sqrt(bias2));
     const float decay = 1.0f - lr * wd;
-    __syncthreads();
-    if (threadIdx.x == 0) steps[row] = t;
+    float sq = 0.0f;
+    bool ok = true;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-        const float grad = (g[c] - w[c] * along) * inv;
         const float wc = w[c] * decay;
-        const float mc = beta1 * m[c] + (1.0f - beta1) * grad;
-        const float vc = beta2 * v[c] + (1.0f - beta2) * grad * grad;
-        m[c] = mc;
-        v[c] = vc;
-        w[c] = wc - step_size * mc / (sqrtf(vc) * inv_sqrt_bias2 + eps);
+        const float mc = beta1 * m[c] + (1.0f - beta1) * g[c];
+        const float vc = beta2 * v[c] + (1.0f - beta2) * g[c] * g[c];
+        const float wn = wc - step_size * mc / (sqrtf(vc) * inv_sqrt_bias2 + eps);
+        ok = ok && finite(mc) && finite(vc);
+        sq += wn * wn;
+        if (commit) {
+            m[c] = mc;
+            v[c] = vc;
+            w[c] = wn;
+        }
+    }
+    sq = block_sum(sq, scratch);
+    if (commit && threadIdx.x == 0) steps[row] = t;
+    if (!commit && (!ok || !normalizable(sq))) atomicOr(bad, 1);
+}
+
+// *flag becomes 1 if any of the `len` values is NaN or Inf.
+extern "C" __global__ void flag_non_finite(const float* v, u64 len, int* flag) {
+    for (u64 at = blockIdx.x * (u64)blockDim.x + threadIdx.x; at < len; at += (u64)gridDim.x * blockDim.x) {
+        if (!finite(v[at])) {
+            atomicOr(flag, 1);
+            return;
+        }
     }
 }

@@ -32,3 +32,9 @@ extern "C" __global__ void gather_centers(const float* centers, const u32* sampl
     if (threadIdx.x == 0) inv_norm[j] = inv;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) store_from_f32(out, (u64)j * dim + c, row[c] * inv, dtype);
 }
+
+// dst[i] = src[i] in `dtype` (the caller's gradient buffers).
+extern "C" __global__ void convert_f32(const float* src, u64 len, void* dst, int dtype) {
+    for (u64 at = blockIdx.x * (u64)blockDim.x + threadIdx.x; at < len; at += (u64)gridDim.x * blockDim.x)
+        store_from_f32(dst, at, src[at], dtype);
+}

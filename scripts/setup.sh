@@ -41,6 +41,9 @@ need_cmds pkg-config pkg-config
 need_cmds cmake cmake
 # tests/checkpoint_safety.rs reads the checkpoint manifest with jq (and Python's json).
 need_cmds jq jq
+# tests/mpi.rs and tests/persist_mpi.rs run jobs over several processes with OpenMPI.
+need_cmds openmpi-bin mpirun
+need_cmds libopenmpi-dev mpicc
 
 # tests/mpi.rs runs jobs over several processes with OpenMPI (mpicc, mpirun).
 need_cmds openmpi-bin mpirun

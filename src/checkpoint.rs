@@ -83,14 +83,22 @@ pub(crate) fn safetensors_header(tensors: &[(&str, &str, Vec<u64>, u64)], metada
 
 /// The first value of `values` (rows of `d` from class `first`) that no head may hold, as a message.
 fn first_bad_value(tensor: StateTensor, values: &[f32], first: u64, d: usize) -> Option<String> {
-    values.iter().position(|v| !v.is_finite()).map(|at| {
-        format!("{} of class {} holds NaN or Inf (value {} of the row)", tensor.name(), first + (at / d) as u64, at % d)
+    if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+        return Some(format!("{} of class {} holds NaN or Inf (value {} of the row)", tensor.name(), first + (at / d) as u64, at % d));
+    }
+    // The bound `pfc_set_centers` puts on a center: one whose norm f32 cannot normalize.
+    let oversized = if tensor == StateTensor::Centers { crate::engine::first_oversized_row(values, d) } else { None };
+    oversized.map(|(row, norm)| {
+        format!("the center of class {} has norm {norm:.3e}, above {:.3e}: it cannot be normalized in f32", first + row as u64, crate::engine::MAX_ROW_NORM)
     })
 }
 
 /// Checks that loading would accept the head's state; reads it in bounded chunks and writes nothing.
 fn check_saveable(head: &Head) -> Result<()> {
-    let refuse = |why: String| Error::invalid(format!("cannot save this head: {why}; it diverged or was given bad values (load a good checkpoint or set its centers)"));
+    let refuse = |why: String| Error::invalid(format!("cannot save this head: {why}"));
+    let non_finite = |why: String| {
+        Error::new(Status::NonFinite, format!("cannot save this head: {why}; it diverged or was given bad values (load a good checkpoint or set its centers)"))
+    };
     check_learning_rate(head.learning_rate()).map_err(|e| refuse(e.message))?;
     check_steps(head.steps_taken(), &[]).map_err(|e| refuse(e.message))?;
     let cfg = head.config();
@@ -105,7 +113,7 @@ fn check_saveable(head: &Head) -> Result<()> {
             let values = &mut chunk[..n as usize * d];
             head.read_state(tensor, at, n, values)?;
             if let Some(why) = first_bad_value(tensor, values, at, d) {
-                return Err(refuse(why));
+                return Err(non_finite(why));
             }
             at += n;
         }
@@ -123,42 +131,99 @@ fn check_saveable(head: &Head) -> Result<()> {
     Ok(())
 }
 
-/// Writes a checkpoint of `head` into `dir` (created if needed).
+/// Writes a checkpoint of `head` into `dir` (created if needed). Collective on a multi-process
+/// head: every process writes its own shards into the one directory (a shared filesystem across
+/// machines); process 0 holds the directory's lock, journals the save and publishes the manifest
+/// only after every process's shard files are durable. Any process's failure fails the save on all.
 pub fn save(head: &Head, dir: &Path) -> Result<()> {
+    let group = head.group();
     let cfg = head.config();
-    let (first, count) = head.local_classes();
-    if first != 0 || count != cfg.num_classes {
-        return Err(Error::new(Status::Unavailable, "this process owns only part of the classes; multi-process checkpoints need the distributed backend"));
-    }
-    check_saveable(head)?;
-    fs::create_dir_all(dir).map_err(|e| io_error("cannot create checkpoint directory", dir, e))?;
-    let mut lock = DirLock::exclusive(dir)?;
-    let pending = Journal::parse(&lock.contents(MAX_JOURNAL_BYTES)?);
-    let save_id = fresh_save_id(dir, cfg.world_size);
-    let own = JournalEntry { save: save_id.clone(), shards: cfg.world_size, supersedes: manifest_files(dir) };
-    lock.append(own.line().as_bytes())?;
-    let names = own.shard_files();
-    match write_checkpoint(head, dir, &save_id, &names) {
+    group.agree(check_saveable(head))?;
+    // Process 0 takes the directory and names the save; every process learns the name.
+    let mut lead: Option<(DirLock, Journal, JournalEntry)> = None;
+    let begun = if group.index() == 0 {
+        begin_save(dir, cfg.world_size).map(|(lock, pending, own)| {
+            let id = own.save.clone().into_bytes();
+            lead = Some((lock, pending, own));
+            id
+        })
+    } else {
+        Ok(Vec::new())
+    };
+    let begun = group.agree(begun)?;
+    let save_id = String::from_utf8_lossy(&group.allgather_varied(&begun)?[0]).into_owned();
+    let entry = JournalEntry { save: save_id.clone(), shards: cfg.world_size, supersedes: Vec::new() };
+    let ranks = cfg.first_rank..cfg.first_rank + cfg.local_shards;
+    let names = entry.shard_files();
+    let mine: Vec<String> = names[ranks.clone()].to_vec();
+    // Whether process 0 may have published the manifest: then only it may tell which files are
+    // referenced, and the others leave theirs to the next save's clean-up.
+    let mut may_publish = false;
+    let outcome = (|| -> Result<()> {
+        let written = fs::create_dir_all(dir)
+            .map_err(|e| io_error("cannot create checkpoint directory", dir, e))
+            .and_then(|()| write_shards(head, dir, &save_id, ranks.clone()));
+        let table = group.agree(written).inspect_err(|e| may_publish = e.status == Status::Communication)?;
+        may_publish = true;
+        // Every shard file of the job is durable: process 0 publishes the manifest naming them all.
+        let tables = group.allgather_varied(&serde_json::to_vec(&table).expect("JSON values serialize"))?;
+        let published = match &lead {
+            Some(_) => (|| {
+                let mut shards = Vec::new();
+                for t in &tables {
+                    let part: Vec<Value> = serde_json::from_slice(t).map_err(|e| Error::new(Status::Communication, format!("a process sent a bad shard table: {e}")))?;
+                    shards.extend(part);
+                }
+                write_manifest(head, dir, &save_id, shards)
+            })(),
+            None => Ok(()),
+        };
+        group.agree(published)
+    })();
+    match outcome {
         Ok(()) => {
-            // The new manifest is durable: nothing journaled is referenced any more but its files.
-            for entry in pending.entries.iter().chain([&own]) {
-                entry.remove_stale(dir, &names);
+            if let Some((mut lock, pending, own)) = lead {
+                // The new manifest is durable: nothing journaled is referenced any more but its files.
+                for entry in pending.entries.iter().chain([&own]) {
+                    entry.remove_stale(dir, &names);
+                }
+                let _ = crate::fsutil::sync_dir(dir);
+                let _ = lock.clear();
             }
-            let _ = crate::fsutil::sync_dir(dir);
-            let _ = lock.clear();
             Ok(())
         }
         Err(e) => {
             // Unless the new manifest made it into place (a failure after its rename), the files
-            // this save wrote are referenced by nothing: remove them. (Its journal line stays; the
-            // next save's clean-up finds nothing of it to remove.)
+            // this process wrote are referenced by nothing: remove them. Process 0 knows; another
+            // process knows only while the manifest cannot have been published yet. What stays is
+            // journaled: the next save removes it.
+            let knows = lead.is_some() || !may_publish;
             let installed = read_manifest(dir).is_ok_and(|m| m.shards.iter().any(|s| names.contains(&s.file)));
-            if !installed {
-                remove_regular(own.own_files(dir), &[]);
+            if knows && !installed {
+                let mut files = Vec::new();
+                for name in &mine {
+                    files.extend(temp_path(&dir.join(name), &save_id).ok());
+                    files.push(dir.join(name));
+                }
+                if lead.is_some() {
+                    files.extend(temp_path(&dir.join(MANIFEST), &save_id).ok());
+                }
+                remove_regular(files, &[]);
             }
             Err(e)
         }
     }
+}
+
+/// Process 0's start of a save: the directory, its lock, the journal of earlier saves, and this
+/// save's journal line, durable before any file of the save exists.
+fn begin_save(dir: &Path, world_size: usize) -> Result<(DirLock, Journal, JournalEntry)> {
+    fs::create_dir_all(dir).map_err(|e| io_error("cannot create checkpoint directory", dir, e))?;
+    let mut lock = DirLock::exclusive(dir)?;
+    let pending = Journal::parse(&lock.contents(MAX_JOURNAL_BYTES)?);
+    let own = JournalEntry { save: fresh_save_id(dir, world_size), shards: world_size, supersedes: manifest_files(dir) };
+    lock.append(own.line().as_bytes())?;
+    Ok((lock, pending, own))
 }
 
 fn shard_name(save_id: &str, rank: usize) -> String {
@@ -270,8 +335,9 @@ fn manifest_files(dir: &Path) -> Vec<String> {
     shards.iter().filter_map(|s| s.get("file")?.as_str().filter(|f| plain_name(f)).map(String::from)).collect()
 }
 
-/// Writes the shard files `names` (one per rank) and then the manifest that names them.
-fn write_checkpoint(head: &Head, dir: &Path, save_id: &str, names: &[String]) -> Result<()> {
+/// Writes the shard files of global ranks `ranks` (this process's) of save `save_id`: their
+/// entries of the manifest's shard table.
+fn write_shards(head: &Head, dir: &Path, save_id: &str, ranks: std::ops::Range<usize>) -> Result<Vec<Value>> {
     let cfg = head.config();
     let d = cfg.embedding_dim;
     let tensors = StateTensor::for_optimizer(cfg.optimizer.kind);
@@ -281,7 +347,8 @@ fn write_checkpoint(head: &Head, dir: &Path, save_id: &str, names: &[String]) ->
     let mut bytes = Vec::new();
     bytes.try_reserve_exact(rows_per_chunk * d * 4).map_err(|_| Error::new(Status::OutOfMemory, "cannot allocate a checkpoint chunk"))?;
     let mut shards = Vec::new();
-    for (rank, name) in names.iter().enumerate() {
+    for rank in ranks {
+        let name = shard_name(save_id, rank);
         let range = ShardRange::of(cfg.num_classes, cfg.world_size, rank);
         let d64 = d as u64;
         let mut layout: Vec<(&str, &str, Vec<u64>, u64)> =
@@ -290,7 +357,7 @@ fn write_checkpoint(head: &Head, dir: &Path, save_id: &str, names: &[String]) ->
             layout.push(("steps", "U32", vec![range.len], range.len * 4));
         }
         let meta = json!({"start": range.start.to_string(), "len": range.len.to_string(), "rank": rank.to_string()});
-        let mut file = AtomicFile::create_tagged(&dir.join(name), save_id)?;
+        let mut file = AtomicFile::create_tagged(&dir.join(&name), save_id)?;
         let mut crc = crc32fast::Hasher::new();
         let mut size = 0u64;
         let mut put = |file: &mut AtomicFile, bytes: &[u8]| -> Result<()> {
@@ -328,6 +395,13 @@ fn write_checkpoint(head: &Head, dir: &Path, save_id: &str, names: &[String]) ->
         file.commit()?;
         shards.push(json!({"rank": rank, "start": range.start, "len": range.len, "file": name, "bytes": size, "crc32": crc}));
     }
+    Ok(shards)
+}
+
+/// Writes and publishes the manifest of save `save_id` over the shard table `shards` (any order).
+fn write_manifest(head: &Head, dir: &Path, save_id: &str, mut shards: Vec<Value>) -> Result<()> {
+    let cfg = head.config();
+    shards.sort_by_key(|s| s.get("rank").and_then(Value::as_u64).unwrap_or(u64::MAX));
     let m = &cfg.margin;
     let body = json!({
         "format": FORMAT,
@@ -529,7 +603,7 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
     let shown = path.display();
     let mut f = RegularFile::open(&path, "checkpoint file")?.ok_or_else(|| corrupt(format!("checkpoint file {shown} is missing")))?;
     let damaged = || corrupt(format!("checkpoint file {shown} fails its size or checksum: truncated or altered"));
-    if f.len() != s.bytes || s.bytes < 8 {
+    if f.size() != s.bytes || s.bytes < 8 {
         return Err(damaged());
     }
     let mut crc = crc32fast::Hasher::new();
@@ -597,9 +671,6 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
                             for (o, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
                                 *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                             }
-                            if let Some(why) = first_bad_value(t, dst, w0, d) {
-                                return Err(corrupt(format!("{shown}: {why}")));
-                            }
                         }
                     }
                     None => {
@@ -608,7 +679,6 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
                             for (o, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
                                 *o = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                             }
-                            check_steps(m.step, dst).map_err(|e| corrupt(format!("{shown}: {}", e.message)))?;
                         }
                     }
                 }
@@ -619,12 +689,50 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
     if crc.finalize() != s.crc32 {
         return Err(damaged());
     }
+    // The file is what was saved; its values must still be ones a head accepts.
+    if lo < hi {
+        let rows = (lo - out.first) as usize..(hi - out.first) as usize;
+        for (t, dst) in &out.tensors {
+            if let Some(why) = first_bad_value(*t, &dst[rows.start * d..rows.end * d], lo, d) {
+                return Err(corrupt(format!("{shown}: {why}")));
+            }
+        }
+        if let Some(steps) = &out.steps {
+            check_steps(m.step, &steps[rows]).map_err(|e| corrupt(format!("{shown}: {}", e.message)))?;
+        }
+    }
     Ok(())
 }
 
-/// Reads a checkpoint from `dir` into `head`, resharding as needed. On any error the head is
-/// unchanged.
+/// Reads a checkpoint from `dir` into `head`, resharding as needed: each process reads the rows of
+/// its own classes, whatever layout wrote them. On any process's error every process fails and
+/// every head is unchanged. A head poisoned by a failed exchange is usable again after a load.
 pub fn load(head: &mut Head, dir: &Path) -> Result<()> {
+    load_from(head, Ok(dir))
+}
+
+/// `load` of a directory argument that may be bad on some process (agreed first, on a head that
+/// the load may heal).
+pub(crate) fn load_from(head: &mut Head, dir: Result<&Path>) -> Result<()> {
+    let poisoned = head.group().check().err();
+    head.group().heal();
+    let outcome = head.group().agree(dir).and_then(|dir| {
+        let read = read_state(head, dir);
+        head.group().agree(read)
+    });
+    match outcome {
+        Ok(restored) => head.restore(restored),
+        Err(e) => {
+            if let Some(p) = poisoned {
+                head.group().poison(&p.message);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// This process's part of the checkpoint in `dir`, verified completely.
+fn read_state(head: &Head, dir: &Path) -> Result<Restored> {
     let _reading = DirLock::shared(dir)?;
     let m = read_manifest(dir)?;
     let cfg = head.config();
@@ -647,7 +755,7 @@ pub fn load(head: &mut Head, dir: &Path) -> Result<()> {
     let (first, count) = head.local_classes();
     let mut rows = RowsOut::new(first, count, cfg.embedding_dim, StateTensor::for_optimizer(kind), kind == OptimizerKind::AdamW)?;
     read_rows(dir, &m, &mut rows)?;
-    head.restore(Restored { tensors: rows.tensors, steps: rows.steps, step: m.step, seed: m.seed, lr: m.lr })
+    Ok(Restored { tensors: rows.tensors, steps: rows.steps, step: m.step, seed: m.seed, lr: m.lr })
 }
 
 /// All centers of the checkpoint in `dir`, verified as `load` verifies them: `(classes, dim, rows)`.
@@ -706,26 +814,26 @@ mod tests {
                 }).collect()
             };
             let good = state(&h);
-            let mut cases: Vec<(String, Restored)> = Vec::new();
+            let mut cases: Vec<(String, Status, Restored)> = Vec::new();
             for (i, &t) in tensors.iter().enumerate() {
                 for bad in [f32::NAN, f32::INFINITY] {
                     let mut tensors = good.clone();
                     tensors[i].1[count as usize * d - 3] = bad;
                     let steps = adamw.then(|| vec![0u32; count as usize]);
-                    cases.push((format!("{} {bad}", t.name()), Restored { tensors, steps, step: 5, seed: 1, lr: 0.1 }));
+                    cases.push((format!("{} {bad}", t.name()), Status::NonFinite, Restored { tensors, steps, step: 5, seed: 1, lr: 0.1 }));
                 }
             }
             if adamw {
                 let mut steps = vec![3u32; count as usize];
                 steps[7] = 6;
-                cases.push(("a row stepped more often than the head".into(), Restored { tensors: good.clone(), steps: Some(steps), step: 5, seed: 1, lr: 0.1 }));
+                cases.push(("a row stepped more often than the head".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: Some(steps), step: 5, seed: 1, lr: 0.1 }));
             }
-            cases.push(("a step count beyond the limit".into(), Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: u64::MAX, seed: 1, lr: 0.1 }));
-            cases.push(("an infinite learning rate".into(), Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: 5, seed: 1, lr: f32::INFINITY }));
-            for (what, bad) in cases {
+            cases.push(("a step count beyond the limit".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: u64::MAX, seed: 1, lr: 0.1 }));
+            cases.push(("an infinite learning rate".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: 5, seed: 1, lr: f32::INFINITY }));
+            for (what, status, bad) in cases {
                 h.restore(bad).unwrap();
                 let e = save(&h, &dir).unwrap_err();
-                assert_eq!(e.status, Status::InvalidArgument, "{what}: {}", e.message);
+                assert_eq!(e.status, status, "{what}: {}", e.message);
                 assert!(e.message.contains("cannot save"), "{what}: {}", e.message);
                 assert_eq!(listing(&dir), before, "{what}: the directory changed");
                 // Nor into a new directory: nothing is created.

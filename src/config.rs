@@ -80,6 +80,8 @@ pub struct Config {
     /// every process's `local_shards` when the head is created (SPEC §2a).
     pub world_size: usize,
     pub first_rank: usize,
+    /// An NCCL unique id the host distributed (the CUDA backend's job without a process group).
+    pub nccl_id: Option<Vec<u8>>,
     /// Processes in the job and this one's place among them.
     pub process_count: usize,
     pub process_index: usize,
@@ -129,6 +131,7 @@ impl Default for Config {
             devices: Vec::new(),
             world_size: 1,
             first_rank: 0,
+            nccl_id: None,
             process_count: 1,
             process_index: 0,
         }

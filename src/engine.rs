@@ -2,7 +2,9 @@
 //! input validation, the loss and accuracy from reduced statistics, center access. A failed call
 //! leaves the head exactly as it was: inputs are checked before any backend state changes.
 
-use crate::backend::{Backend, DeviceBatch, GradOut, HostBatch, HostValues, PhaseTimes, RowStats, StepPlan};
+pub(crate) mod driver;
+
+use crate::backend::{Backend, Batches, Evaluated, GradOut, HostBatch, Outputs, PhaseTimes, StepPlan};
 use crate::comm::group::ProcessGroup;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -91,8 +93,19 @@ impl Head {
         self.backend.phase_times()
     }
 
-    fn check_batches(&self, batches: &[HostBatch<'_>]) -> Result<()> {
+    fn check_batches(&self, batches: Batches<'_, '_>) -> Result<()> {
         let shards = self.cfg.local_shards;
+        let batches = match batches {
+            Batches::Host(b) => b,
+            Batches::Device(b) => {
+                // Device batches are validated by the backend, where they are.
+                return if b.len() == shards {
+                    Ok(())
+                } else {
+                    Err(Error::invalid(format!("got {} batches for {} local shards: pass one per shard", b.len(), shards)))
+                };
+            }
+        };
         if batches.len() != shards {
             return Err(Error::invalid(format!("got {} batches for {} local shards: pass one per shard", batches.len(), shards)));
         }
@@ -103,93 +116,81 @@ impl Head {
             if b.embeddings.len() != rows * d {
                 return Err(Error::invalid(format!("batch {s}: {} embedding values for {rows} rows of dimension {d}", b.embeddings.len())));
             }
-            if let Some((i, &label)) = b.labels.iter().enumerate().find(|(_, &l)| l < 0 || l as u64 >= self.cfg.num_classes) {
-                return Err(Error::invalid(format!(
-                    "batch {s}: label {label} at row {i} is outside [0, {})",
-                    self.cfg.num_classes
-                )));
-            }
-            if let Some(at) = first_non_finite(&b.embeddings) {
-                return Err(Error::invalid(format!("batch {s}: embedding row {} holds NaN or Inf", at / d)));
-            }
-            if let Some((row, norm)) = first_oversized_embedding(&b.embeddings, d) {
-                return Err(Error::invalid(format!(
-                    "batch {s}: embedding row {row} has norm {norm:.3e}, above {MAX_ROW_NORM:.3e}: it cannot be normalized in f32"
-                )));
-            }
             total += rows;
         }
-        // Another process's rows may fill the global batch; the backend checks it after gathering.
+        crate::backend::validate(batches, self.cfg.num_classes, d)?;
+        // Another process's rows may fill the global batch; the driver checks it after gathering.
         if total == 0 && self.group.is_solo() {
             return Err(Error::invalid("the global batch is empty"));
         }
         Ok(())
     }
 
-    fn stats(&self, rows: &RowStats) -> StepStats {
-        let n = rows.max.len();
-        let mut loss = 0.0f64;
-        let mut correct = 0usize;
-        for i in 0..n {
-            loss += sample_loss(rows.rest[i], rows.max[i], rows.target_logit[i]);
-            correct += usize::from(rows.target_cos[i] > rows.other_cos[i]);
-        }
-        StepStats {
-            loss: loss / n as f64,
-            accuracy: correct as f64 / n as f64,
-            step: self.step,
-            global_batch: n as u64,
-            sampled_classes: rows.sampled_classes,
-        }
+    fn stats(&self, e: Evaluated) -> StepStats {
+        StepStats { loss: e.loss, accuracy: e.accuracy, step: self.step, global_batch: e.global_batch, sampled_classes: e.sampled_classes }
     }
 
-    /// One training step: gradients into `grads` (one per local shard), sampled centers updated.
-    pub fn train_step(&mut self, batches: &[HostBatch<'_>], grads: &mut [GradOut<'_>]) -> Result<StepStats> {
-        let checked = self.check_batches(batches).and_then(|()| {
-            for (s, (b, g)) in batches.iter().zip(grads.iter()).enumerate() {
-                if g.len() != b.embeddings.len() {
-                    return Err(Error::invalid(format!("batch {s}: gradient buffer has {} values, embeddings {}", g.len(), b.embeddings.len())));
+    fn plan(&self, train: bool) -> StepPlan {
+        StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: if train { self.cfg.sample_rate } else { 1.0 }, train }
+    }
+
+    /// Forward and backward on a batch per local shard: the embedding gradients into `out`, the
+    /// sampled centers' gradients accumulated in the head; with `apply`, then one optimizer step
+    /// (and the step count advances). A collective call; all or nothing on every process.
+    pub fn compute(&mut self, batches: Batches<'_, '_>, out: Outputs<'_, '_>, apply: bool) -> Result<StepStats> {
+        self.group.check()?;
+        let checked = self.check_batches(batches).and_then(|()| match (&batches, &out) {
+            (Batches::Host(b), Outputs::Host(g)) => {
+                for (s, (b, g)) in b.iter().zip(g.iter()).enumerate() {
+                    if g.len() != b.embeddings.len() {
+                        return Err(Error::invalid(format!("batch {s}: gradient buffer has {} values, embeddings {}", g.len(), b.embeddings.len())));
+                    }
                 }
+                Ok(())
             }
-            Ok(())
+            (Batches::Device(_), Outputs::Device(_)) => Ok(()),
+            _ => Err(Error::invalid("batches and gradient buffers must be in the same kind of memory")),
         });
-        self.group.agree(checked)?;
-        let plan = StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: self.cfg.sample_rate, train: true };
-        let rows = self.backend.forward(batches, plan)?;
-        self.backend.backward(&rows, self.lr, grads)?;
+        let plan = self.plan(true);
+        let e = self.backend.compute(checked, batches, plan, out, apply.then_some(self.lr))?;
+        if apply {
+            self.step += 1;
+        }
+        Ok(self.stats(e))
+    }
+
+    /// One training step (compute + apply): gradients into `grads` (one per local shard), sampled
+    /// centers updated.
+    pub fn train_step(&mut self, batches: &[HostBatch<'_>], grads: &mut [GradOut<'_>]) -> Result<StepStats> {
+        self.compute(Batches::Host(batches), Outputs::Host(grads), true)
+    }
+
+    /// One optimizer step over the gradients accumulated by `compute`s, at the current learning
+    /// rate; the step count advances. A collective call.
+    pub fn apply(&mut self) -> Result<()> {
+        self.group.check()?;
+        if !self.backend.apply(self.lr)? {
+            return Err(Error::invalid("no accumulated gradients to apply: call pfc_train_compute first"));
+        }
         self.step += 1;
-        Ok(self.stats(&rows))
+        Ok(())
+    }
+
+    /// Drops the gradients accumulated since the last apply.
+    pub fn discard(&mut self) {
+        self.backend.discard();
     }
 
     /// Loss and accuracy over every class; nothing changes.
-    pub fn evaluate(&mut self, batches: &[HostBatch<'_>]) -> Result<StepStats> {
-        self.group.agree(self.check_batches(batches))?;
-        let plan = StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: 1.0, train: false };
-        let rows = self.backend.forward(batches, plan)?;
-        Ok(self.stats(&rows))
+    pub fn evaluate_batches(&mut self, batches: Batches<'_, '_>) -> Result<StepStats> {
+        self.group.check()?;
+        let checked = self.check_batches(batches);
+        let e = self.backend.evaluate(checked, batches, self.plan(false))?;
+        Ok(self.stats(e))
     }
 
-    /// A step (or, with `train` false, an evaluation) on batches in device memory. This version stages
-    /// them through the host: the inputs are copied out (after the callers' streams), validated and
-    /// stepped like host batches, and the gradients copied back (before the callers' streams go on).
-    pub fn step_device(&mut self, batches: &[DeviceBatch], train: bool) -> Result<StepStats> {
-        if batches.len() != self.cfg.local_shards {
-            return Err(Error::invalid(format!("got {} batches for {} local shards", batches.len(), self.cfg.local_shards)));
-        }
-        let staged = self.backend.download(batches, self.cfg.embedding_dim)?;
-        let inputs: Vec<HostBatch> =
-            staged.iter().map(|s| HostBatch { embeddings: s.embeddings.as_embeddings(), labels: &s.labels }).collect();
-        if !train {
-            return self.evaluate(&inputs);
-        }
-        let mut grads: Vec<HostValues> =
-            batches.iter().map(|b| HostValues::zeros(b.dtype, b.rows * self.cfg.embedding_dim)).collect();
-        let stats = {
-            let mut outs: Vec<GradOut> = grads.iter_mut().map(|g| g.as_grad_out()).collect();
-            self.train_step(&inputs, &mut outs)?
-        };
-        self.backend.upload_grads(batches, &grads)?;
-        Ok(stats)
+    pub fn evaluate(&mut self, batches: &[HostBatch<'_>]) -> Result<StepStats> {
+        self.evaluate_batches(Batches::Host(batches))
     }
 
     fn check_range(&self, first: u64, count: u64, buffer_len: usize) -> Result<()> {
@@ -207,7 +208,7 @@ impl Head {
 
     pub fn get_centers(&self, first: u64, count: u64, normalized: bool, out: &mut [f32]) -> Result<()> {
         self.check_range(first, count, out.len())?;
-        self.backend.read_state(StateTensor::Centers, first, count, out)?;
+        self.backend.state().read_state(StateTensor::Centers, first, count, out)?;
         if normalized {
             let d = self.cfg.embedding_dim;
             let mut inv = vec![0.0; count as usize];
@@ -227,25 +228,27 @@ impl Head {
                 first + row as u64
             )));
         }
-        self.backend.set_centers(first, count, values)
+        self.backend.state_mut().set_centers(first, count, values)
     }
 }
 
 impl Head {
-    /// The `k` most similar local classes by cosine for each query (rows of `queries`), best first,
-    /// ties by smaller class id: `(ids, scores)`, `n × k` each.
+    /// The `k` classes of the job most similar by cosine to each query (rows of `queries`), best
+    /// first, ties by smaller class id: `(ids, scores)`, `n × k` each. Collective on a multi-process
+    /// head: every process passes the same queries and receives the merged result.
     pub fn search(&self, queries: &[f32], k: usize) -> Result<(Vec<i64>, Vec<f32>)> {
         let (_, local) = self.local_classes();
-        crate::search::top_k(queries, self.cfg.embedding_dim, local, k, |unit, k| self.backend.search(unit, k))
+        let (d, classes) = (self.cfg.embedding_dim, self.cfg.num_classes);
+        crate::search::search_job(&self.group, queries, d, classes, local, k, |unit, k| self.backend.state().search(unit, k))
     }
 
     /// Rows `[first, first + count)` of a state tensor (checkpoints).
     pub(crate) fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
-        self.backend.read_state(tensor, first, count, out)
+        self.backend.state().read_state(tensor, first, count, out)
     }
 
     pub(crate) fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()> {
-        self.backend.read_steps(first, count, out)
+        self.backend.state().read_steps(first, count, out)
     }
 
     /// Replaces the whole training state at once; the caller has validated every piece, so this
@@ -253,14 +256,18 @@ impl Head {
     pub(crate) fn restore(&mut self, restored: Restored) -> Result<()> {
         let (first, count) = self.local_classes();
         for (tensor, values) in &restored.tensors {
-            self.backend.write_state(*tensor, first, count, values)?;
+            self.backend.state_mut().write_state(*tensor, first, count, values)?;
         }
         if let Some(steps) = &restored.steps {
-            self.backend.write_steps(first, count, steps)?;
+            self.backend.state_mut().write_steps(first, count, steps)?;
         }
         self.step = restored.step;
         self.cfg.seed = restored.seed;
         self.lr = restored.lr;
+        // Every process now holds the same state again: accumulated gradients are gone and a
+        // failed exchange is forgiven.
+        self.backend.discard();
+        self.group.heal();
         Ok(())
     }
 }
@@ -272,25 +279,6 @@ pub(crate) struct Restored {
     pub step: u64,
     pub seed: u64,
     pub lr: f32,
-}
-
-/// One sample's exact log-softmax loss, with no clamp on the probability, from the non-target sum
-/// `rest = Σ_{j≠y} exp(z_j − max)`: `log Σ_j exp(z_j) − z_y = log(1 + rest / exp(z_y − max))`,
-/// i.e. softplus(a) with `a = ln rest + max − z_y`. Unlike `ln Σ + max − z_y`, which cancels to
-/// nothing when p_y → 1 (Σ ≈ 1 in f32), this keeps rest's relative precision at any loss, whether
-/// or not the target is the row's max, and cannot overflow. `rest = 0` (one class) gives 0.
-fn sample_loss(rest: f32, max: f32, target_logit: f32) -> f64 {
-    let a = (rest as f64).ln() + (max as f64 - target_logit as f64);
-    a.max(0.0) + (-a.abs()).exp().ln_1p()
-}
-
-fn first_non_finite(e: &crate::backend::Embeddings<'_>) -> Option<usize> {
-    use crate::backend::Embeddings;
-    match e {
-        Embeddings::F32(v) => v.iter().position(|x| !x.is_finite()),
-        Embeddings::F16(v) => v.iter().position(|x| !x.is_finite()),
-        Embeddings::BF16(v) => v.iter().position(|x| !x.is_finite()),
-    }
 }
 
 /// The largest L2 norm a center or embedding row may have: 2^62. Its square, 2^124, leaves f32 16×
@@ -310,7 +298,7 @@ fn row_norm(row: impl Iterator<Item = f32>) -> f64 {
     row.map(|v| v as f64 * v as f64).sum::<f64>().sqrt()
 }
 
-fn first_oversized_embedding(e: &crate::backend::Embeddings<'_>, d: usize) -> Option<(usize, f64)> {
+pub(crate) fn first_oversized_embedding(e: &crate::backend::Embeddings<'_>, d: usize) -> Option<(usize, f64)> {
     use crate::backend::Embeddings;
     match e {
         Embeddings::F32(v) => first_oversized_row(v, d),
@@ -362,29 +350,4 @@ fn agree_on_layout(cfg: &mut Config, group: &ProcessGroup) -> Result<Vec<usize>>
     cfg.world_size = world;
     cfg.first_rank = shards[..group.index()].iter().sum();
     Ok(shards)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::sample_loss;
-
-    /// `log Σ − z_y` in float64 from the same statistics, for comparison.
-    fn direct(rest: f64, max: f64, target: f64) -> f64 {
-        (rest + (target - max).exp()).ln() + max - target
-    }
-
-    #[test]
-    fn sample_loss_is_the_log_softmax_in_every_regime() {
-        // Target the max (rest relative to it), target below the max, one class, confident.
-        for &(rest, max, target) in &[(1.7f32, 3.0f32, 3.0f32), (2.5, 10.0, -40.0), (0.25, 5.0, 4.5)] {
-            let want = direct(rest as f64, max as f64, target as f64);
-            assert!((sample_loss(rest, max, target) - want).abs() <= 1e-12 * want, "{rest} {max} {target}");
-        }
-        assert_eq!(sample_loss(0.0, 2.0, 2.0), 0.0);
-        // p_y = 1 − 1e-9: the loss is 1e-9 to f32's precision of `rest`, where Σ = 1 + 1e-9 is 1 in f32.
-        let tiny = sample_loss(1e-9, 2.0, 2.0);
-        assert!((tiny - 1e-9).abs() < 1e-16, "{tiny:e}");
-        // A target far below the max cannot overflow.
-        assert!((sample_loss(1.0, 5000.0, -5000.0) - 10000.0).abs() < 1e-9);
-    }
 }

@@ -7,7 +7,8 @@ use crate::checkpoint::safetensors_header;
 use crate::config::DType;
 use crate::engine::Head;
 use crate::error::{try_zeroed, Error, Result, Status};
-use crate::fsutil::AtomicFile;
+use crate::fsutil::{AtomicFile, PositionalFile};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,34 +64,67 @@ fn header(format: Format, dtype: DType, classes: u64, dim: usize) -> Vec<u8> {
 /// FAISS's `METRIC_INNER_PRODUCT`.
 pub(crate) const FAISS_METRIC_INNER_PRODUCT: i32 = 0;
 
-/// Writes every center of `head` to `path`.
-pub fn export_centers(head: &Head, path: &Path, format: Format, dtype: DType, normalized: bool) -> Result<()> {
+/// Bytes of one center in the file: its values, after fvecs' dimension field.
+fn row_bytes(format: Format, dtype: DType, dim: usize) -> usize {
+    dim * dtype.size() + if format == Format::Fvecs { 4 } else { 0 }
+}
+
+fn check_arguments(format: Format, dtype: DType) -> Result<()> {
     if dtype == DType::BF16 {
         return Err(Error::invalid("export dtype must be f32 or f16 (numpy and FAISS have no bfloat16)"));
     }
     if matches!(format, Format::Fvecs | Format::Faiss) && dtype != DType::F32 {
         return Err(Error::invalid(".fvecs and FAISS indexes hold f32 vectors; export f16 as safetensors or .npy"));
     }
-    let (first, count) = head.local_classes();
+    Ok(())
+}
+
+/// Writes every center of `head` to `path`. Collective on a multi-process head: process 0 creates
+/// the file (header, full length) beside its destination, every process writes its own classes'
+/// rows at their offset and syncs them, and process 0 publishes the file once all have; any
+/// process's failure fails the export everywhere and leaves no file.
+pub fn export_centers(head: &Head, path: &Path, format: Format, dtype: DType, normalized: bool) -> Result<()> {
+    let group = head.group();
+    group.agree(check_arguments(format, dtype))?;
     let classes = head.config().num_classes;
-    if first != 0 || count != classes {
-        return Err(Error::new(
-            Status::Unavailable,
-            "this process owns only part of the classes; multi-process export needs the distributed backend",
-        ));
-    }
     let d = head.config().embedding_dim;
-    let chunk_rows = crate::checkpoint::chunk_rows(d * 4) as u64;
-    let mut rows = try_zeroed::<f32>(chunk_rows.min(classes) as usize * d, "export chunk")?;
+    let header = header(format, dtype, classes, d);
+    let row = row_bytes(format, dtype, d) as u64;
+    // Process 0's file; its temporary name is everyone's.
+    let mut file = None;
+    let created = if group.index() == 0 {
+        AtomicFile::create(path).and_then(|mut f| {
+            f.write_all(&header)?;
+            f.set_len(header.len() as u64 + classes * row)?;
+            let temp = f.temp().as_os_str().as_bytes().to_vec();
+            file = Some(f);
+            Ok(temp)
+        })
+    } else {
+        Ok(Vec::new())
+    };
+    let created = group.agree(created)?;
+    let temp = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&group.allgather_varied(&created)?[0]));
+    let written = write_rows(head, &temp, header.len() as u64, format, dtype, normalized);
+    group.agree(written)?;
+    group.agree(file.map_or(Ok(()), AtomicFile::commit))
+}
+
+/// This process's classes' rows, written into `temp` after its `header_len`-byte header.
+fn write_rows(head: &Head, temp: &Path, header_len: u64, format: Format, dtype: DType, normalized: bool) -> Result<()> {
+    let d = head.config().embedding_dim;
+    let (first, count) = head.local_classes();
+    let row = row_bytes(format, dtype, d);
+    let chunk_rows = crate::checkpoint::chunk_rows(row) as u64;
+    let mut rows = try_zeroed::<f32>(chunk_rows.min(count) as usize * d, "export chunk")?;
     let mut bytes = Vec::new();
     bytes
-        .try_reserve_exact(rows.len() * 4 + chunk_rows as usize * 4)
+        .try_reserve_exact(chunk_rows.min(count) as usize * row)
         .map_err(|_| Error::new(Status::OutOfMemory, "cannot allocate an export chunk"))?;
-    let mut file = AtomicFile::create(path)?;
-    file.write_all(&header(format, dtype, classes, d))?;
-    let mut at = 0;
-    while at < classes {
-        let n = chunk_rows.min(classes - at);
+    let mut out = PositionalFile::open(temp)?;
+    let mut at = first;
+    while at < first + count {
+        let n = chunk_rows.min(first + count - at);
         let chunk = &mut rows[..n as usize * d];
         head.get_centers(at, n, normalized, chunk)?;
         if dtype == DType::F16 {
@@ -104,17 +138,17 @@ pub fn export_centers(head: &Head, path: &Path, format: Format, dtype: DType, no
             }
         }
         bytes.clear();
-        for row in chunk.chunks_exact(d) {
+        for values in chunk.chunks_exact(d) {
             if format == Format::Fvecs {
                 bytes.extend_from_slice(&(d as i32).to_le_bytes());
             }
             match dtype {
-                DType::F16 => row.iter().for_each(|v| bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-                _ => row.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
+                DType::F16 => values.iter().for_each(|v| bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+                _ => values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
             }
         }
-        file.write_all(&bytes)?;
+        out.write_at(header_len + at * row as u64, &bytes)?;
         at += n;
     }
-    file.commit()
+    out.sync()
 }

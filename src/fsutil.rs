@@ -75,6 +75,20 @@ impl AtomicFile {
         out.write_all(bytes).map_err(|e| io_error("cannot write", &self.temp, e))
     }
 
+    /// The temporary file being written, for writers at offsets (`PositionalFile`).
+    pub fn temp(&self) -> &Path {
+        &self.temp
+    }
+
+    /// Flushes what was written and makes the file `len` bytes long (a hole to be filled at
+    /// offsets).
+    pub fn set_len(&mut self, len: u64) -> Result<()> {
+        charge_write(&self.temp)?;
+        let out = self.out.as_mut().expect("not committed");
+        out.flush().map_err(|e| io_error("cannot write", &self.temp, e))?;
+        out.get_ref().set_len(len).map_err(|e| io_error("cannot extend", &self.temp, e))
+    }
+
     /// Flushes, syncs and renames into place, then syncs the directory.
     pub fn commit(mut self) -> Result<()> {
         let out = self.out.take().expect("not committed");
@@ -87,6 +101,37 @@ impl AtomicFile {
         self.renamed = true;
         let dir = self.target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         sync_dir(dir)
+    }
+}
+
+/// Another writer of an `AtomicFile`'s temporary file, at offsets: each process of a job writes its
+/// rows into the one file that process 0 then publishes.
+pub struct PositionalFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl PositionalFile {
+    pub fn open(path: &Path) -> Result<PositionalFile> {
+        charge_write(path)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| io_error("cannot open", path, e))?;
+        Ok(PositionalFile { file, path: path.to_path_buf() })
+    }
+
+    pub fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        charge_write(&self.path)?;
+        self.file.write_all_at(bytes, offset).map_err(|e| io_error("cannot write", &self.path, e))
+    }
+
+    /// Makes the writes durable.
+    pub fn sync(self) -> Result<()> {
+        charge_write(&self.path)?;
+        self.file.sync_data().map_err(|e| io_error("cannot sync", &self.path, e))
     }
 }
 
@@ -143,7 +188,8 @@ impl RegularFile {
         Ok(Some(RegularFile { file, path: path.to_path_buf(), len: meta.len(), read: 0 }))
     }
 
-    pub fn len(&self) -> u64 {
+    /// Bytes in the file when it was opened.
+    pub fn size(&self) -> u64 {
         self.len
     }
 

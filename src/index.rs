@@ -40,7 +40,7 @@ impl Index {
         let mut file = RegularFile::open(path, "index file")?
             .ok_or_else(|| Error::new(Status::Io, format!("no file or checkpoint directory at {}", path.display())))?;
         let mut magic = [0u8; 8];
-        if file.len() < 8 {
+        if file.size() < 8 {
             return Err(corrupt(path, "too short to be an exported centers file"));
         }
         file.read_exact(&mut magic)?;
@@ -51,7 +51,7 @@ impl Index {
             faiss_layout(&mut file)?
         } else if magic.starts_with(b"IxF2") || magic.starts_with(b"IxFl") {
             return Err(corrupt(path, "a FAISS flat index with another metric; partialfc exports and reads IndexFlatIP"));
-        } else if u64::from_le_bytes(magic) <= file.len().saturating_sub(8) && peek_byte(&mut file, 8)? == Some(b'{') {
+        } else if u64::from_le_bytes(magic) <= file.size().saturating_sub(8) && peek_byte(&mut file, 8)? == Some(b'{') {
             safetensors_layout(&mut file)?
         } else {
             fvecs_layout(&mut file)?
@@ -86,7 +86,7 @@ struct Layout {
 }
 
 fn peek_byte(file: &mut RegularFile, at: u64) -> Result<Option<u8>> {
-    if at >= file.len() {
+    if at >= file.size() {
         return Ok(None);
     }
     file.seek(at)?;
@@ -113,8 +113,8 @@ fn check_length(file: &RegularFile, classes: u64, dim: usize, elem: Elem, layout
         .checked_mul(layout.skip + dim as u64 * size)
         .and_then(|b| b.checked_add(layout.offset))
         .ok_or_else(|| corrupt(file.path(), "sizes overflow"))?;
-    if want != file.len() {
-        return Err(corrupt(file.path(), format!("holds {} bytes; {classes} centers of dimension {dim} need {want}", file.len())));
+    if want != file.size() {
+        return Err(corrupt(file.path(), format!("holds {} bytes; {classes} centers of dimension {dim} need {want}", file.size())));
     }
     Ok(())
 }
@@ -129,7 +129,7 @@ fn safetensors_layout(file: &mut RegularFile) -> Result<(u64, usize, Elem, Layou
     }
     let header = file.read_vec(header_len, "safetensors header")?;
     let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| corrupt(&path, e))?;
-    if 8 + header_len + meta.data_len() as u64 != file.len() {
+    if 8 + header_len + meta.data_len() as u64 != file.size() {
         return Err(corrupt(&path, "safetensors data does not match the file's length"));
     }
     let info = meta.info("centers").ok_or_else(|| corrupt(&path, "no tensor \"centers\" (a partialfc export holds centers [C, d])"))?;
@@ -230,10 +230,10 @@ fn fvecs_layout(file: &mut RegularFile) -> Result<(u64, usize, Elem, Layout)> {
         return Err(corrupt(&path, "not a safetensors, .npy, .fvecs or FAISS file of centers"));
     }
     let record = 4 + 4 * dim as u64;
-    if file.len() % record != 0 {
-        return Err(corrupt(&path, format!(".fvecs of dimension {dim} cannot hold {} bytes", file.len())));
+    if file.size() % record != 0 {
+        return Err(corrupt(&path, format!(".fvecs of dimension {dim} cannot hold {} bytes", file.size())));
     }
-    let classes = file.len() / record;
+    let classes = file.size() / record;
     check_shape(&path, classes, dim as u64)?;
     Ok((classes, dim as usize, Elem::F32, Layout { offset: 0, skip: 4, ends: true }))
 }

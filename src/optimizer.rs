@@ -122,6 +122,43 @@ pub enum StateRows {
 unsafe impl Send for StateRows {}
 unsafe impl Sync for StateRows {}
 
+/// One PyTorch SGD step of one row: `buf = μ·buf + (g + wd·w)`, `w −= lr·buf`.
+#[inline(always)]
+fn sgd_row(cfg: &OptimizerConfig, lr: f32, w: &mut [f32], buf: &mut [f32], grad: &[f32]) {
+    let (mu, wd) = (cfg.momentum, cfg.weight_decay);
+    for ((w, b), &g) in w.iter_mut().zip(buf.iter_mut()).zip(grad) {
+        *b = mu * *b + (g + wd * *w);
+        *w -= lr * *b;
+    }
+}
+
+/// One PyTorch AdamW step of one row, with the row's own step count for bias correction.
+#[inline(always)]
+fn adamw_row(cfg: &OptimizerConfig, lr: f32, w: &mut [f32], m: &mut [f32], v: &mut [f32], t: &mut u32, grad: &[f32]) {
+    *t = t.saturating_add(1);
+    let (b1, b2) = (cfg.beta1, cfg.beta2);
+    let bias1 = 1.0 - (b1 as f64).powi(*t as i32);
+    let bias2 = 1.0 - (b2 as f64).powi(*t as i32);
+    let step_size = (lr as f64 / bias1) as f32;
+    let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
+    let decay = 1.0 - lr * cfg.weight_decay;
+    for (((w, mi), vi), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(grad) {
+        *w *= decay;
+        *mi = b1 * *mi + (1.0 - b1) * g;
+        *vi = b2 * *vi + (1.0 - b2) * g * g;
+        let denom = vi.sqrt() * inv_sqrt_bias2 + cfg.eps;
+        *w -= step_size * *mi / denom;
+    }
+}
+
+/// Whether a row is one the head accepts as a center: finite, of norm at most `MAX_ROW_NORM`
+/// (2^62, what set_centers and checkpoints accept), so that it normalizes in f32.
+pub fn normalizable(row: &[f32]) -> bool {
+    const MAX_SQUARED: f32 = (crate::engine::MAX_ROW_NORM * crate::engine::MAX_ROW_NORM) as f32;
+    let sq = crate::backend::cpu::kernels::dot(row, row);
+    sq.is_finite() && sq <= MAX_SQUARED
+}
+
 impl StateRows {
     /// Applies one optimizer step to center row `row` given its gradient.
     ///
@@ -133,30 +170,38 @@ impl StateRows {
         match *self {
             StateRows::Sgd { momentum } => {
                 let buf = std::slice::from_raw_parts_mut(momentum.add(row * dim), dim);
-                let (mu, wd) = (cfg.momentum, cfg.weight_decay);
-                for ((w, b), &g) in weights.iter_mut().zip(buf.iter_mut()).zip(grad) {
-                    *b = mu * *b + (g + wd * *w);
-                    *w -= lr * *b;
-                }
+                sgd_row(cfg, lr, weights, buf, grad);
             }
             StateRows::AdamW { exp_avg, exp_avg_sq, steps } => {
                 let m = std::slice::from_raw_parts_mut(exp_avg.add(row * dim), dim);
                 let v = std::slice::from_raw_parts_mut(exp_avg_sq.add(row * dim), dim);
-                let t = &mut *steps.add(row);
-                *t += 1;
-                let (b1, b2) = (cfg.beta1, cfg.beta2);
-                let bias1 = 1.0 - (b1 as f64).powi(*t as i32);
-                let bias2 = 1.0 - (b2 as f64).powi(*t as i32);
-                let step_size = (lr as f64 / bias1) as f32;
-                let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
-                let decay = 1.0 - lr * cfg.weight_decay;
-                for (((w, mi), vi), &g) in weights.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(grad) {
-                    *w *= decay;
-                    *mi = b1 * *mi + (1.0 - b1) * g;
-                    *vi = b2 * *vi + (1.0 - b2) * g * g;
-                    let denom = vi.sqrt() * inv_sqrt_bias2 + cfg.eps;
-                    *w -= step_size * *mi / denom;
-                }
+                adamw_row(cfg, lr, weights, m, v, &mut *steps.add(row), grad);
+            }
+        }
+    }
+
+    /// Whether `update` would leave the row finite and normalizable, computed on copies in
+    /// `scratch` (3 × dim values); nothing is written.
+    ///
+    /// # Safety
+    /// As `update`, except that the row is only read.
+    pub unsafe fn update_is_finite(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &[f32], grad: &[f32], scratch: &mut [f32]) -> bool {
+        let dim = weights.len();
+        let (w, rest) = scratch.split_at_mut(dim);
+        let (a, b) = rest.split_at_mut(dim);
+        w.copy_from_slice(weights);
+        match *self {
+            StateRows::Sgd { momentum } => {
+                a.copy_from_slice(std::slice::from_raw_parts(momentum.add(row * dim), dim));
+                sgd_row(cfg, lr, w, a, grad);
+                normalizable(w) && a.iter().all(|x| x.is_finite())
+            }
+            StateRows::AdamW { exp_avg, exp_avg_sq, steps } => {
+                a.copy_from_slice(std::slice::from_raw_parts(exp_avg.add(row * dim), dim));
+                b[..dim].copy_from_slice(std::slice::from_raw_parts(exp_avg_sq.add(row * dim), dim));
+                let mut t = *steps.add(row);
+                adamw_row(cfg, lr, w, a, &mut b[..dim], &mut t, grad);
+                normalizable(w) && a.iter().chain(b.iter()).all(|x| x.is_finite())
             }
         }
     }

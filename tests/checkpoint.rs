@@ -452,6 +452,7 @@ fn damages() -> Vec<(String, Damage, pfc_status)> {
     }
     v.push(("shard: steps as i32".into(), shard_edit(|t| t.iter_mut().find(|x| x.0 == "steps").unwrap().1 = Dtype::I32), corrupt));
     v.push(("shard: a NaN center".into(), shard_edit(|t| t.iter_mut().find(|x| x.0 == "centers").unwrap().3[8..12].copy_from_slice(&f32::NAN.to_le_bytes())), corrupt));
+    v.push(("shard: a center of norm 2^70 (pfc_set_centers refuses it)".into(), shard_edit(|t| t.iter_mut().find(|x| x.0 == "centers").unwrap().3[8..12].copy_from_slice(&(2f32.powi(70)).to_le_bytes())), corrupt));
     v.push(("shard: an infinite moment".into(), shard_edit(|t| t.iter_mut().find(|x| x.0 == "exp_avg").unwrap().3[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes())), corrupt));
     v.push(("shard: garbage with the right checksum".into(), Box::new(|d, f| {
         std::fs::write(d.join(&f[2]), vec![0x5a; 500]).unwrap();

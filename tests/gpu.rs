@@ -156,3 +156,178 @@ fn device_pointers_ordered_on_a_callers_stream() {
     }
     assert_eq!(device_head.centers(d), host_head.centers(d));
 }
+
+/// One shard's f32 batch in host memory.
+fn host_batch(e: &[f32], l: &[i64], grad: &mut [f32]) -> pfc_batch {
+    pfc_batch {
+        embeddings: e.as_ptr().cast(),
+        labels: l.as_ptr(),
+        grad_embeddings: grad.as_mut_ptr().cast(),
+        batch_size: l.len() as u64,
+        dtype: PFC_DTYPE_F32,
+        memory: PFC_MEMORY_HOST,
+        stream: std::ptr::null_mut(),
+    }
+}
+
+/// The NCCL path on a one-GPU machine: a job formed the NCCL way (world_size 1, an id from
+/// pfc_nccl_unique_id) runs every collective of the step through a one-rank communicator, and
+/// matches the CPU backend, including the compute/apply split.
+#[test]
+fn cuda_through_a_one_rank_nccl_communicator_matches_cpu() {
+    let (c, d, n) = (4001u64, 64usize, 48usize);
+    let cfg = config(c, d, 0.3, PFC_DTYPE_F32);
+    let mut id = [0u8; PFC_NCCL_ID_BYTES];
+    let mut nccl_cfg = cfg;
+    nccl_cfg.world_size = 1;
+    nccl_cfg.nccl_id = id.as_ptr();
+    if pfc_nccl_unique_id(id.as_mut_ptr()) != PFC_OK {
+        assert!(std::env::var_os("PFC_REQUIRE_GPU").is_none(), "NCCL: {}", last_error());
+        return;
+    }
+    let Some(gpu) = cuda_head(&nccl_cfg) else { return };
+    let cpu = TestHead::new(&cfg);
+    for step in 0..3 {
+        let (e, l) = data(c, d, n, 500 + step);
+        let sc = cpu.step(&e, &l, d, &[n]);
+        let (sg, gg) = gpu.step(&e, &l, d, &[n]);
+        assert_eq!(sc.0.sampled_classes, sg.sampled_classes);
+        assert!((sc.0.loss - sg.loss).abs() <= 1e-4 * sc.0.loss, "step {step}: loss {} vs {}", sc.0.loss, sg.loss);
+        assert!(rel_err(&gg, &sc.1) <= 1e-3, "step {step}: gradient {}", rel_err(&gg, &sc.1));
+        assert!(rel_err(&gpu.centers(d), &cpu.centers(d)) <= 1e-4, "step {step}: centers");
+    }
+}
+
+/// PFC_ERR_NON_FINITE on the GPU: SGD at lr 1e4, weight decay 0.5, momentum 1 diverges within a
+/// few steps; every refused step leaves the centers bit-identical.
+#[test]
+fn cuda_refuses_non_finite_steps() {
+    let (c, d, n) = (997u64, 32usize, 16usize);
+    let mut cfg = config(c, d, 0.5, PFC_DTYPE_F32);
+    cfg.lr = 1e4;
+    cfg.weight_decay = 0.5;
+    cfg.momentum = 1.0;
+    let Some(gpu) = cuda_head(&cfg) else { return };
+    let mut refused = 0;
+    for step in 0..40 {
+        let (e, l) = data(c, d, n, 700 + step);
+        let before = gpu.centers(d);
+        let mut grad = vec![7f32; e.len()];
+        let b = host_batch(&e, &l, &mut grad);
+        match pfc_train_step(gpu.0, &b, 1, std::ptr::null_mut()) {
+            PFC_OK => assert!(gpu.centers(d).iter().all(|v| v.is_finite()) && grad.iter().all(|v| v.is_finite())),
+            PFC_ERR_NON_FINITE => {
+                refused += 1;
+                assert_eq!(gpu.centers(d), before, "step {step}: a refused step changed centers");
+                assert!(grad.iter().all(|&v| v == 7.0), "step {step}: a refused step wrote gradients");
+            }
+            s => panic!("step {step}: status {s}: {}", last_error()),
+        }
+    }
+    assert!(refused > 0, "no step was refused");
+}
+
+/// Gradient accumulation on the GPU equals the CPU's (two computes, one apply).
+#[test]
+fn cuda_accumulates_like_cpu() {
+    let (c, d, n) = (3001u64, 64usize, 24usize);
+    let cfg = config(c, d, 0.2, PFC_DTYPE_F32);
+    let Some(gpu) = cuda_head(&cfg) else { return };
+    let cpu = TestHead::new(&cfg);
+    for h in [&cpu, &gpu] {
+        for seed in [1, 2] {
+            let (e, l) = data(c, d, n, 900 + seed);
+            let mut grad = vec![0f32; e.len()];
+            let b = host_batch(&e, &l, &mut grad);
+            ok(pfc_train_compute(h.0, &b, 1, std::ptr::null_mut()));
+        }
+        ok(pfc_train_apply(h.0));
+    }
+    assert!(rel_err(&gpu.centers(d), &cpu.centers(d)) <= 1e-4, "accumulated centers {}", rel_err(&gpu.centers(d), &cpu.centers(d)));
+}
+
+/// Two processes' worth of CUDA heads (threads here, one GPU each) joined by a host all-gather:
+/// the NCCL bootstrap through the callback and NCCL between them. Needs two GPUs (NCCL refuses two
+/// ranks on one GPU); on a one-GPU machine the one-rank communicator test above covers the NCCL
+/// code and tests/mpi.rs the process group.
+#[test]
+fn cuda_over_two_processes_matches_one_process() {
+    // SAFETY: only asks the dynamic loader whether the library can be opened.
+    let present = unsafe { cudarc::driver::sys::is_culib_present() };
+    let count = match present.then(|| cudarc::driver::result::init().and_then(|_| cudarc::driver::result::device::get_count())) {
+        Some(Ok(n)) => n,
+        _ => return assert!(std::env::var_os("PFC_REQUIRE_GPU").is_none(), "no CUDA driver"),
+    };
+    if count < 2 {
+        eprintln!("one GPU: the two-process NCCL job needs two");
+        return;
+    }
+    use std::sync::{Arc, Barrier, Mutex};
+    struct Group {
+        slots: Mutex<Vec<Vec<u8>>>,
+        barrier: Barrier,
+    }
+    struct Member {
+        group: Arc<Group>,
+        index: usize,
+    }
+    unsafe extern "C" fn allgather(ctx: *mut std::ffi::c_void, send: *const std::ffi::c_void, bytes: usize, recv: *mut std::ffi::c_void) -> i32 {
+        let m = &*(ctx as *const Member);
+        m.group.slots.lock().unwrap()[m.index] = std::slice::from_raw_parts(send.cast::<u8>(), bytes).to_vec();
+        m.group.barrier.wait();
+        let all = m.group.slots.lock().unwrap().concat();
+        std::ptr::copy_nonoverlapping(all.as_ptr(), recv.cast::<u8>(), all.len());
+        m.group.barrier.wait();
+        0
+    }
+    let (c, d, n) = (6007u64, 64usize, 32usize);
+    let cfg = config(c, d, 0.3, PFC_DTYPE_F32);
+    let group = Arc::new(Group { slots: Mutex::new(vec![Vec::new(); 2]), barrier: Barrier::new(2) });
+    let batches: Vec<(Vec<f32>, Vec<i64>)> = (0..3).map(|s| data(c, d, n, 1100 + s)).collect();
+    let reference = TestHead::new(&{
+        let mut r = cfg;
+        r.local_shards = 2;
+        r
+    });
+    let want: Vec<(f64, Vec<f32>)> = batches.iter().map(|(e, l)| {
+        let (st, g) = reference.step(e, l, d, &[n / 2, n - n / 2]);
+        (st.loss, g)
+    }).collect();
+    let threads: Vec<_> = (0..2usize)
+        .map(|p| {
+            let (group, batches) = (group.clone(), batches.clone());
+            std::thread::spawn(move || {
+                let member = Box::new(Member { group, index: p });
+                let devices = [p as i32];
+                let mut c2 = config(c, d, 0.3, PFC_DTYPE_F32);
+                c2.backend = PFC_BACKEND_CUDA;
+                c2.devices = devices.as_ptr();
+                c2.process_count = 2;
+                c2.process_index = p as u32;
+                c2.allgather = Some(allgather);
+                c2.allgather_ctx = (&*member as *const Member).cast_mut().cast();
+                let mut h = std::ptr::null_mut();
+                ok(pfc_create(&c2, &mut h));
+                let h = TestHead(h);
+                let mut out = Vec::new();
+                for (e, l) in &batches {
+                    let rows = if p == 0 { n / 2 } else { n - n / 2 };
+                    let at = if p == 0 { 0 } else { n / 2 };
+                    let (st, g) = h.step(&e[at * d..(at + rows) * d], &l[at..at + rows], d, &[rows]);
+                    out.push((st.loss, g));
+                }
+                drop(h);
+                drop(member);
+                out
+            })
+        })
+        .collect();
+    let results: Vec<Vec<(f64, Vec<f32>)>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for (t, (loss, grad)) in want.iter().enumerate() {
+        for (p, r) in results.iter().enumerate() {
+            assert!((r[t].0 - loss).abs() <= 1e-4 * loss, "step {t} process {p}: loss {} vs {loss}", r[t].0);
+        }
+        let got: Vec<f32> = results[0][t].1.iter().chain(&results[1][t].1).copied().collect();
+        assert!(rel_err(&got, grad) <= 1e-3, "step {t}: gradients {}", rel_err(&got, grad));
+    }
+}

@@ -1,7 +1,8 @@
 //! One job over several processes (SPEC §2a), through OpenMPI: tests/mpi/parity.c runs under
 //! `mpirun -n 2, 3, 4` with 1–2 shards per process (uneven layouts too) and checks, on every
 //! process, the loss, its shards' gradients and its centers after every step against one process
-//! with the same total shard count (≤ 1e-6 relative), and against the reference's golden vectors;
+//! with the same total shard count (≤ 1e-6 relative, and bit for bit), and against the reference's
+//! golden vectors;
 //! a bad input on one process only, a failing callback and mismatched configurations must give the
 //! same status and message everywhere. OpenMPI comes from the project's setup (Debian's
 //! openmpi-bin and libopenmpi-dev).
@@ -9,43 +10,14 @@
 mod common;
 mod native;
 use common::Golden;
-use native::{describe, lib_dir, root, scratch};
+use native::{compile, describe, lib_dir, mpirun, root, scratch};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 fn parity_exe() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        let lib = lib_dir();
-        let dir = scratch("mpi");
-        let exe = dir.join("parity");
-        let mut cmd = Command::new("mpicc");
-        cmd.args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-I"])
-            .arg(root().join("include"))
-            .arg(root().join("tests/mpi/parity.c"))
-            .arg("-o")
-            .arg(&exe)
-            .arg("-L")
-            .arg(lib)
-            .arg("-lpartialfc")
-            .arg(format!("-Wl,-rpath,{}", lib.display()))
-            .arg("-lm");
-        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run mpicc (OpenMPI is installed by scripts/test.sh): {e}"));
-        assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
-        exe
-    })
-}
-
-/// `mpirun` with what this machine needs: root is allowed, more processes than cores, shared
-/// memory without cross-memory attach (containers forbid it), one thread per process's pool.
-pub fn mpirun(n: usize) -> Command {
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("OMPI_MCA_btl", "self,vader")
-        .env("RAYON_NUM_THREADS", "1");
-    cmd
+    EXE.get_or_init(|| build_example("mpicc", "tests/mpi/parity.c", "parity", &["-std=c11", "-O1"]))
 }
 
 fn run_parity(dir: &Path, procs: usize, extra: &[&str]) -> String {
@@ -113,7 +85,9 @@ fn layouts_over_processes_match_one_process() {
         for (rate, adamw) in [(1.0, false), (0.3, true)] {
             let name = format!("{}-{rate}-{adamw}", layout.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("_"));
             let case = synthetic(&name, total, layout, rate, adamw);
-            let out = run_parity(&case.dir, layout.len(), &[]);
+            // One thread per process and in the one-process head beside it: the same blocks, the
+            // same rank-ordered reductions, so the results must agree bit for bit.
+            let out = run_parity(&case.dir, layout.len(), &["--bitwise"]);
             eprintln!("{layout:?} r={rate} adamw={adamw}: {}", out.lines().next().unwrap_or_default());
         }
     }
@@ -189,4 +163,44 @@ fn mismatched_configurations_fail_everywhere_naming_the_field() {
     for field in ["lr", "num_classes", "world_size", "embedding_dim"] {
         run_parity(&case.dir, 2, &["--mismatch", field]);
     }
+}
+
+/// Compiles one MPI program against the library (OpenMPI's wrappers are installed by setup).
+fn build_example(compiler: &str, source: &str, name: &str, flags: &[&str]) -> PathBuf {
+    let exe = scratch(&format!("mpi-example-{name}")).join(name);
+    let cpp = root().join("bindings/cpp");
+    let mut flags = flags.to_vec();
+    flags.extend(["-I", cpp.to_str().unwrap()]);
+    compile(compiler, &flags, source, lib_dir(), &exe);
+    exe
+}
+
+/// examples/mpi/train.c, the README's multi-process recipe, learns over 2 and 3 processes; the
+/// benchmark recipe runs; the C++ binding's callable all-gather (examples/mpi/train.cpp) works over
+/// 3 processes with uneven shards.
+#[test]
+fn mpi_examples_train_over_processes() {
+    let c = build_example("mpicc", "examples/mpi/train.c", "train", &["-std=c11"]);
+    for (procs, shards) in [(2, "1"), (3, "2")] {
+        let mut cmd = mpirun(procs);
+        cmd.arg(&c).args(["2000", shards, "30"]);
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+        assert!(text.contains("learning") && !text.contains("NOT learning"), "{text}");
+        eprintln!("{procs} processes × {shards}: {}", text.lines().last().unwrap_or_default());
+    }
+    // The benchmark recipe of docs/benchmarks.md, on a small job.
+    let bench = build_example("mpicc", "examples/mpi/bench.c", "bench", &["-std=c11"]);
+    let mut cmd = mpirun(2);
+    cmd.arg(&bench).args(["5000", "0.2", "64", "1", "3", "32"]);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("median step"), "{}", String::from_utf8_lossy(&out.stdout));
+    let cpp = build_example("mpicxx", "examples/mpi/train.cpp", "train_cpp", &["-std=c++17"]);
+    let mut cmd = mpirun(3);
+    cmd.arg(&cpp);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("on every process"));
 }

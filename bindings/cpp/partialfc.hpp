@@ -28,7 +28,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
+#include <memory>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -267,6 +269,14 @@ struct Config {
     std::uint32_t world_size{};           // 0 = local_shards
     std::uint32_t first_rank{};
     std::vector<std::uint8_t> nccl_id{};  // PFC_NCCL_ID_BYTES bytes when world_size > local_shards
+    // A job over several processes (SPEC §2a): this process's place, and the job's all-gather —
+    // any callable `int(const void* send, std::size_t bytes, void* recv)` that fills recv with
+    // process_count × bytes in process order and returns 0 (e.g. a lambda around MPI_Allgather or
+    // a torch.distributed store). An exception it throws counts as a failure. The Head keeps its
+    // own copy alive for as long as it lives.
+    std::uint32_t process_count = 1;
+    std::uint32_t process_index = 0;
+    std::function<int(const void* send, std::size_t bytes, void* recv)> allgather{};
 
     Config() { assign(defaults_c()); }
 
@@ -321,6 +331,8 @@ struct Config {
         c.world_size = world_size;
         c.first_rank = first_rank;
         c.nccl_id = nccl_id.empty() ? nullptr : nccl_id.data();
+        c.process_count = process_count;
+        c.process_index = process_index;
         return c;
     }
 
@@ -354,6 +366,8 @@ struct Config {
         }
         world_size = c.world_size;
         first_rank = c.first_rank;
+        process_count = c.process_count;
+        process_index = c.process_index;
         nccl_id.clear();
         if (c.nccl_id != nullptr) {
             nccl_id.assign(c.nccl_id, c.nccl_id + PFC_NCCL_ID_BYTES);
@@ -456,8 +470,15 @@ struct SearchResult {
 // Owns a pfc_head (pfc_create … pfc_destroy). Move-only; a moved-from head is empty.
 class Head {
    public:
+    // A collective call when config.process_count > 1: every process constructs its Head together.
     explicit Head(const Config& config) : config_(config) {
-        const pfc_config c = config_.to_c();
+        pfc_config c = config_.to_c();
+        if (config_.allgather) {
+            // On the heap, so that moving the Head keeps the address the library holds.
+            allgather_ = std::make_unique<AllGather>(config_.allgather);
+            c.allgather = &Head::call_allgather;
+            c.allgather_ctx = allgather_.get();
+        }
         pfc_head* h = nullptr;
         detail::check(pfc_create(&c, &h), "pfc_create");
         head_ = h;
@@ -466,12 +487,14 @@ class Head {
 
     Head(const Head&) = delete;
     Head& operator=(const Head&) = delete;
-    Head(Head&& other) noexcept : head_(std::exchange(other.head_, nullptr)), config_(std::move(other.config_)) {}
+    Head(Head&& other) noexcept
+        : head_(std::exchange(other.head_, nullptr)), config_(std::move(other.config_)), allgather_(std::move(other.allgather_)) {}
     Head& operator=(Head&& other) noexcept {
         if (this != &other) {
             reset();
             head_ = std::exchange(other.head_, nullptr);
             config_ = std::move(other.config_);
+            allgather_ = std::move(other.allgather_);
         }
         return *this;
     }
@@ -499,6 +522,15 @@ class Head {
         detail::check(pfc_train_step(head_, batches, n, &s), "pfc_train_step");
         return StepStats::from_c(s);
     }
+
+    // Forward and backward without an update: gradients land in each batch's grad, the sampled
+    // centers' gradients accumulate in the head until train_apply (pfc_train_compute).
+    StepStats train_compute(span<const Batch> batches) { return run(batches, true, false); }
+    StepStats train_compute(const Batch& batch) { return run(span<const Batch>(&batch, 1), true, false); }
+    // One optimizer step over the accumulated gradients (pfc_train_apply); the step count advances.
+    void train_apply() { detail::check(pfc_train_apply(head_), "pfc_train_apply"); }
+    // Drops the accumulated gradients (pfc_train_discard).
+    void train_discard() { detail::check(pfc_train_discard(head_), "pfc_train_discard"); }
 
     // Loss and accuracy over all classes; nothing changes. grad is ignored.
     StepStats evaluate(span<const Batch> batches) { return run(batches, false); }
@@ -608,8 +640,18 @@ class Head {
         return values / d;
     }
 
-    StepStats run(span<const Batch> batches, bool train) {
-        const char* fn = train ? "pfc_train_step" : "pfc_evaluate";
+    using AllGather = std::function<int(const void*, std::size_t, void*)>;
+
+    static std::int32_t call_allgather(void* ctx, const void* send, std::size_t bytes, void* recv) noexcept {
+        try {
+            return static_cast<std::int32_t>((*static_cast<AllGather*>(ctx))(send, bytes, recv));
+        } catch (...) {
+            return -1;  // the library reports PFC_ERR_COMMUNICATION
+        }
+    }
+
+    StepStats run(span<const Batch> batches, bool train, bool apply = true) {
+        const char* fn = !train ? "pfc_evaluate" : apply ? "pfc_train_step" : "pfc_train_compute";
         if (batches.size() > std::numeric_limits<std::uint32_t>::max()) {
             detail::invalid(fn, "too many batches");
         }
@@ -621,12 +663,14 @@ class Head {
         pfc_step_stats s{};
         const auto n = static_cast<std::uint32_t>(raw.size());
         const pfc_batch* p = raw.empty() ? nullptr : raw.data();
-        detail::check(train ? pfc_train_step(head_, p, n, &s) : pfc_evaluate(head_, p, n, &s), fn);
+        const pfc_status st = !train ? pfc_evaluate(head_, p, n, &s) : apply ? pfc_train_step(head_, p, n, &s) : pfc_train_compute(head_, p, n, &s);
+        detail::check(st, fn);
         return StepStats::from_c(s);
     }
 
     pfc_head* head_ = nullptr;
     Config config_;
+    std::unique_ptr<AllGather> allgather_;
 };
 
 }  // namespace pfc

@@ -10,6 +10,9 @@ use crate::config::BackendKind;
 use crate::error::{Error, Status};
 use std::sync::Arc;
 
+pub use crate::comm::Collectives;
+use crate::engine::driver::Driver;
+
 use crate::error::Result;
 use crate::optimizer::StateTensor;
 use crate::sharding::ShardRange;
@@ -121,13 +124,8 @@ impl HostValues {
     }
 }
 
-/// A device batch copied to the host.
-pub struct StagedBatch {
-    pub embeddings: HostValues,
-    pub labels: Vec<i64>,
-}
-
 /// One local shard's validated input.
+#[derive(Clone, Copy)]
 pub struct HostBatch<'a> {
     pub embeddings: Embeddings<'a>,
     pub labels: &'a [i64],
@@ -144,7 +142,7 @@ pub struct StepPlan {
     pub train: bool,
 }
 
-/// Per-row softmax statistics over all shards' sampled columns, after the all-reduces.
+/// Per-row softmax statistics over all shards' sampled columns, after the all-reduces, on the host.
 #[derive(Clone, Debug, Default)]
 pub struct RowStats {
     pub max: Vec<f32>,
@@ -155,18 +153,31 @@ pub struct RowStats {
     pub target_logit: Vec<f32>,
     pub target_cos: Vec<f32>,
     pub other_cos: Vec<f32>,
-    /// Sampled classes summed over all shards.
-    pub sampled_classes: u64,
 }
 
 impl RowStats {
-    /// The backward pass's per-row factors: 1 / Σexp, and Σ_{j≠y} p_j (the target column's
-    /// `1 − p_y`, taken from the non-target sum so that it keeps its digits when p_y → 1).
-    pub fn softmax_factors(&self) -> (Vec<f32>, Vec<f32>) {
-        let inv_sum: Vec<f32> = self.sum.iter().map(|&s| 1.0 / s).collect();
-        let mass = self.rest.iter().zip(&inv_sum).map(|(&r, &inv)| r * inv).collect();
-        (inv_sum, mass)
+    /// From the reduced statistics as the primitives lay them out (`Primitives::forward`):
+    /// max-type `[row max, best non-target cosine, target cosine]`, sum-type `[Σexp, non-target
+    /// Σexp, target logit]`, copied to the host.
+    pub fn from_reduced(maxes: &[f32], sums: &[f32], n: usize) -> RowStats {
+        RowStats {
+            max: maxes[..n].to_vec(),
+            sum: sums[..n].to_vec(),
+            rest: sums[n..2 * n].to_vec(),
+            target_logit: sums[2 * n..3 * n].to_vec(),
+            target_cos: maxes[2 * n..3 * n].to_vec(),
+            other_cos: maxes[n..2 * n].to_vec(),
+        }
     }
+}
+
+/// The backward pass's per-row factors from the reduced sums (`[Σexp, non-target Σexp, …]`, N
+/// each): 1 / Σexp, and Σ_{j≠y} p_j (the target column's `1 − p_y`, taken from the non-target sum
+/// so that it keeps its digits when p_y → 1).
+pub fn softmax_factors(sums: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv_sum: Vec<f32> = sums[..n].iter().map(|&s| 1.0 / s).collect();
+    let mass = sums[n..2 * n].iter().zip(&inv_sum).map(|(&r, &inv)| r * inv).collect();
+    (inv_sum, mass)
 }
 
 /// Wall time of each phase of the last step, for benchmarks.
@@ -178,6 +189,159 @@ pub struct PhaseTimes {
     pub reduce: f64,
     pub backward: f64,
     pub scatter: f64,
+    /// Optimizer update of the accumulated center gradients (with its finiteness check).
+    pub update: f64,
+}
+
+/// A call's batches as the host passed them, one per local shard: host slices, or pointers on
+/// the shards' GPUs. They go to the backend as they are; only it knows how to read them.
+#[derive(Clone, Copy)]
+pub enum Batches<'a, 'b> {
+    Host(&'b [HostBatch<'a>]),
+    Device(&'b [DeviceBatch]),
+}
+
+impl Batches<'_, '_> {
+    pub fn rows(&self) -> Vec<u64> {
+        match self {
+            Batches::Host(b) => b.iter().map(|b| b.labels.len() as u64).collect(),
+            Batches::Device(b) => b.iter().map(|b| b.rows as u64).collect(),
+        }
+    }
+}
+
+/// Where a call's embedding gradients go, one per local shard.
+pub enum Outputs<'a, 'b> {
+    Host(&'b mut [GradOut<'a>]),
+    Device(&'b [DeviceBatch]),
+}
+
+/// The buffer types of one kind of memory: what the collectives move and the primitives compute on.
+pub trait Memory {
+    type F32: Send;
+    type I64: Send;
+}
+
+/// A buffer of f32 (or i64) values in memory `M`.
+pub type F32Buf<M> = <M as Memory>::F32;
+pub type I64Buf<M> = <M as Memory>::I64;
+/// One shard's rows: embeddings (f32) and labels.
+pub type Rows<M> = (F32Buf<M>, I64Buf<M>);
+/// One shard's statistics before the all-reduces: max-type and sum-type.
+pub type Stats<M> = (F32Buf<M>, F32Buf<M>);
+
+/// Host memory: plain vectors.
+pub struct Host;
+impl Memory for Host {
+    type F32 = Vec<f32>;
+    type I64 = Vec<i64>;
+}
+
+/// The per-shard compute primitives a backend implements; `engine::driver` strings them into
+/// the step (SPEC §1) once for every backend. `shard` indexes this process's shards.
+pub trait Primitives: ShardState + Send {
+    type Mem: Memory;
+    /// The class ranges of the local shards, in rank order.
+    fn ranges(&self) -> &[ShardRange];
+    /// Each local shard's rows (embeddings as f32, labels) in this backend's memory. Host batches
+    /// come validated; device batches are validated here.
+    fn load(&mut self, batches: Batches<'_, '_>) -> Result<Vec<Rows<Self::Mem>>>;
+    /// Buffers of `len` values for shard `shard`'s collectives.
+    fn alloc_f32(&mut self, shard: usize, len: usize, what: &str) -> Result<F32Buf<Self::Mem>>;
+    fn alloc_i64(&mut self, shard: usize, len: usize, what: &str) -> Result<I64Buf<Self::Mem>>;
+    /// Picks the classes the shard uses this step from the global batch's labels (SPEC §1.3);
+    /// returns how many.
+    fn sample(&mut self, shard: usize, labels: &I64Buf<Self::Mem>, plan: StepPlan) -> Result<u64>;
+    /// Normalizes the gathered batch and computes the cosines over the sampled classes and the
+    /// shard's statistics: max-type `[row max, best non-target cosine, target cosine]` and sum-type
+    /// `[Σexp and non-target Σexp relative to the shard's row max, target logit]`, each N long,
+    /// laid out for one all-reduce each (SPEC §1.7). Keeps what `backward` needs until the next `forward`.
+    fn forward(&mut self, shard: usize, emb: F32Buf<Self::Mem>, labels: &I64Buf<Self::Mem>, plan: StepPlan) -> Result<Stats<Self::Mem>>;
+    /// After the max all-reduce: rescales the shard's two sums from its own row max to the global one.
+    fn rescale_sums(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &mut F32Buf<Self::Mem>) -> Result<()>;
+    /// The reduced statistics (the same on every shard), copied to the host.
+    fn read_stats(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, n: usize) -> Result<RowStats>;
+    /// The backward pass over the shard's sampled columns: its center gradients into the pending
+    /// buffer, and its part of the embedding gradient (N × d, before the reduce-scatter). With
+    /// `update_lr`, an optimizer step at that rate follows this compute: a backend may check it
+    /// (`update_is_finite`) here, while the rows are in cache.
+    fn backward(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, update_lr: Option<f32>) -> Result<F32Buf<Self::Mem>>;
+    /// Back through the normalization of rows `[first_row, first_row + rows)` of the global
+    /// batch, times `world` (SPEC §1.8): the shard's returned gradient, still in its memory.
+    fn embedding_grad(&mut self, shard: usize, summed: F32Buf<Self::Mem>, first_row: usize, rows: usize, world: f32) -> Result<F32Buf<Self::Mem>>;
+    /// Whether the shard's pending center gradients and `grad` (its embedding gradient) are finite.
+    fn finite(&mut self, shard: usize, grad: &F32Buf<Self::Mem>) -> Result<bool>;
+    /// Copies each local shard's embedding gradient to the caller's buffers.
+    fn write_grads(&mut self, grads: &[F32Buf<Self::Mem>], out: Outputs<'_, '_>) -> Result<()>;
+    /// Adds the pending center gradients to the accumulated ones (union of sampled rows).
+    fn accumulate(&mut self, shard: usize) -> Result<()>;
+    /// Undoes the last `accumulate` (a later check of the same call failed).
+    fn unaccumulate(&mut self, shard: usize);
+    /// Drops the accumulated center gradients.
+    fn discard(&mut self, shard: usize);
+    /// Rows with accumulated gradients.
+    fn accumulated_rows(&self, shard: usize) -> usize;
+    /// Whether one optimizer step over the accumulated gradients would leave every touched center
+    /// finite and normalizable in f32 (nothing is written).
+    fn update_is_finite(&mut self, shard: usize, lr: f32) -> Result<bool>;
+    /// The optimizer step over the accumulated rows; clears them.
+    fn apply(&mut self, shard: usize, lr: f32) -> Result<()>;
+}
+
+/// The state a backend holds for this process's shards: centers, optimizer state, and search
+/// over the centers.
+pub trait ShardState {
+    /// Copies rows of global classes `[first, first + count)` (all owned here) of `tensor` into `out`.
+    fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()>;
+    /// Overwrites those rows of `tensor`.
+    fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()>;
+    /// AdamW's per-row step counts of those classes.
+    fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()>;
+    fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()>;
+    /// Overwrites centers and resets their optimizer state (warm start).
+    fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()>;
+    /// The `k` best (cosine, class) pairs of each unit-norm query (rows of `queries`) over the local
+    /// centers, best first, ties by smaller class id.
+    fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>>;
+}
+
+/// Sorted rows with their gradients, `d` values each: a shard's accumulated center gradients.
+#[derive(Default)]
+pub struct RowGrads {
+    pub rows: Vec<u32>,
+    pub grads: Vec<f32>,
+}
+
+impl RowGrads {
+    /// The sum of `self` and `other` over the union of their rows.
+    pub fn union(&self, other: &RowGrads, d: usize) -> Result<RowGrads> {
+        let (a, b) = (&self.rows, &other.rows);
+        let mut rows = Vec::new();
+        rows.try_reserve_exact(a.len() + b.len()).map_err(|_| Error::new(Status::OutOfMemory, "cannot allocate accumulated gradient rows"))?;
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() || j < b.len() {
+            let next = match (a.get(i), b.get(j)) {
+                (Some(&x), Some(&y)) => x.min(y),
+                (Some(&x), None) => x,
+                (None, Some(&y)) => y,
+                (None, None) => unreachable!(),
+            };
+            rows.push(next);
+            i += usize::from(a.get(i) == Some(&next));
+            j += usize::from(b.get(j) == Some(&next));
+        }
+        let mut grads = crate::error::try_zeroed::<f32>(rows.len() * d, "accumulated center gradients")?;
+        for (src, g) in [(a, &self.grads), (b, &other.grads)] {
+            let mut at = 0;
+            for (r, &row) in src.iter().enumerate() {
+                while rows[at] != row {
+                    at += 1;
+                }
+                grads[at * d..(at + 1) * d].iter_mut().zip(&g[r * d..(r + 1) * d]).for_each(|(o, &v)| *o += v);
+            }
+        }
+        Ok(RowGrads { rows, grads })
+    }
 }
 
 /// The local pieces of global classes `[first, first + count)`, which must lie within `ranges`:
@@ -196,36 +360,56 @@ pub fn pieces(ranges: &[ShardRange], first: u64, count: u64) -> Vec<(usize, usiz
     out
 }
 
-/// A backend: the shards of this process, their centers and optimizer state.
+/// A head's backend as the engine sees it: the step driver over one backend's primitives and
+/// collectives (`engine::driver::Driver`), and the state it holds.
 pub trait Backend: Send {
-    /// The class ranges of the local shards, in rank order.
     fn ranges(&self) -> &[ShardRange];
-    /// Gathers the batch, samples, computes cosines and the reduced softmax statistics.
-    fn forward(&mut self, batches: &[HostBatch<'_>], plan: StepPlan) -> Result<RowStats>;
-    /// After a training `forward`: writes each shard's embedding gradient into `grads` and updates
-    /// the sampled centers with learning rate `lr`.
-    fn backward(&mut self, stats: &RowStats, lr: f32, grads: &mut [GradOut<'_>]) -> Result<()>;
-    /// Copies rows of global classes `[first, first + count)` (all owned here) of `tensor` into `out`.
-    fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()>;
-    /// Overwrites those rows of `tensor`.
-    fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()>;
-    /// AdamW's per-row step counts of those classes.
-    fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()>;
-    fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()>;
-    /// Overwrites centers and resets their optimizer state (warm start).
-    fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()>;
-    /// The `k` best (cosine, class) pairs of each unit-norm query (rows of `queries`) over the local
-    /// centers, best first, ties by smaller class id.
-    fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>>;
+    /// Loss statistics over the sampled (or, at sample rate 1, all) classes; nothing changes.
+    /// `checked` is the engine's verdict on the batches, agreed by the job before anything else.
+    fn evaluate(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan) -> Result<Evaluated>;
+    /// Forward and backward: the embedding gradients into `out` and the center gradients
+    /// accumulated; with `apply`, then one optimizer step at that learning rate. All or nothing.
+    fn compute(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan, out: Outputs<'_, '_>, apply: Option<f32>) -> Result<Evaluated>;
+    /// One optimizer step over the accumulated gradients (false when there were none).
+    fn apply(&mut self, lr: f32) -> Result<bool>;
+    fn discard(&mut self);
+    fn state(&self) -> &dyn ShardState;
+    fn state_mut(&mut self) -> &mut dyn ShardState;
     fn phase_times(&self) -> PhaseTimes;
-    /// Copies device batches to the host, ordered after the callers' streams.
-    fn download(&mut self, _batches: &[DeviceBatch], _dim: usize) -> Result<Vec<StagedBatch>> {
-        Err(crate::error::Error::invalid("device memory needs the CUDA backend; this head runs on the CPU"))
+}
+
+/// What a forward pass reports, the same on every shard and process.
+#[derive(Clone, Copy, Debug)]
+pub struct Evaluated {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub global_batch: u64,
+    pub sampled_classes: u64,
+}
+
+/// Labels in `[0, num_classes)` and finite embeddings of a norm that normalizes in f32, batch by
+/// batch (the first offence named).
+pub(crate) fn validate(batches: &[HostBatch<'_>], num_classes: u64, d: usize) -> Result<()> {
+    for (s, b) in batches.iter().enumerate() {
+        if let Some((i, &label)) = b.labels.iter().enumerate().find(|(_, &l)| l < 0 || l as u64 >= num_classes) {
+            return Err(Error::invalid(format!("batch {s}: label {label} at row {i} is outside [0, {num_classes})")));
+        }
+        let bad = match b.embeddings {
+            Embeddings::F32(v) => v.iter().position(|x| !x.is_finite()),
+            Embeddings::F16(v) => v.iter().position(|x| !x.is_finite()),
+            Embeddings::BF16(v) => v.iter().position(|x| !x.is_finite()),
+        };
+        if let Some(at) = bad {
+            return Err(Error::invalid(format!("batch {s}: embedding row {} holds NaN or Inf", at / d)));
+        }
+        if let Some((row, norm)) = crate::engine::first_oversized_embedding(&b.embeddings, d) {
+            return Err(Error::invalid(format!(
+                "batch {s}: embedding row {row} has norm {norm:.3e}, above {:.3e}: it cannot be normalized in f32",
+                crate::engine::MAX_ROW_NORM
+            )));
+        }
     }
-    /// Writes gradients to the device batches' `grad` pointers; the callers' streams then see them.
-    fn upload_grads(&mut self, _batches: &[DeviceBatch], _grads: &[HostValues]) -> Result<()> {
-        Err(crate::error::Error::invalid("device memory needs the CUDA backend; this head runs on the CPU"))
-    }
+    Ok(())
 }
 
 /// The backend `cfg` asks for, holding this process's shards of the job. `process_shards` lists
@@ -233,7 +417,7 @@ pub trait Backend: Send {
 pub(crate) fn create(cfg: &crate::config::Config, group: &Arc<ProcessGroup>, process_shards: &[usize]) -> Result<Box<dyn Backend>> {
     match cfg.backend {
         BackendKind::Cpu => {
-            let comm: Box<dyn crate::comm::HostCommunicator> = if group.is_solo() {
+            let coll: Box<dyn Collectives<Host>> = if group.is_solo() {
                 if cfg.world_size != cfg.local_shards {
                     return Err(Error::new(
                         Status::Unavailable,
@@ -243,17 +427,23 @@ pub(crate) fn create(cfg: &crate::config::Config, group: &Arc<ProcessGroup>, pro
                         ),
                     ));
                 }
-                Box::new(crate::comm::local::LocalCommunicator::new(cfg.local_shards))
+                Box::new(crate::comm::local::LocalCollectives::new(cfg.local_shards))
             } else {
-                Box::new(crate::comm::process::ProcessCommunicator::new(group.clone(), process_shards.to_vec()))
+                Box::new(crate::comm::process::ProcessCollectives::new(group.clone(), process_shards.to_vec()))
             };
-            Ok(Box::new(cpu::CpuBackend::new(cfg, comm)?))
+            Ok(Box::new(Driver::new(cpu::CpuBackend::new(cfg)?, coll, cfg.embedding_dim, cfg.first_rank)))
         }
         BackendKind::Cuda => {
             let ordinals: Vec<i32> =
                 if cfg.devices.is_empty() { (0..cfg.local_shards as i32).collect() } else { cfg.devices.clone() };
+            let mut seen = std::collections::HashSet::new();
+            if let Some(dup) = ordinals.iter().find(|o| !seen.insert(**o)) {
+                return Err(Error::invalid(format!("devices lists GPU {dup} twice: NCCL needs one shard per GPU")));
+            }
             let devices = cuda::probe(&ordinals)?;
-            Ok(Box::new(cuda::CudaBackend::new(cfg, &devices)?))
+            let prims = cuda::CudaBackend::new(cfg, &devices)?;
+            let coll = crate::comm::nccl::NcclCollectives::new(prims.streams(), cfg.world_size, cfg.first_rank, group.clone(), cfg.nccl_id.as_deref())?;
+            Ok(Box::new(Driver::new(prims, Box::new(coll), cfg.embedding_dim, cfg.first_rank)))
         }
     }
 }

@@ -1,48 +1,62 @@
-//! The in-process communicator: every shard lives in this process, so collectives are memory
-//! operations over the local buffers.
+//! The in-process collectives: every shard lives in this process, so they are memory operations
+//! over the local buffers, in rank order.
 
-use super::{HostCommunicator, ReduceOp};
+use super::{Collectives, ReduceOp};
+use crate::backend::Host;
 use crate::error::Result;
 use rayon::prelude::*;
 
-pub struct LocalCommunicator {
+pub struct LocalCollectives {
     shards: usize,
 }
 
-impl LocalCommunicator {
+impl LocalCollectives {
     pub fn new(shards: usize) -> Self {
-        LocalCommunicator { shards }
-    }
-
-    fn gather<T: Copy>(&self, local: &[&[T]], out: &mut Vec<T>) -> Result<()> {
-        debug_assert_eq!(local.len(), self.shards);
-        out.clear();
-        out.reserve(local.iter().map(|l| l.len()).sum());
-        for part in local {
-            out.extend_from_slice(part);
-        }
-        Ok(())
+        LocalCollectives { shards }
     }
 }
 
-/// Rows per parallel task when combining large buffers.
+/// Values per parallel task when combining large buffers.
 const CHUNK: usize = 1 << 14;
 
-impl HostCommunicator for LocalCommunicator {
+fn gather<T: Copy + Send + Sync>(local: &[Vec<T>], out: &mut [Vec<T>]) {
+    for dst in out.iter_mut() {
+        dst.clear();
+        for part in local {
+            dst.extend_from_slice(part);
+        }
+    }
+}
+
+/// Sums `parts` element-wise in their order into `dst` (overwritten), in parallel chunks: the
+/// order per element is the parts' order, whatever the chunking.
+pub(crate) fn sum_in_order(parts: &[&[f32]], dst: &mut [f32]) -> Result<()> {
+    crate::pool::install(|| dst.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let span = c * CHUNK..c * CHUNK + out.len();
+        out.copy_from_slice(&parts[0][span.clone()]);
+        for part in &parts[1..] {
+            out.iter_mut().zip(&part[span.clone()]).for_each(|(x, &y)| *x += y);
+        }
+    }))
+}
+
+impl Collectives<Host> for LocalCollectives {
     fn world_size(&self) -> usize {
         self.shards
     }
 
-    fn all_gather_f32(&self, local: &[&[f32]], out: &mut Vec<f32>) -> Result<()> {
-        self.gather(local, out)
-    }
-
-    fn all_gather_i64(&self, local: &[&[i64]], out: &mut Vec<i64>) -> Result<()> {
-        self.gather(local, out)
-    }
-
-    fn all_gather_counts(&self, local: &[u64]) -> Result<Vec<u64>> {
+    fn gather_counts(&self, local: &[u64]) -> Result<Vec<u64>> {
         Ok(local.to_vec())
+    }
+
+    fn all_gather_f32(&self, local: &[Vec<f32>], _rows: &[u64], _width: usize, out: &mut [Vec<f32>]) -> Result<()> {
+        gather(local, out);
+        Ok(())
+    }
+
+    fn all_gather_i64(&self, local: &[Vec<i64>], _rows: &[u64], out: &mut [Vec<i64>]) -> Result<()> {
+        gather(local, out);
+        Ok(())
     }
 
     fn all_reduce(&self, op: ReduceOp, bufs: &mut [Vec<f32>]) -> Result<()> {
@@ -62,16 +76,14 @@ impl HostCommunicator for LocalCommunicator {
     fn reduce_scatter_sum(&self, bufs: &[Vec<f32>], segments: &[std::ops::Range<usize>], out: &mut [Vec<f32>]) -> Result<()> {
         for (rank, dst) in out.iter_mut().enumerate() {
             let seg = segments[rank].clone();
-            dst.clear();
-            dst.extend_from_slice(&bufs[0][seg.clone()]);
-            for other in &bufs[1..] {
-                crate::pool::install(|| {
-                    dst.par_chunks_mut(CHUNK).zip(other[seg.clone()].par_chunks(CHUNK)).for_each(|(a, b)| {
-                        a.iter_mut().zip(b).for_each(|(x, &y)| *x += y);
-                    })
-                })?;
-            }
+            let parts: Vec<&[f32]> = bufs.iter().map(|b| &b[seg.clone()]).collect();
+            dst.resize(seg.len(), 0.0);
+            sum_in_order(&parts, dst)?;
         }
         Ok(())
+    }
+
+    fn agree(&self, local: Result<()>) -> Result<()> {
+        local
     }
 }

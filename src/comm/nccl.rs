@@ -138,3 +138,300 @@ mod tests {
         }
     }
 }
+
+/// `ncclDataType_t` of bytes.
+pub const NCCL_UINT8: c_int = 1;
+
+/// Runs `body` (NCCL calls on several communicators) inside one NCCL group, closing the group on
+/// every path: an error inside must not leave later NCCL calls of this thread deferred.
+pub fn grouped(lib: &Nccl, body: impl FnOnce() -> Result<()>) -> Result<()> {
+    // SAFETY: group calls have no arguments; every start is matched by the end below.
+    lib.check("ncclGroupStart", unsafe { (lib.group_start)() })?;
+    let inside = body();
+    let end = lib.check("ncclGroupEnd", unsafe { (lib.group_end)() });
+    inside.and(end)
+}
+
+pub use collectives::NcclCollectives;
+
+/// The CUDA backend's collectives: NCCL over one communicator per local GPU, spanning every shard
+/// of the job (SPEC §2a, §3). Batches of different sizes are padded to the largest for NCCL's
+/// equal-count all-gather and reduce-scatter, then compacted on the device.
+mod collectives {
+    use super::*;
+    use crate::backend::cuda::Device;
+    use crate::backend::Memory;
+    use crate::comm::group::ProcessGroup;
+    use crate::comm::{Collectives, ReduceOp};
+    use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+    use std::sync::Arc;
+
+    pub struct NcclCollectives {
+        streams: Vec<Arc<CudaStream>>,
+        /// One per local GPU; empty when the job is one GPU.
+        comms: Vec<Comm>,
+        world: usize,
+        first_rank: usize,
+        group: Arc<ProcessGroup>,
+    }
+
+    // SAFETY: communicators and streams are used by one thread at a time (the head's lock).
+    unsafe impl Send for NcclCollectives {}
+    unsafe impl Sync for NcclCollectives {}
+
+    impl Drop for NcclCollectives {
+        fn drop(&mut self) {
+            if let Ok(lib) = nccl() {
+                for comm in self.comms.drain(..) {
+                    // SAFETY: each communicator is destroyed once; destroy never waits for other
+                    // processes' communicators.
+                    unsafe { (lib.comm_destroy)(comm) };
+                }
+            }
+        }
+    }
+
+    fn device(e: impl std::fmt::Display) -> Error {
+        Error::new(Status::Device, format!("CUDA (collectives): {e}"))
+    }
+
+    fn zeros<T: DeviceRepr + ValidAsZeroBits>(stream: &Arc<CudaStream>, n: usize, what: &str) -> Result<CudaSlice<T>> {
+        stream.alloc_zeros::<T>(n.max(1)).map_err(|e| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what}: {e}", stream.context().ordinal())))
+    }
+
+    impl NcclCollectives {
+        /// Communicators for the local GPUs (`streams`, global ranks `first_rank..`) of a job of
+        /// `world` shards. The id comes from `nccl_id` (the host distributed it), from process 0
+        /// through the group's all-gather, or is made here when the job is this process alone.
+        pub fn new(streams: Vec<Arc<CudaStream>>, world: usize, first_rank: usize, group: Arc<ProcessGroup>, nccl_id: Option<&[u8]>) -> Result<Self> {
+            let mut out = NcclCollectives { streams, comms: Vec::new(), world, first_rank, group };
+            // A one-GPU job needs no communicator, unless the host formed it the NCCL way (a
+            // one-rank communicator: how the NCCL path is exercised on a one-GPU machine).
+            if world == 1 && nccl_id.is_none() {
+                return Ok(out);
+            }
+            let lib = nccl()?;
+            let id = match nccl_id {
+                Some(bytes) => {
+                    let mut id = UniqueId { internal: [0; UNIQUE_ID_BYTES] };
+                    id.internal.copy_from_slice(&bytes[..UNIQUE_ID_BYTES]);
+                    id
+                }
+                None if out.group.is_solo() => lib.unique_id()?,
+                None => {
+                    // Process 0 makes the id; every process takes process 0's.
+                    let mine = if out.group.index() == 0 { lib.unique_id() } else { Ok(UniqueId { internal: [0; UNIQUE_ID_BYTES] }) };
+                    let mine = out.group.agree(mine)?;
+                    let all = out.group.allgather(&mine.internal)?;
+                    let mut id = UniqueId { internal: [0; UNIQUE_ID_BYTES] };
+                    id.internal.copy_from_slice(&all[..UNIQUE_ID_BYTES]);
+                    id
+                }
+            };
+            let mut comms = Vec::new();
+            let made = grouped(lib, || {
+                for (i, stream) in out.streams.iter().enumerate() {
+                    stream.context().bind_to_thread().map_err(device)?;
+                    let mut comm: Comm = std::ptr::null_mut();
+                    // SAFETY: one communicator per device of this process, inside one group.
+                    lib.check("ncclCommInitRank", unsafe { (lib.comm_init_rank)(&mut comm, world as c_int, id, (first_rank + i) as c_int) })?;
+                    comms.push(comm);
+                }
+                Ok(())
+            });
+            // Communicators made before a failure are freed with `out` (its Drop).
+            out.comms = comms;
+            made.map(|()| out)
+        }
+
+        /// A failed NCCL call leaves the job's shards in unknown states: the head refuses further
+        /// collective calls until a checkpoint is loaded.
+        fn poisoned<T>(&self, r: Result<T>) -> Result<T> {
+            if let Err(e) = &r {
+                if e.status == Status::Communication {
+                    self.group.poison(&e.message);
+                }
+            }
+            r
+        }
+
+        /// `parts[i]` (rows[rank]·width values each rank) gathered into every `out[i]`.
+        fn gather<T: DeviceRepr + ValidAsZeroBits>(&self, local: &[CudaSlice<T>], rows: &[u64], width: usize, out: &mut [CudaSlice<T>], dtype: c_int) -> Result<()> {
+            let lens: Vec<usize> = rows.iter().map(|&r| r as usize * width).collect();
+            if self.comms.is_empty() {
+                if lens[0] > 0 {
+                    self.streams[0].memcpy_dtod(&local[0].slice(0..lens[0]), &mut out[0].slice_mut(0..lens[0])).map_err(device)?;
+                }
+                return Ok(());
+            }
+            let lib = nccl()?;
+            let widest = lens.iter().copied().max().unwrap_or(0).max(1);
+            let mut sends = Vec::new();
+            let mut recvs = Vec::new();
+            for (i, stream) in self.streams.iter().enumerate() {
+                let mut send = zeros::<T>(stream, widest, "all-gather send buffer")?;
+                let mine = lens[self.first_rank + i];
+                if mine > 0 {
+                    stream.memcpy_dtod(&local[i].slice(0..mine), &mut send.slice_mut(0..mine)).map_err(device)?;
+                }
+                sends.push(send);
+                recvs.push(zeros::<T>(stream, widest * self.world, "all-gather receive buffer (the global batch)")?);
+            }
+            self.poisoned(grouped(lib, || {
+                for (i, stream) in self.streams.iter().enumerate() {
+                    let (s, _s) = sends[i].device_ptr(stream);
+                    let (r, _r) = recvs[i].device_ptr_mut(stream);
+                    // SAFETY: `widest` elements sent, world × widest received, on the shard's stream.
+                    let code = unsafe { (lib.all_gather)(s as *const _, r as *mut _, widest, dtype, self.comms[i], stream.cu_stream() as *mut _) };
+                    lib.check("ncclAllGather", code)?;
+                }
+                Ok(())
+            }))?;
+            for (i, stream) in self.streams.iter().enumerate() {
+                let mut at = 0;
+                for (rank, &len) in lens.iter().enumerate() {
+                    if len > 0 {
+                        stream.memcpy_dtod(&recvs[i].slice(rank * widest..rank * widest + len), &mut out[i].slice_mut(at..at + len)).map_err(device)?;
+                    }
+                    at += len;
+                }
+            }
+            Ok(())
+        }
+
+        /// This process's shards' failure records, all-gathered over NCCL: the job's verdict when
+        /// it was formed the NCCL way (no host callback to carry messages).
+        fn agree_over_nccl(&self, local: Result<()>) -> Result<()> {
+            const RECORD: usize = 512;
+            let mut record = vec![0u8; RECORD];
+            if let Err(e) = &local {
+                record[..4].copy_from_slice(&e.status.code().to_le_bytes());
+                let text = e.message.as_bytes();
+                let len = text.len().min(RECORD - 8);
+                record[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+                record[8..8 + len].copy_from_slice(&text[..len]);
+            }
+            let mut local_bufs = Vec::new();
+            let mut outs = Vec::new();
+            for stream in &self.streams {
+                local_bufs.push(stream.clone_htod(&record).map_err(device)?);
+                outs.push(zeros::<u8>(stream, RECORD * self.world, "agreement records")?);
+            }
+            let rows = vec![1u64; self.world];
+            self.gather(&local_bufs, &rows, RECORD, &mut outs, NCCL_UINT8)?;
+            let all: Vec<u8> = self.streams[0].clone_dtoh(&outs[0]).map_err(device)?;
+            for (rank, r) in all.chunks_exact(RECORD).enumerate() {
+                let code = i32::from_le_bytes(r[..4].try_into().expect("4 bytes"));
+                if code != 0 {
+                    let len = u32::from_le_bytes(r[4..8].try_into().expect("4 bytes")) as usize;
+                    let text = String::from_utf8_lossy(&r[8..8 + len.min(RECORD - 8)]);
+                    return Err(Error::new(Status::from_code(code).unwrap_or(Status::Communication), format!("shard {rank}: {text}")));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl Collectives<Device> for NcclCollectives {
+        fn world_size(&self) -> usize {
+            self.world
+        }
+
+        fn gather_counts(&self, local: &[u64]) -> Result<Vec<u64>> {
+            if self.comms.is_empty() {
+                return Ok(local.to_vec());
+            }
+            let mut mine = Vec::new();
+            let mut outs = Vec::new();
+            for (i, stream) in self.streams.iter().enumerate() {
+                mine.push(stream.clone_htod(&local[i..i + 1]).map_err(device)?);
+                outs.push(zeros::<u64>(stream, self.world, "gathered counts")?);
+            }
+            let rows = vec![1u64; self.world];
+            self.gather(&mine, &rows, 1, &mut outs, NCCL_INT64)?;
+            let all: Vec<u64> = self.streams[0].clone_dtoh(&outs[0]).map_err(device)?;
+            Ok(all[..self.world].to_vec())
+        }
+
+        fn all_gather_f32(&self, local: &[CudaSlice<f32>], rows: &[u64], width: usize, out: &mut [CudaSlice<f32>]) -> Result<()> {
+            self.gather(local, rows, width, out, NCCL_FLOAT32)
+        }
+
+        fn all_gather_i64(&self, local: &[CudaSlice<i64>], rows: &[u64], out: &mut [CudaSlice<i64>]) -> Result<()> {
+            self.gather(local, rows, 1, out, NCCL_INT64)
+        }
+
+        fn all_reduce(&self, op: ReduceOp, bufs: &mut [<Device as Memory>::F32]) -> Result<()> {
+            if self.comms.is_empty() {
+                return Ok(());
+            }
+            let lib = nccl()?;
+            let op = match op {
+                ReduceOp::Sum => NCCL_SUM,
+                ReduceOp::Max => NCCL_MAX,
+            };
+            self.poisoned(grouped(lib, || {
+                for (i, stream) in self.streams.iter().enumerate() {
+                    let count = bufs[i].len();
+                    let (p, _p) = bufs[i].device_ptr_mut(stream);
+                    // SAFETY: in-place all-reduce of `count` floats of a live buffer on its stream.
+                    let code = unsafe { (lib.all_reduce)(p as *const _, p as *mut _, count, NCCL_FLOAT32, op, self.comms[i], stream.cu_stream() as *mut _) };
+                    lib.check("ncclAllReduce", code)?;
+                }
+                Ok(())
+            }))
+        }
+
+        fn reduce_scatter_sum(&self, bufs: &[CudaSlice<f32>], segments: &[std::ops::Range<usize>], out: &mut [CudaSlice<f32>]) -> Result<()> {
+            if self.comms.is_empty() {
+                let seg = segments[0].clone();
+                if !seg.is_empty() {
+                    self.streams[0].memcpy_dtod(&bufs[0].slice(seg.clone()), &mut out[0].slice_mut(0..seg.len())).map_err(device)?;
+                }
+                return Ok(());
+            }
+            let lib = nccl()?;
+            // NCCL scatters equal parts: each rank's segment sits in a slot of the widest size.
+            let widest = segments.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+            let mut sends = Vec::new();
+            let mut recvs = Vec::new();
+            for (i, stream) in self.streams.iter().enumerate() {
+                let mut send = zeros::<f32>(stream, widest * self.world, "reduce-scatter send buffer")?;
+                for (rank, seg) in segments.iter().enumerate() {
+                    if !seg.is_empty() {
+                        stream.memcpy_dtod(&bufs[i].slice(seg.clone()), &mut send.slice_mut(rank * widest..rank * widest + seg.len())).map_err(device)?;
+                    }
+                }
+                sends.push(send);
+                recvs.push(zeros::<f32>(stream, widest, "reduce-scatter receive buffer")?);
+            }
+            self.poisoned(grouped(lib, || {
+                for (i, stream) in self.streams.iter().enumerate() {
+                    let (s, _s) = sends[i].device_ptr(stream);
+                    let (r, _r) = recvs[i].device_ptr_mut(stream);
+                    // SAFETY: world × widest floats in, widest out, on the shard's stream.
+                    let code = unsafe { (lib.reduce_scatter)(s as *const _, r as *mut _, widest, NCCL_FLOAT32, NCCL_SUM, self.comms[i], stream.cu_stream() as *mut _) };
+                    lib.check("ncclReduceScatter", code)?;
+                }
+                Ok(())
+            }))?;
+            for (i, stream) in self.streams.iter().enumerate() {
+                let len = segments[self.first_rank + i].len();
+                if len > 0 {
+                    stream.memcpy_dtod(&recvs[i].slice(0..len), &mut out[i].slice_mut(0..len)).map_err(device)?;
+                }
+            }
+            Ok(())
+        }
+
+        fn agree(&self, local: Result<()>) -> Result<()> {
+            if !self.group.is_solo() {
+                self.group.agree(local)
+            } else if self.world > self.streams.len() {
+                self.agree_over_nccl(local)
+            } else {
+                local
+            }
+        }
+    }
+}

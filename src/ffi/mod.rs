@@ -13,7 +13,7 @@ use self::guard::{guard, with_last_error};
 pub use self::head::pfc_head;
 use self::head::lock;
 pub use self::types::*;
-use crate::backend::{DeviceBatch, Embeddings, GradOut, HostBatch};
+use crate::backend::{Batches, DeviceBatch, Embeddings, GradOut, HostBatch, Outputs};
 use crate::comm::group::{AllGather, CallbackAllGather, ProcessGroup};
 use crate::config::{BackendKind, Config, DType, MarginConfig, MarginGrad, OptimizerConfig, OptimizerKind};
 use crate::engine::{Head, StepStats};
@@ -187,6 +187,7 @@ unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
         devices,
         world_size,
         first_rank: c.first_rank as usize,
+        nccl_id: if c.nccl_id.is_null() { None } else { Some(std::slice::from_raw_parts(c.nccl_id, PFC_NCCL_ID_BYTES).to_vec()) },
         process_count: c.process_count as usize,
         process_index: c.process_index as usize,
     })
@@ -403,16 +404,54 @@ pub extern "C" fn pfc_destroy(head: *mut pfc_head) {
 
 /// One training step over `n` batches, one per local shard (`n` must equal `local_shards`): the
 /// gradient of the mean loss times world_size is written to each batch's `grad_embeddings`, and the
-/// sampled centers are updated. `stats` may be NULL.
+/// sampled centers are updated. `pfc_train_compute` followed by `pfc_train_apply`, in one call.
+/// `stats` may be NULL. A step whose loss, gradients or updated centers would be NaN or Inf returns
+/// PFC_ERR_NON_FINITE and changes nothing (no center, optimizer state, step count or output).
 #[no_mangle]
 pub extern "C" fn pfc_train_step(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats) -> pfc_status {
+    train(head, batches, n, stats, true)
+}
+
+/// Forward and backward over `n` batches (one per local shard) without updating anything: writes
+/// the embedding gradients (as `pfc_train_step` does) and adds the sampled centers' gradients to
+/// those the head has accumulated since the last `pfc_train_apply`. Several computes before one
+/// apply accumulate over the union of their sampled rows (gradients add up, as PyTorch's do).
+/// Centers, optimizer state and the step count do not change, so the computes of one step use the
+/// same step number: their negatives are the same draw (as one large batch would have), their
+/// positives each batch's labels; `stats->step` reports the steps applied so far.
+/// PFC_ERR_NON_FINITE when the loss or a gradient is NaN or Inf; nothing is written or accumulated.
+#[no_mangle]
+pub extern "C" fn pfc_train_compute(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats) -> pfc_status {
+    train(head, batches, n, stats, false)
+}
+
+fn train(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats, apply: bool) -> pfc_status {
     guard(|| {
         let mut h = lock(head)?;
         let s = match unsafe { batch_slices(&h, batches, n, true) }? {
-            Parsed::Host(mut slices) => h.train_step(&slices.inputs, &mut slices.grads)?,
-            Parsed::Device(device) => h.step_device(&device, true)?,
+            Parsed::Host(mut slices) => h.compute(Batches::Host(&slices.inputs), Outputs::Host(&mut slices.grads), apply)?,
+            Parsed::Device(device) => h.compute(Batches::Device(&device), Outputs::Device(&device), apply)?,
         };
         write_stats(stats, s);
+        Ok(())
+    })
+}
+
+/// Runs the optimizer once over the gradients accumulated by `pfc_train_compute` calls, with the
+/// head's current learning rate, advances the step count and clears them. PFC_ERR_INVALID_ARGUMENT
+/// when nothing was accumulated; PFC_ERR_NON_FINITE (nothing changes, the gradients stay
+/// accumulated) when a center would become NaN, Inf or impossible to normalize.
+#[no_mangle]
+pub extern "C" fn pfc_train_apply(head: *mut pfc_head) -> pfc_status {
+    guard(|| lock(head)?.apply())
+}
+
+/// Drops the gradients accumulated since the last `pfc_train_apply` (a skipped batch). Local: it
+/// exchanges nothing, but every process should discard together to stay in step.
+#[no_mangle]
+pub extern "C" fn pfc_train_discard(head: *mut pfc_head) -> pfc_status {
+    guard(|| {
+        lock(head)?.discard();
         Ok(())
     })
 }
@@ -424,7 +463,7 @@ pub extern "C" fn pfc_evaluate(head: *mut pfc_head, batches: *const pfc_batch, n
         let mut h = lock(head)?;
         let s = match unsafe { batch_slices(&h, batches, n, false) }? {
             Parsed::Host(slices) => h.evaluate(&slices.inputs)?,
-            Parsed::Device(device) => h.step_device(&device, false)?,
+            Parsed::Device(device) => h.evaluate_batches(Batches::Device(&device))?,
         };
         write_stats(stats, s);
         Ok(())
@@ -519,28 +558,39 @@ unsafe fn path_arg<'a>(p: *const c_char, name: &str) -> Result<&'a std::path::Pa
     Ok(std::path::Path::new(std::ffi::OsStr::from_bytes(bytes)))
 }
 
-/// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest plus one
-/// safetensors file per shard with centers and all optimizer state. The previous checkpoint in `dir`
-/// stays loadable until the new one is complete (a crash mid-save loses nothing).
+/// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest
+/// (`manifest.json`, one JSON document with its checksum inside) plus one safetensors file per shard
+/// with centers and all optimizer state. The previous checkpoint in `dir` stays loadable until the
+/// new one is complete (a crash mid-save loses nothing). One writer per directory: while another head
+/// or process saves into `dir` (it holds `dir/.partialfc.lock`), this call fails at once with
+/// PFC_ERR_IO and touches nothing. A head whose state a load would refuse is not saved and no file
+/// is touched: NaN or Inf values give PFC_ERR_NON_FINITE, a learning rate or step counts out of
+/// range PFC_ERR_INVALID_ARGUMENT. A save deletes only files this library wrote there: the replaced checkpoint's and what an
+/// interrupted save of this library left. Collective on a multi-process head: every process writes
+/// its own shards into `dir` (one directory on a filesystem all processes share); the manifest is
+/// published only after every shard file of the job is durable.
 #[no_mangle]
 pub extern "C" fn pfc_save_checkpoint(head: *const pfc_head, dir: *const c_char) -> pfc_status {
     guard(|| {
         let h = lock(head)?;
-        let dir = unsafe { path_arg(dir, "dir") }?;
+        let dir = h.group().agree(unsafe { path_arg(dir, "dir") })?;
         crate::checkpoint::save(&h, dir)
     })
 }
 
 /// Restores centers, optimizer state, step, seed and learning rate from the checkpoint in `dir`,
-/// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file
-/// gives PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer gives PFC_ERR_INCOMPATIBLE;
-/// on any failure the head is unchanged.
+/// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file,
+/// anything but a regular file (a FIFO, a device), or values the head would refuse give
+/// PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer, or a checkpoint of another format
+/// version (older versions of this library) give PFC_ERR_INCOMPATIBLE; a save in progress in `dir`
+/// gives PFC_ERR_IO. Never reads more than the manifest declares. On any failure the head is unchanged.
+/// Collective on a multi-process head (each process reads its own classes' rows, whatever layout
+/// wrote them); a head refused after a failed exchange between processes is usable again after it.
 #[no_mangle]
 pub extern "C" fn pfc_load_checkpoint(head: *mut pfc_head, dir: *const c_char) -> pfc_status {
     guard(|| {
         let mut h = lock(head)?;
-        let dir = unsafe { path_arg(dir, "dir") }?;
-        crate::checkpoint::load(&mut h, dir)
+        crate::checkpoint::load_from(&mut h, unsafe { path_arg(dir, "dir") })
     })
 }
 
@@ -548,43 +598,52 @@ pub extern "C" fn pfc_load_checkpoint(head: *mut pfc_head, dir: *const c_char) -
 /// PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs and FAISS: f32 only), `normalized` 1 for unit rows.
 /// Streamed in chunks; the file appears atomically. An f16 export of centers beyond f16's range
 /// (±65504) fails with PFC_ERR_INVALID_ARGUMENT and writes nothing: export them normalized or as f32.
+/// Collective on a multi-process head: each process writes its classes' rows at their offset into
+/// the one file, which appears only once all have written.
 #[no_mangle]
 pub extern "C" fn pfc_export_centers(head: *const pfc_head, path: *const c_char, format: i32, dtype: i32, normalized: i32) -> pfc_status {
     guard(|| {
         let h = lock(head)?;
-        let path = unsafe { path_arg(path, "path") }?;
-        let format = match format {
-            PFC_FORMAT_SAFETENSORS => crate::export::Format::Safetensors,
-            PFC_FORMAT_NPY => crate::export::Format::Npy,
-            PFC_FORMAT_FVECS => crate::export::Format::Fvecs,
-            PFC_FORMAT_FAISS => crate::export::Format::Faiss,
-            v => return Err(Error::invalid(format!("format = {v} is not a PFC_FORMAT_* value"))),
-        };
-        let dtype = dtype_of("dtype", dtype)?;
-        let normalized = int_bool("normalized", normalized)?;
+        let args = (|| {
+            let path = unsafe { path_arg(path, "path") }?;
+            let format = match format {
+                PFC_FORMAT_SAFETENSORS => crate::export::Format::Safetensors,
+                PFC_FORMAT_NPY => crate::export::Format::Npy,
+                PFC_FORMAT_FVECS => crate::export::Format::Fvecs,
+                PFC_FORMAT_FAISS => crate::export::Format::Faiss,
+                v => return Err(Error::invalid(format!("format = {v} is not a PFC_FORMAT_* value"))),
+            };
+            Ok((path, format, dtype_of("dtype", dtype)?, int_bool("normalized", normalized)?))
+        })();
+        let (path, format, dtype, normalized) = h.group().agree(args)?;
         crate::export::export_centers(&h, path, format, dtype, normalized)
     })
 }
 
 /// The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
-/// floats, finite, of any norm: a zero query scores 0 with every class) over this process's centers:
+/// floats, finite, of any norm: a zero query scores 0 with every class) over all centers of the job:
 /// `ids` (n × k int64) and `scores` (n × k floats), each row sorted by score, ties by smaller class id.
+/// Collective on a multi-process head: every process passes the same queries (else
+/// PFC_ERR_INVALID_ARGUMENT everywhere) and receives the same merged result, equal to a single
+/// process's.
 #[no_mangle]
 pub extern "C" fn pfc_search(head: *const pfc_head, queries: *const f32, n: u64, k: u32, ids: *mut i64, scores: *mut f32) -> pfc_status {
     guard(|| {
         let h = lock(head)?;
-        let (_, local) = h.local_classes();
-        unsafe { search_into(queries, n, k, ids, scores, h.config().embedding_dim, local, |q, k| h.search(q, k)) }
+        let (d, classes) = (h.config().embedding_dim, h.config().num_classes);
+        unsafe { search_into(Some(h.group()), queries, n, k, ids, scores, d, classes, |q, k| h.search(q, k)) }
     })
 }
 
-/// The pointer and size checks of `pfc_search` and `pfc_index_search`, then `run` over the queries,
+/// The pointer and size checks of `pfc_search` and `pfc_index_search` (agreed by every process of
+/// `group`'s job, so that a bad argument on one fails the call on all), then `run` over the queries,
 /// its results copied out only when it succeeds.
 ///
 /// # Safety
 /// Non-NULL pointers must be valid for `n × dim` queries and `n × k` results.
 #[allow(clippy::too_many_arguments)]
 unsafe fn search_into(
+    group: Option<&ProcessGroup>,
     queries: *const f32,
     n: u64,
     k: u32,
@@ -594,24 +653,31 @@ unsafe fn search_into(
     classes: u64,
     run: impl FnOnce(&[f32], usize) -> Result<(Vec<i64>, Vec<f32>)>,
 ) -> Result<()> {
-    for (p, name) in [(queries.is_null(), "queries"), (ids.is_null(), "ids"), (scores.is_null(), "scores")] {
-        if p {
-            return Err(Error::null(name));
-        }
-    }
-    check_aligned(queries, "queries")?;
-    check_aligned(ids.cast_const(), "ids")?;
-    check_aligned(scores.cast_const(), "scores")?;
-    if n == 0 || n > MAX_BATCH_ROWS {
-        return Err(Error::invalid(format!("n = {n} is outside [1, {MAX_BATCH_ROWS}]")));
-    }
-    // k before the overlap check, which trusts n × k: a k beyond the classes is the error to report.
-    crate::search::check_k(k as u64, classes)?;
-    let q = std::slice::from_raw_parts(queries, n as usize * dim);
     let out = n as usize * k as usize;
-    if overlaps((ids as usize, ids as usize + out * 8), (scores as usize, scores as usize + out * 4)) {
-        return Err(Error::invalid("ids and scores overlap"));
+    let checked = (|| {
+        for (p, name) in [(queries.is_null(), "queries"), (ids.is_null(), "ids"), (scores.is_null(), "scores")] {
+            if p {
+                return Err(Error::null(name));
+            }
+        }
+        check_aligned(queries, "queries")?;
+        check_aligned(ids.cast_const(), "ids")?;
+        check_aligned(scores.cast_const(), "scores")?;
+        if n == 0 || n > MAX_BATCH_ROWS {
+            return Err(Error::invalid(format!("n = {n} is outside [1, {MAX_BATCH_ROWS}]")));
+        }
+        // k before the overlap check, which trusts n × k: a k beyond the classes is the error to report.
+        crate::search::check_k(k as u64, classes)?;
+        if overlaps((ids as usize, ids as usize + out * 8), (scores as usize, scores as usize + out * 4)) {
+            return Err(Error::invalid("ids and scores overlap"));
+        }
+        Ok(())
+    })();
+    match group {
+        Some(g) => g.agree(checked)?,
+        None => checked?,
     }
+    let q = std::slice::from_raw_parts(queries, n as usize * dim);
     let (found_ids, found_scores) = run(q, k as usize)?;
     std::ptr::copy_nonoverlapping(found_ids.as_ptr(), ids, out);
     std::ptr::copy_nonoverlapping(found_scores.as_ptr(), scores, out);
@@ -676,7 +742,7 @@ pub extern "C" fn pfc_index_info(ix: *const pfc_index, num_classes: *mut u64, em
 pub extern "C" fn pfc_index_search(ix: *const pfc_index, queries: *const f32, n: u64, k: u32, ids: *mut i64, scores: *mut f32) -> pfc_status {
     guard(|| {
         let ix = &index_ref(ix)?.inner;
-        unsafe { search_into(queries, n, k, ids, scores, ix.dim(), ix.classes(), |q, k| ix.search(q, k)) }
+        unsafe { search_into(None, queries, n, k, ids, scores, ix.dim(), ix.classes(), |q, k| ix.search(q, k)) }
     })
 }
 

@@ -482,6 +482,41 @@ static void test_training(void) {
     pfc_destroy(h);
 }
 
+/* The step split: compute (gradients out, center gradients accumulated), apply, discard. */
+static void test_step_split(void) {
+    pfc_config cfg;
+    base_config(&cfg);
+    pfc_head *h = NULL, *ref = NULL;
+    EXPECT_OK(pfc_create(&cfg, &h));
+    EXPECT_OK(pfc_create(&cfg, &ref));
+    static float grad[N * D], grad_ref[N * D];
+    static float before[C * D], after[C * D];
+    pfc_batch b[SHARDS], r[SHARDS];
+    make_batches(b, emb, grad, PFC_DTYPE_F32, sizeof(float));
+    make_batches(r, emb, grad_ref, PFC_DTYPE_F32, sizeof(float));
+    EXPECT_ERROR(pfc_train_apply(h), PFC_ERR_INVALID_ARGUMENT, "pfc_train_compute");
+    get_all_centers(h, before);
+    pfc_step_stats st, st_ref;
+    EXPECT_OK(pfc_train_compute(h, b, SHARDS, &st));
+    CHECK(st.step == 0);
+    get_all_centers(h, after);
+    CHECK(memcmp(before, after, sizeof before) == 0); /* compute changes no center */
+    EXPECT_OK(pfc_train_discard(h));
+    EXPECT_ERROR(pfc_train_apply(h), PFC_ERR_INVALID_ARGUMENT, "pfc_train_compute");
+    EXPECT_OK(pfc_train_compute(h, b, SHARDS, &st));
+    EXPECT_OK(pfc_train_apply(h));
+    EXPECT_OK(pfc_train_step(ref, r, SHARDS, &st_ref));
+    CHECK(st.loss == st_ref.loss && memcmp(grad, grad_ref, sizeof grad) == 0);
+    get_all_centers(h, before);
+    get_all_centers(ref, after);
+    CHECK(memcmp(before, after, sizeof before) == 0); /* compute + apply = train_step */
+    EXPECT_STATUS(pfc_train_apply(NULL), PFC_ERR_NULL_ARGUMENT);
+    EXPECT_STATUS(pfc_train_discard(NULL), PFC_ERR_NULL_ARGUMENT);
+    CHECK(PFC_ERR_NON_FINITE == 11);
+    pfc_destroy(h);
+    pfc_destroy(ref);
+}
+
 static void test_centers(void) {
     pfc_config cfg;
     base_config(&cfg);
@@ -943,6 +978,7 @@ int main(void) {
     test_last_error();
     test_create_errors();
     test_training();
+    test_step_split();
     test_centers();
     test_f16();
     strcpy(scratch, "/tmp/pfc_abi_test_XXXXXX");

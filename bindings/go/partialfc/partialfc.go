@@ -20,6 +20,10 @@
 //
 // A Head may be used from several goroutines: the library serializes calls on one head. Close is
 // idempotent, waits for calls in flight, and runs from a finalizer if the program forgets it.
+//
+// Processes: this binding drives single-process heads (process_count = 1: every shard in this
+// process). A job spread over several processes needs the C ABI's allgather callback (SPEC §2a),
+// which the C and C++ interfaces provide (see examples/mpi/); Config has no process fields yet.
 package partialfc
 
 /*

@@ -237,6 +237,21 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Whether every value is finite: `x·0` is NaN exactly for NaN and ±Inf, and a NaN survives any
+/// sum, so this is one vectorized pass without branches.
+pub fn all_finite(v: &[f32]) -> bool {
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(0.0f32, |a, &x| a + x * 0.0);
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l] * 0.0;
+        }
+    }
+    !(acc.iter().sum::<f32>() + tail).is_nan()
+}
+
 multiversion! {
     /// Scales rows to unit L2 norm (PyTorch's `normalize`, eps 1e-12) and writes their 1/‖row‖.
     pub fn normalize_rows_inplace(rows: &mut [f32], dim: usize, inv_norm: &mut [f32]) {

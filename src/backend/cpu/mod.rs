@@ -9,8 +9,7 @@ pub use search::scan as scan_centers;
 
 use self::gemm::{matmul, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
-use super::{Backend, GradOut, HostBatch, PhaseTimes, RowStats, StepPlan};
-use crate::comm::{HostCommunicator, ReduceOp};
+use super::{Batches, Host, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan};
 use crate::config::{Config, DType};
 use crate::error::{try_zeroed, Error, Result};
 use crate::margin::target_logit;
@@ -18,7 +17,6 @@ use crate::optimizer::{OptimizerState, StateTensor};
 use crate::rng;
 use crate::sharding::{sample, ShardRange};
 use rayon::prelude::*;
-use std::time::Instant;
 
 /// Sampled classes per block: a block's centers (BLOCK·d floats) and cosines (BLOCK·N) stay in a
 /// core's L2 cache between the GEMM and the element-wise passes.
@@ -30,12 +28,20 @@ pub(super) fn min_blocks_per_task(blocks: usize) -> usize {
     blocks.div_ceil(4 * rayon::current_num_threads()).max(1)
 }
 
-/// Blocks `0..blocks` as parallel tasks of `min_blocks_per_task` blocks, split in halves down to
-/// that size however the work is stolen, so that a floating-point reduction over the tasks is the
-/// same on every run.
-fn block_tasks(blocks: usize) -> impl IndexedParallelIterator<Item = usize> {
-    let per_task = min_blocks_per_task(blocks);
-    (0..blocks).into_par_iter().with_min_len(per_task).with_max_len(per_task)
+/// Runs `body(worker, block)` for every block on the pool, in tasks of consecutive blocks, each
+/// with a worker from `make` (fallible: its scratch grows with the batch). Returns the workers in
+/// task order, so that merging them gives the same bits whatever thread ran which task.
+fn for_blocks<W: Send>(blocks: usize, make: impl Fn() -> Result<W>, body: impl Fn(&mut W, usize) + Sync) -> Result<Vec<W>> {
+    let per = crate::pool::install(|| min_blocks_per_task(blocks))?;
+    let mut workers = (0..blocks.div_ceil(per)).map(|_| make()).collect::<Result<Vec<_>>>()?;
+    crate::pool::install(|| {
+        workers.par_iter_mut().enumerate().for_each(|(t, w)| {
+            for b in t * per..((t + 1) * per).min(blocks) {
+                body(w, b);
+            }
+        })
+    })?;
+    Ok(workers)
 }
 
 /// A pointer that several threads may use to write disjoint parts of one buffer.
@@ -76,27 +82,42 @@ struct Shard {
     /// Raw cosines `[sampled][N]`, kept for the backward pass.
     cos: Vec<f32>,
     inv_norm: Vec<f32>,
-    rows: Option<RowAccumulator>,
-    grad_unit: Vec<f32>,
+    /// The shard's row maxima before the max all-reduce.
+    local_max: Vec<f32>,
+    /// The global batch, normalized (and rounded to the compute dtype for the GEMMs), and 1/‖e‖.
+    unit: Vec<f32>,
+    unit_gemm: Vec<f32>,
+    inv_norm_e: Vec<f32>,
+    /// This step's center gradients over `sampled` (through the normalization of W), and whether
+    /// all of them are finite.
+    pending: RowGrads,
+    pending_finite: bool,
+    /// Gradients accumulated since the last optimizer step, and what they were before the last
+    /// `accumulate` (to undo it).
+    accumulated: RowGrads,
+    undo: Option<Undo>,
+    /// The verdict of `update_is_finite` at this learning rate over `pending`, taken during the
+    /// backward pass (when nothing was accumulated before it).
+    prechecked: Option<(f32, bool)>,
+}
+
+/// How to take back the last `accumulate`.
+enum Undo {
+    /// It moved the pending gradients into an empty accumulator.
+    Moved,
+    /// It replaced the accumulator by a union; this was the accumulator before.
+    Replaced(RowGrads),
 }
 
 pub struct CpuBackend {
     cfg: Config,
     ranges: Vec<ShardRange>,
     shards: Vec<Shard>,
-    comm: Box<dyn HostCommunicator>,
-    batch_rows: Vec<usize>,
-    labels: Vec<i64>,
-    unit: Vec<f32>,
-    unit_gemm: Vec<f32>,
-    inv_norm: Vec<f32>,
-    times: PhaseTimes,
-    backward_ready: bool,
 }
 
 impl CpuBackend {
-    /// The local shards of `cfg`'s job, talking to the other shards through `comm`.
-    pub fn new(cfg: &Config, comm: Box<dyn HostCommunicator>) -> Result<Self> {
+    /// The local shards of `cfg`'s job.
+    pub fn new(cfg: &Config) -> Result<Self> {
         if !cfg.devices.is_empty() {
             return Err(Error::invalid("devices is for the CUDA backend; pass NULL with the CPU backend"));
         }
@@ -124,23 +145,18 @@ impl CpuBackend {
                 target_cos: Vec::new(),
                 cos: Vec::new(),
                 inv_norm: Vec::new(),
-                rows: None,
-                grad_unit: Vec::new(),
+                local_max: Vec::new(),
+                unit: Vec::new(),
+                unit_gemm: Vec::new(),
+                inv_norm_e: Vec::new(),
+                pending: RowGrads::default(),
+                pending_finite: true,
+                accumulated: RowGrads::default(),
+                undo: None,
+                prechecked: None,
             });
         }
-        Ok(CpuBackend {
-            cfg: cfg.clone(),
-            ranges,
-            shards,
-            comm,
-            batch_rows: Vec::new(),
-            labels: Vec::new(),
-            unit: Vec::new(),
-            unit_gemm: Vec::new(),
-            inv_norm: Vec::new(),
-            times: PhaseTimes::default(),
-            backward_ready: false,
-        })
+        Ok(CpuBackend { cfg: cfg.clone(), ranges, shards })
     }
 
     fn logit_params(&self) -> LogitParams {
@@ -192,8 +208,11 @@ struct ForwardWorker {
 /// Per-thread scratch of the backward pass.
 struct BackwardWorker {
     centers: Vec<f32>,
-    grad_centers: Vec<f32>,
     grad_x: Vec<f32>,
+    /// Copies of one row's center and state for the update check.
+    update: Vec<f32>,
+    finite: bool,
+    update_ok: bool,
 }
 
 impl Shard {
@@ -212,8 +231,9 @@ impl Shard {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn forward(&mut self, cfg: &Config, plan: StepPlan, labels: &[i64], unit_gemm: &[f32], params: LogitParams) -> Result<()> {
+    fn forward(&mut self, cfg: &Config, plan: StepPlan, labels: &[i64], params: LogitParams) -> Result<(Vec<f32>, Vec<f32>)> {
         let n = labels.len();
+        let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
         let d = cfg.embedding_dim;
         let k = self.sampled.len();
         self.col.clear();
@@ -249,47 +269,48 @@ impl Shard {
         // Read-only in the forward pass; `center_block` takes the pointer form the backward pass needs.
         let centers_ptr = Shared(self.centers.as_ptr().cast_mut());
         let (train, dtype) = (plan.train, cfg.compute_dtype);
-        let worker = || ForwardWorker {
-            centers: vec![0.0; BLOCK * d],
-            cos: if train { Vec::new() } else { vec![0.0; BLOCK * n] },
-            rows: RowAccumulator::new(n),
-            target_block: vec![0.0; n],
-            targets: Vec::new(),
-        };
-        let merged = crate::pool::install(|| block_tasks(blocks)
-            .fold(worker, |mut w, b| {
-                let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
-                let rows = end - start;
-                // SAFETY: block b owns entries [start, end) of inv_norm and rows [start, end) of cos.
-                let inv = unsafe { inv_out.slice(start, rows) };
-                let ids = &sampled[start..end];
-                kernels::row_inv_norms(centers, d, ids, inv);
-                // SAFETY: nothing writes centers during the forward pass.
-                let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, &mut w.centers) };
-                let cos = if train { unsafe { cos_out.slice(start * n, rows * n) } } else { &mut w.cos[..rows * n] };
-                matmul(rows, n, d, cos, Operand::rows(operand, d), Operand::transposed(unit_gemm, d), false);
-                if scaled_after {
-                    kernels::scale_rows(cos, n, inv);
-                }
-                let lo = by_col.partition_point(|&(c, _)| (c as usize) < start);
-                let hi = by_col.partition_point(|&(c, _)| (c as usize) < end);
-                for &(c, i) in &by_col[lo..hi] {
-                    let raw = cos[(c as usize - start) * n + i];
-                    let t = target_logit(margin, raw.clamp(-1.0, 1.0));
-                    w.target_block[i] = t.logit;
-                    w.targets.push((i, t.logit, t.dlogit_dcos, raw.clamp(-1.0, 1.0)));
-                }
-                w.rows.add_block(cos, n, start as i32, col, &w.target_block, params);
-                w
+        let worker = || {
+            Ok(ForwardWorker {
+                centers: try_zeroed(BLOCK * d, "center block scratch")?,
+                cos: if train { Vec::new() } else { try_zeroed(BLOCK * n, "evaluation scratch (256 classes × global batch)")? },
+                rows: RowAccumulator::new(n),
+                target_block: try_zeroed(n, "target logits")?,
+                targets: Vec::new(),
             })
-            .reduce_with(|mut a, b| {
-                a.rows.merge(&b.rows);
-                a.targets.extend_from_slice(&b.targets);
-                a
-            }))?;
-        self.target_logit = vec![0.0; n];
-        self.target_slope = vec![0.0; n];
-        self.target_cos = vec![f32::NEG_INFINITY; n];
+        };
+        let workers = for_blocks(blocks, worker, |w, b| {
+            let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
+            let rows = end - start;
+            // SAFETY: block b owns entries [start, end) of inv_norm and rows [start, end) of cos.
+            let inv = unsafe { inv_out.slice(start, rows) };
+            let ids = &sampled[start..end];
+            kernels::row_inv_norms(centers, d, ids, inv);
+            // SAFETY: nothing writes centers during the forward pass.
+            let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, &mut w.centers) };
+            let cos = if train { unsafe { cos_out.slice(start * n, rows * n) } } else { &mut w.cos[..rows * n] };
+            matmul(rows, n, d, cos, Operand::rows(operand, d), Operand::transposed(unit_gemm, d), false);
+            if scaled_after {
+                kernels::scale_rows(cos, n, inv);
+            }
+            let lo = by_col.partition_point(|&(c, _)| (c as usize) < start);
+            let hi = by_col.partition_point(|&(c, _)| (c as usize) < end);
+            for &(c, i) in &by_col[lo..hi] {
+                let raw = cos[(c as usize - start) * n + i];
+                let t = target_logit(margin, raw.clamp(-1.0, 1.0));
+                w.target_block[i] = t.logit;
+                w.targets.push((i, t.logit, t.dlogit_dcos, raw.clamp(-1.0, 1.0)));
+            }
+            w.rows.add_block(cos, n, start as i32, col, &w.target_block, params);
+        })?;
+        let merged = workers.into_iter().reduce(|mut a, b| {
+            a.rows.merge(&b.rows);
+            a.targets.extend_from_slice(&b.targets);
+            a
+        });
+        self.target_logit = try_zeroed(n, "target logits")?;
+        self.target_slope = try_zeroed(n, "target slopes")?;
+        self.target_cos = try_zeroed(n, "target cosines")?;
+        self.target_cos.fill(f32::NEG_INFINITY);
         let rows = match merged {
             Some(w) => {
                 for &(i, logit, slope, c) in &w.targets {
@@ -301,210 +322,294 @@ impl Shard {
             }
             None => RowAccumulator::new(n),
         };
-        self.rows = Some(rows);
-        Ok(())
+        // Max-type statistics ride in one all-reduce, sum-type ones in another (SPEC §1.7).
+        let maxes = [rows.max.as_slice(), rows.cos_other.as_slice(), self.target_cos.as_slice()].concat();
+        let sums = [rows.sum.as_slice(), rows.rest.as_slice(), self.target_logit.as_slice()].concat();
+        self.local_max = rows.max;
+        Ok((maxes, sums))
     }
 
+    /// The backward pass: ∂loss/∂cos over the sampled columns, the center gradients (through the
+    /// normalization of W) into `pending`, and this shard's part of the embedding gradient.
     #[allow(clippy::too_many_arguments)]
-    fn backward(&mut self, cfg: &Config, stats: &RowStats, inv_sum: &[f32], non_target_mass: &[f32], lr: f32, unit_gemm: &[f32], params: LogitParams) -> Result<Vec<f32>> {
-        let n = stats.max.len();
+    fn backward(&mut self, cfg: &Config, max: &[f32], inv_sum: &[f32], non_target_mass: &[f32], params: LogitParams, check: Option<f32>) -> Result<Vec<f32>> {
+        let n = max.len();
         let d = cfg.embedding_dim;
         let k = self.sampled.len();
         let grads = RowGradParams {
             col: &self.col,
             target_logit: &self.target_logit,
             target_slope: &self.target_slope,
-            max: &stats.max,
+            max,
             inv_sum,
             non_target_mass,
             inv_batch: 1.0 / n as f32,
         };
+        // Kept between steps (and recycled after each update): the blocks overwrite their rows, and
+        // re-allocating would page-fault 4·k·d bytes every step.
+        if self.pending.grads.len() < k * d {
+            self.pending.grads = Vec::new();
+            self.pending.grads = try_zeroed(k * d, "center gradients (sampled classes × embedding_dim)")?;
+        }
+        self.pending.rows.clear();
+        self.pending.rows.extend_from_slice(&self.sampled);
+        let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
         let cos_ptr = Shared(self.cos.as_mut_ptr());
-        let centers_ptr = Shared(self.centers.as_mut_ptr());
+        let centers = &self.centers;
+        let pending = Shared(self.pending.grads.as_mut_ptr());
+        let (sampled, inv_norm, dtype) = (&self.sampled, &self.inv_norm, cfg.compute_dtype);
         let state = self.optimizer.rows_ptr();
-        let (sampled, inv_norm, opt, dtype) = (&self.sampled, &self.inv_norm, &cfg.optimizer, cfg.compute_dtype);
-        let worker = || BackwardWorker {
-            centers: vec![0.0; BLOCK * d],
-            grad_centers: vec![0.0; BLOCK * d],
-            grad_x: vec![0.0; n * d],
+        let opt = cfg.optimizer;
+        let worker = || {
+            Ok(BackwardWorker {
+                centers: try_zeroed(BLOCK * d, "center block scratch")?,
+                grad_x: try_zeroed(n * d, "embedding gradient scratch")?,
+                update: try_zeroed(3 * d, "update check scratch")?,
+                finite: true,
+                update_ok: true,
+            })
         };
         let blocks = k.div_ceil(BLOCK);
-        let total = crate::pool::install(|| block_tasks(blocks)
-            .fold(worker, |mut w, b| {
-                let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
-                let rows = end - start;
-                // SAFETY: block b owns cosine rows [start, end) and the centers of sampled[start..end],
-                // which are distinct classes.
-                let g = unsafe { cos_ptr.slice(start * n, rows * n) };
-                kernels::cos_gradient(g, n, start as i32, &grads, params);
-                let ids = &sampled[start..end];
-                let inv = &inv_norm[start..end];
-                // SAFETY: the centers of this block are read here and written below, by this block only.
-                let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, &mut w.centers) };
-                if scaled_after {
-                    // ∂/∂(W_j·x̂) = ∂/∂cos · 1/‖W_j‖: the GEMMs then see unnormalized centers.
-                    kernels::scale_rows(g, n, inv);
-                } else {
-                    quantize(dtype, g);
+        let workers = for_blocks(blocks, worker, |w, b| {
+            let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
+            let rows = end - start;
+            // SAFETY: block b owns cosine rows [start, end) and pending gradient rows [start, end).
+            let g = unsafe { cos_ptr.slice(start * n, rows * n) };
+            kernels::cos_gradient(g, n, start as i32, &grads, params);
+            let ids = &sampled[start..end];
+            let inv = &inv_norm[start..end];
+            // SAFETY: nothing writes the centers during the backward pass.
+            let (operand, scaled_after) = unsafe { center_block(Shared(centers.as_ptr().cast_mut()), ids, inv, d, dtype, &mut w.centers) };
+            if scaled_after {
+                // ∂/∂(W_j·x̂) = ∂/∂cos · 1/‖W_j‖: the GEMMs then see unnormalized centers.
+                kernels::scale_rows(g, n, inv);
+            } else {
+                quantize(dtype, g);
+            }
+            matmul(n, d, rows, &mut w.grad_x, Operand::transposed(g, n), Operand::rows(operand, d), true);
+            let gc = unsafe { pending.slice(start * d, rows * d) };
+            matmul(rows, d, n, gc, Operand::rows(g, n), Operand::rows(unit_gemm, d), false);
+            for (r, &j) in ids.iter().enumerate() {
+                let grad = &mut gc[r * d..(r + 1) * d];
+                let weights = &centers[j as usize * d..(j as usize + 1) * d];
+                // Back through W/‖W‖; the 1/‖W‖ factor is already in `grad` when scaled_after.
+                let factor = if scaled_after { 1.0 } else { inv[r] };
+                kernels::project_out(weights, inv[r], factor, grad);
+                if let Some(lr) = check {
+                    // SAFETY: the row and its state are only read.
+                    w.update_ok &= unsafe { state.update_is_finite(&opt, lr, j as usize, weights, grad, &mut w.update) };
                 }
-                matmul(n, d, rows, &mut w.grad_x, Operand::transposed(g, n), Operand::rows(operand, d), true);
-                let gc = &mut w.grad_centers[..rows * d];
-                matmul(rows, d, n, gc, Operand::rows(g, n), Operand::rows(unit_gemm, d), false);
-                for (r, &j) in ids.iter().enumerate() {
-                    let grad = &mut gc[r * d..(r + 1) * d];
-                    // SAFETY: as above; `operand` is no longer used.
-                    let weights = unsafe { centers_ptr.slice(j as usize * d, d) };
-                    // Back through W/‖W‖; the 1/‖W‖ factor is already in `grad` when scaled_after.
-                    let factor = if scaled_after { 1.0 } else { inv[r] };
-                    kernels::project_out(weights, inv[r], factor, grad);
-                    // SAFETY: row j is touched by this block only.
-                    unsafe { state.update(opt, lr, j as usize, weights, grad) };
-                }
-                w
-            })
-            .map(|w| w.grad_x)
-            .reduce_with(|mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
-                a
-            }))?;
-        Ok(total.unwrap_or_else(|| vec![0.0; n * d]))
+            }
+            w.finite &= kernels::all_finite(gc);
+        })?;
+        let update_ok = workers.iter().all(|w| w.update_ok);
+        let total = workers.into_iter().map(|w| (w.grad_x, w.finite)).reduce(|(mut a, fa), (b, fb)| {
+            a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
+            (a, fa && fb)
+        });
+        self.prechecked = check.map(|lr| (lr, update_ok));
+        let (grad_x, finite) = match total {
+            Some(t) => t,
+            None => (try_zeroed(n * d, "embedding gradient")?, true),
+        };
+        self.pending_finite = finite;
+        Ok(grad_x)
     }
 }
 
-impl Backend for CpuBackend {
+impl Primitives for CpuBackend {
+    type Mem = Host;
+
     fn ranges(&self) -> &[ShardRange] {
         &self.ranges
     }
 
-    fn forward(&mut self, batches: &[HostBatch<'_>], plan: StepPlan) -> Result<RowStats> {
-        self.backward_ready = false;
-        let d = self.cfg.embedding_dim;
-        let t0 = Instant::now();
-        let counts = self.comm.all_gather_counts(&batches.iter().map(|b| b.labels.len() as u64).collect::<Vec<_>>())?;
-        self.batch_rows = counts.iter().map(|&c| c as usize).collect();
-        if counts.iter().all(|&c| c == 0) {
-            return Err(Error::invalid("the global batch is empty"));
-        }
-        let local: Vec<Vec<f32>> = batches
+    fn load(&mut self, batches: Batches<'_, '_>) -> Result<Vec<(Vec<f32>, Vec<i64>)>> {
+        let Batches::Host(batches) = batches else {
+            return Err(Error::invalid("device memory needs the CUDA backend; this head runs on the CPU"));
+        };
+        batches
             .iter()
             .map(|b| {
-                let mut v = Vec::with_capacity(b.embeddings.len());
-                b.embeddings.extend_f32(&mut v);
-                v
+                let mut e = Vec::new();
+                e.try_reserve_exact(b.embeddings.len()).map_err(|_| crate::error::Error::new(crate::error::Status::OutOfMemory, "cannot allocate the batch's embeddings"))?;
+                b.embeddings.extend_f32(&mut e);
+                let mut labels = try_zeroed::<i64>(b.labels.len(), "the batch's labels")?;
+                labels.copy_from_slice(b.labels);
+                Ok((e, labels))
             })
-            .collect();
-        let mut emb = Vec::new();
-        self.comm.all_gather_f32(&local.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), &mut emb)?;
-        self.comm.all_gather_i64(&batches.iter().map(|b| b.labels).collect::<Vec<_>>(), &mut self.labels)?;
-        let n = self.labels.len();
-        self.unit = try_zeroed(n * d, "normalized embeddings")?;
-        self.inv_norm = vec![0.0; n];
-        kernels::normalize_rows(&emb, d, &mut self.unit, &mut self.inv_norm);
-        self.unit_gemm = if self.cfg.compute_dtype == DType::F32 {
-            Vec::new()
-        } else {
-            let mut q = self.unit.clone();
-            quantize(self.cfg.compute_dtype, &mut q);
-            q
-        };
-        self.times.gather = t0.elapsed().as_secs_f64();
-
-        let t1 = Instant::now();
-        let params = self.logit_params();
-        let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
-        for shard in &mut self.shards {
-            shard.sampled = sample(shard.range, plan.sample_rate, plan.seed, plan.step, &self.labels);
-        }
-        self.times.sample = t1.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        for shard in &mut self.shards {
-            shard.forward(&self.cfg, plan, &self.labels, unit_gemm, params)?;
-        }
-        self.times.forward = t1.elapsed().as_secs_f64();
-
-        let t2 = Instant::now();
-        // Max-type statistics ride in one all-reduce, sum-type ones in another (SPEC §1.7).
-        let mut maxes: Vec<Vec<f32>> = self
-            .shards
-            .iter()
-            .map(|s| {
-                let rows = s.rows.as_ref().expect("forward ran");
-                [rows.max.as_slice(), rows.cos_other.as_slice(), s.target_cos.as_slice()].concat()
-            })
-            .collect();
-        self.comm.all_reduce(ReduceOp::Max, &mut maxes)?;
-        let global_max = maxes[0][..n].to_vec();
-        let mut sums: Vec<Vec<f32>> = self
-            .shards
-            .iter()
-            .map(|s| {
-                let rows = s.rows.as_ref().expect("forward ran");
-                // Both sums relative to the global max; a shard without columns contributes 0.
-                let factor: Vec<f32> =
-                    rows.sum.iter().zip(&rows.max).zip(&global_max).map(|((&sum, &m), &gm)| if sum == 0.0 { 0.0 } else { (m - gm).exp() }).collect();
-                let sum = rows.sum.iter().zip(&factor).map(|(&v, &f)| v * f);
-                let rest = rows.rest.iter().zip(&factor).map(|(&v, &f)| v * f);
-                sum.chain(rest).chain(s.target_logit.iter().copied()).collect()
-            })
-            .collect();
-        self.comm.all_reduce(ReduceOp::Sum, &mut sums)?;
-        self.times.reduce = t2.elapsed().as_secs_f64();
-        self.backward_ready = plan.train;
-        Ok(RowStats {
-            max: global_max,
-            sum: sums[0][..n].to_vec(),
-            rest: sums[0][n..2 * n].to_vec(),
-            target_logit: sums[0][2 * n..].to_vec(),
-            target_cos: maxes[0][2 * n..].to_vec(),
-            other_cos: maxes[0][n..2 * n].to_vec(),
-            sampled_classes: self.comm.all_gather_counts(&self.shards.iter().map(|s| s.sampled.len() as u64).collect::<Vec<_>>())?.iter().sum(),
-        })
+            .collect()
     }
 
-    fn backward(&mut self, stats: &RowStats, lr: f32, grads: &mut [GradOut<'_>]) -> Result<()> {
-        assert!(self.backward_ready, "backward without a training forward");
-        self.backward_ready = false;
-        let d = self.cfg.embedding_dim;
-        let t0 = Instant::now();
-        let (inv_sum, non_target_mass) = stats.softmax_factors();
-        let params = self.logit_params();
-        let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
-        let partial: Vec<Vec<f32>> =
-            self.shards.iter_mut().map(|s| s.backward(&self.cfg, stats, &inv_sum, &non_target_mass, lr, unit_gemm, params)).collect::<Result<_>>()?;
-        self.times.backward = t0.elapsed().as_secs_f64();
+    fn alloc_f32(&mut self, _shard: usize, len: usize, what: &str) -> Result<Vec<f32>> {
+        try_zeroed(len, what)
+    }
 
-        let t1 = Instant::now();
-        let mut offset = 0;
-        let segments: Vec<std::ops::Range<usize>> = self
-            .batch_rows
-            .iter()
-            .map(|&rows| {
-                let seg = offset * d..(offset + rows) * d;
-                offset += rows;
-                seg
-            })
-            .collect();
-        let mut mine: Vec<Vec<f32>> = self.shards.iter_mut().map(|s| std::mem::take(&mut s.grad_unit)).collect();
-        self.comm.reduce_scatter_sum(&partial, &segments, &mut mine)?;
-        let world = self.comm.world_size() as f32;
-        for ((local, seg), out) in mine.iter_mut().zip(&segments[self.cfg.first_rank..]).zip(grads.iter_mut()) {
-            let first_row = seg.start / d;
-            let (unit, inv_norm) = (&self.unit, &self.inv_norm);
-            crate::pool::install(|| {
-                local.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
-                    let i = first_row + r;
-                    kernels::project_out(&unit[i * d..(i + 1) * d], 1.0, inv_norm[i] * world, g);
-                })
-            })?;
-            out.write(local);
+    fn alloc_i64(&mut self, _shard: usize, len: usize, what: &str) -> Result<Vec<i64>> {
+        try_zeroed(len, what)
+    }
+
+    fn sample(&mut self, shard: usize, labels: &Vec<i64>, plan: StepPlan) -> Result<u64> {
+        let s = &mut self.shards[shard];
+        s.sampled = sample(s.range, plan.sample_rate, plan.seed, plan.step, labels);
+        Ok(s.sampled.len() as u64)
+    }
+
+    fn forward(&mut self, shard: usize, emb: Vec<f32>, labels: &Vec<i64>, plan: StepPlan) -> Result<(Vec<f32>, Vec<f32>)> {
+        let d = self.cfg.embedding_dim;
+        let params = self.logit_params();
+        let s = &mut self.shards[shard];
+        let n = labels.len();
+        s.unit = emb;
+        s.inv_norm_e = try_zeroed(n, "embedding norms")?;
+        kernels::normalize_rows_inplace(&mut s.unit, d, &mut s.inv_norm_e);
+        s.unit_gemm.clear();
+        if self.cfg.compute_dtype != DType::F32 {
+            s.unit_gemm.try_reserve_exact(s.unit.len()).map_err(|_| crate::error::Error::new(crate::error::Status::OutOfMemory, "cannot allocate the GEMM copy of the batch"))?;
+            s.unit_gemm.extend_from_slice(&s.unit);
+            quantize(self.cfg.compute_dtype, &mut s.unit_gemm);
         }
-        for (shard, buf) in self.shards.iter_mut().zip(mine) {
-            shard.grad_unit = buf;
+        s.forward(&self.cfg, plan, labels, params)
+    }
+
+    fn rescale_sums(&mut self, shard: usize, maxes: &Vec<f32>, sums: &mut Vec<f32>) -> Result<()> {
+        let s = &self.shards[shard];
+        let n = s.local_max.len();
+        let (sum, rest) = sums.split_at_mut(n);
+        // Both sums by the same factor; a shard without columns contributes 0.
+        for (i, (&m, &gm)) in s.local_max.iter().zip(&maxes[..n]).enumerate() {
+            let factor = if sum[i] == 0.0 { 0.0 } else { (m - gm).exp() };
+            sum[i] *= factor;
+            rest[i] *= factor;
         }
-        self.times.scatter = t1.elapsed().as_secs_f64();
         Ok(())
     }
 
+    fn read_stats(&mut self, _shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, n: usize) -> Result<RowStats> {
+        Ok(RowStats::from_reduced(maxes, sums, n))
+    }
+
+    fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, update_lr: Option<f32>) -> Result<Vec<f32>> {
+        let n = self.shards[shard].local_max.len();
+        let (inv_sum, non_target_mass) = super::softmax_factors(sums, n);
+        let params = self.logit_params();
+        let s = &mut self.shards[shard];
+        // The update will run over exactly these rows only when nothing is accumulated yet.
+        let check = update_lr.filter(|_| s.accumulated.rows.is_empty());
+        s.backward(&self.cfg, &maxes[..n], &inv_sum, &non_target_mass, params, check)
+    }
+
+    fn embedding_grad(&mut self, shard: usize, mut summed: Vec<f32>, first_row: usize, _rows: usize, world: f32) -> Result<Vec<f32>> {
+        let d = self.cfg.embedding_dim;
+        let s = &self.shards[shard];
+        crate::pool::install(|| {
+            summed.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
+                let i = first_row + r;
+                kernels::project_out(&s.unit[i * d..(i + 1) * d], 1.0, s.inv_norm_e[i] * world, g);
+            })
+        })?;
+        Ok(summed)
+    }
+
+    fn finite(&mut self, shard: usize, grad: &Vec<f32>) -> Result<bool> {
+        Ok(self.shards[shard].pending_finite && kernels::all_finite(grad))
+    }
+
+    fn write_grads(&mut self, grads: &[Vec<f32>], out: Outputs<'_, '_>) -> Result<()> {
+        let Outputs::Host(out) = out else {
+            return Err(Error::invalid("device memory needs the CUDA backend; this head runs on the CPU"));
+        };
+        for (g, o) in grads.iter().zip(out.iter_mut()) {
+            o.write(g);
+        }
+        Ok(())
+    }
+
+    fn accumulate(&mut self, shard: usize) -> Result<()> {
+        let d = self.cfg.embedding_dim;
+        let s = &mut self.shards[shard];
+        if s.accumulated.rows.is_empty() {
+            std::mem::swap(&mut s.accumulated, &mut s.pending);
+            s.undo = Some(Undo::Moved);
+        } else {
+            s.prechecked = None;
+            let union = s.accumulated.union(&s.pending, d)?;
+            s.undo = Some(Undo::Replaced(std::mem::replace(&mut s.accumulated, union)));
+        }
+        Ok(())
+    }
+
+    fn unaccumulate(&mut self, shard: usize) {
+        let s = &mut self.shards[shard];
+        match s.undo.take() {
+            Some(Undo::Moved) => std::mem::swap(&mut s.accumulated, &mut s.pending),
+            Some(Undo::Replaced(before)) => s.accumulated = before,
+            None => {}
+        }
+    }
+
+    fn discard(&mut self, shard: usize) {
+        let s = &mut self.shards[shard];
+        s.accumulated.rows.clear();
+        s.undo = None;
+        s.prechecked = None;
+    }
+
+    fn accumulated_rows(&self, shard: usize) -> usize {
+        self.shards[shard].accumulated.rows.len()
+    }
+
+    fn update_is_finite(&mut self, shard: usize, lr: f32) -> Result<bool> {
+        let d = self.cfg.embedding_dim;
+        let opt = self.cfg.optimizer;
+        let s = &mut self.shards[shard];
+        if let (Some(Undo::Moved), Some((checked_lr, ok))) = (&s.undo, s.prechecked) {
+            if checked_lr.to_bits() == lr.to_bits() {
+                return Ok(ok);
+            }
+        }
+        let state = s.optimizer.rows_ptr();
+        let (acc, centers) = (&s.accumulated, &s.centers);
+        let rows = acc.rows.len();
+        crate::pool::install(|| {
+            (0..rows)
+                .into_par_iter()
+                .with_min_len(BLOCK)
+                .fold(|| (vec![0.0f32; 3 * d], true), |(mut scratch, ok), r| {
+                    let j = acc.rows[r] as usize;
+                    // SAFETY: rows are only read.
+                    let fine = unsafe { state.update_is_finite(&opt, lr, j, &centers[j * d..(j + 1) * d], &acc.grads[r * d..(r + 1) * d], &mut scratch) };
+                    (scratch, ok && fine)
+                })
+                .map(|(_, ok)| ok)
+                .reduce(|| true, |a, b| a && b)
+        })
+    }
+
+    fn apply(&mut self, shard: usize, lr: f32) -> Result<()> {
+        let d = self.cfg.embedding_dim;
+        let opt = self.cfg.optimizer;
+        let s = &mut self.shards[shard];
+        let state = s.optimizer.rows_ptr();
+        let centers = Shared(s.centers.as_mut_ptr());
+        let acc = &s.accumulated;
+        crate::pool::install(|| {
+            (0..acc.rows.len()).into_par_iter().with_min_len(BLOCK).for_each(|r| {
+                let j = acc.rows[r] as usize;
+                // SAFETY: accumulated rows are distinct, so each center and state row has one writer.
+                unsafe { state.update(&opt, lr, j, centers.slice(j * d, d), &acc.grads[r * d..(r + 1) * d]) };
+            })
+        })?;
+        // The accumulator's buffer becomes the next step's pending buffer (no re-allocation).
+        s.accumulated.rows.clear();
+        std::mem::swap(&mut s.accumulated, &mut s.pending);
+        s.undo = None;
+        s.prechecked = None;
+        Ok(())
+    }
+}
+
+impl ShardState for CpuBackend {
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
         for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
@@ -556,9 +661,5 @@ impl Backend for CpuBackend {
             shard.optimizer.reset_rows(row, rows, d);
         }
         Ok(())
-    }
-
-    fn phase_times(&self) -> PhaseTimes {
-        self.times
     }
 }

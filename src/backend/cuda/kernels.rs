@@ -22,7 +22,7 @@ pub const REGISTRY: &[KernelSource] = &[
     KernelSource {
         file: "normalize.cu",
         source: include_str!("../../../kernels/normalize.cu"),
-        entries: &["normalize_rows", "gather_centers"],
+        entries: &["normalize_rows", "gather_centers", "convert_f32"],
     },
     KernelSource {
         file: "sampling.cu",
@@ -37,7 +37,7 @@ pub const REGISTRY: &[KernelSource] = &[
     KernelSource {
         file: "gradient.cu",
         source: include_str!("../../../kernels/gradient.cu"),
-        entries: &["cos_gradient", "embedding_grad", "update_sgd", "update_adamw"],
+        entries: &["cos_gradient", "embedding_grad", "project_center_grads", "update_sgd", "update_adamw", "flag_non_finite"],
     },
 ];
 

@@ -9,6 +9,13 @@ mod step;
 
 pub use step::CudaBackend;
 
+/// GPU memory: what the CUDA primitives compute on and NCCL moves.
+pub struct Device;
+impl crate::backend::Memory for Device {
+    type F32 = cudarc::driver::CudaSlice<f32>;
+    type I64 = cudarc::driver::CudaSlice<i64>;
+}
+
 use crate::error::{Error, Result, Status};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

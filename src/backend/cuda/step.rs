@@ -1,15 +1,16 @@
-//! The CUDA backend's training step: the same phases as the CPU backend (src/backend/cpu), on each
-//! local GPU, with the kernels of kernels/*.cu, cuBLAS for the three GEMMs and NCCL between GPUs.
+//! The CUDA backend's per-shard primitives (src/backend/mod.rs `Primitives`), on each local GPU:
+//! the kernels of kernels/*.cu, cuBLAS for the three GEMMs; the step itself is the engine's
+//! driver, the collectives NCCL's (src/comm/nccl.rs).
 //!
-//! Scope of this version: one process (world_size == local_shards), inputs in host memory. The
-//! global batch is assembled on the host and uploaded to every GPU; the softmax statistics and the
-//! embedding gradient are all-reduced with NCCL when there are several GPUs.
+//! Scope of this version: host batches are uploaded once; device batches are staged through the
+//! host for validation (labels in range, finite rows) and their gradients written back on the
+//! device; AdamW/SGD updates, the finiteness checks and gradient accumulation run on the GPU
+//! (accumulating a second compute before an apply merges the rows on the host).
 
 use super::kernels::{arch_of, ptx_for};
 use super::select::{compaction_offsets, kth_largest};
-use super::DeviceInfo;
-use crate::backend::{Backend, DeviceBatch, GradOut, HostBatch, HostValues, PhaseTimes, RowStats, StagedBatch, StepPlan};
-use crate::comm::nccl::{self, Comm, NCCL_FLOAT32, NCCL_MAX, NCCL_SUM};
+use super::{Device, DeviceInfo};
+use crate::backend::{Batches, DeviceBatch, HostBatch, HostValues, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan};
 use crate::config::{Config, DType, MarginGrad, OptimizerKind};
 use crate::error::{Error, Result, Status};
 use crate::optimizer::StateTensor;
@@ -19,7 +20,6 @@ use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::new(Status::Device, format!("CUDA {what}: {e}"))
@@ -62,38 +62,56 @@ struct GpuShard {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     functions: HashMap<&'static str, CudaFunction>,
-    comm: Option<Comm>,
     centers: CudaSlice<f32>,
     state: Vec<(StateTensor, CudaSlice<f32>)>,
     steps: Option<CudaSlice<u32>>,
-    // Per step.
+    /// This step's sampled classes (local rows) and their count; the rest is valid between
+    /// `forward` and `backward`.
     k: usize,
-    unit: Option<CudaSlice<f32>>,
-    unit_gemm: Option<CudaSlice<u8>>,
-    inv_norm_e: Option<CudaSlice<f32>>,
+    n: usize,
     sampled: Option<CudaSlice<u32>>,
-    col: Option<CudaSlice<i32>>,
-    w_gemm: Option<CudaSlice<u8>>,
-    inv_norm_w: Option<CudaSlice<f32>>,
-    cos: Option<CudaSlice<f32>>,
-    /// [max, other cosine, target cosine] and [Σexp, non-target Σexp, target logit], each N long, for
-    /// the all-reduces.
-    max_stats: Option<CudaSlice<f32>>,
-    sum_stats: Option<CudaSlice<f32>>,
-    local_max: Option<CudaSlice<f32>>,
-    target_slope: Option<CudaSlice<f32>>,
+    step: Option<StepBuffers>,
+    /// This step's center gradients over `sampled`, and the accumulated ones since the last update.
+    pending: Option<DeviceRowGrads>,
+    accumulated: Option<DeviceRowGrads>,
+    undo: Option<Undo>,
 }
 
+/// What the forward pass leaves on the device for the backward pass.
+struct StepBuffers {
+    unit: CudaSlice<f32>,
+    unit_gemm: CudaSlice<u8>,
+    inv_norm_e: CudaSlice<f32>,
+    col: CudaSlice<i32>,
+    w_gemm: CudaSlice<u8>,
+    inv_norm_w: CudaSlice<f32>,
+    cos: CudaSlice<f32>,
+    local_max: CudaSlice<f32>,
+    target_logit: CudaSlice<f32>,
+    target_slope: CudaSlice<f32>,
+}
+
+/// Sorted rows and their gradients on a GPU.
+struct DeviceRowGrads {
+    rows: CudaSlice<u32>,
+    grads: CudaSlice<f32>,
+    len: usize,
+}
+
+/// How to take back the last `accumulate`.
+enum Undo {
+    Moved,
+    Replaced(DeviceRowGrads),
+}
+
+/// The local GPUs' shards.
 pub struct CudaBackend {
     cfg: Config,
     ranges: Vec<ShardRange>,
     shards: Vec<GpuShard>,
-    batch_rows: Vec<usize>,
-    times: PhaseTimes,
-    backward_ready: bool,
 }
 
-// SAFETY: NCCL communicators and CUDA handles are used by one thread at a time (the head's lock).
+// SAFETY: CUDA handles are used by one thread at a time (the head's lock).
 unsafe impl Send for CudaBackend {}
 
 impl GpuShard {
@@ -141,12 +159,10 @@ impl GpuShard {
 }
 
 impl CudaBackend {
+    /// The local shards of `cfg`'s job (global ranks `first_rank..`), one per device.
     pub fn new(cfg: &Config, devices: &[DeviceInfo]) -> Result<Self> {
-        if cfg.world_size != cfg.local_shards {
-            return Err(Error::new(Status::Unavailable, "multi-process CUDA runs (world_size > local_shards) are not in this build yet"));
-        }
         let d = cfg.embedding_dim;
-        let ranges: Vec<ShardRange> = (0..cfg.local_shards).map(|r| ShardRange::of(cfg.num_classes, cfg.world_size, r)).collect();
+        let ranges: Vec<ShardRange> = (cfg.first_rank..cfg.first_rank + cfg.local_shards).map(|r| ShardRange::of(cfg.num_classes, cfg.world_size, r)).collect();
         let mut shards = Vec::new();
         for (dev, &range) in devices.iter().zip(&ranges) {
             let ctx = CudaContext::new(dev.ordinal as usize).map_err(|e| device_error("context", e))?;
@@ -194,69 +210,56 @@ impl CudaBackend {
                 stream,
                 blas,
                 functions,
-                comm: None,
                 centers,
                 state,
                 steps,
                 k: 0,
-                unit: None,
-                unit_gemm: None,
-                inv_norm_e: None,
+                n: 0,
                 sampled: None,
-                col: None,
-                w_gemm: None,
-                inv_norm_w: None,
-                cos: None,
-                max_stats: None,
-                sum_stats: None,
-                local_max: None,
-                target_slope: None,
+                step: None,
+                pending: None,
+                accumulated: None,
+                undo: None,
             });
         }
-        if shards.len() > 1 {
-            let lib = nccl::nccl()?;
-            let id = lib.unique_id()?;
-            // SAFETY: one communicator per device, created inside one NCCL group.
-            lib.check("ncclGroupStart", unsafe { (lib.group_start)() })?;
-            for (rank, shard) in shards.iter_mut().enumerate() {
-                shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-                let mut comm: Comm = std::ptr::null_mut();
-                lib.check("ncclCommInitRank", unsafe { (lib.comm_init_rank)(&mut comm, cfg.world_size as i32, id, rank as i32) })?;
-                shard.comm = Some(comm);
-            }
-            lib.check("ncclGroupEnd", unsafe { (lib.group_end)() })?;
-        }
-        Ok(CudaBackend { cfg: cfg.clone(), ranges, shards, batch_rows: Vec::new(), times: PhaseTimes::default(), backward_ready: false })
+        Ok(CudaBackend { cfg: cfg.clone(), ranges, shards })
     }
 
-    /// An NCCL all-reduce over one buffer per GPU, in place.
-    fn all_reduce(&mut self, op: i32, pick: fn(&mut GpuShard) -> &mut CudaSlice<f32>, count: usize) -> Result<()> {
-        if self.shards.len() == 1 {
-            return Ok(());
-        }
-        let lib = nccl::nccl()?;
-        lib.check("ncclGroupStart", unsafe { (lib.group_start)() })?;
-        for shard in &mut self.shards {
-            let stream = shard.stream.clone();
-            let comm = shard.comm.expect("communicators exist with several GPUs");
-            let buf = pick(shard);
-            let (ptr, _sync) = buf.device_ptr_mut(&stream);
-            // SAFETY: in-place all-reduce of `count` floats of a live buffer on the shard's stream.
-            let code = unsafe { (lib.all_reduce)(ptr as *const _, ptr as *mut _, count, NCCL_FLOAT32, op, comm, stream.cu_stream() as *mut _) };
-            lib.check("ncclAllReduce", code)?;
-        }
-        lib.check("ncclGroupEnd", unsafe { (lib.group_end)() })
+    /// The shards' streams, in rank order: the collectives run on them.
+    pub fn streams(&self) -> Vec<Arc<CudaStream>> {
+        self.shards.iter().map(|s| s.stream.clone()).collect()
     }
-}
 
-impl Drop for CudaBackend {
-    fn drop(&mut self) {
-        if let Ok(lib) = nccl::nccl() {
-            for comm in self.shards.iter_mut().filter_map(|s| s.comm.take()) {
-                // SAFETY: each communicator is destroyed once.
-                unsafe { (lib.comm_destroy)(comm) };
+    /// Runs `f` on the GPUs of `batches`' shards with the host copies of device batches, after
+    /// the callers' streams: device batches are validated where host ones are, on the host.
+    fn stage(&mut self, batches: &[DeviceBatch]) -> Result<Vec<(HostValues, Vec<i64>)>> {
+        use cudarc::driver::result::{memcpy_dtoh_async, stream};
+        let dim = self.cfg.embedding_dim;
+        let mut staged = Vec::with_capacity(batches.len());
+        for (shard, b) in self.shards.iter().zip(batches) {
+            shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
+            let ours = shard.stream.cu_stream();
+            after_caller(b.stream, ours)?;
+            let mut embeddings = HostValues::zeros(b.dtype, b.rows * dim);
+            let mut labels = vec![0i64; b.rows];
+            if b.rows > 0 {
+                // SAFETY: the caller's pointers hold `rows` labels and `rows × dim` values on this GPU.
+                unsafe {
+                    match &mut embeddings {
+                        HostValues::F32(v) => memcpy_dtoh_async(v, b.embeddings, ours),
+                        HostValues::F16(v) => memcpy_dtoh_async(v, b.embeddings, ours),
+                        HostValues::BF16(v) => memcpy_dtoh_async(v, b.embeddings, ours),
+                    }
+                    .map_err(|e| device_error("copying device embeddings", e))?;
+                    memcpy_dtoh_async(&mut labels, b.labels, ours).map_err(|e| device_error("copying device labels", e))?;
+                    stream::synchronize(ours).map_err(|e| device_error("synchronize", e))?;
+                }
             }
+            staged.push((embeddings, labels));
         }
+        let views: Vec<HostBatch> = staged.iter().map(|(e, l)| HostBatch { embeddings: e.as_embeddings(), labels: l }).collect();
+        crate::backend::validate(&views, self.cfg.num_classes, dim)?;
+        Ok(staged)
     }
 }
 
@@ -307,7 +310,10 @@ impl GpuShard {
         let above_h: Vec<u32> = self.stream.clone_dtoh(&above).map_err(|e| device_error("download", e))?;
         let equal_h: Vec<u32> = self.stream.clone_dtoh(&equal).map_err(|e| device_error("download", e))?;
         let (sel_before, eq_before, total) = compaction_offsets(&above_h, &equal_h, take_equal);
-        debug_assert_eq!(total as usize, k);
+        if total as usize != k {
+            // The kernel below writes `total` ids into a buffer of `k`.
+            return Err(Error::new(Status::Panic, format!("internal error: GPU sampling selected {total} classes, expected {k}")));
+        }
         let sel_d = self.stream.clone_htod(&sel_before).map_err(|e| device_error("upload", e))?;
         let eq_d = self.stream.clone_htod(&eq_before).map_err(|e| device_error("upload", e))?;
         let mut out = self.zeros::<u32>(k, "sampled ids")?;
@@ -318,236 +324,305 @@ impl GpuShard {
     }
 }
 
-impl Backend for CudaBackend {
+impl Primitives for CudaBackend {
+    type Mem = Device;
+
     fn ranges(&self) -> &[ShardRange] {
         &self.ranges
     }
 
-    fn forward(&mut self, batches: &[HostBatch<'_>], plan: StepPlan) -> Result<RowStats> {
-        self.backward_ready = false;
-        let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
-        let t0 = Instant::now();
-        self.batch_rows = batches.iter().map(|b| b.labels.len()).collect();
-        let mut emb = Vec::new();
-        let mut labels = Vec::new();
-        for b in batches {
-            b.embeddings.extend_f32(&mut emb);
-            labels.extend_from_slice(b.labels);
+    fn load(&mut self, batches: Batches<'_, '_>) -> Result<Vec<(CudaSlice<f32>, CudaSlice<i64>)>> {
+        let staged;
+        let host: Vec<HostBatch> = match batches {
+            Batches::Host(b) => b.to_vec(),
+            Batches::Device(b) => {
+                staged = self.stage(b)?;
+                staged.iter().map(|(e, l)| HostBatch { embeddings: e.as_embeddings(), labels: l }).collect()
+            }
+        };
+        let mut out = Vec::with_capacity(host.len());
+        for (shard, b) in self.shards.iter().zip(&host) {
+            let mut e = Vec::with_capacity(b.embeddings.len());
+            b.embeddings.extend_f32(&mut e);
+            let emb = if e.is_empty() { shard.zeros::<f32>(1, "embeddings")? } else { shard.stream.clone_htod(&e).map_err(|e| device_error("upload", e))? };
+            let labels = if b.labels.is_empty() { shard.zeros::<i64>(1, "labels")? } else { shard.stream.clone_htod(b.labels).map_err(|e| device_error("upload", e))? };
+            out.push((emb, labels));
         }
+        Ok(out)
+    }
+
+    fn alloc_f32(&mut self, shard: usize, len: usize, what: &str) -> Result<CudaSlice<f32>> {
+        self.shards[shard].zeros(len, what)
+    }
+
+    fn alloc_i64(&mut self, shard: usize, len: usize, what: &str) -> Result<CudaSlice<i64>> {
+        self.shards[shard].zeros(len, what)
+    }
+
+    fn sample(&mut self, shard: usize, labels: &CudaSlice<i64>, plan: StepPlan) -> Result<u64> {
         let n = labels.len();
+        let g = &mut self.shards[shard];
+        g.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
+        g.sample(labels, n, plan)?;
+        Ok(g.k as u64)
+    }
+
+    fn forward(&mut self, shard: usize, emb: CudaSlice<f32>, labels: &CudaSlice<i64>, _plan: StepPlan) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let m = &self.cfg.margin;
         let (s, filter) = (m.scale, m.interclass_filter);
         let (m1, m2, m3) = (m.m1, m.m2, m.m3);
         let fallback = i32::from(m.arcface_fallback);
         let exact = i32::from(m.grad == MarginGrad::Exact);
         let dt = dtype_code(dtype);
+        let n = emb.len() / d;
         let (n32, d32) = (n as i32, d as i32);
-        let mut sample_time = 0.0;
-        for shard in &mut self.shards {
-            shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-            let emb_d = shard.stream.clone_htod(&emb).map_err(|e| device_error("upload", e))?;
-            let labels_d = shard.stream.clone_htod(&labels).map_err(|e| device_error("upload", e))?;
-            let mut unit = shard.zeros::<f32>(n * d, "normalized embeddings")?;
-            let mut unit_gemm = shard.zeros::<u8>(n * d * dtype.size(), "GEMM embeddings")?;
-            let mut inv_e = shard.zeros::<f32>(n, "embedding norms")?;
-            launch!(shard, "normalize_rows", per_row(n), &emb_d, &n32, &d32, &mut unit, &mut unit_gemm, &dt, &mut inv_e)?;
-            let ts = Instant::now();
-            shard.sample(&labels_d, n, plan)?;
-            sample_time += ts.elapsed().as_secs_f64();
-            let k = shard.k;
-            let k32 = k as i32;
-            let sampled = shard.sampled.take().expect("sampled");
-            let mut col = shard.zeros::<i32>(n, "label columns")?;
-            let (start, len64) = (shard.range.start, shard.range.len);
-            launch!(shard, "label_columns", grid_for(n), &labels_d, &n32, &start, &len64, &sampled, &k32, &mut col)?;
-            let mut w_gemm = shard.zeros::<u8>(k * d * dtype.size(), "GEMM centers")?;
-            let mut inv_w = shard.zeros::<f32>(k, "center norms")?;
-            launch!(shard, "gather_centers", per_row(k), &shard.centers, &sampled, &k32, &d32, &mut w_gemm, &dt, &mut inv_w)?;
-            // cos [k][N] = Ŵ·X̂ᵀ; column-major: C (N×k) = X̂ᵀ(N×d)·Ŵ(d×k).
-            let mut cos = shard.zeros::<f32>(k * n, "cosines (sampled classes × global batch)")?;
-            {
-                let stream = shard.stream.clone();
-                let (a, _ga) = unit_gemm.device_ptr(&stream);
-                let (b, _gb) = w_gemm.device_ptr(&stream);
-                let (c, _gc) = cos.device_ptr_mut(&stream);
-                shard.gemm(true, false, n, k, d, a, d, b, d, c, n, dtype, false)?;
-            }
-            let mut max_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
-            let mut sum_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
-            let mut slope = shard.zeros::<f32>(n, "target slopes")?;
-            {
-                let (mut head_max, mut rest) = max_stats.split_at_mut(n);
-                let (mut other, mut target_cos) = rest.split_at_mut(n);
-                let (mut sum, mut tail) = sum_stats.split_at_mut(n);
-                let (mut rest, mut target_logit) = tail.split_at_mut(n);
-                launch!(shard, "target_logits", grid_for(n), &cos, &n32, &col, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
-                let parts = k.div_ceil(STATS_COLUMNS).max(1);
-                let mut part_max = shard.zeros::<f32>(parts * n, "partial statistics")?;
-                let mut part_sum = shard.zeros::<f32>(parts * n, "partial statistics")?;
-                let mut part_rest = shard.zeros::<f32>(parts * n, "partial statistics")?;
-                let mut part_other = shard.zeros::<f32>(parts * n, "partial statistics")?;
-                let cols = STATS_COLUMNS as i32;
-                let cfg = LaunchConfig { grid_dim: (n.div_ceil(THREADS as usize) as u32, parts as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-                launch!(shard, "row_stats", cfg, &cos, &k32, &n32, &col, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
-                let parts32 = parts as i32;
-                launch!(shard, "combine_row_stats", grid_for(n), &part_max, &part_sum, &part_rest, &part_other, &parts32, &n32, &mut head_max, &mut sum, &mut rest, &mut other)?;
-            }
-            let local_max = shard.stream.clone_dtod(&max_stats.slice(0..n)).map_err(|e| device_error("copy", e))?;
-            shard.unit = Some(unit);
-            shard.unit_gemm = Some(unit_gemm);
-            shard.inv_norm_e = Some(inv_e);
-            shard.sampled = Some(sampled);
-            shard.col = Some(col);
-            shard.w_gemm = Some(w_gemm);
-            shard.inv_norm_w = Some(inv_w);
-            shard.cos = Some(cos);
-            shard.max_stats = Some(max_stats);
-            shard.sum_stats = Some(sum_stats);
-            shard.local_max = Some(local_max);
-            shard.target_slope = Some(slope);
+        let shard = &mut self.shards[shard];
+        shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
+        shard.n = n;
+        let mut unit = shard.zeros::<f32>(n * d, "normalized embeddings")?;
+        let mut unit_gemm = shard.zeros::<u8>(n * d * dtype.size(), "GEMM embeddings")?;
+        let mut inv_e = shard.zeros::<f32>(n, "embedding norms")?;
+        launch!(shard, "normalize_rows", per_row(n), &emb, &n32, &d32, &mut unit, &mut unit_gemm, &dt, &mut inv_e)?;
+        drop(emb);
+        let k = shard.k;
+        let k32 = k as i32;
+        let sampled = shard.sampled.as_ref().ok_or_else(|| Error::new(Status::Panic, "internal error: forward before sampling"))?;
+        let mut col = shard.zeros::<i32>(n, "label columns")?;
+        let (start, len64) = (shard.range.start, shard.range.len);
+        launch!(shard, "label_columns", grid_for(n), labels, &n32, &start, &len64, sampled, &k32, &mut col)?;
+        let mut w_gemm = shard.zeros::<u8>(k * d * dtype.size(), "GEMM centers")?;
+        let mut inv_w = shard.zeros::<f32>(k, "center norms")?;
+        launch!(shard, "gather_centers", per_row(k), &shard.centers, sampled, &k32, &d32, &mut w_gemm, &dt, &mut inv_w)?;
+        // cos [k][N] = Ŵ·X̂ᵀ; column-major: C (N×k) = X̂ᵀ(N×d)·Ŵ(d×k).
+        let mut cos = shard.zeros::<f32>(k * n, "cosines (sampled classes × global batch)")?;
+        {
+            let stream = shard.stream.clone();
+            let (a, _ga) = unit_gemm.device_ptr(&stream);
+            let (b, _gb) = w_gemm.device_ptr(&stream);
+            let (c, _gc) = cos.device_ptr_mut(&stream);
+            shard.gemm(true, false, n, k, d, a, d, b, d, c, n, dtype, false)?;
         }
-        self.times.gather = t0.elapsed().as_secs_f64() - sample_time;
-        self.times.sample = sample_time;
-        let t1 = Instant::now();
-        self.all_reduce(NCCL_MAX, |s| s.max_stats.as_mut().expect("forward"), 3 * n)?;
-        for shard in &mut self.shards {
-            shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-            let local_max = shard.local_max.take().expect("forward");
-            let max_stats = shard.max_stats.take().expect("forward");
-            let mut sum_stats = shard.sum_stats.take().expect("forward");
-            {
-                let global = max_stats.slice(0..n);
-                let (mut sum, mut tail) = sum_stats.split_at_mut(n);
-                let mut rest = tail.slice_mut(0..n);
-                launch!(shard, "rescale_sums", grid_for(n), &local_max, &global, &mut sum, &mut rest, &n32)?;
-            }
-            shard.max_stats = Some(max_stats);
-            shard.sum_stats = Some(sum_stats);
+        let mut max_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
+        let mut sum_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
+        let mut slope = shard.zeros::<f32>(n, "target slopes")?;
+        let mut logit = shard.zeros::<f32>(n, "target logits")?;
+        {
+            let (mut head_max, mut rest) = max_stats.split_at_mut(n);
+            let (mut other, mut target_cos) = rest.split_at_mut(n);
+            let (mut sum, mut tail) = sum_stats.split_at_mut(n);
+            let (mut rest, mut target_logit) = tail.split_at_mut(n);
+            launch!(shard, "target_logits", grid_for(n), &cos, &n32, &col, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
+            let parts = k.div_ceil(STATS_COLUMNS).max(1);
+            let mut part_max = shard.zeros::<f32>(parts * n, "partial statistics")?;
+            let mut part_sum = shard.zeros::<f32>(parts * n, "partial statistics")?;
+            let mut part_rest = shard.zeros::<f32>(parts * n, "partial statistics")?;
+            let mut part_other = shard.zeros::<f32>(parts * n, "partial statistics")?;
+            let cols = STATS_COLUMNS as i32;
+            let cfg = LaunchConfig { grid_dim: (n.div_ceil(THREADS as usize) as u32, parts as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            launch!(shard, "row_stats", cfg, &cos, &k32, &n32, &col, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
+            let parts32 = parts as i32;
+            launch!(shard, "combine_row_stats", grid_for(n), &part_max, &part_sum, &part_rest, &part_other, &parts32, &n32, &mut head_max, &mut sum, &mut rest, &mut other)?;
+            shard.stream.memcpy_dtod(&target_logit, &mut logit).map_err(|e| device_error("copy", e))?;
         }
-        self.all_reduce(NCCL_SUM, |s| s.sum_stats.as_mut().expect("forward"), 3 * n)?;
-        let first = &self.shards[0];
-        let maxes: Vec<f32> = first.stream.clone_dtoh(first.max_stats.as_ref().expect("forward")).map_err(|e| device_error("download", e))?;
-        let sums: Vec<f32> = first.stream.clone_dtoh(first.sum_stats.as_ref().expect("forward")).map_err(|e| device_error("download", e))?;
-        self.times.reduce = t1.elapsed().as_secs_f64();
-        self.backward_ready = plan.train;
-        Ok(RowStats {
-            max: maxes[..n].to_vec(),
-            sum: sums[..n].to_vec(),
-            rest: sums[n..2 * n].to_vec(),
-            target_logit: sums[2 * n..3 * n].to_vec(),
-            target_cos: maxes[2 * n..3 * n].to_vec(),
-            other_cos: maxes[n..2 * n].to_vec(),
-            sampled_classes: self.shards.iter().map(|s| s.k as u64).sum(),
-        })
+        let local_max = shard.stream.clone_dtod(&max_stats.slice(0..n)).map_err(|e| device_error("copy", e))?;
+        shard.step = Some(StepBuffers {
+            unit,
+            unit_gemm,
+            inv_norm_e: inv_e,
+            col,
+            w_gemm,
+            inv_norm_w: inv_w,
+            cos,
+            local_max,
+            target_logit: logit,
+            target_slope: slope,
+        });
+        Ok((max_stats, sum_stats))
     }
 
-    fn backward(&mut self, stats: &RowStats, lr: f32, grads: &mut [GradOut<'_>]) -> Result<()> {
-        assert!(self.backward_ready, "backward without a training forward");
-        self.backward_ready = false;
+    fn rescale_sums(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &mut CudaSlice<f32>) -> Result<()> {
+        let g = &self.shards[shard];
+        let n = g.n;
+        let n32 = n as i32;
+        let step = g.step.as_ref().ok_or_else(|| Error::new(Status::Panic, "internal error: rescale before forward"))?;
+        let global = maxes.slice(0..n);
+        let (mut sum, mut tail) = sums.split_at_mut(n);
+        let mut rest = tail.slice_mut(0..n);
+        launch!(g, "rescale_sums", grid_for(n), &step.local_max, &global, &mut sum, &mut rest, &n32)
+    }
+
+    fn read_stats(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, n: usize) -> Result<RowStats> {
+        let g = &self.shards[shard];
+        let maxes: Vec<f32> = g.stream.clone_dtoh(maxes).map_err(|e| device_error("download", e))?;
+        let sums: Vec<f32> = g.stream.clone_dtoh(sums).map_err(|e| device_error("download", e))?;
+        Ok(RowStats::from_reduced(&maxes, &sums, n))
+    }
+
+    fn backward(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, _update_lr: Option<f32>) -> Result<CudaSlice<f32>> {
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
-        let n = stats.max.len();
-        let t0 = Instant::now();
-        let (inv_sum, non_target_mass) = stats.softmax_factors();
         let (s, filter) = (self.cfg.margin.scale, self.cfg.margin.interclass_filter);
-        let opt = self.cfg.optimizer;
-        let (n32, d32, dt) = (n as i32, d as i32, dtype_code(dtype));
+        let g = &mut self.shards[shard];
+        g.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
+        let (n, k) = (g.n, g.k);
+        let (n32, d32, k32, dt) = (n as i32, d as i32, k as i32, dtype_code(dtype));
         let inv_batch = 1.0 / n as f32;
-        let mut gx_all = Vec::new();
-        for shard in &mut self.shards {
-            shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-            let k = shard.k;
-            let k32 = k as i32;
-            let row_max = shard.stream.clone_htod(&stats.max).map_err(|e| device_error("upload", e))?;
-            let inv_sum_d = shard.stream.clone_htod(&inv_sum).map_err(|e| device_error("upload", e))?;
-            let mass_d = shard.stream.clone_htod(&non_target_mass).map_err(|e| device_error("upload", e))?;
-            let cos = shard.cos.take().expect("forward");
-            let sum_stats = shard.sum_stats.take().expect("forward");
-            let target_logit = sum_stats.slice(2 * n..3 * n);
-            let (col, slope) = (shard.col.take().expect("forward"), shard.target_slope.take().expect("forward"));
-            let mut grad_cos = shard.zeros::<u8>(k * n * dtype.size(), "cosine gradient")?;
-            launch!(shard, "cos_gradient", grid_for(k * n), &cos, &k32, &n32, &col, &target_logit, &slope, &row_max, &inv_sum_d, &mass_d, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
-            drop(cos);
-            let w_gemm = shard.w_gemm.take().expect("forward");
-            let unit_gemm = shard.unit_gemm.take().expect("forward");
-            let mut gx = shard.zeros::<f32>(n * d, "embedding gradient")?;
-            let mut g_unit = shard.zeros::<f32>(k * d, "center gradient")?;
-            {
-                let stream = shard.stream.clone();
-                let (g, _g) = grad_cos.device_ptr(&stream);
-                let (w, _w) = w_gemm.device_ptr(&stream);
-                let (x, _x) = unit_gemm.device_ptr(&stream);
-                let (gxp, _gxp) = gx.device_ptr_mut(&stream);
-                // gx [N][d] = Gᵀ·Ŵ; column-major: (d×N) = Ŵ(d×k)·G(k×N).
-                shard.gemm(false, true, d, n, k, w, d, g, n, gxp, d, dtype, false)?;
-                let (gu, _gu) = g_unit.device_ptr_mut(&stream);
-                // gŴ [k][d] = G·X̂; column-major: (d×k) = X̂(d×N)·G(N×k), G being [k][N] row-major.
-                shard.gemm(false, false, d, k, n, x, d, g, n, gu, d, dtype, false)?;
-            }
-            let sampled = shard.sampled.take().expect("forward");
-            let inv_w = shard.inv_norm_w.take().expect("forward");
-            match opt.kind {
-                OptimizerKind::Sgd => {
-                    let (_, momentum) = &mut shard.state[0];
-                    let f = shard.functions["update_sgd"].clone();
-                    let mut b = shard.stream.launch_builder(&f);
-                    b.arg(&mut shard.centers).arg(momentum).arg(&sampled).arg(&g_unit).arg(&inv_w).arg(&k32).arg(&d32);
-                    b.arg(&lr).arg(&opt.momentum).arg(&opt.weight_decay);
-                    // SAFETY: arguments match kernels/gradient.cu `update_sgd`.
-                    unsafe { b.launch(per_row(k)) }.map_err(|e| device_error("update_sgd", e))?;
+        let step = g.step.take().ok_or_else(|| Error::new(Status::Panic, "internal error: backward before forward"))?;
+        let sum_host: Vec<f32> = g.stream.clone_dtoh(&sums.slice(0..2 * n)).map_err(|e| device_error("download", e))?;
+        let (inv_sum, non_target_mass) = crate::backend::softmax_factors(&sum_host, n);
+        let inv_sum_d = g.stream.clone_htod(&inv_sum).map_err(|e| device_error("upload", e))?;
+        let mass_d = g.stream.clone_htod(&non_target_mass).map_err(|e| device_error("upload", e))?;
+        let row_max = maxes.slice(0..n);
+        let mut grad_cos = g.zeros::<u8>(k * n * dtype.size(), "cosine gradient")?;
+        launch!(g, "cos_gradient", grid_for(k * n), &step.cos, &k32, &n32, &step.col, &step.target_logit, &step.target_slope, &row_max, &inv_sum_d, &mass_d, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
+        let mut gx = g.zeros::<f32>(n * d, "embedding gradient")?;
+        let mut g_unit = g.zeros::<f32>(k * d, "center gradient")?;
+        {
+            let stream = g.stream.clone();
+            let (gp, _g) = grad_cos.device_ptr(&stream);
+            let (w, _w) = step.w_gemm.device_ptr(&stream);
+            let (x, _x) = step.unit_gemm.device_ptr(&stream);
+            let (gxp, _gxp) = gx.device_ptr_mut(&stream);
+            // gx [N][d] = Gᵀ·Ŵ; column-major: (d×N) = Ŵ(d×k)·G(k×N).
+            g.gemm(false, true, d, n, k, w, d, gp, n, gxp, d, dtype, false)?;
+            let (gu, _gu) = g_unit.device_ptr_mut(&stream);
+            // gŴ [k][d] = G·X̂; column-major: (d×k) = X̂(d×N)·G(N×k), G being [k][N] row-major.
+            g.gemm(false, false, d, k, n, x, d, gp, n, gu, d, dtype, false)?;
+        }
+        let sampled = g.sampled.take().ok_or_else(|| Error::new(Status::Panic, "internal error: backward before sampling"))?;
+        let mut projected = g.zeros::<f32>(k * d, "center gradients (sampled classes × embedding_dim)")?;
+        launch!(g, "project_center_grads", per_row(k), &g.centers, &sampled, &g_unit, &step.inv_norm_w, &k32, &d32, &mut projected)?;
+        g.pending = Some(DeviceRowGrads { rows: sampled, grads: projected, len: k });
+        // The embedding side of the normalization is needed once more, for this shard's rows.
+        g.step = Some(step);
+        Ok(gx)
+    }
+
+    fn embedding_grad(&mut self, shard: usize, summed: CudaSlice<f32>, first_row: usize, rows: usize, world: f32) -> Result<CudaSlice<f32>> {
+        let d = self.cfg.embedding_dim;
+        let g = &mut self.shards[shard];
+        let step = g.step.take().ok_or_else(|| Error::new(Status::Panic, "internal error: embedding gradient before forward"))?;
+        let mut out = g.zeros::<f32>(rows * d, "embedding gradient")?;
+        if rows > 0 {
+            let (rows32, d32, f32_code) = (rows as i32, d as i32, 0i32);
+            let u = step.unit.slice(first_row * d..(first_row + rows) * d);
+            let inv = step.inv_norm_e.slice(first_row..first_row + rows);
+            launch!(g, "embedding_grad", per_row(rows), &summed, &u, &inv, &rows32, &d32, &world, &mut out, &f32_code)?;
+        }
+        Ok(out)
+    }
+
+    fn finite(&mut self, shard: usize, grad: &CudaSlice<f32>) -> Result<bool> {
+        let g = &self.shards[shard];
+        let mut flag = g.zeros::<i32>(1, "finiteness flag")?;
+        let len = grad.len() as u64;
+        launch!(g, "flag_non_finite", grid_for(grad.len()), grad, &len, &mut flag)?;
+        if let Some(p) = &g.pending {
+            let len = (p.len * self.cfg.embedding_dim) as u64;
+            launch!(g, "flag_non_finite", grid_for(len as usize), &p.grads, &len, &mut flag)?;
+        }
+        let host: Vec<i32> = g.stream.clone_dtoh(&flag).map_err(|e| device_error("download", e))?;
+        Ok(host[0] == 0)
+    }
+
+    fn write_grads(&mut self, grads: &[CudaSlice<f32>], out: Outputs<'_, '_>) -> Result<()> {
+        match out {
+            Outputs::Host(outs) => {
+                for ((g, grad), o) in self.shards.iter().zip(grads).zip(outs.iter_mut()) {
+                    if o.is_empty() {
+                        continue;
+                    }
+                    let host: Vec<f32> = g.stream.clone_dtoh(grad).map_err(|e| device_error("download", e))?;
+                    o.write(&host[..o.len()]);
                 }
-                OptimizerKind::AdamW => {
-                    let f = shard.functions["update_adamw"].clone();
-                    let (first, second) = shard.state.split_at_mut(1);
-                    let steps = shard.steps.as_mut().expect("AdamW keeps step counts");
-                    let mut b = shard.stream.launch_builder(&f);
-                    b.arg(&mut shard.centers).arg(&mut first[0].1).arg(&mut second[0].1).arg(steps).arg(&sampled).arg(&g_unit);
-                    b.arg(&inv_w).arg(&k32).arg(&d32).arg(&lr).arg(&opt.beta1).arg(&opt.beta2).arg(&opt.eps).arg(&opt.weight_decay);
-                    // SAFETY: arguments match kernels/gradient.cu `update_adamw`.
-                    unsafe { b.launch(per_row(k)) }.map_err(|e| device_error("update_adamw", e))?;
+            }
+            Outputs::Device(batches) => {
+                for ((g, grad), b) in self.shards.iter().zip(grads).zip(batches) {
+                    if b.rows > 0 {
+                        let len = (b.rows * self.cfg.embedding_dim) as u64;
+                        let dt = dtype_code(b.dtype);
+                        let dst = b.grad;
+                        // The caller's buffer, written in place in its dtype.
+                        let f = g.f("convert_f32");
+                        let mut builder = g.stream.launch_builder(f);
+                        builder.arg(grad).arg(&len).arg(&dst).arg(&dt);
+                        // SAFETY: matches kernels/normalize.cu `convert_f32`; `dst` holds `len` values of `dtype` on this GPU.
+                        unsafe { builder.launch(grid_for(len as usize)) }.map_err(|e| device_error("convert_f32", e))?;
+                    }
+                    after_caller(g.stream.cu_stream() as usize, b.stream as _)?;
                 }
             }
-            gx_all.push(gx);
         }
-        self.times.backward = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        if self.shards.len() > 1 {
-            // Each GPU then reads its own rows of the summed gradient.
-            let lib = nccl::nccl()?;
-            lib.check("ncclGroupStart", unsafe { (lib.group_start)() })?;
-            for (shard, gx) in self.shards.iter().zip(gx_all.iter_mut()) {
-                let (ptr, _sync) = gx.device_ptr_mut(&shard.stream);
-                let comm = shard.comm.expect("communicators exist with several GPUs");
-                // SAFETY: in-place all-reduce of N×d floats on the shard's stream.
-                let code = unsafe { (lib.all_reduce)(ptr as *const _, ptr as *mut _, n * d, NCCL_FLOAT32, NCCL_SUM, comm, shard.stream.cu_stream() as *mut _) };
-                lib.check("ncclAllReduce", code)?;
-            }
-            lib.check("ncclGroupEnd", unsafe { (lib.group_end)() })?;
-        }
-        let world = self.cfg.world_size as f32;
-        let mut offset = 0;
-        for ((shard, gx), out) in self.shards.iter_mut().zip(&gx_all).zip(grads.iter_mut()) {
-            let rows = out.len() / d;
-            if rows > 0 {
-                let unit = shard.unit.as_ref().expect("forward");
-                let inv_e = shard.inv_norm_e.as_ref().expect("forward");
-                let mut local = shard.zeros::<f32>(rows * d, "embedding gradient")?;
-                let (rows32, f32_code) = (rows as i32, 0i32);
-                let g = gx.slice(offset * d..(offset + rows) * d);
-                let u = unit.slice(offset * d..(offset + rows) * d);
-                let inv = inv_e.slice(offset..offset + rows);
-                launch!(shard, "embedding_grad", per_row(rows), &g, &u, &inv, &rows32, &d32, &world, &mut local, &f32_code)?;
-                let host: Vec<f32> = shard.stream.clone_dtoh(&local).map_err(|e| device_error("download", e))?;
-                out.write(&host);
-            }
-            offset += rows;
-        }
-        self.times.scatter = t1.elapsed().as_secs_f64();
         Ok(())
     }
 
+    fn accumulate(&mut self, shard: usize) -> Result<()> {
+        let d = self.cfg.embedding_dim;
+        let g = &mut self.shards[shard];
+        let pending = g.pending.take().ok_or_else(|| Error::new(Status::Panic, "internal error: accumulate before backward"))?;
+        match g.accumulated.take() {
+            None => {
+                g.accumulated = Some(pending);
+                g.undo = Some(Undo::Moved);
+            }
+            Some(before) => {
+                // A second compute before an apply: the rows are merged on the host.
+                let download = |r: &DeviceRowGrads| -> Result<RowGrads> {
+                    let rows: Vec<u32> = g.stream.clone_dtoh(&r.rows.slice(0..r.len)).map_err(|e| device_error("download", e))?;
+                    let grads: Vec<f32> = g.stream.clone_dtoh(&r.grads.slice(0..r.len * d)).map_err(|e| device_error("download", e))?;
+                    Ok(RowGrads { rows, grads })
+                };
+                let merged = download(&before)?.union(&download(&pending)?, d)?;
+                let rows = g.stream.clone_htod(&merged.rows).map_err(|e| device_error("upload", e))?;
+                let grads = g.stream.clone_htod(&merged.grads).map_err(|e| device_error("upload", e))?;
+                g.accumulated = Some(DeviceRowGrads { rows, grads, len: merged.rows.len() });
+                g.undo = Some(Undo::Replaced(before));
+            }
+        }
+        Ok(())
+    }
+
+    fn unaccumulate(&mut self, shard: usize) {
+        let g = &mut self.shards[shard];
+        match g.undo.take() {
+            Some(Undo::Moved) => g.accumulated = None,
+            Some(Undo::Replaced(before)) => g.accumulated = Some(before),
+            None => {}
+        }
+    }
+
+    fn discard(&mut self, shard: usize) {
+        let g = &mut self.shards[shard];
+        g.accumulated = None;
+        g.undo = None;
+    }
+
+    fn accumulated_rows(&self, shard: usize) -> usize {
+        self.shards[shard].accumulated.as_ref().map_or(0, |a| a.len)
+    }
+
+    fn update_is_finite(&mut self, shard: usize, lr: f32) -> Result<bool> {
+        let mut bad = self.shards[shard].zeros::<i32>(1, "finiteness flag")?;
+        self.update(shard, lr, false, &mut bad)?;
+        let g = &self.shards[shard];
+        let host: Vec<i32> = g.stream.clone_dtoh(&bad).map_err(|e| device_error("download", e))?;
+        Ok(host[0] == 0)
+    }
+
+    fn apply(&mut self, shard: usize, lr: f32) -> Result<()> {
+        let mut bad = self.shards[shard].zeros::<i32>(1, "finiteness flag")?;
+        self.update(shard, lr, true, &mut bad)?;
+        let g = &mut self.shards[shard];
+        g.accumulated = None;
+        g.undo = None;
+        Ok(())
+    }
+}
+
+impl ShardState for CudaBackend {
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
-        for (shard, row, rows, at) in super::super::pieces(&self.ranges, first, count) {
+        for (shard, row, rows, at) in crate::backend::pieces(&self.ranges, first, count) {
             let g = &self.shards[shard];
             let src = match tensor {
                 StateTensor::Centers => &g.centers,
@@ -561,7 +636,7 @@ impl Backend for CudaBackend {
 
     fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
-        for (shard, row, rows, at) in super::super::pieces(&self.ranges, first, count) {
+        for (shard, row, rows, at) in crate::backend::pieces(&self.ranges, first, count) {
             let g = &mut self.shards[shard];
             let stream = g.stream.clone();
             let dst = match tensor {
@@ -575,7 +650,7 @@ impl Backend for CudaBackend {
     }
 
     fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()> {
-        for (shard, row, rows, at) in super::super::pieces(&self.ranges, first, count) {
+        for (shard, row, rows, at) in crate::backend::pieces(&self.ranges, first, count) {
             let g = &self.shards[shard];
             let steps = g.steps.as_ref().ok_or_else(|| Error::invalid("this optimizer keeps no step counts"))?;
             let view = steps.slice(row..row + rows);
@@ -585,7 +660,7 @@ impl Backend for CudaBackend {
     }
 
     fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()> {
-        for (shard, row, rows, at) in super::super::pieces(&self.ranges, first, count) {
+        for (shard, row, rows, at) in crate::backend::pieces(&self.ranges, first, count) {
             let g = &mut self.shards[shard];
             let stream = g.stream.clone();
             let steps = g.steps.as_mut().ok_or_else(|| Error::invalid("this optimizer keeps no step counts"))?;
@@ -620,56 +695,38 @@ impl Backend for CudaBackend {
         Ok(best.into_sorted())
     }
 
-    fn phase_times(&self) -> PhaseTimes {
-        self.times
-    }
+}
 
-    fn download(&mut self, batches: &[DeviceBatch], dim: usize) -> Result<Vec<StagedBatch>> {
-        use cudarc::driver::result::{memcpy_dtoh_async, stream};
-        let mut staged = Vec::with_capacity(batches.len());
-        for (shard, b) in self.shards.iter().zip(batches) {
-            shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-            let ours = shard.stream.cu_stream();
-            after_caller(b.stream, ours)?;
-            let mut embeddings = HostValues::zeros(b.dtype, b.rows * dim);
-            let mut labels = vec![0i64; b.rows];
-            if b.rows > 0 {
-                // SAFETY: the caller's pointers hold `rows` labels and `rows × dim` values on this GPU.
-                unsafe {
-                    match &mut embeddings {
-                        HostValues::F32(v) => memcpy_dtoh_async(v, b.embeddings, ours),
-                        HostValues::F16(v) => memcpy_dtoh_async(v, b.embeddings, ours),
-                        HostValues::BF16(v) => memcpy_dtoh_async(v, b.embeddings, ours),
-                    }
-                    .map_err(|e| device_error("copying device embeddings", e))?;
-                    memcpy_dtoh_async(&mut labels, b.labels, ours).map_err(|e| device_error("copying device labels", e))?;
-                    stream::synchronize(ours).map_err(|e| device_error("synchronize", e))?;
-                }
+impl CudaBackend {
+    /// The optimizer kernel over the accumulated rows: with `commit` the update, without it only
+    /// the check (`bad` set when a value would be non-finite or a row not normalizable).
+    fn update(&mut self, shard: usize, lr: f32, commit: bool, bad: &mut CudaSlice<i32>) -> Result<()> {
+        let d32 = self.cfg.embedding_dim as i32;
+        let opt = self.cfg.optimizer;
+        let g = &mut self.shards[shard];
+        g.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
+        let Some(acc) = &g.accumulated else { return Ok(()) };
+        let (k32, commit) = (acc.len as i32, i32::from(commit));
+        match opt.kind {
+            OptimizerKind::Sgd => {
+                let (_, momentum) = &mut g.state[0];
+                let f = g.functions["update_sgd"].clone();
+                let mut b = g.stream.launch_builder(&f);
+                b.arg(&mut g.centers).arg(momentum).arg(&acc.rows).arg(&acc.grads).arg(&k32).arg(&d32);
+                b.arg(&lr).arg(&opt.momentum).arg(&opt.weight_decay).arg(&commit).arg(bad);
+                // SAFETY: arguments match kernels/gradient.cu `update_sgd`.
+                unsafe { b.launch(per_row(acc.len)) }.map_err(|e| device_error("update_sgd", e))?;
             }
-            staged.push(StagedBatch { embeddings, labels });
-        }
-        Ok(staged)
-    }
-
-    fn upload_grads(&mut self, batches: &[DeviceBatch], grads: &[HostValues]) -> Result<()> {
-        use cudarc::driver::result::{memcpy_htod_async, stream};
-        for ((shard, b), g) in self.shards.iter().zip(batches).zip(grads) {
-            shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-            let ours = shard.stream.cu_stream();
-            if b.rows > 0 {
-                // SAFETY: the caller's gradient pointer holds as many values of this dtype, on this GPU;
-                // the host copy outlives the transfer (synchronized below).
-                unsafe {
-                    match g {
-                        HostValues::F32(v) => memcpy_htod_async(b.grad, v, ours),
-                        HostValues::F16(v) => memcpy_htod_async(b.grad, v, ours),
-                        HostValues::BF16(v) => memcpy_htod_async(b.grad, v, ours),
-                    }
-                    .map_err(|e| device_error("writing device gradients", e))?;
-                    stream::synchronize(ours).map_err(|e| device_error("synchronize", e))?;
-                }
+            OptimizerKind::AdamW => {
+                let f = g.functions["update_adamw"].clone();
+                let (first, second) = g.state.split_at_mut(1);
+                let steps = g.steps.as_mut().ok_or_else(|| Error::new(Status::Panic, "internal error: AdamW without step counts"))?;
+                let mut b = g.stream.launch_builder(&f);
+                b.arg(&mut g.centers).arg(&mut first[0].1).arg(&mut second[0].1).arg(steps).arg(&acc.rows).arg(&acc.grads);
+                b.arg(&k32).arg(&d32).arg(&lr).arg(&opt.beta1).arg(&opt.beta2).arg(&opt.eps).arg(&opt.weight_decay).arg(&commit).arg(bad);
+                // SAFETY: arguments match kernels/gradient.cu `update_adamw`.
+                unsafe { b.launch(per_row(acc.len)) }.map_err(|e| device_error("update_adamw", e))?;
             }
-            after_caller(ours as usize, b.stream as _)?;
         }
         Ok(())
     }

@@ -146,6 +146,7 @@ fn ours(classes: u64, rate: f32, a: &BenchArgs) -> Result<Measured, String> {
             reduce: pick(|p| p.reduce),
             backward: pick(|p| p.backward),
             scatter: pick(|p| p.scatter),
+            update: pick(|p| p.update),
         },
         sampled,
     })
@@ -246,8 +247,8 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         a.shards,
         a.steps
     );
-    println!("| C | r | ours step | images/s | GEMM GFLOP/s | gather | sample | forward | reduce | backward | scatter | reference step | speed-up |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| C | r | ours step | images/s | GEMM GFLOP/s | gather | sample | forward | reduce | backward | scatter | update | reference step | speed-up |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (classes, rate) in configs {
         let m = ours(classes, rate, &a)?;
         let flops = 3.0 * 2.0 * a.batch as f64 * m.sampled as f64 * a.dim as f64;
@@ -261,7 +262,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         };
         let p = m.phases;
         println!(
-            "| {classes} | {rate} | {:.3} s | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {reference_cell} | {speedup} |",
+            "| {classes} | {rate} | {:.3} s | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {reference_cell} | {speedup} |",
             m.median,
             a.batch as f64 / m.median,
             flops / m.median / 1e9,
@@ -270,7 +271,8 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
             p.forward,
             p.reduce,
             p.backward,
-            p.scatter
+            p.scatter,
+            p.update
         );
         if a.json {
             let line = serde_json::json!({
@@ -278,7 +280,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
                 "sample_rate": rate, "dim": a.dim, "batch": a.batch, "shards": a.shards, "steps": a.steps,
                 "median_step_s": m.median, "images_per_s": a.batch as f64 / m.median, "gemm_gflops": flops / m.median / 1e9,
                 "sampled_classes": m.sampled,
-                "phases_s": {"gather": p.gather, "sample": p.sample, "forward": p.forward, "reduce": p.reduce, "backward": p.backward, "scatter": p.scatter},
+                "phases_s": {"gather": p.gather, "sample": p.sample, "forward": p.forward, "reduce": p.reduce, "backward": p.backward, "scatter": p.scatter, "update": p.update},
             });
             println!("{line}");
         }

@@ -1,0 +1,295 @@
+//! The training step, written once for every backend (SPEC §1): gather, sample, cosines and
+//! statistics, the reductions, gradients, the finiteness verdict, update, scatter — over the
+//! backend's per-shard primitives and one collectives seam (this process's shards, other processes
+//! through the host's all-gather, or NCCL).
+//!
+//! Nothing that outlives the call changes until the whole job has agreed that it may (SPEC §2a,
+//! §2b): bad input anywhere, a non-finite loss or gradient, an update that would leave a center
+//! non-finite, or an allocation failure on any process fails the call everywhere with the same
+//! status and message, before the first center, optimizer state or output is written.
+
+use crate::backend::{Backend, Batches, Collectives, Evaluated, F32Buf, Memory, Outputs, PhaseTimes, Primitives, RowStats, ShardState, StepPlan};
+use crate::error::{Error, Result, Status};
+use crate::sharding::ShardRange;
+use std::time::Instant;
+
+pub(crate) struct Driver<P: Primitives> {
+    prims: P,
+    coll: Box<dyn Collectives<P::Mem>>,
+    dim: usize,
+    /// Global rank of this process's first shard.
+    first_rank: usize,
+    times: PhaseTimes,
+}
+
+/// What the forward pass leaves for the backward pass, and only for it.
+struct Forward<M: Memory> {
+    /// The reduced statistics, in every local shard's memory.
+    maxes: Vec<M::F32>,
+    sums: Vec<M::F32>,
+    /// Rows of every shard's batch, in global rank order.
+    rows: Vec<u64>,
+    eval: Evaluated,
+}
+
+
+fn non_finite(what: &str) -> Error {
+    Error::new(
+        Status::NonFinite,
+        format!("{what} is NaN or Inf (divergence: lower the learning rate, skip the batch or reload a checkpoint); nothing changed"),
+    )
+}
+
+/// One sample's exact log-softmax loss, with no clamp on the probability, from the non-target sum
+/// `rest = Σ_{j≠y} exp(z_j − max)`: `log Σ_j exp(z_j) − z_y = log(1 + rest / exp(z_y − max))`,
+/// i.e. softplus(a) with `a = ln rest + max − z_y`. Unlike `ln Σ + max − z_y`, which cancels to
+/// nothing when p_y → 1 (Σ ≈ 1 in f32), this keeps rest's relative precision at any loss, whether
+/// or not the target is the row's max, and cannot overflow. `rest = 0` (one class) gives 0.
+fn sample_loss(rest: f32, max: f32, target_logit: f32) -> f64 {
+    let a = (rest as f64).ln() + (max as f64 - target_logit as f64);
+    a.max(0.0) + (-a.abs()).exp().ln_1p()
+}
+
+/// Loss and top-1 accuracy from the reduced statistics: the mean over the global batch of each
+/// sample's exact log-softmax loss (SPEC §1.7, the confident regime too).
+fn loss_and_accuracy(rows: &RowStats) -> (f64, f64) {
+    let n = rows.max.len();
+    let mut loss = 0.0f64;
+    let mut correct = 0usize;
+    for i in 0..n {
+        loss += sample_loss(rows.rest[i], rows.max[i], rows.target_logit[i]);
+        correct += usize::from(rows.target_cos[i] > rows.other_cos[i]);
+    }
+    (loss / n as f64, correct as f64 / n as f64)
+}
+
+impl<P: Primitives> Driver<P> {
+    pub fn new(prims: P, coll: Box<dyn Collectives<P::Mem>>, dim: usize, first_rank: usize) -> Self {
+        Driver { prims, coll, dim, first_rank, times: PhaseTimes::default() }
+    }
+
+    fn shards(&self) -> usize {
+        self.prims.ranges().len()
+    }
+
+    fn forward(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan) -> Result<Forward<P::Mem>> {
+        let d = self.dim;
+        let t0 = Instant::now();
+        // Batch sizes first (zeros from a process whose batches are malformed: the exchange keeps
+        // its size), then one verdict on every process's input and buffers.
+        let mine = if checked.is_ok() { batches.rows() } else { vec![0; self.shards()] };
+        let rows = self.coll.gather_counts(&mine)?;
+        let n: usize = rows.iter().map(|&r| r as usize).sum();
+        let mut emb = Vec::with_capacity(self.shards());
+        let mut labels = Vec::with_capacity(self.shards());
+        let loaded = checked.and_then(|()| {
+            if n == 0 {
+                return Err(Error::invalid("the global batch is empty"));
+            }
+            let local = self.prims.load(batches)?;
+            for s in 0..self.shards() {
+                let e = n.checked_mul(d).ok_or_else(|| Error::invalid("global batch × embedding_dim overflows"))?;
+                emb.push(self.prims.alloc_f32(s, e, "the gathered embeddings (global batch × embedding_dim)")?);
+                labels.push(self.prims.alloc_i64(s, n, "the gathered labels")?);
+            }
+            Ok(local)
+        });
+        self.coll.agree(loaded.as_ref().map(|_| ()).map_err(Clone::clone))?;
+        let (local_emb, local_labels): (Vec<_>, Vec<_>) = loaded?.into_iter().unzip();
+        self.coll.all_gather_f32(&local_emb, &rows, d, &mut emb)?;
+        self.coll.all_gather_i64(&local_labels, &rows, &mut labels)?;
+        self.times.gather = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let mut sampled = Vec::with_capacity(self.shards());
+        let sampling = (0..self.shards()).try_for_each(|s| {
+            sampled.push(self.prims.sample(s, &labels[s], plan)?);
+            Ok(())
+        });
+        self.times.sample = t1.elapsed().as_secs_f64();
+
+        let t2 = Instant::now();
+        let mut maxes = Vec::with_capacity(self.shards());
+        let mut sums = Vec::with_capacity(self.shards());
+        let computed = sampling.and_then(|()| {
+            for (s, e) in emb.into_iter().enumerate() {
+                let (m, sum) = self.prims.forward(s, e, &labels[s], plan)?;
+                maxes.push(m);
+                sums.push(sum);
+            }
+            Ok(())
+        });
+        // Scratch that does not fit on one process fails the step on all of them.
+        self.coll.agree(computed)?;
+        self.times.forward = t2.elapsed().as_secs_f64();
+
+        let t3 = Instant::now();
+        self.coll.all_reduce(crate::comm::ReduceOp::Max, &mut maxes)?;
+        for s in 0..self.shards() {
+            self.prims.rescale_sums(s, &maxes[s], &mut sums[s])?;
+        }
+        self.coll.all_reduce(crate::comm::ReduceOp::Sum, &mut sums)?;
+        let stats = self.prims.read_stats(0, &maxes[0], &sums[0], n)?;
+        let sampled_classes = self.coll.gather_counts(&sampled)?.iter().sum();
+        self.times.reduce = t3.elapsed().as_secs_f64();
+        let (loss, accuracy) = loss_and_accuracy(&stats);
+        // The statistics are the same on every process, so is this verdict.
+        if !loss.is_finite() {
+            return Err(non_finite("the loss"));
+        }
+        Ok(Forward { maxes, sums, rows, eval: Evaluated { loss, accuracy, global_batch: n as u64, sampled_classes } })
+    }
+
+    /// The backward pass: each shard's center gradients pending, each local shard's embedding
+    /// gradient returned, once the job agrees that all of them are finite.
+    fn backward(&mut self, fwd: Forward<P::Mem>, update_lr: Option<f32>) -> Result<(Vec<F32Buf<P::Mem>>, Evaluated)> {
+        let d = self.dim;
+        let t0 = Instant::now();
+        let mut partial = Vec::with_capacity(self.shards());
+        for s in 0..self.shards() {
+            partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s], update_lr)?);
+        }
+        self.times.backward = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let mut offset = 0;
+        let segments: Vec<std::ops::Range<usize>> = fwd
+            .rows
+            .iter()
+            .map(|&r| {
+                let seg = offset * d..(offset + r as usize) * d;
+                offset += r as usize;
+                seg
+            })
+            .collect();
+        let mut mine = Vec::with_capacity(self.shards());
+        for s in 0..self.shards() {
+            mine.push(self.prims.alloc_f32(s, segments[self.first_rank + s].len(), "the embedding gradient")?);
+        }
+        self.coll.reduce_scatter_sum(&partial, &segments, &mut mine)?;
+        drop(partial);
+        let world = self.coll.world_size() as f32;
+        let mut grads = Vec::with_capacity(self.shards());
+        for (s, summed) in mine.into_iter().enumerate() {
+            let seg = &segments[self.first_rank + s];
+            grads.push(self.prims.embedding_grad(s, summed, seg.start / d, seg.len() / d, world)?);
+        }
+        let mut finite = true;
+        for (s, g) in grads.iter().enumerate() {
+            finite &= self.prims.finite(s, g)?;
+        }
+        self.coll.agree(if finite { Ok(()) } else { Err(non_finite("an embedding or center gradient")) })?;
+        self.times.scatter = t1.elapsed().as_secs_f64();
+        Ok((grads, fwd.eval))
+    }
+
+    /// Adds every shard's pending center gradients to its accumulated ones and, with `lr`, checks
+    /// that the optimizer step over them keeps every center finite; one verdict for the job. On
+    /// failure nothing stays accumulated from this call.
+    fn accumulate(&mut self, lr: Option<f32>) -> Result<()> {
+        let t0 = Instant::now();
+        let mut done = 0;
+        let mut finite = true;
+        let local = (0..self.shards()).try_for_each(|s| {
+            self.prims.accumulate(s)?;
+            done += 1;
+            if let Some(lr) = lr {
+                finite &= self.prims.update_is_finite(s, lr)?;
+            }
+            Ok(())
+        });
+        let local = local.and_then(|()| if finite { Ok(()) } else { Err(non_finite("a center after this update")) });
+        let verdict = self.coll.agree(local);
+        if verdict.is_err() {
+            (0..done).for_each(|s| self.prims.unaccumulate(s));
+        }
+        self.times.update = t0.elapsed().as_secs_f64();
+        verdict
+    }
+
+    /// The optimizer step over the accumulated gradients, once the job has agreed it is finite.
+    fn update(&mut self, lr: f32) -> Result<()> {
+        let t0 = Instant::now();
+        let applied = (0..self.shards()).try_for_each(|s| self.prims.apply(s, lr));
+        self.times.update += t0.elapsed().as_secs_f64();
+        applied
+    }
+}
+
+impl<P: Primitives> Backend for Driver<P> {
+    fn ranges(&self) -> &[ShardRange] {
+        self.prims.ranges()
+    }
+
+    fn evaluate(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan) -> Result<Evaluated> {
+        Ok(self.forward(checked, batches, plan)?.eval)
+    }
+
+    fn compute(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan, out: Outputs<'_, '_>, apply: Option<f32>) -> Result<Evaluated> {
+        let fwd = self.forward(checked, batches, plan)?;
+        let (grads, eval) = self.backward(fwd, apply)?;
+        self.accumulate(apply)?;
+        if let Some(lr) = apply {
+            self.update(lr)?;
+        }
+        self.prims.write_grads(&grads, out)?;
+        Ok(eval)
+    }
+
+    fn apply(&mut self, lr: f32) -> Result<bool> {
+        let rows: Vec<u64> = (0..self.shards()).map(|s| self.prims.accumulated_rows(s) as u64).collect();
+        let any = self.coll.gather_counts(&rows)?.iter().any(|&r| r > 0);
+        if !any {
+            return Ok(false);
+        }
+        let mut finite = true;
+        let checked = (0..self.shards()).try_for_each(|s| {
+            finite &= self.prims.update_is_finite(s, lr)?;
+            Ok(())
+        });
+        self.coll.agree(checked.and_then(|()| if finite { Ok(()) } else { Err(non_finite("a center after this update")) }))?;
+        self.update(lr)?;
+        Ok(true)
+    }
+
+    fn discard(&mut self) {
+        (0..self.shards()).for_each(|s| self.prims.discard(s));
+    }
+
+    fn state(&self) -> &dyn ShardState {
+        &self.prims
+    }
+
+    fn state_mut(&mut self) -> &mut dyn ShardState {
+        &mut self.prims
+    }
+
+    fn phase_times(&self) -> PhaseTimes {
+        self.times
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_loss;
+
+    /// `log Σ − z_y` in float64 from the same statistics, for comparison.
+    fn direct(rest: f64, max: f64, target: f64) -> f64 {
+        (rest + (target - max).exp()).ln() + max - target
+    }
+
+    #[test]
+    fn sample_loss_is_the_log_softmax_in_every_regime() {
+        // Target the max (rest relative to it), target below the max, one class, confident.
+        for &(rest, max, target) in &[(1.7f32, 3.0f32, 3.0f32), (2.5, 10.0, -40.0), (0.25, 5.0, 4.5)] {
+            let want = direct(rest as f64, max as f64, target as f64);
+            assert!((sample_loss(rest, max, target) - want).abs() <= 1e-12 * want, "{rest} {max} {target}");
+        }
+        assert_eq!(sample_loss(0.0, 2.0, 2.0), 0.0);
+        // p_y = 1 − 1e-9: the loss is 1e-9 to f32's precision of `rest`, where Σ = 1 + 1e-9 is 1 in f32.
+        let tiny = sample_loss(1e-9, 2.0, 2.0);
+        assert!((tiny - 1e-9).abs() < 1e-16, "{tiny:e}");
+        // A target far below the max cannot overflow.
+        assert!((sample_loss(1.0, 5000.0, -5000.0) - 10000.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,95 @@
+//! Exhausted memory in a step's own buffers (issue #11 item 5; SPEC §2b): evaluation scratch that
+//! grows with the global batch, the gathered batch, the cosine and gradient scratch. Under an
+//! address-space limit (RLIMIT_AS) in a child process, every such call returns
+//! PFC_ERR_OUT_OF_MEMORY — the process is never aborted — and the head keeps working for batches
+//! that fit.
+
+mod common;
+use common::*;
+use partialfc::ffi::*;
+use std::process::Command;
+
+const D: usize = 8;
+const CHILD: &str = "PFC_OOM_CHILD";
+
+fn vm_size_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmSize:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+fn batches(emb: &[f32], labels: &[i64], grad: &mut [f32], shards: usize) -> Vec<pfc_batch> {
+    let n = labels.len();
+    let per = n / shards;
+    (0..shards)
+        .map(|s| pfc_batch {
+            embeddings: emb[s * per * D..].as_ptr().cast(),
+            labels: labels[s * per..].as_ptr(),
+            grad_embeddings: grad[s * per * D..].as_mut_ptr().cast(),
+            batch_size: per as u64,
+            dtype: PFC_DTYPE_F32,
+            memory: PFC_MEMORY_HOST,
+            stream: std::ptr::null_mut(),
+        })
+        .collect()
+}
+
+/// Runs in the child: prints one `name=status` line per call.
+fn child() {
+    let mut cfg = default_config();
+    cfg.num_classes = 2000;
+    cfg.embedding_dim = D as u32;
+    let one = TestHead::new(&cfg);
+    cfg.local_shards = 2;
+    let two = TestHead::new(&cfg);
+    // Inputs first, then the limit: 2M rows (64 MiB of embeddings) whose evaluation scratch
+    // (256 classes × the global batch per task) and cosines (2000 × 2M) cannot fit.
+    let n = 1 << 21;
+    let emb: Vec<f32> = (0..n * D).map(|i| ((i % 13) as f32) - 6.0 + 0.5).collect();
+    let labels: Vec<i64> = (0..n).map(|i| (i % 2000) as i64).collect();
+    let mut grad = vec![0f32; n * D];
+    let small_n = 64;
+    let mut small_grad = vec![0f32; small_n * D];
+    let limit = vm_size_bytes() + (768 << 20);
+    let rl = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+    // SAFETY: plain syscall on this process.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) }, 0);
+    let mut st = pfc_step_stats::default();
+    for (name, head, shards) in [("one", &one, 1usize), ("two", &two, 2)] {
+        let b = batches(&emb, &labels, &mut grad, shards);
+        println!("{name}-evaluate={}", pfc_evaluate(head.0, b.as_ptr(), b.len() as u32, &mut st));
+        println!("{name}-train={}", pfc_train_step(head.0, b.as_ptr(), b.len() as u32, &mut st));
+        println!("{name}-compute={}", pfc_train_compute(head.0, b.as_ptr(), b.len() as u32, &mut st));
+        let b = batches(&emb[..small_n * D], &labels[..small_n], &mut small_grad, shards);
+        println!("{name}-small={}", pfc_train_step(head.0, b.as_ptr(), b.len() as u32, &mut st));
+        println!("{name}-small-step={}", st.step);
+    }
+}
+
+#[test]
+fn step_buffers_report_out_of_memory_under_an_address_space_limit() {
+    if std::env::var_os(CHILD).is_some() {
+        child();
+        std::process::exit(0);
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "step_buffers_report_out_of_memory_under_an_address_space_limit", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "the child died ({}): {text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let get = |key: &str| -> i32 {
+        // The harness prints its own words before the child's first line.
+        let token = text.split_whitespace().find(|t| t.starts_with(&format!("{key}="))).unwrap_or_else(|| panic!("no {key} in:\n{text}"));
+        token.split('=').nth(1).unwrap().parse().unwrap()
+    };
+    for head in ["one", "two"] {
+        for call in ["evaluate", "train", "compute"] {
+            assert_eq!(get(&format!("{head}-{call}")), PFC_ERR_OUT_OF_MEMORY, "{head} {call}:\n{text}");
+        }
+        assert_eq!(get(&format!("{head}-small")), PFC_OK, "{head}: a batch that fits failed after the refusals:\n{text}");
+        assert_eq!(get(&format!("{head}-small-step")), 1, "{head}: a refused step counted:\n{text}");
+    }
+}

@@ -19,7 +19,7 @@ for line in sys.stdin:
 cp target/release/pfc target/release/libpartialfc.so .gpu/
 strip .gpu/pfc .gpu/tests/* 2>/dev/null || true
 cp -r ../shared/golden .gpu/shared/
-cp ../shared/bench/reference_step.py .gpu/
+cp scripts/reference_step.py .gpu/
 if [ -f .reference/partial_fc_v2.py ]; then
     cp .reference/partial_fc_v2.py .reference/losses.py .gpu/reference/
 else

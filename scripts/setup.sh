@@ -75,14 +75,22 @@ if [ ! -e .tools/nvrtc/nvidia/cu13/lib/libnvrtc.so.13 ]; then
     python3 -m pip install --quiet --disable-pip-version-check --target .tools/nvrtc "nvidia-cuda-nvrtc==13.0.88"
 fi
 
-# cargo-c (`cargo cinstall`) installs the library as a system C library: tests/install.rs and
-# scripts/install.sh. 0.10.24 is the newest release that builds with rustc 1.95 (later ones need
-# 1.97). Compiling it takes about 9 minutes on 2 cores, once per machine: it lands in cargo's own
-# bin directory, shared by every checkout. Building it needs OpenSSL's headers.
+# cargo-c (`cargo cinstall`) installs the library as a system C library: tests/install.rs.
+# 0.10.24 is the newest release that builds with rustc 1.95 (later ones need 1.97). It is compiled
+# from source once per machine into cargo's own bin directory, shared by every checkout; that takes
+# a while on 2 cores (see README.md), so setups running at the same time wait for one compile
+# (flock) instead of each starting its own. Building it needs OpenSSL's headers.
 if ! cargo cinstall --version >/dev/null 2>&1; then
     if ! pkg-config --exists openssl 2>/dev/null; then
         apt_install libssl-dev
     fi
-    echo "setup: compiling cargo-c 0.10.24 (once per machine, several minutes)" >&2
-    cargo install --locked --quiet cargo-c@0.10.24
+    cargo_home=${CARGO_HOME:-$HOME/.cargo}
+    mkdir -p "$cargo_home"
+    (
+        flock 9
+        if ! cargo cinstall --version >/dev/null 2>&1; then
+            echo "setup: compiling cargo-c 0.10.24 (once per machine; several minutes)" >&2
+            cargo install --locked --quiet cargo-c@0.10.24
+        fi
+    ) 9>"$cargo_home/.partialfc-cargo-c.lock"
 fi

@@ -2,20 +2,21 @@
 //! `cargo build --release --lib` as tests/c_program.rs does, then
 //! - compiles tests/cpp/binding_test.cpp against bindings/cpp/partialfc.hpp with
 //!   `g++ -std=c++17 -Wall -Wextra -Werror -pedantic` and runs it;
-//! - runs `go vet` and `go test` on bindings/go/partialfc: on the default build (zero-copy batches
+//! - runs `go vet` and `go test` on bindings/go/partialfc, linked with this checkout's build
+//!   (`-tags partialfc_repo`; tests/install.rs covers the default pkg-config build): on the default build (zero-copy batches
 //!   through runtime.Pinner on Go ≥ 1.21), on the copying build (`-tags partialfc_copy`, what Go
 //!   1.19 uses), and under the strict cgo pointer checker (GOEXPERIMENT=cgocheck2, or
 //!   GODEBUG=cgocheck=2 before Go 1.21), which aborts on any Go pointer C memory keeps;
 //! - builds the examples: examples/cpp/train.cpp (linked with libpartialfc.a) trains, saves a
 //!   checkpoint, exports centers and writes queries; examples/go/identify (linked both ways)
-//!   answers those queries from each exported file and from the checkpoint.
+//!   answers those queries through a search-only index over each exported file and the checkpoint.
 //!
 //! A missing `go` fails the test with a message: scripts/test.sh installs Debian's golang-go. Go
 //! runs offline (GOPROXY=off, GOTOOLCHAIN=local) with its caches under the target directory.
 
 mod native;
-use native::{describe, lib_dir, root, run, scratch, stdout};
-use std::path::{Path, PathBuf};
+use native::{describe, go, lib_dir, root, run, scratch, stdout};
+use std::path::Path;
 use std::process::Command;
 
 /// $CXX, else g++ (the issue's compiler), else c++.
@@ -59,25 +60,9 @@ fn cpp_binding_compiles_as_cxx17_and_passes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The `go` command: $GO, then PATH, then the usual install places. Missing, the test fails.
-fn go() -> PathBuf {
-    if let Some(go) = std::env::var_os("GO").filter(|g| !g.is_empty()) {
-        return PathBuf::from(go);
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("go")).collect::<Vec<_>>())
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain(["/usr/local/go/bin/go", "/usr/lib/go/bin/go"].map(PathBuf::from))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "the Go toolchain is missing, so the Go binding cannot be tested: run `bash scripts/test.sh` \
-                 (it installs Debian's golang-go), or `apt-get install golang-go`, or set GO=/path/to/go"
-            )
-        })
-}
+/// Inside the repository the binding links this checkout's build (link_repo*.go); the default,
+/// pkg-config build against an installed prefix is tests/install.rs's.
+const REPO_TAGS: &str = "-tags=partialfc_repo";
 
 /// A `go` command in `dir`, offline, with caches under the target directory and the freshly built
 /// library first on the linker's path.
@@ -128,15 +113,16 @@ fn go_package_vets_and_passes_its_tests() {
     let pkg = "bindings/go/partialfc";
     let minor = go_minor();
     gofmt_clean(pkg);
-    for tags in ["", "partialfc_copy", "partialfc_static"] {
+    // The default, pkg-config builds need an installed prefix: tests/install.rs builds them.
+    for tags in ["partialfc_repo", "partialfc_repo,partialfc_copy", "partialfc_repo,partialfc_static"] {
         run(&mut go_cmd(pkg, &["vet", &format!("-tags={tags}"), "./..."]));
     }
-    let out = run(&mut go_cmd(pkg, &["test", "-count=1", "./..."]));
+    let out = run(&mut go_cmd(pkg, &["test", "-count=1", REPO_TAGS, "./..."]));
     eprint!("{}", stdout(&out));
-    run(&mut go_cmd(pkg, &["test", "-count=1", "-tags=partialfc_copy", "./..."]));
+    run(&mut go_cmd(pkg, &["test", "-count=1", "-tags=partialfc_repo,partialfc_copy", "./..."]));
     // The strict pointer checker: any Go pointer written into C memory (or passed inside Go memory)
     // aborts the program.
-    let mut strict = go_cmd(pkg, &["test", "-count=1", "./..."]);
+    let mut strict = go_cmd(pkg, &["test", "-count=1", REPO_TAGS, "./..."]);
     if minor >= 21 {
         strict.env("GOEXPERIMENT", "cgocheck2");
     } else {
@@ -160,18 +146,18 @@ fn examples_build_train_export_and_identify() {
     let text = stdout(&out);
     eprint!("{text}");
     assert!(text.contains("identification top-1"), "unexpected output:\n{text}");
-    for f in ["checkpoint/manifest.json", "centers.npy", "centers.fvecs", "centers.safetensors", "queries.txt"] {
+    for f in ["checkpoint/manifest.json", "centers.npy", "centers.fvecs", "centers.faiss", "centers.safetensors", "queries.txt"] {
         assert!(out_dir.join(f).is_file(), "the C++ example did not write {f}");
     }
 
     // The Go identification example, linked with the shared and with the static library.
     let example = "examples/go/identify";
     gofmt_clean(example);
-    run(&mut go_cmd(example, &["vet", "./..."]));
+    run(&mut go_cmd(example, &["vet", REPO_TAGS, "./..."]));
     let shared = dir.join("identify");
     let stat = dir.join("identify_static");
-    run(go_cmd(example, &["build", "-o"]).arg(&shared));
-    run(go_cmd(example, &["build", "-tags=partialfc_static", "-o"]).arg(&stat));
+    run(go_cmd(example, &["build", REPO_TAGS, "-o"]).arg(&shared));
+    run(go_cmd(example, &["build", "-tags=partialfc_repo,partialfc_static", "-o"]).arg(&stat));
     let binary = std::fs::read(&stat).unwrap();
     assert!(
         !binary.windows(15).any(|w| w == b"libpartialfc.so"),
@@ -182,6 +168,7 @@ fn examples_build_train_export_and_identify() {
     for (exe, source) in [
         (&shared, "centers.npy"),
         (&shared, "centers.fvecs"),
+        (&shared, "centers.faiss"),
         (&shared, "checkpoint"),
         (&stat, "centers.safetensors"),
         (&stat, "checkpoint"),
@@ -215,4 +202,30 @@ fn examples_build_train_export_and_identify() {
         describe("identify", &out)
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The bindings' tables of statuses and enumerations derive from the header (their constants are
+/// the header's macros): every value the header defines has its constant in both bindings, so a
+/// status or format added to the C ABI cannot be forgotten there.
+#[test]
+fn bindings_cover_every_status_and_enumeration_of_the_header() {
+    let read = |p: &str| std::fs::read_to_string(root().join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let header = read("include/partialfc.h");
+    let go: String = ["partialfc.go", "index.go"].iter().map(|f| read(&format!("bindings/go/partialfc/{f}"))).collect();
+    let cpp = read("bindings/cpp/partialfc.hpp");
+    let tables = ["PFC_ERR_", "PFC_FORMAT_", "PFC_DTYPE_", "PFC_OPTIMIZER_", "PFC_MARGIN_GRAD_", "PFC_BACKEND_"];
+    let names: Vec<&str> = header
+        .lines()
+        .filter_map(|l| l.strip_prefix("#define "))
+        .filter_map(|d| d.split_whitespace().next())
+        .filter(|n| tables.iter().any(|t| n.starts_with(t)))
+        .collect();
+    assert!(names.len() >= 20, "too few table entries found in the header: {names:?}");
+    let in_text = |text: &str, token: &str| {
+        text.match_indices(token).any(|(i, _)| !text[i + token.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_'))
+    };
+    for name in names {
+        assert!(in_text(&go, &format!("C.{name}")), "the Go binding has no constant for {name}");
+        assert!(in_text(&cpp, name), "the C++ binding has no constant for {name}");
+    }
 }

@@ -36,6 +36,41 @@ fn train_learns_identities_and_evaluates_far_above_chance() {
     let losses: Vec<f64> = stdout.lines().filter(|l| l.starts_with("step")).map(|l| figure(l, "step", "loss")).collect();
     assert!(losses.len() >= 3 && losses.last().unwrap() < losses.first().unwrap(), "loss did not fall: {losses:?}");
     assert!(std::path::Path::new(&out).join("centers.safetensors").is_file());
+    check_records(std::path::Path::new(&out), 150, 0.1);
+}
+
+/// The step log, the curves and the summary that `pfc train` leaves in its output folder.
+fn check_records(out: &std::path::Path, steps: u64, lr: f64) {
+    let log = std::fs::read_to_string(out.join("train.jsonl")).expect("train.jsonl");
+    let records: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"))).collect();
+    assert_eq!(records.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), (1..=steps).collect::<Vec<_>>());
+    for r in &records {
+        assert_eq!(r["learning_rate"].as_f64(), Some(lr), "{r}");
+        assert!(r["loss"].as_f64().is_some_and(|l| l.is_finite() && l > 0.0), "{r}");
+        assert!(r["accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)), "{r}");
+        assert!(r["images_per_second"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        assert!(r["sampled_classes"].as_u64().is_some_and(|c| c > 0), "{r}");
+    }
+    assert!(log.contains(&format!("\"learning_rate\":{lr}")), "the learning rate is not written as {lr}:\n{log}");
+
+    let png = std::fs::File::open(out.join("curves.png")).expect("curves.png");
+    let mut reader = png::Decoder::new(std::io::BufReader::new(png)).read_info().expect("curves.png decodes");
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!(frame.color_type, png::ColorType::Rgb);
+    assert!(frame.width >= 600 && frame.height >= 400, "{}x{}", frame.width, frame.height);
+    // Both curves are drawn: the loss in blue, the accuracy in red.
+    let count = |rgb: [u8; 3]| pixels[..frame.buffer_size()].chunks_exact(3).filter(|p| *p == rgb).count();
+    assert!(count([31, 119, 180]) > 200 && count([214, 39, 40]) > 200, "the curves are missing from curves.png");
+
+    let summary = std::fs::read_to_string(out.join("summary.json")).expect("summary.json");
+    let parsed: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert_eq!(parsed["lr"].as_f64(), Some(lr));
+    // No float noise: every number has at most 8 significant digits (0.1, not 0.10000000149011612).
+    for number in summary.split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e')).filter(|w| w.contains('.')) {
+        let digits = number.split('e').next().unwrap().chars().filter(|c| c.is_ascii_digit()).collect::<String>();
+        assert!(digits.trim_start_matches('0').len() <= 8, "{number} in summary.json:\n{summary}");
+    }
 }
 
 #[test]
@@ -58,6 +93,8 @@ fn train_resumes_from_its_checkpoint_exactly() {
     let strip = |s: Option<String>| s.map(|l| l.split("acc").next().unwrap().to_string());
     assert_eq!(strip(last(&full)), strip(last(&resumed)), "\nfull:\n{full}\nresumed:\n{resumed}");
     assert!(strip(last(&full)).is_some());
+    // The resumed job's step log holds every step once, the first job's steps included.
+    check_records(std::path::Path::new(&b), 40, 0.1);
 }
 
 #[test]
@@ -87,6 +124,29 @@ fn bench_times_a_small_configuration() {
     let (ok, out, err) = pfc(&["bench", "--classes", "5000", "--dim", "64", "--batch", "32", "--steps", "3", "--reference-dir", "/nonexistent"]);
     assert!(ok, "{err}");
     assert!(out.lines().any(|l| l.starts_with("| 5000 | 0.1 |")), "{out}");
+}
+
+#[test]
+fn bench_help_explains_every_option_within_the_repository() {
+    let (ok, help, err) = pfc(&["bench", "--help"]);
+    assert!(ok, "{err}");
+    assert!(!help.contains("../"), "pfc bench --help points outside the repository:\n{help}");
+    // In the long help each option line is followed by its description, indented further; an
+    // undocumented option has none, or only its `[default: …]`.
+    let lines: Vec<&str> = help.lines().collect();
+    for (i, line) in lines.iter().enumerate().filter(|(_, l)| l.trim_start().starts_with('-')) {
+        let description: String = lines[i + 1..]
+            .iter()
+            .take_while(|l| l.starts_with("          ") && !l.trim_start().starts_with('-'))
+            .map(|l| l.trim())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let words = description.split("[default:").next().unwrap().trim();
+        assert!(!words.is_empty(), "undocumented option: {line:?}\n{help}");
+    }
+    for flag in ["--classes", "--sample-rate", "--dim", "--batch", "--shards", "--reference-dir", "--reference-script"] {
+        assert!(help.contains(flag), "{flag} is missing from:\n{help}");
+    }
 }
 
 #[test]

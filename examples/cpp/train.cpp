@@ -4,13 +4,16 @@
 // samples, identifies them with Head::search, saves a checkpoint, exports the centers and writes the
 // held-out embeddings as queries for the Go example (examples/go/identify).
 //
-//   g++ -std=c++17 -O2 -I include -I bindings/cpp examples/cpp/train.cpp -o pfc_train_cpp
-//       -L target/release -lpartialfc -Wl,-rpath,$PWD/target/release    (shared), or
-//       target/release/libpartialfc.a -lpthread -ldl -lm                 (static)
-//   ./pfc_train_cpp out/ [steps]
+//   against an installed partialfc (cargo cinstall --prefix <prefix>), with CMake:
+//     cmake -S examples/cpp -B build/cpp -DCMAKE_PREFIX_PATH=<prefix> && cmake --build build/cpp
+//   or inside the repository, after cargo build --release --lib:
+//     g++ -std=c++17 -O2 -I include -I bindings/cpp examples/cpp/train.cpp -o pfc_train_cpp
+//         -L target/release -lpartialfc -Wl,-rpath,$PWD/target/release     (shared), or
+//         target/release/libpartialfc.a -lpthread -ldl -lm                  (static)
+//   ./pfc_train_cpp [out-dir (default pfc-out/cpp)] [steps]
 //
 // Writes out/checkpoint/ (pfc_save_checkpoint), out/centers.npy (normalized f32),
-// out/centers.fvecs, out/centers.safetensors (f16) and out/queries.txt (one query a line: "id=<identity>" then the embedding).
+// out/centers.fvecs, out/centers.faiss, out/centers.safetensors (f16) and out/queries.txt (one query a line: "id=<identity>" then the embedding).
 #include "partialfc.hpp"
 
 #include <cmath>
@@ -61,7 +64,7 @@ void forward(const std::vector<float>& a, const std::vector<float>& x, std::size
 }  // namespace
 
 int main(int argc, char** argv) {
-    const std::filesystem::path out = argc > 1 ? argv[1] : "pfc_out";
+    const std::filesystem::path out = argc > 1 ? argv[1] : "pfc-out/cpp";
     const int steps = argc > 2 ? std::atoi(argv[2]) : 300;
     std::filesystem::create_directories(out);
 
@@ -151,6 +154,7 @@ int main(int argc, char** argv) {
         head.save_checkpoint((out / "checkpoint").string());
         head.export_centers((out / "centers.npy").string(), pfc::Format::Npy, pfc::DType::F32, /*normalized=*/true);
         head.export_centers((out / "centers.fvecs").string(), pfc::Format::Fvecs);
+        head.export_centers((out / "centers.faiss").string(), pfc::Format::Faiss);
         head.export_centers((out / "centers.safetensors").string(), pfc::Format::Safetensors, pfc::DType::F16);
         std::ofstream queries(out / "queries.txt");
         for (std::size_t q = 0; q < kHeldOut; q++) {

@@ -232,6 +232,12 @@ static void test_version_and_config(void) {
     CHECK(v[0] >= '0' && v[0] <= '9');
     CHECK(strchr(v, '.') != NULL);
     CHECK(pfc_version() == v); /* a static string */
+    {
+        /* The header's version macros name the library it is linked with. */
+        char from_macros[64];
+        snprintf(from_macros, sizeof from_macros, "%d.%d.%d", PFC_VERSION_MAJOR, PFC_VERSION_MINOR, PFC_VERSION_PATCH);
+        CHECK(strcmp(v, from_macros) == 0);
+    }
 
     pfc_config_init(NULL); /* a no-op */
     pfc_config cfg;

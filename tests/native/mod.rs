@@ -70,6 +70,26 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// The `go` command: $GO, then PATH, then the usual install places. Missing, the test fails.
+pub fn go() -> PathBuf {
+    if let Some(go) = std::env::var_os("GO").filter(|g| !g.is_empty()) {
+        return PathBuf::from(go);
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("go")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(["/usr/local/go/bin/go", "/usr/lib/go/bin/go"].map(PathBuf::from))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "the Go toolchain is missing, so the Go binding cannot be tested: run `bash scripts/test.sh` \
+                 (it installs Debian's golang-go), or `apt-get install golang-go`, or set GO=/path/to/go"
+            )
+        })
+}
+
 /// Compiles the C or C++ source `src` (under the repository) into `exe` against include/ and the
 /// library in `lib_dir` (rpath set), with warnings as errors and the given language flags.
 pub fn compile(compiler: &str, lang_flags: &[&str], src: &str, lib_dir: &Path, exe: &Path) {

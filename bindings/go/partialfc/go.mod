@@ -1,3 +1,3 @@
-module partialfc.dev/bindings/go/partialfc
+module github.com/partialfc/partialfc/bindings/go/partialfc
 
 go 1.19

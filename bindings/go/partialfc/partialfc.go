@@ -27,7 +27,6 @@
 package partialfc
 
 /*
-#cgo CFLAGS: -I${SRCDIR}/../../../include
 #include <stdlib.h>
 #include <string.h>
 #include "partialfc.h"
@@ -56,6 +55,7 @@ pfc_status pfcgo_step_n(pfc_head *head, int train, const pfc_batch *b, uint32_t 
 import "C"
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math"
@@ -194,6 +194,8 @@ const (
 	FormatSafetensors Format = C.PFC_FORMAT_SAFETENSORS
 	FormatNPY         Format = C.PFC_FORMAT_NPY
 	FormatFvecs       Format = C.PFC_FORMAT_FVECS
+	// FormatFAISS is a FAISS IndexFlatIP file (faiss.read_index opens it), f32 only.
+	FormatFAISS Format = C.PFC_FORMAT_FAISS
 
 	// NCCLIDBytes is the size of an NCCL unique id (Config.NCCLID).
 	NCCLIDBytes = C.PFC_NCCL_ID_BYTES
@@ -677,38 +679,25 @@ func (h *Head) SetCenters(first uint64, values []float32) error {
 // Search returns the k classes with the highest cosine to each query (len(queries)/EmbeddingDim
 // rows), best first, ties to the smaller class id.
 func (h *Head) Search(queries []float32, k int) (SearchResult, error) {
+	return h.SearchContext(context.Background(), queries, k)
+}
+
+// SearchContext is Search in chunks of SearchChunkRows queries, ctx checked before each; a
+// cancelled search returns ctx's error and no results.
+func (h *Head) SearchContext(ctx context.Context, queries []float32, k int) (SearchResult, error) {
 	const op = "pfc_search"
 	head, err := h.acquire(op)
 	if err != nil {
 		return SearchResult{}, err
 	}
 	defer h.release()
-	if h.dim == 0 || len(queries)%h.dim != 0 {
-		return SearchResult{}, invalid(op, "%d query values are not whole rows of dimension %d", len(queries), h.dim)
-	}
-	n := len(queries) / h.dim
 	_, local, err := localClasses(head)
 	if err != nil {
 		return SearchResult{}, err
 	}
-	if k < 0 || (n > 0 && uint64(k) > local) {
-		return SearchResult{}, invalid(op, "k = %d is outside [1, %d] (this process's classes)", k, local)
-	}
-	// Without queries or k the library refuses before writing; it still gets valid pointers.
-	hits := n * k
-	ids := make([]int64, hits+1)
-	scores := make([]float32, hits+1)
-	var q *C.float
-	if n > 0 {
-		q = (*C.float)(&queries[0])
-	}
-	err = call(op, func() C.pfc_status {
-		return C.pfc_search(head, q, C.uint64_t(n), C.uint32_t(k), (*C.int64_t)(&ids[0]), (*C.float)(&scores[0]))
+	return searchChunked(ctx, op, queries, h.dim, k, local, func(q *C.float, n C.uint64_t, k C.uint32_t, ids *C.int64_t, scores *C.float) C.pfc_status {
+		return C.pfc_search(head, q, n, k, ids, scores)
 	})
-	if err != nil {
-		return SearchResult{}, err
-	}
-	return SearchResult{N: n, K: k, IDs: ids[:hits], Scores: scores[:hits]}, nil
 }
 
 // pathCall runs a C function taking a path, as a C string that lives for the call.
@@ -741,8 +730,8 @@ func (h *Head) Load(dir string) error {
 	})
 }
 
-// Export writes all centers to one file: FormatSafetensors, FormatNPY or FormatFvecs, in DTypeF32
-// or DTypeF16 (.fvecs: f32 only), L2-normalized rows when normalized is true.
+// Export writes all centers to one file: FormatSafetensors, FormatNPY, FormatFvecs or FormatFAISS,
+// in DTypeF32 or DTypeF16 (.fvecs and FAISS: f32 only), L2-normalized rows when normalized is true.
 func (h *Head) Export(path string, format Format, dtype DType, normalized bool) error {
 	norm := C.int32_t(0)
 	if normalized {

@@ -1,7 +1,7 @@
-module partialfc.dev/examples/go/identify
+module github.com/partialfc/partialfc/examples/go/identify
 
 go 1.19
 
-require partialfc.dev/bindings/go/partialfc v0.0.0
+require github.com/partialfc/partialfc/bindings/go/partialfc v0.1.0
 
-replace partialfc.dev/bindings/go/partialfc => ../../../bindings/go/partialfc
+replace github.com/partialfc/partialfc/bindings/go/partialfc => ../../../bindings/go/partialfc

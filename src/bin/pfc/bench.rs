@@ -1,5 +1,5 @@
 //! `pfc bench`: median step time of the CPU engine, with a per-phase breakdown and GEMM GFLOP/s, side
-//! by side with the reference PartialFC_V2 (../shared/bench/reference_step.py) in the same run.
+//! by side with the reference PartialFC_V2 (timed by scripts/reference_step.py) in the same run.
 //! `pfc bench --search`: queries per second of top-k search over all centers (default C = 1M, d = 512).
 
 use clap::Parser;
@@ -13,24 +13,33 @@ use std::time::Instant;
 
 #[derive(Parser, Debug)]
 pub struct BenchArgs {
-    /// Classes; with --sample-rate, benchmarks one configuration instead of SPEC §6's two.
+    /// Classes C of the head. Without it, the two standard configurations are timed: C = 1,000,000
+    /// at sample rate 0.1 and C = 100,000 at sample rate 1.0.
     #[arg(long)]
     pub classes: Option<u64>,
+    /// With --classes: fraction of each shard's classes sampled per step (positives always), in (0, 1].
     #[arg(long, default_value_t = 0.1)]
     pub sample_rate: f32,
+    /// Embedding dimension d.
     #[arg(long, default_value_t = 512)]
     pub dim: usize,
+    /// Rows of the global batch N per step (split over --shards).
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
     /// Timed steps (after two warm-up steps); the median is reported.
     #[arg(long, default_value_t = 7)]
     pub steps: usize,
+    /// Shards of the head in this process (threads of work on the CPU, GPUs with CUDA).
     #[arg(long, default_value_t = 1)]
     pub shards: u32,
-    /// Folder holding the reference's partial_fc_v2.py and losses.py; skipped when absent.
+    /// Folder holding the reference implementation's partial_fc_v2.py and losses.py (insightface's
+    /// recognition/arcface_torch; not part of this repository, .reference/ is ignored by git). When
+    /// they are absent, only this library is timed.
     #[arg(long, default_value = ".reference")]
     pub reference_dir: PathBuf,
-    #[arg(long, default_value = "../shared/bench/reference_step.py")]
+    /// Python script that times the reference step with PyTorch on the same configuration and
+    /// prints one JSON line (needs python3 with torch).
+    #[arg(long, default_value = "scripts/reference_step.py")]
     pub reference_script: PathBuf,
     /// Steps the reference times (it is slow).
     #[arg(long, default_value_t = 5)]
@@ -48,7 +57,7 @@ pub struct BenchArgs {
     /// With --search: timed calls per query count (after one warm-up call); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
-    /// Backend running the head: cpu, or cuda (scripts/gpu-check.sh).
+    /// Backend running the head: cpu, or cuda (needs a GPU; scripts/gpu-check.sh runs it there).
     #[arg(long, default_value = "cpu")]
     pub backend: String,
     /// GEMM input precision: f32, f16 or bf16 (accumulation is f32).

@@ -1,13 +1,15 @@
-//! `pfc`: train a PartialFC head on synthetic identities, or benchmark its training step.
+//! `pfc`: train a PartialFC head on synthetic identities, plan a deployment's memory and
+//! communication, or benchmark its training step.
 
 mod bench;
 mod plan;
+mod records;
 mod train;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pfc", version, about = "PartialFC classification-head runtime: train and benchmark on the CPU")]
+#[command(name = "pfc", version, about = "PartialFC classification-head runtime: train a head on synthetic identities, plan per-GPU memory and communication, benchmark steps against the reference (CPU backend, or CUDA on a GPU)")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -12,6 +12,7 @@ use partialfc::config::{BackendKind, Config};
 use partialfc::export::Format;
 use partialfc::rng;
 use partialfc::{Head, Status};
+use crate::records::{decimal, sig6, Records, StepRecord};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -67,7 +68,8 @@ pub struct TrainArgs {
     /// Held-out identities (never trained on) for the verification benchmark.
     #[arg(long, default_value_t = 2000)]
     pub eval_identities: usize,
-    /// Directory for exported centers (centers.safetensors) and, with --checkpoint-every, checkpoints.
+    /// Output directory: the step log (train.jsonl), the loss and accuracy curves (curves.png), the
+    /// exported centers (centers.safetensors), summary.json and, with --checkpoint-every, checkpoints.
     #[arg(long, default_value = "pfc-out")]
     pub out: PathBuf,
     /// Save a checkpoint (head and backbone) to OUT/checkpoint every N steps and at the end (0 = never).
@@ -326,6 +328,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     }
     let first_step = head.steps_taken();
     check(first_step <= a.steps, || format!("--resume: the checkpoint is at step {first_step}, past --steps {}", a.steps))?;
+    let mut records = Records::open(&a.out, first_step)?;
     println!(
         "pfc train: {} identities (long tail {}, label noise {}, conflicts {}), d = {}, batch {}, {} {} shards, sample rate {}, filter {}, steps {}..{}",
         a.classes, a.tail, a.label_noise, a.conflicts, a.dim, a.batch, a.shards, a.backend, a.sample_rate, a.filter, first_step, a.steps
@@ -347,6 +350,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let mut grads = vec![0f32; a.batch * a.dim];
     let mut last_loss = f64::NAN;
     for step in first_step..a.steps {
+        let step_started = Instant::now();
         for (r, (img, label)) in x.chunks_exact_mut(INPUT_DIM).zip(labels.iter_mut()).enumerate() {
             *label = world.sample(step * a.batch as u64 + r as u64, img);
         }
@@ -385,6 +389,14 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         backbone.step(&x, &hidden, &grads, a.batch, a.backbone_lr);
         last_loss = stats.loss;
         let done = step + 1;
+        records.push(StepRecord {
+            step: done,
+            loss: stats.loss,
+            accuracy: stats.accuracy,
+            learning_rate: head.learning_rate(),
+            images_per_second: a.batch as f64 / step_started.elapsed().as_secs_f64(),
+            sampled_classes: stats.sampled_classes,
+        })?;
         let rate = (done - first_step) as f64 * a.batch as f64 / started.elapsed().as_secs_f64();
         let msg = format!("loss {:>7.3}  acc {:>5.1}%  {:>6.0} img/s", stats.loss, stats.accuracy * 100.0, rate);
         match &bar {
@@ -445,13 +457,17 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     }
     println!("identification ({} queries, {} classes): top-1 {:.2}%, top-5 {:.2}%", queries, a.classes, top1 * 100.0, top5 * 100.0);
     println!("centers exported to {}", export.display());
+    let curves = a.out.join("curves.png");
+    records.plot(&curves, &format!("pfc train: {} classes, d = {}, batch {}, sample rate {}, {}", a.classes, a.dim, a.batch, a.sample_rate, a.margin))?;
+    println!("training records: {} (every step), {}", a.out.join("train.jsonl").display(), curves.display());
     let summary = serde_json::json!({
-        "classes": a.classes, "dim": a.dim, "batch": a.batch, "steps": a.steps, "sample_rate": a.sample_rate,
-        "margin": a.margin, "filter": a.filter, "label_noise": a.label_noise, "conflicts": a.conflicts,
-        "tail": a.tail, "noise": a.noise, "shards": a.shards, "seed": a.seed,
-        "train_seconds": train_time, "last_loss": last_loss,
-        "tar_far_1e-3": verification_tar(&verification, 1e-3), "tar_far_1e-4": verification_tar(&verification, 1e-4),
-        "top1": top1, "top5": top5,
+        "classes": a.classes, "dim": a.dim, "batch": a.batch, "steps": a.steps, "sample_rate": decimal(a.sample_rate),
+        "margin": a.margin, "filter": decimal(a.filter), "label_noise": decimal(a.label_noise), "conflicts": decimal(a.conflicts),
+        "tail": a.tail, "noise": decimal(a.noise), "shards": a.shards, "seed": a.seed,
+        "lr": decimal(a.lr), "backbone_lr": decimal(a.backbone_lr),
+        "train_seconds": sig6(train_time), "last_loss": sig6(last_loss),
+        "tar_far_1e-3": sig6(verification_tar(&verification, 1e-3)), "tar_far_1e-4": sig6(verification_tar(&verification, 1e-4)),
+        "top1": sig6(top1), "top5": sig6(top5),
     });
     let mut f = partialfc::fsutil::AtomicFile::create(&a.out.join("summary.json")).map_err(|e| e.message)?;
     f.write_all(format!("{summary:#}\n").as_bytes()).map_err(|e| e.message)?;

@@ -157,6 +157,51 @@ fn device_pointers_ordered_on_a_callers_stream() {
     assert_eq!(device_head.centers(d), host_head.centers(d));
 }
 
+/// A NULL `pfc_batch.stream` is the legacy default stream: inputs copied there without a
+/// synchronisation are read only after the copies, and the gradient written before the caller's
+/// next legacy-stream copy reads it.
+#[test]
+fn device_pointers_ordered_on_the_null_stream() {
+    use cudarc::driver::result::{free_sync, malloc_sync, memcpy_dtoh_async, memcpy_htod_async, stream::synchronize};
+    let (c, d, n) = (5003u64, 64usize, 40usize);
+    let cfg = config(c, d, 0.2, PFC_DTYPE_F32);
+    let Some(device_head) = cuda_head(&cfg) else { return };
+    let host_head = cuda_head(&cfg).expect("a second CUDA head");
+    let ctx = cudarc::driver::CudaContext::new(0).expect("GPU 0");
+    ctx.bind_to_thread().unwrap();
+    let legacy = std::ptr::null_mut();
+    // SAFETY: raw allocations of the sizes used below, freed at the end; every copy is on the legacy stream.
+    unsafe {
+        let (ep, lp, gp) = (malloc_sync(n * d * 4).unwrap(), malloc_sync(n * 8).unwrap(), malloc_sync(n * d * 4).unwrap());
+        for step in 0..3 {
+            let (e, l) = data(c, d, n, 700 + step);
+            memcpy_htod_async(ep, &e, legacy).unwrap();
+            memcpy_htod_async(lp, &l, legacy).unwrap();
+            let b = pfc_batch {
+                embeddings: ep as *const _,
+                labels: lp as *const _,
+                grad_embeddings: gp as *mut _,
+                batch_size: n as u64,
+                dtype: PFC_DTYPE_F32,
+                memory: PFC_MEMORY_DEVICE,
+                stream: std::ptr::null_mut(),
+            };
+            let mut st = pfc_step_stats::default();
+            ok(pfc_train_step(device_head.0, &b, 1, &mut st));
+            let mut got = vec![0f32; n * d];
+            memcpy_dtoh_async(&mut got, gp, legacy).unwrap();
+            synchronize(legacy).unwrap();
+            let (want_stats, want) = host_head.step(&e, &l, d, &[n]);
+            assert_eq!(st.loss, want_stats.loss, "step {step}: NULL-stream loss");
+            assert_eq!(got, want, "step {step}: NULL-stream gradient");
+        }
+        for p in [ep, lp, gp] {
+            free_sync(p).unwrap();
+        }
+    }
+    assert_eq!(device_head.centers(d), host_head.centers(d));
+}
+
 /// One shard's f32 batch in host memory.
 fn host_batch(e: &[f32], l: &[i64], grad: &mut [f32]) -> pfc_batch {
     pfc_batch {

@@ -8,7 +8,7 @@
 //! (accumulating a second compute before an apply merges the rows on the host).
 
 use super::kernels::{arch_of, ptx_for};
-use super::select::{compaction_offsets, kth_largest};
+use super::select::{check_selected, compaction_offsets, kth_largest};
 use super::{Device, DeviceInfo};
 use crate::backend::{Batches, DeviceBatch, HostBatch, HostValues, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan};
 use crate::config::{Config, DType, MarginGrad, OptimizerKind};
@@ -239,7 +239,7 @@ impl CudaBackend {
         for (shard, b) in self.shards.iter().zip(batches) {
             shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
             let ours = shard.stream.cu_stream();
-            after_caller(b.stream, ours)?;
+            after_caller(caller_stream(b.stream), ours)?;
             let mut embeddings = HostValues::zeros(b.dtype, b.rows * dim);
             let mut labels = vec![0i64; b.rows];
             if b.rows > 0 {
@@ -310,10 +310,7 @@ impl GpuShard {
         let above_h: Vec<u32> = self.stream.clone_dtoh(&above).map_err(|e| device_error("download", e))?;
         let equal_h: Vec<u32> = self.stream.clone_dtoh(&equal).map_err(|e| device_error("download", e))?;
         let (sel_before, eq_before, total) = compaction_offsets(&above_h, &equal_h, take_equal);
-        if total as usize != k {
-            // The kernel below writes `total` ids into a buffer of `k`.
-            return Err(Error::new(Status::Panic, format!("internal error: GPU sampling selected {total} classes, expected {k}")));
-        }
+        check_selected(total, k)?;
         let sel_d = self.stream.clone_htod(&sel_before).map_err(|e| device_error("upload", e))?;
         let eq_d = self.stream.clone_htod(&eq_before).map_err(|e| device_error("upload", e))?;
         let mut out = self.zeros::<u32>(k, "sampled ids")?;
@@ -549,7 +546,7 @@ impl Primitives for CudaBackend {
                         // SAFETY: matches kernels/normalize.cu `convert_f32`; `dst` holds `len` values of `dtype` on this GPU.
                         unsafe { builder.launch(grid_for(len as usize)) }.map_err(|e| device_error("convert_f32", e))?;
                     }
-                    after_caller(g.stream.cu_stream() as usize, b.stream as _)?;
+                    after_caller(g.stream.cu_stream(), caller_stream(b.stream))?;
                 }
             }
         }
@@ -732,20 +729,38 @@ impl CudaBackend {
     }
 }
 
+/// `cuda.h`'s `CU_STREAM_LEGACY`: the legacy default stream, whatever the caller's compilation mode.
+const CU_STREAM_LEGACY: usize = 0x1;
+
+/// The stream a caller's `pfc_batch.stream` names. NULL is the legacy default stream, where
+/// `cudaMemcpy` and kernel launches without a stream go; the library's own streams are
+/// non-blocking, so they are not ordered after it implicitly and must wait for it explicitly.
+fn caller_stream(raw: usize) -> cudarc::driver::sys::CUstream {
+    (if raw == 0 { CU_STREAM_LEGACY } else { raw }) as cudarc::driver::sys::CUstream
+}
+
 /// Makes stream `then` wait for the work queued so far on stream `first` (an event, not a device
-/// sync). Either may be 0 for none.
-fn after_caller(first: usize, then: cudarc::driver::sys::CUstream) -> Result<()> {
+/// sync).
+fn after_caller(first: cudarc::driver::sys::CUstream, then: cudarc::driver::sys::CUstream) -> Result<()> {
     use cudarc::driver::result::{event, stream};
     use cudarc::driver::sys::{CUevent_flags, CUevent_wait_flags};
-    if first == 0 || then.is_null() {
-        return Ok(());
-    }
     let ev = event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| device_error("event", e))?;
-    // SAFETY: `first` is a live stream of the caller's (or ours); the event is destroyed after the
-    // wait is queued, which CUDA allows.
+    // SAFETY: both are live streams, the caller's or ours; the event is destroyed after the wait
+    // is queued, which CUDA allows.
     unsafe {
-        let queued = event::record(ev, first as _).and_then(|_| stream::wait_event(then, ev, CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT));
+        let queued = event::record(ev, first).and_then(|_| stream::wait_event(then, ev, CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT));
         let _ = event::destroy(ev);
         queued.map_err(|e| device_error("ordering with the caller's stream", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_null_caller_stream_is_the_legacy_default_stream() {
+        assert_eq!(caller_stream(0) as usize, CU_STREAM_LEGACY, "NULL must order against the legacy stream, not skip ordering");
+        assert_eq!(caller_stream(0xdead_b000) as usize, 0xdead_b000);
     }
 }

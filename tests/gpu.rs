@@ -202,6 +202,29 @@ fn device_pointers_ordered_on_the_null_stream() {
     assert_eq!(device_head.centers(d), host_head.centers(d));
 }
 
+/// Evaluation over more classes than one chunk holds (1 GiB of cosines and centers a chunk: 4M
+/// classes at N = 8, d = 64 make two), against the CPU backend; a training step after it still
+/// matches, so nothing of the evaluation stayed behind in the step's buffers.
+#[test]
+fn cuda_evaluation_over_several_class_chunks_matches_cpu() {
+    let (c, d, n) = (4_000_000u64, 64usize, 8usize);
+    let cfg = config(c, d, 0.01, PFC_DTYPE_F32);
+    let Some(gpu) = cuda_head(&cfg) else { return };
+    let cpu = TestHead::new(&cfg);
+    let (e, mut l) = data(c, d, n, 900);
+    // Targets in both chunks.
+    l[0] = 5;
+    l[1] = c as i64 - 3;
+    let (ec, eg) = (cpu.evaluate(&e, &l, d, &[n]), gpu.evaluate(&e, &l, d, &[n]));
+    assert_eq!(ec.sampled_classes, c);
+    assert_eq!(eg.sampled_classes, c);
+    assert!((ec.loss - eg.loss).abs() <= 1e-4 * ec.loss, "evaluation loss {} vs {}", ec.loss, eg.loss);
+    assert_eq!(ec.accuracy, eg.accuracy);
+    let ((sc, gc), (sg, gg)) = (cpu.step(&e, &l, d, &[n]), gpu.step(&e, &l, d, &[n]));
+    assert!((sc.loss - sg.loss).abs() <= 1e-4 * sc.loss, "step after evaluation: loss {} vs {}", sc.loss, sg.loss);
+    assert!(rel_err(&gg, &gc) <= 1e-3, "step after evaluation: gradient {}", rel_err(&gg, &gc));
+}
+
 /// One shard's f32 batch in host memory.
 fn host_batch(e: &[f32], l: &[i64], grad: &mut [f32]) -> pfc_batch {
     pfc_batch {

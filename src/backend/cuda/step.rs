@@ -8,6 +8,7 @@
 //! (accumulating a second compute before an apply merges the rows on the host).
 
 use super::kernels::{arch_of, ptx_for};
+use super::plan::{class_chunks, combine_grid, stats_grid, EVAL_CHUNK_BYTES, STATS_COLUMNS, THREADS};
 use super::select::{check_selected, compaction_offsets, kth_largest};
 use super::{Device, DeviceInfo};
 use crate::backend::{Batches, DeviceBatch, HostBatch, HostValues, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan};
@@ -25,10 +26,6 @@ fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::new(Status::Device, format!("CUDA {what}: {e}"))
 }
 
-/// Threads per block of the element-wise and per-row kernels.
-const THREADS: u32 = 256;
-/// Columns of the cosine matrix each `row_stats` block reduces.
-const STATS_COLUMNS: usize = 512;
 /// Block size of the compaction kernels (their counts are per block of this many classes).
 const COMPACT_BLOCK: u32 = 1024;
 
@@ -71,6 +68,8 @@ struct GpuShard {
     n: usize,
     sampled: Option<CudaSlice<u32>>,
     step: Option<StepBuffers>,
+    /// This shard's row maxima before the all-reduce, for `rescale_sums` (training and evaluation).
+    local_max: Option<CudaSlice<f32>>,
     /// This step's center gradients over `sampled`, and the accumulated ones since the last update.
     pending: Option<DeviceRowGrads>,
     accumulated: Option<DeviceRowGrads>,
@@ -86,7 +85,6 @@ struct StepBuffers {
     w_gemm: CudaSlice<u8>,
     inv_norm_w: CudaSlice<f32>,
     cos: CudaSlice<f32>,
-    local_max: CudaSlice<f32>,
     target_logit: CudaSlice<f32>,
     target_slope: CudaSlice<f32>,
 }
@@ -217,6 +215,7 @@ impl CudaBackend {
                 n: 0,
                 sampled: None,
                 step: None,
+                local_max: None,
                 pending: None,
                 accumulated: None,
                 undo: None,
@@ -364,7 +363,7 @@ impl Primitives for CudaBackend {
         Ok(g.k as u64)
     }
 
-    fn forward(&mut self, shard: usize, emb: CudaSlice<f32>, labels: &CudaSlice<i64>, _plan: StepPlan) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    fn forward(&mut self, shard: usize, emb: CudaSlice<f32>, labels: &CudaSlice<i64>, plan: StepPlan) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let m = &self.cfg.margin;
         let (s, filter) = (m.scale, m.interclass_filter);
@@ -384,22 +383,18 @@ impl Primitives for CudaBackend {
         drop(emb);
         let k = shard.k;
         let k32 = k as i32;
-        let sampled = shard.sampled.as_ref().ok_or_else(|| Error::new(Status::Panic, "internal error: forward before sampling"))?;
+        let sampled = shard.sampled.take().ok_or_else(|| Error::new(Status::Panic, "internal error: forward before sampling"))?;
         let mut col = shard.zeros::<i32>(n, "label columns")?;
         let (start, len64) = (shard.range.start, shard.range.len);
-        launch!(shard, "label_columns", grid_for(n), labels, &n32, &start, &len64, sampled, &k32, &mut col)?;
-        let mut w_gemm = shard.zeros::<u8>(k * d * dtype.size(), "GEMM centers")?;
-        let mut inv_w = shard.zeros::<f32>(k, "center norms")?;
-        launch!(shard, "gather_centers", per_row(k), &shard.centers, sampled, &k32, &d32, &mut w_gemm, &dt, &mut inv_w)?;
-        // cos [k][N] = Ŵ·X̂ᵀ; column-major: C (N×k) = X̂ᵀ(N×d)·Ŵ(d×k).
-        let mut cos = shard.zeros::<f32>(k * n, "cosines (sampled classes × global batch)")?;
-        {
-            let stream = shard.stream.clone();
-            let (a, _ga) = unit_gemm.device_ptr(&stream);
-            let (b, _gb) = w_gemm.device_ptr(&stream);
-            let (c, _gc) = cos.device_ptr_mut(&stream);
-            shard.gemm(true, false, n, k, d, a, d, b, d, c, n, dtype, false)?;
-        }
+        launch!(shard, "label_columns", grid_for(n), labels, &n32, &start, &len64, &sampled, &k32, &mut col)?;
+        let center_bytes = d * dtype.size();
+        let chunks = class_chunks(k, n, center_bytes, plan.train, EVAL_CHUNK_BYTES);
+        let widest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+        // Training keeps every sampled column for the backward pass; evaluation reuses one chunk's.
+        let columns = if plan.train { k } else { widest };
+        let mut w_gemm = shard.zeros::<u8>(columns * center_bytes, "GEMM centers")?;
+        let mut inv_w = shard.zeros::<f32>(columns, "center norms")?;
+        let mut cos = shard.zeros::<f32>(columns * n, "cosines (sampled classes × global batch)")?;
         let mut max_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
         let mut sum_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
         let mut slope = shard.zeros::<f32>(n, "target slopes")?;
@@ -409,32 +404,43 @@ impl Primitives for CudaBackend {
             let (mut other, mut target_cos) = rest.split_at_mut(n);
             let (mut sum, mut tail) = sum_stats.split_at_mut(n);
             let (mut rest, mut target_logit) = tail.split_at_mut(n);
-            launch!(shard, "target_logits", grid_for(n), &cos, &n32, &col, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
-            let parts = k.div_ceil(STATS_COLUMNS).max(1);
-            let mut part_max = shard.zeros::<f32>(parts * n, "partial statistics")?;
-            let mut part_sum = shard.zeros::<f32>(parts * n, "partial statistics")?;
-            let mut part_rest = shard.zeros::<f32>(parts * n, "partial statistics")?;
-            let mut part_other = shard.zeros::<f32>(parts * n, "partial statistics")?;
+            let groups = widest.div_ceil(STATS_COLUMNS).max(1);
+            let mut part_max = shard.zeros::<f32>(groups * n, "partial statistics")?;
+            let mut part_sum = shard.zeros::<f32>(groups * n, "partial statistics")?;
+            let mut part_rest = shard.zeros::<f32>(groups * n, "partial statistics")?;
+            let mut part_other = shard.zeros::<f32>(groups * n, "partial statistics")?;
             let cols = STATS_COLUMNS as i32;
-            let cfg = LaunchConfig { grid_dim: (n.div_ceil(THREADS as usize) as u32, parts as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-            launch!(shard, "row_stats", cfg, &cos, &k32, &n32, &col, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
-            let parts32 = parts as i32;
-            launch!(shard, "combine_row_stats", grid_for(n), &part_max, &part_sum, &part_rest, &part_other, &parts32, &n32, &mut head_max, &mut sum, &mut rest, &mut other)?;
+            let stream = shard.stream.clone();
+            for (index, chunk) in chunks.iter().enumerate() {
+                let (first, count) = (chunk.start, chunk.len());
+                let at = if plan.train { first } else { 0 };
+                let (first32, count32, merge) = (first as i32, count as i32, i32::from(index > 0));
+                let ids = sampled.slice(first..first + count);
+                let mut w = w_gemm.slice_mut(at * center_bytes..(at + count) * center_bytes);
+                let mut inv = inv_w.slice_mut(at..at + count);
+                launch!(shard, "gather_centers", per_row(count), &shard.centers, &ids, &count32, &d32, &mut w, &dt, &mut inv)?;
+                let mut c = cos.slice_mut(at * n..(at + count) * n);
+                {
+                    let (a, _ga) = unit_gemm.device_ptr(&stream);
+                    let (b, _gb) = w.device_ptr(&stream);
+                    let (cp, _gc) = c.device_ptr_mut(&stream);
+                    // cos [count][N] = Ŵ·X̂ᵀ; column-major: C (N×count) = X̂ᵀ(N×d)·Ŵ(d×count).
+                    shard.gemm(true, false, n, count, d, a, d, b, d, cp, n, dtype, false)?;
+                }
+                launch!(shard, "target_logits", grid_for(n), &mut c, &n32, &col, &first32, &count32, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
+                let (gx, gy, gz) = stats_grid(n, count);
+                let cfg = LaunchConfig { grid_dim: (gx, gy, gz), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+                launch!(shard, "row_stats", cfg, &mut c, &count32, &n32, &col, &first32, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
+                let parts32 = gy as i32;
+                let cfg = LaunchConfig { grid_dim: combine_grid(n), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+                launch!(shard, "combine_row_stats", cfg, &part_max, &part_sum, &part_rest, &part_other, &parts32, &n32, &merge, &mut head_max, &mut sum, &mut rest, &mut other)?;
+            }
             shard.stream.memcpy_dtod(&target_logit, &mut logit).map_err(|e| device_error("copy", e))?;
         }
-        let local_max = shard.stream.clone_dtod(&max_stats.slice(0..n)).map_err(|e| device_error("copy", e))?;
-        shard.step = Some(StepBuffers {
-            unit,
-            unit_gemm,
-            inv_norm_e: inv_e,
-            col,
-            w_gemm,
-            inv_norm_w: inv_w,
-            cos,
-            local_max,
-            target_logit: logit,
-            target_slope: slope,
-        });
+        shard.local_max = Some(shard.stream.clone_dtod(&max_stats.slice(0..n)).map_err(|e| device_error("copy", e))?);
+        // Evaluation's buffers go now, not with the next step.
+        shard.step = plan.train.then_some(StepBuffers { unit, unit_gemm, inv_norm_e: inv_e, col, w_gemm, inv_norm_w: inv_w, cos, target_logit: logit, target_slope: slope });
+        shard.sampled = plan.train.then_some(sampled);
         Ok((max_stats, sum_stats))
     }
 
@@ -442,11 +448,11 @@ impl Primitives for CudaBackend {
         let g = &self.shards[shard];
         let n = g.n;
         let n32 = n as i32;
-        let step = g.step.as_ref().ok_or_else(|| Error::new(Status::Panic, "internal error: rescale before forward"))?;
+        let local_max = g.local_max.as_ref().ok_or_else(|| Error::new(Status::Panic, "internal error: rescale before forward"))?;
         let global = maxes.slice(0..n);
         let (mut sum, mut tail) = sums.split_at_mut(n);
         let mut rest = tail.slice_mut(0..n);
-        launch!(g, "rescale_sums", grid_for(n), &step.local_max, &global, &mut sum, &mut rest, &n32)
+        launch!(g, "rescale_sums", grid_for(n), local_max, &global, &mut sum, &mut rest, &n32)
     }
 
     fn read_stats(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, n: usize) -> Result<RowStats> {

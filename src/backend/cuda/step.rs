@@ -118,9 +118,19 @@ impl GpuShard {
     }
 
     fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize, what: &str) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
-            Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what} ({n} elements): {e}", self.stream.context().ordinal()))
-        })
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| self.out_of_memory(n, what, e))
+    }
+
+    /// A step buffer that its first kernel, GEMM or copy writes in full before anything reads
+    /// it: not zeroed (at 10M classes zeroing such buffers cost ~9 GB of memsets a step). It comes
+    /// from the device's stream-ordered pool, which keeps what the previous step released.
+    fn scratch<T: cudarc::driver::DeviceRepr>(&self, n: usize, what: &str) -> Result<CudaSlice<T>> {
+        // SAFETY: callers use it only for buffers written in full before they are read.
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| self.out_of_memory(n, what, e))
+    }
+
+    fn out_of_memory(&self, n: usize, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what} ({n} elements): {e}", self.stream.context().ordinal()))
     }
 
     /// `C (m×n, ld ldc) = op(A)·op(B)` in column-major terms, f32 output, `dtype` inputs, f32 compute.
@@ -164,6 +174,11 @@ impl CudaBackend {
         let mut shards = Vec::new();
         for (dev, &range) in devices.iter().zip(&ranges) {
             let ctx = CudaContext::new(dev.ordinal as usize).map_err(|e| device_error("context", e))?;
+            // SAFETY: all of a shard's work, NCCL's included, runs on its one stream and callers'
+            // streams are ordered by explicit events (`after_caller`), so cudarc's two events per
+            // allocation would only cost event creations.
+            unsafe { ctx.disable_event_tracking() };
+            keep_released_memory(&ctx)?;
             let stream = ctx.new_stream().map_err(|e| device_error("stream", e))?;
             let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS handle", e))?;
             let mut functions = HashMap::new();
@@ -178,7 +193,9 @@ impl CudaBackend {
                 stream.alloc_zeros::<f32>(n).map_err(|e| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what}: {e}", dev.ordinal)))
             };
             // Same initial centers as the CPU backend: drawn on the host from (seed, class), uploaded in chunks.
-            let mut centers = alloc(rows * d, "class centers")?;
+            // SAFETY: every row is uploaded below before anything reads it.
+            let mut centers = unsafe { stream.alloc::<f32>((rows * d).max(1)) }
+                .map_err(|e| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate the class centers: {e}", dev.ordinal)))?;
             let chunk = (1usize << 22) / d.max(1);
             let mut host = vec![0f32; chunk * d];
             let mut at = 0;
@@ -288,7 +305,7 @@ impl GpuShard {
             return Ok(());
         }
         let stream = rng::stream(plan.seed, rng::PURPOSE_SAMPLING, plan.step);
-        let mut keys = self.zeros::<u64>(len, "sampling keys")?;
+        let mut keys = self.scratch::<u64>(len, "sampling keys")?;
         launch!(self, "sample_keys", grid_for(len), &stream, &start, &len64, &positive, &mut keys)?;
         // The k-th largest key, one byte at a time from the top (positives carry the largest key).
         let positives = {
@@ -303,8 +320,8 @@ impl GpuShard {
         })?;
         let blocks = len.div_ceil(COMPACT_BLOCK as usize);
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (COMPACT_BLOCK, 1, 1), shared_mem_bytes: 0 };
-        let mut above = self.zeros::<u32>(blocks, "block counts")?;
-        let mut equal = self.zeros::<u32>(blocks, "block counts")?;
+        let mut above = self.scratch::<u32>(blocks, "block counts")?;
+        let mut equal = self.scratch::<u32>(blocks, "block counts")?;
         launch!(self, "count_selected", cfg, &keys, &len64, &threshold, &mut above, &mut equal)?;
         let above_h: Vec<u32> = self.stream.clone_dtoh(&above).map_err(|e| device_error("download", e))?;
         let equal_h: Vec<u32> = self.stream.clone_dtoh(&equal).map_err(|e| device_error("download", e))?;
@@ -312,7 +329,7 @@ impl GpuShard {
         check_selected(total, k)?;
         let sel_d = self.stream.clone_htod(&sel_before).map_err(|e| device_error("upload", e))?;
         let eq_d = self.stream.clone_htod(&eq_before).map_err(|e| device_error("upload", e))?;
-        let mut out = self.zeros::<u32>(k, "sampled ids")?;
+        let mut out = self.scratch::<u32>(k, "sampled ids")?;
         launch!(self, "compact_selected", cfg, &keys, &len64, &threshold, &take_equal, &sel_d, &eq_d, &mut out)?;
         self.sampled = Some(out);
         self.k = k;
@@ -376,15 +393,15 @@ impl Primitives for CudaBackend {
         let shard = &mut self.shards[shard];
         shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
         shard.n = n;
-        let mut unit = shard.zeros::<f32>(n * d, "normalized embeddings")?;
-        let mut unit_gemm = shard.zeros::<u8>(n * d * dtype.size(), "GEMM embeddings")?;
-        let mut inv_e = shard.zeros::<f32>(n, "embedding norms")?;
+        let mut unit = shard.scratch::<f32>(n * d, "normalized embeddings")?;
+        let mut unit_gemm = shard.scratch::<u8>(n * d * dtype.size(), "GEMM embeddings")?;
+        let mut inv_e = shard.scratch::<f32>(n, "embedding norms")?;
         launch!(shard, "normalize_rows", per_row(n), &emb, &n32, &d32, &mut unit, &mut unit_gemm, &dt, &mut inv_e)?;
         drop(emb);
         let k = shard.k;
         let k32 = k as i32;
         let sampled = shard.sampled.take().ok_or_else(|| Error::new(Status::Panic, "internal error: forward before sampling"))?;
-        let mut col = shard.zeros::<i32>(n, "label columns")?;
+        let mut col = shard.scratch::<i32>(n, "label columns")?;
         let (start, len64) = (shard.range.start, shard.range.len);
         launch!(shard, "label_columns", grid_for(n), labels, &n32, &start, &len64, &sampled, &k32, &mut col)?;
         let center_bytes = d * dtype.size();
@@ -392,23 +409,23 @@ impl Primitives for CudaBackend {
         let widest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
         // Training keeps every sampled column for the backward pass; evaluation reuses one chunk's.
         let columns = if plan.train { k } else { widest };
-        let mut w_gemm = shard.zeros::<u8>(columns * center_bytes, "GEMM centers")?;
-        let mut inv_w = shard.zeros::<f32>(columns, "center norms")?;
-        let mut cos = shard.zeros::<f32>(columns * n, "cosines (sampled classes × global batch)")?;
-        let mut max_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
-        let mut sum_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
-        let mut slope = shard.zeros::<f32>(n, "target slopes")?;
-        let mut logit = shard.zeros::<f32>(n, "target logits")?;
+        let mut w_gemm = shard.scratch::<u8>(columns * center_bytes, "GEMM centers")?;
+        let mut inv_w = shard.scratch::<f32>(columns, "center norms")?;
+        let mut cos = shard.scratch::<f32>(columns * n, "cosines (sampled classes × global batch)")?;
+        let mut max_stats = shard.scratch::<f32>(3 * n, "row statistics")?;
+        let mut sum_stats = shard.scratch::<f32>(3 * n, "row statistics")?;
+        let mut slope = shard.scratch::<f32>(n, "target slopes")?;
+        let mut logit = shard.scratch::<f32>(n, "target logits")?;
         {
             let (mut head_max, mut rest) = max_stats.split_at_mut(n);
             let (mut other, mut target_cos) = rest.split_at_mut(n);
             let (mut sum, mut tail) = sum_stats.split_at_mut(n);
             let (mut rest, mut target_logit) = tail.split_at_mut(n);
             let groups = widest.div_ceil(STATS_COLUMNS).max(1);
-            let mut part_max = shard.zeros::<f32>(groups * n, "partial statistics")?;
-            let mut part_sum = shard.zeros::<f32>(groups * n, "partial statistics")?;
-            let mut part_rest = shard.zeros::<f32>(groups * n, "partial statistics")?;
-            let mut part_other = shard.zeros::<f32>(groups * n, "partial statistics")?;
+            let mut part_max = shard.scratch::<f32>(groups * n, "partial statistics")?;
+            let mut part_sum = shard.scratch::<f32>(groups * n, "partial statistics")?;
+            let mut part_rest = shard.scratch::<f32>(groups * n, "partial statistics")?;
+            let mut part_other = shard.scratch::<f32>(groups * n, "partial statistics")?;
             let cols = STATS_COLUMNS as i32;
             let stream = shard.stream.clone();
             for (index, chunk) in chunks.iter().enumerate() {
@@ -476,10 +493,10 @@ impl Primitives for CudaBackend {
         let inv_sum_d = g.stream.clone_htod(&inv_sum).map_err(|e| device_error("upload", e))?;
         let mass_d = g.stream.clone_htod(&non_target_mass).map_err(|e| device_error("upload", e))?;
         let row_max = maxes.slice(0..n);
-        let mut grad_cos = g.zeros::<u8>(k * n * dtype.size(), "cosine gradient")?;
+        let mut grad_cos = g.scratch::<u8>(k * n * dtype.size(), "cosine gradient")?;
         launch!(g, "cos_gradient", grid_for(k * n), &step.cos, &k32, &n32, &step.col, &step.target_logit, &step.target_slope, &row_max, &inv_sum_d, &mass_d, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
-        let mut gx = g.zeros::<f32>(n * d, "embedding gradient")?;
-        let mut g_unit = g.zeros::<f32>(k * d, "center gradient")?;
+        let mut gx = g.scratch::<f32>(n * d, "embedding gradient")?;
+        let mut g_unit = g.scratch::<f32>(k * d, "center gradient")?;
         {
             let stream = g.stream.clone();
             let (gp, _g) = grad_cos.device_ptr(&stream);
@@ -493,7 +510,7 @@ impl Primitives for CudaBackend {
             g.gemm(false, false, d, k, n, x, d, gp, n, gu, d, dtype, false)?;
         }
         let sampled = g.sampled.take().ok_or_else(|| Error::new(Status::Panic, "internal error: backward before sampling"))?;
-        let mut projected = g.zeros::<f32>(k * d, "center gradients (sampled classes × embedding_dim)")?;
+        let mut projected = g.scratch::<f32>(k * d, "center gradients (sampled classes × embedding_dim)")?;
         launch!(g, "project_center_grads", per_row(k), &g.centers, &sampled, &g_unit, &step.inv_norm_w, &k32, &d32, &mut projected)?;
         g.pending = Some(DeviceRowGrads { rows: sampled, grads: projected, len: k });
         // The embedding side of the normalization is needed once more, for this shard's rows.
@@ -505,7 +522,7 @@ impl Primitives for CudaBackend {
         let d = self.cfg.embedding_dim;
         let g = &mut self.shards[shard];
         let step = g.step.take().ok_or_else(|| Error::new(Status::Panic, "internal error: embedding gradient before forward"))?;
-        let mut out = g.zeros::<f32>(rows * d, "embedding gradient")?;
+        let mut out = g.scratch::<f32>(rows * d, "embedding gradient")?;
         if rows > 0 {
             let (rows32, d32, f32_code) = (rows as i32, d as i32, 0i32);
             let u = step.unit.slice(first_row * d..(first_row + rows) * d);
@@ -732,6 +749,21 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+}
+
+/// Step buffers freed on the stream stay in the device's default pool (release threshold
+/// unlimited) instead of going back to the driver at each synchronisation: from the second step
+/// on, a step's buffers come from memory the previous one released, so the pool is the workspace,
+/// as large as the largest step so far, with no driver allocation per step.
+fn keep_released_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::{result, sys};
+    let mut threshold = u64::MAX;
+    // SAFETY: the context's own device; the attribute takes a u64.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(|e| device_error("memory pool", e))?;
+        result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut threshold as *mut u64).cast())
+            .map_err(|e| device_error("memory pool release threshold", e))
     }
 }
 

@@ -18,6 +18,8 @@ use crate::optimizer::StateTensor;
 use crate::rng;
 use crate::sharding::{sample_count, ShardRange};
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use crate::backend::{phase, DeviceTimes};
+use cudarc::driver::sys::CUevent;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,6 +57,8 @@ fn blas_type(d: DType) -> blas_sys::cudaDataType {
 
 /// One GPU's shard: its centers and optimizer state, and the step's scratch.
 struct GpuShard {
+    /// First, so that its events go before the stream and context they belong to.
+    timing: std::cell::RefCell<Timing>,
     range: ShardRange,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -74,6 +78,59 @@ struct GpuShard {
     pending: Option<DeviceRowGrads>,
     accumulated: Option<DeviceRowGrads>,
     undo: Option<Undo>,
+}
+
+/// CUDA events on a shard's stream around each phase and each GEMM, created once and re-recorded
+/// every step: the device's own time of the work, which the host only enqueues.
+struct Timing {
+    phases: [(CUevent, CUevent); phase::COUNT],
+    /// A pair per GEMM of the current step (`used` of them), grown on the first steps only.
+    gemms: Vec<(CUevent, CUevent)>,
+    used: usize,
+}
+
+impl Timing {
+    fn new() -> Result<Timing> {
+        let mut phases = [(std::ptr::null_mut(), std::ptr::null_mut()); phase::COUNT];
+        for p in &mut phases {
+            *p = event_pair()?;
+        }
+        Ok(Timing { phases, gemms: Vec::new(), used: 0 })
+    }
+
+    fn next_gemm(&mut self) -> Result<(CUevent, CUevent)> {
+        if self.used == self.gemms.len() {
+            self.gemms.push(event_pair()?);
+        }
+        self.used += 1;
+        Ok(self.gemms[self.used - 1])
+    }
+}
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        for &(a, b) in self.phases.iter().chain(&self.gemms) {
+            // SAFETY: events this struct created; destroying one still pending is allowed.
+            unsafe {
+                let _ = cudarc::driver::result::event::destroy(a);
+                let _ = cudarc::driver::result::event::destroy(b);
+            }
+        }
+    }
+}
+
+fn event_pair() -> Result<(CUevent, CUevent)> {
+    use cudarc::driver::{result::event, sys::CUevent_flags};
+    let make = || event::create(CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| device_error("timing event", e));
+    Ok((make()?, make()?))
+}
+
+/// Seconds between two recorded events, after the second completed; NaN when either was never
+/// recorded or the device failed, so that no made-up time is reported.
+fn elapsed(start: CUevent, end: CUevent) -> f64 {
+    use cudarc::driver::result::event;
+    // SAFETY: live events of a `Timing`.
+    unsafe { event::synchronize(end).and_then(|_| event::elapsed(start, end)) }.map_or(f64::NAN, |ms| ms as f64 / 1e3)
 }
 
 /// What the forward pass leaves on the device for the backward pass.
@@ -138,6 +195,10 @@ impl GpuShard {
     fn gemm(&self, transa: bool, transb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, c: u64, ldc: usize, dtype: DType, accumulate: bool) -> Result<()> {
         let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
+        let (start, end) = self.timing.borrow_mut().next_gemm()?;
+        let stream = self.stream.cu_stream();
+        // SAFETY: live events of this shard's context, recorded on its stream.
+        unsafe { cudarc::driver::result::event::record(start, stream) }.map_err(|e| device_error("timing event", e))?;
         // SAFETY: the pointers come from live allocations of at least the sizes the shapes address.
         unsafe {
             cudarc::cublas::result::gemm_ex(
@@ -162,7 +223,9 @@ impl GpuShard {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| device_error("cuBLAS GEMM", e))
+        .map_err(|e| device_error("cuBLAS GEMM", e))?;
+        // SAFETY: as above.
+        unsafe { cudarc::driver::result::event::record(end, stream) }.map_err(|e| device_error("timing event", e))
     }
 }
 
@@ -236,6 +299,7 @@ impl CudaBackend {
                 pending: None,
                 accumulated: None,
                 undo: None,
+                timing: std::cell::RefCell::new(Timing::new()?),
             });
         }
         Ok(CudaBackend { cfg: cfg.clone(), ranges, shards })
@@ -637,6 +701,31 @@ impl Primitives for CudaBackend {
         g.undo = None;
         Ok(())
     }
+
+    /// On shard 0's stream: the shards' streams run the same phases side by side.
+    fn mark(&mut self, p: usize, start: bool) {
+        let Some(g) = self.shards.first() else { return };
+        let mut timing = g.timing.borrow_mut();
+        if p == phase::GATHER && start {
+            timing.used = 0;
+        }
+        let (a, b) = timing.phases[p];
+        // SAFETY: a live event of this context on its stream; a failed record leaves the phase
+        // unrecorded, which `device_times` reports as NaN.
+        let _ = unsafe { cudarc::driver::result::event::record(if start { a } else { b }, g.stream.cu_stream()) };
+    }
+
+    fn device_times(&self) -> Option<DeviceTimes> {
+        let g = self.shards.first()?;
+        let _ = g.stream.context().bind_to_thread();
+        let timing = g.timing.borrow();
+        let mut phases = [f64::NAN; phase::COUNT];
+        for (t, &(a, b)) in phases.iter_mut().zip(&timing.phases) {
+            *t = elapsed(a, b);
+        }
+        let gemm = timing.gemms[..timing.used].iter().map(|&(a, b)| elapsed(a, b)).sum();
+        Some(DeviceTimes { phases, gemm, peak_bytes: peak_pool_bytes(&g.stream.context()) })
+    }
 }
 
 impl ShardState for CudaBackend {
@@ -765,6 +854,22 @@ fn keep_released_memory(ctx: &CudaContext) -> Result<()> {
         result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut threshold as *mut u64).cast())
             .map_err(|e| device_error("memory pool release threshold", e))
     }
+}
+
+/// The most memory the device's default pool (every allocation of the head) has handed out at
+/// once; 0 where the driver cannot say.
+fn peak_pool_bytes(ctx: &CudaContext) -> u64 {
+    use cudarc::driver::{result, sys};
+    let mut high = 0u64;
+    // SAFETY: the context's own device; the attribute is a u64.
+    unsafe {
+        let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) else { return 0 };
+        let got = result::mem_pool::get_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut high as *mut u64).cast());
+        if got.is_err() {
+            return 0;
+        }
+    }
+    high
 }
 
 /// `cuda.h`'s `CU_STREAM_LEGACY`: the legacy default stream, whatever the caller's compilation mode.

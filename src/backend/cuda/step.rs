@@ -7,7 +7,7 @@
 //! device; AdamW/SGD updates, the finiteness checks and gradient accumulation run on the GPU
 //! (accumulating a second compute before an apply merges the rows on the host).
 
-use super::kernels::{arch_of, ptx_for};
+use super::kernels::{arch_of, cubin_for};
 use super::plan::{class_chunks, combine_grid, stats_grid, EVAL_CHUNK_BYTES, STATS_COLUMNS, THREADS};
 use super::select::{check_selected, compaction_offsets, kth_largest};
 use super::{Device, DeviceInfo};
@@ -245,8 +245,8 @@ impl CudaBackend {
             let stream = ctx.new_stream().map_err(|e| device_error("stream", e))?;
             let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS handle", e))?;
             let mut functions = HashMap::new();
-            for (source, ptx) in ptx_for(&arch_of(dev.compute_capability))? {
-                let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| device_error(source.file, e))?;
+            for (source, cubin) in cubin_for(&arch_of(dev.compute_capability))? {
+                let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(|e| device_error(source.file, e))?;
                 for &entry in source.entries {
                     functions.insert(entry, module.load_function(entry).map_err(|e| device_error(entry, e))?);
                 }

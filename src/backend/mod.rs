@@ -200,14 +200,14 @@ pub struct PhaseTimes {
 
 /// The phases of `PhaseTimes`, in step order, as `Primitives::mark` names them.
 pub mod phase {
-    pub const GATHER: usize = 0;
-    pub const SAMPLE: usize = 1;
-    pub const FORWARD: usize = 2;
-    pub const REDUCE: usize = 3;
-    pub const BACKWARD: usize = 4;
-    pub const SCATTER: usize = 5;
-    pub const UPDATE: usize = 6;
-    pub const COUNT: usize = 7;
+    pub(crate) const GATHER: usize = 0;
+    pub(crate) const SAMPLE: usize = 1;
+    pub(crate) const FORWARD: usize = 2;
+    pub(crate) const REDUCE: usize = 3;
+    pub(crate) const BACKWARD: usize = 4;
+    pub(crate) const SCATTER: usize = 5;
+    pub(crate) const UPDATE: usize = 6;
+    pub(crate) const COUNT: usize = 7;
 }
 
 impl PhaseTimes {

@@ -4,15 +4,15 @@
 use std::ops::Range;
 
 /// Threads per block of the element-wise and per-row kernels.
-pub const THREADS: u32 = 256;
+pub(crate) const THREADS: u32 = 256;
 /// Columns of the cosine matrix each `row_stats` block reduces.
-pub const STATS_COLUMNS: usize = 512;
+pub(crate) const STATS_COLUMNS: usize = 512;
 /// CUDA's limit on a grid's y (and z) dimension.
-pub const MAX_GRID_Y: usize = 65_535;
+pub(crate) const MAX_GRID_Y: usize = 65_535;
 /// Threads per row of `combine_row_stats` (one warp).
-pub const COMBINE_LANES: usize = 32;
+pub(crate) const COMBINE_LANES: usize = 32;
 /// What one evaluation chunk's cosines and GEMM centers may take on a GPU.
-pub const EVAL_CHUNK_BYTES: usize = 1 << 30;
+pub(crate) const EVAL_CHUNK_BYTES: usize = 1 << 30;
 
 /// The class chunks of one forward pass over `k` sampled columns and `n` rows: consecutive column
 /// ranges covering `0..k`. Every chunk fits one statistics launch (at most `MAX_GRID_Y` groups of
@@ -20,7 +20,7 @@ pub const EVAL_CHUNK_BYTES: usize = 1 << 30;
 /// one buffer and the chunks only split the launches; without it (evaluation) each chunk's
 /// cosines (`4 n` bytes a column) and GEMM centers (`center_bytes` a column) also fit `budget`,
 /// and the buffers are reused from chunk to chunk.
-pub fn class_chunks(k: usize, n: usize, center_bytes: usize, keep: bool, budget: usize) -> Vec<Range<usize>> {
+pub(crate) fn class_chunks(k: usize, n: usize, center_bytes: usize, keep: bool, budget: usize) -> Vec<Range<usize>> {
     let mut width = MAX_GRID_Y * STATS_COLUMNS;
     if !keep {
         let per_column = (4 * n + center_bytes).max(1);
@@ -40,14 +40,14 @@ pub fn class_chunks(k: usize, n: usize, center_bytes: usize, keep: bool, budget:
 }
 
 /// Grid of `row_stats` over `n` rows and `cols` columns: x over rows, y over column groups.
-pub fn stats_grid(n: usize, cols: usize) -> (u32, u32, u32) {
+pub(crate) fn stats_grid(n: usize, cols: usize) -> (u32, u32, u32) {
     let groups = cols.div_ceil(STATS_COLUMNS).max(1);
     assert!(groups <= MAX_GRID_Y, "a class chunk of {cols} columns exceeds one statistics launch");
     (n.div_ceil(THREADS as usize).max(1) as u32, groups as u32, 1)
 }
 
 /// Grid of `combine_row_stats`: one warp per row.
-pub fn combine_grid(n: usize) -> (u32, u32, u32) {
+pub(crate) fn combine_grid(n: usize) -> (u32, u32, u32) {
     ((n * COMBINE_LANES).div_ceil(THREADS as usize).max(1) as u32, 1, 1)
 }
 

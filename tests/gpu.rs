@@ -23,6 +23,21 @@ fn cuda_head(cfg: &pfc_config) -> Option<TestHead> {
     }
 }
 
+/// Centers drawn on the device (kernels/init.cu) against the CPU backend's: the same generator, the
+/// device's double log/cos/sin within 2 ulp of the host's, so after rounding to f32 a value is
+/// bit-equal but for about one in 10^8, and then one f32 ulp away.
+fn assert_initial_centers_agree(gpu: &[f32], cpu: &[f32]) {
+    assert_eq!(gpu.len(), cpu.len());
+    let mut differ = 0;
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        if g.to_bits() != c.to_bits() {
+            differ += 1;
+            assert!((g.to_bits() as i64 - c.to_bits() as i64).abs() <= 1 && g.signum() == c.signum(), "initial center value {i}: {g} vs {c}");
+        }
+    }
+    assert!(differ <= 1 + cpu.len() / 1_000_000, "{differ} of {} initial center values differ", cpu.len());
+}
+
 fn data(c: u64, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
     let mut rng = Rng(seed);
     let e = (0..n * d).map(|_| rng.normal() as f32).collect();
@@ -47,10 +62,10 @@ fn cuda_matches_cpu_step_by_step() {
         let cfg = config(c, d, rate, compute);
         let Some(gpu) = cuda_head(&cfg) else { return };
         let cpu = TestHead::new(&cfg);
-        assert_eq!(gpu.centers(d), cpu.centers(d), "initial centers differ");
+        assert_initial_centers_agree(&gpu.centers(d), &cpu.centers(d));
         for step in 0..3 {
             let (e, l) = data(c, d, n, 100 + step);
-            let before = cpu.centers(d);
+            let (before, before_g) = (cpu.centers(d), gpu.centers(d));
             let (sc, gc) = cpu.step(&e, &l, d, &[n]);
             let (sg, gg) = gpu.step(&e, &l, d, &[n]);
             assert_eq!(sc.sampled_classes, sg.sampled_classes, "r {rate}: sampled set sizes differ");
@@ -60,7 +75,7 @@ fn cuda_matches_cpu_step_by_step() {
             // The same rows moved: the GPU sampled exactly the CPU's set.
             for j in 0..c as usize {
                 let moved_c = wc[j * d..(j + 1) * d] != before[j * d..(j + 1) * d];
-                let moved_g = wg[j * d..(j + 1) * d] != before[j * d..(j + 1) * d];
+                let moved_g = wg[j * d..(j + 1) * d] != before_g[j * d..(j + 1) * d];
                 assert_eq!(moved_c, moved_g, "r {rate}: class {j} moved on one backend only");
             }
             assert!(rel_err(&wg, &wc) <= tol, "r {rate} dtype {compute}: centers {}", rel_err(&wg, &wc));

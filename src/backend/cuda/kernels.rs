@@ -35,6 +35,11 @@ pub const REGISTRY: &[KernelSource] = &[
         entries: &["target_logits", "row_stats", "combine_row_stats", "rescale_sums"],
     },
     KernelSource {
+        file: "init.cu",
+        source: include_str!("../../../kernels/init.cu"),
+        entries: &["init_centers"],
+    },
+    KernelSource {
         file: "gradient.cu",
         source: include_str!("../../../kernels/gradient.cu"),
         entries: &["cos_gradient", "embedding_grad", "project_center_grads", "update_sgd", "update_adamw", "flag_non_finite"],

@@ -255,24 +255,18 @@ impl CudaBackend {
             let alloc = |n: usize, what: &str| {
                 stream.alloc_zeros::<f32>(n).map_err(|e| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what}: {e}", dev.ordinal)))
             };
-            // Same initial centers as the CPU backend: drawn on the host from (seed, class), uploaded in chunks.
-            // SAFETY: every row is uploaded below before anything reads it.
+            // The CPU backend's initial centers, drawn on the device from (seed, class): nothing
+            // crosses the bus (at 10M classes the host's draw and upload took tens of seconds).
+            // SAFETY: `init_centers` writes every value before anything reads it.
             let mut centers = unsafe { stream.alloc::<f32>((rows * d).max(1)) }
                 .map_err(|e| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate the class centers: {e}", dev.ordinal)))?;
-            let chunk = (1usize << 22) / d.max(1);
-            let mut host = vec![0f32; chunk * d];
-            let mut at = 0;
-            while at < rows {
-                let take = chunk.min(rows - at);
-                use rayon::prelude::*;
-                crate::pool::install(|| {
-                    host[..take * d].par_chunks_mut(d).enumerate().for_each(|(j, row)| {
-                        rng::init_center(cfg.seed, range.start + (at + j) as u64, cfg.init_std, row);
-                    })
-                })?;
-                let mut view = centers.slice_mut(at * d..(at + take) * d);
-                stream.memcpy_htod(&host[..take * d], &mut view).map_err(|e| device_error("upload", e))?;
-                at += take;
+            {
+                let base = rng::purpose_base(cfg.seed, rng::PURPOSE_INIT);
+                let (start, rows64, d32) = (range.start, rows as u64, d as i32);
+                let mut b = stream.launch_builder(&functions["init_centers"]);
+                b.arg(&base).arg(&start).arg(&rows64).arg(&d32).arg(&cfg.init_std).arg(&mut centers);
+                // SAFETY: arguments match kernels/init.cu `init_centers`; `centers` holds rows × d values.
+                unsafe { b.launch(grid_for(rows * d.div_ceil(2))) }.map_err(|e| device_error("init_centers", e))?;
             }
             let state = StateTensor::for_optimizer(cfg.optimizer.kind)[1..]
                 .iter()

@@ -27,7 +27,7 @@ pub const REGISTRY: &[KernelSource] = &[
     KernelSource {
         file: "sampling.cu",
         source: include_str!("../../../kernels/sampling.cu"),
-        entries: &["mark_positives", "sample_keys", "radix_histogram", "count_selected", "compact_selected", "label_columns"],
+        entries: &["mark_positives", "count_flags", "sample_keys", "radix_histogram", "count_selected", "compact_selected", "label_columns"],
     },
     KernelSource {
         file: "softmax.cu",

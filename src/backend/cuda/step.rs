@@ -367,12 +367,15 @@ impl GpuShard {
         launch!(self, "sample_keys", grid_for(len), &stream, &start, &len64, &positive, &mut keys)?;
         // The k-th largest key, one byte at a time from the top (positives carry the largest key).
         let positives = {
-            let host: Vec<u8> = self.stream.clone_dtoh(&positive).map_err(|e| device_error("download", e))?;
-            host[..len].iter().filter(|&&p| p != 0).count()
+            let mut count = self.zeros::<u32>(1, "positive count")?;
+            launch!(self, "count_flags", grid_for(len.min(1 << 20)), &positive, &len64, &mut count)?;
+            self.stream.clone_dtoh(&count).map_err(|e| device_error("download", e))?[0] as usize
         };
         let k = want.max(positives);
+        // One histogram for the eight passes, zeroed before each (its kernel adds atomically).
+        let mut hist = self.zeros::<u32>(256, "radix histogram")?;
         let (threshold, take_equal) = kth_largest(k as u64, |prefix, mask, shift| {
-            let mut hist = self.zeros::<u32>(256, "radix histogram")?;
+            self.stream.memset_zeros(&mut hist).map_err(|e| device_error("memset", e))?;
             launch!(self, "radix_histogram", grid_for(len.min(1 << 20)), &keys, &len64, &prefix, &mask, &shift, &mut hist)?;
             self.stream.clone_dtoh(&hist).map_err(|e| device_error("download", e))
         })?;

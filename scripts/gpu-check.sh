@@ -97,6 +97,10 @@ for t in kernels gpu golden nccl; do
     run "test $t" 150 ".gpu/tests/$t" --test-threads=1
 done
 
+step "PyTorch binding on CUDA (tests/python/gpu_check.py)"
+PARTIALFC_LIBRARY="$PWD/.gpu/libpartialfc.so" PYTHONPATH="$PWD/bindings/python:$PWD/tests/python" \
+    run "PyTorch binding" 90 python3 tests/python/gpu_check.py
+
 step "benchmark (ours, CUDA; CUDA-event phase and GEMM times, peak device memory)"
 results="$OUT/results.jsonl"
 : > "$results"

@@ -66,6 +66,9 @@ if ! python3 -c 'import faiss' >/dev/null 2>&1; then
         || python3 -m pip install --quiet --break-system-packages faiss-cpu
 fi
 
+# The PyTorch binding's tests (tests/python) run in the project venv .venv with torch from PyPI.
+bash scripts/python-env.sh
+
 # NVRTC 13.0 (matching the lent GPUs' driver) compiles every CUDA kernel in tests/kernels.rs; no
 # GPU is needed. Installed once into .tools/ (ignored by git).
 if [ ! -e .tools/nvrtc/nvidia/cu13/lib/libnvrtc.so.13 ]; then

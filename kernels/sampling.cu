@@ -35,6 +35,16 @@ extern "C" __global__ void radix_histogram(const u64* keys, u64 len, u64 prefix,
         if (local[b]) atomicAdd(&hist[b], local[b]);
 }
 
+// How many flags are set, added to *count (zeroed by the caller): the positives, read back as one
+// number rather than as the shard's flags.
+extern "C" __global__ void count_flags(const unsigned char* flags, u64 len, u32* count) {
+    __shared__ float scratch[32];
+    u32 mine = 0;
+    for (u64 j = blockIdx.x * (u64)blockDim.x + threadIdx.x; j < len; j += (u64)gridDim.x * blockDim.x) mine += flags[j] != 0;
+    const float total = block_sum((float)mine, scratch);
+    if (threadIdx.x == 0 && total > 0.0f) atomicAdd(count, (u32)total);
+}
+
 // Per block of 1024 classes: how many keys are above the threshold and how many equal it.
 extern "C" __global__ void count_selected(const u64* keys, u64 len, u64 threshold, u32* above, u32* equal) {
     __shared__ float scratch[32];

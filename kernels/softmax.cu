@@ -5,18 +5,25 @@
 #define PI_D 3.14159265358979323846
 
 // Target logit s·(cos(m1·θ + m2) − m3) of rows whose label is on this shard, its slope ∂z/∂cos
-// (straight-through: s) and the clamped target cosine; other rows get 0, 0 and −∞.
-extern "C" __global__ void target_logits(const float* cosines, int n, const int* col, float s, float m1, float m2, float m3,
-                                         int fallback, int exact, float* logit, float* slope, float* target_cos) {
+// (straight-through: s) and the clamped target cosine; other rows get 0, 0 and −∞. `cosines`
+// holds the sampled columns [first, first + count) (one class chunk): rows whose target lies in
+// another chunk are left to that chunk's launch, rows without one are written by the first.
+extern "C" __global__ void target_logits(const float* cosines, int n, const int* col, int first, int count, float s, float m1,
+                                         float m2, float m3, int fallback, int exact, float* logit, float* slope,
+                                         float* target_cos) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    if (col[i] < 0) {
-        logit[i] = 0.0f;
-        slope[i] = 0.0f;
-        target_cos[i] = -INFINITY;
+    const int c_col = col[i];
+    if (c_col < 0) {
+        if (first == 0) {
+            logit[i] = 0.0f;
+            slope[i] = 0.0f;
+            target_cos[i] = -INFINITY;
+        }
         return;
     }
-    const double c = fmin(fmax((double)cosines[(u64)col[i] * n + i], -1.0), 1.0);
+    if (c_col < first || c_col - first >= count) return;
+    const double c = fmin(fmax((double)cosines[(u64)(c_col - first) * n + i], -1.0), 1.0);
     const double theta = acos(c), angle = (double)m1 * theta + (double)m2;
     double value, d;
     if (fallback && angle > PI_D) {
@@ -40,14 +47,15 @@ __device__ __forceinline__ float column_logit(float raw, bool is_target, float t
 // Online (max, Σexp, Σexp over the non-target columns) per row over columns [y·cols, (y+1)·cols),
 // and the largest non-target cosine. The non-target sum is accumulated on its own, not taken as
 // Σexp − exp(z_y − max): the loss and the target's gradient come from it, and that difference
-// keeps no digits when p_y → 1 (SPEC §1.7). Grid: x over rows, y over column chunks; results at [y][i].
-extern "C" __global__ void row_stats(const float* cos, int k, int n, const int* col, const float* target_logit, float s,
-                                     float filter, int cols, float* part_max, float* part_sum, float* part_rest,
+// keeps no digits when p_y → 1 (SPEC §1.7). `cos` holds the k sampled columns from `first` on (one
+// class chunk). Grid: x over rows, y over groups of `cols` columns; results at [y][i].
+extern "C" __global__ void row_stats(const float* cos, int k, int n, const int* col, int first, const float* target_logit,
+                                     float s, float filter, int cols, float* part_max, float* part_sum, float* part_rest,
                                      float* part_other) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int j0 = blockIdx.y * cols, j1 = min(k, j0 + cols);
-    const int target_col = col[i];
+    const int target_col = col[i] < 0 ? -1 : col[i] - first;
     const float target = target_logit[i];
     float m = -INFINITY, sum = 0.0f, rest = 0.0f, other = -INFINITY;
     for (int j = j0; j < j1; j++) {
@@ -73,31 +81,53 @@ extern "C" __global__ void row_stats(const float* cos, int k, int n, const int* 
     part_other[at] = other;
 }
 
-// Folds the column chunks: max[i], both sums relative to it, and the largest non-target cosine.
-extern "C" __global__ void combine_row_stats(const float* part_max, const float* part_sum, const float* part_rest,
-                                             const float* part_other, int parts, int n, float* max_out, float* sum_out,
-                                             float* rest_out, float* other_out) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float m = -INFINITY, other = -INFINITY;
-    for (int p = 0; p < parts; p++) {
-        m = fmaxf(m, part_max[(u64)p * n + i]);
-        other = fmaxf(other, part_other[(u64)p * n + i]);
+// (max, Σexp, Σexp over the non-target columns) of `b` folded into `a`, both relative to their max.
+__device__ __forceinline__ void fold_stats(float& m, float& sum, float& rest, float pm, float ps, float pr) {
+    if (pm == -INFINITY) return;
+    if (pm > m) {
+        const float f = __expf(m - pm);
+        sum = sum * f + ps;
+        rest = rest * f + pr;
+        m = pm;
+    } else {
+        const float f = __expf(pm - m);
+        sum += ps * f;
+        rest += pr * f;
     }
-    float sum = 0.0f, rest = 0.0f;
-    if (m > -INFINITY)
-        for (int p = 0; p < parts; p++) {
-            const float pm = part_max[(u64)p * n + i];
-            if (pm > -INFINITY) {
-                const float f = __expf(pm - m);
-                sum += part_sum[(u64)p * n + i] * f;
-                rest += part_rest[(u64)p * n + i] * f;
-            }
-        }
-    max_out[i] = m;
-    sum_out[i] = sum;
-    rest_out[i] = rest;
-    other_out[i] = other;
+}
+
+// Folds the column groups: max[i], both sums relative to it, and the largest non-target cosine.
+// One warp per row, its lanes striding over the parts and meeting by shuffles. With `merge`, the
+// outputs' current values (the earlier class chunks) are folded in as one more part; each row's
+// outputs are written by its lane 0 after every lane has read.
+extern "C" __global__ void combine_row_stats(const float* part_max, const float* part_sum, const float* part_rest,
+                                             const float* part_other, int parts, int n, int merge, float* max_out,
+                                             float* sum_out, float* rest_out, float* other_out) {
+    const int lane = threadIdx.x & 31;
+    const u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (i >= (u64)n) return;
+    float m = -INFINITY, sum = 0.0f, rest = 0.0f, other = -INFINITY;
+    if (merge && lane == 0) {
+        fold_stats(m, sum, rest, max_out[i], sum_out[i], rest_out[i]);
+        other = other_out[i];
+    }
+    for (int p = lane; p < parts; p += 32) {
+        const u64 at = (u64)p * n + i;
+        fold_stats(m, sum, rest, part_max[at], part_sum[at], part_rest[at]);
+        other = fmaxf(other, part_other[at]);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float pm = __shfl_down_sync(0xffffffffu, m, o), ps = __shfl_down_sync(0xffffffffu, sum, o);
+        const float pr = __shfl_down_sync(0xffffffffu, rest, o), po = __shfl_down_sync(0xffffffffu, other, o);
+        fold_stats(m, sum, rest, pm, ps, pr);
+        other = fmaxf(other, po);
+    }
+    if (lane == 0) {
+        max_out[i] = m;
+        sum_out[i] = sum;
+        rest_out[i] = rest;
+        other_out[i] = other;
+    }
 }
 
 // After the MAX all-reduce: this shard's two sums relative to the global max, ready for the SUM one

@@ -12,10 +12,16 @@ pub fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The part of a stream base fixed by the seed and the purpose (kernels/init.cu takes it).
+#[inline]
+pub fn purpose_base(seed: u64, purpose: u64) -> u64 {
+    mix64(seed ^ purpose.wrapping_mul(GOLDEN_GAMMA))
+}
+
 /// A stream base for one purpose and one counter (e.g. sampling at step t).
 #[inline]
 pub fn stream(seed: u64, purpose: u64, counter: u64) -> u64 {
-    mix64(mix64(seed ^ purpose.wrapping_mul(GOLDEN_GAMMA)) ^ counter)
+    mix64(purpose_base(seed, purpose) ^ counter)
 }
 
 /// The i-th value of a stream: SplitMix64's own sequence, started at the stream base.

@@ -23,6 +23,21 @@ fn cuda_head(cfg: &pfc_config) -> Option<TestHead> {
     }
 }
 
+/// Centers drawn on the device (kernels/init.cu) against the CPU backend's: the same generator, the
+/// device's double log/cos/sin within 2 ulp of the host's, so after rounding to f32 a value is
+/// bit-equal but for about one in 10^8, and then one f32 ulp away.
+fn assert_initial_centers_agree(gpu: &[f32], cpu: &[f32]) {
+    assert_eq!(gpu.len(), cpu.len());
+    let mut differ = 0;
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        if g.to_bits() != c.to_bits() {
+            differ += 1;
+            assert!((g.to_bits() as i64 - c.to_bits() as i64).abs() <= 1 && g.signum() == c.signum(), "initial center value {i}: {g} vs {c}");
+        }
+    }
+    assert!(differ <= 1 + cpu.len() / 1_000_000, "{differ} of {} initial center values differ", cpu.len());
+}
+
 fn data(c: u64, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
     let mut rng = Rng(seed);
     let e = (0..n * d).map(|_| rng.normal() as f32).collect();
@@ -47,10 +62,10 @@ fn cuda_matches_cpu_step_by_step() {
         let cfg = config(c, d, rate, compute);
         let Some(gpu) = cuda_head(&cfg) else { return };
         let cpu = TestHead::new(&cfg);
-        assert_eq!(gpu.centers(d), cpu.centers(d), "initial centers differ");
+        assert_initial_centers_agree(&gpu.centers(d), &cpu.centers(d));
         for step in 0..3 {
             let (e, l) = data(c, d, n, 100 + step);
-            let before = cpu.centers(d);
+            let (before, before_g) = (cpu.centers(d), gpu.centers(d));
             let (sc, gc) = cpu.step(&e, &l, d, &[n]);
             let (sg, gg) = gpu.step(&e, &l, d, &[n]);
             assert_eq!(sc.sampled_classes, sg.sampled_classes, "r {rate}: sampled set sizes differ");
@@ -60,7 +75,7 @@ fn cuda_matches_cpu_step_by_step() {
             // The same rows moved: the GPU sampled exactly the CPU's set.
             for j in 0..c as usize {
                 let moved_c = wc[j * d..(j + 1) * d] != before[j * d..(j + 1) * d];
-                let moved_g = wg[j * d..(j + 1) * d] != before[j * d..(j + 1) * d];
+                let moved_g = wg[j * d..(j + 1) * d] != before_g[j * d..(j + 1) * d];
                 assert_eq!(moved_c, moved_g, "r {rate}: class {j} moved on one backend only");
             }
             assert!(rel_err(&wg, &wc) <= tol, "r {rate} dtype {compute}: centers {}", rel_err(&wg, &wc));
@@ -155,6 +170,74 @@ fn device_pointers_ordered_on_a_callers_stream() {
         assert_eq!(got, want, "step {step}: device-memory gradient");
     }
     assert_eq!(device_head.centers(d), host_head.centers(d));
+}
+
+/// A NULL `pfc_batch.stream` is the legacy default stream: inputs copied there without a
+/// synchronisation are read only after the copies, and the gradient written before the caller's
+/// next legacy-stream copy reads it.
+#[test]
+fn device_pointers_ordered_on_the_null_stream() {
+    use cudarc::driver::result::{free_sync, malloc_sync, memcpy_dtoh_async, memcpy_htod_async, stream::synchronize};
+    let (c, d, n) = (5003u64, 64usize, 40usize);
+    let cfg = config(c, d, 0.2, PFC_DTYPE_F32);
+    let Some(device_head) = cuda_head(&cfg) else { return };
+    let host_head = cuda_head(&cfg).expect("a second CUDA head");
+    let ctx = cudarc::driver::CudaContext::new(0).expect("GPU 0");
+    ctx.bind_to_thread().unwrap();
+    let legacy = std::ptr::null_mut();
+    // SAFETY: raw allocations of the sizes used below, freed at the end; every copy is on the legacy stream.
+    unsafe {
+        let (ep, lp, gp) = (malloc_sync(n * d * 4).unwrap(), malloc_sync(n * 8).unwrap(), malloc_sync(n * d * 4).unwrap());
+        for step in 0..3 {
+            let (e, l) = data(c, d, n, 700 + step);
+            memcpy_htod_async(ep, &e, legacy).unwrap();
+            memcpy_htod_async(lp, &l, legacy).unwrap();
+            let b = pfc_batch {
+                embeddings: ep as *const _,
+                labels: lp as *const _,
+                grad_embeddings: gp as *mut _,
+                batch_size: n as u64,
+                dtype: PFC_DTYPE_F32,
+                memory: PFC_MEMORY_DEVICE,
+                stream: std::ptr::null_mut(),
+            };
+            let mut st = pfc_step_stats::default();
+            ok(pfc_train_step(device_head.0, &b, 1, &mut st));
+            let mut got = vec![0f32; n * d];
+            memcpy_dtoh_async(&mut got, gp, legacy).unwrap();
+            synchronize(legacy).unwrap();
+            let (want_stats, want) = host_head.step(&e, &l, d, &[n]);
+            assert_eq!(st.loss, want_stats.loss, "step {step}: NULL-stream loss");
+            assert_eq!(got, want, "step {step}: NULL-stream gradient");
+        }
+        for p in [ep, lp, gp] {
+            free_sync(p).unwrap();
+        }
+    }
+    assert_eq!(device_head.centers(d), host_head.centers(d));
+}
+
+/// Evaluation over more classes than one chunk holds (1 GiB of cosines and centers a chunk: 4M
+/// classes at N = 8, d = 64 make two), against the CPU backend; a training step after it still
+/// matches, so nothing of the evaluation stayed behind in the step's buffers.
+#[test]
+fn cuda_evaluation_over_several_class_chunks_matches_cpu() {
+    let (c, d, n) = (4_000_000u64, 64usize, 8usize);
+    let cfg = config(c, d, 0.01, PFC_DTYPE_F32);
+    let Some(gpu) = cuda_head(&cfg) else { return };
+    let cpu = TestHead::new(&cfg);
+    let (e, mut l) = data(c, d, n, 900);
+    // Targets in both chunks.
+    l[0] = 5;
+    l[1] = c as i64 - 3;
+    let (ec, eg) = (cpu.evaluate(&e, &l, d, &[n]), gpu.evaluate(&e, &l, d, &[n]));
+    assert_eq!(ec.sampled_classes, c);
+    assert_eq!(eg.sampled_classes, c);
+    assert!((ec.loss - eg.loss).abs() <= 1e-4 * ec.loss, "evaluation loss {} vs {}", ec.loss, eg.loss);
+    assert_eq!(ec.accuracy, eg.accuracy);
+    let ((sc, gc), (sg, gg)) = (cpu.step(&e, &l, d, &[n]), gpu.step(&e, &l, d, &[n]));
+    assert!((sc.loss - sg.loss).abs() <= 1e-4 * sc.loss, "step after evaluation: loss {} vs {}", sc.loss, sg.loss);
+    assert!(rel_err(&gg, &gc) <= 1e-3, "step after evaluation: gradient {}", rel_err(&gg, &gc));
 }
 
 /// One shard's f32 batch in host memory.

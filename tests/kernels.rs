@@ -1,5 +1,6 @@
 //! Every CUDA kernel compiles under NVRTC 13.0 (from PyPI, installed by scripts/test.sh) for the
-//! lent GPUs' architecture, with no error and no warning. No GPU is needed.
+//! lent GPUs' architecture, to PTX and to the CUBIN the library loads, with no error and no
+//! warning. No GPU is needed.
 
 use partialfc::backend::cuda::kernels::{compile, REGISTRY};
 
@@ -19,6 +20,12 @@ fn every_kernel_compiles_cleanly_with_nvrtc() {
                 assert!(out.ptx.contains(&format!(".entry {entry}(")), "kernels/{}: no entry {entry} in the PTX", k.file);
             }
             assert!(out.ptx.contains(&format!(".target {arch}")), "kernels/{}: PTX not for {arch}", k.file);
+            // The CUBIN the library loads: an ELF image of machine code for that architecture.
+            assert_eq!(&out.cubin[..4], b"\x7fELF", "kernels/{}: no CUBIN for {arch}", k.file);
+            for entry in k.entries {
+                let name = entry.as_bytes();
+                assert!(out.cubin.windows(name.len()).any(|w| w == name), "kernels/{}: no {entry} in the CUBIN", k.file);
+            }
         }
     }
 }

@@ -191,6 +191,46 @@ pub struct PhaseTimes {
     pub scatter: f64,
     /// Optimizer update of the accumulated center gradients (with its finiteness check).
     pub update: f64,
+    /// The GEMMs' own time within forward and backward, where the backend times them apart
+    /// (CUDA events); None on the CPU, whose GEMMs are the bulk of those two phases.
+    pub gemm: Option<f64>,
+    /// The most device memory the head has held at once (bytes), where it has a device.
+    pub peak_device_bytes: Option<u64>,
+}
+
+/// The phases of `PhaseTimes`, in step order, as `Primitives::mark` names them.
+pub mod phase {
+    pub(crate) const GATHER: usize = 0;
+    pub(crate) const SAMPLE: usize = 1;
+    pub(crate) const FORWARD: usize = 2;
+    pub(crate) const REDUCE: usize = 3;
+    pub(crate) const BACKWARD: usize = 4;
+    pub(crate) const SCATTER: usize = 5;
+    pub(crate) const UPDATE: usize = 6;
+    pub(crate) const COUNT: usize = 7;
+}
+
+impl PhaseTimes {
+    pub fn slot(&mut self, phase: usize) -> &mut f64 {
+        match phase {
+            phase::GATHER => &mut self.gather,
+            phase::SAMPLE => &mut self.sample,
+            phase::FORWARD => &mut self.forward,
+            phase::REDUCE => &mut self.reduce,
+            phase::BACKWARD => &mut self.backward,
+            phase::SCATTER => &mut self.scatter,
+            _ => &mut self.update,
+        }
+    }
+}
+
+/// A device's own clock of the last call (`Primitives::device_times`): seconds per phase (NaN
+/// where the device could not time it), of the GEMMs, and the peak memory held.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceTimes {
+    pub phases: [f64; phase::COUNT],
+    pub gemm: f64,
+    pub peak_bytes: u64,
 }
 
 /// A call's batches as the host passed them, one per local shard: host slices, or pointers on
@@ -286,6 +326,14 @@ pub trait Primitives: ShardState + Send {
     fn update_is_finite(&mut self, shard: usize, lr: f32) -> Result<bool>;
     /// The optimizer step over the accumulated rows; clears them.
     fn apply(&mut self, shard: usize, lr: f32) -> Result<()>;
+    /// Where the work is asynchronous (CUDA): the start (or end) of `phase` (`phase::*`) on the
+    /// device's timeline; a later end replaces an earlier one.
+    fn mark(&mut self, _phase: usize, _start: bool) {}
+    /// The device's own times of the phases marked last, once it has finished them; None where
+    /// the host's clock times the work (CPU).
+    fn device_times(&self) -> Option<DeviceTimes> {
+        None
+    }
 }
 
 /// The state a backend holds for this process's shards: centers, optimizer state, and search

@@ -8,7 +8,7 @@
 //! non-finite, or an allocation failure on any process fails the call everywhere with the same
 //! status and message, before the first center, optimizer state or output is written.
 
-use crate::backend::{Backend, Batches, Collectives, Evaluated, F32Buf, Memory, Outputs, PhaseTimes, Primitives, RowStats, ShardState, StepPlan};
+use crate::backend::{phase, Backend, Batches, Collectives, Evaluated, F32Buf, Memory, Outputs, PhaseTimes, Primitives, RowStats, ShardState, StepPlan};
 use crate::error::{Error, Result, Status};
 use crate::sharding::ShardRange;
 use std::time::Instant;
@@ -75,6 +75,7 @@ impl<P: Primitives> Driver<P> {
     fn forward(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan) -> Result<Forward<P::Mem>> {
         let d = self.dim;
         let t0 = Instant::now();
+        self.prims.mark(phase::GATHER, true);
         // Batch sizes first (zeros from a process whose batches are malformed: the exchange keeps
         // its size), then one verdict on every process's input and buffers.
         let mine = if checked.is_ok() { batches.rows() } else { vec![0; self.shards()] };
@@ -99,16 +100,20 @@ impl<P: Primitives> Driver<P> {
         self.coll.all_gather_f32(&local_emb, &rows, d, &mut emb)?;
         self.coll.all_gather_i64(&local_labels, &rows, &mut labels)?;
         self.times.gather = t0.elapsed().as_secs_f64();
+        self.prims.mark(phase::GATHER, false);
 
         let t1 = Instant::now();
+        self.prims.mark(phase::SAMPLE, true);
         let mut sampled = Vec::with_capacity(self.shards());
         let sampling = (0..self.shards()).try_for_each(|s| {
             sampled.push(self.prims.sample(s, &labels[s], plan)?);
             Ok(())
         });
         self.times.sample = t1.elapsed().as_secs_f64();
+        self.prims.mark(phase::SAMPLE, false);
 
         let t2 = Instant::now();
+        self.prims.mark(phase::FORWARD, true);
         let mut maxes = Vec::with_capacity(self.shards());
         let mut sums = Vec::with_capacity(self.shards());
         let computed = sampling.and_then(|()| {
@@ -122,8 +127,10 @@ impl<P: Primitives> Driver<P> {
         // Scratch that does not fit on one process fails the step on all of them.
         self.coll.agree(computed)?;
         self.times.forward = t2.elapsed().as_secs_f64();
+        self.prims.mark(phase::FORWARD, false);
 
         let t3 = Instant::now();
+        self.prims.mark(phase::REDUCE, true);
         self.coll.all_reduce(crate::comm::ReduceOp::Max, &mut maxes)?;
         for s in 0..self.shards() {
             self.prims.rescale_sums(s, &maxes[s], &mut sums[s])?;
@@ -132,6 +139,7 @@ impl<P: Primitives> Driver<P> {
         let stats = self.prims.read_stats(0, &maxes[0], &sums[0], n)?;
         let sampled_classes = self.coll.gather_counts(&sampled)?.iter().sum();
         self.times.reduce = t3.elapsed().as_secs_f64();
+        self.prims.mark(phase::REDUCE, false);
         let (loss, accuracy) = loss_and_accuracy(&stats);
         // The statistics are the same on every process, so is this verdict.
         if !loss.is_finite() {
@@ -145,13 +153,16 @@ impl<P: Primitives> Driver<P> {
     fn backward(&mut self, fwd: Forward<P::Mem>, update_lr: Option<f32>) -> Result<(Vec<F32Buf<P::Mem>>, Evaluated)> {
         let d = self.dim;
         let t0 = Instant::now();
+        self.prims.mark(phase::BACKWARD, true);
         let mut partial = Vec::with_capacity(self.shards());
         for s in 0..self.shards() {
             partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s], update_lr)?);
         }
         self.times.backward = t0.elapsed().as_secs_f64();
+        self.prims.mark(phase::BACKWARD, false);
 
         let t1 = Instant::now();
+        self.prims.mark(phase::SCATTER, true);
         let mut offset = 0;
         let segments: Vec<std::ops::Range<usize>> = fwd
             .rows
@@ -180,6 +191,7 @@ impl<P: Primitives> Driver<P> {
         }
         self.coll.agree(if finite { Ok(()) } else { Err(non_finite("an embedding or center gradient")) })?;
         self.times.scatter = t1.elapsed().as_secs_f64();
+        self.prims.mark(phase::SCATTER, false);
         Ok((grads, fwd.eval))
     }
 
@@ -188,6 +200,7 @@ impl<P: Primitives> Driver<P> {
     /// failure nothing stays accumulated from this call.
     fn accumulate(&mut self, lr: Option<f32>) -> Result<()> {
         let t0 = Instant::now();
+        self.prims.mark(phase::UPDATE, true);
         let mut done = 0;
         let mut finite = true;
         let local = (0..self.shards()).try_for_each(|s| {
@@ -204,6 +217,7 @@ impl<P: Primitives> Driver<P> {
             (0..done).for_each(|s| self.prims.unaccumulate(s));
         }
         self.times.update = t0.elapsed().as_secs_f64();
+        self.prims.mark(phase::UPDATE, false);
         verdict
     }
 
@@ -212,6 +226,7 @@ impl<P: Primitives> Driver<P> {
         let t0 = Instant::now();
         let applied = (0..self.shards()).try_for_each(|s| self.prims.apply(s, lr));
         self.times.update += t0.elapsed().as_secs_f64();
+        self.prims.mark(phase::UPDATE, false);
         applied
     }
 }
@@ -265,7 +280,15 @@ impl<P: Primitives> Backend for Driver<P> {
     }
 
     fn phase_times(&self) -> PhaseTimes {
-        self.times
+        let mut t = self.times;
+        if let Some(dev) = self.prims.device_times() {
+            for (p, &secs) in dev.phases.iter().enumerate() {
+                *t.slot(p) = secs;
+            }
+            t.gemm = Some(dev.gemm);
+            t.peak_device_bytes = Some(dev.peak_bytes);
+        }
+        t
     }
 }
 

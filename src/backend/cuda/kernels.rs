@@ -27,12 +27,17 @@ pub const REGISTRY: &[KernelSource] = &[
     KernelSource {
         file: "sampling.cu",
         source: include_str!("../../../kernels/sampling.cu"),
-        entries: &["mark_positives", "sample_keys", "radix_histogram", "count_selected", "compact_selected", "label_columns"],
+        entries: &["mark_positives", "count_flags", "sample_keys", "radix_histogram", "count_selected", "compact_selected", "label_columns"],
     },
     KernelSource {
         file: "softmax.cu",
         source: include_str!("../../../kernels/softmax.cu"),
         entries: &["target_logits", "row_stats", "combine_row_stats", "rescale_sums"],
+    },
+    KernelSource {
+        file: "init.cu",
+        source: include_str!("../../../kernels/init.cu"),
+        entries: &["init_centers"],
     },
     KernelSource {
         file: "gradient.cu",
@@ -41,9 +46,13 @@ pub const REGISTRY: &[KernelSource] = &[
     },
 ];
 
-/// NVRTC output of one source: the PTX and the compiler's log (warnings).
+/// NVRTC output of one source: the PTX, the CUBIN for the same real architecture, and the
+/// compiler's log (warnings).
 pub struct Compiled {
     pub ptx: String,
+    /// What the library loads: machine code for the device itself, so the driver need not JIT
+    /// PTX, and a PTX ISA newer than the driver knows (a newer NVRTC's) cannot be refused.
+    pub cubin: Vec<u8>,
     pub log: String,
 }
 
@@ -67,24 +76,39 @@ pub fn compile(k: &KernelSource, arch: &str) -> Result<Compiled> {
     let log = unsafe { result::get_program_log(prog) }
         .map(|raw| unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().trim().to_string())
         .unwrap_or_default();
-    let ptx = match compiled {
+    let outputs = match compiled {
         Ok(()) => unsafe { result::get_ptx(prog) }
             .map(|raw| unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().into_owned())
-            .map_err(|e| nvrtc_error(k.file, "get_ptx", e)),
+            .map_err(|e| nvrtc_error(k.file, "get_ptx", e))
+            .and_then(|ptx| Ok((ptx, unsafe { cubin_of(prog) }.map_err(|e| nvrtc_error(k.file, "get_cubin", e))?))),
         Err(e) => Err(nvrtc_error(k.file, "compile", format!("{e}\n{log}"))),
     };
     let _ = unsafe { result::destroy_program(prog) };
-    Ok(Compiled { ptx: ptx?, log })
+    let (ptx, cubin) = outputs?;
+    Ok(Compiled { ptx, cubin, log })
 }
 
-/// PTX of every registered source for an architecture, compiled once per process.
-pub fn ptx_for(arch: &str) -> Result<Vec<(&'static KernelSource, String)>> {
-    static CACHE: OnceLock<Mutex<HashMap<String, Vec<String>>>> = OnceLock::new();
+/// The CUBIN of a program compiled for a real architecture (`sm_XY`).
+///
+/// # Safety
+/// `prog` is a live, successfully compiled program.
+unsafe fn cubin_of(prog: cudarc::nvrtc::sys::nvrtcProgram) -> std::result::Result<Vec<u8>, cudarc::nvrtc::result::NvrtcError> {
+    use cudarc::nvrtc::sys;
+    let mut size = 0usize;
+    unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }.result()?;
+    let mut cubin = vec![0u8; size];
+    unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()) }.result()?;
+    Ok(cubin)
+}
+
+/// CUBIN of every registered source for an architecture, compiled once per process.
+pub fn cubin_for(arch: &str) -> Result<Vec<(&'static KernelSource, Vec<u8>)>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Vec<Vec<u8>>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let mut cache = cache.lock();
     if !cache.contains_key(arch) {
-        let ptx = REGISTRY.iter().map(|k| compile(k, arch).map(|c| c.ptx)).collect::<Result<Vec<_>>>()?;
-        cache.insert(arch.to_string(), ptx);
+        let cubins = REGISTRY.iter().map(|k| compile(k, arch).map(|c| c.cubin)).collect::<Result<Vec<_>>>()?;
+        cache.insert(arch.to_string(), cubins);
     }
     Ok(REGISTRY.iter().zip(cache[arch].iter().cloned()).collect())
 }

@@ -4,6 +4,7 @@
 //! boundary as well.
 
 pub mod kernels;
+mod plan;
 mod select;
 mod step;
 

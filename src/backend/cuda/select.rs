@@ -36,6 +36,18 @@ pub fn compaction_offsets(above: &[u32], equal: &[u32], take_equal: u32) -> (Vec
     (sel_before, eq_before, sel)
 }
 
+/// The compaction kernel writes `total` ids into a buffer of `k`: anything but equality (a
+/// histogram or count read back wrong) is refused before it runs, in release builds too.
+pub fn check_selected(total: u32, k: usize) -> crate::error::Result<()> {
+    if total as usize == k {
+        return Ok(());
+    }
+    Err(crate::error::Error::new(
+        crate::error::Status::Device,
+        format!("GPU sampling selected {total} classes where {k} were wanted; nothing was written (a device read-back was wrong)"),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +105,21 @@ mod tests {
         let k = want.max(positives) as u64;
         let (threshold, take_equal) = kth_largest(k, |p, m, s| histogram(&keys, p, m, s)).unwrap();
         compact(&keys, threshold, take_equal, 1024)
+    }
+
+    #[test]
+    fn a_selected_count_other_than_k_is_an_error_before_compaction() {
+        let keys: Vec<u64> = (0..5000u64).map(rng::mix64).collect();
+        let (threshold, take_equal) = kth_largest(700, |p, m, s| histogram(&keys, p, m, s)).unwrap();
+        let blocks: Vec<&[u64]> = keys.chunks(1024).collect();
+        let mut above: Vec<u32> = blocks.iter().map(|b| b.iter().filter(|&&k| k > threshold).count() as u32).collect();
+        let equal: Vec<u32> = blocks.iter().map(|b| b.iter().filter(|&&k| k == threshold).count() as u32).collect();
+        assert!(check_selected(compaction_offsets(&above, &equal, take_equal).2, 700).is_ok());
+        // One block's count read back one too high: the kernel would write past the buffer.
+        above[2] += 1;
+        let e = check_selected(compaction_offsets(&above, &equal, take_equal).2, 700).unwrap_err();
+        assert_eq!(e.status, crate::error::Status::Device);
+        assert!(e.message.contains("701") && e.message.contains("700"), "{}", e.message);
     }
 
     #[test]

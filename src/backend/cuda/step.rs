@@ -7,8 +7,9 @@
 //! device; AdamW/SGD updates, the finiteness checks and gradient accumulation run on the GPU
 //! (accumulating a second compute before an apply merges the rows on the host).
 
-use super::kernels::{arch_of, ptx_for};
-use super::select::{compaction_offsets, kth_largest};
+use super::kernels::{arch_of, cubin_for};
+use super::plan::{class_chunks, combine_grid, stats_grid, EVAL_CHUNK_BYTES, STATS_COLUMNS, THREADS};
+use super::select::{check_selected, compaction_offsets, kth_largest};
 use super::{Device, DeviceInfo};
 use crate::backend::{Batches, DeviceBatch, HostBatch, HostValues, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan};
 use crate::config::{Config, DType, MarginGrad, OptimizerKind};
@@ -17,6 +18,8 @@ use crate::optimizer::StateTensor;
 use crate::rng;
 use crate::sharding::{sample_count, ShardRange};
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use crate::backend::{phase, DeviceTimes};
+use cudarc::driver::sys::CUevent;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,10 +28,6 @@ fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::new(Status::Device, format!("CUDA {what}: {e}"))
 }
 
-/// Threads per block of the element-wise and per-row kernels.
-const THREADS: u32 = 256;
-/// Columns of the cosine matrix each `row_stats` block reduces.
-const STATS_COLUMNS: usize = 512;
 /// Block size of the compaction kernels (their counts are per block of this many classes).
 const COMPACT_BLOCK: u32 = 1024;
 
@@ -58,6 +57,8 @@ fn blas_type(d: DType) -> blas_sys::cudaDataType {
 
 /// One GPU's shard: its centers and optimizer state, and the step's scratch.
 struct GpuShard {
+    /// First, so that its events go before the stream and context they belong to.
+    timing: std::cell::RefCell<Timing>,
     range: ShardRange,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -71,10 +72,65 @@ struct GpuShard {
     n: usize,
     sampled: Option<CudaSlice<u32>>,
     step: Option<StepBuffers>,
+    /// This shard's row maxima before the all-reduce, for `rescale_sums` (training and evaluation).
+    local_max: Option<CudaSlice<f32>>,
     /// This step's center gradients over `sampled`, and the accumulated ones since the last update.
     pending: Option<DeviceRowGrads>,
     accumulated: Option<DeviceRowGrads>,
     undo: Option<Undo>,
+}
+
+/// CUDA events on a shard's stream around each phase and each GEMM, created once and re-recorded
+/// every step: the device's own time of the work, which the host only enqueues.
+struct Timing {
+    phases: [(CUevent, CUevent); phase::COUNT],
+    /// A pair per GEMM of the current step (`used` of them), grown on the first steps only.
+    gemms: Vec<(CUevent, CUevent)>,
+    used: usize,
+}
+
+impl Timing {
+    fn new() -> Result<Timing> {
+        let mut phases = [(std::ptr::null_mut(), std::ptr::null_mut()); phase::COUNT];
+        for p in &mut phases {
+            *p = event_pair()?;
+        }
+        Ok(Timing { phases, gemms: Vec::new(), used: 0 })
+    }
+
+    fn next_gemm(&mut self) -> Result<(CUevent, CUevent)> {
+        if self.used == self.gemms.len() {
+            self.gemms.push(event_pair()?);
+        }
+        self.used += 1;
+        Ok(self.gemms[self.used - 1])
+    }
+}
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        for &(a, b) in self.phases.iter().chain(&self.gemms) {
+            // SAFETY: events this struct created; destroying one still pending is allowed.
+            unsafe {
+                let _ = cudarc::driver::result::event::destroy(a);
+                let _ = cudarc::driver::result::event::destroy(b);
+            }
+        }
+    }
+}
+
+fn event_pair() -> Result<(CUevent, CUevent)> {
+    use cudarc::driver::{result::event, sys::CUevent_flags};
+    let make = || event::create(CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| device_error("timing event", e));
+    Ok((make()?, make()?))
+}
+
+/// Seconds between two recorded events, after the second completed; NaN when either was never
+/// recorded or the device failed, so that no made-up time is reported.
+fn elapsed(start: CUevent, end: CUevent) -> f64 {
+    use cudarc::driver::result::event;
+    // SAFETY: live events of a `Timing`.
+    unsafe { event::synchronize(end).and_then(|_| event::elapsed(start, end)) }.map_or(f64::NAN, |ms| ms as f64 / 1e3)
 }
 
 /// What the forward pass leaves on the device for the backward pass.
@@ -86,7 +142,6 @@ struct StepBuffers {
     w_gemm: CudaSlice<u8>,
     inv_norm_w: CudaSlice<f32>,
     cos: CudaSlice<f32>,
-    local_max: CudaSlice<f32>,
     target_logit: CudaSlice<f32>,
     target_slope: CudaSlice<f32>,
 }
@@ -120,9 +175,19 @@ impl GpuShard {
     }
 
     fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize, what: &str) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
-            Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what} ({n} elements): {e}", self.stream.context().ordinal()))
-        })
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| self.out_of_memory(n, what, e))
+    }
+
+    /// A step buffer that its first kernel, GEMM or copy writes in full before anything reads
+    /// it: not zeroed (at 10M classes zeroing such buffers cost ~9 GB of memsets a step). It comes
+    /// from the device's stream-ordered pool, which keeps what the previous step released.
+    fn scratch<T: cudarc::driver::DeviceRepr>(&self, n: usize, what: &str) -> Result<CudaSlice<T>> {
+        // SAFETY: callers use it only for buffers written in full before they are read.
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| self.out_of_memory(n, what, e))
+    }
+
+    fn out_of_memory(&self, n: usize, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what} ({n} elements): {e}", self.stream.context().ordinal()))
     }
 
     /// `C (m×n, ld ldc) = op(A)·op(B)` in column-major terms, f32 output, `dtype` inputs, f32 compute.
@@ -130,6 +195,10 @@ impl GpuShard {
     fn gemm(&self, transa: bool, transb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, c: u64, ldc: usize, dtype: DType, accumulate: bool) -> Result<()> {
         let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
+        let (start, end) = self.timing.borrow_mut().next_gemm()?;
+        let stream = self.stream.cu_stream();
+        // SAFETY: live events of this shard's context, recorded on its stream.
+        unsafe { cudarc::driver::result::event::record(start, stream) }.map_err(|e| device_error("timing event", e))?;
         // SAFETY: the pointers come from live allocations of at least the sizes the shapes address.
         unsafe {
             cudarc::cublas::result::gemm_ex(
@@ -154,7 +223,9 @@ impl GpuShard {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| device_error("cuBLAS GEMM", e))
+        .map_err(|e| device_error("cuBLAS GEMM", e))?;
+        // SAFETY: as above.
+        unsafe { cudarc::driver::result::event::record(end, stream) }.map_err(|e| device_error("timing event", e))
     }
 }
 
@@ -166,11 +237,16 @@ impl CudaBackend {
         let mut shards = Vec::new();
         for (dev, &range) in devices.iter().zip(&ranges) {
             let ctx = CudaContext::new(dev.ordinal as usize).map_err(|e| device_error("context", e))?;
+            // SAFETY: all of a shard's work, NCCL's included, runs on its one stream and callers'
+            // streams are ordered by explicit events (`after_caller`), so cudarc's two events per
+            // allocation would only cost event creations.
+            unsafe { ctx.disable_event_tracking() };
+            keep_released_memory(&ctx)?;
             let stream = ctx.new_stream().map_err(|e| device_error("stream", e))?;
             let blas = CudaBlas::new(stream.clone()).map_err(|e| device_error("cuBLAS handle", e))?;
             let mut functions = HashMap::new();
-            for (source, ptx) in ptx_for(&arch_of(dev.compute_capability))? {
-                let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| device_error(source.file, e))?;
+            for (source, cubin) in cubin_for(&arch_of(dev.compute_capability))? {
+                let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(|e| device_error(source.file, e))?;
                 for &entry in source.entries {
                     functions.insert(entry, module.load_function(entry).map_err(|e| device_error(entry, e))?);
                 }
@@ -179,22 +255,18 @@ impl CudaBackend {
             let alloc = |n: usize, what: &str| {
                 stream.alloc_zeros::<f32>(n).map_err(|e| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what}: {e}", dev.ordinal)))
             };
-            // Same initial centers as the CPU backend: drawn on the host from (seed, class), uploaded in chunks.
-            let mut centers = alloc(rows * d, "class centers")?;
-            let chunk = (1usize << 22) / d.max(1);
-            let mut host = vec![0f32; chunk * d];
-            let mut at = 0;
-            while at < rows {
-                let take = chunk.min(rows - at);
-                use rayon::prelude::*;
-                crate::pool::install(|| {
-                    host[..take * d].par_chunks_mut(d).enumerate().for_each(|(j, row)| {
-                        rng::init_center(cfg.seed, range.start + (at + j) as u64, cfg.init_std, row);
-                    })
-                })?;
-                let mut view = centers.slice_mut(at * d..(at + take) * d);
-                stream.memcpy_htod(&host[..take * d], &mut view).map_err(|e| device_error("upload", e))?;
-                at += take;
+            // The CPU backend's initial centers, drawn on the device from (seed, class): nothing
+            // crosses the bus (at 10M classes the host's draw and upload took tens of seconds).
+            // SAFETY: `init_centers` writes every value before anything reads it.
+            let mut centers = unsafe { stream.alloc::<f32>((rows * d).max(1)) }
+                .map_err(|e| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate the class centers: {e}", dev.ordinal)))?;
+            {
+                let base = rng::purpose_base(cfg.seed, rng::PURPOSE_INIT);
+                let (start, rows64, d32) = (range.start, rows as u64, d as i32);
+                let mut b = stream.launch_builder(&functions["init_centers"]);
+                b.arg(&base).arg(&start).arg(&rows64).arg(&d32).arg(&cfg.init_std).arg(&mut centers);
+                // SAFETY: arguments match kernels/init.cu `init_centers`; `centers` holds rows × d values.
+                unsafe { b.launch(grid_for(rows * d.div_ceil(2))) }.map_err(|e| device_error("init_centers", e))?;
             }
             let state = StateTensor::for_optimizer(cfg.optimizer.kind)[1..]
                 .iter()
@@ -217,9 +289,11 @@ impl CudaBackend {
                 n: 0,
                 sampled: None,
                 step: None,
+                local_max: None,
                 pending: None,
                 accumulated: None,
                 undo: None,
+                timing: std::cell::RefCell::new(Timing::new()?),
             });
         }
         Ok(CudaBackend { cfg: cfg.clone(), ranges, shards })
@@ -239,7 +313,7 @@ impl CudaBackend {
         for (shard, b) in self.shards.iter().zip(batches) {
             shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
             let ours = shard.stream.cu_stream();
-            after_caller(b.stream, ours)?;
+            after_caller(caller_stream(b.stream), ours)?;
             let mut embeddings = HostValues::zeros(b.dtype, b.rows * dim);
             let mut labels = vec![0i64; b.rows];
             if b.rows > 0 {
@@ -289,34 +363,34 @@ impl GpuShard {
             return Ok(());
         }
         let stream = rng::stream(plan.seed, rng::PURPOSE_SAMPLING, plan.step);
-        let mut keys = self.zeros::<u64>(len, "sampling keys")?;
+        let mut keys = self.scratch::<u64>(len, "sampling keys")?;
         launch!(self, "sample_keys", grid_for(len), &stream, &start, &len64, &positive, &mut keys)?;
         // The k-th largest key, one byte at a time from the top (positives carry the largest key).
         let positives = {
-            let host: Vec<u8> = self.stream.clone_dtoh(&positive).map_err(|e| device_error("download", e))?;
-            host[..len].iter().filter(|&&p| p != 0).count()
+            let mut count = self.zeros::<u32>(1, "positive count")?;
+            launch!(self, "count_flags", grid_for(len.min(1 << 20)), &positive, &len64, &mut count)?;
+            self.stream.clone_dtoh(&count).map_err(|e| device_error("download", e))?[0] as usize
         };
         let k = want.max(positives);
+        // One histogram for the eight passes, zeroed before each (its kernel adds atomically).
+        let mut hist = self.zeros::<u32>(256, "radix histogram")?;
         let (threshold, take_equal) = kth_largest(k as u64, |prefix, mask, shift| {
-            let mut hist = self.zeros::<u32>(256, "radix histogram")?;
+            self.stream.memset_zeros(&mut hist).map_err(|e| device_error("memset", e))?;
             launch!(self, "radix_histogram", grid_for(len.min(1 << 20)), &keys, &len64, &prefix, &mask, &shift, &mut hist)?;
             self.stream.clone_dtoh(&hist).map_err(|e| device_error("download", e))
         })?;
         let blocks = len.div_ceil(COMPACT_BLOCK as usize);
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (COMPACT_BLOCK, 1, 1), shared_mem_bytes: 0 };
-        let mut above = self.zeros::<u32>(blocks, "block counts")?;
-        let mut equal = self.zeros::<u32>(blocks, "block counts")?;
+        let mut above = self.scratch::<u32>(blocks, "block counts")?;
+        let mut equal = self.scratch::<u32>(blocks, "block counts")?;
         launch!(self, "count_selected", cfg, &keys, &len64, &threshold, &mut above, &mut equal)?;
         let above_h: Vec<u32> = self.stream.clone_dtoh(&above).map_err(|e| device_error("download", e))?;
         let equal_h: Vec<u32> = self.stream.clone_dtoh(&equal).map_err(|e| device_error("download", e))?;
         let (sel_before, eq_before, total) = compaction_offsets(&above_h, &equal_h, take_equal);
-        if total as usize != k {
-            // The kernel below writes `total` ids into a buffer of `k`.
-            return Err(Error::new(Status::Panic, format!("internal error: GPU sampling selected {total} classes, expected {k}")));
-        }
+        check_selected(total, k)?;
         let sel_d = self.stream.clone_htod(&sel_before).map_err(|e| device_error("upload", e))?;
         let eq_d = self.stream.clone_htod(&eq_before).map_err(|e| device_error("upload", e))?;
-        let mut out = self.zeros::<u32>(k, "sampled ids")?;
+        let mut out = self.scratch::<u32>(k, "sampled ids")?;
         launch!(self, "compact_selected", cfg, &keys, &len64, &threshold, &take_equal, &sel_d, &eq_d, &mut out)?;
         self.sampled = Some(out);
         self.k = k;
@@ -367,7 +441,7 @@ impl Primitives for CudaBackend {
         Ok(g.k as u64)
     }
 
-    fn forward(&mut self, shard: usize, emb: CudaSlice<f32>, labels: &CudaSlice<i64>, _plan: StepPlan) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    fn forward(&mut self, shard: usize, emb: CudaSlice<f32>, labels: &CudaSlice<i64>, plan: StepPlan) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let m = &self.cfg.margin;
         let (s, filter) = (m.scale, m.interclass_filter);
@@ -380,64 +454,71 @@ impl Primitives for CudaBackend {
         let shard = &mut self.shards[shard];
         shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
         shard.n = n;
-        let mut unit = shard.zeros::<f32>(n * d, "normalized embeddings")?;
-        let mut unit_gemm = shard.zeros::<u8>(n * d * dtype.size(), "GEMM embeddings")?;
-        let mut inv_e = shard.zeros::<f32>(n, "embedding norms")?;
+        let mut unit = shard.scratch::<f32>(n * d, "normalized embeddings")?;
+        let mut unit_gemm = shard.scratch::<u8>(n * d * dtype.size(), "GEMM embeddings")?;
+        let mut inv_e = shard.scratch::<f32>(n, "embedding norms")?;
         launch!(shard, "normalize_rows", per_row(n), &emb, &n32, &d32, &mut unit, &mut unit_gemm, &dt, &mut inv_e)?;
         drop(emb);
         let k = shard.k;
         let k32 = k as i32;
-        let sampled = shard.sampled.as_ref().ok_or_else(|| Error::new(Status::Panic, "internal error: forward before sampling"))?;
-        let mut col = shard.zeros::<i32>(n, "label columns")?;
+        let sampled = shard.sampled.take().ok_or_else(|| Error::new(Status::Panic, "internal error: forward before sampling"))?;
+        let mut col = shard.scratch::<i32>(n, "label columns")?;
         let (start, len64) = (shard.range.start, shard.range.len);
-        launch!(shard, "label_columns", grid_for(n), labels, &n32, &start, &len64, sampled, &k32, &mut col)?;
-        let mut w_gemm = shard.zeros::<u8>(k * d * dtype.size(), "GEMM centers")?;
-        let mut inv_w = shard.zeros::<f32>(k, "center norms")?;
-        launch!(shard, "gather_centers", per_row(k), &shard.centers, sampled, &k32, &d32, &mut w_gemm, &dt, &mut inv_w)?;
-        // cos [k][N] = Ŵ·X̂ᵀ; column-major: C (N×k) = X̂ᵀ(N×d)·Ŵ(d×k).
-        let mut cos = shard.zeros::<f32>(k * n, "cosines (sampled classes × global batch)")?;
-        {
-            let stream = shard.stream.clone();
-            let (a, _ga) = unit_gemm.device_ptr(&stream);
-            let (b, _gb) = w_gemm.device_ptr(&stream);
-            let (c, _gc) = cos.device_ptr_mut(&stream);
-            shard.gemm(true, false, n, k, d, a, d, b, d, c, n, dtype, false)?;
-        }
-        let mut max_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
-        let mut sum_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
-        let mut slope = shard.zeros::<f32>(n, "target slopes")?;
-        let mut logit = shard.zeros::<f32>(n, "target logits")?;
+        launch!(shard, "label_columns", grid_for(n), labels, &n32, &start, &len64, &sampled, &k32, &mut col)?;
+        let center_bytes = d * dtype.size();
+        let chunks = class_chunks(k, n, center_bytes, plan.train, EVAL_CHUNK_BYTES);
+        let widest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+        // Training keeps every sampled column for the backward pass; evaluation reuses one chunk's.
+        let columns = if plan.train { k } else { widest };
+        let mut w_gemm = shard.scratch::<u8>(columns * center_bytes, "GEMM centers")?;
+        let mut inv_w = shard.scratch::<f32>(columns, "center norms")?;
+        let mut cos = shard.scratch::<f32>(columns * n, "cosines (sampled classes × global batch)")?;
+        let mut max_stats = shard.scratch::<f32>(3 * n, "row statistics")?;
+        let mut sum_stats = shard.scratch::<f32>(3 * n, "row statistics")?;
+        let mut slope = shard.scratch::<f32>(n, "target slopes")?;
+        let mut logit = shard.scratch::<f32>(n, "target logits")?;
         {
             let (mut head_max, mut rest) = max_stats.split_at_mut(n);
             let (mut other, mut target_cos) = rest.split_at_mut(n);
             let (mut sum, mut tail) = sum_stats.split_at_mut(n);
             let (mut rest, mut target_logit) = tail.split_at_mut(n);
-            launch!(shard, "target_logits", grid_for(n), &cos, &n32, &col, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
-            let parts = k.div_ceil(STATS_COLUMNS).max(1);
-            let mut part_max = shard.zeros::<f32>(parts * n, "partial statistics")?;
-            let mut part_sum = shard.zeros::<f32>(parts * n, "partial statistics")?;
-            let mut part_rest = shard.zeros::<f32>(parts * n, "partial statistics")?;
-            let mut part_other = shard.zeros::<f32>(parts * n, "partial statistics")?;
+            let groups = widest.div_ceil(STATS_COLUMNS).max(1);
+            let mut part_max = shard.scratch::<f32>(groups * n, "partial statistics")?;
+            let mut part_sum = shard.scratch::<f32>(groups * n, "partial statistics")?;
+            let mut part_rest = shard.scratch::<f32>(groups * n, "partial statistics")?;
+            let mut part_other = shard.scratch::<f32>(groups * n, "partial statistics")?;
             let cols = STATS_COLUMNS as i32;
-            let cfg = LaunchConfig { grid_dim: (n.div_ceil(THREADS as usize) as u32, parts as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-            launch!(shard, "row_stats", cfg, &cos, &k32, &n32, &col, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
-            let parts32 = parts as i32;
-            launch!(shard, "combine_row_stats", grid_for(n), &part_max, &part_sum, &part_rest, &part_other, &parts32, &n32, &mut head_max, &mut sum, &mut rest, &mut other)?;
+            let stream = shard.stream.clone();
+            for (index, chunk) in chunks.iter().enumerate() {
+                let (first, count) = (chunk.start, chunk.len());
+                let at = if plan.train { first } else { 0 };
+                let (first32, count32, merge) = (first as i32, count as i32, i32::from(index > 0));
+                let ids = sampled.slice(first..first + count);
+                let mut w = w_gemm.slice_mut(at * center_bytes..(at + count) * center_bytes);
+                let mut inv = inv_w.slice_mut(at..at + count);
+                launch!(shard, "gather_centers", per_row(count), &shard.centers, &ids, &count32, &d32, &mut w, &dt, &mut inv)?;
+                let mut c = cos.slice_mut(at * n..(at + count) * n);
+                {
+                    let (a, _ga) = unit_gemm.device_ptr(&stream);
+                    let (b, _gb) = w.device_ptr(&stream);
+                    let (cp, _gc) = c.device_ptr_mut(&stream);
+                    // cos [count][N] = Ŵ·X̂ᵀ; column-major: C (N×count) = X̂ᵀ(N×d)·Ŵ(d×count).
+                    shard.gemm(true, false, n, count, d, a, d, b, d, cp, n, dtype, false)?;
+                }
+                launch!(shard, "target_logits", grid_for(n), &mut c, &n32, &col, &first32, &count32, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
+                let (gx, gy, gz) = stats_grid(n, count);
+                let cfg = LaunchConfig { grid_dim: (gx, gy, gz), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+                launch!(shard, "row_stats", cfg, &mut c, &count32, &n32, &col, &first32, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
+                let parts32 = gy as i32;
+                let cfg = LaunchConfig { grid_dim: combine_grid(n), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+                launch!(shard, "combine_row_stats", cfg, &part_max, &part_sum, &part_rest, &part_other, &parts32, &n32, &merge, &mut head_max, &mut sum, &mut rest, &mut other)?;
+            }
             shard.stream.memcpy_dtod(&target_logit, &mut logit).map_err(|e| device_error("copy", e))?;
         }
-        let local_max = shard.stream.clone_dtod(&max_stats.slice(0..n)).map_err(|e| device_error("copy", e))?;
-        shard.step = Some(StepBuffers {
-            unit,
-            unit_gemm,
-            inv_norm_e: inv_e,
-            col,
-            w_gemm,
-            inv_norm_w: inv_w,
-            cos,
-            local_max,
-            target_logit: logit,
-            target_slope: slope,
-        });
+        shard.local_max = Some(shard.stream.clone_dtod(&max_stats.slice(0..n)).map_err(|e| device_error("copy", e))?);
+        // Evaluation's buffers go now, not with the next step.
+        shard.step = plan.train.then_some(StepBuffers { unit, unit_gemm, inv_norm_e: inv_e, col, w_gemm, inv_norm_w: inv_w, cos, target_logit: logit, target_slope: slope });
+        shard.sampled = plan.train.then_some(sampled);
         Ok((max_stats, sum_stats))
     }
 
@@ -445,11 +526,11 @@ impl Primitives for CudaBackend {
         let g = &self.shards[shard];
         let n = g.n;
         let n32 = n as i32;
-        let step = g.step.as_ref().ok_or_else(|| Error::new(Status::Panic, "internal error: rescale before forward"))?;
+        let local_max = g.local_max.as_ref().ok_or_else(|| Error::new(Status::Panic, "internal error: rescale before forward"))?;
         let global = maxes.slice(0..n);
         let (mut sum, mut tail) = sums.split_at_mut(n);
         let mut rest = tail.slice_mut(0..n);
-        launch!(g, "rescale_sums", grid_for(n), &step.local_max, &global, &mut sum, &mut rest, &n32)
+        launch!(g, "rescale_sums", grid_for(n), local_max, &global, &mut sum, &mut rest, &n32)
     }
 
     fn read_stats(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, n: usize) -> Result<RowStats> {
@@ -473,10 +554,10 @@ impl Primitives for CudaBackend {
         let inv_sum_d = g.stream.clone_htod(&inv_sum).map_err(|e| device_error("upload", e))?;
         let mass_d = g.stream.clone_htod(&non_target_mass).map_err(|e| device_error("upload", e))?;
         let row_max = maxes.slice(0..n);
-        let mut grad_cos = g.zeros::<u8>(k * n * dtype.size(), "cosine gradient")?;
+        let mut grad_cos = g.scratch::<u8>(k * n * dtype.size(), "cosine gradient")?;
         launch!(g, "cos_gradient", grid_for(k * n), &step.cos, &k32, &n32, &step.col, &step.target_logit, &step.target_slope, &row_max, &inv_sum_d, &mass_d, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
-        let mut gx = g.zeros::<f32>(n * d, "embedding gradient")?;
-        let mut g_unit = g.zeros::<f32>(k * d, "center gradient")?;
+        let mut gx = g.scratch::<f32>(n * d, "embedding gradient")?;
+        let mut g_unit = g.scratch::<f32>(k * d, "center gradient")?;
         {
             let stream = g.stream.clone();
             let (gp, _g) = grad_cos.device_ptr(&stream);
@@ -490,7 +571,7 @@ impl Primitives for CudaBackend {
             g.gemm(false, false, d, k, n, x, d, gp, n, gu, d, dtype, false)?;
         }
         let sampled = g.sampled.take().ok_or_else(|| Error::new(Status::Panic, "internal error: backward before sampling"))?;
-        let mut projected = g.zeros::<f32>(k * d, "center gradients (sampled classes × embedding_dim)")?;
+        let mut projected = g.scratch::<f32>(k * d, "center gradients (sampled classes × embedding_dim)")?;
         launch!(g, "project_center_grads", per_row(k), &g.centers, &sampled, &g_unit, &step.inv_norm_w, &k32, &d32, &mut projected)?;
         g.pending = Some(DeviceRowGrads { rows: sampled, grads: projected, len: k });
         // The embedding side of the normalization is needed once more, for this shard's rows.
@@ -502,7 +583,7 @@ impl Primitives for CudaBackend {
         let d = self.cfg.embedding_dim;
         let g = &mut self.shards[shard];
         let step = g.step.take().ok_or_else(|| Error::new(Status::Panic, "internal error: embedding gradient before forward"))?;
-        let mut out = g.zeros::<f32>(rows * d, "embedding gradient")?;
+        let mut out = g.scratch::<f32>(rows * d, "embedding gradient")?;
         if rows > 0 {
             let (rows32, d32, f32_code) = (rows as i32, d as i32, 0i32);
             let u = step.unit.slice(first_row * d..(first_row + rows) * d);
@@ -549,7 +630,7 @@ impl Primitives for CudaBackend {
                         // SAFETY: matches kernels/normalize.cu `convert_f32`; `dst` holds `len` values of `dtype` on this GPU.
                         unsafe { builder.launch(grid_for(len as usize)) }.map_err(|e| device_error("convert_f32", e))?;
                     }
-                    after_caller(g.stream.cu_stream() as usize, b.stream as _)?;
+                    after_caller(g.stream.cu_stream(), caller_stream(b.stream))?;
                 }
             }
         }
@@ -616,6 +697,31 @@ impl Primitives for CudaBackend {
         g.accumulated = None;
         g.undo = None;
         Ok(())
+    }
+
+    /// On shard 0's stream: the shards' streams run the same phases side by side.
+    fn mark(&mut self, p: usize, start: bool) {
+        let Some(g) = self.shards.first() else { return };
+        let mut timing = g.timing.borrow_mut();
+        if p == phase::GATHER && start {
+            timing.used = 0;
+        }
+        let (a, b) = timing.phases[p];
+        // SAFETY: a live event of this context on its stream; a failed record leaves the phase
+        // unrecorded, which `device_times` reports as NaN.
+        let _ = unsafe { cudarc::driver::result::event::record(if start { a } else { b }, g.stream.cu_stream()) };
+    }
+
+    fn device_times(&self) -> Option<DeviceTimes> {
+        let g = self.shards.first()?;
+        let _ = g.stream.context().bind_to_thread();
+        let timing = g.timing.borrow();
+        let mut phases = [f64::NAN; phase::COUNT];
+        for (t, &(a, b)) in phases.iter_mut().zip(&timing.phases) {
+            *t = elapsed(a, b);
+        }
+        let gemm = timing.gemms[..timing.used].iter().map(|&(a, b)| elapsed(a, b)).sum();
+        Some(DeviceTimes { phases, gemm, peak_bytes: peak_pool_bytes(&g.stream.context()) })
     }
 }
 
@@ -732,20 +838,69 @@ impl CudaBackend {
     }
 }
 
+/// Step buffers freed on the stream stay in the device's default pool (release threshold
+/// unlimited) instead of going back to the driver at each synchronisation: from the second step
+/// on, a step's buffers come from memory the previous one released, so the pool is the workspace,
+/// as large as the largest step so far, with no driver allocation per step.
+fn keep_released_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::{result, sys};
+    let mut threshold = u64::MAX;
+    // SAFETY: the context's own device; the attribute takes a u64.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(|e| device_error("memory pool", e))?;
+        result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut threshold as *mut u64).cast())
+            .map_err(|e| device_error("memory pool release threshold", e))
+    }
+}
+
+/// The most memory the device's default pool (every allocation of the head) has handed out at
+/// once; 0 where the driver cannot say.
+fn peak_pool_bytes(ctx: &CudaContext) -> u64 {
+    use cudarc::driver::{result, sys};
+    let mut high = 0u64;
+    // SAFETY: the context's own device; the attribute is a u64.
+    unsafe {
+        let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) else { return 0 };
+        let got = result::mem_pool::get_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut high as *mut u64).cast());
+        if got.is_err() {
+            return 0;
+        }
+    }
+    high
+}
+
+/// `cuda.h`'s `CU_STREAM_LEGACY`: the legacy default stream, whatever the caller's compilation mode.
+const CU_STREAM_LEGACY: usize = 0x1;
+
+/// The stream a caller's `pfc_batch.stream` names. NULL is the legacy default stream, where
+/// `cudaMemcpy` and kernel launches without a stream go; the library's own streams are
+/// non-blocking, so they are not ordered after it implicitly and must wait for it explicitly.
+fn caller_stream(raw: usize) -> cudarc::driver::sys::CUstream {
+    (if raw == 0 { CU_STREAM_LEGACY } else { raw }) as cudarc::driver::sys::CUstream
+}
+
 /// Makes stream `then` wait for the work queued so far on stream `first` (an event, not a device
-/// sync). Either may be 0 for none.
-fn after_caller(first: usize, then: cudarc::driver::sys::CUstream) -> Result<()> {
+/// sync).
+fn after_caller(first: cudarc::driver::sys::CUstream, then: cudarc::driver::sys::CUstream) -> Result<()> {
     use cudarc::driver::result::{event, stream};
     use cudarc::driver::sys::{CUevent_flags, CUevent_wait_flags};
-    if first == 0 || then.is_null() {
-        return Ok(());
-    }
     let ev = event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| device_error("event", e))?;
-    // SAFETY: `first` is a live stream of the caller's (or ours); the event is destroyed after the
-    // wait is queued, which CUDA allows.
+    // SAFETY: both are live streams, the caller's or ours; the event is destroyed after the wait
+    // is queued, which CUDA allows.
     unsafe {
-        let queued = event::record(ev, first as _).and_then(|_| stream::wait_event(then, ev, CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT));
+        let queued = event::record(ev, first).and_then(|_| stream::wait_event(then, ev, CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT));
         let _ = event::destroy(ev);
         queued.map_err(|e| device_error("ordering with the caller's stream", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_null_caller_stream_is_the_legacy_default_stream() {
+        assert_eq!(caller_stream(0) as usize, CU_STREAM_LEGACY, "NULL must order against the legacy stream, not skip ordering");
+        assert_eq!(caller_stream(0xdead_b000) as usize, 0xdead_b000);
     }
 }

@@ -194,4 +194,98 @@ mod tests {
             }
         }
     }
+
+    /// The three products of a block of the step — cosines `W·x̂ᵀ`, the embedding gradient
+    /// `+= gᵀ·W` and the center gradient `g·x̂` — as (m, n, k, a strides, b strides, accumulate)
+    /// for `rows` sampled classes, a global batch of `n` and dimension `d`.
+    fn step_shapes(rows: usize, n: usize, d: usize) -> [(usize, usize, usize, (usize, usize), (usize, usize), bool); 3] {
+        [(rows, n, d, (d, 1), (1, d), false), (n, d, rows, (1, n), (d, 1), true), (rows, d, n, (n, 1), (d, 1), false)]
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        (0..len).map(|i| (crate::rng::at(seed, i as u64) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    /// |x − y| bounded by `tol`·Σ|aᵢ||bᵢ| for every output: the bound any summation order meets.
+    fn check_close(got: &[f32], want: &[f32], scale: &[f32], tol: f32, what: &str) {
+        for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+            assert!((g - w).abs() <= tol * s + 1e-30, "{what}: element {i}: {g} vs {w} (|a||b| sum {s})");
+        }
+    }
+
+    /// oneDNN against the crate for every GEMM shape the step uses: full and partial blocks,
+    /// batches of one row and of a few, an empty block (k = 0 contributes nothing), f32 and bf16.
+    #[test]
+    fn onednn_agrees_with_the_crate_on_every_step_shape() {
+        dnnl::loaded().expect("oneDNN must be installed for this test (scripts/setup.sh installs libdnnl-dev)");
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let mut seed = 1;
+        for &(rows, n, d) in &[(256, 256, 512), (255, 37, 64), (1, 1, 8), (78, 300, 128), (256, 3, 512), (0, 16, 64), (17, 16, 1)] {
+            for (m, nn, k, sa, sb, acc) in step_shapes(rows, n, d) {
+                seed += 1;
+                let a_len = if m == 0 || k == 0 { 0 } else { (m - 1) * sa.0 + (k - 1) * sa.1 + 1 };
+                let b_len = if k == 0 || nn == 0 { 0 } else { (k - 1) * sb.0 + (nn - 1) * sb.1 + 1 };
+                let (a, b, init) = (values(a_len, seed), values(b_len, seed + 100), values(m * nn, seed + 200));
+                let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+                let (aa, ba) = (abs(&a), abs(&b));
+                let mut scale = if acc { abs(&init) } else { vec![0.0; m * nn] };
+                // SAFETY: the lengths span the strides.
+                unsafe { crate_matmul(m, nn, k, &mut scale, Operand { data: &aa, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &ba, row_stride: sb.0, col_stride: sb.1 }, acc) };
+                let mut want = init.clone();
+                unsafe { crate_matmul(m, nn, k, &mut want, Operand { data: &a, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &b, row_stride: sb.0, col_stride: sb.1 }, acc) };
+                let what = format!("{m}×{nn}×{k} a{sa:?} b{sb:?} accumulate {acc}");
+                let shape = dnnl::Shape { m, n: nn, k, a_strides: sa, b_strides: sb, dtype: dnnl::DataType::F32, accumulate: acc };
+                let mut got = init.clone();
+                // oneDNN is never asked for an empty product (k = 0): `matmul` answers it.
+                if m * nn > 0 && k > 0 {
+                    pool.install(|| unsafe { dnnl::matmul(&shape, a.as_ptr().cast(), b.as_ptr().cast(), got.as_mut_ptr()) }).unwrap();
+                }
+                // f32: both sum the same products in some order, within (k + 2)·u·Σ|a||b|.
+                check_close(&got, &want, &scale, (k + 2) as f32 * f32::EPSILON, &format!("f32 {what}"));
+
+                // bf16 through oneDNN, against the crate on the same rounded inputs (exact products)
+                // and against the unrounded f32 product (within the inputs' rounding, 2·2⁻⁸).
+                let (ab, bb): (Vec<bf16>, Vec<bf16>) = (a.iter().map(|&v| bf16::from_f32(v)).collect(), b.iter().map(|&v| bf16::from_f32(v)).collect());
+                let (ar, br): (Vec<f32>, Vec<f32>) = (ab.iter().map(|v| v.to_f32()).collect(), bb.iter().map(|v| v.to_f32()).collect());
+                let mut rounded = init.clone();
+                unsafe { crate_matmul(m, nn, k, &mut rounded, Operand { data: &ar, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &br, row_stride: sb.0, col_stride: sb.1 }, acc) };
+                let mut got = init.clone();
+                let shape = dnnl::Shape { dtype: dnnl::DataType::Bf16, ..shape };
+                if m * nn > 0 && k > 0 {
+                    pool.install(|| unsafe { dnnl::matmul(&shape, ab.as_ptr().cast(), bb.as_ptr().cast(), got.as_mut_ptr()) }).unwrap();
+                }
+                check_close(&got, &rounded, &scale, (k + 2) as f32 * f32::EPSILON, &format!("bf16 vs rounded inputs {what}"));
+                check_close(&got, &want, &scale, 2.0 / 256.0 + (k + 2) as f32 * f32::EPSILON, &format!("bf16 vs f32 {what}"));
+                // And the dispatching entry point, which the step calls, gives the same as oneDNN.
+                let mut via = init.clone();
+                pool.install(|| matmul(m, nn, k, &mut via, Operand { data: &ab, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &bb, row_stride: sb.0, col_stride: sb.1 }, acc));
+                assert_eq!(via, got, "matmul() vs oneDNN, bf16 {what}");
+            }
+        }
+    }
+
+    /// oneDNN starts no threads of its own: the pool's threads compute every block.
+    #[test]
+    fn onednn_runs_on_the_pool_threads_only() {
+        dnnl::loaded().expect("oneDNN must be installed for this test (scripts/setup.sh installs libdnnl-dev)");
+        let threads = || std::fs::read_to_string("/proc/self/status").unwrap().lines().find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim().parse::<usize>().unwrap())).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        let (a, b) = (values(256 * 512, 1), values(512 * 256, 2));
+        pool.install(|| rayon::broadcast(|_| ()));
+        let before = threads();
+        let ab: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
+        let bb: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
+        pool.install(|| {
+            use rayon::prelude::*;
+            (0..32).into_par_iter().for_each(|_| {
+                let mut c = vec![0f32; 256 * 256];
+                matmul(256, 256, 512, &mut c, Operand::rows(&ab, 512), Operand::transposed(&bb, 512), false);
+                matmul(256, 256, 512, &mut c, Operand::rows(&a, 512), Operand::transposed(&b, 512), true);
+            })
+        });
+        // Other tests of this binary may run meanwhile; their threads come and go, ours must not
+        // have been joined by an OpenMP team (4 pool threads × its default of one per core).
+        let after = threads();
+        assert!(after <= before + 2, "threads went from {before} to {after}: oneDNN started its own");
+    }
 }

@@ -2,10 +2,12 @@
 // through its normalization, and the sparse update of the sampled centers.
 
 // g[j][i] = (softmax − onehot)/N · ∂z/∂cos, 0 where the filter removed the column or the clamp was
-// active; written in `dtype` for the backward GEMMs. Mirrors `cos_gradient` of the CPU backend.
+// active; written in `dtype` for the backward GEMMs. The target's p_y − 1 is −non_target_mass[i]
+// (Σ_{j≠y} p_j), exact when p_y is near 1. Mirrors `cos_gradient` of the CPU backend.
 extern "C" __global__ void cos_gradient(const float* cos, int k, int n, const int* col, const float* target_logit,
                                         const float* target_slope, const float* row_max, const float* inv_sum,
-                                        float inv_batch, float s, float filter, void* grad, int dtype) {
+                                        const float* non_target_mass, float inv_batch, float s, float filter, void* grad,
+                                        int dtype) {
     const u64 total = (u64)k * n;
     for (u64 at = blockIdx.x * (u64)blockDim.x + threadIdx.x; at < total; at += (u64)gridDim.x * blockDim.x) {
         const int j = (int)(at / n), i = (int)(at % n);
@@ -17,7 +19,7 @@ extern "C" __global__ void cos_gradient(const float* cos, int k, int n, const in
         const float prob = __expf(z - row_max[i]) * inv_sum[i];
         const float slope = is_target ? target_slope[i] : (filtered ? 0.0f : s);
         const bool inside = raw >= -1.0f && raw <= 1.0f;
-        const float g = inside ? (prob - (is_target ? 1.0f : 0.0f)) * inv_batch * slope : 0.0f;
+        const float g = inside ? (is_target ? -non_target_mass[i] : prob) * inv_batch * slope : 0.0f;
         store_from_f32(grad, at, g, dtype);
     }
 }

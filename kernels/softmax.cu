@@ -37,37 +37,46 @@ __device__ __forceinline__ float column_logit(float raw, bool is_target, float t
     return (filter > 0.0f && c > filter) ? 0.0f : s * c;
 }
 
-// Online (max, Σexp) per row over columns [y·cols, (y+1)·cols), and the largest non-target cosine.
-// Grid: x over rows, y over column chunks; results at [y][i].
+// Online (max, Σexp, Σexp over the non-target columns) per row over columns [y·cols, (y+1)·cols),
+// and the largest non-target cosine. The non-target sum is accumulated on its own, not taken as
+// Σexp − exp(z_y − max): the loss and the target's gradient come from it, and that difference
+// keeps no digits when p_y → 1 (SPEC §1.7). Grid: x over rows, y over column chunks; results at [y][i].
 extern "C" __global__ void row_stats(const float* cos, int k, int n, const int* col, const float* target_logit, float s,
-                                     float filter, int cols, float* part_max, float* part_sum, float* part_other) {
+                                     float filter, int cols, float* part_max, float* part_sum, float* part_rest,
+                                     float* part_other) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int j0 = blockIdx.y * cols, j1 = min(k, j0 + cols);
     const int target_col = col[i];
     const float target = target_logit[i];
-    float m = -INFINITY, sum = 0.0f, other = -INFINITY;
+    float m = -INFINITY, sum = 0.0f, rest = 0.0f, other = -INFINITY;
     for (int j = j0; j < j1; j++) {
         const float raw = cos[(u64)j * n + i];
         const bool is_target = j == target_col;
         const float z = column_logit(raw, is_target, target, s, filter);
         if (z > m) {
-            sum = sum * __expf(m - z) + 1.0f;
+            const float f = __expf(m - z);
+            sum = sum * f + 1.0f;
+            rest = rest * f + (is_target ? 0.0f : 1.0f);
             m = z;
         } else {
-            sum += __expf(z - m);
+            const float e = __expf(z - m);
+            sum += e;
+            if (!is_target) rest += e;
         }
         if (!is_target) other = fmaxf(other, fminf(fmaxf(raw, -1.0f), 1.0f));
     }
     const u64 at = (u64)blockIdx.y * n + i;
     part_max[at] = m;
     part_sum[at] = sum;
+    part_rest[at] = rest;
     part_other[at] = other;
 }
 
-// Folds the column chunks: max[i], Σexp relative to it, and the largest non-target cosine.
-extern "C" __global__ void combine_row_stats(const float* part_max, const float* part_sum, const float* part_other, int parts,
-                                             int n, float* max_out, float* sum_out, float* other_out) {
+// Folds the column chunks: max[i], both sums relative to it, and the largest non-target cosine.
+extern "C" __global__ void combine_row_stats(const float* part_max, const float* part_sum, const float* part_rest,
+                                             const float* part_other, int parts, int n, float* max_out, float* sum_out,
+                                             float* rest_out, float* other_out) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float m = -INFINITY, other = -INFINITY;
@@ -75,20 +84,28 @@ extern "C" __global__ void combine_row_stats(const float* part_max, const float*
         m = fmaxf(m, part_max[(u64)p * n + i]);
         other = fmaxf(other, part_other[(u64)p * n + i]);
     }
-    float sum = 0.0f;
+    float sum = 0.0f, rest = 0.0f;
     if (m > -INFINITY)
         for (int p = 0; p < parts; p++) {
             const float pm = part_max[(u64)p * n + i];
-            if (pm > -INFINITY) sum += part_sum[(u64)p * n + i] * __expf(pm - m);
+            if (pm > -INFINITY) {
+                const float f = __expf(pm - m);
+                sum += part_sum[(u64)p * n + i] * f;
+                rest += part_rest[(u64)p * n + i] * f;
+            }
         }
     max_out[i] = m;
     sum_out[i] = sum;
+    rest_out[i] = rest;
     other_out[i] = other;
 }
 
-// After the MAX all-reduce: this shard's Σexp relative to the global max, ready for the SUM one.
-extern "C" __global__ void rescale_sums(const float* local_max, const float* global_max, float* sum, int n) {
+// After the MAX all-reduce: this shard's two sums relative to the global max, ready for the SUM one
+// (a shard without columns, sum 0, contributes 0).
+extern "C" __global__ void rescale_sums(const float* local_max, const float* global_max, float* sum, float* rest, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    sum[i] = sum[i] == 0.0f ? 0.0f : sum[i] * __expf(local_max[i] - global_max[i]);
+    const float f = sum[i] == 0.0f ? 0.0f : __expf(local_max[i] - global_max[i]);
+    sum[i] *= f;
+    rest[i] *= f;
 }

@@ -1,7 +1,8 @@
 //! One job over several processes (SPEC §2a), through OpenMPI: tests/mpi/parity.c runs under
 //! `mpirun -n 2, 3, 4` with 1–2 shards per process (uneven layouts too) and checks, on every
 //! process, the loss, its shards' gradients and its centers after every step against one process
-//! with the same total shard count (≤ 1e-6 relative), and against the reference's golden vectors;
+//! with the same total shard count (≤ 1e-6 relative, and bit for bit), and against the reference's
+//! golden vectors;
 //! a bad input on one process only, a failing callback and mismatched configurations must give the
 //! same status and message everywhere. OpenMPI comes from the project's setup (Debian's
 //! openmpi-bin and libopenmpi-dev).
@@ -95,7 +96,9 @@ fn layouts_over_processes_match_one_process() {
         for (rate, adamw) in [(1.0, false), (0.3, true)] {
             let name = format!("{}-{rate}-{adamw}", layout.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("_"));
             let case = synthetic(&name, total, layout, rate, adamw);
-            let out = run_parity(&case.dir, layout.len(), &[]);
+            // One thread per process and in the one-process head beside it: the same blocks, the
+            // same rank-ordered reductions, so the results must agree bit for bit.
+            let out = run_parity(&case.dir, layout.len(), &["--bitwise"]);
             eprintln!("{layout:?} r={rate} adamw={adamw}: {}", out.lines().next().unwrap_or_default());
         }
     }
@@ -196,8 +199,9 @@ fn build_example(compiler: &str, source: &str, name: &str, flags: &[&str]) -> Pa
     exe
 }
 
-/// examples/mpi/train.c, the README's multi-process recipe, learns over 2 and 3 processes; the C++
-/// binding's callable all-gather (examples/mpi/train.cpp) over 3 processes with uneven shards.
+/// examples/mpi/train.c, the README's multi-process recipe, learns over 2 and 3 processes; the
+/// benchmark recipe runs; the C++ binding's callable all-gather (examples/mpi/train.cpp) works over
+/// 3 processes with uneven shards.
 #[test]
 fn mpi_examples_train_over_processes() {
     let c = build_example("mpicc", "examples/mpi/train.c", "train", &["-std=c11"]);
@@ -210,6 +214,13 @@ fn mpi_examples_train_over_processes() {
         assert!(text.contains("learning") && !text.contains("NOT learning"), "{text}");
         eprintln!("{procs} processes × {shards}: {}", text.lines().last().unwrap_or_default());
     }
+    // The benchmark recipe of docs/benchmarks.md, on a small job.
+    let bench = build_example("mpicc", "examples/mpi/bench.c", "bench", &["-std=c11"]);
+    let mut cmd = mpirun(2);
+    cmd.arg(&bench).args(["5000", "0.2", "64", "1", "3", "32"]);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("median step"), "{}", String::from_utf8_lossy(&out.stdout));
     let cpp = build_example("mpicxx", "examples/mpi/train.cpp", "train_cpp", &["-std=c++17"]);
     let mut cmd = mpirun(3);
     cmd.arg(&cpp);

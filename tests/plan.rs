@@ -72,18 +72,18 @@ fn headline_configuration_is_the_default() {
     // Model parallel and PartialFC share centers, state and all of the communication.
     let embeddings = 63 * 64 * 512 * 4; // (S−1) chunks of B × d f32 = 8,257,536
     let labels = 63 * 64 * 8 + 63 * 8; // i64 labels, then one u64 batch size per GPU = 32,760
-    let softmax = 2 * (3 * 4096 - 3 * 64) * 4 + 2 * (2 * 4096 - 2 * 64) * 4; // 96,768 + 64,512 = 161,280
-    assert_eq!((embeddings, labels, softmax), (8_257_536, 32_760, 161_280));
+    let softmax = 2 * (3 * 4096 - 3 * 64) * 4 + 2 * (3 * 4096 - 3 * 64) * 4; // 96,768 + 96,768 = 193,536
+    assert_eq!((embeddings, labels, softmax), (8_257_536, 32_760, 193_536));
     let comm = [embeddings, labels, softmax, embeddings];
     check(&v, "model_parallel", [156_250 * 512 * 4, 156_250 * 512 * 4, 0, 4096 * 156_250 * 4], comm);
     check(&v, "partial_fc", [156_250 * 512 * 4, 156_250 * 512 * 4, 0, 4096 * 15_625 * 4], comm);
     assert_eq!(at(&v, "model_parallel.memory.logits"), 2_560_000_000);
     assert_eq!(at(&v, "partial_fc.memory.logits"), 256_000_000);
-    assert_eq!(at(&v, "partial_fc.communication.total"), 16_709_112);
+    assert_eq!(at(&v, "partial_fc.communication.total"), 16_741_368);
 
-    // Collective payloads: the brief's "32 KB" is 2 f32 per sample; the engine moves 3 + 2.
+    // Collective payloads: the brief's "32 KB" is 2 f32 per sample; the engine moves 3 + 3.
     assert_eq!(at(&v, "payload.softmax_max_all_reduce"), 3 * 4096 * 4);
-    assert_eq!(at(&v, "payload.softmax_sum_all_reduce"), 2 * 4096 * 4); // 32,768 = 32 KiB
+    assert_eq!(at(&v, "payload.softmax_sum_all_reduce"), 3 * 4096 * 4); // 49,152
     assert_eq!(at(&v, "payload.embedding_all_gather"), 4096 * 512 * 4);
     assert_eq!(at(&v, "payload.center_gradient_all_reduce"), 10_000_000 * 512 * 4);
     assert!(v["backbone"].is_null());
@@ -103,7 +103,7 @@ fn table_shows_exact_bytes_and_binary_units() {
     let logits = row("  logits (f32)");
     assert!(logits.contains("2,560,000,000 B (2.38 GiB)") && logits.contains("256,000,000 B (244.14 MiB)"), "{logits}");
     let softmax = row("  softmax statistics");
-    assert!(softmax.contains("161,280 B (157.50 KiB)"), "{softmax}");
+    assert!(softmax.contains("193,536 B (189.00 KiB)"), "{softmax}");
     let gradient = row("  gradient  ");
     assert!(gradient.contains("40,320,000,000 B (37.55 GiB)") && gradient.contains("8,257,536 B (7.88 MiB)"), "{gradient}");
     for label in [
@@ -154,7 +154,7 @@ fn uneven_shards_adamw_bf16_and_a_backbone() {
     let comm = [
         7 * 5 * 3 * 2,                          // embedding all-gather: 210
         7 * 5 * 8 + 7 * 8,                      // labels + batch sizes: 336
-        2 * (120 - 15) * 4 + 2 * (80 - 10) * 4, // MAX of 3N = 120, SUM of 2N = 80: 1,400
+        2 * (120 - 15) * 4 + 2 * (120 - 15) * 4, // MAX and SUM of 3N = 120 each: 1,680
         7 * 5 * 3 * 2,                          // gradient reduce-scatter: 210
     ];
     let state = 2 * 125_001 * 3 * 4 + 125_001 * 4; // 3,500,028
@@ -166,7 +166,7 @@ fn uneven_shards_adamw_bf16_and_a_backbone() {
     assert_eq!(at(&v, "backbone.gradient_bytes"), 65_000_000 * 4);
     assert_eq!(at(&v, "backbone.all_reduce_sent"), 2 * (65_000_000 - 8_125_000) * 4); // 455,000,000
                                                                                       // ... and never counted as the head's.
-    assert_eq!(at(&v, "partial_fc.communication.total"), 210 + 336 + 1_400 + 210);
+    assert_eq!(at(&v, "partial_fc.communication.total"), 210 + 336 + 1_680 + 210);
 
     // The table shows it on its own rows.
     let (ok, out, err) = pfc(&all);
@@ -174,7 +174,7 @@ fn uneven_shards_adamw_bf16_and_a_backbone() {
     let row = out.lines().find(|l| l.starts_with("  gradient all-reduce")).unwrap_or_else(|| panic!("{out}"));
     assert!(row.contains("455,000,000 B (433.92 MiB)"), "{row}"); // 455,000,000 / 2^20 = 433.92
     let total = out.lines().find(|l| l.starts_with("  step total, head + backbone")).unwrap_or_else(|| panic!("{out}"));
-    assert!(total.contains("455,002,156 B"), "{total}"); // 455,000,000 + 2,156
+    assert!(total.contains("455,002,436 B"), "{total}"); // 455,000,000 + 2,436
     assert!(out.contains("n = 125,001 on 3 GPUs, 125,000 on the others"), "{out}");
 }
 
@@ -189,7 +189,7 @@ fn few_classes_per_shard_bound_the_positives() {
     assert_eq!(at(&v, "sharding.sampled_per_gpu_bound"), 4);
     // DP all-reduce of L = 20 elements over 3 GPUs: 20 / 3 = 6, busiest GPU 2 × 14 × 4.
     check(&v, "data_parallel", [10 * 2 * 4, 10 * 2 * 4, 10 * 2 * 4, 4 * 10 * 4], [0, 0, 0, 2 * (20 - 6) * 4]);
-    let comm = [2 * 4 * 2 * 4, 2 * 4 * 8 + 2 * 8, 2 * (36 - 12) * 4 + 2 * (24 - 8) * 4, 2 * 4 * 2 * 4];
+    let comm = [2 * 4 * 2 * 4, 2 * 4 * 8 + 2 * 8, 2 * (36 - 12) * 4 + 2 * (36 - 12) * 4, 2 * 4 * 2 * 4];
     check(&v, "model_parallel", [4 * 2 * 4, 4 * 2 * 4, 0, 12 * 4 * 4], comm);
     check(&v, "partial_fc", [4 * 2 * 4, 4 * 2 * 4, 0, 12 * 2 * 4], comm);
     let (ok, out, _) = pfc(&["--gpus", "3", "--batch-per-gpu", "4", "--dim", "2", "--classes", "10", "--sample-rate", "0.5"]);

@@ -59,6 +59,8 @@ struct Problem {
 
 struct Reference {
     loss: f64,
+    /// Each sample's loss.
+    row_loss: Vec<f64>,
     /// ∂loss/∂e · world (SPEC §1.8's convention).
     grad_e: Vec<f64>,
     /// ∂loss/∂W.
@@ -94,20 +96,33 @@ fn raw_cosines(p: &Problem, x: &[f64], w: &[f64]) -> Vec<f64> {
     cos
 }
 
+/// One row's softmax cross-entropy over logits `z` with target `y` (SPEC §1.7's exact form):
+/// the loss `log1p(R / T)`, with R = Σ_{j≠y} exp(z_j − max) and T = exp(z_y − max), and
+/// `softmax − onehot` written into `dz`, the target's entry being −R/Σ. Float64 has digits to
+/// spare, but the form is the one the engine must follow, and it keeps the model exact at any loss.
+fn row_softmax(z: &[f64], y: usize, dz: &mut [f64]) -> f64 {
+    let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let rest: f64 = z.iter().enumerate().filter(|&(j, _)| j != y).map(|(_, v)| (v - max).exp()).sum();
+    let target = (z[y] - max).exp();
+    let sum = rest + target;
+    for (j, d) in dz.iter_mut().enumerate() {
+        *d = if j == y { -rest / sum } else { (z[j] - max).exp() / sum };
+    }
+    (rest / target).ln_1p()
+}
+
 /// The mean loss only (for finite differences).
 fn model_loss(m: &Margin, p: &Problem, e: &[f64], w: &[f64]) -> f64 {
     let (x, _) = normalize_rows(e, p.d);
     let (wu, _) = normalize_rows(w, p.d);
     let cos = raw_cosines(p, &x, &wu);
     let mut total = 0.0;
-    let mut z = vec![0.0; p.c];
+    let (mut z, mut dz) = (vec![0.0; p.c], vec![0.0; p.c]);
     for i in 0..p.n {
         for j in 0..p.c {
             z[j] = logit(m, cos[i * p.c + j].clamp(-1.0, 1.0), j == p.y[i]).0;
         }
-        let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-        total += lse - z[p.y[i]];
+        total += row_softmax(&z, p.y[i], &mut dz);
     }
     total / p.n as f64
 }
@@ -120,8 +135,8 @@ fn model(m: &Margin, p: &Problem, world: usize) -> Reference {
     let cos = raw_cosines(p, &x, &wu);
     // G = ∂loss/∂cos (N × C).
     let mut g = vec![0.0; n * c];
-    let mut loss = 0.0;
-    let mut z = vec![0.0; c];
+    let mut row_loss = Vec::with_capacity(n);
+    let (mut z, mut dz) = (vec![0.0; c], vec![0.0; c]);
     let mut slope = vec![0.0; c];
     let mut saturated = 0;
     for i in 0..n {
@@ -130,19 +145,15 @@ fn model(m: &Margin, p: &Problem, world: usize) -> Reference {
             z[j] = zz;
             slope[j] = sl;
         }
-        let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
-        loss += max + sum.ln() - z[p.y[i]];
-        saturated += usize::from(1.0 / sum > 0.99);
+        row_loss.push(row_softmax(&z, p.y[i], &mut dz));
+        let largest_prob = dz.iter().enumerate().map(|(j, &v)| if j == p.y[i] { 1.0 + v } else { v }).fold(0.0, f64::max);
+        saturated += usize::from(largest_prob > 0.99);
         for j in 0..c {
-            let raw = cos[i * c + j];
-            let inside = (-1.0..=1.0).contains(&raw);
-            let prob = (z[j] - max).exp() / sum;
-            let onehot = if j == p.y[i] { 1.0 } else { 0.0 };
-            g[i * c + j] = if inside { (prob - onehot) / n as f64 * slope[j] } else { 0.0 };
+            let inside = (-1.0..=1.0).contains(&cos[i * c + j]);
+            g[i * c + j] = if inside { dz[j] / n as f64 * slope[j] } else { 0.0 };
         }
     }
-    loss /= n as f64;
+    let loss = row_loss.iter().sum::<f64>() / n as f64;
     // Back through the normalizations.
     let mut grad_e = vec![0.0; n * d];
     for i in 0..n {
@@ -174,7 +185,7 @@ fn model(m: &Margin, p: &Problem, world: usize) -> Reference {
             grad_w[j * d + k] = (gw[k] - wj[k] * proj) / wnorm[j];
         }
     }
-    Reference { loss, grad_e, grad_w, saturated }
+    Reference { loss, row_loss, grad_e, grad_w, saturated }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -290,11 +301,16 @@ struct EngineOut {
     loss: f64,
     /// Returned embedding gradient (local_shards × ∂loss/∂e).
     grad_e: Vec<f32>,
-    /// W_before − W_after with lr 1, no momentum, no weight decay: the center gradient.
+    /// (W_before − W_after) / lr, no momentum, no weight decay: the center gradient.
     grad_w: Vec<f64>,
 }
 
 fn run_engine(m: &Margin, data: &Data, shards: usize) -> EngineOut {
+    run_engine_with(m, data, shards, 1.0, |_| {})
+}
+
+/// A step at learning rate `lr`; `before` sees the head once the centers are set.
+fn run_engine_with(m: &Margin, data: &Data, shards: usize, lr: f32, before: impl FnOnce(&TestHead)) -> EngineOut {
     let p = &data.p;
     let mut cfg = default_config();
     cfg.num_classes = p.c as u64;
@@ -307,7 +323,7 @@ fn run_engine(m: &Margin, data: &Data, shards: usize) -> EngineOut {
     cfg.interclass_filter = m.filter as f32;
     cfg.margin_grad = if m.exact { PFC_MARGIN_GRAD_EXACT } else { PFC_MARGIN_GRAD_STRAIGHT_THROUGH };
     cfg.optimizer = PFC_OPTIMIZER_SGD;
-    cfg.lr = 1.0;
+    cfg.lr = lr;
     cfg.momentum = 0.0;
     cfg.weight_decay = 0.0;
     cfg.local_shards = shards as u32;
@@ -315,11 +331,12 @@ fn run_engine(m: &Margin, data: &Data, shards: usize) -> EngineOut {
     assert_eq!(head.local_classes(), (0, p.c as u64));
     head.set_centers(&data.w32);
     assert_eq!(head.centers(p.d), data.w32, "pfc_get_centers does not return what pfc_set_centers wrote");
+    before(&head);
     let (stats, grad_e) = head.step(&data.e32, &data.labels, p.d, &even_split(p.n, shards));
     assert_eq!(stats.global_batch, p.n as u64);
     assert_eq!(stats.sampled_classes, p.c as u64);
     let after = head.centers(p.d);
-    let grad_w = data.w32.iter().zip(&after).map(|(&b, &a)| b as f64 - a as f64).collect();
+    let grad_w = data.w32.iter().zip(&after).map(|(&b, &a)| (b as f64 - a as f64) / lr as f64).collect();
     EngineOut { loss: stats.loss, grad_e, grad_w }
 }
 
@@ -533,4 +550,239 @@ fn finite_differences_m1_margin() {
 #[test]
 fn finite_differences_combined_margin() {
     fd_family(3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The confident regime (SPEC §1.7): a well-trained head, per-sample losses from 1e-2 down to 1e-7.
+// There `log Σ − z_y` and `p_y − 1` with Σ ≈ 1 in f32 keep no digits; the exact form keeps what the
+// f32 cosines times s allow.
+
+/// Per-sample losses the rows are tuned to: sixteen confident ones, 1e-2 down to 1e-7, and one
+/// ordinary one. One more row (its target logit below another column's) follows them.
+fn confident_targets() -> Vec<f64> {
+    let mut t: Vec<f64> = (0..16).map(|k| 10f64.powf(-2.0 - 5.0 * k as f64 / 15.0)).collect();
+    t.push(0.5);
+    t
+}
+
+/// Per-sample losses, and the gradients norm-wise over the whole case.
+const CONFIDENT_TOL: f64 = 2e-5;
+/// Each row's gradient on its own, confident rows included: the f32 cosines' rounding times s
+/// (≈ 64 · 1e-7 per logit, amplified by the projection through the normalization) bounds this
+/// near 3e-5; the old `p_y − 1` is off by ~1e-7 / loss, i.e. by 100% at 1e-7.
+const CONFIDENT_ROW_GRAD_TOL: f64 = 5e-5;
+
+/// Logits of one embedding row against unit centers `wu` (clamped cosines).
+fn row_logits(m: &Margin, e: &[f64], wu: &[f64], y: usize) -> Vec<f64> {
+    let (x, _) = normalize_rows(e, e.len());
+    wu.chunks_exact(e.len()).enumerate().map(|(j, w)| logit(m, dot(&x, w).clamp(-1.0, 1.0), j == y).0).collect()
+}
+
+fn try_confident(m: &Margin, c: usize, d: usize, seed: u64) -> Option<Data> {
+    let mut rng = Rng(seed);
+    let targets = confident_targets();
+    let n = targets.len() + 1;
+    // Small center norms, as a trained head's are (they start at N(0, 0.01)): an SGD step with
+    // lr 1e4 moves them by more than their size, so W_before − W_after measures even the 1e-7
+    // rows' center gradients to f32 precision.
+    let mut w = Vec::with_capacity(c * d);
+    for _ in 0..c {
+        let scale = rng.range(0.05, 0.2);
+        w.extend(unit_random(&mut rng, d).into_iter().map(|v| v * scale));
+    }
+    // Distinct targets, so each target class's gradient is its row's.
+    let mut classes: Vec<usize> = (0..c).collect();
+    rng.shuffle(&mut classes);
+    let y = classes[..n].to_vec();
+    let mut planted = Vec::new();
+    if m.filter > 0.0 {
+        // Competitors beside three confident rows' centers (cosine ≈ 0.85): the filter removes them
+        // (z = 0), which is what keeps those rows confident.
+        for (slot, &i) in [0usize, 7, 14].iter().enumerate() {
+            let j = classes[n + slot];
+            let (wy, _) = normalize_rows(&w[y[i] * d..(y[i] + 1) * d], d);
+            let noise = unit_random(&mut rng, d);
+            let dir: Vec<f64> = wy.iter().zip(&noise).map(|(u, r)| u + 0.5 * r).collect();
+            let k = rng.range(0.05, 0.2) / norm(&dir);
+            w[j * d..(j + 1) * d].iter_mut().zip(&dir).for_each(|(o, v)| *o = v * k);
+            planted.push(j);
+        }
+    }
+    let (wu, _) = normalize_rows(&w, d);
+    let mut e = Vec::with_capacity(n * d);
+    for i in 0..n {
+        let wy = &wu[y[i] * d..(y[i] + 1) * d];
+        let noise = unit_random(&mut rng, d);
+        let scale = rng.range(0.5, 3.0);
+        let embed = |a: f64| -> Vec<f64> { wy.iter().zip(&noise).map(|(u, r)| (a * u + r) * scale).collect() };
+        let a = match targets.get(i) {
+            Some(&want) => {
+                // Bisection on a (the loss falls as the embedding turns towards its center); a ≤ 6
+                // keeps the target cosine below 0.99.
+                let f = |a: f64| {
+                    let z = row_logits(m, &embed(a), &wu, y[i]);
+                    row_softmax(&z, y[i], &mut vec![0.0; c]).ln() - want.ln()
+                };
+                let (mut lo, mut hi) = (0.0f64, 6.0f64);
+                if !(f(lo) > 0.0 && f(hi) < 0.0) {
+                    return None;
+                }
+                for _ in 0..60 {
+                    let mid = 0.5 * (lo + hi);
+                    if f(mid) > 0.0 {
+                        lo = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                lo
+            }
+            // Pointing away from its center: the target logit is far from the row's max.
+            None => -1.0,
+        };
+        e.extend(embed(a));
+    }
+    let e32: Vec<f32> = e.iter().map(|&v| v as f32).collect();
+    let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+    let p = Problem { n, c, d, e: e32.iter().map(|&v| v as f64).collect(), y: y.clone(), w: w32.iter().map(|&v| v as f64).collect() };
+    // Away from the clamp and the filter threshold, as the other cases.
+    let (x, _) = normalize_rows(&p.e, d);
+    let cos = raw_cosines(&p, &x, &normalize_rows(&p.w, d).0);
+    for i in 0..n {
+        for j in 0..c {
+            let v = cos[i * c + j];
+            if v.abs() > 0.99 || (m.filter > 0.0 && j != y[i] && (v - m.filter).abs() < 1e-3) {
+                return None;
+            }
+        }
+    }
+    let last = row_logits(m, &p.e[(n - 1) * d..], &normalize_rows(&p.w, d).0, y[n - 1]);
+    assert!(last.iter().any(|&z| z > last[y[n - 1]] + 1.0), "the last row's target must not be its max");
+    let labels = y.iter().map(|&v| v as i64).collect();
+    Some(Data { p, e32, w32, labels, planted })
+}
+
+/// ‖got − want‖ / ‖want‖ over row `row` (of width `d`).
+fn row_rel_err(got: &[f64], want: &[f64], d: usize, row: usize) -> f64 {
+    rel_err64(&got[row * d..(row + 1) * d], &want[row * d..(row + 1) * d])
+}
+
+#[test]
+fn confident_regime_matches_f64_model() {
+    let (c, d) = (64, 64);
+    let mut worst = (0.0f64, 0.0f64, 0.0f64);
+    for filter in [false, true] {
+        for exact in [false, true] {
+            let m = margin_of(ARCFACE, 64.0, filter, exact);
+            let data = (0..100).find_map(|k| try_confident(&m, c, d, 7000 + k)).expect("no valid confident data in 100 seeds");
+            let p = &data.p;
+            let want = model(&m, p, 1);
+            let confident = confident_targets().len() - 1;
+            let smallest = want.row_loss[..confident].iter().cloned().fold(f64::INFINITY, f64::min);
+            let largest = want.row_loss[..confident].iter().cloned().fold(0.0, f64::max);
+            assert!(smallest < 2e-7 && largest > 5e-3, "confident losses span only [{smallest:.1e}, {largest:.1e}]");
+            for shards in [1usize, 3] {
+                let tag = format!("confident filter={filter} exact={exact} shards={shards}");
+                // Each sample's own loss: evaluate it alone, before the step changes the centers.
+                let mut row_loss = Vec::new();
+                let got = run_engine_with(&m, &data, shards, 1e4, |head| {
+                    for i in 0..p.n {
+                        let stats = head.evaluate(&data.e32[i * d..(i + 1) * d], &data.labels[i..i + 1], d, &even_split(1, shards));
+                        row_loss.push(stats.loss);
+                    }
+                });
+                let ge: Vec<f64> = got.grad_e.iter().map(|&v| v as f64 / shards as f64).collect();
+                let mut line = Vec::new();
+                for i in 0..p.n {
+                    let l_err = (row_loss[i] - want.row_loss[i]).abs() / want.row_loss[i];
+                    let e_err = row_rel_err(&ge, &want.grad_e, d, i);
+                    let w_err = row_rel_err(&got.grad_w, &want.grad_w, d, p.y[i]);
+                    line.push(format!("{:.0e}:{l_err:.1e}/{e_err:.1e}/{w_err:.1e}", want.row_loss[i]));
+                    worst = (worst.0.max(l_err), worst.1.max(e_err), worst.2.max(w_err));
+                    assert!(
+                        l_err <= CONFIDENT_TOL && e_err <= CONFIDENT_ROW_GRAD_TOL && w_err <= CONFIDENT_ROW_GRAD_TOL,
+                        "{tag}: row {i} (f64 loss {:.3e}): engine loss {:.6e} rel {l_err:.2e}, grad_e rel {e_err:.2e}, \
+                         target center grad rel {w_err:.2e}",
+                        want.row_loss[i],
+                        row_loss[i]
+                    );
+                }
+                let loss_err = (got.loss - want.loss).abs() / want.loss;
+                let (e_all, w_all) = (rel_err64(&ge, &want.grad_e), rel_err64(&got.grad_w, &want.grad_w));
+                assert!(
+                    loss_err <= CONFIDENT_TOL && e_all <= CONFIDENT_TOL && w_all <= CONFIDENT_TOL,
+                    "{tag}: mean loss rel {loss_err:.2e}, grad_e {e_all:.2e}, grad_w {w_all:.2e}"
+                );
+                println!("{tag}: mean loss rel {loss_err:.2e}, grad_e {e_all:.2e}, grad_w {w_all:.2e}");
+                println!("{tag}: per row, f64 loss: loss/grad_e/target center grad rel err {}", line.join(" "));
+            }
+        }
+    }
+    println!("confident regime: worst per-row loss rel {:.2e}, grad_e rel {:.2e}, target center grad rel {:.2e}", worst.0, worst.1, worst.2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The golden files' steps against the float64 model: each step from the reference's own centers
+// before it, so that the engine and the reference are measured against the same exact answer.
+
+#[test]
+fn golden_steps_match_f64_model() {
+    for g in Golden::all() {
+        let (c, d, world) = (g.usize("num_classes"), g.usize("embedding_dim"), g.usize("world_size"));
+        let m = Margin {
+            s: g.f32_of("scale") as f64,
+            m1: g.f32_of("m1") as f64,
+            m2: g.f32_of("m2") as f64,
+            m3: g.f32_of("m3") as f64,
+            filter: g.f32_of("interclass_filtering_threshold") as f64,
+            exact: false,
+        };
+        let mut cfg = g.pfc_config(world as u32);
+        // A plain SGD step at lr 1e4 measures the center gradient (see `try_confident`).
+        let lr = 1e4f32;
+        (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay) = (PFC_OPTIMIZER_SGD, lr, 0.0, 0.0);
+        for t in 0..g.usize("steps") {
+            let w32 = if t == 0 { g.f32("weight_init") } else { g.f32(&format!("weight.{}", t - 1)) };
+            let e32 = g.f32(&format!("emb.{t}"));
+            let labels = g.i64(&format!("labels.{t}"));
+            let n = labels.len();
+            let p = Problem {
+                n,
+                c,
+                d,
+                e: e32.iter().map(|&v| v as f64).collect(),
+                y: labels.iter().map(|&v| v as usize).collect(),
+                w: w32.iter().map(|&v| v as f64).collect(),
+            };
+            let want = model(&m, &p, world);
+            let head = TestHead::new(&cfg);
+            head.set_centers(&w32);
+            // Each sample's loss alone, where a small one would not be hidden by the mean.
+            let (mut row_worst, mut row_smallest) = (0.0f64, f64::INFINITY);
+            for i in 0..n {
+                let got = head.evaluate(&e32[i * d..(i + 1) * d], &labels[i..i + 1], d, &even_split(1, world)).loss;
+                row_worst = row_worst.max((got - want.row_loss[i]).abs() / want.row_loss[i]);
+                row_smallest = row_smallest.min(want.row_loss[i]);
+            }
+            let (stats, grad_e) = head.step(&e32, &labels, d, &even_split(n, world));
+            let grad_w: Vec<f64> = w32.iter().zip(&head.centers(d)).map(|(&b, &a)| (b as f64 - a as f64) / lr as f64).collect();
+            let ge: Vec<f64> = grad_e.iter().map(|&v| v as f64).collect();
+            let (loss_err, e_err, w_err) =
+                ((stats.loss - want.loss).abs() / want.loss, rel_err64(&ge, &want.grad_e), rel_err64(&grad_w, &want.grad_w));
+            let ref_loss = g.f32(&format!("loss.{t}"))[0] as f64;
+            let ref_ge: Vec<f64> = g.f32(&format!("grad_emb.{t}")).iter().map(|&v| v as f64).collect();
+            let (ref_loss_err, ref_e_err) = ((ref_loss - want.loss).abs() / want.loss, rel_err64(&ref_ge, &want.grad_e));
+            println!(
+                "{} step {t}: f64 loss {:.4e} (smallest sample {row_smallest:.2e}); engine vs f64: loss {loss_err:.2e}, \
+                 worst sample {row_worst:.2e}, grad_e {e_err:.2e}, grad_w {w_err:.2e}; reference vs f64: loss {ref_loss_err:.2e}, \
+                 grad_e {ref_e_err:.2e}",
+                g.name, want.loss
+            );
+            assert!(
+                loss_err <= CONFIDENT_TOL && row_worst <= CONFIDENT_TOL && e_err <= CONFIDENT_TOL && w_err <= CONFIDENT_TOL,
+                "{} step {t}: engine vs f64 model: loss {loss_err:.2e}, worst sample {row_worst:.2e}, grad_e {e_err:.2e}, grad_w {w_err:.2e}",
+                g.name
+            );
+        }
+    }
 }

@@ -146,24 +146,38 @@ pub struct StepPlan {
 #[derive(Clone, Debug, Default)]
 pub struct RowStats {
     pub max: Vec<f32>,
+    /// Σ_j exp(z_j − max).
     pub sum: Vec<f32>,
+    /// Σ_{j≠y} exp(z_j − max), summed beside `sum` in the same all-reduce (SPEC §1.7).
+    pub rest: Vec<f32>,
     pub target_logit: Vec<f32>,
     pub target_cos: Vec<f32>,
     pub other_cos: Vec<f32>,
 }
 
 impl RowStats {
-    /// From the reduced statistics as the primitives lay them out (`Primitives::forward`),
-    /// copied to the host.
+    /// From the reduced statistics as the primitives lay them out (`Primitives::forward`):
+    /// max-type `[row max, best non-target cosine, target cosine]`, sum-type `[Σexp, non-target
+    /// Σexp, target logit]`, copied to the host.
     pub fn from_reduced(maxes: &[f32], sums: &[f32], n: usize) -> RowStats {
         RowStats {
             max: maxes[..n].to_vec(),
             sum: sums[..n].to_vec(),
-            target_logit: sums[n..2 * n].to_vec(),
+            rest: sums[n..2 * n].to_vec(),
+            target_logit: sums[2 * n..3 * n].to_vec(),
             target_cos: maxes[2 * n..3 * n].to_vec(),
             other_cos: maxes[n..2 * n].to_vec(),
         }
     }
+}
+
+/// The backward pass's per-row factors from the reduced sums (`[Σexp, non-target Σexp, …]`, N
+/// each): 1 / Σexp, and Σ_{j≠y} p_j (the target column's `1 − p_y`, taken from the non-target sum
+/// so that it keeps its digits when p_y → 1).
+pub fn softmax_factors(sums: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv_sum: Vec<f32> = sums[..n].iter().map(|&s| 1.0 / s).collect();
+    let mass = sums[n..2 * n].iter().zip(&inv_sum).map(|(&r, &inv)| r * inv).collect();
+    (inv_sum, mass)
 }
 
 /// Wall time of each phase of the last step, for benchmarks.
@@ -240,16 +254,18 @@ pub trait Primitives: ShardState + Send {
     fn sample(&mut self, shard: usize, labels: &I64Buf<Self::Mem>, plan: StepPlan) -> Result<u64>;
     /// Normalizes the gathered batch and computes the cosines over the sampled classes and the
     /// shard's statistics: max-type `[row max, best non-target cosine, target cosine]` and sum-type
-    /// `[Σexp relative to the shard's row max, target logit]`, each N long, laid out for one
-    /// all-reduce each (SPEC §1.7). Keeps what `backward` needs until the next `forward`.
+    /// `[Σexp and non-target Σexp relative to the shard's row max, target logit]`, each N long,
+    /// laid out for one all-reduce each (SPEC §1.7). Keeps what `backward` needs until the next `forward`.
     fn forward(&mut self, shard: usize, emb: F32Buf<Self::Mem>, labels: &I64Buf<Self::Mem>, plan: StepPlan) -> Result<Stats<Self::Mem>>;
-    /// After the max all-reduce: rescales the shard's Σexp from its own row max to the global one.
+    /// After the max all-reduce: rescales the shard's two sums from its own row max to the global one.
     fn rescale_sums(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &mut F32Buf<Self::Mem>) -> Result<()>;
     /// The reduced statistics (the same on every shard), copied to the host.
     fn read_stats(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, n: usize) -> Result<RowStats>;
     /// The backward pass over the shard's sampled columns: its center gradients into the pending
-    /// buffer, and its part of the embedding gradient (N × d, before the reduce-scatter).
-    fn backward(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>) -> Result<F32Buf<Self::Mem>>;
+    /// buffer, and its part of the embedding gradient (N × d, before the reduce-scatter). With
+    /// `update_lr`, an optimizer step at that rate follows this compute: a backend may check it
+    /// (`update_is_finite`) here, while the rows are in cache.
+    fn backward(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, update_lr: Option<f32>) -> Result<F32Buf<Self::Mem>>;
     /// Back through the normalization of rows `[first_row, first_row + rows)` of the global
     /// batch, times `world` (SPEC §1.8): the shard's returned gradient, still in its memory.
     fn embedding_grad(&mut self, shard: usize, summed: F32Buf<Self::Mem>, first_row: usize, rows: usize, world: f32) -> Result<F32Buf<Self::Mem>>;

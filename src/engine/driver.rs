@@ -40,14 +40,24 @@ fn non_finite(what: &str) -> Error {
     )
 }
 
-/// Loss and top-1 accuracy from the reduced statistics: the mean over the global batch of the
-/// exact log-softmax `log Σ exp(z) − z_y`, with no clamp on the probability.
+/// One sample's exact log-softmax loss, with no clamp on the probability, from the non-target sum
+/// `rest = Σ_{j≠y} exp(z_j − max)`: `log Σ_j exp(z_j) − z_y = log(1 + rest / exp(z_y − max))`,
+/// i.e. softplus(a) with `a = ln rest + max − z_y`. Unlike `ln Σ + max − z_y`, which cancels to
+/// nothing when p_y → 1 (Σ ≈ 1 in f32), this keeps rest's relative precision at any loss, whether
+/// or not the target is the row's max, and cannot overflow. `rest = 0` (one class) gives 0.
+fn sample_loss(rest: f32, max: f32, target_logit: f32) -> f64 {
+    let a = (rest as f64).ln() + (max as f64 - target_logit as f64);
+    a.max(0.0) + (-a.abs()).exp().ln_1p()
+}
+
+/// Loss and top-1 accuracy from the reduced statistics: the mean over the global batch of each
+/// sample's exact log-softmax loss (SPEC §1.7, the confident regime too).
 fn loss_and_accuracy(rows: &RowStats) -> (f64, f64) {
     let n = rows.max.len();
     let mut loss = 0.0f64;
     let mut correct = 0usize;
     for i in 0..n {
-        loss += (rows.sum[i] as f64).ln() + rows.max[i] as f64 - rows.target_logit[i] as f64;
+        loss += sample_loss(rows.rest[i], rows.max[i], rows.target_logit[i]);
         correct += usize::from(rows.target_cos[i] > rows.other_cos[i]);
     }
     (loss / n as f64, correct as f64 / n as f64)
@@ -65,23 +75,27 @@ impl<P: Primitives> Driver<P> {
     fn forward(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan) -> Result<Forward<P::Mem>> {
         let d = self.dim;
         let t0 = Instant::now();
-        let loaded = checked.and_then(|()| self.prims.load(batches));
-        self.coll.agree(loaded.as_ref().map(|_| ()).map_err(Clone::clone))?;
-        let (local_emb, local_labels): (Vec<_>, Vec<_>) = loaded?.into_iter().unzip();
-        let rows = self.coll.gather_counts(&batches.rows())?;
+        // Batch sizes first (zeros from a process whose batches are malformed: the exchange keeps
+        // its size), then one verdict on every process's input and buffers.
+        let mine = if checked.is_ok() { batches.rows() } else { vec![0; self.shards()] };
+        let rows = self.coll.gather_counts(&mine)?;
         let n: usize = rows.iter().map(|&r| r as usize).sum();
-        if n == 0 {
-            return Err(Error::invalid("the global batch is empty"));
-        }
         let mut emb = Vec::with_capacity(self.shards());
         let mut labels = Vec::with_capacity(self.shards());
-        let allocated = (0..self.shards()).try_for_each(|s| {
-            let e = n.checked_mul(d).ok_or_else(|| Error::invalid("global batch × embedding_dim overflows"))?;
-            emb.push(self.prims.alloc_f32(s, e, "the gathered embeddings (global batch × embedding_dim)")?);
-            labels.push(self.prims.alloc_i64(s, n, "the gathered labels")?);
-            Ok(())
+        let loaded = checked.and_then(|()| {
+            if n == 0 {
+                return Err(Error::invalid("the global batch is empty"));
+            }
+            let local = self.prims.load(batches)?;
+            for s in 0..self.shards() {
+                let e = n.checked_mul(d).ok_or_else(|| Error::invalid("global batch × embedding_dim overflows"))?;
+                emb.push(self.prims.alloc_f32(s, e, "the gathered embeddings (global batch × embedding_dim)")?);
+                labels.push(self.prims.alloc_i64(s, n, "the gathered labels")?);
+            }
+            Ok(local)
         });
-        self.coll.agree(allocated)?;
+        self.coll.agree(loaded.as_ref().map(|_| ()).map_err(Clone::clone))?;
+        let (local_emb, local_labels): (Vec<_>, Vec<_>) = loaded?.into_iter().unzip();
         self.coll.all_gather_f32(&local_emb, &rows, d, &mut emb)?;
         self.coll.all_gather_i64(&local_labels, &rows, &mut labels)?;
         self.times.gather = t0.elapsed().as_secs_f64();
@@ -128,12 +142,12 @@ impl<P: Primitives> Driver<P> {
 
     /// The backward pass: each shard's center gradients pending, each local shard's embedding
     /// gradient returned, once the job agrees that all of them are finite.
-    fn backward(&mut self, fwd: Forward<P::Mem>) -> Result<(Vec<F32Buf<P::Mem>>, Evaluated)> {
+    fn backward(&mut self, fwd: Forward<P::Mem>, update_lr: Option<f32>) -> Result<(Vec<F32Buf<P::Mem>>, Evaluated)> {
         let d = self.dim;
         let t0 = Instant::now();
         let mut partial = Vec::with_capacity(self.shards());
         for s in 0..self.shards() {
-            partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s])?);
+            partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s], update_lr)?);
         }
         self.times.backward = t0.elapsed().as_secs_f64();
 
@@ -169,35 +183,35 @@ impl<P: Primitives> Driver<P> {
         Ok((grads, fwd.eval))
     }
 
-    /// Adds every shard's pending center gradients to its accumulated ones, on every process or on
-    /// none.
-    fn accumulate(&mut self) -> Result<()> {
+    /// Adds every shard's pending center gradients to its accumulated ones and, with `lr`, checks
+    /// that the optimizer step over them keeps every center finite; one verdict for the job. On
+    /// failure nothing stays accumulated from this call.
+    fn accumulate(&mut self, lr: Option<f32>) -> Result<()> {
+        let t0 = Instant::now();
         let mut done = 0;
+        let mut finite = true;
         let local = (0..self.shards()).try_for_each(|s| {
             self.prims.accumulate(s)?;
             done += 1;
+            if let Some(lr) = lr {
+                finite &= self.prims.update_is_finite(s, lr)?;
+            }
             Ok(())
         });
+        let local = local.and_then(|()| if finite { Ok(()) } else { Err(non_finite("a center after this update")) });
         let verdict = self.coll.agree(local);
         if verdict.is_err() {
             (0..done).for_each(|s| self.prims.unaccumulate(s));
         }
+        self.times.update = t0.elapsed().as_secs_f64();
         verdict
     }
 
-    /// Whether the optimizer step over the accumulated gradients keeps every center finite, agreed
-    /// by the job; then the step itself.
+    /// The optimizer step over the accumulated gradients, once the job has agreed it is finite.
     fn update(&mut self, lr: f32) -> Result<()> {
         let t0 = Instant::now();
-        let mut finite = true;
-        let checked = (0..self.shards()).try_for_each(|s| {
-            finite &= self.prims.update_is_finite(s, lr)?;
-            Ok(())
-        });
-        let checked = checked.and_then(|()| if finite { Ok(()) } else { Err(non_finite("a center after this update")) });
-        self.coll.agree(checked)?;
         let applied = (0..self.shards()).try_for_each(|s| self.prims.apply(s, lr));
-        self.times.update = t0.elapsed().as_secs_f64();
+        self.times.update += t0.elapsed().as_secs_f64();
         applied
     }
 }
@@ -213,25 +227,29 @@ impl<P: Primitives> Backend for Driver<P> {
 
     fn compute(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan, out: Outputs<'_, '_>, apply: Option<f32>) -> Result<Evaluated> {
         let fwd = self.forward(checked, batches, plan)?;
-        let (grads, eval) = self.backward(fwd)?;
-        self.accumulate()?;
+        let (grads, eval) = self.backward(fwd, apply)?;
+        self.accumulate(apply)?;
         if let Some(lr) = apply {
-            if let Err(e) = self.update(lr) {
-                (0..self.shards()).for_each(|s| self.prims.unaccumulate(s));
-                return Err(e);
-            }
+            self.update(lr)?;
         }
         self.prims.write_grads(&grads, out)?;
         Ok(eval)
     }
 
     fn apply(&mut self, lr: f32) -> Result<bool> {
-        let rows: usize = (0..self.shards()).map(|s| self.prims.accumulated_rows(s)).sum();
-        let any = self.coll.gather_counts(&[rows as u64])?.iter().any(|&r| r > 0);
-        if any {
-            self.update(lr)?;
+        let rows: Vec<u64> = (0..self.shards()).map(|s| self.prims.accumulated_rows(s) as u64).collect();
+        let any = self.coll.gather_counts(&rows)?.iter().any(|&r| r > 0);
+        if !any {
+            return Ok(false);
         }
-        Ok(any)
+        let mut finite = true;
+        let checked = (0..self.shards()).try_for_each(|s| {
+            finite &= self.prims.update_is_finite(s, lr)?;
+            Ok(())
+        });
+        self.coll.agree(checked.and_then(|()| if finite { Ok(()) } else { Err(non_finite("a center after this update")) }))?;
+        self.update(lr)?;
+        Ok(true)
     }
 
     fn discard(&mut self) {
@@ -248,5 +266,30 @@ impl<P: Primitives> Backend for Driver<P> {
 
     fn phase_times(&self) -> PhaseTimes {
         self.times
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_loss;
+
+    /// `log Σ − z_y` in float64 from the same statistics, for comparison.
+    fn direct(rest: f64, max: f64, target: f64) -> f64 {
+        (rest + (target - max).exp()).ln() + max - target
+    }
+
+    #[test]
+    fn sample_loss_is_the_log_softmax_in_every_regime() {
+        // Target the max (rest relative to it), target below the max, one class, confident.
+        for &(rest, max, target) in &[(1.7f32, 3.0f32, 3.0f32), (2.5, 10.0, -40.0), (0.25, 5.0, 4.5)] {
+            let want = direct(rest as f64, max as f64, target as f64);
+            assert!((sample_loss(rest, max, target) - want).abs() <= 1e-12 * want, "{rest} {max} {target}");
+        }
+        assert_eq!(sample_loss(0.0, 2.0, 2.0), 0.0);
+        // p_y = 1 − 1e-9: the loss is 1e-9 to f32's precision of `rest`, where Σ = 1 + 1e-9 is 1 in f32.
+        let tiny = sample_loss(1e-9, 2.0, 2.0);
+        assert!((tiny - 1e-9).abs() < 1e-16, "{tiny:e}");
+        // A target far below the max cannot overflow.
+        assert!((sample_loss(1.0, 5000.0, -5000.0) - 10000.0).abs() < 1e-9);
     }
 }

@@ -136,6 +136,22 @@ impl TestHead {
 
     /// One f32 step with the global batch split into `shards` local batches by `rows_per_shard`.
     pub fn step(&self, emb: &[f32], labels: &[i64], d: usize, rows_per_shard: &[usize]) -> (pfc_step_stats, Vec<f32>) {
+        self.run(pfc_train_step, emb, labels, d, rows_per_shard)
+    }
+
+    /// `pfc_evaluate` on the same kind of split batch: the head does not change.
+    pub fn evaluate(&self, emb: &[f32], labels: &[i64], d: usize, rows_per_shard: &[usize]) -> pfc_step_stats {
+        self.run(pfc_evaluate, emb, labels, d, rows_per_shard).0
+    }
+
+    fn run(
+        &self,
+        call: extern "C" fn(*mut pfc_head, *const pfc_batch, u32, *mut pfc_step_stats) -> pfc_status,
+        emb: &[f32],
+        labels: &[i64],
+        d: usize,
+        rows_per_shard: &[usize],
+    ) -> (pfc_step_stats, Vec<f32>) {
         let mut grad = vec![0f32; emb.len()];
         let mut batches = Vec::new();
         let mut at = 0;
@@ -153,7 +169,7 @@ impl TestHead {
         }
         assert_eq!(at, labels.len());
         let mut stats = pfc_step_stats::default();
-        ok(pfc_train_step(self.0, batches.as_ptr(), batches.len() as u32, &mut stats));
+        ok(call(self.0, batches.as_ptr(), batches.len() as u32, &mut stats));
         (stats, grad)
     }
 }

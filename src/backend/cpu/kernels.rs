@@ -76,10 +76,15 @@ pub struct RowAccumulator {
     pub max: Vec<f32>,
     /// Σ exp(z − max).
     pub sum: Vec<f32>,
+    /// The same sum over the non-target columns only (filtered ones included, at z = 0). Summed on
+    /// its own rather than taken as `sum − exp(z_y − max)`: when p_y → 1 that difference keeps
+    /// none of f32's digits, and the loss (`log1p`) and the target's gradient come from it.
+    pub rest: Vec<f32>,
     /// Largest margin-free cosine among non-target columns (for top-1 accuracy).
     pub cos_other: Vec<f32>,
     block_max: Vec<f32>,
     block_sum: Vec<f32>,
+    block_rest: Vec<f32>,
 }
 
 impl RowAccumulator {
@@ -87,9 +92,11 @@ impl RowAccumulator {
         RowAccumulator {
             max: vec![f32::NEG_INFINITY; rows],
             sum: vec![0.0; rows],
+            rest: vec![0.0; rows],
             cos_other: vec![f32::NEG_INFINITY; rows],
             block_max: vec![0.0; rows],
             block_sum: vec![0.0; rows],
+            block_rest: vec![0.0; rows],
         }
     }
 
@@ -98,32 +105,39 @@ impl RowAccumulator {
     pub fn add_block(&mut self, cos: &[f32], n: usize, first_col: i32, col: &[i32], target_logit: &[f32], p: LogitParams) {
         self.block_max.fill(f32::NEG_INFINITY);
         self.block_sum.fill(0.0);
+        self.block_rest.fill(0.0);
         block_max(cos, n, first_col, col, target_logit, p, &mut self.block_max, &mut self.cos_other);
-        block_sum(cos, n, first_col, col, target_logit, p, &self.block_max, &mut self.block_sum);
-        merge_log_sum_exp(&mut self.max, &mut self.sum, &self.block_max, &self.block_sum);
+        block_sum(cos, n, first_col, col, target_logit, p, &self.block_max, &mut self.block_sum, &mut self.block_rest);
+        merge_log_sum_exp(&mut self.max, [&mut self.sum, &mut self.rest], &self.block_max, [&self.block_sum, &self.block_rest]);
     }
 
     /// Folds another accumulator over the same rows into this one.
     pub fn merge(&mut self, other: &RowAccumulator) {
-        merge_log_sum_exp(&mut self.max, &mut self.sum, &other.max, &other.sum);
+        merge_log_sum_exp(&mut self.max, [&mut self.sum, &mut self.rest], &other.max, [&other.sum, &other.rest]);
         for (a, &b) in self.cos_other.iter_mut().zip(&other.cos_other) {
             *a = a.max(b);
         }
     }
 }
 
-/// (max, Σexp) pairs combined without overflow: the sums are rescaled to the larger max.
-fn merge_log_sum_exp(max: &mut [f32], sum: &mut [f32], other_max: &[f32], other_sum: &[f32]) {
+/// (max, sums of exp(z − max)) combined without overflow: the sums are rescaled to the larger max.
+fn merge_log_sum_exp(max: &mut [f32], sums: [&mut [f32]; 2], other_max: &[f32], other_sums: [&[f32]; 2]) {
+    let [sum, rest] = sums;
+    let [other_sum, other_rest] = other_sums;
     for i in 0..max.len() {
         let (m, om) = (max[i], other_max[i]);
         if om == f32::NEG_INFINITY {
             continue;
         }
         if om > m {
-            sum[i] = sum[i] * (m - om).exp() + other_sum[i];
+            let f = (m - om).exp();
+            sum[i] = sum[i] * f + other_sum[i];
+            rest[i] = rest[i] * f + other_rest[i];
             max[i] = om;
         } else {
-            sum[i] += other_sum[i] * (om - m).exp();
+            let f = (om - m).exp();
+            sum[i] += other_sum[i] * f;
+            rest[i] += other_rest[i] * f;
         }
     }
 }
@@ -146,14 +160,17 @@ multiversion! {
 }
 
 multiversion! {
-    pub fn block_sum(cos: &[f32], n: usize, first_col: i32, col: &[i32], target_logit: &[f32], p: LogitParams, max: &[f32], sum: &mut [f32]) {
-        let (col, target_logit, max, sum) = (&col[..n], &target_logit[..n], &max[..n], &mut sum[..n]);
+    pub fn block_sum(cos: &[f32], n: usize, first_col: i32, col: &[i32], target_logit: &[f32], p: LogitParams, max: &[f32], sum: &mut [f32], rest: &mut [f32]) {
+        let (col, target_logit, max, sum, rest) = (&col[..n], &target_logit[..n], &max[..n], &mut sum[..n], &mut rest[..n]);
         for (j, row) in cos.chunks_exact(n).enumerate() {
             let column = first_col + j as i32;
             for i in 0..n {
+                let is_target = col[i] == column;
                 let (z, _) = non_target(p, row[i]);
-                let z = if col[i] == column { target_logit[i] } else { z };
-                sum[i] += exp(z - max[i]);
+                let z = if is_target { target_logit[i] } else { z };
+                let e = exp(z - max[i]);
+                sum[i] += e;
+                rest[i] += if is_target { 0.0 } else { e };
             }
         }
     }
@@ -168,15 +185,19 @@ pub struct RowGradParams<'a> {
     /// Global row max and 1 / Σexp after the all-reduce.
     pub max: &'a [f32],
     pub inv_sum: &'a [f32],
+    /// Σ_{j≠y} p_j: the target's `1 − p_y`, without the cancellation of forming it from p_y.
+    pub non_target_mass: &'a [f32],
     /// 1 / N: the loss is a mean over the global batch.
     pub inv_batch: f32,
 }
 
 multiversion! {
     /// Overwrites a block of raw cosines with ∂loss/∂cos: `(softmax − onehot)/N · ∂z/∂c`, zero where
-    /// the filter removed a column or the clamp to [−1, 1] was active.
+    /// the filter removed a column or the clamp to [−1, 1] was active. The target column's
+    /// `p_y − 1` is `−Σ_{j≠y} p_j`, exact when p_y is near 1.
     pub fn cos_gradient(cos: &mut [f32], n: usize, first_col: i32, g: &RowGradParams<'_>, p: LogitParams) {
         let (col, zt, slope, max, inv_sum) = (&g.col[..n], &g.target_logit[..n], &g.target_slope[..n], &g.max[..n], &g.inv_sum[..n]);
+        let mass = &g.non_target_mass[..n];
         for (j, row) in cos.chunks_exact_mut(n).enumerate() {
             let column = first_col + j as i32;
             for i in 0..n {
@@ -187,7 +208,7 @@ multiversion! {
                 let prob = exp(z - max[i]) * inv_sum[i];
                 let d = if is_target { slope[i] } else if filtered { 0.0 } else { p.scale };
                 let inside = (-1.0..=1.0).contains(&raw);
-                let grad = (prob - if is_target { 1.0 } else { 0.0 }) * g.inv_batch * d;
+                let grad = (if is_target { -mass[i] } else { prob }) * g.inv_batch * d;
                 row[i] = if inside { grad } else { 0.0 };
             }
         }

@@ -104,6 +104,9 @@ struct Shard {
     /// `accumulate` (to undo it).
     accumulated: RowGrads,
     undo: Option<Undo>,
+    /// The verdict of `update_is_finite` at this learning rate over `pending`, taken during the
+    /// backward pass (when nothing was accumulated before it).
+    prechecked: Option<(f32, bool)>,
 }
 
 /// How to take back the last `accumulate`.
@@ -157,6 +160,7 @@ impl CpuBackend {
                 pending_finite: true,
                 accumulated: RowGrads::default(),
                 undo: None,
+                prechecked: None,
             });
         }
         Ok(CpuBackend { cfg: cfg.clone(), ranges, shards })
@@ -227,7 +231,10 @@ struct BackwardWorker {
     /// ∂loss/∂cos of the block in bf16, when the GEMMs take bf16.
     grad_bf16: Vec<bf16>,
     grad_x: Vec<f32>,
+    /// Copies of one row's center and state for the update check.
+    update: Vec<f32>,
     finite: bool,
+    update_ok: bool,
 }
 
 impl Shard {
@@ -347,14 +354,15 @@ impl Shard {
         };
         // Max-type statistics ride in one all-reduce, sum-type ones in another (SPEC §1.7).
         let maxes = [rows.max.as_slice(), rows.cos_other.as_slice(), self.target_cos.as_slice()].concat();
-        let sums = [rows.sum.as_slice(), self.target_logit.as_slice()].concat();
+        let sums = [rows.sum.as_slice(), rows.rest.as_slice(), self.target_logit.as_slice()].concat();
         self.local_max = rows.max;
         Ok((maxes, sums))
     }
 
     /// The backward pass: ∂loss/∂cos over the sampled columns, the center gradients (through the
     /// normalization of W) into `pending`, and this shard's part of the embedding gradient.
-    fn backward(&mut self, cfg: &Config, max: &[f32], inv_sum: &[f32], params: LogitParams) -> Result<Vec<f32>> {
+    #[allow(clippy::too_many_arguments)]
+    fn backward(&mut self, cfg: &Config, max: &[f32], inv_sum: &[f32], non_target_mass: &[f32], params: LogitParams, check: Option<f32>) -> Result<Vec<f32>> {
         let n = max.len();
         let d = cfg.embedding_dim;
         let k = self.sampled.len();
@@ -364,6 +372,7 @@ impl Shard {
             target_slope: &self.target_slope,
             max,
             inv_sum,
+            non_target_mass,
             inv_batch: 1.0 / n as f32,
         };
         // Kept between steps (and recycled after each update): the blocks overwrite their rows, and
@@ -381,13 +390,17 @@ impl Shard {
         let (sampled, inv_norm, dtype) = (&self.sampled, &self.inv_norm, cfg.compute_dtype);
         let native = native_bf16(dtype);
         let unit_bf16 = &self.unit_bf16;
+        let state = self.optimizer.rows_ptr();
+        let opt = cfg.optimizer;
         let worker = || {
             Ok(BackwardWorker {
                 centers: if native { Vec::new() } else { try_zeroed(BLOCK * d, "center block scratch")? },
                 centers_bf16: if native { try_zeroed(BLOCK * d, "center block scratch")? } else { Vec::new() },
                 grad_bf16: if native { try_zeroed(BLOCK * n, "cosine gradient scratch")? } else { Vec::new() },
                 grad_x: try_zeroed(n * d, "embedding gradient scratch")?,
+                update: try_zeroed(3 * d, "update check scratch")?,
                 finite: true,
+                update_ok: true,
             })
         };
         let blocks = k.div_ceil(BLOCK);
@@ -426,13 +439,19 @@ impl Shard {
                 // Back through W/‖W‖; the 1/‖W‖ factor is already in `grad` when scaled_after.
                 let factor = if scaled_after { 1.0 } else { inv[r] };
                 kernels::project_out(weights, inv[r], factor, grad);
+                if let Some(lr) = check {
+                    // SAFETY: the row and its state are only read.
+                    w.update_ok &= unsafe { state.update_is_finite(&opt, lr, j as usize, weights, grad, &mut w.update) };
+                }
             }
             w.finite &= kernels::all_finite(gc);
         })?;
+        let update_ok = workers.iter().all(|w| w.update_ok);
         let total = workers.into_iter().map(|w| (w.grad_x, w.finite)).reduce(|(mut a, fa), (b, fb)| {
             a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
             (a, fa && fb)
         });
+        self.prechecked = check.map(|lr| (lr, update_ok));
         let (grad_x, finite) = match total {
             Some(t) => t,
             None => (try_zeroed(n * d, "embedding gradient")?, true),
@@ -504,10 +523,12 @@ impl Primitives for CpuBackend {
     fn rescale_sums(&mut self, shard: usize, maxes: &Vec<f32>, sums: &mut Vec<f32>) -> Result<()> {
         let s = &self.shards[shard];
         let n = s.local_max.len();
-        for ((sum, &m), &gm) in sums[..n].iter_mut().zip(&s.local_max).zip(&maxes[..n]) {
-            if *sum != 0.0 {
-                *sum *= (m - gm).exp();
-            }
+        let (sum, rest) = sums.split_at_mut(n);
+        // Both sums by the same factor; a shard without columns contributes 0.
+        for (i, (&m, &gm)) in s.local_max.iter().zip(&maxes[..n]).enumerate() {
+            let factor = if sum[i] == 0.0 { 0.0 } else { (m - gm).exp() };
+            sum[i] *= factor;
+            rest[i] *= factor;
         }
         Ok(())
     }
@@ -516,11 +537,14 @@ impl Primitives for CpuBackend {
         Ok(RowStats::from_reduced(maxes, sums, n))
     }
 
-    fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>) -> Result<Vec<f32>> {
+    fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, update_lr: Option<f32>) -> Result<Vec<f32>> {
         let n = self.shards[shard].local_max.len();
-        let inv_sum: Vec<f32> = sums[..n].iter().map(|&s| 1.0 / s).collect();
+        let (inv_sum, non_target_mass) = super::softmax_factors(sums, n);
         let params = self.logit_params();
-        self.shards[shard].backward(&self.cfg, &maxes[..n], &inv_sum, params)
+        let s = &mut self.shards[shard];
+        // The update will run over exactly these rows only when nothing is accumulated yet.
+        let check = update_lr.filter(|_| s.accumulated.rows.is_empty());
+        s.backward(&self.cfg, &maxes[..n], &inv_sum, &non_target_mass, params, check)
     }
 
     fn embedding_grad(&mut self, shard: usize, mut summed: Vec<f32>, first_row: usize, _rows: usize, world: f32) -> Result<Vec<f32>> {
@@ -554,6 +578,7 @@ impl Primitives for CpuBackend {
             std::mem::swap(&mut s.accumulated, &mut s.pending);
             s.undo = Some(Undo::Moved);
         } else {
+            s.prechecked = None;
             let union = s.accumulated.union(&s.pending, d)?;
             s.undo = Some(Undo::Replaced(std::mem::replace(&mut s.accumulated, union)));
         }
@@ -573,6 +598,7 @@ impl Primitives for CpuBackend {
         let s = &mut self.shards[shard];
         s.accumulated.rows.clear();
         s.undo = None;
+        s.prechecked = None;
     }
 
     fn accumulated_rows(&self, shard: usize) -> usize {
@@ -583,6 +609,11 @@ impl Primitives for CpuBackend {
         let d = self.cfg.embedding_dim;
         let opt = self.cfg.optimizer;
         let s = &mut self.shards[shard];
+        if let (Some(Undo::Moved), Some((checked_lr, ok))) = (&s.undo, s.prechecked) {
+            if checked_lr.to_bits() == lr.to_bits() {
+                return Ok(ok);
+            }
+        }
         let state = s.optimizer.rows_ptr();
         let (acc, centers) = (&s.accumulated, &s.centers);
         let rows = acc.rows.len();
@@ -610,6 +641,7 @@ impl Primitives for CpuBackend {
         s.accumulated.rows.clear();
         std::mem::swap(&mut s.accumulated, &mut s.pending);
         s.undo = None;
+        s.prechecked = None;
         Ok(())
     }
 }

@@ -402,23 +402,25 @@ impl Primitives for CudaBackend {
             shard.gemm(true, false, n, k, d, a, d, b, d, c, n, dtype, false)?;
         }
         let mut max_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
-        let mut sum_stats = shard.zeros::<f32>(2 * n, "row statistics")?;
+        let mut sum_stats = shard.zeros::<f32>(3 * n, "row statistics")?;
         let mut slope = shard.zeros::<f32>(n, "target slopes")?;
         let mut logit = shard.zeros::<f32>(n, "target logits")?;
         {
             let (mut head_max, mut rest) = max_stats.split_at_mut(n);
             let (mut other, mut target_cos) = rest.split_at_mut(n);
-            let (mut sum, mut target_logit) = sum_stats.split_at_mut(n);
+            let (mut sum, mut tail) = sum_stats.split_at_mut(n);
+            let (mut rest, mut target_logit) = tail.split_at_mut(n);
             launch!(shard, "target_logits", grid_for(n), &cos, &n32, &col, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
             let parts = k.div_ceil(STATS_COLUMNS).max(1);
             let mut part_max = shard.zeros::<f32>(parts * n, "partial statistics")?;
             let mut part_sum = shard.zeros::<f32>(parts * n, "partial statistics")?;
+            let mut part_rest = shard.zeros::<f32>(parts * n, "partial statistics")?;
             let mut part_other = shard.zeros::<f32>(parts * n, "partial statistics")?;
             let cols = STATS_COLUMNS as i32;
             let cfg = LaunchConfig { grid_dim: (n.div_ceil(THREADS as usize) as u32, parts as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-            launch!(shard, "row_stats", cfg, &cos, &k32, &n32, &col, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_other)?;
+            launch!(shard, "row_stats", cfg, &cos, &k32, &n32, &col, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
             let parts32 = parts as i32;
-            launch!(shard, "combine_row_stats", grid_for(n), &part_max, &part_sum, &part_other, &parts32, &n32, &mut head_max, &mut sum, &mut other)?;
+            launch!(shard, "combine_row_stats", grid_for(n), &part_max, &part_sum, &part_rest, &part_other, &parts32, &n32, &mut head_max, &mut sum, &mut rest, &mut other)?;
             shard.stream.memcpy_dtod(&target_logit, &mut logit).map_err(|e| device_error("copy", e))?;
         }
         let local_max = shard.stream.clone_dtod(&max_stats.slice(0..n)).map_err(|e| device_error("copy", e))?;
@@ -443,8 +445,9 @@ impl Primitives for CudaBackend {
         let n32 = n as i32;
         let step = g.step.as_ref().ok_or_else(|| Error::new(Status::Panic, "internal error: rescale before forward"))?;
         let global = maxes.slice(0..n);
-        let mut sum = sums.slice_mut(0..n);
-        launch!(g, "rescale_sums", grid_for(n), &step.local_max, &global, &mut sum, &n32)
+        let (mut sum, mut tail) = sums.split_at_mut(n);
+        let mut rest = tail.slice_mut(0..n);
+        launch!(g, "rescale_sums", grid_for(n), &step.local_max, &global, &mut sum, &mut rest, &n32)
     }
 
     fn read_stats(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, n: usize) -> Result<RowStats> {
@@ -454,7 +457,7 @@ impl Primitives for CudaBackend {
         Ok(RowStats::from_reduced(&maxes, &sums, n))
     }
 
-    fn backward(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+    fn backward(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, _update_lr: Option<f32>) -> Result<CudaSlice<f32>> {
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let (s, filter) = (self.cfg.margin.scale, self.cfg.margin.interclass_filter);
         let g = &mut self.shards[shard];
@@ -463,12 +466,13 @@ impl Primitives for CudaBackend {
         let (n32, d32, k32, dt) = (n as i32, d as i32, k as i32, dtype_code(dtype));
         let inv_batch = 1.0 / n as f32;
         let step = g.step.take().ok_or_else(|| Error::new(Status::Panic, "internal error: backward before forward"))?;
-        let sum_host: Vec<f32> = g.stream.clone_dtoh(&sums.slice(0..n)).map_err(|e| device_error("download", e))?;
-        let inv_sum: Vec<f32> = sum_host.iter().map(|&v| 1.0 / v).collect();
+        let sum_host: Vec<f32> = g.stream.clone_dtoh(&sums.slice(0..2 * n)).map_err(|e| device_error("download", e))?;
+        let (inv_sum, non_target_mass) = crate::backend::softmax_factors(&sum_host, n);
         let inv_sum_d = g.stream.clone_htod(&inv_sum).map_err(|e| device_error("upload", e))?;
+        let mass_d = g.stream.clone_htod(&non_target_mass).map_err(|e| device_error("upload", e))?;
         let row_max = maxes.slice(0..n);
         let mut grad_cos = g.zeros::<u8>(k * n * dtype.size(), "cosine gradient")?;
-        launch!(g, "cos_gradient", grid_for(k * n), &step.cos, &k32, &n32, &step.col, &step.target_logit, &step.target_slope, &row_max, &inv_sum_d, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
+        launch!(g, "cos_gradient", grid_for(k * n), &step.cos, &k32, &n32, &step.col, &step.target_logit, &step.target_slope, &row_max, &inv_sum_d, &mass_d, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
         let mut gx = g.zeros::<f32>(n * d, "embedding gradient")?;
         let mut g_unit = g.zeros::<f32>(k * d, "center gradient")?;
         {

@@ -236,8 +236,9 @@ fn compute(a: &PlanArgs) -> Result<Plan, String> {
         embedding_all_gather: ring_chunks(b * d * e, s),
         // i64 labels, then the u64 batch size of every GPU (batches may differ between GPUs).
         label_all_gather: ring_chunks(b * 8, s) + ring_chunks(8, s),
-        // MAX of (row max, best non-target cosine, target cosine), SUM of (Σ exp, target logit), f32.
-        softmax_statistics: ring_all_reduce(3 * n, 4, s) + ring_all_reduce(2 * n, 4, s),
+        // MAX of (row max, best non-target cosine, target cosine), SUM of (Σ exp, non-target Σ exp,
+        // target logit), f32.
+        softmax_statistics: ring_all_reduce(3 * n, 4, s) + ring_all_reduce(3 * n, 4, s),
         gradient: ring_chunks(b * d * e, s),
     };
     let columns = [data_parallel, sharded(Strategy::ModelParallel, n_max), sharded(Strategy::PartialFc, k)];
@@ -348,7 +349,7 @@ fn to_json(a: &PlanArgs, p: &Plan) -> Value {
             "embedding_all_gather": u(p.n * p.d * p.e),
             "label_all_gather": u(p.n * 8 + p.s * 8),
             "softmax_max_all_reduce": u(3 * p.n * 4),
-            "softmax_sum_all_reduce": u(2 * p.n * 4),
+            "softmax_sum_all_reduce": u(3 * p.n * 4),
             "embedding_gradient_reduce_scatter": u(p.n * p.d * p.e),
             "center_gradient_all_reduce": u(p.c * p.d * 4),
         },
@@ -488,9 +489,9 @@ fn print_table(a: &PlanArgs, p: &Plan) {
         g(3 * p.n * 4)
     );
     println!(
-        "                     + all-reduce SUM of 2 f32 per sample (sum of exp, target logit) = {} B; {} B of statistics, sent 2(S-1)/S",
-        g(2 * p.n * 4),
-        g(5 * p.n * 4)
+        "                     + all-reduce SUM of 3 f32 per sample (sum of exp, non-target sum of exp, target logit) = {} B; {} B of statistics, sent 2(S-1)/S",
+        g(3 * p.n * 4),
+        g(6 * p.n * 4)
     );
     println!("  gradient           DP: all-reduce of the C x d f32 center gradient = {} B, sent 2(S-1)/S;", g(p.c * p.d * 4));
     println!("                     MP/PFC: reduce-scatter of the N x d embedding gradient ({dt}) = {} B, sent (S-1)/S; center gradients stay local", g(p.n * p.d * e));

@@ -10,7 +10,6 @@ use super::dnnl;
 use crate::config::DType;
 use half::bf16;
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// An element type GEMM operands come in.
@@ -79,8 +78,14 @@ impl GemmPath {
     }
 }
 
-/// Set when a oneDNN call failed at run time and the crate took over; [`path`] then reports it.
-static DEGRADED: AtomicBool = AtomicBool::new(false);
+/// Why a oneDNN call failed at run time, after which the crate multiplies everything; [`path`]
+/// then reports the crate.
+static FAILURE: OnceLock<String> = OnceLock::new();
+
+/// The run-time failure that moved the GEMMs off oneDNN, if one did.
+pub fn onednn_failure() -> Option<&'static str> {
+    FAILURE.get().map(String::as_str)
+}
 
 /// The path of a step with compute dtype `dtype` in this process. oneDNN is taken when it is
 /// loaded and runs the operands' type with a hardware kernel rather than its reference loops:
@@ -90,7 +95,7 @@ static DEGRADED: AtomicBool = AtomicBool::new(false);
 pub fn path(dtype: DType) -> GemmPath {
     static BF16: OnceLock<bool> = OnceLock::new();
     static F32: OnceLock<bool> = OnceLock::new();
-    if DEGRADED.load(Ordering::Relaxed) {
+    if FAILURE.get().is_some() {
         return GemmPath::Crate;
     }
     let accelerated = |dt: dnnl::DataType, marks: &[&str]| {
@@ -111,7 +116,8 @@ pub fn path(dtype: DType) -> GemmPath {
 pub fn onednn_kernel(dtype: dnnl::DataType) -> Option<String> {
     dnnl::loaded().ok()?;
     let shape = dnnl::Shape { m: 256, n: 256, k: 512, a_strides: (512, 1), b_strides: (1, 512), dtype, accumulate: false };
-    std::thread::spawn(move || dnnl::implementation(&shape).ok()).join().ok().flatten()
+    let probe = std::thread::Builder::new().name("pfc-onednn-probe".into()).spawn(move || dnnl::implementation(&shape).ok());
+    probe.ok()?.join().ok().flatten()
 }
 
 /// `dst[m×n] (row-major, f32) = a[m×k]·b[k×n]`, or `+=` when `accumulate`. f32 operands go to the
@@ -130,15 +136,13 @@ pub fn matmul<T: Element>(m: usize, n: usize, k: usize, dst: &mut [f32], a: Oper
     }
     let wants_onednn = T::DNNL != dnnl::DataType::F32 || path(DType::F32) == GemmPath::OneDnnF32;
     // oneDNN computes on the pool's threads only, each limited to itself (see dnnl.rs).
-    if wants_onednn && !DEGRADED.load(Ordering::Relaxed) && rayon::current_thread_index().is_some() {
+    if wants_onednn && FAILURE.get().is_none() && rayon::current_thread_index().is_some() {
         let shape = dnnl::Shape { m, n, k, a_strides: (a.row_stride, a.col_stride), b_strides: (b.row_stride, b.col_stride), dtype: T::DNNL, accumulate };
         // SAFETY: the assert above keeps every addressed element inside its slice.
         match unsafe { dnnl::matmul(&shape, a.data.as_ptr().cast(), b.data.as_ptr().cast(), dst.as_mut_ptr()) } {
             Ok(()) => return,
             Err(e) => {
-                if !DEGRADED.swap(true, Ordering::Relaxed) {
-                    eprintln!("partialfc: {e}; GEMMs continue on the gemm crate");
-                }
+                let _ = FAILURE.set(e);
             }
         }
     }

@@ -85,6 +85,9 @@ fn gemm_path(a: &BenchArgs) -> Result<String, String> {
         return Ok("cublas".into());
     }
     let p = gemm::path(dtype);
+    if let Some(why) = gemm::onednn_failure() {
+        return Ok(format!("{} (oneDNN failed: {why})", p.name()));
+    }
     Ok(match (p, dnnl::loaded()) {
         (gemm::GemmPath::Crate, Err(why)) => format!("{} ({why})", p.name()),
         (gemm::GemmPath::Crate, Ok(lib)) => format!("{} (oneDNN at {lib} has no fast kernel for it)", p.name()),

@@ -7,7 +7,14 @@
  *   message. No panic, abort or print crosses this boundary.
  * - Threading: a head is used by one thread at a time; concurrent calls on one head are serialized
  *   by a lock inside the head, never racy. Different heads are independent. The library runs its own
- *   worker threads (RAYON_NUM_THREADS caps them).
+ *   worker threads (RAYON_NUM_THREADS caps them); a process that cannot start them (thread or
+ *   memory limits) gets PFC_ERR_OUT_OF_MEMORY from the call that needs them, pfc_create first.
+ * - fork(): a process that has used the library may fork, and the child may create heads and use
+ *   them (the library starts its worker threads again in the child). Heads inherited from the
+ *   parent are copies the child may use too, except one that another thread was calling at the
+ *   moment of the fork: in the child it may be half-updated, so every call on it returns
+ *   PFC_ERR_INVALID_ARGUMENT (pfc_destroy is safe). CUDA does not survive fork: after using a CUDA
+ *   head, run CUDA in processes started by exec (Python's "spawn"), not in forked children.
  * - Memory: the caller owns every buffer it passes; the library keeps no pointer after a call
  *   returns. Host inputs are read before return. Heads are freed with pfc_destroy.
  * - memory = PFC_MEMORY_DEVICE (CUDA backend only): pointers are on that shard's GPU; with a
@@ -19,8 +26,9 @@
  *   loss with respect to this shard's embeddings (the reference's convention: it cancels a
  *   data-parallel backbone's gradient averaging).
  * - Bad input (NULL pointers, zero or oversized dims, labels outside [0, C), NaN/Inf embeddings,
- *   unknown enum values, a batch count other than local_shards, a CUDA request with no driver)
- *   gets a clear status and message and changes nothing.
+ *   embedding or center rows of norm above 2^62 (which cannot be normalized in f32), unknown enum
+ *   values, a batch count other than local_shards, a CUDA request with no driver) gets a clear
+ *   status and message and changes nothing.
  * - Non-finite steps: a step whose loss, gradients or updated centers would be NaN or Inf returns
  *   PFC_ERR_NON_FINITE and changes nothing (no center, optimizer state, step count or output); on
  *   several shards or processes they agree first. The host decides: lower the learning rate, skip
@@ -120,7 +128,10 @@ typedef int32_t (*pfc_allgather_fn)(void *ctx, const void *send, size_t bytes, v
 
 // Configuration of a head. Always start from `pfc_config_init`, then change fields.
 typedef struct pfc_config {
-  // Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly.
+  // Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly. A struct
+  // from an older header (a smaller size: fields are only ever appended) is accepted, and the
+  // fields it lacks take their defaults; one from a newer header (larger) gives
+  // PFC_ERR_INCOMPATIBLE.
   uint32_t struct_size;
   // Total classes C over all shards.
   uint64_t num_classes;
@@ -259,7 +270,9 @@ void pfc_config_init(struct pfc_config *cfg);
 
 // Creates a head: validates `cfg`, allocates and initialises the local shards' centers and
 // optimizer state. On success `*out` owns the head (free it with `pfc_destroy`); on failure `*out`
-// is untouched. A CUDA request on a machine without a usable driver gives PFC_ERR_UNAVAILABLE.
+// is untouched. Only `cfg->struct_size` bytes of `cfg` are read. A CUDA request on a machine
+// without a usable driver gives PFC_ERR_UNAVAILABLE; too little memory, or a process that cannot
+// start the library's worker threads (thread or memory limits), PFC_ERR_OUT_OF_MEMORY.
 pfc_status pfc_create(const struct pfc_config *cfg, struct pfc_head **out);
 
 // Frees a head and everything it owns. NULL is a no-op.
@@ -319,7 +332,10 @@ pfc_status pfc_get_centers(const struct pfc_head *head,
                            float *out);
 
 // Overwrites centers of global classes `[first, first + count)` from `in` (count × embedding_dim
-// floats, finite) and resets those rows' optimizer state (warm start).
+// floats, finite) and resets those rows' optimizer state (warm start). A row of norm above 2^62
+// (about 4.6e18; from about 1.8e19 its squared norm overflows f32, so it cannot be normalized) is
+// refused with PFC_ERR_INVALID_ARGUMENT naming its class. Zero rows are accepted: their cosine with
+// every embedding is 0, as with PyTorch's normalize.
 pfc_status pfc_set_centers(struct pfc_head *head, uint64_t first, uint64_t count, const float *in);
 
 // Writes a checkpoint of the head into directory `dir` (created if missing): a manifest plus one
@@ -343,8 +359,8 @@ pfc_status pfc_export_centers(const struct pfc_head *head,
                               int32_t normalized);
 
 // The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
-// floats) over this process's centers: `ids` (n × k int64) and `scores` (n × k floats), each row
-// sorted by score, ties by smaller class id.
+// floats, finite, of any norm: a zero query scores 0 with every class) over this process's centers:
+// `ids` (n × k int64) and `scores` (n × k floats), each row sorted by score, ties by smaller class id.
 pfc_status pfc_search(const struct pfc_head *head,
                       const float *queries,
                       uint64_t n,

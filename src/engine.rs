@@ -222,6 +222,12 @@ impl Head {
         if let Some(at) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid(format!("center value {at} is NaN or Inf")));
         }
+        if let Some((row, norm)) = first_oversized_row(values, self.cfg.embedding_dim) {
+            return Err(Error::invalid(format!(
+                "the center of class {} has norm {norm:.3e}, above {MAX_ROW_NORM:.3e}: it cannot be normalized in f32",
+                first + row as u64
+            )));
+        }
         self.backend.state_mut().set_centers(first, count, values)
     }
 }
@@ -296,6 +302,35 @@ pub(crate) struct Restored {
     pub step: u64,
     pub seed: u64,
     pub lr: f32,
+}
+
+/// The largest L2 norm a center or embedding row may have: 2^62. Its square, 2^124, leaves f32 16×
+/// headroom whatever the summation order, so every backend normalizes such a row; from about
+/// 1.8e19 the squared norm overflows f32 and the row would normalize to zero, or to NaN.
+pub(crate) const MAX_ROW_NORM: f64 = (1u64 << 62) as f64;
+
+/// The first row of `values` (rows of `d` finite values) whose norm is above [`MAX_ROW_NORM`], and
+/// that norm. Rows of any smaller norm, zero included, normalize as PyTorch's (eps 1e-12) would.
+/// Every way centers enter a head (set_centers, checkpoints) checks them with this.
+pub(crate) fn first_oversized_row(values: &[f32], d: usize) -> Option<(usize, f64)> {
+    values.chunks_exact(d).map(|row| row_norm(row.iter().copied())).enumerate().find(|&(_, n)| n > MAX_ROW_NORM)
+}
+
+/// Norms in float64: no finite f32 row overflows there.
+fn row_norm(row: impl Iterator<Item = f32>) -> f64 {
+    row.map(|v| v as f64 * v as f64).sum::<f64>().sqrt()
+}
+
+pub(crate) fn first_oversized_embedding(e: &crate::backend::Embeddings<'_>, d: usize) -> Option<(usize, f64)> {
+    use crate::backend::Embeddings;
+    match e {
+        Embeddings::F32(v) => first_oversized_row(v, d),
+        Embeddings::BF16(v) => {
+            v.chunks_exact(d).map(|row| row_norm(row.iter().map(|x| x.to_f32()))).enumerate().find(|&(_, n)| n > MAX_ROW_NORM)
+        }
+        // f16 rows are at most 65504·√d.
+        Embeddings::F16(_) => None,
+    }
 }
 
 /// Checks that every process of the job passed the same configuration and derives the shard

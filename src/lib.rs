@@ -16,6 +16,7 @@ pub mod ffi;
 pub mod fsutil;
 pub mod margin;
 pub mod optimizer;
+pub mod pool;
 pub mod rng;
 pub mod search;
 pub mod sharding;

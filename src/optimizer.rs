@@ -151,11 +151,12 @@ fn adamw_row(cfg: &OptimizerConfig, lr: f32, w: &mut [f32], m: &mut [f32], v: &m
     }
 }
 
-/// Whether a row can be normalized in f32: finite, with a squared norm neither overflowing nor
-/// below the smallest normal f32 (where 1/‖w‖ loses the row).
+/// Whether a row is one the head accepts as a center: finite, of norm at most `MAX_ROW_NORM`
+/// (2^62, what set_centers and checkpoints accept), so that it normalizes in f32.
 pub fn normalizable(row: &[f32]) -> bool {
+    const MAX_SQUARED: f32 = (crate::engine::MAX_ROW_NORM * crate::engine::MAX_ROW_NORM) as f32;
     let sq = crate::backend::cpu::kernels::dot(row, row);
-    sq.is_finite() && sq >= f32::MIN_POSITIVE
+    sq.is_finite() && sq <= MAX_SQUARED
 }
 
 impl StateRows {

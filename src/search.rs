@@ -25,14 +25,18 @@ impl PartialOrd for Hit {
     }
 }
 
-/// Scales each row of `src` to unit L2 norm into `dst` (PyTorch's `normalize`, eps 1e-12 on the
-/// norm), also for rows whose squared norm overflows f32, which are normalized in float64.
+/// Scales each nonzero row of `src` to unit L2 norm into `dst`, so that scores are cosines (zero
+/// rows stay zero). Rows whose norm f32 cannot form — the square overflows (`inv` 0), or the norm
+/// is near or under PyTorch's eps 1e-12, where the square may underflow — are normalized in float64.
 pub fn unit_rows(src: &[f32], d: usize, dst: &mut [f32]) {
     let mut inv = vec![0.0; src.len() / d];
     crate::backend::cpu::kernels::normalize_rows(src, d, dst, &mut inv);
     for ((row, out), &r) in src.chunks_exact(d).zip(dst.chunks_exact_mut(d)).zip(&inv) {
-        if r == 0.0 {
+        if r == 0.0 || r > 1e11 {
             let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            if norm == 0.0 {
+                continue;
+            }
             for (o, &v) in out.iter_mut().zip(row) {
                 *o = (v as f64 / norm) as f32;
             }

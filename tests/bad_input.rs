@@ -355,7 +355,7 @@ fn create_rejects_bad_configs() {
     let cases: Vec<(&str, Edit, pfc_status, &str)> = vec![
         // Layout.
         ("struct_size 0", Box::new(|c| c.struct_size = 0), PFC_ERR_INCOMPATIBLE, "struct_size"),
-        ("struct_size smaller", Box::new(|c| c.struct_size -= 8), PFC_ERR_INCOMPATIBLE, "struct_size"),
+        ("struct_size no layout had", Box::new(|c| c.struct_size -= 4), PFC_ERR_INCOMPATIBLE, "struct_size"),
         ("struct_size larger", Box::new(|c| c.struct_size += 8), PFC_ERR_INCOMPATIBLE, "struct_size"),
         ("struct_size garbage", Box::new(|c| c.struct_size = u32::MAX), PFC_ERR_INCOMPATIBLE, "struct_size"),
         // Sizes.

@@ -8,29 +8,9 @@
 //! from cargo's own JSON messages, which respects CARGO_TARGET_DIR and any other target-dir setting.
 
 mod native;
-use native::{describe, lib_dir, root, scratch};
+use native::{compile, describe, lib_dir, scratch};
 use std::path::Path;
 use std::process::Command;
-
-fn compile(compiler: &str, lang_flags: &[&str], lib_dir: &Path, exe: &Path) {
-    let src = root().join("tests/c/abi_test.c");
-    let include = root().join("include");
-    let mut cmd = Command::new(compiler);
-    cmd.args(lang_flags)
-        .args(["-Wall", "-Wextra", "-Werror"])
-        .arg("-I")
-        .arg(&include)
-        .arg(&src)
-        .arg("-o")
-        .arg(exe)
-        .arg("-L")
-        .arg(lib_dir)
-        .arg("-lpartialfc")
-        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
-        .arg("-lm");
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run the compiler {compiler:?} (is it installed?): {e}"));
-    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
-}
 
 fn run(exe: &Path, want_banner: &str) {
     let out = Command::new(exe).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
@@ -53,9 +33,9 @@ fn c_abi_program_compiles_as_c11_and_cxx17_and_passes() {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
 
     let c_exe = dir.join("abi_test_c11");
-    compile(&cc, &["-std=c11", "-pedantic"], lib_dir, &c_exe);
+    compile(&cc, &["-std=c11", "-pedantic"], "tests/c/abi_test.c", lib_dir, &c_exe);
     let cxx_exe = dir.join("abi_test_cxx17");
-    compile(&cxx, &["-x", "c++", "-std=c++17", "-pedantic"], lib_dir, &cxx_exe);
+    compile(&cxx, &["-x", "c++", "-std=c++17", "-pedantic"], "tests/c/abi_test.c", lib_dir, &cxx_exe);
 
     run(&c_exe, "c abi (C11)");
     run(&cxx_exe, "c abi (C++17)");

@@ -88,3 +88,59 @@ fn bench_times_a_small_configuration() {
     assert!(ok, "{err}");
     assert!(out.lines().any(|l| l.starts_with("| 5000 | 0.1 |")), "{out}");
 }
+
+#[test]
+fn bench_refuses_to_time_nothing() {
+    for (args, needle) in [
+        (vec!["bench", "--classes", "1000", "--dim", "16", "--batch", "8", "--steps", "0", "--reference-dir", "/nonexistent"], "--steps 0"),
+        (vec!["bench", "--search", "--classes", "1000", "--dim", "16", "--runs", "0"], "--runs 0"),
+    ] {
+        let (ok, _, err) = pfc(&args);
+        assert!(!ok && err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn train_divergence_is_reported_as_such_naming_the_learning_rate() {
+    // Full softmax at lr 1e4: the centers blow up within a hundred steps.
+    let out = out_dir("diverge");
+    let (ok, _, err) = pfc(&[
+        "train", "--out", &out, "--lr", "1e4", "--sample-rate", "1", "--classes", "2000", "--dim", "64", "--batch", "128", "--steps", "300",
+        "--eval-identities", "10", "--log-every", "100",
+    ]);
+    assert!(!ok, "lr 1e4 trained to the end: {err}");
+    assert!(err.contains("diverged") && err.contains("--lr 10000") && !err.contains("embedding row"), "{err}");
+}
+
+/// A tiny `pfc train` run in `out` to `steps`, checkpointing every 5 steps.
+fn tiny_run(out: &str, steps: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec!["train", "--out", out, "--steps", steps, "--checkpoint-every", "5"];
+    args.extend_from_slice(&["--classes", "100", "--dim", "16", "--batch", "16", "--eval-identities", "10"]);
+    args.extend_from_slice(extra);
+    pfc(&args)
+}
+
+#[test]
+fn resume_refuses_a_backbone_holding_nan() {
+    let out = out_dir("nan-backbone");
+    let (ok, _, err) = tiny_run(&out, "5", &[]);
+    assert!(ok, "{err}");
+    // One NaN in the first layer's weights, checksum-free: the backbone file is the CLI's own.
+    let path = std::path::Path::new(&out).join("checkpoint/backbone.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (header, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let at = 8 + header + meta.info("w1").unwrap().data_offsets.0 + 4 * 17;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, _, err) = tiny_run(&out, "10", &["--resume"]);
+    assert!(!ok && err.contains("w1") && err.contains("NaN"), "{err}");
+}
+
+#[test]
+fn resume_refuses_a_target_before_the_checkpoint() {
+    let out = out_dir("resume-past");
+    let (ok, _, err) = tiny_run(&out, "5", &[]);
+    assert!(ok, "{err}");
+    let (ok, stdout, err) = tiny_run(&out, "4", &["--resume"]);
+    assert!(!ok && err.contains("step 5") && err.contains("--steps 4"), "{stdout}\n{err}");
+}

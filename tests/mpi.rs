@@ -10,7 +10,7 @@
 mod common;
 mod native;
 use common::Golden;
-use native::{describe, lib_dir, root, scratch};
+use native::{compile, describe, lib_dir, root, scratch};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -178,24 +178,11 @@ fn mismatched_configurations_fail_everywhere_naming_the_field() {
 
 /// Compiles one MPI program against the library (OpenMPI's wrappers are installed by setup).
 fn build_example(compiler: &str, source: &str, name: &str, flags: &[&str]) -> PathBuf {
-    let lib = lib_dir();
     let exe = scratch(&format!("mpi-example-{name}")).join(name);
-    let mut cmd = Command::new(compiler);
-    cmd.args(flags)
-        .args(["-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(root().join("include"))
-        .arg("-I")
-        .arg(root().join("bindings/cpp"))
-        .arg(root().join(source))
-        .arg("-o")
-        .arg(&exe)
-        .arg("-L")
-        .arg(lib)
-        .arg("-lpartialfc")
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lm");
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {compiler} (OpenMPI is installed by scripts/setup.sh): {e}"));
-    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+    let cpp = root().join("bindings/cpp");
+    let mut flags = flags.to_vec();
+    flags.extend(["-I", cpp.to_str().unwrap()]);
+    compile(compiler, &flags, source, lib_dir(), &exe);
     exe
 }
 

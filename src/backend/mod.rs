@@ -387,7 +387,8 @@ pub struct Evaluated {
     pub sampled_classes: u64,
 }
 
-/// Labels in `[0, num_classes)` and finite embeddings, batch by batch (the first offence named).
+/// Labels in `[0, num_classes)` and finite embeddings of a norm that normalizes in f32, batch by
+/// batch (the first offence named).
 pub(crate) fn validate(batches: &[HostBatch<'_>], num_classes: u64, d: usize) -> Result<()> {
     for (s, b) in batches.iter().enumerate() {
         if let Some((i, &label)) = b.labels.iter().enumerate().find(|(_, &l)| l < 0 || l as u64 >= num_classes) {
@@ -400,6 +401,12 @@ pub(crate) fn validate(batches: &[HostBatch<'_>], num_classes: u64, d: usize) ->
         };
         if let Some(at) = bad {
             return Err(Error::invalid(format!("batch {s}: embedding row {} holds NaN or Inf", at / d)));
+        }
+        if let Some((row, norm)) = crate::engine::first_oversized_embedding(&b.embeddings, d) {
+            return Err(Error::invalid(format!(
+                "batch {s}: embedding row {row} has norm {norm:.3e}, above {:.3e}: it cannot be normalized in f32",
+                crate::engine::MAX_ROW_NORM
+            )));
         }
     }
     Ok(())

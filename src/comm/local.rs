@@ -30,14 +30,14 @@ fn gather<T: Copy + Send + Sync>(local: &[Vec<T>], out: &mut [Vec<T>]) {
 
 /// Sums `parts` element-wise in their order into `dst` (overwritten), in parallel chunks: the
 /// order per element is the parts' order, whatever the chunking.
-pub(crate) fn sum_in_order(parts: &[&[f32]], dst: &mut [f32]) {
-    dst.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+pub(crate) fn sum_in_order(parts: &[&[f32]], dst: &mut [f32]) -> Result<()> {
+    crate::pool::install(|| dst.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
         let span = c * CHUNK..c * CHUNK + out.len();
         out.copy_from_slice(&parts[0][span.clone()]);
         for part in &parts[1..] {
             out.iter_mut().zip(&part[span.clone()]).for_each(|(x, &y)| *x += y);
         }
-    });
+    }))
 }
 
 impl Collectives<Host> for LocalCollectives {
@@ -78,7 +78,7 @@ impl Collectives<Host> for LocalCollectives {
             let seg = segments[rank].clone();
             let parts: Vec<&[f32]> = bufs.iter().map(|b| &b[seg.clone()]).collect();
             dst.resize(seg.len(), 0.0);
-            sum_in_order(&parts, dst);
+            sum_in_order(&parts, dst)?;
         }
         Ok(())
     }

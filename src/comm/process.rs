@@ -118,7 +118,7 @@ impl Collectives<Host> for ProcessCollectives {
             let seg = segments[self.first_rank + i].clone();
             let ranks: Vec<&[f32]> = (0..self.world).map(|r| &all[r * len + seg.start..r * len + seg.end]).collect();
             dst.resize(seg.len(), 0.0);
-            sum_in_order(&ranks, dst);
+            sum_in_order(&ranks, dst)?;
         }
         Ok(())
     }

@@ -3,19 +3,41 @@
 //! nothing is printed.
 
 use crate::error::{Error, Status};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Once;
+use std::sync::{Mutex, MutexGuard, Once, PoisonError};
 
 thread_local! {
     static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+    /// Guarded calls in progress on this thread (more than one when a host callback calls back in).
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// `PANIC_MESSAGE`'s guard, held by the forking thread across a fork (see `prepare_fork`).
+    static HELD_FOR_FORK: RefCell<Option<MutexGuard<'static, Option<String>>>> = const { RefCell::new(None) };
 }
 
 /// Guarded calls in progress, process-wide: a panic on a pool thread belongs to one of them.
 static ACTIVE_GUARDS: AtomicUsize = AtomicUsize::new(0);
+/// A std mutex, for the same reason as the head list's (src/ffi/head.rs).
 static PANIC_MESSAGE: Mutex<Option<String>> = Mutex::new(None);
+
+fn panic_message() -> MutexGuard<'static, Option<String>> {
+    PANIC_MESSAGE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Fork handlers (registered in src/ffi/head.rs): the message slot is taken before the fork so that
+/// no thread holds it mid-update in the child; there, only the forking thread's calls are in progress.
+pub(super) fn prepare_fork() {
+    let held = panic_message();
+    HELD_FOR_FORK.with(|h| *h.borrow_mut() = Some(held));
+}
+
+pub(super) fn after_fork(in_child: bool) {
+    if in_child {
+        ACTIVE_GUARDS.store(DEPTH.with(Cell::get), Ordering::SeqCst);
+    }
+    HELD_FOR_FORK.with(|h| h.borrow_mut().take());
+}
 
 pub fn set_last_error(message: &str) {
     LAST_ERROR.with(|e| {
@@ -44,7 +66,7 @@ fn install_panic_hook() {
                     .map(|s| s.to_string())
                     .or_else(|| info.payload().downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
-                *PANIC_MESSAGE.lock() = Some(format!("{payload}{location}"));
+                *panic_message() = Some(format!("{payload}{location}"));
             } else {
                 previous(info);
             }
@@ -56,9 +78,11 @@ fn install_panic_hook() {
 /// calling thread by the pool, so they land here too.
 pub fn guard(body: impl FnOnce() -> Result<(), Error>) -> i32 {
     install_panic_hook();
+    DEPTH.with(|d| d.set(d.get() + 1));
     ACTIVE_GUARDS.fetch_add(1, Ordering::SeqCst);
     let outcome = catch_unwind(AssertUnwindSafe(body));
     ACTIVE_GUARDS.fetch_sub(1, Ordering::SeqCst);
+    DEPTH.with(|d| d.set(d.get() - 1));
     match outcome {
         Ok(Ok(())) => super::types::PFC_OK,
         Ok(Err(e)) => {
@@ -66,7 +90,7 @@ pub fn guard(body: impl FnOnce() -> Result<(), Error>) -> i32 {
             e.status.code()
         }
         Err(_) => {
-            let detail = PANIC_MESSAGE.lock().take().unwrap_or_else(|| "a worker thread panicked".into());
+            let detail = panic_message().take().unwrap_or_else(|| "a worker thread panicked".into());
             set_last_error(&format!("internal error (please report): {detail}"));
             Status::Panic.code()
         }

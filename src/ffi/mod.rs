@@ -6,23 +6,19 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 mod guard;
+mod head;
 pub mod types;
 
 use self::guard::{guard, with_last_error};
+pub use self::head::pfc_head;
+use self::head::lock;
 pub use self::types::*;
 use crate::backend::{Batches, DeviceBatch, Embeddings, GradOut, HostBatch, Outputs};
 use crate::comm::group::{AllGather, CallbackAllGather, ProcessGroup};
 use crate::config::{BackendKind, Config, DType, MarginConfig, MarginGrad, OptimizerConfig, OptimizerKind};
 use crate::engine::{Head, StepStats};
 use crate::error::{Error, Result, Status};
-use parking_lot::Mutex;
 use std::ffi::c_char;
-
-/// An opaque training head. Calls on one head are serialized by its lock.
-#[allow(non_camel_case_types)]
-pub struct pfc_head {
-    inner: Mutex<Head>,
-}
 
 /// Rows accepted in one shard's batch; keeps `rows × dim` far from overflow.
 const MAX_BATCH_ROWS: u64 = 1 << 24;
@@ -81,18 +77,43 @@ fn default_c_config() -> pfc_config {
     }
 }
 
-fn check_struct_size(c: &pfc_config) -> Result<()> {
-    let expected = std::mem::size_of::<pfc_config>() as u32;
-    if c.struct_size != expected {
+/// The smallest `pfc_config` a program may pass: the first released layout, which ended before
+/// `world_size`. Fields are only ever appended, and the first field a release adds starts at a
+/// multiple of 8 bytes, so every older layout is a prefix of this one whose size is a multiple of 8
+/// (its trailing padding is never taken for a newer field).
+const OLDEST_CONFIG_SIZE: usize = std::mem::offset_of!(pfc_config, world_size);
+const _: () = assert!(OLDEST_CONFIG_SIZE % 8 == 0 && std::mem::size_of::<pfc_config>() % 8 == 0);
+
+/// Reads the caller's configuration, which may come from an older header (SPEC §2b): its first
+/// `struct_size` bytes, and the defaults for the fields an older struct lacks. A struct larger than
+/// this library's (a newer header) is refused: its extra fields would be silently ignored.
+///
+/// # Safety
+/// `cfg` must point to at least `struct_size` readable bytes, `struct_size` being its first field.
+unsafe fn read_config(cfg: *const pfc_config) -> Result<pfc_config> {
+    let size = std::ptr::read_unaligned(cfg.cast::<u32>()) as usize;
+    let full = std::mem::size_of::<pfc_config>();
+    if size > full {
         return Err(Error::new(
             Status::Incompatible,
             format!(
-                "pfc_config.struct_size is {} but this library's pfc_config has {expected} bytes: initialise it with pfc_config_init and build against the matching header",
-                c.struct_size
+                "pfc_config.struct_size is {size} bytes, larger than this library's {full}: the program was built against a newer header than this library (version {}); link the library that header came with",
+                env!("CARGO_PKG_VERSION")
             ),
         ));
     }
-    Ok(())
+    if size < OLDEST_CONFIG_SIZE || size % 8 != 0 {
+        return Err(Error::new(
+            Status::Incompatible,
+            format!(
+                "pfc_config.struct_size is {size}, not the size of any pfc_config layout (a multiple of 8 from {OLDEST_CONFIG_SIZE} to {full} bytes): initialise the struct with pfc_config_init"
+            ),
+        ));
+    }
+    let mut c = default_c_config();
+    std::ptr::copy_nonoverlapping(cfg.cast::<u8>(), std::ptr::addr_of_mut!(c).cast::<u8>(), size);
+    c.struct_size = full as u32;
+    Ok(c)
 }
 
 /// The process group a configuration names. Built before anything else is checked, so that every
@@ -101,7 +122,6 @@ fn check_struct_size(c: &pfc_config) -> Result<()> {
 /// # Safety
 /// `allgather`, when set, must behave as `pfc_allgather_fn` documents, with `allgather_ctx`.
 unsafe fn group_from_c(c: &pfc_config) -> Result<ProcessGroup> {
-    check_struct_size(c)?;
     let transport = c.allgather.map(|f| Box::new(CallbackAllGather::new(f, c.allgather_ctx)) as Box<dyn AllGather>);
     ProcessGroup::new(c.process_count as usize, c.process_index as usize, transport)
 }
@@ -111,7 +131,6 @@ unsafe fn group_from_c(c: &pfc_config) -> Result<ProcessGroup> {
 /// # Safety
 /// `devices`, when not NULL, must point to `local_shards` integers.
 unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
-    check_struct_size(c)?;
     let margin_grad = match c.margin_grad {
         PFC_MARGIN_GRAD_STRAIGHT_THROUGH => MarginGrad::StraightThrough,
         PFC_MARGIN_GRAD_EXACT => MarginGrad::Exact,
@@ -188,11 +207,6 @@ fn check_aligned<T>(ptr: *const T, what: &str) -> Result<()> {
 /// Byte ranges `[start, end)` of caller buffers, to prove outputs alias nothing else.
 fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
     a.0 < b.1 && b.0 < a.1
-}
-
-fn head_ref<'a>(h: *const pfc_head) -> Result<&'a pfc_head> {
-    // SAFETY: a non-NULL head pointer comes from pfc_create and is alive until pfc_destroy.
-    unsafe { h.as_ref() }.ok_or_else(|| Error::null("head"))
 }
 
 /// A call's batches, checked against the head's configuration: host slices, or device pointers.
@@ -342,6 +356,9 @@ fn write_stats(stats: *mut pfc_step_stats, s: StepStats) {
 /// NULL is a no-op.
 #[no_mangle]
 pub extern "C" fn pfc_config_init(cfg: *mut pfc_config) {
+    // This writes the whole struct of this header. A program built against an older header calls
+    // it with a shorter struct, so once a layout is released, a release that appends fields must
+    // keep this symbol writing the released layout and give the new header a new init function.
     // SAFETY: a non-NULL cfg is the caller's writable struct.
     if let Some(c) = unsafe { cfg.as_mut() } {
         *c = default_c_config();
@@ -350,21 +367,25 @@ pub extern "C" fn pfc_config_init(cfg: *mut pfc_config) {
 
 /// Creates a head: validates `cfg`, allocates and initialises the local shards' centers and
 /// optimizer state. On success `*out` owns the head (free it with `pfc_destroy`); on failure `*out`
-/// is untouched. A CUDA request on a machine without a usable driver gives PFC_ERR_UNAVAILABLE.
+/// is untouched. Only `cfg->struct_size` bytes of `cfg` are read. A CUDA request on a machine
+/// without a usable driver gives PFC_ERR_UNAVAILABLE; too little memory, or a process that cannot
+/// start the library's worker threads (thread or memory limits), PFC_ERR_OUT_OF_MEMORY.
 #[no_mangle]
 pub extern "C" fn pfc_create(cfg: *const pfc_config, out: *mut *mut pfc_head) -> pfc_status {
     guard(|| {
         // SAFETY: non-NULL pointers from the caller, per the header's contract.
-        let c = unsafe { cfg.as_ref() }.ok_or_else(|| Error::null("cfg"))?;
+        if cfg.is_null() {
+            return Err(Error::null("cfg"));
+        }
         if out.is_null() {
             return Err(Error::null("out"));
         }
-        let group = unsafe { group_from_c(c) }?;
+        let c = unsafe { read_config(cfg) }?;
+        let group = unsafe { group_from_c(&c) }?;
         // A bad field on one process fails every process, with the same message.
-        let config = group.agree(unsafe { config_from_c(c) })?;
+        let config = group.agree(unsafe { config_from_c(&c) })?;
         let head = Head::with_group(config, group)?;
-        let boxed = Box::new(pfc_head { inner: Mutex::new(head) });
-        unsafe { *out = Box::into_raw(boxed) };
+        unsafe { *out = pfc_head::into_raw(head) };
         Ok(())
     })
 }
@@ -376,7 +397,7 @@ pub extern "C" fn pfc_destroy(head: *mut pfc_head) {
         // Dropping frees memory only; a panic here would be a bug in a destructor, kept from C.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             // SAFETY: the pointer came from pfc_create and is destroyed once.
-            drop(unsafe { Box::from_raw(head) });
+            unsafe { pfc_head::destroy(head) };
         }));
     }
 }
@@ -406,7 +427,7 @@ pub extern "C" fn pfc_train_compute(head: *mut pfc_head, batches: *const pfc_bat
 
 fn train(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats, apply: bool) -> pfc_status {
     guard(|| {
-        let mut h = head_ref(head)?.inner.lock();
+        let mut h = lock(head)?;
         let s = match unsafe { batch_slices(&h, batches, n, true) }? {
             Parsed::Host(mut slices) => h.compute(Batches::Host(&slices.inputs), Outputs::Host(&mut slices.grads), apply)?,
             Parsed::Device(device) => h.compute(Batches::Device(&device), Outputs::Device(&device), apply)?,
@@ -422,7 +443,7 @@ fn train(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc
 /// accumulated) when a center would become NaN, Inf or impossible to normalize.
 #[no_mangle]
 pub extern "C" fn pfc_train_apply(head: *mut pfc_head) -> pfc_status {
-    guard(|| head_ref(head)?.inner.lock().apply())
+    guard(|| lock(head)?.apply())
 }
 
 /// Drops the gradients accumulated since the last `pfc_train_apply` (a skipped batch). Local: it
@@ -430,7 +451,7 @@ pub extern "C" fn pfc_train_apply(head: *mut pfc_head) -> pfc_status {
 #[no_mangle]
 pub extern "C" fn pfc_train_discard(head: *mut pfc_head) -> pfc_status {
     guard(|| {
-        head_ref(head)?.inner.lock().discard();
+        lock(head)?.discard();
         Ok(())
     })
 }
@@ -439,7 +460,7 @@ pub extern "C" fn pfc_train_discard(head: *mut pfc_head) -> pfc_status {
 #[no_mangle]
 pub extern "C" fn pfc_evaluate(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc_step_stats) -> pfc_status {
     guard(|| {
-        let mut h = head_ref(head)?.inner.lock();
+        let mut h = lock(head)?;
         let s = match unsafe { batch_slices(&h, batches, n, false) }? {
             Parsed::Host(slices) => h.evaluate(&slices.inputs)?,
             Parsed::Device(device) => h.evaluate_batches(Batches::Device(&device))?,
@@ -452,14 +473,14 @@ pub extern "C" fn pfc_evaluate(head: *mut pfc_head, batches: *const pfc_batch, n
 /// Sets the learning rate used by later steps (finite, >= 0).
 #[no_mangle]
 pub extern "C" fn pfc_set_learning_rate(head: *mut pfc_head, lr: f32) -> pfc_status {
-    guard(|| head_ref(head)?.inner.lock().set_learning_rate(lr))
+    guard(|| lock(head)?.set_learning_rate(lr))
 }
 
 /// The global classes this process owns: `[*first, *first + *count)`.
 #[no_mangle]
 pub extern "C" fn pfc_local_classes(head: *const pfc_head, first: *mut u64, count: *mut u64) -> pfc_status {
     guard(|| {
-        let h = head_ref(head)?.inner.lock();
+        let h = lock(head)?;
         if first.is_null() {
             return Err(Error::null("first"));
         }
@@ -480,7 +501,7 @@ pub extern "C" fn pfc_local_classes(head: *const pfc_head, first: *mut u64, coun
 #[no_mangle]
 pub extern "C" fn pfc_get_centers(head: *const pfc_head, first: u64, count: u64, normalized: i32, out: *mut f32) -> pfc_status {
     guard(|| {
-        let h = head_ref(head)?.inner.lock();
+        let h = lock(head)?;
         if out.is_null() {
             return Err(Error::null("out"));
         }
@@ -495,11 +516,14 @@ pub extern "C" fn pfc_get_centers(head: *const pfc_head, first: u64, count: u64,
 }
 
 /// Overwrites centers of global classes `[first, first + count)` from `in` (count × embedding_dim
-/// floats, finite) and resets those rows' optimizer state (warm start).
+/// floats, finite) and resets those rows' optimizer state (warm start). A row of norm above 2^62
+/// (about 4.6e18; from about 1.8e19 its squared norm overflows f32, so it cannot be normalized) is
+/// refused with PFC_ERR_INVALID_ARGUMENT naming its class. Zero rows are accepted: their cosine with
+/// every embedding is 0, as with PyTorch's normalize.
 #[no_mangle]
 pub extern "C" fn pfc_set_centers(head: *mut pfc_head, first: u64, count: u64, r#in: *const f32) -> pfc_status {
     guard(|| {
-        let mut h = head_ref(head)?.inner.lock();
+        let mut h = lock(head)?;
         if r#in.is_null() {
             return Err(Error::null("in"));
         }
@@ -540,7 +564,7 @@ unsafe fn path_arg<'a>(p: *const c_char, name: &str) -> Result<&'a std::path::Pa
 #[no_mangle]
 pub extern "C" fn pfc_save_checkpoint(head: *const pfc_head, dir: *const c_char) -> pfc_status {
     guard(|| {
-        let h = head_ref(head)?.inner.lock();
+        let h = lock(head)?;
         let dir = unsafe { path_arg(dir, "dir") }?;
         crate::checkpoint::save(&h, dir)
     })
@@ -553,7 +577,7 @@ pub extern "C" fn pfc_save_checkpoint(head: *const pfc_head, dir: *const c_char)
 #[no_mangle]
 pub extern "C" fn pfc_load_checkpoint(head: *mut pfc_head, dir: *const c_char) -> pfc_status {
     guard(|| {
-        let mut h = head_ref(head)?.inner.lock();
+        let mut h = lock(head)?;
         let dir = unsafe { path_arg(dir, "dir") }?;
         crate::checkpoint::load(&mut h, dir)
     })
@@ -565,7 +589,7 @@ pub extern "C" fn pfc_load_checkpoint(head: *mut pfc_head, dir: *const c_char) -
 #[no_mangle]
 pub extern "C" fn pfc_export_centers(head: *const pfc_head, path: *const c_char, format: i32, dtype: i32, normalized: i32) -> pfc_status {
     guard(|| {
-        let h = head_ref(head)?.inner.lock();
+        let h = lock(head)?;
         let path = unsafe { path_arg(path, "path") }?;
         let format = match format {
             PFC_FORMAT_SAFETENSORS => crate::export::Format::Safetensors,
@@ -580,12 +604,12 @@ pub extern "C" fn pfc_export_centers(head: *const pfc_head, path: *const c_char,
 }
 
 /// The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
-/// floats) over this process's centers: `ids` (n × k int64) and `scores` (n × k floats), each row
-/// sorted by score, ties by smaller class id.
+/// floats, finite, of any norm: a zero query scores 0 with every class) over this process's centers:
+/// `ids` (n × k int64) and `scores` (n × k floats), each row sorted by score, ties by smaller class id.
 #[no_mangle]
 pub extern "C" fn pfc_search(head: *const pfc_head, queries: *const f32, n: u64, k: u32, ids: *mut i64, scores: *mut f32) -> pfc_status {
     guard(|| {
-        let h = head_ref(head)?.inner.lock();
+        let h = lock(head)?;
         for (p, name) in [(queries.is_null(), "queries"), (ids.is_null(), "ids"), (scores.is_null(), "scores")] {
             if p {
                 return Err(Error::null(name));

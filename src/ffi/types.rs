@@ -55,7 +55,10 @@ const _: () = assert!(PFC_NCCL_ID_BYTES == crate::comm::nccl::UNIQUE_ID_BYTES);
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct pfc_config {
-    /// Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly.
+    /// Set by `pfc_config_init` to `sizeof(pfc_config)`; lets the struct grow compatibly. A struct
+    /// from an older header (a smaller size: fields are only ever appended) is accepted, and the
+    /// fields it lacks take their defaults; one from a newer header (larger) gives
+    /// PFC_ERR_INCOMPATIBLE.
     pub struct_size: u32,
     /// Total classes C over all shards.
     pub num_classes: u64,

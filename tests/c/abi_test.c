@@ -308,9 +308,19 @@ static void test_create_errors(void) {
     EXPECT_ERROR(pfc_create(NULL, &h), PFC_ERR_NULL_ARGUMENT, "cfg");
     EXPECT_ERROR(pfc_create(&cfg, NULL), PFC_ERR_NULL_ARGUMENT, "out");
 
-    cfg.struct_size -= 8;
+    cfg.struct_size += 8; /* a newer header's struct */
     EXPECT_ERROR(pfc_create(&cfg, &h), PFC_ERR_INCOMPATIBLE, "struct_size");
     CHECK(h == sentinel);
+    cfg.struct_size -= 12; /* no header's */
+    EXPECT_ERROR(pfc_create(&cfg, &h), PFC_ERR_INCOMPATIBLE, "struct_size");
+    CHECK(h == sentinel);
+    /* The first release's struct ended before world_size: the fields after it take their defaults. */
+    base_config(&cfg);
+    cfg.struct_size = (uint32_t)offsetof(pfc_config, world_size);
+    cfg.world_size = 1234567;
+    EXPECT_OK(pfc_create(&cfg, &h));
+    pfc_destroy(h);
+    h = sentinel;
 
     base_config(&cfg);
     cfg.backend = PFC_BACKEND_CUDA;

@@ -69,3 +69,23 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Compiles the C or C++ source `src` (under the repository) into `exe` against include/ and the
+/// library in `lib_dir` (rpath set), with warnings as errors and the given language flags.
+pub fn compile(compiler: &str, lang_flags: &[&str], src: &str, lib_dir: &Path, exe: &Path) {
+    let mut cmd = Command::new(compiler);
+    cmd.args(lang_flags)
+        .args(["-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(root().join(src))
+        .arg("-o")
+        .arg(exe)
+        .arg("-L")
+        .arg(lib_dir)
+        .arg("-lpartialfc")
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .arg("-lm");
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run the compiler {compiler:?} (is it installed?): {e}"));
+    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
+}

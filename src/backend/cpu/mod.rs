@@ -34,13 +34,15 @@ pub(super) fn min_blocks_per_task(blocks: usize) -> usize {
 /// with a worker from `make` (fallible: its scratch grows with the batch). Returns the workers in
 /// task order, so that merging them gives the same bits whatever thread ran which task.
 fn for_blocks<W: Send>(blocks: usize, make: impl Fn() -> Result<W>, body: impl Fn(&mut W, usize) + Sync) -> Result<Vec<W>> {
-    let per = min_blocks_per_task(blocks);
+    let per = crate::pool::install(|| min_blocks_per_task(blocks))?;
     let mut workers = (0..blocks.div_ceil(per)).map(|_| make()).collect::<Result<Vec<_>>>()?;
-    workers.par_iter_mut().enumerate().for_each(|(t, w)| {
-        for b in t * per..((t + 1) * per).min(blocks) {
-            body(w, b);
-        }
-    });
+    crate::pool::install(|| {
+        workers.par_iter_mut().enumerate().for_each(|(t, w)| {
+            for b in t * per..((t + 1) * per).min(blocks) {
+                body(w, b);
+            }
+        })
+    })?;
     Ok(workers)
 }
 
@@ -137,9 +139,11 @@ impl CpuBackend {
         for &range in &ranges {
             let elems = (range.len as usize).checked_mul(d).ok_or_else(|| Error::invalid("num_classes × embedding_dim overflows"))?;
             let mut centers = try_zeroed::<f32>(elems, "class centers")?;
-            centers.par_chunks_mut(d).enumerate().for_each(|(j, row)| {
-                rng::init_center(cfg.seed, range.start + j as u64, cfg.init_std, row);
-            });
+            crate::pool::install(|| {
+                centers.par_chunks_mut(d).enumerate().for_each(|(j, row)| {
+                    rng::init_center(cfg.seed, range.start + j as u64, cfg.init_std, row);
+                })
+            })?;
             shards.push(Shard {
                 range,
                 centers,
@@ -550,10 +554,12 @@ impl Primitives for CpuBackend {
     fn embedding_grad(&mut self, shard: usize, mut summed: Vec<f32>, first_row: usize, _rows: usize, world: f32) -> Result<Vec<f32>> {
         let d = self.cfg.embedding_dim;
         let s = &self.shards[shard];
-        summed.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
-            let i = first_row + r;
-            kernels::project_out(&s.unit[i * d..(i + 1) * d], 1.0, s.inv_norm_e[i] * world, g);
-        });
+        crate::pool::install(|| {
+            summed.par_chunks_mut(d).enumerate().for_each(|(r, g)| {
+                let i = first_row + r;
+                kernels::project_out(&s.unit[i * d..(i + 1) * d], 1.0, s.inv_norm_e[i] * world, g);
+            })
+        })?;
         Ok(summed)
     }
 
@@ -617,12 +623,19 @@ impl Primitives for CpuBackend {
         let state = s.optimizer.rows_ptr();
         let (acc, centers) = (&s.accumulated, &s.centers);
         let rows = acc.rows.len();
-        Ok((0..rows).into_par_iter().with_min_len(BLOCK).fold(|| (vec![0.0f32; 3 * d], true), |(mut scratch, ok), r| {
-            let j = acc.rows[r] as usize;
-            // SAFETY: rows are only read.
-            let fine = unsafe { state.update_is_finite(&opt, lr, j, &centers[j * d..(j + 1) * d], &acc.grads[r * d..(r + 1) * d], &mut scratch) };
-            (scratch, ok && fine)
-        }).map(|(_, ok)| ok).reduce(|| true, |a, b| a && b))
+        crate::pool::install(|| {
+            (0..rows)
+                .into_par_iter()
+                .with_min_len(BLOCK)
+                .fold(|| (vec![0.0f32; 3 * d], true), |(mut scratch, ok), r| {
+                    let j = acc.rows[r] as usize;
+                    // SAFETY: rows are only read.
+                    let fine = unsafe { state.update_is_finite(&opt, lr, j, &centers[j * d..(j + 1) * d], &acc.grads[r * d..(r + 1) * d], &mut scratch) };
+                    (scratch, ok && fine)
+                })
+                .map(|(_, ok)| ok)
+                .reduce(|| true, |a, b| a && b)
+        })
     }
 
     fn apply(&mut self, shard: usize, lr: f32) -> Result<()> {
@@ -632,11 +645,13 @@ impl Primitives for CpuBackend {
         let state = s.optimizer.rows_ptr();
         let centers = Shared(s.centers.as_mut_ptr());
         let acc = &s.accumulated;
-        (0..acc.rows.len()).into_par_iter().with_min_len(BLOCK).for_each(|r| {
-            let j = acc.rows[r] as usize;
-            // SAFETY: accumulated rows are distinct, so each center and state row has one writer.
-            unsafe { state.update(&opt, lr, j, centers.slice(j * d, d), &acc.grads[r * d..(r + 1) * d]) };
-        });
+        crate::pool::install(|| {
+            (0..acc.rows.len()).into_par_iter().with_min_len(BLOCK).for_each(|r| {
+                let j = acc.rows[r] as usize;
+                // SAFETY: accumulated rows are distinct, so each center and state row has one writer.
+                unsafe { state.update(&opt, lr, j, centers.slice(j * d, d), &acc.grads[r * d..(r + 1) * d]) };
+            })
+        })?;
         // The accumulator's buffer becomes the next step's pending buffer (no re-allocation).
         s.accumulated.rows.clear();
         std::mem::swap(&mut s.accumulated, &mut s.pending);
@@ -685,7 +700,7 @@ impl ShardState for CpuBackend {
         let d = self.cfg.embedding_dim;
         let mut best = crate::search::TopK::new(queries.len() / d, k);
         for shard in &self.shards {
-            best.merge(search::scan(&shard.centers, d, shard.range.start, queries, k));
+            best.merge(search::scan(&shard.centers, d, shard.range.start, queries, k)?);
         }
         Ok(best.into_sorted())
     }

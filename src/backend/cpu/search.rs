@@ -11,6 +11,7 @@
 
 use super::gemm::{matmul, Operand};
 use super::kernels;
+use crate::error::Result;
 use crate::search::TopK;
 use rayon::prelude::*;
 
@@ -44,13 +45,14 @@ fn exact_score(q: &[f32], c: &[f32], inv: f32) -> f32 {
     s + 0.0
 }
 
-/// The best `k` of `centers` (rows of `d`, class ids from `first_class`) for each unit-norm query.
-pub fn scan(centers: &[f32], d: usize, first_class: u64, queries: &[f32], k: usize) -> TopK {
+/// The best `k` of `centers` (rows of `d`, class ids from `first_class`) for each unit-norm query,
+/// on the library's pool.
+pub fn scan(centers: &[f32], d: usize, first_class: u64, queries: &[f32], k: usize) -> Result<TopK> {
     let n = queries.len() / d;
     let rows = centers.len() / d;
     let blocks = rows.div_ceil(CENTER_BLOCK);
     let margin = selection_margin(d);
-    (0..blocks)
+    crate::pool::install(|| (0..blocks)
         .into_par_iter()
         .with_min_len(super::min_blocks_per_task(blocks))
         .fold(
@@ -106,7 +108,7 @@ pub fn scan(centers: &[f32], d: usize, first_class: u64, queries: &[f32], k: usi
         .reduce(|| TopK::new(n, k), |mut a, b| {
             a.merge(b);
             a
-        })
+        }))
 }
 
 #[cfg(test)]
@@ -125,12 +127,12 @@ mod tests {
         crate::search::unit_rows(&q, d, &mut unit);
         q.copy_from_slice(&unit);
         let k = 50;
-        let all = scan(&centers, d, 10, &q, k).into_sorted();
+        let all = scan(&centers, d, 10, &q, k).unwrap().into_sorted();
         for (i, hits) in all.iter().enumerate() {
             assert_eq!(hits.len(), k);
             assert!(hits.iter().all(|h| h.0.to_bits() == hits[0].0.to_bits()), "{hits:?}");
             assert_eq!(hits.iter().map(|h| h.1).collect::<Vec<_>>(), (10..10 + k as u64).collect::<Vec<_>>());
-            let one = scan(&centers, d, 10, &q[i * d..(i + 1) * d], k).into_sorted();
+            let one = scan(&centers, d, 10, &q[i * d..(i + 1) * d], k).unwrap().into_sorted();
             assert_eq!(&one[0], hits);
         }
     }
@@ -143,7 +145,7 @@ mod tests {
         let src = q;
         crate::search::unit_rows(&src, d, &mut q);
         assert!((q[0] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6 && q[0] == q[1]);
-        let hits = scan(&centers, d, 0, &q, 3).into_sorted();
+        let hits = scan(&centers, d, 0, &q, 3).unwrap().into_sorted();
         assert_eq!(hits[0].iter().map(|h| h.1).collect::<Vec<_>>(), vec![2, 0, 1]);
         assert!((hits[0][0].0 - 1.0).abs() < 1e-6);
         assert!((hits[0][1].0 - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6);

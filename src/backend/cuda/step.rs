@@ -187,9 +187,11 @@ impl CudaBackend {
             while at < rows {
                 let take = chunk.min(rows - at);
                 use rayon::prelude::*;
-                host[..take * d].par_chunks_mut(d).enumerate().for_each(|(j, row)| {
-                    rng::init_center(cfg.seed, range.start + (at + j) as u64, cfg.init_std, row);
-                });
+                crate::pool::install(|| {
+                    host[..take * d].par_chunks_mut(d).enumerate().for_each(|(j, row)| {
+                        rng::init_center(cfg.seed, range.start + (at + j) as u64, cfg.init_std, row);
+                    })
+                })?;
                 let mut view = centers.slice_mut(at * d..(at + take) * d);
                 stream.memcpy_htod(&host[..take * d], &mut view).map_err(|e| device_error("upload", e))?;
                 at += take;
@@ -688,7 +690,7 @@ impl ShardState for CudaBackend {
         for range in &self.ranges {
             let mut centers = vec![0f32; range.len as usize * d];
             self.read_state(StateTensor::Centers, range.start, range.len, &mut centers)?;
-            best.merge(crate::backend::cpu::scan_centers(&centers, d, range.start, queries, k));
+            best.merge(crate::backend::cpu::scan_centers(&centers, d, range.start, queries, k)?);
         }
         Ok(best.into_sorted())
     }

@@ -191,7 +191,7 @@ fn search(a: &BenchArgs) -> Result<(), String> {
         a.dim,
         a.k,
         a.shards,
-        rayon::current_num_threads(),
+        partialfc::pool::threads().map_err(|e| e.message)?,
         classes as f64 * a.dim as f64 * 4.0 / (1u64 << 30) as f64,
         a.runs
     );
@@ -229,6 +229,13 @@ fn search(a: &BenchArgs) -> Result<(), String> {
 }
 
 pub fn run(a: BenchArgs) -> Result<(), String> {
+    // Medians need at least one timing.
+    if a.steps == 0 {
+        return Err("--steps 0: time at least one step".into());
+    }
+    if a.runs == 0 {
+        return Err("--runs 0: time at least one call".into());
+    }
     if a.search {
         return search(&a);
     }
@@ -247,7 +254,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
     let gemm = gemm_path(&a)?;
     println!(
         "threads: {}, d = {}, N = {}, shards = {}, compute {}, GEMMs {gemm}, SGD; medians of {} steps",
-        rayon::current_num_threads(),
+        partialfc::pool::threads().map_err(|e| e.message)?,
         a.dim,
         a.batch,
         a.shards,

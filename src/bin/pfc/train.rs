@@ -11,7 +11,7 @@ use partialfc::backend::{Embeddings, GradOut, HostBatch};
 use partialfc::config::{BackendKind, Config};
 use partialfc::export::Format;
 use partialfc::rng;
-use partialfc::Head;
+use partialfc::{Head, Status};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -219,12 +219,27 @@ impl Backbone {
             let [v0, v1, v2] = &mut self.velocity[..] else { unreachable!() };
             [("w1", &mut self.w1), ("b1", &mut self.b1), ("w2", &mut self.w2), ("v_w1", v0), ("v_b1", v1), ("v_w2", v2)]
         };
-        for (name, dst) in targets {
+        // Read everything before changing anything: a refused file leaves the backbone as it was.
+        let mut read = Vec::with_capacity(targets.len());
+        for (name, _) in &targets {
             let t = st.tensor(name).map_err(|e| format!("{}: {e}", path.display()))?;
-            if t.shape() != [dst.len()] {
+            if t.dtype() != safetensors::Dtype::F32 {
+                return Err(format!("{}: backbone tensor {name} is {:?}, expected F32", path.display(), t.dtype()));
+            }
+            let values: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+                return Err(format!(
+                    "{}: backbone tensor {name} holds NaN or Inf (value {at}): the run that saved it had diverged; resume from an earlier checkpoint",
+                    path.display()
+                ));
+            }
+            read.push((t.shape().to_vec(), values));
+        }
+        for ((name, dst), (shape, values)) in targets.into_iter().zip(read) {
+            if shape != [dst.len()] {
                 return Err(format!("{}: backbone tensor {name} does not fit dimension {dim}", path.display()));
             }
-            dst.iter_mut().zip(t.data().chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            *dst = values;
         }
         Ok(())
     }
@@ -310,6 +325,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         backbone.load(&checkpoint.join("backbone.safetensors"))?;
     }
     let first_step = head.steps_taken();
+    check(first_step <= a.steps, || format!("--resume: the checkpoint is at step {first_step}, past --steps {}", a.steps))?;
     println!(
         "pfc train: {} identities (long tail {}, label noise {}, conflicts {}), d = {}, batch {}, {} {} shards, sample rate {}, filter {}, steps {}..{}",
         a.classes, a.tail, a.label_noise, a.conflicts, a.dim, a.batch, a.shards, a.backend, a.sample_rate, a.filter, first_step, a.steps
@@ -335,7 +351,10 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
             *label = world.sample(step * a.batch as u64 + r as u64, img);
         }
         let (emb, hidden) = backbone.forward(&x, a.batch);
-        let stats = {
+        check(emb.iter().all(|v| v.is_finite()), || {
+            format!("step {}: the backbone diverged (its embeddings are NaN or Inf) with --backbone-lr {}: lower it", step + 1, a.backbone_lr)
+        })?;
+        let stepped = {
             let mut batches = Vec::with_capacity(shards);
             let mut outs = Vec::with_capacity(shards);
             let (mut e_rest, mut l_rest, mut g_rest) = (&emb[..], &labels[..], &mut grads[..]);
@@ -348,7 +367,18 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
                 outs.push(GradOut::F32(g));
                 (e_rest, l_rest, g_rest) = (er, lr, gr);
             }
-            head.train_step(&batches, &mut outs).map_err(|e| e.message)?
+            head.train_step(&batches, &mut outs)
+        };
+        let stats = match stepped {
+            Ok(stats) if stats.loss.is_finite() && grads.iter().all(|g| g.is_finite()) => stats,
+            Err(e) if e.status != Status::NonFinite => return Err(e.message),
+            _ => {
+                return Err(format!(
+                    "step {}: training diverged: the head's loss or gradients are NaN or Inf with --lr {} (SGD, momentum 0.9): lower --lr",
+                    step + 1,
+                    a.lr
+                ))
+            }
         };
         // The head returns shards × the mean-loss gradient; this one backbone sees the whole batch.
         grads.iter_mut().for_each(|g| *g /= shards as f32);

@@ -90,11 +90,8 @@ fn gemm_path(a: &BenchArgs) -> Result<String, String> {
     }
     Ok(match (p, dnnl::loaded()) {
         (gemm::GemmPath::Crate, Err(why)) => format!("{} ({why})", p.name()),
-        (gemm::GemmPath::Crate, Ok(lib)) => format!("{} (oneDNN at {lib} has no fast kernel for it)", p.name()),
-        (_, lib) => {
-            let dt = if p == gemm::GemmPath::OneDnnBf16 { dnnl::DataType::Bf16 } else { dnnl::DataType::F32 };
-            format!("{} ({}, {})", p.name(), gemm::onednn_kernel(dt).unwrap_or_default(), lib.unwrap_or_default())
-        }
+        (gemm::GemmPath::Crate, Ok(lib)) => format!("{} (oneDNN at {lib} runs bf16 steps only, on bf16 hardware)", p.name()),
+        (gemm::GemmPath::OneDnnBf16, lib) => format!("{} ({}, {})", p.name(), gemm::onednn_kernel(dnnl::DataType::Bf16).unwrap_or_default(), lib.unwrap_or_default()),
     })
 }
 

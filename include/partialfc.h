@@ -100,18 +100,25 @@
 // The true derivative of the margin function.
 #define PFC_MARGIN_GRAD_EXACT 1
 
-// Export formats: safetensors (one tensor `centers` [C, d]), NumPy `.npy`, FAISS `.fvecs`.
+// Export formats: safetensors (one tensor `centers` [C, d]), NumPy `.npy`, FAISS `.fvecs`, and a
+// FAISS `IndexFlatIP` file (`faiss.read_index` opens it; ids are class ids).
 #define PFC_FORMAT_SAFETENSORS 0
 
 #define PFC_FORMAT_NPY 1
 
 #define PFC_FORMAT_FVECS 2
 
+#define PFC_FORMAT_FAISS 3
+
 // Bytes of an NCCL unique id.
 #define PFC_NCCL_ID_BYTES 128
 
 // An opaque training head. Calls on one head are serialized by its lock.
 typedef struct pfc_head pfc_head;
+
+// A search-only index over trained centers: no optimizer state, no configuration. Immutable once
+// open, so any number of threads may search one index at the same time.
+typedef struct pfc_index pfc_index;
 
 // The host's process group, as one collective (the pattern of UCC's out-of-band all-gather):
 // every process calls it with the same `bytes`; `recv` receives process_count × bytes, in process
@@ -338,20 +345,37 @@ pfc_status pfc_get_centers(const struct pfc_head *head,
 // every embedding is 0, as with PyTorch's normalize.
 pfc_status pfc_set_centers(struct pfc_head *head, uint64_t first, uint64_t count, const float *in);
 
-// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest plus one
-// safetensors file per shard with centers and all optimizer state. The previous checkpoint in `dir`
-// stays loadable until the new one is complete (a crash mid-save loses nothing).
-pfc_status pfc_save_checkpoint(const struct pfc_head *head, const char *dir);
+// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest
+// (`manifest.json`, one JSON document with its checksum inside) plus one safetensors file per shard
+// with centers and all optimizer state. The previous checkpoint in `dir` stays loadable until the
+// new one is complete (a crash mid-save loses nothing). One writer per directory: while another head
+// or process saves into `dir` (it holds `dir/.partialfc.lock`), this call fails at once with
+// PFC_ERR_IO and touches nothing. A head whose state a load would refuse is not saved and no file
+// is touched: NaN or Inf values give PFC_ERR_NON_FINITE, a learning rate or step counts out of
+// range PFC_ERR_INVALID_ARGUMENT. A save deletes only files this library wrote there: the replaced checkpoint's and what an
+// interrupted save of this library left. Collective on a multi-process head: every process writes
+// its own shards into `dir` (one directory on a filesystem all processes share); the manifest is
+// published only after every shard file of the job is durable.
+pfc_status pfc_save_checkpoint(const struct pfc_head *head,
+                               const char *dir);
 
 // Restores centers, optimizer state, step, seed and learning rate from the checkpoint in `dir`,
-// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file
-// gives PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer gives PFC_ERR_INCOMPATIBLE;
-// on any failure the head is unchanged.
-pfc_status pfc_load_checkpoint(struct pfc_head *head, const char *dir);
+// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file,
+// anything but a regular file (a FIFO, a device), or values the head would refuse give
+// PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer, or a checkpoint of another format
+// version (older versions of this library) give PFC_ERR_INCOMPATIBLE; a save in progress in `dir`
+// gives PFC_ERR_IO. Never reads more than the manifest declares. On any failure the head is unchanged.
+// Collective on a multi-process head (each process reads its own classes' rows, whatever layout
+// wrote them); a head refused after a failed exchange between processes is usable again after it.
+pfc_status pfc_load_checkpoint(struct pfc_head *head,
+                               const char *dir);
 
 // Writes all C centers to one file at `path`: `format` is a PFC_FORMAT_* value, `dtype`
-// PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs: f32 only), `normalized` 1 for unit rows. Streamed in
-// chunks; the file appears atomically.
+// PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs and FAISS: f32 only), `normalized` 1 for unit rows.
+// Streamed in chunks; the file appears atomically. An f16 export of centers beyond f16's range
+// (±65504) fails with PFC_ERR_INVALID_ARGUMENT and writes nothing: export them normalized or as f32.
+// Collective on a multi-process head: each process writes its classes' rows at their offset into
+// the one file, which appears only once all have written.
 pfc_status pfc_export_centers(const struct pfc_head *head,
                               const char *path,
                               int32_t format,
@@ -359,14 +383,44 @@ pfc_status pfc_export_centers(const struct pfc_head *head,
                               int32_t normalized);
 
 // The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
-// floats, finite, of any norm: a zero query scores 0 with every class) over this process's centers:
+// floats, finite, of any norm: a zero query scores 0 with every class) over all centers of the job:
 // `ids` (n × k int64) and `scores` (n × k floats), each row sorted by score, ties by smaller class id.
+// Collective on a multi-process head: every process passes the same queries (else
+// PFC_ERR_INVALID_ARGUMENT everywhere) and receives the same merged result, equal to a single
+// process's.
 pfc_status pfc_search(const struct pfc_head *head,
                       const float *queries,
                       uint64_t n,
                       uint32_t k,
                       int64_t *ids,
                       float *scores);
+
+// Opens the centers at `path` for search: a file written by `pfc_export_centers` in any
+// PFC_FORMAT_* (f32 or f16; also such files from numpy or FAISS: a float32/float16 [C, d] array, a
+// safetensors tensor `centers`, an `IndexFlatIP`) or a checkpoint directory (verified as
+// `pfc_load_checkpoint` verifies it). Class ids are row numbers. On success `*out` owns the index
+// (free it with `pfc_index_close`). A damaged or foreign file gives PFC_ERR_CORRUPT, a missing one
+// PFC_ERR_IO, too little memory PFC_ERR_OUT_OF_MEMORY.
+pfc_status pfc_index_open(const char *path, struct pfc_index **out);
+
+// The index's class count and embedding dimension.
+pfc_status pfc_index_info(const struct pfc_index *ix,
+                          uint64_t *num_classes,
+                          uint32_t *embedding_dim);
+
+// As `pfc_search`, over the index's centers: the `k` classes with the highest cosine to each of
+// the `n` queries (n × embedding_dim floats), `ids` (n × k int64) and `scores` (n × k floats), each
+// row sorted by score, ties by smaller class id — the same results as `pfc_search` on a head
+// holding these centers.
+pfc_status pfc_index_search(const struct pfc_index *ix,
+                            const float *queries,
+                            uint64_t n,
+                            uint32_t k,
+                            int64_t *ids,
+                            float *scores);
+
+// Frees an index. NULL is a no-op.
+void pfc_index_close(struct pfc_index *ix);
 
 // Writes a new NCCL unique id (PFC_NCCL_ID_BYTES bytes) to `out`, for a multi-process run: create
 // it in one process, give it to all (MPI, a file, torchrun's store), pass it as `pfc_config.nccl_id`.

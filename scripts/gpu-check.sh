@@ -35,6 +35,10 @@ for t in .gpu/tests/*; do
     "$t" --test-threads=1 || failures=$((failures + 1))
 done
 
+step "PyTorch binding on CUDA (tests/python/gpu_check.py)"
+PARTIALFC_LIBRARY="$PWD/.gpu/libpartialfc.so" PYTHONPATH="$PWD/bindings/python:$PWD/tests/python" \
+    python3 tests/python/gpu_check.py || failures=$((failures + 1))
+
 step "benchmark (ours, CUDA)"
 results="$OUT/results.jsonl"
 : > "$results"

@@ -16,7 +16,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         shutil.copy(m["executable"], ".gpu/tests/" + m["target"]["name"])
 '
-cp target/release/pfc .gpu/
+cp target/release/pfc target/release/libpartialfc.so .gpu/
 strip .gpu/pfc .gpu/tests/* 2>/dev/null || true
 cp -r ../shared/golden .gpu/shared/
 cp ../shared/bench/reference_step.py .gpu/

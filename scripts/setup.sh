@@ -39,6 +39,11 @@ need_cmds g++ c++ g++
 need_cmds binutils readelf
 need_cmds pkg-config pkg-config
 need_cmds cmake cmake
+# tests/checkpoint_safety.rs reads the checkpoint manifest with jq (and Python's json).
+need_cmds jq jq
+# tests/mpi.rs and tests/persist_mpi.rs run jobs over several processes with OpenMPI.
+need_cmds openmpi-bin mpirun
+need_cmds libopenmpi-dev mpicc
 
 # tests/mpi.rs runs jobs over several processes with OpenMPI (mpicc, mpirun).
 need_cmds openmpi-bin mpirun
@@ -60,6 +65,15 @@ if ! python3 -c 'import numpy, safetensors' >/dev/null 2>&1; then
     python3 -m pip install --quiet numpy safetensors \
         || python3 -m pip install --quiet --break-system-packages numpy safetensors
 fi
+
+# tests/index.rs opens the PFC_FORMAT_FAISS export with FAISS itself and searches it.
+if ! python3 -c 'import faiss' >/dev/null 2>&1; then
+    python3 -m pip install --quiet faiss-cpu \
+        || python3 -m pip install --quiet --break-system-packages faiss-cpu
+fi
+
+# The PyTorch binding's tests (tests/python) run in the project venv .venv with torch from PyPI.
+bash scripts/python-env.sh
 
 # NVRTC 13.0 (matching the lent GPUs' driver) compiles every CUDA kernel in tests/kernels.rs; no
 # GPU is needed. Installed once into .tools/ (ignored by git).

@@ -150,6 +150,26 @@ pub(crate) fn finite_in(name: &str, v: f32, lo: f32, hi: f32) -> Result<()> {
     check(v.is_finite() && v >= lo && v <= hi, || format!("{name} = {v} is outside [{lo}, {hi}]"))
 }
 
+/// Most training steps a head takes: AdamW raises its betas to a row's step count as an `i32`
+/// exponent, and a row's count never exceeds the head's.
+pub(crate) const MAX_STEPS: u64 = i32::MAX as u64;
+
+/// The learning rates a head accepts, wherever one enters: `pfc_create`, `pfc_set_learning_rate`,
+/// a checkpoint.
+pub(crate) fn check_learning_rate(lr: f32) -> Result<()> {
+    finite_in("lr (learning rate)", lr, 0.0, MAX_HYPERPARAMETER)
+}
+
+/// A training position a head can be in: `step` steps taken (at most `MAX_STEPS`), and AdamW rows
+/// updated `row_steps` times each, never more often than the head stepped.
+pub(crate) fn check_steps(step: u64, row_steps: &[u32]) -> Result<()> {
+    check(step <= MAX_STEPS, || format!("step count {step} exceeds {MAX_STEPS}"))?;
+    match row_steps.iter().position(|&t| t as u64 > step) {
+        Some(i) => Err(Error::invalid(format!("row {i} was updated {} times in {step} steps", row_steps[i]))),
+        None => Ok(()),
+    }
+}
+
 impl Config {
     /// Checks every field; a config that passes can build a head (memory permitting).
     pub fn validate(&self) -> Result<()> {
@@ -173,7 +193,7 @@ impl Config {
             format!("interclass_filter = {} is outside [0, 1) (0 disables it)", m.interclass_filter)
         })?;
         let o = &self.optimizer;
-        finite_in("lr", o.lr, 0.0, MAX_HYPERPARAMETER)?;
+        check_learning_rate(o.lr)?;
         finite_in("weight_decay", o.weight_decay, 0.0, MAX_HYPERPARAMETER)?;
         match o.kind {
             OptimizerKind::Sgd => finite_in("momentum", o.momentum, 0.0, 1.0)?,

@@ -7,7 +7,7 @@ pub(crate) mod driver;
 use crate::backend::{Backend, Batches, Evaluated, GradOut, HostBatch, Outputs, PhaseTimes, StepPlan};
 use crate::comm::group::ProcessGroup;
 use crate::config::Config;
-use crate::error::{Error, Result, Status};
+use crate::error::{Error, Result};
 use crate::optimizer::StateTensor;
 use std::sync::Arc;
 
@@ -77,7 +77,7 @@ impl Head {
     }
 
     pub fn set_learning_rate(&mut self, lr: f32) -> Result<()> {
-        self.group.agree(crate::config::finite_in("learning rate", lr, 0.0, crate::config::MAX_HYPERPARAMETER))?;
+        self.group.agree(crate::config::check_learning_rate(lr))?;
         self.lr = lr;
         Ok(())
     }
@@ -233,36 +233,13 @@ impl Head {
 }
 
 impl Head {
-    /// The `k` most similar local classes by cosine for each query (rows of `queries`), best first,
-    /// ties by smaller class id: `(ids, scores)`, `n × k` each.
+    /// The `k` classes of the job most similar by cosine to each query (rows of `queries`), best
+    /// first, ties by smaller class id: `(ids, scores)`, `n × k` each. Collective on a multi-process
+    /// head: every process passes the same queries and receives the merged result.
     pub fn search(&self, queries: &[f32], k: usize) -> Result<(Vec<i64>, Vec<f32>)> {
-        let d = self.cfg.embedding_dim;
         let (_, local) = self.local_classes();
-        if queries.is_empty() || queries.len() % d != 0 {
-            return Err(Error::invalid(format!("{} query values do not form rows of dimension {d}", queries.len())));
-        }
-        if k == 0 || k as u64 > local {
-            return Err(Error::invalid(format!("k = {k} is outside [1, {local}] (this process's classes)")));
-        }
-        if let Some(at) = queries.iter().position(|v| !v.is_finite()) {
-            return Err(Error::invalid(format!("query row {} holds NaN or Inf", at / d)));
-        }
-        let mut unit = crate::error::try_zeroed::<f32>(queries.len(), "normalized queries")?;
-        crate::search::unit_rows(queries, d, &mut unit);
-        let hits = self.backend.state().search(&unit, k)?;
-        // The C ABI copies exactly n × k results: never hand back short rows.
-        if hits.len() != queries.len() / d || hits.iter().any(|row| row.len() != k) {
-            return Err(Error::new(Status::Panic, "internal error: search returned fewer than k hits for a query"));
-        }
-        let mut ids = Vec::with_capacity(hits.len() * k);
-        let mut scores = Vec::with_capacity(hits.len() * k);
-        for row in hits {
-            for (score, class) in row {
-                ids.push(class as i64);
-                scores.push(score);
-            }
-        }
-        Ok((ids, scores))
+        let (d, classes) = (self.cfg.embedding_dim, self.cfg.num_classes);
+        crate::search::search_job(&self.group, queries, d, classes, local, k, |unit, k| self.backend.state().search(unit, k))
     }
 
     /// Rows `[first, first + count)` of a state tensor (checkpoints).

@@ -1,12 +1,14 @@
-//! Exporting all centers as one file for search: safetensors (`centers` [C, d]), `.npy` or `.fvecs`,
-//! f32 or f16, optionally L2-normalized. Rows are streamed in chunks, never gathered whole, and the
-//! file appears atomically (written beside, synced, renamed).
+//! Exporting all centers as one file for search: safetensors (`centers` [C, d]), `.npy`, `.fvecs` or
+//! a FAISS `IndexFlatIP` (ids = class ids), f32 or f16, optionally L2-normalized. Rows are streamed
+//! in bounded chunks, never gathered whole, and the file appears atomically (written beside, synced,
+//! renamed). An f16 export refuses centers that f16 cannot hold rather than writing infinities.
 
 use crate::checkpoint::safetensors_header;
 use crate::config::DType;
 use crate::engine::Head;
-use crate::error::{Error, Result, Status};
-use crate::fsutil::AtomicFile;
+use crate::error::{try_zeroed, Error, Result, Status};
+use crate::fsutil::{AtomicFile, PositionalFile};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,10 +16,13 @@ pub enum Format {
     Safetensors,
     Npy,
     Fvecs,
+    /// FAISS's `write_index` layout of an `IndexFlatIP`: fourcc `IxFI`, the index header, then the
+    /// vectors as one float vector (its length counted in floats).
+    Faiss,
 }
 
-/// Rows converted and written per chunk.
-const CHUNK_ROWS: u64 = 4096;
+/// Largest finite f16.
+const F16_MAX: f32 = 65504.0;
 
 fn header(format: Format, dtype: DType, classes: u64, dim: usize) -> Vec<u8> {
     let elem = dtype.size() as u64;
@@ -41,47 +46,109 @@ fn header(format: Format, dtype: DType, classes: u64, dim: usize) -> Vec<u8> {
             out
         }
         Format::Fvecs => Vec::new(),
+        Format::Faiss => {
+            let mut out = b"IxFI".to_vec();
+            out.extend_from_slice(&(dim as i32).to_le_bytes());
+            out.extend_from_slice(&(classes as i64).to_le_bytes());
+            // Two fields FAISS no longer uses, written as it writes them.
+            out.extend_from_slice(&(1i64 << 20).to_le_bytes());
+            out.extend_from_slice(&(1i64 << 20).to_le_bytes());
+            out.push(1); // is_trained
+            out.extend_from_slice(&FAISS_METRIC_INNER_PRODUCT.to_le_bytes());
+            out.extend_from_slice(&(classes * dim as u64).to_le_bytes());
+            out
+        }
     }
 }
 
-/// Writes every center of `head` to `path`.
-pub fn export_centers(head: &Head, path: &Path, format: Format, dtype: DType, normalized: bool) -> Result<()> {
+/// FAISS's `METRIC_INNER_PRODUCT`.
+pub(crate) const FAISS_METRIC_INNER_PRODUCT: i32 = 0;
+
+/// Bytes of one center in the file: its values, after fvecs' dimension field.
+fn row_bytes(format: Format, dtype: DType, dim: usize) -> usize {
+    dim * dtype.size() + if format == Format::Fvecs { 4 } else { 0 }
+}
+
+fn check_arguments(format: Format, dtype: DType) -> Result<()> {
     if dtype == DType::BF16 {
         return Err(Error::invalid("export dtype must be f32 or f16 (numpy and FAISS have no bfloat16)"));
     }
-    if format == Format::Fvecs && dtype != DType::F32 {
-        return Err(Error::invalid(".fvecs holds f32 vectors; export f16 as safetensors or .npy"));
+    if matches!(format, Format::Fvecs | Format::Faiss) && dtype != DType::F32 {
+        return Err(Error::invalid(".fvecs and FAISS indexes hold f32 vectors; export f16 as safetensors or .npy"));
     }
-    let (first, count) = head.local_classes();
+    Ok(())
+}
+
+/// Writes every center of `head` to `path`. Collective on a multi-process head: process 0 creates
+/// the file (header, full length) beside its destination, every process writes its own classes'
+/// rows at their offset and syncs them, and process 0 publishes the file once all have; any
+/// process's failure fails the export everywhere and leaves no file.
+pub fn export_centers(head: &Head, path: &Path, format: Format, dtype: DType, normalized: bool) -> Result<()> {
+    let group = head.group();
+    group.agree(check_arguments(format, dtype))?;
     let classes = head.config().num_classes;
-    if first != 0 || count != classes {
-        return Err(Error::new(
-            Status::Unavailable,
-            "this process owns only part of the classes; multi-process export needs the distributed backend",
-        ));
-    }
     let d = head.config().embedding_dim;
-    let mut file = AtomicFile::create(path)?;
-    file.write_all(&header(format, dtype, classes, d))?;
-    let mut rows = vec![0f32; CHUNK_ROWS as usize * d];
-    let mut bytes = Vec::with_capacity(CHUNK_ROWS as usize * (d * 4 + 4));
-    let mut at = 0;
-    while at < classes {
-        let n = CHUNK_ROWS.min(classes - at);
+    let header = header(format, dtype, classes, d);
+    let row = row_bytes(format, dtype, d) as u64;
+    // Process 0's file; its temporary name is everyone's.
+    let mut file = None;
+    let created = if group.index() == 0 {
+        AtomicFile::create(path).and_then(|mut f| {
+            f.write_all(&header)?;
+            f.set_len(header.len() as u64 + classes * row)?;
+            let temp = f.temp().as_os_str().as_bytes().to_vec();
+            file = Some(f);
+            Ok(temp)
+        })
+    } else {
+        Ok(Vec::new())
+    };
+    let created = group.agree(created)?;
+    let temp = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&group.allgather_varied(&created)?[0]));
+    let written = write_rows(head, &temp, header.len() as u64, format, dtype, normalized);
+    group.agree(written)?;
+    group.agree(file.map_or(Ok(()), AtomicFile::commit))
+}
+
+/// This process's classes' rows, written into `temp` after its `header_len`-byte header.
+fn write_rows(head: &Head, temp: &Path, header_len: u64, format: Format, dtype: DType, normalized: bool) -> Result<()> {
+    let d = head.config().embedding_dim;
+    let (first, count) = head.local_classes();
+    let row = row_bytes(format, dtype, d);
+    let chunk_rows = crate::checkpoint::chunk_rows(row) as u64;
+    let mut rows = try_zeroed::<f32>(chunk_rows.min(count) as usize * d, "export chunk")?;
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(chunk_rows.min(count) as usize * row)
+        .map_err(|_| Error::new(Status::OutOfMemory, "cannot allocate an export chunk"))?;
+    let mut out = PositionalFile::open(temp)?;
+    let mut at = first;
+    while at < first + count {
+        let n = chunk_rows.min(first + count - at);
         let chunk = &mut rows[..n as usize * d];
         head.get_centers(at, n, normalized, chunk)?;
+        if dtype == DType::F16 {
+            if let Some(i) = chunk.iter().position(|v| v.abs() > F16_MAX) {
+                return Err(Error::invalid(format!(
+                    "center of class {} holds {} (value {}), beyond f16's range (±{F16_MAX}): export normalized or as f32",
+                    at + (i / d) as u64,
+                    chunk[i],
+                    i % d
+                )));
+            }
+        }
         bytes.clear();
-        for row in chunk.chunks_exact(d) {
+        for values in chunk.chunks_exact(d) {
             if format == Format::Fvecs {
                 bytes.extend_from_slice(&(d as i32).to_le_bytes());
             }
             match dtype {
-                DType::F16 => row.iter().for_each(|v| bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-                _ => row.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
+                DType::F16 => values.iter().for_each(|v| bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+                _ => values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
             }
         }
-        file.write_all(&bytes)?;
+        out.write_at(header_len + at * row as u64, &bytes)?;
         at += n;
     }
-    file.commit()
+    out.sync()
 }

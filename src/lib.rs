@@ -3,7 +3,8 @@
 //!
 //! Layout: `config` (validated settings), `sharding` (who owns and samples which classes), `margin`
 //! (the target logit), `optimizer` (sparse SGD/AdamW), `comm` (collectives), `backend` (the
-//! arithmetic, per device kind), `engine` (the head shared by all backends), `ffi` (the C boundary).
+//! arithmetic, per device kind), `engine` (the head shared by all backends), `checkpoint`/`export`/`index`/`search` (persistence and
+//! search), `ffi` (the C boundary).
 
 pub mod backend;
 pub mod checkpoint;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod export;
 pub mod ffi;
 pub mod fsutil;
+pub mod index;
 pub mod margin;
 pub mod optimizer;
 pub mod pool;

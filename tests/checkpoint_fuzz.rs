@@ -181,12 +181,8 @@ fn random_damage_is_always_detected() {
 
 /// Rewrites the manifest's checksum line, and the sizes and checksums of the shard files in it, to
 /// match whatever the files now hold (when the manifest body still parses).
-fn reseal_all(dir: &Path) {
-    let text = std::fs::read(dir.join("manifest.json")).unwrap();
-    let body = match text.iter().position(|&c| c == b'\n') {
-        Some(i) => text[..i].to_vec(),
-        None => text.clone(),
-    };
+fn reseal_all(dir: &Path, body: Option<Vec<u8>>) {
+    let body = body.unwrap_or_else(|| manifest_body(&std::fs::read(dir.join("manifest.json")).unwrap()).to_vec());
     let body = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(mut m) if m["shards"].is_array() => {
             for s in m["shards"].as_array_mut().unwrap() {
@@ -199,9 +195,7 @@ fn reseal_all(dir: &Path) {
         }
         _ => body,
     };
-    let mut out = body.clone();
-    out.extend_from_slice(format!("\ncrc32 {:08x}\n", crc32fast::hash(&body)).as_bytes());
-    overwrite(&dir.join("manifest.json"), &out);
+    overwrite(&dir.join("manifest.json"), &manifest_file(&body));
 }
 
 #[test]
@@ -214,13 +208,16 @@ fn random_damage_behind_valid_checksums_never_crashes_or_half_loads() {
         let which = if rng.below(2) == 0 { 0 } else { 1 + rng.below(fx.files.len() as u64 - 1) as usize };
         let mut bytes = fx.originals[which].clone();
         if which == 0 {
-            // Damage the JSON body only; the checksum line is rebuilt below.
-            let end = bytes.iter().position(|&c| c == b'\n').unwrap();
-            bytes.truncate(end);
+            // Damage the inner object only; the checksum is rebuilt below.
+            bytes = manifest_body(&bytes).to_vec();
         }
         let what = damage(&mut bytes, &mut rng);
-        overwrite(&fx.dir.join(&fx.files[which]), &bytes);
-        reseal_all(&fx.dir);
+        if which == 0 {
+            reseal_all(&fx.dir, Some(bytes));
+        } else {
+            overwrite(&fx.dir.join(&fx.files[which]), &bytes);
+            reseal_all(&fx.dir, None);
+        }
         let status = load(&victim, &fx.dir);
         assert!(
             [PFC_OK, PFC_ERR_CORRUPT, PFC_ERR_INCOMPATIBLE].contains(&status),

@@ -10,7 +10,7 @@
 mod common;
 mod native;
 use common::Golden;
-use native::{compile, describe, lib_dir, root, scratch};
+use native::{compile, describe, lib_dir, mpirun, root, scratch};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -18,17 +18,6 @@ use std::sync::OnceLock;
 fn parity_exe() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     EXE.get_or_init(|| build_example("mpicc", "tests/mpi/parity.c", "parity", &["-std=c11", "-O1"]))
-}
-
-/// `mpirun` with what this machine needs: root is allowed, more processes than cores, shared
-/// memory without cross-memory attach (containers forbid it), one thread per process's pool.
-pub fn mpirun(n: usize) -> Command {
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("OMPI_MCA_btl", "self,vader")
-        .env("RAYON_NUM_THREADS", "1");
-    cmd
 }
 
 fn run_parity(dir: &Path, procs: usize, extra: &[&str]) -> String {

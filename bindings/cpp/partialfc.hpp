@@ -117,6 +117,7 @@ enum class Format : std::int32_t {
     Safetensors = PFC_FORMAT_SAFETENSORS,
     Npy = PFC_FORMAT_NPY,
     Fvecs = PFC_FORMAT_FVECS,
+    Faiss = PFC_FORMAT_FAISS,
 };
 
 // Storage types of half-precision embeddings and gradients (raw IEEE binary16 / bfloat16 bits).

@@ -558,58 +558,103 @@ unsafe fn path_arg<'a>(p: *const c_char, name: &str) -> Result<&'a std::path::Pa
     Ok(std::path::Path::new(std::ffi::OsStr::from_bytes(bytes)))
 }
 
-/// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest plus one
-/// safetensors file per shard with centers and all optimizer state. The previous checkpoint in `dir`
-/// stays loadable until the new one is complete (a crash mid-save loses nothing).
+/// Writes a checkpoint of the head into directory `dir` (created if missing): a manifest
+/// (`manifest.json`, one JSON document with its checksum inside) plus one safetensors file per shard
+/// with centers and all optimizer state. The previous checkpoint in `dir` stays loadable until the
+/// new one is complete (a crash mid-save loses nothing). One writer per directory: while another head
+/// or process saves into `dir` (it holds `dir/.partialfc.lock`), this call fails at once with
+/// PFC_ERR_IO and touches nothing. A head whose state a load would refuse is not saved and no file
+/// is touched: NaN or Inf values give PFC_ERR_NON_FINITE, a learning rate or step counts out of
+/// range PFC_ERR_INVALID_ARGUMENT. A save deletes only files this library wrote there: the replaced checkpoint's and what an
+/// interrupted save of this library left. Collective on a multi-process head: every process writes
+/// its own shards into `dir` (one directory on a filesystem all processes share); the manifest is
+/// published only after every shard file of the job is durable.
 #[no_mangle]
 pub extern "C" fn pfc_save_checkpoint(head: *const pfc_head, dir: *const c_char) -> pfc_status {
     guard(|| {
         let h = lock(head)?;
-        let dir = unsafe { path_arg(dir, "dir") }?;
+        let dir = h.group().agree(unsafe { path_arg(dir, "dir") })?;
         crate::checkpoint::save(&h, dir)
     })
 }
 
 /// Restores centers, optimizer state, step, seed and learning rate from the checkpoint in `dir`,
-/// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file
-/// gives PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer gives PFC_ERR_INCOMPATIBLE;
-/// on any failure the head is unchanged.
+/// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file,
+/// anything but a regular file (a FIFO, a device), or values the head would refuse give
+/// PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer, or a checkpoint of another format
+/// version (older versions of this library) give PFC_ERR_INCOMPATIBLE; a save in progress in `dir`
+/// gives PFC_ERR_IO. Never reads more than the manifest declares. On any failure the head is unchanged.
+/// Collective on a multi-process head (each process reads its own classes' rows, whatever layout
+/// wrote them); a head refused after a failed exchange between processes is usable again after it.
 #[no_mangle]
 pub extern "C" fn pfc_load_checkpoint(head: *mut pfc_head, dir: *const c_char) -> pfc_status {
     guard(|| {
         let mut h = lock(head)?;
-        let dir = unsafe { path_arg(dir, "dir") }?;
-        crate::checkpoint::load(&mut h, dir)
+        crate::checkpoint::load_from(&mut h, unsafe { path_arg(dir, "dir") })
     })
 }
 
 /// Writes all C centers to one file at `path`: `format` is a PFC_FORMAT_* value, `dtype`
-/// PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs: f32 only), `normalized` 1 for unit rows. Streamed in
-/// chunks; the file appears atomically.
+/// PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs and FAISS: f32 only), `normalized` 1 for unit rows.
+/// Streamed in chunks; the file appears atomically. An f16 export of centers beyond f16's range
+/// (±65504) fails with PFC_ERR_INVALID_ARGUMENT and writes nothing: export them normalized or as f32.
+/// Collective on a multi-process head: each process writes its classes' rows at their offset into
+/// the one file, which appears only once all have written.
 #[no_mangle]
 pub extern "C" fn pfc_export_centers(head: *const pfc_head, path: *const c_char, format: i32, dtype: i32, normalized: i32) -> pfc_status {
     guard(|| {
         let h = lock(head)?;
-        let path = unsafe { path_arg(path, "path") }?;
-        let format = match format {
-            PFC_FORMAT_SAFETENSORS => crate::export::Format::Safetensors,
-            PFC_FORMAT_NPY => crate::export::Format::Npy,
-            PFC_FORMAT_FVECS => crate::export::Format::Fvecs,
-            v => return Err(Error::invalid(format!("format = {v} is not a PFC_FORMAT_* value"))),
-        };
-        let dtype = dtype_of("dtype", dtype)?;
-        let normalized = int_bool("normalized", normalized)?;
+        let args = (|| {
+            let path = unsafe { path_arg(path, "path") }?;
+            let format = match format {
+                PFC_FORMAT_SAFETENSORS => crate::export::Format::Safetensors,
+                PFC_FORMAT_NPY => crate::export::Format::Npy,
+                PFC_FORMAT_FVECS => crate::export::Format::Fvecs,
+                PFC_FORMAT_FAISS => crate::export::Format::Faiss,
+                v => return Err(Error::invalid(format!("format = {v} is not a PFC_FORMAT_* value"))),
+            };
+            Ok((path, format, dtype_of("dtype", dtype)?, int_bool("normalized", normalized)?))
+        })();
+        let (path, format, dtype, normalized) = h.group().agree(args)?;
         crate::export::export_centers(&h, path, format, dtype, normalized)
     })
 }
 
 /// The `k` classes with the highest cosine to each of the `n` host queries (n × embedding_dim
-/// floats, finite, of any norm: a zero query scores 0 with every class) over this process's centers:
+/// floats, finite, of any norm: a zero query scores 0 with every class) over all centers of the job:
 /// `ids` (n × k int64) and `scores` (n × k floats), each row sorted by score, ties by smaller class id.
+/// Collective on a multi-process head: every process passes the same queries (else
+/// PFC_ERR_INVALID_ARGUMENT everywhere) and receives the same merged result, equal to a single
+/// process's.
 #[no_mangle]
 pub extern "C" fn pfc_search(head: *const pfc_head, queries: *const f32, n: u64, k: u32, ids: *mut i64, scores: *mut f32) -> pfc_status {
     guard(|| {
         let h = lock(head)?;
+        let (d, classes) = (h.config().embedding_dim, h.config().num_classes);
+        unsafe { search_into(Some(h.group()), queries, n, k, ids, scores, d, classes, |q, k| h.search(q, k)) }
+    })
+}
+
+/// The pointer and size checks of `pfc_search` and `pfc_index_search` (agreed by every process of
+/// `group`'s job, so that a bad argument on one fails the call on all), then `run` over the queries,
+/// its results copied out only when it succeeds.
+///
+/// # Safety
+/// Non-NULL pointers must be valid for `n × dim` queries and `n × k` results.
+#[allow(clippy::too_many_arguments)]
+unsafe fn search_into(
+    group: Option<&ProcessGroup>,
+    queries: *const f32,
+    n: u64,
+    k: u32,
+    ids: *mut i64,
+    scores: *mut f32,
+    dim: usize,
+    classes: u64,
+    run: impl FnOnce(&[f32], usize) -> Result<(Vec<i64>, Vec<f32>)>,
+) -> Result<()> {
+    let out = n as usize * k as usize;
+    let checked = (|| {
         for (p, name) in [(queries.is_null(), "queries"), (ids.is_null(), "ids"), (scores.is_null(), "scores")] {
             if p {
                 return Err(Error::null(name));
@@ -622,23 +667,94 @@ pub extern "C" fn pfc_search(head: *const pfc_head, queries: *const f32, n: u64,
             return Err(Error::invalid(format!("n = {n} is outside [1, {MAX_BATCH_ROWS}]")));
         }
         // k before the overlap check, which trusts n × k: a k beyond the classes is the error to report.
-        let (_, local) = h.local_classes();
-        if k == 0 || k as u64 > local {
-            return Err(Error::invalid(format!("k = {k} is outside [1, {local}] (this process's classes)")));
-        }
-        let d = h.config().embedding_dim;
-        let q = unsafe { std::slice::from_raw_parts(queries, n as usize * d) };
-        let out = n as usize * k as usize;
+        crate::search::check_k(k as u64, classes)?;
         if overlaps((ids as usize, ids as usize + out * 8), (scores as usize, scores as usize + out * 4)) {
             return Err(Error::invalid("ids and scores overlap"));
         }
-        let (found_ids, found_scores) = h.search(q, k as usize)?;
+        Ok(())
+    })();
+    match group {
+        Some(g) => g.agree(checked)?,
+        None => checked?,
+    }
+    let q = std::slice::from_raw_parts(queries, n as usize * dim);
+    let (found_ids, found_scores) = run(q, k as usize)?;
+    std::ptr::copy_nonoverlapping(found_ids.as_ptr(), ids, out);
+    std::ptr::copy_nonoverlapping(found_scores.as_ptr(), scores, out);
+    Ok(())
+}
+
+/// A search-only index over trained centers: no optimizer state, no configuration. Immutable once
+/// open, so any number of threads may search one index at the same time.
+#[allow(non_camel_case_types)]
+pub struct pfc_index {
+    inner: crate::index::Index,
+}
+
+fn index_ref<'a>(ix: *const pfc_index) -> Result<&'a pfc_index> {
+    // SAFETY: a non-NULL index pointer comes from pfc_index_open and is alive until pfc_index_close.
+    unsafe { ix.as_ref() }.ok_or_else(|| Error::null("index"))
+}
+
+/// Opens the centers at `path` for search: a file written by `pfc_export_centers` in any
+/// PFC_FORMAT_* (f32 or f16; also such files from numpy or FAISS: a float32/float16 [C, d] array, a
+/// safetensors tensor `centers`, an `IndexFlatIP`) or a checkpoint directory (verified as
+/// `pfc_load_checkpoint` verifies it). Class ids are row numbers. On success `*out` owns the index
+/// (free it with `pfc_index_close`). A damaged or foreign file gives PFC_ERR_CORRUPT, a missing one
+/// PFC_ERR_IO, too little memory PFC_ERR_OUT_OF_MEMORY.
+#[no_mangle]
+pub extern "C" fn pfc_index_open(path: *const c_char, out: *mut *mut pfc_index) -> pfc_status {
+    guard(|| {
+        let path = unsafe { path_arg(path, "path") }?;
+        if out.is_null() {
+            return Err(Error::null("out"));
+        }
+        let index = crate::index::Index::open(path)?;
+        unsafe { *out = Box::into_raw(Box::new(pfc_index { inner: index })) };
+        Ok(())
+    })
+}
+
+/// The index's class count and embedding dimension.
+#[no_mangle]
+pub extern "C" fn pfc_index_info(ix: *const pfc_index, num_classes: *mut u64, embedding_dim: *mut u32) -> pfc_status {
+    guard(|| {
+        let ix = index_ref(ix)?;
+        if num_classes.is_null() {
+            return Err(Error::null("num_classes"));
+        }
+        if embedding_dim.is_null() {
+            return Err(Error::null("embedding_dim"));
+        }
         unsafe {
-            std::ptr::copy_nonoverlapping(found_ids.as_ptr(), ids, out);
-            std::ptr::copy_nonoverlapping(found_scores.as_ptr(), scores, out);
+            *num_classes = ix.inner.classes();
+            *embedding_dim = ix.inner.dim() as u32;
         }
         Ok(())
     })
+}
+
+/// As `pfc_search`, over the index's centers: the `k` classes with the highest cosine to each of
+/// the `n` queries (n × embedding_dim floats), `ids` (n × k int64) and `scores` (n × k floats), each
+/// row sorted by score, ties by smaller class id — the same results as `pfc_search` on a head
+/// holding these centers.
+#[no_mangle]
+pub extern "C" fn pfc_index_search(ix: *const pfc_index, queries: *const f32, n: u64, k: u32, ids: *mut i64, scores: *mut f32) -> pfc_status {
+    guard(|| {
+        let ix = &index_ref(ix)?.inner;
+        unsafe { search_into(None, queries, n, k, ids, scores, ix.dim(), ix.classes(), |q, k| ix.search(q, k)) }
+    })
+}
+
+/// Frees an index. NULL is a no-op.
+#[no_mangle]
+pub extern "C" fn pfc_index_close(ix: *mut pfc_index) {
+    if !ix.is_null() {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: the pointer came from pfc_index_open and is closed once.
+            drop(unsafe { Box::from_raw(ix) });
+        }));
+    }
 }
 
 /// Writes a new NCCL unique id (PFC_NCCL_ID_BYTES bytes) to `out`, for a multi-process run: create

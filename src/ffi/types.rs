@@ -42,10 +42,12 @@ pub const PFC_MARGIN_GRAD_STRAIGHT_THROUGH: i32 = 0;
 /// The true derivative of the margin function.
 pub const PFC_MARGIN_GRAD_EXACT: i32 = 1;
 
-/// Export formats: safetensors (one tensor `centers` [C, d]), NumPy `.npy`, FAISS `.fvecs`.
+/// Export formats: safetensors (one tensor `centers` [C, d]), NumPy `.npy`, FAISS `.fvecs`, and a
+/// FAISS `IndexFlatIP` file (`faiss.read_index` opens it; ids are class ids).
 pub const PFC_FORMAT_SAFETENSORS: i32 = 0;
 pub const PFC_FORMAT_NPY: i32 = 1;
 pub const PFC_FORMAT_FVECS: i32 = 2;
+pub const PFC_FORMAT_FAISS: i32 = 3;
 
 /// Bytes of an NCCL unique id.
 pub const PFC_NCCL_ID_BYTES: usize = 128;

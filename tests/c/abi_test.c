@@ -852,8 +852,35 @@ static void test_export(void) {
     }
     free(st);
 
+    /* FAISS IndexFlatIP: fourcc, header, the rows; the search-only index opens it and answers as
+       pfc_search does. */
+    EXPECT_OK(pfc_export_centers(h, scratch_path(path, sizeof path, "c.faiss"), PFC_FORMAT_FAISS, PFC_DTYPE_F32, 0));
+    unsigned char *fx = read_file(path, &len);
+    CHECK(memcmp(fx, "IxFI", 4) == 0);
+    CHECK(len == 45 + sizeof w);
+    CHECK(memcmp(fx + 45, w, sizeof w) == 0);
+    free(fx);
+    pfc_index *ix = NULL;
+    EXPECT_OK(pfc_index_open(path, &ix));
+    uint64_t classes = 0;
+    uint32_t dim = 0;
+    EXPECT_OK(pfc_index_info(ix, &classes, &dim));
+    CHECK(classes == C && dim == D);
+    int64_t ids_head[3 * 4], ids_index[3 * 4];
+    float scores_head[3 * 4], scores_index[3 * 4];
+    EXPECT_OK(pfc_search(h, w, 3, 4, ids_head, scores_head));
+    EXPECT_OK(pfc_index_search(ix, w, 3, 4, ids_index, scores_index));
+    CHECK(memcmp(ids_head, ids_index, sizeof ids_head) == 0);
+    CHECK(memcmp(scores_head, scores_index, sizeof scores_head) == 0);
+    EXPECT_ERROR(pfc_index_search(ix, w, 1, C + 1, ids_index, scores_index), PFC_ERR_INVALID_ARGUMENT, "k");
+    pfc_index_close(ix);
+    pfc_index_close(NULL);
+    ix = NULL;
+    EXPECT_ERROR(pfc_index_open(scratch_path(path, sizeof path, "missing.npy"), &ix), PFC_ERR_IO, "missing");
+    CHECK(ix == NULL);
+
     EXPECT_ERROR(pfc_export_centers(h, scratch_path(path, sizeof path, "x.fvecs"), PFC_FORMAT_FVECS, PFC_DTYPE_F16, 0), PFC_ERR_INVALID_ARGUMENT, "f32");
-    EXPECT_ERROR(pfc_export_centers(h, path, 3, PFC_DTYPE_F32, 0), PFC_ERR_INVALID_ARGUMENT, "format");
+    EXPECT_ERROR(pfc_export_centers(h, path, 4, PFC_DTYPE_F32, 0), PFC_ERR_INVALID_ARGUMENT, "format");
     EXPECT_ERROR(pfc_export_centers(h, path, PFC_FORMAT_NPY, PFC_DTYPE_BF16, 0), PFC_ERR_INVALID_ARGUMENT, "f16");
     EXPECT_ERROR(pfc_export_centers(h, NULL, PFC_FORMAT_NPY, PFC_DTYPE_F32, 0), PFC_ERR_NULL_ARGUMENT, "path");
     pfc_destroy(h);

@@ -89,3 +89,20 @@ pub fn compile(compiler: &str, lang_flags: &[&str], src: &str, lib_dir: &Path, e
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run the compiler {compiler:?} (is it installed?): {e}"));
     assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
 }
+
+/// `mpirun` with what this machine needs: root is allowed, more processes than cores, shared
+/// memory without cross-memory attach (containers forbid it), one thread per process's pool, and a
+/// session directory of its own (concurrent mpiruns racing to create /tmp/ompi.HOST.UID fail).
+pub fn mpirun(n: usize) -> Command {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let session = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("ompi-{}-{run}", std::process::id()));
+    std::fs::create_dir_all(&session).unwrap();
+    let mut cmd = Command::new("mpirun");
+    cmd.env("OMPI_MCA_orte_tmpdir_base", &session)
+        .args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("OMPI_MCA_btl", "self,vader")
+        .env("RAYON_NUM_THREADS", "1");
+    cmd
+}

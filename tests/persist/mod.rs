@@ -102,8 +102,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn read(dir: &Path) -> Snapshot {
-        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
-        let manifest: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        let manifest = read_manifest(dir);
         let mut tensors: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let shards = manifest["shards"].as_array().unwrap();
         for s in shards {
@@ -147,18 +146,18 @@ pub fn listing(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Asserts that `dir` holds exactly a manifest and the shard files it names: no temporary files, no
-/// files of abandoned saves.
+/// The lock file (and journal) every checkpoint directory written by the library holds.
+pub const LOCK_FILE: &str = ".partialfc.lock";
+
+/// Asserts that `dir` holds exactly a manifest, the shard files it names and the lock file: no
+/// temporary files, no files of abandoned saves.
 #[track_caller]
 pub fn assert_clean(dir: &Path) {
     let names = listing(dir);
-    let snap_files: Vec<String> = {
-        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
-        let m: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-        m["shards"].as_array().unwrap().iter().map(|s| s["file"].as_str().unwrap().to_string()).collect()
-    };
-    let mut want = snap_files;
+    let mut want: Vec<String> =
+        read_manifest(dir)["shards"].as_array().unwrap().iter().map(|s| s["file"].as_str().unwrap().to_string()).collect();
     want.push("manifest.json".into());
+    want.push(LOCK_FILE.into());
     want.sort();
     assert_eq!(names, want, "{} holds files other than the manifest and its shards", dir.display());
 }
@@ -173,15 +172,30 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Rewrites the manifest of `dir` from `body` with a correct checksum line.
-pub fn write_manifest(dir: &Path, body: &serde_json::Value) {
-    let text = body.to_string();
-    std::fs::write(dir.join("manifest.json"), format!("{text}\ncrc32 {:08x}\n", crc32fast::hash(text.as_bytes()))).unwrap();
+/// A manifest file around inner object `body`, with its correct checksum, as the library writes it.
+pub fn manifest_file(body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{{\"checksum\":\"crc32:{:08x}\",\"manifest\":", crc32fast::hash(body)).into_bytes();
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"}\n");
+    out
 }
 
+/// The inner object's bytes of a manifest file as the library writes it.
+pub fn manifest_body(file: &[u8]) -> &[u8] {
+    let head = br#"{"checksum":"crc32:xxxxxxxx","manifest":"#.len();
+    &file[head..file.len() - 2]
+}
+
+/// Rewrites the manifest of `dir` from `body` with a correct checksum.
+pub fn write_manifest(dir: &Path, body: &serde_json::Value) {
+    std::fs::write(dir.join("manifest.json"), manifest_file(body.to_string().as_bytes())).unwrap();
+}
+
+/// The inner object of the manifest of `dir`, parsed from the whole file as any JSON reader would.
 pub fn read_manifest(dir: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
-    serde_json::from_str(text.lines().next().unwrap()).unwrap()
+    let whole: serde_json::Value = serde_json::from_str(&text).unwrap();
+    whole["manifest"].clone()
 }
 
 /// After shard files of `dir` were rewritten, updates their sizes and checksums in the manifest

@@ -157,15 +157,17 @@ func openCheckpoint(dir string) (*partialfc.Head, error) {
 	if err != nil {
 		return nil, err
 	}
-	line := strings.SplitN(string(text), "\n", 2)[0]
-	var m struct {
-		NumClasses   uint64 `json:"num_classes"`
-		EmbeddingDim uint32 `json:"embedding_dim"`
-		Optimizer    string `json:"optimizer"`
+	var file struct {
+		Manifest struct {
+			NumClasses   uint64 `json:"num_classes"`
+			EmbeddingDim uint32 `json:"embedding_dim"`
+			Optimizer    string `json:"optimizer"`
+		} `json:"manifest"`
 	}
-	if err := json.Unmarshal([]byte(line), &m); err != nil {
+	if err := json.Unmarshal(text, &file); err != nil {
 		return nil, fmt.Errorf("%s/manifest.json: %w", dir, err)
 	}
+	m := file.Manifest
 	cfg := partialfc.DefaultConfig()
 	cfg.NumClasses, cfg.EmbeddingDim = m.NumClasses, m.EmbeddingDim
 	if m.Optimizer == "adamw" {

@@ -652,9 +652,10 @@ impl Primitives for CpuBackend {
                 unsafe { state.update(&opt, lr, j, centers.slice(j * d, d), &acc.grads[r * d..(r + 1) * d]) };
             })
         })?;
-        // The accumulator's buffer becomes the next step's pending buffer (no re-allocation).
-        s.accumulated.rows.clear();
+        // The accumulator's buffer becomes the next step's pending buffer (no re-allocation); the
+        // pending buffer, which still holds the last compute's rows after a union, starts empty.
         std::mem::swap(&mut s.accumulated, &mut s.pending);
+        s.accumulated.rows.clear();
         s.undo = None;
         s.prechecked = None;
         Ok(())

@@ -1,0 +1,48 @@
+"""The reference's vectors (../shared/golden, produced by insightface's PartialFC_V2) through the
+torch module: the reference's weight loaded as a reference state_dict, each step's embeddings and
+labels in, the loss, the embedding gradient and, after optimizer.step(), the centers compared."""
+import glob
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+from safetensors import safe_open
+
+from model import golden_margin, golden_optimizer, rel
+from partialfc.torch import PartialFC_V2
+
+TOLERANCE = 1e-4  # SPEC §7: relative error in f32, norm-wise as the golden README measures it
+
+
+def golden_files(golden_dir, world_size):
+    files = []
+    for path in sorted(glob.glob(os.path.join(golden_dir, "*.safetensors"))):
+        with safe_open(path, "pt") as f:
+            cfg = json.loads(f.metadata()["config"])
+        if cfg["world_size"] == world_size:
+            files.append((path, cfg))
+    assert files, f"no golden files of world size {world_size}"
+    return files
+
+
+def test_single_process_golden_files_through_the_module(golden_dir):
+    for path, cfg in golden_files(golden_dir, 1):
+        t = load_file(path)
+        module = PartialFC_V2(golden_margin(cfg), cfg["embedding_dim"], cfg["num_classes"], cfg["sample_rate"])
+        module.load_state_dict({"weight": t["weight_init"]})
+        opt = golden_optimizer(cfg, module.parameters())
+        name = os.path.basename(path)
+        for step in range(cfg["steps"]):
+            emb = t[f"emb.{step}"].clone().requires_grad_(True)
+            loss = module(emb, t[f"labels.{step}"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            errors = {
+                "loss": rel(loss.detach().reshape(1), t[f"loss.{step}"]),
+                "grad_emb": rel(emb.grad, t[f"grad_emb.{step}"]),
+                "weight": rel(module.centers(), t[f"weight.{step}"]),
+            }
+            for what, err in errors.items():
+                assert err < TOLERANCE, f"{name} step {step} {what}: relative error {err:.3g}"

@@ -5,6 +5,10 @@
 //!
 //! Results are recorded in docs/benchmarks.md.
 
+use half::bf16;
+use partialfc::backend::cpu::gemm::{matmul, onednn_kernel, path, Element, Operand};
+use partialfc::backend::cpu::dnnl::DataType as Dt;
+use partialfc::config::DType;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -53,5 +57,46 @@ fn main() {
         })
     });
     println!("matrixmultiply, blocks of {} on rayon {:>7.1} GFLOP/s", block(), flops / t / 1e9);
+
+    // partialfc's own matmul (bf16 on oneDNN when loaded; PFC_ONEDNN_LIBRARY= empty hides it), for the
+    // three products of a block in the step: cosines, embedding gradient, center gradient.
+    let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    println!("partialfc matmul: f32 operands on the crate, bf16 {} ({})", path(DType::BF16).name(), onednn_kernel(Dt::Bf16).unwrap_or_default());
+    fn products<T: Element>(w: &[T], x: &[T], out: &mut [f32]) -> [f64; 3] {
+        let bk = block();
+        let forward = best_of(5, || {
+            out.par_chunks_mut(bk * N).enumerate().for_each(|(b, c)| {
+                let rows = c.len() / N;
+                matmul(rows, N, D, c, Operand::rows(&w[b * bk * D..(b * bk + rows) * D], D), Operand::transposed(x, D), false);
+            })
+        });
+        // ∂/∂x += gᵀ·W and ∂/∂W = g·x̂ per block, g (rows×N) taken from the centers' storage.
+        let grad_x = best_of(5, || {
+            w.par_chunks(bk * D).for_each_init(
+                || vec![0f32; N * D],
+                |acc, wblk| {
+                    let rows = wblk.len() / D;
+                    matmul(N, D, rows, acc, Operand::transposed(&wblk[..rows * N], N), Operand::rows(wblk, D), true);
+                },
+            )
+        });
+        let mut grads = vec![0f32; K * D];
+        let grad_w = best_of(5, || {
+            grads.par_chunks_mut(bk * D).zip(w.par_chunks(bk * D)).for_each(|(c, wblk)| {
+                let rows = wblk.len() / D;
+                matmul(rows, D, N, c, Operand::rows(&wblk[..rows * N], N), Operand::rows(x, D), false);
+            })
+        });
+        [forward, grad_x, grad_w]
+    }
+    for (name, t) in [("f32", products(&w, &x, &mut out)), ("bf16", products(&wb, &xb, &mut out))] {
+        println!(
+            "partialfc matmul {name:>4}: cosines {:>6.1}, embedding gradient {:>6.1}, center gradient {:>6.1} GFLOP/s",
+            flops / t[0] / 1e9,
+            flops / t[1] / 1e9,
+            flops / t[2] / 1e9
+        );
+    }
 
 }

@@ -49,6 +49,12 @@ need_cmds libopenmpi-dev mpicc
 need_cmds openmpi-bin mpirun
 need_cmds libopenmpi-dev mpicc
 
+# oneDNN, the CPU backend's GEMMs when present (loaded at run time; src/backend/cpu/dnnl.rs), for
+# its parity tests and the benchmarks.
+if [ ! -e /usr/include/oneapi/dnnl/dnnl.h ]; then
+    apt_install libdnnl-dev
+fi
+
 # The Go binding's tests need Go: Debian's golang-go when none is found.
 if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
     apt_install golang-go

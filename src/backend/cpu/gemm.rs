@@ -1,59 +1,173 @@
 //! The one place the CPU backend multiplies matrices. Each call is single-threaded: parallelism
 //! comes from running blocks of sampled classes on different threads, which keeps each block's
 //! operands in that core's cache between the GEMM and the element-wise work around it.
+//!
+//! Two engines: oneDNN's matmul primitive (src/backend/cpu/dnnl.rs) when the library is present,
+//! which takes bf16 operands on the CPU's bf16 dot-product units with f32 accumulation; and the
+//! `gemm` crate's f32 kernels otherwise. [`path`] says which one runs for a compute dtype.
+
+use super::dnnl;
+use crate::config::DType;
+use half::bf16;
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+/// An element type GEMM operands come in.
+pub trait Element: Copy + Send + Sync + 'static {
+    const DNNL: dnnl::DataType;
+    /// The values as f32 (exactly), for the crate.
+    fn widen(data: &[Self]) -> Cow<'_, [f32]>;
+}
+impl Element for f32 {
+    const DNNL: dnnl::DataType = dnnl::DataType::F32;
+    fn widen(data: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(data)
+    }
+}
+impl Element for bf16 {
+    const DNNL: dnnl::DataType = dnnl::DataType::Bf16;
+    fn widen(data: &[bf16]) -> Cow<'_, [f32]> {
+        Cow::Owned(data.iter().map(|v| v.to_f32()).collect())
+    }
+}
 
 /// A row-major-or-strided matrix operand: element (r, c) is at `data[r·row_stride + c·col_stride]`.
 #[derive(Clone, Copy)]
-pub struct Operand<'a> {
-    pub data: &'a [f32],
+pub struct Operand<'a, T = f32> {
+    pub data: &'a [T],
     pub row_stride: usize,
     pub col_stride: usize,
 }
 
-impl<'a> Operand<'a> {
+impl<'a, T: Element> Operand<'a, T> {
     /// A row-major matrix with `cols` columns.
-    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+    pub fn rows(data: &'a [T], cols: usize) -> Self {
         Operand { data, row_stride: cols, col_stride: 1 }
     }
     /// The transpose of a row-major matrix with `cols` columns.
-    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+    pub fn transposed(data: &'a [T], cols: usize) -> Self {
         Operand { data, row_stride: 1, col_stride: cols }
+    }
+    fn with_f32(self) -> Operand<'static, f32> {
+        Operand { data: &[], row_stride: self.row_stride, col_stride: self.col_stride }
     }
     fn spans(&self, rows: usize, cols: usize) -> bool {
         rows == 0 || cols == 0 || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
     }
 }
 
-/// `dst[m×n] (row-major) = a[m×k]·b[k×n]`, or `+=` when `accumulate`.
-pub fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], a: Operand<'_>, b: Operand<'_>, accumulate: bool) {
+/// Which engine multiplies a step's GEMMs, and in what precision.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum GemmPath {
+    /// The `gemm` crate in f32; a bf16/f16 compute dtype rounds the inputs first, so the products
+    /// equal those of the narrow inputs.
+    Crate,
+    /// oneDNN's matmul with bf16 operands on the CPU's bf16 units, f32 accumulation.
+    OneDnnBf16,
+}
+
+impl GemmPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmPath::Crate => "gemm-crate-f32",
+            GemmPath::OneDnnBf16 => "onednn-bf16",
+        }
+    }
+}
+
+/// Why a oneDNN call failed at run time, after which the crate multiplies everything; [`path`]
+/// then reports the crate.
+static FAILURE: OnceLock<String> = OnceLock::new();
+
+/// The run-time failure that moved the GEMMs off oneDNN, if one did.
+pub fn onednn_failure() -> Option<&'static str> {
+    FAILURE.get().map(String::as_str)
+}
+
+/// The path of a step with compute dtype `dtype` in this process: oneDNN for bf16 when it is
+/// loaded and runs bf16 on the CPU's bf16 units (AVX512-BF16, AMX) rather than its reference loops.
+/// f32 stays on the crate: oneDNN's f32 block GEMM measured level with it in the step
+/// (docs/benchmarks.md) and summed less accurately, outside the confident-regime tolerance of
+/// tests/reference_f64.rs. f16 has no f16 units to use on the project's machines and oneDNN 2.6
+/// no f16 matmul short of AVX512-FP16, so it multiplies rounded inputs in f32 like the crate path.
+pub fn path(dtype: DType) -> GemmPath {
+    static BF16: OnceLock<bool> = OnceLock::new();
+    let accelerated = || onednn_kernel(dnnl::DataType::Bf16).is_some_and(|imp| !imp.starts_with("ref") && (imp.contains("bf16") || imp.contains("amx")));
+    if dtype == DType::BF16 && FAILURE.get().is_none() && *BF16.get_or_init(accelerated) {
+        GemmPath::OneDnnBf16
+    } else {
+        GemmPath::Crate
+    }
+}
+
+/// The implementation oneDNN picks for a block GEMM with operands of `dtype` (the step's forward
+/// shape), or `None` without oneDNN. Asked on a thread of its own, so that no thread of the host's
+/// has its OpenMP settings changed.
+pub fn onednn_kernel(dtype: dnnl::DataType) -> Option<String> {
+    dnnl::loaded().ok()?;
+    let shape = dnnl::Shape { m: 256, n: 256, k: 512, a_strides: (512, 1), b_strides: (1, 512), dtype, accumulate: false };
+    let probe = std::thread::Builder::new().name("pfc-onednn-probe".into()).spawn(move || dnnl::implementation(&shape).ok());
+    probe.ok()?.join().ok().flatten()
+}
+
+/// `dst[m×n] (row-major, f32) = a[m×k]·b[k×n]`, or `+=` when `accumulate`. f32 operands go to the
+/// crate; bf16 operands to oneDNN (they come only from a step whose path is oneDNN), or widened
+/// for the crate where oneDNN cannot run.
+pub fn matmul<T: Element>(m: usize, n: usize, k: usize, dst: &mut [f32], a: Operand<'_, T>, b: Operand<'_, T>, accumulate: bool) {
     assert!(dst.len() >= m * n && a.spans(m, k) && b.spans(k, n), "matmul operands out of bounds");
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: the assert above keeps every addressed element inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
     }
+    let wants_onednn = T::DNNL != dnnl::DataType::F32;
+    // oneDNN computes on the pool's threads only, each limited to itself (see dnnl.rs).
+    if wants_onednn && FAILURE.get().is_none() && rayon::current_thread_index().is_some() {
+        let shape = dnnl::Shape { m, n, k, a_strides: (a.row_stride, a.col_stride), b_strides: (b.row_stride, b.col_stride), dtype: T::DNNL, accumulate };
+        // SAFETY: the assert above keeps every addressed element inside its slice.
+        match unsafe { dnnl::matmul(&shape, a.data.as_ptr().cast(), b.data.as_ptr().cast(), dst.as_mut_ptr()) } {
+            Ok(()) => return,
+            Err(e) => {
+                let _ = FAILURE.set(e);
+            }
+        }
+    }
+    let (a_data, b_data) = (T::widen(a.data), T::widen(b.data));
+    let (a, b) = (Operand { data: &a_data[..], ..a.with_f32() }, Operand { data: &b_data[..], ..b.with_f32() });
+    // SAFETY: as above; widening keeps lengths and strides.
+    unsafe { crate_matmul(m, n, k, dst, a, b, accumulate) }
+}
+
+/// The gemm crate's product.
+///
+/// # Safety
+/// The operands must span the shape (checked by [`matmul`]).
+unsafe fn crate_matmul(m: usize, n: usize, k: usize, dst: &mut [f32], a: Operand<'_>, b: Operand<'_>, accumulate: bool) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        n as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.col_stride as isize,
+        a.row_stride as isize,
+        b.data.as_ptr(),
+        b.col_stride as isize,
+        b.row_stride as isize,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 #[cfg(test)]
@@ -73,5 +187,99 @@ mod tests {
                 assert!((dst[r * n + c] - want).abs() < 1e-5);
             }
         }
+    }
+
+    /// The three products of a block of the step — cosines `W·x̂ᵀ`, the embedding gradient
+    /// `+= gᵀ·W` and the center gradient `g·x̂` — as (m, n, k, a strides, b strides, accumulate)
+    /// for `rows` sampled classes, a global batch of `n` and dimension `d`.
+    fn step_shapes(rows: usize, n: usize, d: usize) -> [(usize, usize, usize, (usize, usize), (usize, usize), bool); 3] {
+        [(rows, n, d, (d, 1), (1, d), false), (n, d, rows, (1, n), (d, 1), true), (rows, d, n, (n, 1), (d, 1), false)]
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        (0..len).map(|i| (crate::rng::at(seed, i as u64) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    /// |x − y| bounded by `tol`·Σ|aᵢ||bᵢ| for every output: the bound any summation order meets.
+    fn check_close(got: &[f32], want: &[f32], scale: &[f32], tol: f32, what: &str) {
+        for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+            assert!((g - w).abs() <= tol * s + 1e-30, "{what}: element {i}: {g} vs {w} (|a||b| sum {s})");
+        }
+    }
+
+    /// oneDNN against the crate for every GEMM shape the step uses: full and partial blocks,
+    /// batches of one row and of a few, an empty block (k = 0 contributes nothing), f32 and bf16.
+    #[test]
+    fn onednn_agrees_with_the_crate_on_every_step_shape() {
+        dnnl::loaded().expect("oneDNN must be installed for this test (scripts/setup.sh installs libdnnl-dev)");
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let mut seed = 1;
+        for &(rows, n, d) in &[(256, 256, 512), (255, 37, 64), (1, 1, 8), (78, 300, 128), (256, 3, 512), (0, 16, 64), (17, 16, 1)] {
+            for (m, nn, k, sa, sb, acc) in step_shapes(rows, n, d) {
+                seed += 1;
+                let a_len = if m == 0 || k == 0 { 0 } else { (m - 1) * sa.0 + (k - 1) * sa.1 + 1 };
+                let b_len = if k == 0 || nn == 0 { 0 } else { (k - 1) * sb.0 + (nn - 1) * sb.1 + 1 };
+                let (a, b, init) = (values(a_len, seed), values(b_len, seed + 100), values(m * nn, seed + 200));
+                let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+                let (aa, ba) = (abs(&a), abs(&b));
+                let mut scale = if acc { abs(&init) } else { vec![0.0; m * nn] };
+                // SAFETY: the lengths span the strides.
+                unsafe { crate_matmul(m, nn, k, &mut scale, Operand { data: &aa, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &ba, row_stride: sb.0, col_stride: sb.1 }, acc) };
+                let mut want = init.clone();
+                unsafe { crate_matmul(m, nn, k, &mut want, Operand { data: &a, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &b, row_stride: sb.0, col_stride: sb.1 }, acc) };
+                let what = format!("{m}×{nn}×{k} a{sa:?} b{sb:?} accumulate {acc}");
+                let shape = dnnl::Shape { m, n: nn, k, a_strides: sa, b_strides: sb, dtype: dnnl::DataType::F32, accumulate: acc };
+                let mut got = init.clone();
+                // oneDNN is never asked for an empty product (k = 0): `matmul` answers it.
+                if m * nn > 0 && k > 0 {
+                    pool.install(|| unsafe { dnnl::matmul(&shape, a.as_ptr().cast(), b.as_ptr().cast(), got.as_mut_ptr()) }).unwrap();
+                }
+                // f32: both sum the same products in some order, within (k + 2)·u·Σ|a||b|.
+                check_close(&got, &want, &scale, (k + 2) as f32 * f32::EPSILON, &format!("f32 {what}"));
+
+                // bf16 through oneDNN, against the crate on the same rounded inputs (exact products)
+                // and against the unrounded f32 product (within the inputs' rounding, 2·2⁻⁸).
+                let (ab, bb): (Vec<bf16>, Vec<bf16>) = (a.iter().map(|&v| bf16::from_f32(v)).collect(), b.iter().map(|&v| bf16::from_f32(v)).collect());
+                let (ar, br): (Vec<f32>, Vec<f32>) = (ab.iter().map(|v| v.to_f32()).collect(), bb.iter().map(|v| v.to_f32()).collect());
+                let mut rounded = init.clone();
+                unsafe { crate_matmul(m, nn, k, &mut rounded, Operand { data: &ar, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &br, row_stride: sb.0, col_stride: sb.1 }, acc) };
+                let mut got = init.clone();
+                let shape = dnnl::Shape { dtype: dnnl::DataType::Bf16, ..shape };
+                if m * nn > 0 && k > 0 {
+                    pool.install(|| unsafe { dnnl::matmul(&shape, ab.as_ptr().cast(), bb.as_ptr().cast(), got.as_mut_ptr()) }).unwrap();
+                }
+                check_close(&got, &rounded, &scale, (k + 2) as f32 * f32::EPSILON, &format!("bf16 vs rounded inputs {what}"));
+                check_close(&got, &want, &scale, 2.0 / 256.0 + (k + 2) as f32 * f32::EPSILON, &format!("bf16 vs f32 {what}"));
+                // And the dispatching entry point, which the step calls, gives the same as oneDNN.
+                let mut via = init.clone();
+                pool.install(|| matmul(m, nn, k, &mut via, Operand { data: &ab, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &bb, row_stride: sb.0, col_stride: sb.1 }, acc));
+                assert_eq!(via, got, "matmul() vs oneDNN, bf16 {what}");
+            }
+        }
+    }
+
+    /// oneDNN starts no threads of its own: the pool's threads compute every block.
+    #[test]
+    fn onednn_runs_on_the_pool_threads_only() {
+        dnnl::loaded().expect("oneDNN must be installed for this test (scripts/setup.sh installs libdnnl-dev)");
+        let threads = || std::fs::read_to_string("/proc/self/status").unwrap().lines().find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim().parse::<usize>().unwrap())).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        let (a, b) = (values(256 * 512, 1), values(512 * 256, 2));
+        pool.install(|| rayon::broadcast(|_| ()));
+        let before = threads();
+        let ab: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
+        let bb: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
+        pool.install(|| {
+            use rayon::prelude::*;
+            (0..32).into_par_iter().for_each(|_| {
+                let mut c = vec![0f32; 256 * 256];
+                matmul(256, 256, 512, &mut c, Operand::rows(&ab, 512), Operand::transposed(&bb, 512), false);
+                matmul(256, 256, 512, &mut c, Operand::rows(&a, 512), Operand::transposed(&b, 512), true);
+            })
+        });
+        // Other tests of this binary may run meanwhile; their threads come and go, ours must not
+        // have been joined by an OpenMP team (4 pool threads × its default of one per core).
+        let after = threads();
+        assert!(after <= before + 2, "threads went from {before} to {after}: oneDNN started its own");
     }
 }

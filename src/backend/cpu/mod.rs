@@ -1,13 +1,14 @@
 //! The CPU backend: every local shard in this process, the collectives in memory, blocks of sampled
 //! classes spread over a work-stealing pool. It is the reference the CUDA backend is tested against.
 
+pub mod dnnl;
 pub mod gemm;
 pub mod kernels;
 mod search;
 
 pub use search::scan as scan_centers;
 
-use self::gemm::{matmul, Operand};
+use self::gemm::{matmul, GemmPath, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
 use super::{Batches, Host, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan};
 use crate::config::{Config, DType};
@@ -16,6 +17,7 @@ use crate::margin::target_logit;
 use crate::optimizer::{OptimizerState, StateTensor};
 use crate::rng;
 use crate::sharding::{sample, ShardRange};
+use half::bf16;
 use rayon::prelude::*;
 
 /// Sampled classes per block: a block's centers (BLOCK·d floats) and cosines (BLOCK·N) stay in a
@@ -58,6 +60,12 @@ impl<T> Shared<T> {
     }
 }
 
+/// Whether the GEMMs take bf16 operands themselves (oneDNN on bf16 hardware) rather than f32
+/// values rounded to bf16: the same inputs either way, so the same products.
+fn native_bf16(dtype: DType) -> bool {
+    gemm::path(dtype) == GemmPath::OneDnnBf16
+}
+
 /// Rounds values to the compute dtype's precision, so that an f32 GEMM over them equals a GEMM with
 /// f16/bf16 inputs and f32 accumulation (products of two such values are exact in f32).
 fn quantize(dtype: DType, values: &mut [f32]) {
@@ -87,6 +95,8 @@ struct Shard {
     /// The global batch, normalized (and rounded to the compute dtype for the GEMMs), and 1/‖e‖.
     unit: Vec<f32>,
     unit_gemm: Vec<f32>,
+    /// The normalized batch in bf16, when the GEMMs take bf16 operands (else empty).
+    unit_bf16: Vec<bf16>,
     inv_norm_e: Vec<f32>,
     /// This step's center gradients over `sampled` (through the normalization of W), and whether
     /// all of them are finite.
@@ -148,6 +158,7 @@ impl CpuBackend {
                 local_max: Vec::new(),
                 unit: Vec::new(),
                 unit_gemm: Vec::new(),
+                unit_bf16: Vec::new(),
                 inv_norm_e: Vec::new(),
                 pending: RowGrads::default(),
                 pending_finite: true,
@@ -195,9 +206,21 @@ unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: us
     }
 }
 
+/// The centers of one block normalized and rounded to bf16 in `scratch`, the GEMM operand when
+/// the GEMMs take bf16 (the values [`center_block`] gives the f32 GEMM for a bf16 step).
+fn center_block_bf16<'a>(centers: &[f32], ids: &[u32], inv: &[f32], d: usize, scratch: &'a mut [bf16]) -> &'a [bf16] {
+    let copy = &mut scratch[..ids.len() * d];
+    for ((dst, &j), &r) in copy.chunks_exact_mut(d).zip(ids).zip(inv) {
+        let src = &centers[j as usize * d..(j as usize + 1) * d];
+        dst.iter_mut().zip(src).for_each(|(o, &v)| *o = bf16::from_f32(v * r));
+    }
+    copy
+}
+
 /// Per-thread scratch of the forward pass.
 struct ForwardWorker {
     centers: Vec<f32>,
+    centers_bf16: Vec<bf16>,
     cos: Vec<f32>,
     rows: RowAccumulator,
     target_block: Vec<f32>,
@@ -208,6 +231,9 @@ struct ForwardWorker {
 /// Per-thread scratch of the backward pass.
 struct BackwardWorker {
     centers: Vec<f32>,
+    centers_bf16: Vec<bf16>,
+    /// ∂loss/∂cos of the block in bf16, when the GEMMs take bf16.
+    grad_bf16: Vec<bf16>,
     grad_x: Vec<f32>,
     /// Copies of one row's center and state for the update check.
     update: Vec<f32>,
@@ -269,9 +295,12 @@ impl Shard {
         // Read-only in the forward pass; `center_block` takes the pointer form the backward pass needs.
         let centers_ptr = Shared(self.centers.as_ptr().cast_mut());
         let (train, dtype) = (plan.train, cfg.compute_dtype);
+        let native = native_bf16(dtype);
+        let unit_bf16 = &self.unit_bf16;
         let worker = || {
             Ok(ForwardWorker {
-                centers: try_zeroed(BLOCK * d, "center block scratch")?,
+                centers: if native { Vec::new() } else { try_zeroed(BLOCK * d, "center block scratch")? },
+                centers_bf16: if native { try_zeroed(BLOCK * d, "center block scratch")? } else { Vec::new() },
                 cos: if train { Vec::new() } else { try_zeroed(BLOCK * n, "evaluation scratch (256 classes × global batch)")? },
                 rows: RowAccumulator::new(n),
                 target_block: try_zeroed(n, "target logits")?,
@@ -285,12 +314,17 @@ impl Shard {
             let inv = unsafe { inv_out.slice(start, rows) };
             let ids = &sampled[start..end];
             kernels::row_inv_norms(centers, d, ids, inv);
-            // SAFETY: nothing writes centers during the forward pass.
-            let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, &mut w.centers) };
             let cos = if train { unsafe { cos_out.slice(start * n, rows * n) } } else { &mut w.cos[..rows * n] };
-            matmul(rows, n, d, cos, Operand::rows(operand, d), Operand::transposed(unit_gemm, d), false);
-            if scaled_after {
-                kernels::scale_rows(cos, n, inv);
+            if native {
+                let operand = center_block_bf16(centers, ids, inv, d, &mut w.centers_bf16);
+                matmul(rows, n, d, cos, Operand::rows(operand, d), Operand::transposed(unit_bf16, d), false);
+            } else {
+                // SAFETY: nothing writes centers during the forward pass.
+                let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, &mut w.centers) };
+                matmul(rows, n, d, cos, Operand::rows(operand, d), Operand::transposed(unit_gemm, d), false);
+                if scaled_after {
+                    kernels::scale_rows(cos, n, inv);
+                }
             }
             let lo = by_col.partition_point(|&(c, _)| (c as usize) < start);
             let hi = by_col.partition_point(|&(c, _)| (c as usize) < end);
@@ -358,11 +392,15 @@ impl Shard {
         let centers = &self.centers;
         let pending = Shared(self.pending.grads.as_mut_ptr());
         let (sampled, inv_norm, dtype) = (&self.sampled, &self.inv_norm, cfg.compute_dtype);
+        let native = native_bf16(dtype);
+        let unit_bf16 = &self.unit_bf16;
         let state = self.optimizer.rows_ptr();
         let opt = cfg.optimizer;
         let worker = || {
             Ok(BackwardWorker {
-                centers: try_zeroed(BLOCK * d, "center block scratch")?,
+                centers: if native { Vec::new() } else { try_zeroed(BLOCK * d, "center block scratch")? },
+                centers_bf16: if native { try_zeroed(BLOCK * d, "center block scratch")? } else { Vec::new() },
+                grad_bf16: if native { try_zeroed(BLOCK * n, "cosine gradient scratch")? } else { Vec::new() },
                 grad_x: try_zeroed(n * d, "embedding gradient scratch")?,
                 update: try_zeroed(3 * d, "update check scratch")?,
                 finite: true,
@@ -378,17 +416,27 @@ impl Shard {
             kernels::cos_gradient(g, n, start as i32, &grads, params);
             let ids = &sampled[start..end];
             let inv = &inv_norm[start..end];
-            // SAFETY: nothing writes the centers during the backward pass.
-            let (operand, scaled_after) = unsafe { center_block(Shared(centers.as_ptr().cast_mut()), ids, inv, d, dtype, &mut w.centers) };
-            if scaled_after {
-                // ∂/∂(W_j·x̂) = ∂/∂cos · 1/‖W_j‖: the GEMMs then see unnormalized centers.
-                kernels::scale_rows(g, n, inv);
-            } else {
-                quantize(dtype, g);
-            }
-            matmul(n, d, rows, &mut w.grad_x, Operand::transposed(g, n), Operand::rows(operand, d), true);
             let gc = unsafe { pending.slice(start * d, rows * d) };
-            matmul(rows, d, n, gc, Operand::rows(g, n), Operand::rows(unit_gemm, d), false);
+            let scaled_after = if native {
+                let operand = center_block_bf16(centers, ids, inv, d, &mut w.centers_bf16);
+                let gb = &mut w.grad_bf16[..rows * n];
+                gb.iter_mut().zip(g.iter()).for_each(|(o, &v)| *o = bf16::from_f32(v));
+                matmul(n, d, rows, &mut w.grad_x, Operand::transposed(gb, n), Operand::rows(operand, d), true);
+                matmul(rows, d, n, gc, Operand::rows(gb, n), Operand::rows(unit_bf16, d), false);
+                false
+            } else {
+                // SAFETY: nothing writes the centers during the backward pass.
+                let (operand, scaled_after) = unsafe { center_block(Shared(centers.as_ptr().cast_mut()), ids, inv, d, dtype, &mut w.centers) };
+                if scaled_after {
+                    // ∂/∂(W_j·x̂) = ∂/∂cos · 1/‖W_j‖: the GEMMs then see unnormalized centers.
+                    kernels::scale_rows(g, n, inv);
+                } else {
+                    quantize(dtype, g);
+                }
+                matmul(n, d, rows, &mut w.grad_x, Operand::transposed(g, n), Operand::rows(operand, d), true);
+                matmul(rows, d, n, gc, Operand::rows(g, n), Operand::rows(unit_gemm, d), false);
+                scaled_after
+            };
             for (r, &j) in ids.iter().enumerate() {
                 let grad = &mut gc[r * d..(r + 1) * d];
                 let weights = &centers[j as usize * d..(j as usize + 1) * d];
@@ -464,7 +512,11 @@ impl Primitives for CpuBackend {
         s.inv_norm_e = try_zeroed(n, "embedding norms")?;
         kernels::normalize_rows_inplace(&mut s.unit, d, &mut s.inv_norm_e);
         s.unit_gemm.clear();
-        if self.cfg.compute_dtype != DType::F32 {
+        s.unit_bf16.clear();
+        if native_bf16(self.cfg.compute_dtype) {
+            s.unit_bf16.try_reserve_exact(s.unit.len()).map_err(|_| crate::error::Error::new(crate::error::Status::OutOfMemory, "cannot allocate the GEMM copy of the batch"))?;
+            s.unit_bf16.extend(s.unit.iter().map(|&v| bf16::from_f32(v)));
+        } else if self.cfg.compute_dtype != DType::F32 {
             s.unit_gemm.try_reserve_exact(s.unit.len()).map_err(|_| crate::error::Error::new(crate::error::Status::OutOfMemory, "cannot allocate the GEMM copy of the batch"))?;
             s.unit_gemm.extend_from_slice(&s.unit);
             quantize(self.cfg.compute_dtype, &mut s.unit_gemm);

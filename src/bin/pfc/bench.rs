@@ -86,6 +86,24 @@ fn head_config(classes: u64, rate: f32, a: &BenchArgs) -> Result<Config, String>
     Ok(cfg)
 }
 
+/// Which engine runs the head's GEMMs, with oneDNN's kernel and library or why it is not used.
+fn gemm_path(a: &BenchArgs) -> Result<String, String> {
+    use partialfc::backend::cpu::{dnnl, gemm};
+    let dtype = head_config(1, 1.0, a)?.compute_dtype;
+    if a.backend == "cuda" {
+        return Ok("cublas".into());
+    }
+    let p = gemm::path(dtype);
+    if let Some(why) = gemm::onednn_failure() {
+        return Ok(format!("{} (oneDNN failed: {why})", p.name()));
+    }
+    Ok(match (p, dnnl::loaded()) {
+        (gemm::GemmPath::Crate, Err(why)) => format!("{} ({why})", p.name()),
+        (gemm::GemmPath::Crate, Ok(lib)) => format!("{} (oneDNN at {lib} runs bf16 steps only, on bf16 hardware)", p.name()),
+        (gemm::GemmPath::OneDnnBf16, lib) => format!("{} ({}, {})", p.name(), gemm::onednn_kernel(dnnl::DataType::Bf16).unwrap_or_default(), lib.unwrap_or_default()),
+    })
+}
+
 struct Measured {
     median: f64,
     phases: PhaseTimes,
@@ -241,12 +259,14 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
             a.reference_script.display()
         );
     }
+    let gemm = gemm_path(&a)?;
     println!(
-        "threads: {}, d = {}, N = {}, shards = {}, f32, SGD; medians of {} steps",
+        "threads: {}, d = {}, N = {}, shards = {}, compute {}, GEMMs {gemm}, SGD; medians of {} steps",
         partialfc::pool::threads().map_err(|e| e.message)?,
         a.dim,
         a.batch,
         a.shards,
+        a.compute_dtype,
         a.steps
     );
     println!("| C | r | ours step | images/s | GEMM GFLOP/s | gather | sample | forward | reduce | backward | scatter | update | reference step | speed-up |");
@@ -281,7 +301,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         );
         if a.json {
             let line = serde_json::json!({
-                "impl": "partialfc", "backend": a.backend, "compute_dtype": a.compute_dtype, "classes": classes,
+                "impl": "partialfc", "backend": a.backend, "compute_dtype": a.compute_dtype, "gemm": gemm, "classes": classes,
                 "sample_rate": rate, "dim": a.dim, "batch": a.batch, "shards": a.shards, "steps": a.steps,
                 "median_step_s": m.median, "images_per_s": a.batch as f64 / m.median, "gemm_gflops": flops / gemm_s / 1e9,
                 "gemm_s": gemm_s, "gemm_timed_apart": p.gemm.is_some(), "peak_gpu_bytes": p.peak_device_bytes,

@@ -1,0 +1,126 @@
+//! The CPU step with its GEMMs on oneDNN against the same step without it. Each side runs in a
+//! child process of this test binary: one with the system's oneDNN, one where the loader cannot
+//! find it (`PFC_ONEDNN_LIBRARY` naming a file that does not exist) and one where it is switched
+//! off (empty), so the fallback is the real one a machine without libdnnl takes.
+
+mod common;
+use common::*;
+use partialfc::backend::cpu::gemm::{path, GemmPath};
+use partialfc::config::DType;
+use partialfc::ffi::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A step configuration: classes, local shards, rows of each local batch, dimension, sample rate.
+struct Case {
+    name: &'static str,
+    classes: u64,
+    rows: &'static [usize],
+    d: usize,
+    rate: f32,
+}
+
+/// Every GEMM shape the step uses: full and partial blocks of 256 classes, uneven shards, a shard
+/// that samples nothing (rate 0.001 and no label on it), a local batch of no rows, d = 512.
+const CASES: &[Case] = &[
+    Case { name: "one shard, partial block", classes: 300, rows: &[32], d: 64, rate: 1.0 },
+    Case { name: "three uneven shards, odd batch", classes: 1000, rows: &[13, 12, 12], d: 64, rate: 1.0 },
+    Case { name: "sampled, d 512", classes: 6000, rows: &[40, 24], d: 512, rate: 0.1 },
+    Case { name: "an empty shard", classes: 1000, rows: &[20, 0], d: 32, rate: 0.001 },
+];
+
+const STEPS: usize = 2;
+
+fn run_case(case: &Case, dtype: i32) -> Vec<f32> {
+    let n: usize = case.rows.iter().sum();
+    let mut cfg = default_config();
+    cfg.num_classes = case.classes;
+    cfg.embedding_dim = case.d as u32;
+    cfg.local_shards = case.rows.len() as u32;
+    cfg.sample_rate = case.rate;
+    cfg.compute_dtype = dtype;
+    cfg.scale = 16.0;
+    let head = TestHead::new(&cfg);
+    let mut out = Vec::new();
+    let mut rng = Rng(7 + case.classes);
+    for _ in 0..STEPS {
+        let emb: Vec<f32> = (0..n * case.d).map(|_| rng.normal() as f32).collect();
+        // "an empty shard": every label on shard 0, so shard 1 samples no class at rate 0.001.
+        let label_range = if case.rate < 0.01 { case.classes / 2 } else { case.classes };
+        let labels: Vec<i64> = (0..n).map(|_| rng.below(label_range) as i64).collect();
+        let (stats, grad) = head.step(&emb, &labels, case.d, case.rows);
+        out.push(stats.loss as f32);
+        out.extend_from_slice(&grad);
+    }
+    out.extend(head.centers(case.d));
+    out
+}
+
+/// In a child: runs every case in f32 and bf16 and writes the path taken and the results.
+fn child(dir: &Path) {
+    let mut paths = String::new();
+    for (dtype, name, d) in [(PFC_DTYPE_F32, "f32", DType::F32), (PFC_DTYPE_BF16, "bf16", DType::BF16)] {
+        paths += &format!("{name} {}\n", path(d).name());
+        for (i, case) in CASES.iter().enumerate() {
+            let values = run_case(case, dtype);
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            std::fs::write(dir.join(format!("{name}-{i}")), bytes).unwrap();
+        }
+    }
+    std::fs::write(dir.join("paths"), paths).unwrap();
+}
+
+/// Runs this binary's `step_parity` in a child with `library` as `PFC_ONEDNN_LIBRARY` (None:
+/// unset) and returns its result directory.
+fn spawn(tag: &str, library: Option<&str>) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pfc-onednn-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "step_parity", "--nocapture", "--test-threads=1"]).env("PFC_ONEDNN_TEST_OUT", &dir);
+    match library {
+        Some(l) => cmd.env("PFC_ONEDNN_LIBRARY", l),
+        None => cmd.env_remove("PFC_ONEDNN_LIBRARY"),
+    };
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{tag} child failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+fn read(dir: &Path, name: &str) -> Vec<f32> {
+    std::fs::read(dir.join(name)).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+#[test]
+fn step_parity() {
+    if let Some(dir) = std::env::var_os("PFC_ONEDNN_TEST_OUT") {
+        return child(Path::new(&dir));
+    }
+    let with = spawn("with", None);
+    let missing = spawn("missing", Some("/nonexistent/libdnnl.so.2"));
+    let off = spawn("off", Some(""));
+    let paths = |d: &Path| std::fs::read_to_string(d.join("paths")).unwrap();
+    // This machine has AVX512-BF16 (the setup installs oneDNN): bf16 steps run on oneDNN, f32 on the crate.
+    assert_eq!(paths(&with), format!("f32 {}\nbf16 {}\n", GemmPath::Crate.name(), GemmPath::OneDnnBf16.name()));
+    for d in [&missing, &off] {
+        assert_eq!(paths(d), format!("f32 {0}\nbf16 {0}\n", GemmPath::Crate.name()));
+    }
+    for (i, case) in CASES.iter().enumerate() {
+        // Without oneDNN, hidden either way, the very same code runs: identical bits.
+        for dtype in ["f32", "bf16"] {
+            assert_eq!(read(&missing, &format!("{dtype}-{i}")), read(&off, &format!("{dtype}-{i}")), "{}: {dtype}", case.name);
+        }
+        // f32 never depends on oneDNN's presence.
+        assert_eq!(read(&with, &format!("f32-{i}")), read(&off, &format!("f32-{i}")), "{}: f32", case.name);
+        // bf16 on oneDNN's bf16 units vs bf16-rounded inputs multiplied in f32: the same inputs and
+        // exact products, so again only the order of the f32 sums differs.
+        let (a, b) = (read(&with, &format!("bf16-{i}")), read(&off, &format!("bf16-{i}")));
+        let err = rel_err(&a, &b);
+        assert!(err < 1e-5, "{}: bf16 oneDNN vs rounded inputs in f32: relative error {err:e}", case.name);
+        // And bf16 stays within its input rounding of f32.
+        let err = rel_err(&a, &read(&off, &format!("f32-{i}")));
+        assert!(err < 2e-2, "{}: bf16 vs f32: relative error {err:e}", case.name);
+    }
+    for d in [with, missing, off] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

@@ -23,6 +23,13 @@ def init(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def finish():
+    """Every rank past its last collective before any tears gloo down: a rank that leaves first can
+    abort a peer still finishing ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def golden(rank, world, port, path, tolerance):
     """One golden file of `world` ranks: rank r feeds rows [r·B, (r+1)·B) of each step and checks its
     loss, its rows of the embedding gradient and its classes' centers."""
@@ -47,7 +54,7 @@ def golden(rank, world, port, path, tolerance):
                   "weight": rel(module.centers(), t[f"weight.{step}"][rows])}
         for what, err in errors.items():
             assert err < tolerance, f"{os.path.basename(path)} rank {rank} step {step} {what}: relative error {err:.3g}"
-    dist.destroy_process_group()
+    finish()
 
 
 class DistFloat64PartialFC(Float64PartialFC):
@@ -121,7 +128,7 @@ def loop(rank, world, port, optimizer, lr, weight_decay, gradient_acc, fp16, ski
     else:
         for what, err in worst.items():
             assert err < tolerance, f"rank {rank}: {what} relative error {err:.3g} against {other} ({worst})"
-    dist.destroy_process_group()
+    finish()
 
 
 def state_round_trip(rank, world, port, sample_rate, classes, dim, batch, features):
@@ -148,4 +155,4 @@ def state_round_trip(rank, world, port, sample_rate, classes, dim, batch, featur
     got = [b.step(x, y) + (b.head.centers(),) for x, y in data[5:]]
     for step, ((la, ga, _, ca), (lb, gb, _, cb)) in enumerate(zip(expected, got)):
         assert la == lb and torch.equal(ga, gb) and torch.equal(ca, cb), f"rank {rank} step {step} differs"
-    dist.destroy_process_group()
+    finish()

@@ -14,6 +14,11 @@ import sys
 from ctypes import (CFUNCTYPE, POINTER, Structure, c_char_p, c_double, c_float, c_int32, c_size_t,
                     c_uint8, c_uint32, c_uint64, c_void_p)
 
+# The header's version (Cargo.toml's), which pfc_version() names at run time.
+PFC_VERSION_MAJOR = 0
+PFC_VERSION_MINOR = 1
+PFC_VERSION_PATCH = 0
+
 # Status codes (pfc_status).
 PFC_OK = 0
 PFC_ERR_NULL_ARGUMENT = 1

@@ -122,33 +122,69 @@ pub enum StateRows {
 unsafe impl Send for StateRows {}
 unsafe impl Sync for StateRows {}
 
-/// One PyTorch SGD step of one row: `buf = μ·buf + (g + wd·w)`, `w −= lr·buf`.
+use crate::backend::cpu::kernels::{all_finite, multiversion};
+
+/// One element of a PyTorch SGD step: `buf = μ·buf + (g + wd·w)`, `w −= lr·buf`; (w, buf) after.
 #[inline(always)]
-fn sgd_row(cfg: &OptimizerConfig, lr: f32, w: &mut [f32], buf: &mut [f32], grad: &[f32]) {
-    let (mu, wd) = (cfg.momentum, cfg.weight_decay);
-    for ((w, b), &g) in w.iter_mut().zip(buf.iter_mut()).zip(grad) {
-        *b = mu * *b + (g + wd * *w);
-        *w -= lr * *b;
+fn sgd(cfg: &OptimizerConfig, lr: f32, w: f32, buf: f32, g: f32) -> (f32, f32) {
+    let b = cfg.momentum * buf + (g + cfg.weight_decay * w);
+    (w - lr * b, b)
+}
+
+/// One element of a PyTorch AdamW step, given the row's `step_size` (lr / (1 − β₁ᵗ)) and
+/// `inv_sqrt_bias2` (1 / √(1 − β₂ᵗ)) after its step count moved on; (w, m, v) after.
+#[inline(always)]
+fn adamw(cfg: &OptimizerConfig, lr: f32, (step_size, inv_sqrt_bias2): (f32, f32), w: f32, m: f32, v: f32, g: f32) -> (f32, f32, f32) {
+    let (b1, b2) = (cfg.beta1, cfg.beta2);
+    let m = b1 * m + (1.0 - b1) * g;
+    let v = b2 * v + (1.0 - b2) * g * g;
+    let denom = v.sqrt() * inv_sqrt_bias2 + cfg.eps;
+    (w * (1.0 - lr * cfg.weight_decay) - step_size * m / denom, m, v)
+}
+
+multiversion! {
+    fn sgd_row(cfg: &OptimizerConfig, lr: f32, w: &mut [f32], buf: &mut [f32], grad: &[f32]) {
+        for ((w, b), &g) in w.iter_mut().zip(buf.iter_mut()).zip(grad) {
+            (*w, *b) = sgd(cfg, lr, *w, *b, g);
+        }
     }
 }
 
-/// One PyTorch AdamW step of one row, with the row's own step count for bias correction.
-#[inline(always)]
-fn adamw_row(cfg: &OptimizerConfig, lr: f32, w: &mut [f32], m: &mut [f32], v: &mut [f32], t: &mut u32, grad: &[f32]) {
-    *t = t.saturating_add(1);
-    let (b1, b2) = (cfg.beta1, cfg.beta2);
-    let bias1 = 1.0 - (b1 as f64).powi(*t as i32);
-    let bias2 = 1.0 - (b2 as f64).powi(*t as i32);
-    let step_size = (lr as f64 / bias1) as f32;
-    let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
-    let decay = 1.0 - lr * cfg.weight_decay;
-    for (((w, mi), vi), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(grad) {
-        *w *= decay;
-        *mi = b1 * *mi + (1.0 - b1) * g;
-        *vi = b2 * *vi + (1.0 - b2) * g * g;
-        let denom = vi.sqrt() * inv_sqrt_bias2 + cfg.eps;
-        *w -= step_size * *mi / denom;
+multiversion! {
+    /// [`sgd_row`] into `w_out` and `buf_out`, the inputs unchanged.
+    fn sgd_row_into(cfg: &OptimizerConfig, lr: f32, w: &[f32], buf: &[f32], grad: &[f32], w_out: &mut [f32], buf_out: &mut [f32]) {
+        for ((((o, ob), &w), &b), &g) in w_out.iter_mut().zip(buf_out.iter_mut()).zip(w).zip(buf).zip(grad) {
+            (*o, *ob) = sgd(cfg, lr, w, b, g);
+        }
     }
+}
+
+multiversion! {
+    fn adamw_row(cfg: &OptimizerConfig, lr: f32, factors: (f32, f32), w: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32]) {
+        for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(grad) {
+            (*w, *m, *v) = adamw(cfg, lr, factors, *w, *m, *v, g);
+        }
+    }
+}
+
+multiversion! {
+    /// [`adamw_row`] into the outputs, the inputs unchanged.
+    fn adamw_row_into(cfg: &OptimizerConfig, lr: f32, factors: (f32, f32), w: &[f32], m: &[f32], v: &[f32], grad: &[f32], out: &mut [f32]) {
+        let dim = w.len();
+        let (w_out, rest) = out.split_at_mut(dim);
+        let (m_out, v_out) = rest.split_at_mut(dim);
+        let (m, v, grad, v_out) = (&m[..dim], &v[..dim], &grad[..dim], &mut v_out[..dim]);
+        for i in 0..dim {
+            (w_out[i], m_out[i], v_out[i]) = adamw(cfg, lr, factors, w[i], m[i], v[i], grad[i]);
+        }
+    }
+}
+
+/// AdamW's bias corrections for a row at step count `t` (after this step's increment).
+fn adamw_factors(cfg: &OptimizerConfig, lr: f32, t: u32) -> (f32, f32) {
+    let bias1 = 1.0 - (cfg.beta1 as f64).powi(t as i32);
+    let bias2 = 1.0 - (cfg.beta2 as f64).powi(t as i32);
+    ((lr as f64 / bias1) as f32, (1.0 / bias2.sqrt()) as f32)
 }
 
 /// Whether a row is one the head accepts as a center: finite, of norm at most `MAX_ROW_NORM`
@@ -168,40 +204,35 @@ impl StateRows {
     pub unsafe fn update(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &mut [f32], grad: &[f32]) {
         let dim = weights.len();
         match *self {
-            StateRows::Sgd { momentum } => {
-                let buf = std::slice::from_raw_parts_mut(momentum.add(row * dim), dim);
-                sgd_row(cfg, lr, weights, buf, grad);
-            }
+            StateRows::Sgd { momentum } => sgd_row(cfg, lr, weights, std::slice::from_raw_parts_mut(momentum.add(row * dim), dim), grad),
             StateRows::AdamW { exp_avg, exp_avg_sq, steps } => {
-                let m = std::slice::from_raw_parts_mut(exp_avg.add(row * dim), dim);
-                let v = std::slice::from_raw_parts_mut(exp_avg_sq.add(row * dim), dim);
-                adamw_row(cfg, lr, weights, m, v, &mut *steps.add(row), grad);
+                let t = &mut *steps.add(row);
+                *t = t.saturating_add(1);
+                let (m, v) = (std::slice::from_raw_parts_mut(exp_avg.add(row * dim), dim), std::slice::from_raw_parts_mut(exp_avg_sq.add(row * dim), dim));
+                adamw_row(cfg, lr, adamw_factors(cfg, lr, *t), weights, m, v, grad);
             }
         }
     }
 
-    /// Whether `update` would leave the row finite and normalizable, computed on copies in
-    /// `scratch` (3 × dim values); nothing is written.
+    /// Whether `update` would leave the row finite and normalizable, computed into `scratch` (3 ×
+    /// dim values); nothing is written.
     ///
     /// # Safety
     /// As `update`, except that the row is only read.
     pub unsafe fn update_is_finite(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &[f32], grad: &[f32], scratch: &mut [f32]) -> bool {
         let dim = weights.len();
-        let (w, rest) = scratch.split_at_mut(dim);
-        let (a, b) = rest.split_at_mut(dim);
-        w.copy_from_slice(weights);
+        let scratch = &mut scratch[..3 * dim];
         match *self {
             StateRows::Sgd { momentum } => {
-                a.copy_from_slice(std::slice::from_raw_parts(momentum.add(row * dim), dim));
-                sgd_row(cfg, lr, w, a, grad);
-                normalizable(w) && a.iter().all(|x| x.is_finite())
+                let (w, rest) = scratch.split_at_mut(dim);
+                sgd_row_into(cfg, lr, weights, std::slice::from_raw_parts(momentum.add(row * dim), dim), grad, w, &mut rest[..dim]);
+                normalizable(w) && all_finite(&rest[..dim])
             }
             StateRows::AdamW { exp_avg, exp_avg_sq, steps } => {
-                a.copy_from_slice(std::slice::from_raw_parts(exp_avg.add(row * dim), dim));
-                b[..dim].copy_from_slice(std::slice::from_raw_parts(exp_avg_sq.add(row * dim), dim));
-                let mut t = *steps.add(row);
-                adamw_row(cfg, lr, w, a, &mut b[..dim], &mut t, grad);
-                normalizable(w) && a.iter().chain(b.iter()).all(|x| x.is_finite())
+                let t = (*steps.add(row)).saturating_add(1);
+                let (m, v) = (std::slice::from_raw_parts(exp_avg.add(row * dim), dim), std::slice::from_raw_parts(exp_avg_sq.add(row * dim), dim));
+                adamw_row_into(cfg, lr, adamw_factors(cfg, lr, t), weights, m, v, grad, scratch);
+                normalizable(&scratch[..dim]) && all_finite(&scratch[dim..])
             }
         }
     }

@@ -4,10 +4,10 @@
 
 /// Stamps out feature-specific copies of a kernel and dispatches on the running CPU.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
         #[allow(clippy::too_many_arguments)]
-        pub fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             fn portable($($arg: $ty),*) $body
@@ -33,6 +33,8 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) use multiversion;
+
 /// `exp(x)` to about 2 ulp for x ≤ 88 (Cephes' polynomial), branch-free so it vectorizes. Inputs
 /// below −87.3 return ≈ 1e-38 instead of a denormal: irrelevant next to the row's largest term, 1.
 #[inline(always)]
@@ -50,7 +52,11 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from the bits of n + 1.5·2²³, whose low mantissa bits hold n in two's complement: `n as
+    // i32` saturates (NaN → 0), which LLVM compiles to scalar code per lane and the whole loop
+    // around this function stops being vectorized. A NaN x gives a NaN y, and the product stays NaN.
+    let n_bits = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000);
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     y * scale
 }
 

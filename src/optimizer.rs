@@ -187,12 +187,14 @@ fn adamw_factors(cfg: &OptimizerConfig, lr: f32, t: u32) -> (f32, f32) {
     ((lr as f64 / bias1) as f32, (1.0 / bias2.sqrt()) as f32)
 }
 
-/// Whether a row is one the head accepts as a center: finite, of norm at most `MAX_ROW_NORM`
-/// (2^62, what set_centers and checkpoints accept), so that it normalizes in f32.
-pub fn normalizable(row: &[f32]) -> bool {
-    const MAX_SQUARED: f32 = (crate::engine::MAX_ROW_NORM * crate::engine::MAX_ROW_NORM) as f32;
-    let sq = crate::backend::cpu::kernels::dot(row, row);
-    sq.is_finite() && sq <= MAX_SQUARED
+multiversion! {
+    /// Whether a row is one the head accepts as a center: finite, of norm at most `MAX_ROW_NORM`
+    /// (2^62, what set_centers and checkpoints accept), so that it normalizes in f32.
+    pub fn normalizable(row: &[f32]) -> bool {
+        const MAX_SQUARED: f32 = (crate::engine::MAX_ROW_NORM * crate::engine::MAX_ROW_NORM) as f32;
+        let sq = crate::backend::cpu::kernels::dot(row, row);
+        sq.is_finite() && sq <= MAX_SQUARED
+    }
 }
 
 impl StateRows {

@@ -2,24 +2,26 @@
 //! rows and compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at run time: the inner loops
 //! run over the batch dimension, so LLVM vectorizes them without intrinsics.
 
+use half::bf16;
+
 /// Stamps out feature-specific copies of a kernel and dispatches on the running CPU.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            fn portable($($arg: $ty),*) $body
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                unsafe fn avx512($($arg: $ty),*) { portable($($arg),*) }
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { portable($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) { portable($($arg),*) }
-                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { portable($($arg),*) }
+                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") && std::is_x86_feature_detected!("avx512bw") {
                     // SAFETY: the features were detected on this CPU.
                     return unsafe { avx512($($arg),*) };
                 }
@@ -243,19 +245,49 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Whether every value is finite: `x·0` is NaN exactly for NaN and ±Inf, and a NaN survives any
-/// sum, so this is one vectorized pass without branches.
-pub fn all_finite(v: &[f32]) -> bool {
-    const LANES: usize = 16;
-    let mut acc = [0.0f32; LANES];
-    let chunks = v.chunks_exact(LANES);
-    let tail = chunks.remainder().iter().fold(0.0f32, |a, &x| a + x * 0.0);
-    for c in chunks {
-        for l in 0..LANES {
-            acc[l] += c[l] * 0.0;
+multiversion! {
+    /// Whether every value is finite: `x·0` is NaN exactly for NaN and ±Inf, and a NaN survives any
+    /// sum, so this is one vectorized pass without branches.
+    pub fn all_finite(v: &[f32]) -> bool {
+        const LANES: usize = 16;
+        let mut acc = [0.0f32; LANES];
+        let chunks = v.chunks_exact(LANES);
+        let tail = chunks.remainder().iter().fold(0.0f32, |a, &x| a + x * 0.0);
+        for c in chunks {
+            for l in 0..LANES {
+                acc[l] += c[l] * 0.0;
+            }
+        }
+        !(acc.iter().sum::<f32>() + tail).is_nan()
+    }
+}
+
+/// `half::bf16::from_f32`'s rounding (to nearest, ties to even; NaN stays a quiet NaN), written
+/// with integer operations that vectorize: half's own branches keep LLVM from it.
+#[inline(always)]
+fn bf16_of(x: f32) -> bf16 {
+    let b = x.to_bits();
+    let nan = b & 0x7FFF_FFFF > 0x7F80_0000;
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+    bf16::from_bits((if nan { (b >> 16) | 0x0040 } else { rounded }) as u16)
+}
+
+multiversion! {
+    /// `dst[i] = bf16(src[i] · scale)`: a GEMM operand rounded for the bf16 units.
+    pub fn to_bf16_scaled(src: &[f32], scale: f32, dst: &mut [bf16]) {
+        for (o, &v) in dst.iter_mut().zip(src) {
+            *o = bf16_of(v * scale);
         }
     }
-    !(acc.iter().sum::<f32>() + tail).is_nan()
+}
+
+multiversion! {
+    /// `dst[i] = bf16(src[i])`.
+    pub fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+        for (o, &v) in dst.iter_mut().zip(src) {
+            *o = bf16_of(v);
+        }
+    }
 }
 
 multiversion! {
@@ -303,6 +335,29 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_rounding_is_halfs() {
+        let specials = [0.0f32, -0.0, 1.0, f32::MAX, f32::MIN, f32::MIN_POSITIVE, 1e-40, -1e-45, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::from_bits(0x7F80_0001), f32::from_bits(0xFFBF_FFFF)];
+        // Every rounding case of the low 16 bits (below, at and above the half-way point, with an
+        // even and an odd last kept bit), over spread exponents and both signs, and pseudo-random bits.
+        let lows = [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF];
+        let mut values: Vec<f32> = specials.to_vec();
+        for hi in (0..=0xFFFFu32).step_by(37) {
+            values.extend(lows.iter().map(|&lo| f32::from_bits(hi << 16 | lo)));
+        }
+        values.extend((0..100_000u64).map(|i| f32::from_bits(crate::rng::at(42, i) as u32)));
+        let mut got = vec![bf16::ZERO; values.len()];
+        to_bf16(&values, &mut got);
+        for (&v, g) in values.iter().zip(&got) {
+            assert_eq!(g.to_bits(), bf16::from_f32(v).to_bits(), "{v:e} ({:#010x})", v.to_bits());
+        }
+        let mut scaled = vec![bf16::ZERO; values.len()];
+        to_bf16_scaled(&values, 0.37, &mut scaled);
+        for (&v, g) in values.iter().zip(&scaled) {
+            assert_eq!(g.to_bits(), bf16::from_f32(v * 0.37).to_bits(), "{v:e} · 0.37");
+        }
+    }
 
     #[test]
     fn exp_is_accurate_over_the_softmax_range() {

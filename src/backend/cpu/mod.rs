@@ -211,8 +211,7 @@ unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: us
 fn center_block_bf16<'a>(centers: &[f32], ids: &[u32], inv: &[f32], d: usize, scratch: &'a mut [bf16]) -> &'a [bf16] {
     let copy = &mut scratch[..ids.len() * d];
     for ((dst, &j), &r) in copy.chunks_exact_mut(d).zip(ids).zip(inv) {
-        let src = &centers[j as usize * d..(j as usize + 1) * d];
-        dst.iter_mut().zip(src).for_each(|(o, &v)| *o = bf16::from_f32(v * r));
+        kernels::to_bf16_scaled(&centers[j as usize * d..(j as usize + 1) * d], r, dst);
     }
     copy
 }
@@ -420,7 +419,7 @@ impl Shard {
             let scaled_after = if native {
                 let operand = center_block_bf16(centers, ids, inv, d, &mut w.centers_bf16);
                 let gb = &mut w.grad_bf16[..rows * n];
-                gb.iter_mut().zip(g.iter()).for_each(|(o, &v)| *o = bf16::from_f32(v));
+                kernels::to_bf16(g, gb);
                 matmul(n, d, rows, &mut w.grad_x, Operand::transposed(gb, n), Operand::rows(operand, d), true);
                 matmul(rows, d, n, gc, Operand::rows(gb, n), Operand::rows(unit_bf16, d), false);
                 false
@@ -515,7 +514,8 @@ impl Primitives for CpuBackend {
         s.unit_bf16.clear();
         if native_bf16(self.cfg.compute_dtype) {
             s.unit_bf16.try_reserve_exact(s.unit.len()).map_err(|_| crate::error::Error::new(crate::error::Status::OutOfMemory, "cannot allocate the GEMM copy of the batch"))?;
-            s.unit_bf16.extend(s.unit.iter().map(|&v| bf16::from_f32(v)));
+            s.unit_bf16.resize(s.unit.len(), bf16::ZERO);
+            kernels::to_bf16(&s.unit, &mut s.unit_bf16);
         } else if self.cfg.compute_dtype != DType::F32 {
             s.unit_gemm.try_reserve_exact(s.unit.len()).map_err(|_| crate::error::Error::new(crate::error::Status::OutOfMemory, "cannot allocate the GEMM copy of the batch"))?;
             s.unit_gemm.extend_from_slice(&s.unit);

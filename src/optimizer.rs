@@ -32,21 +32,26 @@ impl StateTensor {
     }
 }
 
-/// Optimizer state for `rows` centers of dimension `dim`.
+/// Optimizer state for `rows` centers of dimension `dim`. Beside each per-row tensor, each row's
+/// norm (`+∞` where unknown or, for `exp_avg_sq`, where the row holds a negative value or NaN):
+/// with them, the check before an update usually proves the update finite without reading the
+/// rows, a pass over scattered memory saved per step (see [`StateRows::update_is_finite`]).
 pub enum OptimizerState {
-    Sgd { momentum: Vec<f32> },
-    AdamW { exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>, steps: Vec<u32> },
+    Sgd { momentum: Vec<f32>, momentum_norms: Vec<f32> },
+    AdamW { exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>, steps: Vec<u32>, exp_avg_norms: Vec<f32>, exp_avg_sq_norms: Vec<f32> },
 }
 
 impl OptimizerState {
     pub fn new(kind: OptimizerKind, rows: usize, dim: usize) -> Result<Self> {
         let elems = rows.saturating_mul(dim);
         Ok(match kind {
-            OptimizerKind::Sgd => OptimizerState::Sgd { momentum: try_zeroed(elems, "SGD momentum")? },
+            OptimizerKind::Sgd => OptimizerState::Sgd { momentum: try_zeroed(elems, "SGD momentum")?, momentum_norms: try_zeroed(rows, "SGD momentum norms")? },
             OptimizerKind::AdamW => OptimizerState::AdamW {
                 exp_avg: try_zeroed(elems, "AdamW first moments")?,
                 exp_avg_sq: try_zeroed(elems, "AdamW second moments")?,
                 steps: try_zeroed(rows, "AdamW step counts")?,
+                exp_avg_norms: try_zeroed(rows, "AdamW first moment norms")?,
+                exp_avg_sq_norms: try_zeroed(rows, "AdamW second moment norms")?,
             },
         })
     }
@@ -54,12 +59,18 @@ impl OptimizerState {
     /// Forgets the state of rows `[first, first + count)` (after their centers were overwritten).
     pub fn reset_rows(&mut self, first: usize, count: usize, dim: usize) {
         let span = first * dim..(first + count) * dim;
+        let rows = first..first + count;
         match self {
-            OptimizerState::Sgd { momentum } => momentum[span].fill(0.0),
-            OptimizerState::AdamW { exp_avg, exp_avg_sq, steps } => {
+            OptimizerState::Sgd { momentum, momentum_norms } => {
+                momentum[span].fill(0.0);
+                momentum_norms[rows].fill(0.0);
+            }
+            OptimizerState::AdamW { exp_avg, exp_avg_sq, steps, exp_avg_norms, exp_avg_sq_norms } => {
                 exp_avg[span.clone()].fill(0.0);
                 exp_avg_sq[span].fill(0.0);
-                steps[first..first + count].fill(0);
+                steps[rows.clone()].fill(0);
+                exp_avg_norms[rows.clone()].fill(0.0);
+                exp_avg_sq_norms[rows].fill(0.0);
             }
         }
     }
@@ -67,20 +78,27 @@ impl OptimizerState {
     /// The per-row f32 tensor `tensor` of this state (not `Centers`), if this optimizer keeps it.
     pub fn tensor(&self, tensor: StateTensor) -> Option<&[f32]> {
         match (self, tensor) {
-            (OptimizerState::Sgd { momentum }, StateTensor::Momentum) => Some(momentum),
+            (OptimizerState::Sgd { momentum, .. }, StateTensor::Momentum) => Some(momentum),
             (OptimizerState::AdamW { exp_avg, .. }, StateTensor::ExpAvg) => Some(exp_avg),
             (OptimizerState::AdamW { exp_avg_sq, .. }, StateTensor::ExpAvgSq) => Some(exp_avg_sq),
             _ => None,
         }
     }
 
-    pub fn tensor_mut(&mut self, tensor: StateTensor) -> Option<&mut [f32]> {
-        match (self, tensor) {
-            (OptimizerState::Sgd { momentum }, StateTensor::Momentum) => Some(momentum),
-            (OptimizerState::AdamW { exp_avg, .. }, StateTensor::ExpAvg) => Some(exp_avg),
-            (OptimizerState::AdamW { exp_avg_sq, .. }, StateTensor::ExpAvgSq) => Some(exp_avg_sq),
-            _ => None,
+    /// Overwrites rows `first..` of `tensor` (not `Centers`) with `values` (whole rows of `dim`),
+    /// and their norms; None when this optimizer keeps no such tensor.
+    pub fn write_rows(&mut self, tensor: StateTensor, first: usize, values: &[f32], dim: usize) -> Option<()> {
+        let (data, norms, norm): (&mut Vec<f32>, &mut Vec<f32>, fn(&[f32]) -> f32) = match (self, tensor) {
+            (OptimizerState::Sgd { momentum, momentum_norms }, StateTensor::Momentum) => (momentum, momentum_norms, row_norm),
+            (OptimizerState::AdamW { exp_avg, exp_avg_norms, .. }, StateTensor::ExpAvg) => (exp_avg, exp_avg_norms, row_norm),
+            (OptimizerState::AdamW { exp_avg_sq, exp_avg_sq_norms, .. }, StateTensor::ExpAvgSq) => (exp_avg_sq, exp_avg_sq_norms, nonnegative_row_norm),
+            _ => return None,
+        };
+        data[first * dim..first * dim + values.len()].copy_from_slice(values);
+        for (r, row) in values.chunks_exact(dim).enumerate() {
+            norms[first + r] = norm(row);
         }
+        Some(())
     }
 
     /// AdamW's per-row step counts (bias correction); None for SGD.
@@ -101,11 +119,13 @@ impl OptimizerState {
     /// Raw views for updating disjoint rows from several threads.
     pub fn rows_ptr(&mut self) -> StateRows {
         match self {
-            OptimizerState::Sgd { momentum } => StateRows::Sgd { momentum: momentum.as_mut_ptr() },
-            OptimizerState::AdamW { exp_avg, exp_avg_sq, steps } => StateRows::AdamW {
+            OptimizerState::Sgd { momentum, momentum_norms } => StateRows::Sgd { momentum: momentum.as_mut_ptr(), momentum_norms: momentum_norms.as_mut_ptr() },
+            OptimizerState::AdamW { exp_avg, exp_avg_sq, steps, exp_avg_norms, exp_avg_sq_norms } => StateRows::AdamW {
                 exp_avg: exp_avg.as_mut_ptr(),
                 exp_avg_sq: exp_avg_sq.as_mut_ptr(),
                 steps: steps.as_mut_ptr(),
+                exp_avg_norms: exp_avg_norms.as_mut_ptr(),
+                exp_avg_sq_norms: exp_avg_sq_norms.as_mut_ptr(),
             },
         }
     }
@@ -114,8 +134,8 @@ impl OptimizerState {
 /// Pointers into an `OptimizerState`, shared by threads that each update distinct rows.
 #[derive(Clone, Copy)]
 pub enum StateRows {
-    Sgd { momentum: *mut f32 },
-    AdamW { exp_avg: *mut f32, exp_avg_sq: *mut f32, steps: *mut u32 },
+    Sgd { momentum: *mut f32, momentum_norms: *mut f32 },
+    AdamW { exp_avg: *mut f32, exp_avg_sq: *mut f32, steps: *mut u32, exp_avg_norms: *mut f32, exp_avg_sq_norms: *mut f32 },
 }
 
 // SAFETY: callers only touch distinct rows from distinct threads (sampled sets have unique ids).
@@ -197,7 +217,51 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// A row's L2 norm in f32 (+∞ when it overflows, NaN for a NaN).
+    fn row_norm(row: &[f32]) -> f32 {
+        crate::backend::cpu::kernels::dot(row, row).sqrt()
+    }
+}
+
+multiversion! {
+    /// [`row_norm`], or +∞ when a value is negative or NaN: what the bound on AdamW's denominator
+    /// (`√v + ε ≥ ε`) needs to know of `exp_avg_sq`.
+    fn nonnegative_row_norm(row: &[f32]) -> f32 {
+        let negative = row.iter().fold(false, |any, &x| any | !(x >= 0.0));
+        if negative { f32::INFINITY } else { crate::backend::cpu::kernels::dot(row, row).sqrt() }
+    }
+}
+
+/// An upper bound of a true norm from its f32 computation: a sum of at most 2^16 squares (the
+/// largest embedding_dim) is within 0.4% of the exact one, and squares that underflow lose less
+/// than 1e-18 of the norm.
+fn above(norm: f32) -> f64 {
+    norm as f64 * 1.01 + 1e-18
+}
+
+/// What a bound must stay below to prove the update safe: half the largest center norm a head
+/// accepts, and for the optimizer's own values a margin of 2^28 below f32's largest, so that the
+/// rounding of the update's few operations (relative 2^-22 at most) cannot cross either.
+const ROW_BOUND: f64 = crate::engine::MAX_ROW_NORM / 2.0;
+const VALUE_BOUND: f64 = (1u128 << 100) as f64;
+
 impl StateRows {
+    /// Starts loading row `row`'s state into the cache (see `kernels::prefetch`).
+    pub fn prefetch(&self, row: usize, dim: usize) {
+        use crate::backend::cpu::kernels::prefetch;
+        // SAFETY: callers pass rows of this state (in bounds); the slices are only prefetched.
+        unsafe {
+            match *self {
+                StateRows::Sgd { momentum, .. } => prefetch(std::slice::from_raw_parts(momentum.add(row * dim), dim)),
+                StateRows::AdamW { exp_avg, exp_avg_sq, .. } => {
+                    prefetch(std::slice::from_raw_parts(exp_avg.add(row * dim), dim));
+                    prefetch(std::slice::from_raw_parts(exp_avg_sq.add(row * dim), dim));
+                }
+            }
+        }
+    }
+
     /// Applies one optimizer step to center row `row` given its gradient.
     ///
     /// # Safety
@@ -206,12 +270,47 @@ impl StateRows {
     pub unsafe fn update(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &mut [f32], grad: &[f32]) {
         let dim = weights.len();
         match *self {
-            StateRows::Sgd { momentum } => sgd_row(cfg, lr, weights, std::slice::from_raw_parts_mut(momentum.add(row * dim), dim), grad),
-            StateRows::AdamW { exp_avg, exp_avg_sq, steps } => {
+            StateRows::Sgd { momentum, momentum_norms } => {
+                let buf = std::slice::from_raw_parts_mut(momentum.add(row * dim), dim);
+                sgd_row(cfg, lr, weights, buf, grad);
+                *momentum_norms.add(row) = row_norm(buf);
+            }
+            StateRows::AdamW { exp_avg, exp_avg_sq, steps, exp_avg_norms, exp_avg_sq_norms } => {
                 let t = &mut *steps.add(row);
                 *t = t.saturating_add(1);
                 let (m, v) = (std::slice::from_raw_parts_mut(exp_avg.add(row * dim), dim), std::slice::from_raw_parts_mut(exp_avg_sq.add(row * dim), dim));
                 adamw_row(cfg, lr, adamw_factors(cfg, lr, *t), weights, m, v, grad);
+                *exp_avg_norms.add(row) = row_norm(m);
+                *exp_avg_sq_norms.add(row) = nonnegative_row_norm(v);
+            }
+        }
+    }
+
+    /// Whether norms alone show that `update` leaves the row finite and normalizable, without
+    /// reading the row's state. Triangle inequalities over the exact update bound its results'
+    /// norms from those of the center, the gradient and the state (kept beside it); each value's
+    /// f32 rounding is a relative 2^-22 at most, far inside the factor 2 between [`ROW_BOUND`] and
+    /// the norm limit. A NaN or infinite input fails the comparisons, and the exact check decides.
+    ///
+    /// # Safety
+    /// As `update_is_finite`.
+    unsafe fn update_is_bounded(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &[f32], grad: &[f32]) -> bool {
+        let (w, g) = (above(row_norm(weights)), above(row_norm(grad)));
+        let lr_abs = (lr as f64).abs();
+        match *self {
+            StateRows::Sgd { momentum_norms, .. } => {
+                let buf = (cfg.momentum as f64).abs() * above(*momentum_norms.add(row)) + g + (cfg.weight_decay as f64).abs() * w;
+                let w_new = w + lr_abs * buf;
+                buf <= VALUE_BOUND && w_new <= ROW_BOUND
+            }
+            StateRows::AdamW { steps, exp_avg_norms, exp_avg_sq_norms, .. } => {
+                let (b1, b2) = (cfg.beta1 as f64, cfg.beta2 as f64);
+                let m_new = b1 * above(*exp_avg_norms.add(row)) + (1.0 - b1) * g;
+                let v_new = b2 * above(*exp_avg_sq_norms.add(row)) + (1.0 - b2) * g * g;
+                let (step_size, _) = adamw_factors(cfg, lr, (*steps.add(row)).saturating_add(1));
+                // |m / (√v·c + ε)| ≤ |m| / ε: v ≥ 0 where its norm is finite.
+                let w_new = (1.0 + lr_abs * (cfg.weight_decay as f64).abs()) * w + above(step_size.abs()) * m_new / cfg.eps as f64;
+                m_new <= VALUE_BOUND && v_new <= VALUE_BOUND && w_new <= ROW_BOUND
             }
         }
     }
@@ -222,15 +321,23 @@ impl StateRows {
     /// # Safety
     /// As `update`, except that the row is only read.
     pub unsafe fn update_is_finite(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &[f32], grad: &[f32], scratch: &mut [f32]) -> bool {
+        self.update_is_bounded(cfg, lr, row, weights, grad) || self.update_is_finite_exactly(cfg, lr, row, weights, grad, scratch)
+    }
+
+    /// `update_is_finite` by computing the update into `scratch`.
+    ///
+    /// # Safety
+    /// As `update_is_finite`.
+    unsafe fn update_is_finite_exactly(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &[f32], grad: &[f32], scratch: &mut [f32]) -> bool {
         let dim = weights.len();
         let scratch = &mut scratch[..3 * dim];
         match *self {
-            StateRows::Sgd { momentum } => {
+            StateRows::Sgd { momentum, .. } => {
                 let (w, rest) = scratch.split_at_mut(dim);
                 sgd_row_into(cfg, lr, weights, std::slice::from_raw_parts(momentum.add(row * dim), dim), grad, w, &mut rest[..dim]);
                 normalizable(w) && all_finite(&rest[..dim])
             }
-            StateRows::AdamW { exp_avg, exp_avg_sq, steps } => {
+            StateRows::AdamW { exp_avg, exp_avg_sq, steps, .. } => {
                 let t = (*steps.add(row)).saturating_add(1);
                 let (m, v) = (std::slice::from_raw_parts(exp_avg.add(row * dim), dim), std::slice::from_raw_parts(exp_avg_sq.add(row * dim), dim));
                 adamw_row_into(cfg, lr, adamw_factors(cfg, lr, t), weights, m, v, grad, scratch);
@@ -258,5 +365,138 @@ mod tests {
         let d = 1.0 + 0.1 * (-0.05f32);
         let buf = 0.9 * 2.1 + d;
         assert!((w[0] - (-0.05 - 0.5 * buf)).abs() < 1e-6);
+    }
+
+    struct Draw(u64);
+    impl Draw {
+        fn next(&mut self) -> u64 {
+            self.0 += 1;
+            crate::rng::at(0x5eed, self.0)
+        }
+        fn unit(&mut self) -> f64 {
+            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        }
+        /// A value of random sign and magnitude 10^[lo, hi), now and then NaN, ±∞, 0 or f32::MAX.
+        fn value(&mut self, lo: f64, hi: f64, specials: bool) -> f32 {
+            if specials && self.next() % 97 == 0 {
+                return [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, f32::MAX][(self.next() % 5) as usize];
+            }
+            let sign = if self.next() % 2 == 0 { 1.0 } else { -1.0 };
+            (sign * 10f64.powf(lo + (hi - lo) * self.unit())) as f32
+        }
+        fn row(&mut self, dim: usize, lo: f64, hi: f64, specials: bool) -> Vec<f32> {
+            let scale = lo + (hi - lo) * self.unit();
+            (0..dim).map(|_| self.value(scale - 1.0, scale + 1.0, specials)).collect()
+        }
+    }
+
+    /// One row of state; with `specials`, also NaN, ∞ and (a quarter of the time) negative second moments.
+    fn state(kind: OptimizerKind, dim: usize, draw: &mut Draw, lo: f64, hi: f64, specials: bool) -> OptimizerState {
+        let mut st = OptimizerState::new(kind, 1, dim).unwrap();
+        for &t in StateTensor::for_optimizer(kind).iter().skip(1) {
+            let mut row = draw.row(dim, lo, hi, specials);
+            if t == StateTensor::ExpAvgSq && (!specials || draw.next() % 4 != 0) {
+                row.iter_mut().for_each(|v| *v = v.abs());
+            }
+            st.write_rows(t, 0, &row, dim).unwrap();
+        }
+        if let Some(steps) = st.steps_mut() {
+            steps[0] = (draw.next() % 1000) as u32;
+        }
+        st
+    }
+
+    /// The norm bound never passes an update the exact check refuses, over magnitudes from tiny to
+    /// beyond the norm limit, NaN and ∞ in any operand, negative second moments and extreme
+    /// hyper-parameters; and in a training regime it passes nearly everything, so the check
+    /// rarely reads the state.
+    #[test]
+    fn norm_bound_never_passes_what_the_exact_check_refuses() {
+        let mut draw = Draw(0);
+        let mut scratch = vec![0.0f32; 3 * 512];
+        let (mut bounded, mut refused) = (0, 0);
+        for case in 0..40_000 {
+            let kind = if case % 2 == 0 { OptimizerKind::Sgd } else { OptimizerKind::AdamW };
+            let dim = [1, 3, 16, 100, 512][case % 5];
+            let cfg = OptimizerConfig {
+                kind,
+                lr: 10f64.powf(-4.0 + 8.0 * draw.unit()) as f32,
+                momentum: draw.unit() as f32,
+                weight_decay: (draw.unit() * 2.0) as f32,
+                beta1: draw.unit() as f32 * 0.999,
+                beta2: draw.unit() as f32 * 0.9999,
+                eps: 10f64.powf(-12.0 + 11.0 * draw.unit()) as f32,
+            };
+            let (lo, hi) = (-30.0, 25.0);
+            let mut st = state(kind, dim, &mut draw, lo, hi, true);
+            let (w, g) = (draw.row(dim, lo, hi, true), draw.row(dim, lo, hi, true));
+            let rows = st.rows_ptr();
+            // SAFETY: one row, one thread.
+            let (by_bound, exact) = unsafe { (rows.update_is_bounded(&cfg, cfg.lr, 0, &w, &g), rows.update_is_finite_exactly(&cfg, cfg.lr, 0, &w, &g, &mut scratch)) };
+            assert!(!by_bound || exact, "case {case}: the bound passed an update the exact check refuses ({kind:?}, dim {dim}, {cfg:?})");
+            bounded += usize::from(by_bound);
+            refused += usize::from(!exact);
+        }
+        assert!(bounded > 5_000 && refused > 5_000, "the cases must exercise both verdicts: {bounded} bounded, {refused} refused");
+        // Only the second moment overflows (g² > f32::MAX) while the step stays small: a tiny lr
+        // against a large ε.
+        let cfg = OptimizerConfig { kind: OptimizerKind::AdamW, lr: 1e-6, beta1: 0.9999, beta2: 0.999, eps: 1e3, ..Config::default().optimizer };
+        let mut st = OptimizerState::new(OptimizerKind::AdamW, 1, 4).unwrap();
+        let rows = st.rows_ptr();
+        let (w, g) = ([0.1f32; 4], [1e21f32, 0.0, 0.0, 0.0]);
+        // SAFETY: as above.
+        let (by_bound, exact) = unsafe { (rows.update_is_bounded(&cfg, cfg.lr, 0, &w, &g), rows.update_is_finite_exactly(&cfg, cfg.lr, 0, &w, &g, &mut scratch)) };
+        assert!(!exact && !by_bound, "exp_avg_sq overflows: exact {exact}, bound {by_bound}");
+
+        // Training: centers of norm ~1, gradients up to 10, state of earlier steps, usual settings.
+        let mut passed = 0;
+        for case in 0..2_000 {
+            let kind = if case % 2 == 0 { OptimizerKind::Sgd } else { OptimizerKind::AdamW };
+            let cfg = OptimizerConfig { kind, lr: 0.1, momentum: 0.9, weight_decay: 5e-4, ..Config::default().optimizer };
+            let mut st = state(kind, 512, &mut draw, -6.0, -2.0, false);
+            let (w, g) = (draw.row(512, -2.5, -1.0, false), draw.row(512, -6.0, -1.0, false));
+            let rows = st.rows_ptr();
+            // SAFETY: as above.
+            passed += usize::from(unsafe { rows.update_is_bounded(&cfg, cfg.lr, 0, &w, &g) });
+        }
+        assert!(passed >= 1_900, "the bound proved only {passed} of 2000 training updates");
+    }
+
+    /// The norms beside the state follow every write: updates, `write_rows` and resets.
+    #[test]
+    fn state_norms_follow_every_write() {
+        let mut draw = Draw(1 << 40);
+        let dim = 37;
+        for kind in [OptimizerKind::Sgd, OptimizerKind::AdamW] {
+            let cfg = OptimizerConfig { kind, ..Config::default().optimizer };
+            let mut st = OptimizerState::new(kind, 4, dim).unwrap();
+            let check = |st: &OptimizerState| {
+                for (t, norms) in match st {
+                    OptimizerState::Sgd { momentum_norms, .. } => vec![(StateTensor::Momentum, momentum_norms)],
+                    OptimizerState::AdamW { exp_avg_norms, exp_avg_sq_norms, .. } => vec![(StateTensor::ExpAvg, exp_avg_norms), (StateTensor::ExpAvgSq, exp_avg_sq_norms)],
+                } {
+                    for (r, row) in st.tensor(t).unwrap().chunks_exact(dim).enumerate() {
+                        let want = if t == StateTensor::ExpAvgSq { nonnegative_row_norm(row) } else { row_norm(row) };
+                        assert_eq!(norms[r].to_bits(), want.to_bits(), "{kind:?} {} row {r}", t.name());
+                    }
+                }
+            };
+            check(&st);
+            for &t in StateTensor::for_optimizer(kind).iter().skip(1) {
+                let rows = draw.row(2 * dim, -3.0, 3.0, false);
+                st.write_rows(t, 1, &rows, dim).unwrap();
+            }
+            check(&st);
+            let mut w = draw.row(dim, -2.0, 0.0, false);
+            for step in 0..5 {
+                let g = draw.row(dim, -3.0, 0.0, false);
+                let rows = st.rows_ptr();
+                // SAFETY: one thread.
+                unsafe { rows.update(&cfg, 0.1, step % 4, &mut w, &g) };
+                check(&st);
+            }
+            st.reset_rows(1, 2, dim);
+            check(&st);
+        }
     }
 }

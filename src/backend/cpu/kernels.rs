@@ -313,10 +313,34 @@ multiversion! {
     }
 }
 
+/// Rows ahead of the one being worked on that [`prefetch`] starts loading.
+pub const PREFETCH_AHEAD: usize = 2;
+
+/// Starts loading `values` into the cache. The sampled rows of a shard are scattered over its
+/// table, so the hardware's prefetchers only catch on inside each row, after its first misses.
+#[inline(always)]
+pub fn prefetch<T>(values: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = std::mem::size_of_val(values);
+        let start = values.as_ptr().cast::<i8>();
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch of an address inside the slice; it has no architectural effect.
+            #[allow(unused_unsafe)]
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.add(offset))
+            };
+        }
+    }
+}
+
 multiversion! {
     /// 1/‖row‖ (PyTorch's `normalize` eps, 1e-12) of the rows `ids` of a row-major matrix.
     pub fn row_inv_norms(matrix: &[f32], dim: usize, ids: &[u32], out: &mut [f32]) {
-        for (o, &j) in out.iter_mut().zip(ids) {
+        for (r, (o, &j)) in out.iter_mut().zip(ids).enumerate() {
+            if let Some(&ahead) = ids.get(r + PREFETCH_AHEAD) {
+                prefetch(&matrix[ahead as usize * dim..(ahead as usize + 1) * dim]);
+            }
             let row = &matrix[j as usize * dim..(j as usize + 1) * dim];
             *o = 1.0 / dot(row, row).sqrt().max(1e-12);
         }

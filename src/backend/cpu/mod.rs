@@ -190,7 +190,10 @@ unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: us
         return (centers.slice(first * d, rows * d), true);
     }
     let copy = &mut scratch[..rows * d];
-    for ((dst, &j), &r) in copy.chunks_exact_mut(d).zip(ids).zip(inv) {
+    for (i, ((dst, &j), &r)) in copy.chunks_exact_mut(d).zip(ids).zip(inv).enumerate() {
+        if let Some(&ahead) = ids.get(i + kernels::PREFETCH_AHEAD) {
+            kernels::prefetch::<f32>(centers.slice(ahead as usize * d, d));
+        }
         let src: &[f32] = centers.slice(j as usize * d, d);
         if dtype == DType::F32 {
             dst.copy_from_slice(src);
@@ -210,7 +213,10 @@ unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: us
 /// the GEMMs take bf16 (the values [`center_block`] gives the f32 GEMM for a bf16 step).
 fn center_block_bf16<'a>(centers: &[f32], ids: &[u32], inv: &[f32], d: usize, scratch: &'a mut [bf16]) -> &'a [bf16] {
     let copy = &mut scratch[..ids.len() * d];
-    for ((dst, &j), &r) in copy.chunks_exact_mut(d).zip(ids).zip(inv) {
+    for (i, ((dst, &j), &r)) in copy.chunks_exact_mut(d).zip(ids).zip(inv).enumerate() {
+        if let Some(&ahead) = ids.get(i + kernels::PREFETCH_AHEAD) {
+            kernels::prefetch(&centers[ahead as usize * d..(ahead as usize + 1) * d]);
+        }
         kernels::to_bf16_scaled(&centers[j as usize * d..(j as usize + 1) * d], r, dst);
     }
     copy
@@ -248,12 +254,6 @@ impl Shard {
         }
     }
 
-    fn tensor_mut(&mut self, tensor: StateTensor) -> Result<&mut [f32]> {
-        match tensor {
-            StateTensor::Centers => Ok(&mut self.centers),
-            t => self.optimizer.tensor_mut(t).ok_or_else(|| Error::invalid(format!("this optimizer keeps no {}", t.name()))),
-        }
-    }
 
     #[allow(clippy::too_many_arguments)]
     fn forward(&mut self, cfg: &Config, plan: StepPlan, labels: &[i64], params: LogitParams) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -647,6 +647,13 @@ impl Primitives for CpuBackend {
         let acc = &s.accumulated;
         crate::pool::install(|| {
             (0..acc.rows.len()).into_par_iter().with_min_len(BLOCK).for_each(|r| {
+                if let Some(&ahead) = acc.rows.get(r + kernels::PREFETCH_AHEAD) {
+                    // SAFETY: only the address of another row is taken.
+                    unsafe {
+                        kernels::prefetch::<f32>(centers.slice(ahead as usize * d, d));
+                        state.prefetch(ahead as usize, d);
+                    }
+                }
                 let j = acc.rows[r] as usize;
                 // SAFETY: accumulated rows are distinct, so each center and state row has one writer.
                 unsafe { state.update(&opt, lr, j, centers.slice(j * d, d), &acc.grads[r * d..(r + 1) * d]) };
@@ -675,8 +682,11 @@ impl ShardState for CpuBackend {
     fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
         for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
-            let dst = self.shards[s].tensor_mut(tensor)?;
-            dst[row * d..(row + rows) * d].copy_from_slice(&values[at * d..(at + rows) * d]);
+            let src = &values[at * d..(at + rows) * d];
+            match tensor {
+                StateTensor::Centers => self.shards[s].centers[row * d..(row + rows) * d].copy_from_slice(src),
+                t => self.shards[s].optimizer.write_rows(t, row, src, d).ok_or_else(|| Error::invalid(format!("this optimizer keeps no {}", t.name())))?,
+            }
         }
         Ok(())
     }

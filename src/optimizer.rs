@@ -236,7 +236,7 @@ multiversion! {
 /// An upper bound of a true norm from its f32 computation: a sum of at most 2^16 squares (the
 /// largest embedding_dim) is within 0.4% of the exact one, and squares that underflow lose less
 /// than 1e-18 of the norm.
-fn above(norm: f32) -> f64 {
+pub fn above(norm: f32) -> f64 {
     norm as f64 * 1.01 + 1e-18
 }
 
@@ -244,7 +244,7 @@ fn above(norm: f32) -> f64 {
 /// accepts, and for the optimizer's own values a margin of 2^28 below f32's largest, so that the
 /// rounding of the update's few operations (relative 2^-22 at most) cannot cross either.
 const ROW_BOUND: f64 = crate::engine::MAX_ROW_NORM / 2.0;
-const VALUE_BOUND: f64 = (1u128 << 100) as f64;
+pub const VALUE_BOUND: f64 = (1u128 << 100) as f64;
 
 impl StateRows {
     /// Starts loading row `row`'s state into the cache (see `kernels::prefetch`).
@@ -287,15 +287,16 @@ impl StateRows {
     }
 
     /// Whether norms alone show that `update` leaves the row finite and normalizable, without
-    /// reading the row's state. Triangle inequalities over the exact update bound its results'
-    /// norms from those of the center, the gradient and the state (kept beside it); each value's
-    /// f32 rounding is a relative 2^-22 at most, far inside the factor 2 between [`ROW_BOUND`] and
-    /// the norm limit. A NaN or infinite input fails the comparisons, and the exact check decides.
+    /// reading the row's state: `weights` and `grad` are upper bounds of the norms of the center
+    /// and its gradient (see [`above`]). Triangle inequalities over the exact update bound its
+    /// results' norms from those and the state's norms (kept beside it); each value's f32 rounding
+    /// is a relative 2^-22 at most, far inside the factor 2 between [`ROW_BOUND`] and the norm
+    /// limit. A NaN or infinite input fails the comparisons, and the exact check decides.
     ///
     /// # Safety
-    /// As `update_is_finite`.
-    unsafe fn update_is_bounded(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &[f32], grad: &[f32]) -> bool {
-        let (w, g) = (above(row_norm(weights)), above(row_norm(grad)));
+    /// `row` must be in bounds.
+    pub unsafe fn update_is_bounded(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: f64, grad: f64) -> bool {
+        let (w, g) = (weights, grad);
         let lr_abs = (lr as f64).abs();
         match *self {
             StateRows::Sgd { momentum_norms, .. } => {
@@ -321,7 +322,7 @@ impl StateRows {
     /// # Safety
     /// As `update`, except that the row is only read.
     pub unsafe fn update_is_finite(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &[f32], grad: &[f32], scratch: &mut [f32]) -> bool {
-        self.update_is_bounded(cfg, lr, row, weights, grad) || self.update_is_finite_exactly(cfg, lr, row, weights, grad, scratch)
+        self.update_is_bounded(cfg, lr, row, above(row_norm(weights)), above(row_norm(grad))) || self.update_is_finite_exactly(cfg, lr, row, weights, grad, scratch)
     }
 
     /// `update_is_finite` by computing the update into `scratch`.
@@ -432,7 +433,7 @@ mod tests {
             let (w, g) = (draw.row(dim, lo, hi, true), draw.row(dim, lo, hi, true));
             let rows = st.rows_ptr();
             // SAFETY: one row, one thread.
-            let (by_bound, exact) = unsafe { (rows.update_is_bounded(&cfg, cfg.lr, 0, &w, &g), rows.update_is_finite_exactly(&cfg, cfg.lr, 0, &w, &g, &mut scratch)) };
+            let (by_bound, exact) = unsafe { (rows.update_is_bounded(&cfg, cfg.lr, 0, above(row_norm(&w)), above(row_norm(&g))), rows.update_is_finite_exactly(&cfg, cfg.lr, 0, &w, &g, &mut scratch)) };
             assert!(!by_bound || exact, "case {case}: the bound passed an update the exact check refuses ({kind:?}, dim {dim}, {cfg:?})");
             bounded += usize::from(by_bound);
             refused += usize::from(!exact);
@@ -445,7 +446,7 @@ mod tests {
         let rows = st.rows_ptr();
         let (w, g) = ([0.1f32; 4], [1e21f32, 0.0, 0.0, 0.0]);
         // SAFETY: as above.
-        let (by_bound, exact) = unsafe { (rows.update_is_bounded(&cfg, cfg.lr, 0, &w, &g), rows.update_is_finite_exactly(&cfg, cfg.lr, 0, &w, &g, &mut scratch)) };
+        let (by_bound, exact) = unsafe { (rows.update_is_bounded(&cfg, cfg.lr, 0, above(row_norm(&w)), above(row_norm(&g))), rows.update_is_finite_exactly(&cfg, cfg.lr, 0, &w, &g, &mut scratch)) };
         assert!(!exact && !by_bound, "exp_avg_sq overflows: exact {exact}, bound {by_bound}");
 
         // Training: centers of norm ~1, gradients up to 10, state of earlier steps, usual settings.
@@ -457,7 +458,7 @@ mod tests {
             let (w, g) = (draw.row(512, -2.5, -1.0, false), draw.row(512, -6.0, -1.0, false));
             let rows = st.rows_ptr();
             // SAFETY: as above.
-            passed += usize::from(unsafe { rows.update_is_bounded(&cfg, cfg.lr, 0, &w, &g) });
+            passed += usize::from(unsafe { rows.update_is_bounded(&cfg, cfg.lr, 0, above(row_norm(&w)), above(row_norm(&g))) });
         }
         assert!(passed >= 1_900, "the bound proved only {passed} of 2000 training updates");
     }

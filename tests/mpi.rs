@@ -12,7 +12,6 @@ mod native;
 use common::Golden;
 use native::{compile, describe, lib_dir, mpirun, root, scratch};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 fn parity_exe() -> &'static Path {

@@ -191,6 +191,9 @@ pub struct PhaseTimes {
     pub scatter: f64,
     /// Optimizer update of the accumulated center gradients (with its finiteness check).
     pub update: f64,
+    /// The optimizer step ran inside the backward pass (proven safe before it, `Update::Apply`),
+    /// whose time then includes it; `update` is 0.
+    pub update_in_backward: bool,
     /// The GEMMs' own time within forward and backward, where the backend times them apart
     /// (CUDA events); None on the CPU, whose GEMMs are the bulk of those two phases.
     pub gemm: Option<f64>,
@@ -277,6 +280,19 @@ impl Memory for Host {
     type I64 = Vec<i64>;
 }
 
+/// What a backward pass does about the optimizer step of its call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Update {
+    /// None follows it (the step split's compute).
+    None,
+    /// A step at this rate follows once the job has agreed it is finite: a backend may check it
+    /// (`update_is_finite`) here, while the rows are in cache.
+    Check(f32),
+    /// Every shard of the job proved the step at this rate safe (`update_proven`): each center is
+    /// updated as soon as its gradient exists, and nothing is left pending.
+    Apply(f32),
+}
+
 /// The per-shard compute primitives a backend implements; `engine::driver` strings them into
 /// the step (SPEC §1) once for every backend. `shard` indexes this process's shards.
 pub trait Primitives: ShardState + Send {
@@ -301,11 +317,18 @@ pub trait Primitives: ShardState + Send {
     fn rescale_sums(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &mut F32Buf<Self::Mem>) -> Result<()>;
     /// The reduced statistics (the same on every shard), copied to the host.
     fn read_stats(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, n: usize) -> Result<RowStats>;
+    /// Whether what the forward pass left proves, before any gradient exists, that this shard's
+    /// gradients will all be finite and that an optimizer step at `lr` over them keeps every
+    /// center finite and normalizable, nothing being accumulated before it. Where every shard of
+    /// the job proves it, `backward` takes [`Update::Apply`] and the step needs no pass of its
+    /// own over the sampled rows. A backend that cannot update inside `backward` answers false.
+    fn update_proven(&mut self, _shard: usize, _lr: f32) -> bool {
+        false
+    }
     /// The backward pass over the shard's sampled columns: its center gradients into the pending
-    /// buffer, and its part of the embedding gradient (N × d, before the reduce-scatter). With
-    /// `update_lr`, an optimizer step at that rate follows this compute: a backend may check it
-    /// (`update_is_finite`) here, while the rows are in cache.
-    fn backward(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, update_lr: Option<f32>) -> Result<F32Buf<Self::Mem>>;
+    /// buffer (or, with [`Update::Apply`], straight into the optimizer step), and its part of the
+    /// embedding gradient (N × d, before the reduce-scatter).
+    fn backward(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, update: Update) -> Result<F32Buf<Self::Mem>>;
     /// Back through the normalization of rows `[first_row, first_row + rows)` of the global
     /// batch, times `world` (SPEC §1.8): the shard's returned gradient, still in its memory.
     fn embedding_grad(&mut self, shard: usize, summed: F32Buf<Self::Mem>, first_row: usize, rows: usize, world: f32) -> Result<F32Buf<Self::Mem>>;

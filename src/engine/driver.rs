@@ -8,7 +8,7 @@
 //! non-finite, or an allocation failure on any process fails the call everywhere with the same
 //! status and message, before the first center, optimizer state or output is written.
 
-use crate::backend::{phase, Backend, Batches, Collectives, Evaluated, F32Buf, Memory, Outputs, PhaseTimes, Primitives, RowStats, ShardState, StepPlan};
+use crate::backend::{phase, Backend, Batches, Collectives, Evaluated, F32Buf, Memory, Outputs, PhaseTimes, Primitives, RowStats, ShardState, StepPlan, Update};
 use crate::error::{Error, Result, Status};
 use crate::sharding::ShardRange;
 use std::time::Instant;
@@ -150,13 +150,13 @@ impl<P: Primitives> Driver<P> {
 
     /// The backward pass: each shard's center gradients pending, each local shard's embedding
     /// gradient returned, once the job agrees that all of them are finite.
-    fn backward(&mut self, fwd: Forward<P::Mem>, update_lr: Option<f32>) -> Result<(Vec<F32Buf<P::Mem>>, Evaluated)> {
+    fn backward(&mut self, fwd: Forward<P::Mem>, update: Update) -> Result<(Vec<F32Buf<P::Mem>>, Evaluated)> {
         let d = self.dim;
         let t0 = Instant::now();
         self.prims.mark(phase::BACKWARD, true);
         let mut partial = Vec::with_capacity(self.shards());
         for s in 0..self.shards() {
-            partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s], update_lr)?);
+            partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s], update)?);
         }
         self.times.backward = t0.elapsed().as_secs_f64();
         self.prims.mark(phase::BACKWARD, false);
@@ -193,6 +193,13 @@ impl<P: Primitives> Driver<P> {
         self.times.scatter = t1.elapsed().as_secs_f64();
         self.prims.mark(phase::SCATTER, false);
         Ok((grads, fwd.eval))
+    }
+
+    /// Whether every shard of the job proves the optimizer step at `lr` safe before its backward
+    /// pass (`Primitives::update_proven`): one exchange, so that every process takes the same path.
+    fn update_proven(&mut self, lr: f32) -> Result<bool> {
+        let mine: Vec<u64> = (0..self.shards()).map(|s| u64::from(self.prims.update_proven(s, lr))).collect();
+        Ok(self.coll.gather_counts(&mine)?.iter().all(|&proven| proven == 1))
     }
 
     /// Adds every shard's pending center gradients to its accumulated ones and, with `lr`, checks
@@ -242,10 +249,21 @@ impl<P: Primitives> Backend for Driver<P> {
 
     fn compute(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan, out: Outputs<'_, '_>, apply: Option<f32>) -> Result<Evaluated> {
         let fwd = self.forward(checked, batches, plan)?;
-        let (grads, eval) = self.backward(fwd, apply)?;
-        self.accumulate(apply)?;
-        if let Some(lr) = apply {
-            self.update(lr)?;
+        let update = match apply {
+            Some(lr) if self.update_proven(lr)? => Update::Apply(lr),
+            Some(lr) => Update::Check(lr),
+            None => Update::None,
+        };
+        self.times.update_in_backward = matches!(update, Update::Apply(_));
+        let (grads, eval) = self.backward(fwd, update)?;
+        if let Update::Apply(_) = update {
+            // The backward pass did it.
+            self.times.update = 0.0;
+        } else {
+            self.accumulate(apply)?;
+            if let Some(lr) = apply {
+                self.update(lr)?;
+            }
         }
         self.prims.write_grads(&grads, out)?;
         Ok(eval)

@@ -334,15 +334,37 @@ pub fn prefetch<T>(values: &[T]) {
     }
 }
 
+/// 1/‖row‖ with PyTorch's `normalize` eps, 1e-12.
+#[inline(always)]
+fn inv_norm(row: &[f32]) -> f32 {
+    1.0 / dot(row, row).sqrt().max(1e-12)
+}
+
 multiversion! {
-    /// 1/‖row‖ (PyTorch's `normalize` eps, 1e-12) of the rows `ids` of a row-major matrix.
+    /// 1/‖row‖ of the rows `ids` of a row-major matrix.
     pub fn row_inv_norms(matrix: &[f32], dim: usize, ids: &[u32], out: &mut [f32]) {
         for (r, (o, &j)) in out.iter_mut().zip(ids).enumerate() {
             if let Some(&ahead) = ids.get(r + PREFETCH_AHEAD) {
                 prefetch(&matrix[ahead as usize * dim..(ahead as usize + 1) * dim]);
             }
+            *o = inv_norm(&matrix[j as usize * dim..(j as usize + 1) * dim]);
+        }
+    }
+}
+
+multiversion! {
+    /// [`row_inv_norms`] into `inv`, and each row times it rounded to bf16 into the rows of `out`,
+    /// in one pass over each row: a bf16 GEMM operand of unit rows.
+    pub fn unit_rows_bf16(matrix: &[f32], dim: usize, ids: &[u32], inv: &mut [f32], out: &mut [bf16]) {
+        for (r, ((o, &j), dst)) in inv.iter_mut().zip(ids).zip(out.chunks_exact_mut(dim)).enumerate() {
+            if let Some(&ahead) = ids.get(r + PREFETCH_AHEAD) {
+                prefetch(&matrix[ahead as usize * dim..(ahead as usize + 1) * dim]);
+            }
             let row = &matrix[j as usize * dim..(j as usize + 1) * dim];
-            *o = 1.0 / dot(row, row).sqrt().max(1e-12);
+            *o = inv_norm(row);
+            for (d, &v) in dst.iter_mut().zip(row) {
+                *d = bf16_of(v * *o);
+            }
         }
     }
 }

@@ -10,11 +10,11 @@ pub use search::scan as scan_centers;
 
 use self::gemm::{matmul, GemmPath, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
-use super::{Batches, Host, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan};
+use super::{Batches, Host, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan, Update};
 use crate::config::{Config, DType};
 use crate::error::{try_zeroed, Error, Result};
 use crate::margin::target_logit;
-use crate::optimizer::{OptimizerState, StateTensor};
+use crate::optimizer::{above, OptimizerState, StateTensor, VALUE_BOUND};
 use crate::rng;
 use crate::sharding::{sample, ShardRange};
 use half::bf16;
@@ -209,15 +209,20 @@ unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: us
     }
 }
 
-/// The centers of one block normalized and rounded to bf16 in `scratch`, the GEMM operand when
-/// the GEMMs take bf16 (the values [`center_block`] gives the f32 GEMM for a bf16 step).
-fn center_block_bf16<'a>(centers: &[f32], ids: &[u32], inv: &[f32], d: usize, scratch: &'a mut [bf16]) -> &'a [bf16] {
+/// The centers of one block normalized by the forward pass's `inv` and rounded to bf16 in
+/// `scratch`, the backward pass's GEMM operand when the GEMMs take bf16 (the values
+/// [`center_block`] gives the f32 GEMM for a bf16 step; the forward pass makes them along with
+/// the norms, `kernels::unit_rows_bf16`).
+///
+/// # Safety
+/// As [`center_block`].
+unsafe fn center_block_bf16<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: usize, scratch: &'a mut [bf16]) -> &'a [bf16] {
     let copy = &mut scratch[..ids.len() * d];
     for (i, ((dst, &j), &r)) in copy.chunks_exact_mut(d).zip(ids).zip(inv).enumerate() {
         if let Some(&ahead) = ids.get(i + kernels::PREFETCH_AHEAD) {
-            kernels::prefetch(&centers[ahead as usize * d..(ahead as usize + 1) * d]);
+            kernels::prefetch::<f32>(centers.slice(ahead as usize * d, d));
         }
-        kernels::to_bf16_scaled(&centers[j as usize * d..(j as usize + 1) * d], r, dst);
+        kernels::to_bf16_scaled(centers.slice(j as usize * d, d), r, dst);
     }
     copy
 }
@@ -242,6 +247,9 @@ struct BackwardWorker {
     grad_x: Vec<f32>,
     /// Copies of one row's center and state for the update check.
     update: Vec<f32>,
+    /// The block's center gradients when they go straight into the optimizer step (else they go
+    /// to the shard's pending buffer).
+    grads: Vec<f32>,
     finite: bool,
     update_ok: bool,
 }
@@ -312,12 +320,13 @@ impl Shard {
             // SAFETY: block b owns entries [start, end) of inv_norm and rows [start, end) of cos.
             let inv = unsafe { inv_out.slice(start, rows) };
             let ids = &sampled[start..end];
-            kernels::row_inv_norms(centers, d, ids, inv);
             let cos = if train { unsafe { cos_out.slice(start * n, rows * n) } } else { &mut w.cos[..rows * n] };
             if native {
-                let operand = center_block_bf16(centers, ids, inv, d, &mut w.centers_bf16);
+                let operand = &mut w.centers_bf16[..rows * d];
+                kernels::unit_rows_bf16(centers, d, ids, inv, operand);
                 matmul(rows, n, d, cos, Operand::rows(operand, d), Operand::transposed(unit_bf16, d), false);
             } else {
+                kernels::row_inv_norms(centers, d, ids, inv);
                 // SAFETY: nothing writes centers during the forward pass.
                 let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, &mut w.centers) };
                 matmul(rows, n, d, cos, Operand::rows(operand, d), Operand::transposed(unit_gemm, d), false);
@@ -365,7 +374,7 @@ impl Shard {
     /// The backward pass: ∂loss/∂cos over the sampled columns, the center gradients (through the
     /// normalization of W) into `pending`, and this shard's part of the embedding gradient.
     #[allow(clippy::too_many_arguments)]
-    fn backward(&mut self, cfg: &Config, max: &[f32], inv_sum: &[f32], non_target_mass: &[f32], params: LogitParams, check: Option<f32>) -> Result<Vec<f32>> {
+    fn backward(&mut self, cfg: &Config, max: &[f32], inv_sum: &[f32], non_target_mass: &[f32], params: LogitParams, update: Update) -> Result<Vec<f32>> {
         let n = max.len();
         let d = cfg.embedding_dim;
         let k = self.sampled.len();
@@ -378,17 +387,29 @@ impl Shard {
             non_target_mass,
             inv_batch: 1.0 / n as f32,
         };
-        // Kept between steps (and recycled after each update): the blocks overwrite their rows, and
-        // re-allocating would page-fault 4·k·d bytes every step.
-        if self.pending.grads.len() < k * d {
-            self.pending.grads = Vec::new();
-            self.pending.grads = try_zeroed(k * d, "center gradients (sampled classes × embedding_dim)")?;
-        }
+        // The update check runs over exactly these rows only when nothing is accumulated yet.
+        let check = match update {
+            Update::Check(lr) if self.accumulated.rows.is_empty() => Some(lr),
+            _ => None,
+        };
+        let apply = match update {
+            Update::Apply(lr) => Some(lr),
+            _ => None,
+        };
         self.pending.rows.clear();
-        self.pending.rows.extend_from_slice(&self.sampled);
+        if apply.is_none() {
+            // Kept between steps (and recycled after each update): the blocks overwrite their rows,
+            // and re-allocating would page-fault 4·k·d bytes every step.
+            if self.pending.grads.len() < k * d {
+                self.pending.grads = Vec::new();
+                self.pending.grads = try_zeroed(k * d, "center gradients (sampled classes × embedding_dim)")?;
+            }
+            self.pending.rows.extend_from_slice(&self.sampled);
+        }
         let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
         let cos_ptr = Shared(self.cos.as_mut_ptr());
-        let centers = &self.centers;
+        // Written only with `apply`, each row by the block that owns it, after its last read.
+        let centers = Shared(self.centers.as_mut_ptr());
         let pending = Shared(self.pending.grads.as_mut_ptr());
         let (sampled, inv_norm, dtype) = (&self.sampled, &self.inv_norm, cfg.compute_dtype);
         let native = native_bf16(dtype);
@@ -402,6 +423,7 @@ impl Shard {
                 grad_bf16: if native { try_zeroed(BLOCK * n, "cosine gradient scratch")? } else { Vec::new() },
                 grad_x: try_zeroed(n * d, "embedding gradient scratch")?,
                 update: try_zeroed(3 * d, "update check scratch")?,
+                grads: if apply.is_some() { try_zeroed(BLOCK * d, "center gradient scratch")? } else { Vec::new() },
                 finite: true,
                 update_ok: true,
             })
@@ -415,17 +437,18 @@ impl Shard {
             kernels::cos_gradient(g, n, start as i32, &grads, params);
             let ids = &sampled[start..end];
             let inv = &inv_norm[start..end];
-            let gc = unsafe { pending.slice(start * d, rows * d) };
+            let gc = if apply.is_some() { &mut w.grads[..rows * d] } else { unsafe { pending.slice(start * d, rows * d) } };
             let scaled_after = if native {
-                let operand = center_block_bf16(centers, ids, inv, d, &mut w.centers_bf16);
+                // SAFETY: the block's rows are written only below, after their last read.
+                let operand = unsafe { center_block_bf16(centers, ids, inv, d, &mut w.centers_bf16) };
                 let gb = &mut w.grad_bf16[..rows * n];
                 kernels::to_bf16(g, gb);
                 matmul(n, d, rows, &mut w.grad_x, Operand::transposed(gb, n), Operand::rows(operand, d), true);
                 matmul(rows, d, n, gc, Operand::rows(gb, n), Operand::rows(unit_bf16, d), false);
                 false
             } else {
-                // SAFETY: nothing writes the centers during the backward pass.
-                let (operand, scaled_after) = unsafe { center_block(Shared(centers.as_ptr().cast_mut()), ids, inv, d, dtype, &mut w.centers) };
+                // SAFETY: as above; the operand is dropped before the rows are written.
+                let (operand, scaled_after) = unsafe { center_block(centers, ids, inv, d, dtype, &mut w.centers) };
                 if scaled_after {
                     // ∂/∂(W_j·x̂) = ∂/∂cos · 1/‖W_j‖: the GEMMs then see unnormalized centers.
                     kernels::scale_rows(g, n, inv);
@@ -437,14 +460,23 @@ impl Shard {
                 scaled_after
             };
             for (r, &j) in ids.iter().enumerate() {
+                if let (Some(_), Some(&ahead)) = (apply, ids.get(r + kernels::PREFETCH_AHEAD)) {
+                    state.prefetch(ahead as usize, d);
+                }
                 let grad = &mut gc[r * d..(r + 1) * d];
-                let weights = &centers[j as usize * d..(j as usize + 1) * d];
+                // SAFETY: block b owns rows `ids` of the centers and their state; no other slice of
+                // this row is alive.
+                let weights = unsafe { centers.slice(j as usize * d, d) };
                 // Back through W/‖W‖; the 1/‖W‖ factor is already in `grad` when scaled_after.
                 let factor = if scaled_after { 1.0 } else { inv[r] };
                 kernels::project_out(weights, inv[r], factor, grad);
                 if let Some(lr) = check {
                     // SAFETY: the row and its state are only read.
                     w.update_ok &= unsafe { state.update_is_finite(&opt, lr, j as usize, weights, grad, &mut w.update) };
+                }
+                if let Some(lr) = apply {
+                    // SAFETY: as above; sampled rows are distinct, so each has one writer.
+                    unsafe { state.update(&opt, lr, j as usize, weights, grad) };
                 }
             }
             w.finite &= kernels::all_finite(gc);
@@ -459,8 +491,45 @@ impl Shard {
             Some(t) => t,
             None => (try_zeroed(n * d, "embedding gradient")?, true),
         };
+        debug_assert!(finite || apply.is_none(), "a proven update met a non-finite center gradient");
         self.pending_finite = finite;
         Ok(grad_x)
+    }
+
+    /// [`Primitives::update_proven`] for this shard. Every bound is on exact values with room for
+    /// f32's rounding: an entry of ∂loss/∂cos is at most max(s, |∂z_y/∂c_y|)/N (softmax
+    /// probabilities and the non-target mass are at most 1, the row max's term being exactly 1),
+    /// a center's gradient at most 2.2·max(s, |∂z_y/∂c_y|)/‖W_j‖ (N such entries times unit or
+    /// rounded-unit embeddings, the projection doubling it at most), and the embedding gradient
+    /// at most C·2.2·max(...)/N·world/‖e‖ (C ≥ the job's sampled classes; every shard checks its
+    /// own slopes, so the job's largest is checked).
+    fn update_proven(&mut self, cfg: &Config, lr: f32) -> bool {
+        if !self.accumulated.rows.is_empty() {
+            return false;
+        }
+        let n = self.col.len();
+        let mut slope = (cfg.margin.scale as f64).abs();
+        for (&c, &t) in self.col.iter().zip(&self.target_slope) {
+            if c >= 0 {
+                if !t.is_finite() {
+                    return false;
+                }
+                slope = slope.max((t as f64).abs());
+            }
+        }
+        let row_factor = 2.2 * slope;
+        let largest_inv_e = self.inv_norm_e.iter().fold(0.0f64, |m, &v| m.max(v as f64));
+        let embedding = cfg.num_classes as f64 * row_factor / n.max(1) as f64 * cfg.world_size as f64 * largest_inv_e * 1.01;
+        if !(embedding <= VALUE_BOUND) {
+            return false;
+        }
+        let state = self.optimizer.rows_ptr();
+        self.sampled.iter().zip(&self.inv_norm).all(|(&j, &inv)| {
+            let grad = row_factor * inv as f64 * 1.01;
+            // 1/inv is max(‖W_j‖ in f32, 1e-12).
+            // SAFETY: sampled rows are in bounds.
+            grad <= VALUE_BOUND && unsafe { state.update_is_bounded(&cfg.optimizer, lr, j as usize, above(1.0 / inv), grad) }
+        })
     }
 }
 
@@ -541,14 +610,15 @@ impl Primitives for CpuBackend {
         Ok(RowStats::from_reduced(maxes, sums, n))
     }
 
-    fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, update_lr: Option<f32>) -> Result<Vec<f32>> {
+    fn update_proven(&mut self, shard: usize, lr: f32) -> bool {
+        self.shards[shard].update_proven(&self.cfg, lr)
+    }
+
+    fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, update: Update) -> Result<Vec<f32>> {
         let n = self.shards[shard].local_max.len();
         let (inv_sum, non_target_mass) = super::softmax_factors(sums, n);
         let params = self.logit_params();
-        let s = &mut self.shards[shard];
-        // The update will run over exactly these rows only when nothing is accumulated yet.
-        let check = update_lr.filter(|_| s.accumulated.rows.is_empty());
-        s.backward(&self.cfg, &maxes[..n], &inv_sum, &non_target_mass, params, check)
+        self.shards[shard].backward(&self.cfg, &maxes[..n], &inv_sum, &non_target_mass, params, update)
     }
 
     fn embedding_grad(&mut self, shard: usize, mut summed: Vec<f32>, first_row: usize, _rows: usize, world: f32) -> Result<Vec<f32>> {

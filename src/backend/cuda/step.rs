@@ -540,7 +540,11 @@ impl Primitives for CudaBackend {
         Ok(RowStats::from_reduced(&maxes, &sums, n))
     }
 
-    fn backward(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, _update_lr: Option<f32>) -> Result<CudaSlice<f32>> {
+    fn backward(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, update: crate::backend::Update) -> Result<CudaSlice<f32>> {
+        // This backend updates in `apply` only (it proves nothing beforehand).
+        if let crate::backend::Update::Apply(_) = update {
+            return Err(Error::new(Status::Panic, "internal error: the CUDA backend was asked to update inside the backward pass"));
+        }
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let (s, filter) = (self.cfg.margin.scale, self.cfg.margin.interclass_filter);
         let g = &mut self.shards[shard];

@@ -165,6 +165,7 @@ fn ours(classes: u64, rate: f32, a: &BenchArgs) -> Result<Measured, String> {
             backward: pick(|p| p.backward),
             scatter: pick(|p| p.scatter),
             update: pick(|p| p.update),
+            update_in_backward: phases.iter().all(|p| p.update_in_backward),
             gemm: phases.iter().map(|p| p.gemm).collect::<Option<Vec<f64>>>().map(median),
             peak_device_bytes: phases.iter().filter_map(|p| p.peak_device_bytes).max(),
         },
@@ -287,7 +288,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         // that hold them: GFLOP/s of the GEMMs, not of the whole step.
         let gemm_s = p.gemm.unwrap_or(p.forward + p.backward);
         println!(
-            "| {classes} | {rate} | {:.3} s | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {reference_cell} | {speedup} |",
+            "| {classes} | {rate} | {:.3} s | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {reference_cell} | {speedup} |",
             m.median,
             a.batch as f64 / m.median,
             flops / gemm_s / 1e9,
@@ -297,7 +298,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
             p.reduce,
             p.backward,
             p.scatter,
-            p.update
+            if p.update_in_backward { "in backward".to_string() } else { format!("{:.3}", p.update) }
         );
         if a.json {
             let line = serde_json::json!({
@@ -307,6 +308,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
                 "gemm_s": gemm_s, "gemm_timed_apart": p.gemm.is_some(), "peak_gpu_bytes": p.peak_device_bytes,
                 "sampled_classes": m.sampled,
                 "phases_s": {"gather": p.gather, "sample": p.sample, "forward": p.forward, "reduce": p.reduce, "backward": p.backward, "scatter": p.scatter, "update": p.update},
+                "update_in_backward": p.update_in_backward,
             });
             println!("{line}");
         }

@@ -109,14 +109,17 @@ impl RowAccumulator {
     }
 
     /// Adds a block of cosines laid out `[columns][n]` whose first column is `first_col`. Rows whose
-    /// label column `col[i]` lies in the block take `target_logit[i]` there instead.
-    pub fn add_block(&mut self, cos: &[f32], n: usize, first_col: i32, col: &[i32], target_logit: &[f32], p: LogitParams) {
+    /// label column `col[i]` lies in the block take `target_logit[i]` there instead. Overwrites the
+    /// block with its gradient seeds (see [`block_sum`]) and returns the block's row maxima, which
+    /// the seeds are relative to.
+    pub fn add_block(&mut self, cos: &mut [f32], n: usize, first_col: i32, col: &[i32], target_logit: &[f32], p: LogitParams) -> &[f32] {
         self.block_max.fill(f32::NEG_INFINITY);
         self.block_sum.fill(0.0);
         self.block_rest.fill(0.0);
         block_max(cos, n, first_col, col, target_logit, p, &mut self.block_max, &mut self.cos_other);
         block_sum(cos, n, first_col, col, target_logit, p, &self.block_max, &mut self.block_sum, &mut self.block_rest);
         merge_log_sum_exp(&mut self.max, [&mut self.sum, &mut self.rest], &self.block_max, [&self.block_sum, &self.block_rest]);
+        &self.block_max
     }
 
     /// Folds another accumulator over the same rows into this one.
@@ -167,18 +170,28 @@ multiversion! {
     }
 }
 
+/// The gradient seed of a logit whose ∂loss/∂cos is 0: the clamp to [−1, 1] was active, or the
+/// inter-class filter removed it. Real seeds, exponentials, are never negative.
+const NO_GRADIENT: f32 = -1.0;
+
 multiversion! {
-    pub fn block_sum(cos: &[f32], n: usize, first_col: i32, col: &[i32], target_logit: &[f32], p: LogitParams, max: &[f32], sum: &mut [f32], rest: &mut [f32]) {
+    /// Adds exp(z − max) over a block to `sum` (and, outside the target column, to `rest`), and
+    /// leaves in each entry its gradient seed for [`cos_gradient`]: that exponential, or
+    /// [`NO_GRADIENT`]. The backward pass then needs no exponential of its own.
+    pub fn block_sum(cos: &mut [f32], n: usize, first_col: i32, col: &[i32], target_logit: &[f32], p: LogitParams, max: &[f32], sum: &mut [f32], rest: &mut [f32]) {
         let (col, target_logit, max, sum, rest) = (&col[..n], &target_logit[..n], &max[..n], &mut sum[..n], &mut rest[..n]);
-        for (j, row) in cos.chunks_exact(n).enumerate() {
+        for (j, row) in cos.chunks_exact_mut(n).enumerate() {
             let column = first_col + j as i32;
             for i in 0..n {
+                let raw = row[i];
                 let is_target = col[i] == column;
-                let (z, _) = non_target(p, row[i]);
+                let (z, filtered) = non_target(p, raw);
                 let z = if is_target { target_logit[i] } else { z };
                 let e = exp(z - max[i]);
                 sum[i] += e;
                 rest[i] += if is_target { 0.0 } else { e };
+                let inside = (-1.0..=1.0).contains(&raw);
+                row[i] = if inside && (is_target || !filtered) { e } else { NO_GRADIENT };
             }
         }
     }
@@ -187,7 +200,6 @@ multiversion! {
 /// Everything the backward pass needs per row of the global batch.
 pub struct RowGradParams<'a> {
     pub col: &'a [i32],
-    pub target_logit: &'a [f32],
     /// ∂z_y/∂c_y for rows whose target is on this shard.
     pub target_slope: &'a [f32],
     /// Global row max and 1 / Σexp after the all-reduce.
@@ -200,25 +212,28 @@ pub struct RowGradParams<'a> {
 }
 
 multiversion! {
-    /// Overwrites a block of raw cosines with ∂loss/∂cos: `(softmax − onehot)/N · ∂z/∂c`, zero where
-    /// the filter removed a column or the clamp to [−1, 1] was active. The target column's
-    /// `p_y − 1` is `−Σ_{j≠y} p_j`, exact when p_y is near 1.
-    pub fn cos_gradient(cos: &mut [f32], n: usize, first_col: i32, g: &RowGradParams<'_>, p: LogitParams) {
-        let (col, zt, slope, max, inv_sum) = (&g.col[..n], &g.target_logit[..n], &g.target_slope[..n], &g.max[..n], &g.inv_sum[..n]);
-        let mass = &g.non_target_mass[..n];
-        for (j, row) in cos.chunks_exact_mut(n).enumerate() {
+    /// Overwrites a block of gradient seeds ([`block_sum`]'s) with ∂loss/∂cos: `(softmax −
+    /// onehot)/N · ∂z/∂c`, zero where the seed says so. `seed_scale[i]` is exp(block max − row
+    /// max)·(1 / Σexp)·(1 / N) for row i, turning a seed into its probability over N. The target
+    /// column's `p_y − 1` is `−Σ_{j≠y} p_j`, exact when p_y is near 1.
+    pub fn cos_gradient(seeds: &mut [f32], n: usize, first_col: i32, g: &RowGradParams<'_>, p: LogitParams, seed_scale: &[f32]) {
+        let (col, slope, mass, seed_scale) = (&g.col[..n], &g.target_slope[..n], &g.non_target_mass[..n], &seed_scale[..n]);
+        for (j, row) in seeds.chunks_exact_mut(n).enumerate() {
             let column = first_col + j as i32;
             for i in 0..n {
-                let raw = row[i];
-                let is_target = col[i] == column;
-                let (z, filtered) = non_target(p, raw);
-                let z = if is_target { zt[i] } else { z };
-                let prob = exp(z - max[i]) * inv_sum[i];
-                let d = if is_target { slope[i] } else if filtered { 0.0 } else { p.scale };
-                let inside = (-1.0..=1.0).contains(&raw);
-                let grad = (if is_target { -mass[i] } else { prob }) * g.inv_batch * d;
-                row[i] = if inside { grad } else { 0.0 };
+                let seed = row[i];
+                let grad = if col[i] == column { -mass[i] * g.inv_batch * slope[i] } else { seed * seed_scale[i] * p.scale };
+                row[i] = if seed < 0.0 { 0.0 } else { grad };
             }
+        }
+    }
+}
+
+multiversion! {
+    /// [`cos_gradient`]'s `seed_scale` for a block whose row maxima are `block_max`.
+    pub fn seed_scales(block_max: &[f32], g: &RowGradParams<'_>, out: &mut [f32]) {
+        for (((o, &b), &m), &s) in out.iter_mut().zip(block_max).zip(g.max).zip(g.inv_sum) {
+            *o = exp(b - m) * s * g.inv_batch;
         }
     }
 }

@@ -87,8 +87,10 @@ struct Shard {
     target_logit: Vec<f32>,
     target_slope: Vec<f32>,
     target_cos: Vec<f32>,
-    /// Raw cosines `[sampled][N]`, kept for the backward pass.
+    /// Gradient seeds `[sampled][N]` for the backward pass (`kernels::block_sum`), written over
+    /// the cosines, and each block's row maxima `[block][N]` they are relative to.
     cos: Vec<f32>,
+    block_max: Vec<f32>,
     inv_norm: Vec<f32>,
     /// The shard's row maxima before the max all-reduce.
     local_max: Vec<f32>,
@@ -154,6 +156,7 @@ impl CpuBackend {
                 target_slope: Vec::new(),
                 target_cos: Vec::new(),
                 cos: Vec::new(),
+                block_max: Vec::new(),
                 inv_norm: Vec::new(),
                 local_max: Vec::new(),
                 unit: Vec::new(),
@@ -250,6 +253,8 @@ struct BackwardWorker {
     /// The block's center gradients when they go straight into the optimizer step (else they go
     /// to the shard's pending buffer).
     grads: Vec<f32>,
+    /// `kernels::cos_gradient`'s per-row seed scales for the block.
+    seed_scale: Vec<f32>,
     finite: bool,
     update_ok: bool,
 }
@@ -294,9 +299,14 @@ impl Shard {
                 self.cos.clear();
                 self.cos = try_zeroed(need, "cosine scratch (sampled classes × global batch)")?;
             }
+            let maxima = k.div_ceil(BLOCK) * n;
+            if self.block_max.len() < maxima {
+                self.block_max = try_zeroed(maxima, "block row maxima")?;
+            }
         }
         let blocks = k.div_ceil(BLOCK);
         let cos_out = Shared(self.cos.as_mut_ptr());
+        let block_max_out = Shared(self.block_max.as_mut_ptr());
         let inv_out = Shared(self.inv_norm.as_mut_ptr());
         let (centers, sampled, col, margin) = (&self.centers, &self.sampled, &self.col, &cfg.margin);
         // Read-only in the forward pass; `center_block` takes the pointer form the backward pass needs.
@@ -342,7 +352,11 @@ impl Shard {
                 w.target_block[i] = t.logit;
                 w.targets.push((i, t.logit, t.dlogit_dcos, raw.clamp(-1.0, 1.0)));
             }
-            w.rows.add_block(cos, n, start as i32, col, &w.target_block, params);
+            let maxima = w.rows.add_block(cos, n, start as i32, col, &w.target_block, params);
+            if train {
+                // SAFETY: block b owns rows [b·n, (b + 1)·n) of block_max.
+                unsafe { block_max_out.slice(b * n, n) }.copy_from_slice(maxima);
+            }
         })?;
         let merged = workers.into_iter().reduce(|mut a, b| {
             a.rows.merge(&b.rows);
@@ -380,7 +394,6 @@ impl Shard {
         let k = self.sampled.len();
         let grads = RowGradParams {
             col: &self.col,
-            target_logit: &self.target_logit,
             target_slope: &self.target_slope,
             max,
             inv_sum,
@@ -411,7 +424,7 @@ impl Shard {
         // Written only with `apply`, each row by the block that owns it, after its last read.
         let centers = Shared(self.centers.as_mut_ptr());
         let pending = Shared(self.pending.grads.as_mut_ptr());
-        let (sampled, inv_norm, dtype) = (&self.sampled, &self.inv_norm, cfg.compute_dtype);
+        let (sampled, inv_norm, block_max, dtype) = (&self.sampled, &self.inv_norm, &self.block_max, cfg.compute_dtype);
         let native = native_bf16(dtype);
         let unit_bf16 = &self.unit_bf16;
         let state = self.optimizer.rows_ptr();
@@ -424,6 +437,7 @@ impl Shard {
                 grad_x: try_zeroed(n * d, "embedding gradient scratch")?,
                 update: try_zeroed(3 * d, "update check scratch")?,
                 grads: if apply.is_some() { try_zeroed(BLOCK * d, "center gradient scratch")? } else { Vec::new() },
+                seed_scale: try_zeroed(n, "seed scales")?,
                 finite: true,
                 update_ok: true,
             })
@@ -434,7 +448,8 @@ impl Shard {
             let rows = end - start;
             // SAFETY: block b owns cosine rows [start, end) and pending gradient rows [start, end).
             let g = unsafe { cos_ptr.slice(start * n, rows * n) };
-            kernels::cos_gradient(g, n, start as i32, &grads, params);
+            kernels::seed_scales(&block_max[b * n..(b + 1) * n], &grads, &mut w.seed_scale);
+            kernels::cos_gradient(g, n, start as i32, &grads, params, &w.seed_scale);
             let ids = &sampled[start..end];
             let inv = &inv_norm[start..end];
             let gc = if apply.is_some() { &mut w.grads[..rows * d] } else { unsafe { pending.slice(start * d, rows * d) } };

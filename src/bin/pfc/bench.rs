@@ -60,15 +60,30 @@ pub struct BenchArgs {
     /// Backend running the head: cpu, or cuda (needs a GPU; scripts/gpu-check.sh runs it there).
     #[arg(long, default_value = "cpu")]
     pub backend: String,
-    /// GEMM input precision: f32, f16 or bf16 (accumulation is f32).
-    #[arg(long, default_value = "f32")]
-    pub compute_dtype: String,
+    /// GEMM input precision: f32, f16 or bf16 (accumulation is f32); a comma-separated list times
+    /// each in the same run, and reports each against the first.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    pub compute_dtype: Vec<String>,
+    /// Times each configuration's dtypes this many times, interleaved (f32, bf16, f32, bf16, …),
+    /// and reports the run with the median step time: on a shared machine, neighbours' load then
+    /// falls on every dtype alike.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Also print each configuration's result as one JSON line.
     #[arg(long)]
     pub json: bool,
 }
 
-fn head_config(classes: u64, rate: f32, a: &BenchArgs) -> Result<Config, String> {
+fn dtype(name: &str) -> Result<DType, String> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("--compute-dtype {other}: expected f32, f16 or bf16")),
+    }
+}
+
+fn head_config(classes: u64, rate: f32, a: &BenchArgs, compute_dtype: DType) -> Result<Config, String> {
     let mut cfg = Config { num_classes: classes, embedding_dim: a.dim, sample_rate: rate, ..Config::default() };
     cfg.local_shards = a.shards as usize;
     cfg.world_size = cfg.local_shards;
@@ -77,19 +92,13 @@ fn head_config(classes: u64, rate: f32, a: &BenchArgs) -> Result<Config, String>
         "cuda" => BackendKind::Cuda,
         other => return Err(format!("--backend {other}: expected cpu or cuda")),
     };
-    cfg.compute_dtype = match a.compute_dtype.as_str() {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => return Err(format!("--compute-dtype {other}: expected f32, f16 or bf16")),
-    };
+    cfg.compute_dtype = compute_dtype;
     Ok(cfg)
 }
 
 /// Which engine runs the head's GEMMs, with oneDNN's kernel and library or why it is not used.
-fn gemm_path(a: &BenchArgs) -> Result<String, String> {
+fn gemm_path(a: &BenchArgs, dtype: DType) -> Result<String, String> {
     use partialfc::backend::cpu::{dnnl, gemm};
-    let dtype = head_config(1, 1.0, a)?.compute_dtype;
     if a.backend == "cuda" {
         return Ok("cublas".into());
     }
@@ -115,8 +124,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn ours(classes: u64, rate: f32, a: &BenchArgs) -> Result<Measured, String> {
-    let mut head = Head::new(head_config(classes, rate, a)?).map_err(|e| e.message)?;
+fn ours(classes: u64, rate: f32, a: &BenchArgs, dtype: DType) -> Result<Measured, String> {
+    let mut head = Head::new(head_config(classes, rate, a, dtype)?).map_err(|e| e.message)?;
     let shards = a.shards as usize;
     let rows = |s: usize| a.batch / shards + usize::from(s < a.batch % shards);
     // Four distinct batches, as the reference script rotates; never time on zeros.
@@ -193,7 +202,7 @@ fn reference(classes: u64, rate: f32, a: &BenchArgs) -> Result<f64, String> {
 fn search(a: &BenchArgs) -> Result<(), String> {
     let classes = a.classes.unwrap_or(1_000_000);
     let t = Instant::now();
-    let head = Head::new(head_config(classes, 1.0, a)?).map_err(|e| e.message)?;
+    let head = Head::new(head_config(classes, 1.0, a, DType::F32)?).map_err(|e| e.message)?;
     let init = t.elapsed().as_secs_f64();
     println!(
         "search: C = {classes}, d = {}, k = {}, shards = {}, threads = {}, f32 centers ({:.1} GiB, initialised in {init:.1} s); medians of {} calls after one warm-up",
@@ -260,57 +269,77 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
             a.reference_script.display()
         );
     }
-    let gemm = gemm_path(&a)?;
+    if a.rounds == 0 {
+        return Err("--rounds 0: time at least one round".into());
+    }
+    let dtypes = a.compute_dtype.iter().map(|name| Ok((name.as_str(), dtype(name)?))).collect::<Result<Vec<_>, String>>()?;
+    let paths = dtypes.iter().map(|&(name, d)| Ok(format!("{name}: {}", gemm_path(&a, d)?))).collect::<Result<Vec<_>, String>>()?;
     println!(
-        "threads: {}, d = {}, N = {}, shards = {}, compute {}, GEMMs {gemm}, SGD; medians of {} steps",
+        "threads: {}, d = {}, N = {}, shards = {}, GEMMs {}, SGD; medians of {} steps{}",
         partialfc::pool::threads().map_err(|e| e.message)?,
         a.dim,
         a.batch,
         a.shards,
-        a.compute_dtype,
-        a.steps
+        paths.join("; "),
+        a.steps,
+        if a.rounds > 1 { format!(", the median of {} interleaved rounds", a.rounds) } else { String::new() }
     );
-    println!("| C | r | ours step | images/s | GEMM GFLOP/s | gather | sample | forward | reduce | backward | scatter | update | reference step | speed-up |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let first = dtypes[0].0;
+    println!("| C | r | dtype | ours step | images/s | GEMM GFLOP/s | gather | sample | forward | reduce | backward | scatter | update | vs {first} | reference step | speed-up |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (classes, rate) in configs {
-        let m = ours(classes, rate, &a)?;
-        let flops = 3.0 * 2.0 * a.batch as f64 * m.sampled as f64 * a.dim as f64;
-        let (reference_cell, speedup) = if have_reference {
-            match reference(classes, rate, &a) {
-                Ok(r) => (format!("{r:.3} s"), format!("{:.2}×", r / m.median)),
-                Err(e) => (format!("failed: {e}"), "—".into()),
+        let mut runs: Vec<Vec<Measured>> = dtypes.iter().map(|_| Vec::new()).collect();
+        for _ in 0..a.rounds {
+            for (runs, &(_, d)) in runs.iter_mut().zip(&dtypes) {
+                runs.push(ours(classes, rate, &a, d)?);
             }
-        } else {
-            ("—".into(), "—".into())
-        };
-        let p = m.phases;
-        // The GEMMs' own time where the backend measures it (CUDA events), else the two phases
-        // that hold them: GFLOP/s of the GEMMs, not of the whole step.
-        let gemm_s = p.gemm.unwrap_or(p.forward + p.backward);
-        println!(
-            "| {classes} | {rate} | {:.3} s | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {reference_cell} | {speedup} |",
-            m.median,
-            a.batch as f64 / m.median,
-            flops / gemm_s / 1e9,
-            p.gather,
-            p.sample,
-            p.forward,
-            p.reduce,
-            p.backward,
-            p.scatter,
-            if p.update_in_backward { "in backward".to_string() } else { format!("{:.3}", p.update) }
-        );
-        if a.json {
-            let line = serde_json::json!({
-                "impl": "partialfc", "backend": a.backend, "compute_dtype": a.compute_dtype, "gemm": gemm, "classes": classes,
-                "sample_rate": rate, "dim": a.dim, "batch": a.batch, "shards": a.shards, "steps": a.steps,
-                "median_step_s": m.median, "images_per_s": a.batch as f64 / m.median, "gemm_gflops": flops / gemm_s / 1e9,
-                "gemm_s": gemm_s, "gemm_timed_apart": p.gemm.is_some(), "peak_gpu_bytes": p.peak_device_bytes,
-                "sampled_classes": m.sampled,
-                "phases_s": {"gather": p.gather, "sample": p.sample, "forward": p.forward, "reduce": p.reduce, "backward": p.backward, "scatter": p.scatter, "update": p.update},
-                "update_in_backward": p.update_in_backward,
-            });
-            println!("{line}");
+        }
+        let measured: Vec<Measured> = runs
+            .into_iter()
+            .map(|mut r| {
+                r.sort_by(|x, y| x.median.total_cmp(&y.median));
+                r.swap_remove(r.len() / 2)
+            })
+            .collect();
+        let reference = have_reference.then(|| reference(classes, rate, &a));
+        for (m, &(name, _)) in measured.iter().zip(&dtypes) {
+            let (reference_cell, speedup) = match &reference {
+                Some(Ok(r)) => (format!("{r:.3} s"), format!("{:.2}×", r / m.median)),
+                Some(Err(e)) => (format!("failed: {e}"), "—".into()),
+                None => ("—".into(), "—".into()),
+            };
+            let flops = 3.0 * 2.0 * a.batch as f64 * m.sampled as f64 * a.dim as f64;
+            let p = m.phases;
+            // The GEMMs' own time where the backend measures it (CUDA events), else the two phases
+            // that hold them: GFLOP/s of the GEMMs, not of the whole step.
+            let gemm_s = p.gemm.unwrap_or(p.forward + p.backward);
+            let vs_first = measured[0].median / m.median;
+            println!(
+                "| {classes} | {rate} | {name} | {:.3} s | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {vs_first:.2}× | {reference_cell} | {speedup} |",
+                m.median,
+                a.batch as f64 / m.median,
+                flops / gemm_s / 1e9,
+                p.gather,
+                p.sample,
+                p.forward,
+                p.reduce,
+                p.backward,
+                p.scatter,
+                if p.update_in_backward { "in backward".to_string() } else { format!("{:.3}", p.update) }
+            );
+            if a.json {
+                let line = serde_json::json!({
+                    "impl": "partialfc", "backend": a.backend, "compute_dtype": name, "gemm": gemm_path(&a, dtype(name)?)?, "classes": classes,
+                    "sample_rate": rate, "dim": a.dim, "batch": a.batch, "shards": a.shards, "steps": a.steps, "rounds": a.rounds,
+                    "median_step_s": m.median, "images_per_s": a.batch as f64 / m.median, "gemm_gflops": flops / gemm_s / 1e9,
+                    "gemm_s": gemm_s, "gemm_timed_apart": p.gemm.is_some(), "peak_gpu_bytes": p.peak_device_bytes,
+                    "sampled_classes": m.sampled, "speedup_vs_first_dtype": vs_first,
+                    "reference_step_s": reference.as_ref().and_then(|r| r.as_ref().ok()),
+                    "phases_s": {"gather": p.gather, "sample": p.sample, "forward": p.forward, "reduce": p.reduce, "backward": p.backward, "scatter": p.scatter, "update": p.update},
+                    "update_in_backward": p.update_in_backward,
+                });
+                println!("{line}");
+            }
         }
     }
     Ok(())

@@ -6,7 +6,9 @@
 mod common;
 use common::*;
 use partialfc::backend::cpu::gemm::{path, GemmPath};
-use partialfc::config::DType;
+use partialfc::backend::{Embeddings, GradOut, HostBatch};
+use partialfc::config::{Config, DType};
+use partialfc::engine::Head;
 use partialfc::ffi::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,11 +58,22 @@ fn run_case(case: &Case, dtype: i32) -> Vec<f32> {
     out
 }
 
-/// In a child: runs every case in f32 and bf16 and writes the path taken and the results.
+/// The GEMM path a head's step record reports (`PhaseTimes::gemm_path`) after one step.
+fn reported_path(dtype: DType) -> &'static str {
+    let cfg = Config { num_classes: 300, embedding_dim: 16, compute_dtype: dtype, ..Config::default() };
+    let mut head = Head::new(cfg).unwrap();
+    let (emb, labels) = (vec![0.5f32; 4 * 16], vec![1i64, 7, 299, 0]);
+    let mut grad = vec![0f32; 4 * 16];
+    head.train_step(&[HostBatch { embeddings: Embeddings::F32(&emb), labels: &labels }], &mut [GradOut::F32(&mut grad)]).unwrap();
+    head.phase_times().gemm_path
+}
+
+/// In a child: runs every case in f32 and bf16 and writes the path taken (the process's choice,
+/// and what a step's record reports) and the results.
 fn child(dir: &Path) {
     let mut paths = String::new();
     for (dtype, name, d) in [(PFC_DTYPE_F32, "f32", DType::F32), (PFC_DTYPE_BF16, "bf16", DType::BF16)] {
-        paths += &format!("{name} {}\n", path(d).name());
+        paths += &format!("{name} {} {}\n", path(d).name(), reported_path(d));
         for (i, case) in CASES.iter().enumerate() {
             let values = run_case(case, dtype);
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -100,9 +113,9 @@ fn step_parity() {
     let off = spawn("off", Some(""));
     let paths = |d: &Path| std::fs::read_to_string(d.join("paths")).unwrap();
     // This machine has AVX512-BF16 (the setup installs oneDNN): bf16 steps run on oneDNN, f32 on the crate.
-    assert_eq!(paths(&with), format!("f32 {}\nbf16 {}\n", GemmPath::Crate.name(), GemmPath::OneDnnBf16.name()));
+    assert_eq!(paths(&with), format!("f32 {0} {0}\nbf16 {1} {1}\n", GemmPath::Crate.name(), GemmPath::OneDnnBf16.name()));
     for d in [&missing, &off] {
-        assert_eq!(paths(d), format!("f32 {0}\nbf16 {0}\n", GemmPath::Crate.name()));
+        assert_eq!(paths(d), format!("f32 {0} {0}\nbf16 {0} {0}\n", GemmPath::Crate.name()));
     }
     for (i, case) in CASES.iter().enumerate() {
         // Without oneDNN, hidden either way, the very same code runs: identical bits.

@@ -194,6 +194,8 @@ pub struct PhaseTimes {
     /// The optimizer step ran inside the backward pass (proven safe before it, `Update::Apply`),
     /// whose time then includes it; `update` is 0.
     pub update_in_backward: bool,
+    /// Which engine multiplied the step's GEMMs (`Primitives::gemm_path`); empty before a step.
+    pub gemm_path: &'static str,
     /// The GEMMs' own time within forward and backward, where the backend times them apart
     /// (CUDA events); None on the CPU, whose GEMMs are the bulk of those two phases.
     pub gemm: Option<f64>,
@@ -357,6 +359,9 @@ pub trait Primitives: ShardState + Send {
     fn device_times(&self) -> Option<DeviceTimes> {
         None
     }
+    /// Which engine multiplied the last step's GEMMs, and in what precision (e.g.
+    /// `onednn-bf16`, `gemm-crate-f32`, `cublas`).
+    fn gemm_path(&self) -> &'static str;
 }
 
 /// The state a backend holds for this process's shards: centers, optimizer state, and search

@@ -299,6 +299,7 @@ impl<P: Primitives> Backend for Driver<P> {
 
     fn phase_times(&self) -> PhaseTimes {
         let mut t = self.times;
+        t.gemm_path = self.prims.gemm_path();
         if let Some(dev) = self.prims.device_times() {
             for (p, &secs) in dev.phases.iter().enumerate() {
                 *t.slot(p) = secs;

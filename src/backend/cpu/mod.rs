@@ -625,6 +625,11 @@ impl Primitives for CpuBackend {
         Ok(RowStats::from_reduced(maxes, sums, n))
     }
 
+    fn gemm_path(&self) -> &'static str {
+        // A oneDNN failure during a step moves the GEMMs to the crate for good; `path` says so.
+        gemm::path(self.cfg.compute_dtype).name()
+    }
+
     fn update_proven(&mut self, shard: usize, lr: f32) -> bool {
         self.shards[shard].update_proven(&self.cfg, lr)
     }

@@ -716,6 +716,10 @@ impl Primitives for CudaBackend {
         let _ = unsafe { cudarc::driver::result::event::record(if start { a } else { b }, g.stream.cu_stream()) };
     }
 
+    fn gemm_path(&self) -> &'static str {
+        "cublas"
+    }
+
     fn device_times(&self) -> Option<DeviceTimes> {
         let g = self.shards.first()?;
         let _ = g.stream.context().bind_to_thread();

@@ -117,6 +117,8 @@ struct Measured {
     median: f64,
     phases: PhaseTimes,
     sampled: u64,
+    /// The GEMM engines the timed steps reported, in order ("a then b" if one failed mid-run).
+    gemms: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -175,10 +177,17 @@ fn ours(classes: u64, rate: f32, a: &BenchArgs, dtype: DType) -> Result<Measured
             scatter: pick(|p| p.scatter),
             update: pick(|p| p.update),
             update_in_backward: phases.iter().all(|p| p.update_in_backward),
+            gemm_path: "",
             gemm: phases.iter().map(|p| p.gemm).collect::<Option<Vec<f64>>>().map(median),
             peak_device_bytes: phases.iter().filter_map(|p| p.peak_device_bytes).max(),
         },
         sampled,
+        gemms: phases.iter().map(|p| p.gemm_path).fold(Vec::new(), |mut seen: Vec<&str>, g| {
+            if seen.last() != Some(&g) {
+                seen.push(g);
+            }
+            seen
+        }).join(" then "),
     })
 }
 
@@ -285,8 +294,8 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         if a.rounds > 1 { format!(", the median of {} interleaved rounds", a.rounds) } else { String::new() }
     );
     let first = dtypes[0].0;
-    println!("| C | r | dtype | ours step | images/s | GEMM GFLOP/s | gather | sample | forward | reduce | backward | scatter | update | vs {first} | reference step | speed-up |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| C | r | dtype | GEMMs | ours step | images/s | GEMM GFLOP/s | gather | sample | forward | reduce | backward | scatter | update | vs {first} | reference step | speed-up |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (classes, rate) in configs {
         let mut runs: Vec<Vec<Measured>> = dtypes.iter().map(|_| Vec::new()).collect();
         for _ in 0..a.rounds {
@@ -315,7 +324,8 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
             let gemm_s = p.gemm.unwrap_or(p.forward + p.backward);
             let vs_first = measured[0].median / m.median;
             println!(
-                "| {classes} | {rate} | {name} | {:.3} s | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {vs_first:.2}× | {reference_cell} | {speedup} |",
+                "| {classes} | {rate} | {name} | {} | {:.3} s | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {vs_first:.2}× | {reference_cell} | {speedup} |",
+                m.gemms,
                 m.median,
                 a.batch as f64 / m.median,
                 flops / gemm_s / 1e9,
@@ -333,7 +343,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
                     "sample_rate": rate, "dim": a.dim, "batch": a.batch, "shards": a.shards, "steps": a.steps, "rounds": a.rounds,
                     "median_step_s": m.median, "images_per_s": a.batch as f64 / m.median, "gemm_gflops": flops / gemm_s / 1e9,
                     "gemm_s": gemm_s, "gemm_timed_apart": p.gemm.is_some(), "peak_gpu_bytes": p.peak_device_bytes,
-                    "sampled_classes": m.sampled, "speedup_vs_first_dtype": vs_first,
+                    "sampled_classes": m.sampled, "speedup_vs_first_dtype": vs_first, "gemms_used": m.gemms,
                     "reference_step_s": reference.as_ref().and_then(|r| r.as_ref().ok()),
                     "phases_s": {"gather": p.gather, "sample": p.sample, "forward": p.forward, "reduce": p.reduce, "backward": p.backward, "scatter": p.scatter, "update": p.update},
                     "update_in_backward": p.update_in_backward,

@@ -88,7 +88,8 @@ impl OptimizerState {
     /// Overwrites rows `first..` of `tensor` (not `Centers`) with `values` (whole rows of `dim`),
     /// and their norms; None when this optimizer keeps no such tensor.
     pub fn write_rows(&mut self, tensor: StateTensor, first: usize, values: &[f32], dim: usize) -> Option<()> {
-        let (data, norms, norm): (&mut Vec<f32>, &mut Vec<f32>, fn(&[f32]) -> f32) = match (self, tensor) {
+        type Norm = fn(&[f32]) -> f32;
+        let (data, norms, norm): (&mut Vec<f32>, &mut Vec<f32>, Norm) = match (self, tensor) {
             (OptimizerState::Sgd { momentum, momentum_norms }, StateTensor::Momentum) => (momentum, momentum_norms, row_norm),
             (OptimizerState::AdamW { exp_avg, exp_avg_norms, .. }, StateTensor::ExpAvg) => (exp_avg, exp_avg_norms, row_norm),
             (OptimizerState::AdamW { exp_avg_sq, exp_avg_sq_norms, .. }, StateTensor::ExpAvgSq) => (exp_avg_sq, exp_avg_sq_norms, nonnegative_row_norm),
@@ -228,8 +229,9 @@ multiversion! {
     /// [`row_norm`], or +∞ when a value is negative or NaN: what the bound on AdamW's denominator
     /// (`√v + ε ≥ ε`) needs to know of `exp_avg_sq`.
     fn nonnegative_row_norm(row: &[f32]) -> f32 {
-        let negative = row.iter().fold(false, |any, &x| any | !(x >= 0.0));
-        if negative { f32::INFINITY } else { crate::backend::cpu::kernels::dot(row, row).sqrt() }
+        // NaN is not ≥ 0 either.
+        let nonnegative = row.iter().fold(true, |all, &x| all & (x >= 0.0));
+        if nonnegative { crate::backend::cpu::kernels::dot(row, row).sqrt() } else { f32::INFINITY }
     }
 }
 

@@ -535,7 +535,9 @@ impl Shard {
         let row_factor = 2.2 * slope;
         let largest_inv_e = self.inv_norm_e.iter().fold(0.0f64, |m, &v| m.max(v as f64));
         let embedding = cfg.num_classes as f64 * row_factor / n.max(1) as f64 * cfg.world_size as f64 * largest_inv_e * 1.01;
-        if !(embedding <= VALUE_BOUND) {
+        // NaN fails this comparison too.
+        let embedding_bounded = embedding <= VALUE_BOUND;
+        if !embedding_bounded {
             return false;
         }
         let state = self.optimizer.rows_ptr();

@@ -729,7 +729,7 @@ impl Primitives for CudaBackend {
             *t = elapsed(a, b);
         }
         let gemm = timing.gemms[..timing.used].iter().map(|&(a, b)| elapsed(a, b)).sum();
-        Some(DeviceTimes { phases, gemm, peak_bytes: peak_pool_bytes(&g.stream.context()) })
+        Some(DeviceTimes { phases, gemm, peak_bytes: peak_pool_bytes(g.stream.context()) })
     }
 }
 

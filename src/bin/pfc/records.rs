@@ -258,7 +258,7 @@ mod tests {
     fn numbers_are_short_decimals() {
         assert_eq!(decimal(0.1).to_string(), "0.1");
         assert_eq!(decimal(5e-4).to_string(), "0.0005");
-        assert_eq!(sig6(3.141592653589793).to_string(), "3.14159");
+        assert_eq!(sig6(std::f64::consts::PI).to_string(), "3.14159");
         assert_eq!(sig6(12345678.9).to_string(), "12345700");
         assert!(sig6(f64::NAN).is_nan());
     }

@@ -108,6 +108,14 @@ impl RowAccumulator {
         }
     }
 
+    /// Empties the accumulator for another pass over the same rows.
+    pub fn reset(&mut self) {
+        self.max.fill(f32::NEG_INFINITY);
+        self.sum.fill(0.0);
+        self.rest.fill(0.0);
+        self.cos_other.fill(f32::NEG_INFINITY);
+    }
+
     /// Adds a block of cosines laid out `[columns][n]` whose first column is `first_col`. Rows whose
     /// label column `col[i]` lies in the block take `target_logit[i]` there instead. Overwrites the
     /// block with its gradient seeds (see [`block_sum`]) and returns the block's row maxima, which

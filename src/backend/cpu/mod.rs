@@ -30,14 +30,38 @@ pub(super) fn min_blocks_per_task(blocks: usize) -> usize {
     blocks.div_ceil(4 * rayon::current_num_threads()).max(1)
 }
 
+/// Workers kept from step to step, so that their scratch (an N×d gradient accumulator among it)
+/// is not allocated, page-faulted and zeroed by the kernel every step. `key` is what their sizes
+/// were made for; another key drops them.
+struct Workers<W, K> {
+    key: Option<K>,
+    workers: Vec<W>,
+}
+
+impl<W, K: PartialEq> Workers<W, K> {
+    fn new() -> Self {
+        Workers { key: None, workers: Vec::new() }
+    }
+}
+
 /// Runs `body(worker, block)` for every block on the pool, in tasks of consecutive blocks, each
-/// with a worker from `make` (fallible: its scratch grows with the batch). Returns the workers in
-/// task order, so that merging them gives the same bits whatever thread ran which task.
-fn for_blocks<W: Send>(blocks: usize, make: impl Fn() -> Result<W>, body: impl Fn(&mut W, usize) + Sync) -> Result<Vec<W>> {
+/// with one of `kept`'s workers for `key` (made by `make` where missing: fallible, their scratch
+/// grows with the batch; `reset` at the start of each task). Returns the workers used, in task
+/// order, so that merging them gives the same bits whatever thread ran which task.
+fn for_blocks<'w, W: Send, K: PartialEq>(blocks: usize, kept: &'w mut Workers<W, K>, key: K, make: impl Fn() -> Result<W>, reset: impl Fn(&mut W) + Sync, body: impl Fn(&mut W, usize) + Sync) -> Result<&'w mut [W]> {
     let per = crate::pool::install(|| min_blocks_per_task(blocks))?;
-    let mut workers = (0..blocks.div_ceil(per)).map(|_| make()).collect::<Result<Vec<_>>>()?;
+    let tasks = blocks.div_ceil(per);
+    if kept.key.as_ref() != Some(&key) {
+        kept.workers.clear();
+        kept.key = Some(key);
+    }
+    while kept.workers.len() < tasks {
+        kept.workers.push(make()?);
+    }
+    let workers = &mut kept.workers[..tasks];
     crate::pool::install(|| {
         workers.par_iter_mut().enumerate().for_each(|(t, w)| {
+            reset(w);
             for b in t * per..((t + 1) * per).min(blocks) {
                 body(w, b);
             }
@@ -111,6 +135,10 @@ struct Shard {
     /// The verdict of `update_is_finite` at this learning rate over `pending`, taken during the
     /// backward pass (when nothing was accumulated before it).
     prechecked: Option<(f32, bool)>,
+    /// The passes' per-task scratch, kept for the next step: keyed by (global batch, GEMMs on
+    /// bf16, training) and (global batch, GEMMs on bf16, update inside the pass).
+    forward_workers: Workers<ForwardWorker, (usize, bool, bool)>,
+    backward_workers: Workers<BackwardWorker, (usize, bool, bool)>,
 }
 
 /// How to take back the last `accumulate`.
@@ -168,6 +196,8 @@ impl CpuBackend {
                 accumulated: RowGrads::default(),
                 undo: None,
                 prechecked: None,
+                forward_workers: Workers::new(),
+                backward_workers: Workers::new(),
             });
         }
         Ok(CpuBackend { cfg: cfg.clone(), ranges, shards })
@@ -324,7 +354,11 @@ impl Shard {
                 targets: Vec::new(),
             })
         };
-        let workers = for_blocks(blocks, worker, |w, b| {
+        let reset = |w: &mut ForwardWorker| {
+            w.rows.reset();
+            w.targets.clear();
+        };
+        let workers = for_blocks(blocks, &mut self.forward_workers, (n, native, train), worker, reset, |w, b| {
             let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
             let rows = end - start;
             // SAFETY: block b owns entries [start, end) of inv_norm and rows [start, end) of cos.
@@ -358,30 +392,36 @@ impl Shard {
                 unsafe { block_max_out.slice(b * n, n) }.copy_from_slice(maxima);
             }
         })?;
-        let merged = workers.into_iter().reduce(|mut a, b| {
-            a.rows.merge(&b.rows);
-            a.targets.extend_from_slice(&b.targets);
-            a
-        });
+        if let Some((first, rest)) = workers.split_first_mut() {
+            for w in rest.iter() {
+                first.rows.merge(&w.rows);
+                first.targets.extend_from_slice(&w.targets);
+            }
+        }
         self.target_logit = try_zeroed(n, "target logits")?;
         self.target_slope = try_zeroed(n, "target slopes")?;
         self.target_cos = try_zeroed(n, "target cosines")?;
         self.target_cos.fill(f32::NEG_INFINITY);
-        let rows = match merged {
+        let empty;
+        let rows = match workers.first() {
             Some(w) => {
                 for &(i, logit, slope, c) in &w.targets {
                     self.target_logit[i] = logit;
                     self.target_slope[i] = slope;
                     self.target_cos[i] = c;
                 }
-                w.rows
+                &w.rows
             }
-            None => RowAccumulator::new(n),
+            None => {
+                empty = RowAccumulator::new(n);
+                &empty
+            }
         };
         // Max-type statistics ride in one all-reduce, sum-type ones in another (SPEC §1.7).
         let maxes = [rows.max.as_slice(), rows.cos_other.as_slice(), self.target_cos.as_slice()].concat();
         let sums = [rows.sum.as_slice(), rows.rest.as_slice(), self.target_logit.as_slice()].concat();
-        self.local_max = rows.max;
+        self.local_max.clear();
+        self.local_max.extend_from_slice(&rows.max);
         Ok((maxes, sums))
     }
 
@@ -443,7 +483,12 @@ impl Shard {
             })
         };
         let blocks = k.div_ceil(BLOCK);
-        let workers = for_blocks(blocks, worker, |w, b| {
+        let reset = |w: &mut BackwardWorker| {
+            w.grad_x.fill(0.0);
+            w.finite = true;
+            w.update_ok = true;
+        };
+        let workers = for_blocks(blocks, &mut self.backward_workers, (n, native, apply.is_some()), worker, reset, |w, b| {
             let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
             let rows = end - start;
             // SAFETY: block b owns cosine rows [start, end) and pending gradient rows [start, end).
@@ -497,15 +542,16 @@ impl Shard {
             w.finite &= kernels::all_finite(gc);
         })?;
         let update_ok = workers.iter().all(|w| w.update_ok);
-        let total = workers.into_iter().map(|w| (w.grad_x, w.finite)).reduce(|(mut a, fa), (b, fb)| {
-            a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
-            (a, fa && fb)
-        });
+        let finite = workers.iter().all(|w| w.finite);
+        let mut grad_x = try_zeroed(n * d, "embedding gradient")?;
+        // In task order: the same sums whatever thread ran which task.
+        if let Some((first, rest)) = workers.split_first() {
+            grad_x.copy_from_slice(&first.grad_x);
+            for w in rest {
+                grad_x.iter_mut().zip(&w.grad_x).for_each(|(x, &y)| *x += y);
+            }
+        }
         self.prechecked = check.map(|lr| (lr, update_ok));
-        let (grad_x, finite) = match total {
-            Some(t) => t,
-            None => (try_zeroed(n * d, "embedding gradient")?, true),
-        };
         debug_assert!(finite || apply.is_none(), "a proven update met a non-finite center gradient");
         self.pending_finite = finite;
         Ok(grad_x)

@@ -6,7 +6,7 @@
 
 use partialfc::backend::{Batches, Embeddings, GradOut, HostBatch, Outputs};
 use partialfc::checkpoint;
-use partialfc::config::{Config, DType, OptimizerKind};
+use partialfc::config::{Config, DType, MarginGrad, OptimizerKind};
 use partialfc::engine::Head;
 use partialfc::error::Status;
 use partialfc::rng;
@@ -130,5 +130,26 @@ fn an_update_that_cannot_be_proven_is_checked_and_refused() {
     let err = step(&mut head, &batch(0, 2, 2_000), false).unwrap_err();
     assert_eq!(err.status, Status::NonFinite, "{}", err.message);
     assert!(!head.phase_times().update_in_backward);
+    assert_eq!(centers(&head), before, "a refused step changed centers");
+}
+
+/// With f16 operands, ∂loss/∂cos must fit f16 (≤ 65504). The exact ArcFace slope at θ = 0 is
+/// s·sin(m2)/1e-6 (m2 = 3: about 9e6) and, with the target logit far below the others, the target's
+/// entry is about that over N = 1: f16 rounds it to ∞. The forward pass must not prove such a step,
+/// and the checked path refuses it with every center as it was.
+#[test]
+fn f16_operands_out_of_range_are_not_proven() {
+    let mut cfg = config(OptimizerKind::Sgd, DType::F16, 1, 1.0);
+    cfg.margin.grad = MarginGrad::Exact;
+    cfg.margin.m2 = 3.0;
+    let mut head = Head::new(cfg).unwrap();
+    // Class 5's center, one-hot, and the embedding along it: a cosine of exactly 1 in f16 too.
+    let mut axis = vec![0f32; D];
+    axis[0] = 1.0;
+    head.set_centers(5, 1, &axis).unwrap();
+    let before = centers(&head);
+    let err = step(&mut head, &[(axis, vec![5i64])], false).unwrap_err();
+    assert_eq!(err.status, Status::NonFinite, "{}", err.message);
+    assert!(!head.phase_times().update_in_backward, "a step with ∂loss/∂cos beyond f16's range was proven");
     assert_eq!(centers(&head), before, "a refused step changed centers");
 }

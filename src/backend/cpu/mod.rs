@@ -563,7 +563,7 @@ impl Shard {
     /// a center's gradient at most 2.2·max(s, |∂z_y/∂c_y|)/‖W_j‖ (N such entries times unit or
     /// rounded-unit embeddings, the projection doubling it at most), and the embedding gradient
     /// at most C·2.2·max(...)/N·world/‖e‖ (C ≥ the job's sampled classes; every shard checks its
-    /// own slopes, so the job's largest is checked).
+    /// own slopes, so the job's largest is checked). With f16 operands, ∂loss/∂cos must also fit f16.
     fn update_proven(&mut self, cfg: &Config, lr: f32) -> bool {
         if !self.accumulated.rows.is_empty() {
             return false;
@@ -577,6 +577,12 @@ impl Shard {
                 }
                 slope = slope.max((t as f64).abs());
             }
+        }
+        // f16 operands hold at most 65504: ∂loss/∂cos rounded to f16 beyond it becomes ∞ (which the
+        // checked path then refuses).
+        let entry_bounded = slope / n.max(1) as f64 * 1.01 <= 32768.0;
+        if cfg.compute_dtype == DType::F16 && !entry_bounded {
+            return false;
         }
         let row_factor = 2.2 * slope;
         let largest_inv_e = self.inv_norm_e.iter().fold(0.0f64, |m, &v| m.max(v as f64));

@@ -329,7 +329,8 @@ pub trait Primitives: ShardState + Send {
     }
     /// The backward pass over the shard's sampled columns: its center gradients into the pending
     /// buffer (or, with [`Update::Apply`], straight into the optimizer step), and its part of the
-    /// embedding gradient (N × d, before the reduce-scatter).
+    /// embedding gradient (N × d, before the reduce-scatter). When it fails it has changed nothing:
+    /// everything it allocates comes before the first update.
     fn backward(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, update: Update) -> Result<F32Buf<Self::Mem>>;
     /// Back through the normalization of rows `[first_row, first_row + rows)` of the global
     /// batch, times `world` (SPEC §1.8): the shard's returned gradient, still in its memory.
@@ -507,7 +508,7 @@ pub(crate) fn create(cfg: &crate::config::Config, group: &Arc<ProcessGroup>, pro
             } else {
                 Box::new(crate::comm::process::ProcessCollectives::new(group.clone(), process_shards.to_vec()))
             };
-            Ok(Box::new(Driver::new(cpu::CpuBackend::new(cfg)?, coll, cfg.embedding_dim, cfg.first_rank)))
+            Ok(Box::new(Driver::new(cpu::CpuBackend::new(cfg)?, coll, group.clone(), cfg.embedding_dim, cfg.first_rank)))
         }
         BackendKind::Cuda => {
             let ordinals: Vec<i32> =
@@ -519,7 +520,7 @@ pub(crate) fn create(cfg: &crate::config::Config, group: &Arc<ProcessGroup>, pro
             let devices = cuda::probe(&ordinals)?;
             let prims = cuda::CudaBackend::new(cfg, &devices)?;
             let coll = crate::comm::nccl::NcclCollectives::new(prims.streams(), cfg.world_size, cfg.first_rank, group.clone(), cfg.nccl_id.as_deref())?;
-            Ok(Box::new(Driver::new(prims, Box::new(coll), cfg.embedding_dim, cfg.first_rank)))
+            Ok(Box::new(Driver::new(prims, Box::new(coll), group.clone(), cfg.embedding_dim, cfg.first_rank)))
         }
     }
 }

@@ -6,16 +6,24 @@
 //! Nothing that outlives the call changes until the whole job has agreed that it may (SPEC §2a,
 //! §2b): bad input anywhere, a non-finite loss or gradient, an update that would leave a center
 //! non-finite, or an allocation failure on any process fails the call everywhere with the same
-//! status and message, before the first center, optimizer state or output is written.
+//! status and message, before the first center, optimizer state or output is written. When the
+//! forward pass proves, on every shard, that the step's gradients and update will be finite
+//! (`Primitives::update_proven`, agreed in one exchange before the backward pass), that proof is
+//! the agreement and the backward pass applies the update as each center's gradient exists.
 
 use crate::backend::{phase, Backend, Batches, Collectives, Evaluated, F32Buf, Memory, Outputs, PhaseTimes, Primitives, RowStats, ShardState, StepPlan, Update};
+use crate::comm::group::ProcessGroup;
 use crate::error::{Error, Result, Status};
 use crate::sharding::ShardRange;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub(crate) struct Driver<P: Primitives> {
     prims: P,
     coll: Box<dyn Collectives<P::Mem>>,
+    /// Poisoned when a step fails after some shard applied its update inside the backward pass:
+    /// the head then holds a half-taken step, and only a checkpoint load makes it whole again.
+    group: Arc<ProcessGroup>,
     dim: usize,
     /// Global rank of this process's first shard.
     first_rank: usize,
@@ -64,8 +72,8 @@ fn loss_and_accuracy(rows: &RowStats) -> (f64, f64) {
 }
 
 impl<P: Primitives> Driver<P> {
-    pub fn new(prims: P, coll: Box<dyn Collectives<P::Mem>>, dim: usize, first_rank: usize) -> Self {
-        Driver { prims, coll, dim, first_rank, times: PhaseTimes::default() }
+    pub fn new(prims: P, coll: Box<dyn Collectives<P::Mem>>, group: Arc<ProcessGroup>, dim: usize, first_rank: usize) -> Self {
+        Driver { prims, coll, group, dim, first_rank, times: PhaseTimes::default() }
     }
 
     fn shards(&self) -> usize {
@@ -148,21 +156,24 @@ impl<P: Primitives> Driver<P> {
         Ok(Forward { maxes, sums, rows, eval: Evaluated { loss, accuracy, global_batch: n as u64, sampled_classes } })
     }
 
-    /// The backward pass: each shard's center gradients pending, each local shard's embedding
-    /// gradient returned, once the job agrees that all of them are finite.
+    /// The backward pass: each shard's center gradients pending (or, with `Update::Apply`, applied),
+    /// each local shard's embedding gradient returned, once the job agrees that all of them are
+    /// finite.
     fn backward(&mut self, fwd: Forward<P::Mem>, update: Update) -> Result<(Vec<F32Buf<P::Mem>>, Evaluated)> {
-        let d = self.dim;
-        let t0 = Instant::now();
-        self.prims.mark(phase::BACKWARD, true);
-        let mut partial = Vec::with_capacity(self.shards());
-        for s in 0..self.shards() {
-            partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s], update)?);
+        let mut applied = false;
+        let result = self.backward_pass(fwd, update, &mut applied);
+        if let (Err(e), true) = (&result, applied) {
+            // An exchange or an all-gather's buffer that fails after some shard took its update
+            // cannot take the update back: the head holds a half-taken step until a checkpoint load.
+            self.group.poison(&format!("a step failed after applying its update to some centers: {}", e.message));
         }
-        self.times.backward = t0.elapsed().as_secs_f64();
-        self.prims.mark(phase::BACKWARD, false);
+        result
+    }
 
-        let t1 = Instant::now();
-        self.prims.mark(phase::SCATTER, true);
+    /// `backward`; `applied` is set once some shard has applied its update (`Update::Apply`). A
+    /// backend's `backward` that fails has changed nothing.
+    fn backward_pass(&mut self, fwd: Forward<P::Mem>, update: Update, applied: &mut bool) -> Result<(Vec<F32Buf<P::Mem>>, Evaluated)> {
+        let d = self.dim;
         let mut offset = 0;
         let segments: Vec<std::ops::Range<usize>> = fwd
             .rows
@@ -173,10 +184,23 @@ impl<P: Primitives> Driver<P> {
                 seg
             })
             .collect();
+        // Before the backward pass, which may update centers: after it, only exchanges can fail.
         let mut mine = Vec::with_capacity(self.shards());
         for s in 0..self.shards() {
             mine.push(self.prims.alloc_f32(s, segments[self.first_rank + s].len(), "the embedding gradient")?);
         }
+        let t0 = Instant::now();
+        self.prims.mark(phase::BACKWARD, true);
+        let mut partial = Vec::with_capacity(self.shards());
+        for s in 0..self.shards() {
+            partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s], update)?);
+            *applied |= matches!(update, Update::Apply(_));
+        }
+        self.times.backward = t0.elapsed().as_secs_f64();
+        self.prims.mark(phase::BACKWARD, false);
+
+        let t1 = Instant::now();
+        self.prims.mark(phase::SCATTER, true);
         self.coll.reduce_scatter_sum(&partial, &segments, &mut mine)?;
         drop(partial);
         let world = self.coll.world_size() as f32;

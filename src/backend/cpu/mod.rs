@@ -48,7 +48,7 @@ impl<W, K: PartialEq> Workers<W, K> {
 /// with one of `kept`'s workers for `key` (made by `make` where missing: fallible, their scratch
 /// grows with the batch; `reset` at the start of each task). Returns the workers used, in task
 /// order, so that merging them gives the same bits whatever thread ran which task.
-fn for_blocks<'w, W: Send, K: PartialEq>(blocks: usize, kept: &'w mut Workers<W, K>, key: K, make: impl Fn() -> Result<W>, reset: impl Fn(&mut W) + Sync, body: impl Fn(&mut W, usize) + Sync) -> Result<&'w mut [W]> {
+fn for_blocks<W: Send, K: PartialEq>(blocks: usize, kept: &mut Workers<W, K>, key: K, make: impl Fn() -> Result<W>, reset: impl Fn(&mut W) + Sync, body: impl Fn(&mut W, usize) + Sync) -> Result<&mut [W]> {
     let per = crate::pool::install(|| min_blocks_per_task(blocks))?;
     let tasks = blocks.div_ceil(per);
     if kept.key.as_ref() != Some(&key) {
@@ -482,6 +482,8 @@ impl Shard {
                 update_ok: true,
             })
         };
+        // Before the blocks: with `apply`, nothing may fail once they start updating.
+        let mut grad_x = try_zeroed(n * d, "embedding gradient")?;
         let blocks = k.div_ceil(BLOCK);
         let reset = |w: &mut BackwardWorker| {
             w.grad_x.fill(0.0);
@@ -543,7 +545,6 @@ impl Shard {
         })?;
         let update_ok = workers.iter().all(|w| w.update_ok);
         let finite = workers.iter().all(|w| w.finite);
-        let mut grad_x = try_zeroed(n * d, "embedding gradient")?;
         // In task order: the same sums whatever thread ran which task.
         if let Some((first, rest)) = workers.split_first() {
             grad_x.copy_from_slice(&first.grad_x);

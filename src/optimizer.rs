@@ -231,7 +231,7 @@ multiversion! {
     fn nonnegative_row_norm(row: &[f32]) -> f32 {
         // NaN is not ≥ 0 either.
         let nonnegative = row.iter().fold(true, |all, &x| all & (x >= 0.0));
-        if nonnegative { crate::backend::cpu::kernels::dot(row, row).sqrt() } else { f32::INFINITY }
+        if nonnegative { row_norm(row) } else { f32::INFINITY }
     }
 }
 

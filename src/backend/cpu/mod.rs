@@ -38,7 +38,7 @@ struct Workers<W, K> {
     workers: Vec<W>,
 }
 
-impl<W, K: PartialEq> Workers<W, K> {
+impl<W, K> Workers<W, K> {
     fn new() -> Self {
         Workers { key: None, workers: Vec::new() }
     }
@@ -139,6 +139,10 @@ struct Shard {
     /// bf16, training) and (global batch, GEMMs on bf16, update inside the pass).
     forward_workers: Workers<ForwardWorker, (usize, bool, bool)>,
     backward_workers: Workers<BackwardWorker, (usize, bool, bool)>,
+}
+
+fn no_such_tensor(tensor: StateTensor) -> Error {
+    Error::invalid(format!("this optimizer keeps no {}", tensor.name()))
 }
 
 /// How to take back the last `accumulate`.
@@ -293,10 +297,9 @@ impl Shard {
     fn tensor(&self, tensor: StateTensor) -> Result<&[f32]> {
         match tensor {
             StateTensor::Centers => Ok(&self.centers),
-            t => self.optimizer.tensor(t).ok_or_else(|| Error::invalid(format!("this optimizer keeps no {}", t.name()))),
+            t => self.optimizer.tensor(t).ok_or_else(|| no_such_tensor(t)),
         }
     }
-
 
     #[allow(clippy::too_many_arguments)]
     fn forward(&mut self, cfg: &Config, plan: StepPlan, labels: &[i64], params: LogitParams) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -541,7 +544,10 @@ impl Shard {
                     unsafe { state.update(&opt, lr, j as usize, weights, grad) };
                 }
             }
-            w.finite &= kernels::all_finite(gc);
+            // A proven update's gradients are finite: no pass over them to say so.
+            if apply.is_none() {
+                w.finite &= kernels::all_finite(gc);
+            }
         })?;
         let update_ok = workers.iter().all(|w| w.update_ok);
         let finite = workers.iter().all(|w| w.finite);
@@ -553,7 +559,6 @@ impl Shard {
             }
         }
         self.prechecked = check.map(|lr| (lr, update_ok));
-        debug_assert!(finite || apply.is_none(), "a proven update met a non-finite center gradient");
         self.pending_finite = finite;
         Ok(grad_x)
     }
@@ -830,7 +835,7 @@ impl ShardState for CpuBackend {
             let src = &values[at * d..(at + rows) * d];
             match tensor {
                 StateTensor::Centers => self.shards[s].centers[row * d..(row + rows) * d].copy_from_slice(src),
-                t => self.shards[s].optimizer.write_rows(t, row, src, d).ok_or_else(|| Error::invalid(format!("this optimizer keeps no {}", t.name())))?,
+                t => self.shards[s].optimizer.write_rows(t, row, src, d).ok_or_else(|| no_such_tensor(t))?,
             }
         }
         Ok(())

@@ -147,6 +147,15 @@ fn bad_input_on_one_process_fails_everywhere_and_changes_nothing() {
     run_parity(&case.dir, 3, &["--bad-label", "1", "2", "--nan-row", "2", "0"]);
 }
 
+/// One process alone cannot prove its update safe before the backward pass (a center near the
+/// norm limit on its shard): the job agrees, every process takes the checked path, and the steps
+/// still match one process. Without the agreement the processes' exchanges would fall out of step.
+#[test]
+fn an_update_one_process_cannot_prove_takes_the_checked_path_everywhere() {
+    let case = synthetic("unprovable", 3, &[1, 2], 1.0, false);
+    run_parity(&case.dir, 2, &["--unprovable"]);
+}
+
 #[test]
 fn a_failing_callback_poisons_every_process() {
     let case = synthetic("fail", 3, &[2, 1], 1.0, false);

@@ -167,6 +167,7 @@ int main(int argc, char **argv) {
     if (argc < 2) FAIL("usage: parity CASE_DIR [options]");
     snprintf(dir_, sizeof dir_, "%s", argv[1]);
     long bad_label_step = -1, bad_label_proc = -1, nan_step = -1, nan_proc = -1, fail_call = -1;
+    int unprovable = 0;
     const char *mismatch = NULL;
     int bitwise = 0;
     for (int i = 2; i < argc; i++) {
@@ -178,6 +179,8 @@ int main(int argc, char **argv) {
             nan_proc = atol(argv[++i]);
         } else if (!strcmp(argv[i], "--fail-callback") && i + 1 < argc) {
             fail_call = atol(argv[++i]);
+        } else if (!strcmp(argv[i], "--unprovable")) {
+            unprovable = 1; /* class 0 (process 0's) gets a center no bound proves safe to update */
         } else if (!strcmp(argv[i], "--bitwise")) {
             bitwise = 1; /* every reduction runs in rank order: the layout changes no bit */
         } else if (!strcmp(argv[i], "--mismatch") && i + 1 < argc) {
@@ -252,6 +255,16 @@ int main(int argc, char **argv) {
     if (init) {
         CHECK(pfc_set_centers(multi, lo, count, init + lo * d) == PFC_OK, "set_centers: %s", last_error());
         CHECK(pfc_set_centers(solo, 0, c.classes, init) == PFC_OK, "set_centers: %s", last_error());
+    }
+    if (unprovable) {
+        /* Norm 1.5 * 2^61: the update keeps it below the 2^62 limit (the exact check passes), but
+         * above the half of the limit the update's proof needs. Only process 0's shard holds it,
+         * so the job must agree to take the checked path everywhere. */
+        float *row = calloc(d, sizeof(float));
+        row[0] = 1.5f * 2305843009213693952.0f;
+        if (lo == 0) CHECK(pfc_set_centers(multi, 0, 1, row) == PFC_OK, "set_centers: %s", last_error());
+        CHECK(pfc_set_centers(solo, 0, 1, row) == PFC_OK, "set_centers: %s", last_error());
+        free(row);
     }
     float *mc = malloc(count * d * sizeof(float)), *sc = malloc(cd * sizeof(float));
 

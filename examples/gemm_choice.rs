@@ -1,12 +1,14 @@
-//! Why the CPU backend uses the `gemm` crate, one single-threaded call per block of classes: the forward product of SPEC §6
-//! (256×512 embeddings times 100,000 centers) by each candidate, on all of this machine's threads.
+//! The CPU backend's GEMM engines, one single-threaded call per block of classes, on all of this
+//! machine's threads: the forward product of SPEC §6 (256×512 embeddings times 100,000 centers) by
+//! the `gemm` crate and by `matrixmultiply`, then the step's three products through partialfc's
+//! own `matmul` (f32 on the AVX-512 kernels where the CPU has them, bf16 on oneDNN).
 //!
 //!     cargo run --release --example gemm_choice
 //!
 //! Results are recorded in docs/benchmarks.md.
 
 use half::bf16;
-use partialfc::backend::cpu::gemm::{matmul, onednn_kernel, path, Element, Operand};
+use partialfc::backend::cpu::gemm::{matmul, onednn_kernel, path, Element, GemmPath, Operand};
 use partialfc::backend::cpu::dnnl::DataType as Dt;
 use partialfc::config::DType;
 use rayon::prelude::*;
@@ -62,13 +64,18 @@ fn main() {
     // three products of a block in the step: cosines, embedding gradient, center gradient.
     let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
     let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
-    println!("partialfc matmul: f32 operands on the crate, bf16 {} ({})", path(DType::BF16).name(), onednn_kernel(Dt::Bf16).unwrap_or_default());
-    fn products<T: Element>(w: &[T], x: &[T], out: &mut [f32]) -> [f64; 3] {
+    println!("partialfc matmul: f32 {}, bf16 {} ({})", path(DType::F32).name(), path(DType::BF16).name(), onednn_kernel(Dt::Bf16).unwrap_or_default());
+    // The forward product's batch operand as the step passes it: transposed, rows contiguous, for
+    // the AVX-512 f32 kernels; the batch itself otherwise.
+    let mut xt = vec![0f32; N * D];
+    (0..N * D).for_each(|e| xt[(e % D) * N + e / D] = x[e]);
+    let f32_batch = if path(DType::F32) == GemmPath::Avx512F32 { Operand::rows(&xt, N) } else { Operand::transposed(&x, D) };
+    fn products<T: Element>(w: &[T], x: &[T], batch: Operand<'_, T>, out: &mut [f32]) -> [f64; 3] {
         let bk = block();
         let forward = best_of(5, || {
             out.par_chunks_mut(bk * N).enumerate().for_each(|(b, c)| {
                 let rows = c.len() / N;
-                matmul(rows, N, D, c, Operand::rows(&w[b * bk * D..(b * bk + rows) * D], D), Operand::transposed(x, D), false);
+                matmul(rows, N, D, c, Operand::rows(&w[b * bk * D..(b * bk + rows) * D], D), batch, false);
             })
         });
         // ∂/∂x += gᵀ·W and ∂/∂W = g·x̂ per block, g (rows×N) taken from the centers' storage.
@@ -90,7 +97,7 @@ fn main() {
         });
         [forward, grad_x, grad_w]
     }
-    for (name, t) in [("f32", products(&w, &x, &mut out)), ("bf16", products(&wb, &xb, &mut out))] {
+    for (name, t) in [("f32", products(&w, &x, f32_batch, &mut out)), ("bf16", products(&wb, &xb, Operand::transposed(&xb, D), &mut out))] {
         println!(
             "partialfc matmul {name:>4}: cosines {:>6.1}, embedding gradient {:>6.1}, center gradient {:>6.1} GFLOP/s",
             flops / t[0] / 1e9,

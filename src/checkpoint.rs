@@ -73,7 +73,7 @@ pub(crate) fn safetensors_header(tensors: &[(&str, &str, Vec<u64>, u64)], metada
         offset += bytes;
     }
     let mut text = Value::Object(map).to_string();
-    while (8 + text.len()) % 8 != 0 {
+    while !(8 + text.len()).is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

@@ -216,7 +216,7 @@ impl RegularFile {
 
     /// `n` bytes from the current position into a new buffer (allocated fallibly).
     pub fn read_vec(&mut self, n: u64, what: &str) -> Result<Vec<u8>> {
-        if self.read.checked_add(n).map_or(true, |e| e > self.len) {
+        if self.read.checked_add(n).is_none_or(|e| e > self.len) {
             return Err(Error::new(Status::Corrupt, format!("{} ends early", self.path.display())));
         }
         let mut buf = try_zeroed::<u8>(n as usize, what)?;

@@ -230,7 +230,7 @@ fn fvecs_layout(file: &mut RegularFile) -> Result<(u64, usize, Elem, Layout)> {
         return Err(corrupt(&path, "not a safetensors, .npy, .fvecs or FAISS file of centers"));
     }
     let record = 4 + 4 * dim as u64;
-    if file.size() % record != 0 {
+    if !file.size().is_multiple_of(record) {
         return Err(corrupt(&path, format!(".fvecs of dimension {dim} cannot hold {} bytes", file.size())));
     }
     let classes = file.size() / record;

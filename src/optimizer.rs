@@ -381,10 +381,10 @@ mod tests {
         }
         /// A value of random sign and magnitude 10^[lo, hi), now and then NaN, ±∞, 0 or f32::MAX.
         fn value(&mut self, lo: f64, hi: f64, specials: bool) -> f32 {
-            if specials && self.next() % 97 == 0 {
+            if specials && self.next().is_multiple_of(97) {
                 return [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, f32::MAX][(self.next() % 5) as usize];
             }
-            let sign = if self.next() % 2 == 0 { 1.0 } else { -1.0 };
+            let sign = if self.next().is_multiple_of(2) { 1.0 } else { -1.0 };
             (sign * 10f64.powf(lo + (hi - lo) * self.unit())) as f32
         }
         fn row(&mut self, dim: usize, lo: f64, hi: f64, specials: bool) -> Vec<f32> {
@@ -398,7 +398,7 @@ mod tests {
         let mut st = OptimizerState::new(kind, 1, dim).unwrap();
         for &t in StateTensor::for_optimizer(kind).iter().skip(1) {
             let mut row = draw.row(dim, lo, hi, specials);
-            if t == StateTensor::ExpAvgSq && (!specials || draw.next() % 4 != 0) {
+            if t == StateTensor::ExpAvgSq && (!specials || !draw.next().is_multiple_of(4)) {
                 row.iter_mut().for_each(|v| *v = v.abs());
             }
             st.write_rows(t, 0, &row, dim).unwrap();

@@ -88,7 +88,7 @@ pub(crate) fn search_job(
 
 /// The checks of a search's arguments that do not depend on where the classes live.
 pub(crate) fn check_queries(queries: &[f32], d: usize, classes: u64, k: usize) -> Result<()> {
-    if queries.is_empty() || queries.len() % d != 0 {
+    if queries.is_empty() || !queries.len().is_multiple_of(d) {
         return Err(Error::invalid(format!("{} query values do not form rows of dimension {d}", queries.len())));
     }
     check_k(k as u64, classes)?;

@@ -1,7 +1,9 @@
-//! The CPU step with its GEMMs on oneDNN against the same step without it. Each side runs in a
-//! child process of this test binary: one with the system's oneDNN, one where the loader cannot
-//! find it (`PFC_ONEDNN_LIBRARY` naming a file that does not exist) and one where it is switched
-//! off (empty), so the fallback is the real one a machine without libdnnl takes.
+//! The CPU step with its GEMMs on oneDNN against the same step without it, and its f32 GEMMs on
+//! the AVX-512 kernels against the `gemm` crate. Each side runs in a child process of this test
+//! binary: one with the system's oneDNN, one where the loader cannot find it (`PFC_ONEDNN_LIBRARY`
+//! naming a file that does not exist), one where it is switched off (empty), and one with
+//! `PFC_CPU_GEMM=crate` as well, so each fallback is the real one a machine without libdnnl or
+//! without AVX-512 takes.
 
 mod common;
 use common::*;
@@ -84,8 +86,8 @@ fn child(dir: &Path) {
 }
 
 /// Runs this binary's `step_parity` in a child with `library` as `PFC_ONEDNN_LIBRARY` (None:
-/// unset) and returns its result directory.
-fn spawn(tag: &str, library: Option<&str>) -> PathBuf {
+/// unset), the f32 GEMMs on the crate if `crate_f32`, and returns its result directory.
+fn spawn(tag: &str, library: Option<&str>, crate_f32: bool) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pfc-onednn-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut cmd = Command::new(std::env::current_exe().unwrap());
@@ -93,6 +95,10 @@ fn spawn(tag: &str, library: Option<&str>) -> PathBuf {
     match library {
         Some(l) => cmd.env("PFC_ONEDNN_LIBRARY", l),
         None => cmd.env_remove("PFC_ONEDNN_LIBRARY"),
+    };
+    match crate_f32 {
+        true => cmd.env("PFC_CPU_GEMM", "crate"),
+        false => cmd.env_remove("PFC_CPU_GEMM"),
     };
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{tag} child failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -108,15 +114,18 @@ fn step_parity() {
     if let Some(dir) = std::env::var_os("PFC_ONEDNN_TEST_OUT") {
         return child(Path::new(&dir));
     }
-    let with = spawn("with", None);
-    let missing = spawn("missing", Some("/nonexistent/libdnnl.so.2"));
-    let off = spawn("off", Some(""));
+    let with = spawn("with", None, false);
+    let missing = spawn("missing", Some("/nonexistent/libdnnl.so.2"), false);
+    let off = spawn("off", Some(""), false);
+    let plain = spawn("plain", Some(""), true);
     let paths = |d: &Path| std::fs::read_to_string(d.join("paths")).unwrap();
-    // This machine has AVX512-BF16 (the setup installs oneDNN): bf16 steps run on oneDNN, f32 on the crate.
-    assert_eq!(paths(&with), format!("f32 {0} {0}\nbf16 {1} {1}\n", GemmPath::Crate.name(), GemmPath::OneDnnBf16.name()));
+    // This machine has AVX-512 with AVX512-BF16 (the setup installs oneDNN): bf16 steps run on
+    // oneDNN, f32 on the AVX-512 kernels, as do bf16 steps' rounded inputs without oneDNN.
+    assert_eq!(paths(&with), format!("f32 {0} {0}\nbf16 {1} {1}\n", GemmPath::Avx512F32.name(), GemmPath::OneDnnBf16.name()));
     for d in [&missing, &off] {
-        assert_eq!(paths(d), format!("f32 {0} {0}\nbf16 {0} {0}\n", GemmPath::Crate.name()));
+        assert_eq!(paths(d), format!("f32 {0} {0}\nbf16 {0} {0}\n", GemmPath::Avx512F32.name()));
     }
+    assert_eq!(paths(&plain), format!("f32 {0} {0}\nbf16 {0} {0}\n", GemmPath::Crate.name()));
     for (i, case) in CASES.iter().enumerate() {
         // Without oneDNN, hidden either way, the very same code runs: identical bits.
         for dtype in ["f32", "bf16"] {
@@ -132,8 +141,15 @@ fn step_parity() {
         // And bf16 stays within its input rounding of f32.
         let err = rel_err(&a, &read(&off, &format!("f32-{i}")));
         assert!(err < 2e-2, "{}: bf16 vs f32: relative error {err:e}", case.name);
+        // The AVX-512 kernels against the crate (the paths above show the switch acted), on the
+        // same f32 operands: at most the sums' order differs.
+        for dtype in ["f32", "bf16"] {
+            let (a, b) = (read(&off, &format!("{dtype}-{i}")), read(&plain, &format!("{dtype}-{i}")));
+            let err = rel_err(&a, &b);
+            assert!(err < 1e-5, "{}: {dtype}: AVX-512 kernels vs the crate: relative error {err:e}", case.name);
+        }
     }
-    for d in [with, missing, off] {
+    for d in [with, missing, off, plain] {
         std::fs::remove_dir_all(d).unwrap();
     }
 }

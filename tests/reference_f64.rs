@@ -693,6 +693,7 @@ fn confident_regime_matches_f64_model() {
                 });
                 let ge: Vec<f64> = got.grad_e.iter().map(|&v| v as f64 / shards as f64).collect();
                 let mut line = Vec::new();
+                #[allow(clippy::needless_range_loop)] // i indexes five per-row arrays alike
                 for i in 0..p.n {
                     let l_err = (row_loss[i] - want.row_loss[i]).abs() / want.row_loss[i];
                     let e_err = row_rel_err(&ge, &want.grad_e, d, i);

@@ -82,7 +82,7 @@ fn default_c_config() -> pfc_config {
 /// multiple of 8 bytes, so every older layout is a prefix of this one whose size is a multiple of 8
 /// (its trailing padding is never taken for a newer field).
 const OLDEST_CONFIG_SIZE: usize = std::mem::offset_of!(pfc_config, world_size);
-const _: () = assert!(OLDEST_CONFIG_SIZE % 8 == 0 && std::mem::size_of::<pfc_config>() % 8 == 0);
+const _: () = assert!(OLDEST_CONFIG_SIZE.is_multiple_of(8) && std::mem::size_of::<pfc_config>().is_multiple_of(8));
 
 /// Reads the caller's configuration, which may come from an older header (SPEC §2b): its first
 /// `struct_size` bytes, and the defaults for the fields an older struct lacks. A struct larger than
@@ -102,7 +102,7 @@ unsafe fn read_config(cfg: *const pfc_config) -> Result<pfc_config> {
             ),
         ));
     }
-    if size < OLDEST_CONFIG_SIZE || size % 8 != 0 {
+    if size < OLDEST_CONFIG_SIZE || !size.is_multiple_of(8) {
         return Err(Error::new(
             Status::Incompatible,
             format!(
@@ -195,7 +195,7 @@ unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
 
 /// Rejects a pointer that is not aligned for its element type (Rust slices require it).
 fn check_aligned<T>(ptr: *const T, what: &str) -> Result<()> {
-    if (ptr as usize) % std::mem::align_of::<T>() != 0 {
+    if !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Error::invalid(format!(
             "{what} at {ptr:p} is not aligned to {} bytes",
             std::mem::align_of::<T>()

@@ -2,10 +2,13 @@
 //! comes from running blocks of sampled classes on different threads, which keeps each block's
 //! operands in that core's cache between the GEMM and the element-wise work around it.
 //!
-//! Two engines: oneDNN's matmul primitive (src/backend/cpu/dnnl.rs) when the library is present,
-//! which takes bf16 operands on the CPU's bf16 dot-product units with f32 accumulation; and the
-//! `gemm` crate's f32 kernels otherwise. [`path`] says which one runs for a compute dtype.
+//! Three engines: oneDNN's matmul primitive (src/backend/cpu/dnnl.rs) when the library is present,
+//! which takes bf16 operands on the CPU's bf16 dot-product units with f32 accumulation; for f32
+//! operands, the AVX-512 kernels of src/backend/cpu/avx512.rs where the CPU has AVX-512F, and the
+//! `gemm` crate's kernels otherwise. [`path`] says which one runs for a compute dtype.
 
+#[cfg(target_arch = "x86_64")]
+use super::avx512;
 use super::dnnl;
 use crate::config::DType;
 use half::bf16;
@@ -62,6 +65,8 @@ pub enum GemmPath {
     /// The `gemm` crate in f32; a bf16/f16 compute dtype rounds the inputs first, so the products
     /// equal those of the narrow inputs.
     Crate,
+    /// The AVX-512 f32 kernels, on the same operands as [`GemmPath::Crate`].
+    Avx512F32,
     /// oneDNN's matmul with bf16 operands on the CPU's bf16 units, f32 accumulation.
     OneDnnBf16,
 }
@@ -70,6 +75,7 @@ impl GemmPath {
     pub fn name(self) -> &'static str {
         match self {
             GemmPath::Crate => "gemm-crate-f32",
+            GemmPath::Avx512F32 => "avx512-f32",
             GemmPath::OneDnnBf16 => "onednn-bf16",
         }
     }
@@ -86,18 +92,35 @@ pub fn onednn_failure() -> Option<&'static str> {
 
 /// The path of a step with compute dtype `dtype` in this process: oneDNN for bf16 when it is
 /// loaded and runs bf16 on the CPU's bf16 units (AVX512-BF16, AMX) rather than its reference loops.
-/// f32 stays on the crate: oneDNN's f32 block GEMM measured level with it in the step
+/// f32 stays off oneDNN: its f32 block GEMM measured level with the crate in the step
 /// (docs/benchmarks.md) and summed less accurately, outside the confident-regime tolerance of
-/// tests/reference_f64.rs. f16 has no f16 units to use on the project's machines and oneDNN 2.6
-/// no f16 matmul short of AVX512-FP16, so it multiplies rounded inputs in f32 like the crate path.
+/// tests/reference_f64.rs; f32 operands go to the AVX-512 kernels when the CPU has them (and
+/// `PFC_CPU_GEMM` is not `crate`), else to the crate. f16 has no f16 units to use on the project's
+/// machines and oneDNN 2.6 no f16 matmul short of AVX512-FP16, so it multiplies rounded inputs in
+/// f32 like the f32 path.
 pub fn path(dtype: DType) -> GemmPath {
     static BF16: OnceLock<bool> = OnceLock::new();
     let accelerated = || onednn_kernel(dnnl::DataType::Bf16).is_some_and(|imp| !imp.starts_with("ref") && (imp.contains("bf16") || imp.contains("amx")));
     if dtype == DType::BF16 && FAILURE.get().is_none() && *BF16.get_or_init(accelerated) {
         GemmPath::OneDnnBf16
+    } else if avx512_f32() {
+        GemmPath::Avx512F32
     } else {
         GemmPath::Crate
     }
+}
+
+/// Whether f32 operands go to the AVX-512 kernels: the CPU has AVX-512F and `PFC_CPU_GEMM` (read
+/// once) is not `crate`, the switch that measures or tests the crate on such a CPU.
+fn avx512_f32() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let available = avx512::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let available = false;
+        available && std::env::var("PFC_CPU_GEMM").as_deref() != Ok("crate")
+    })
 }
 
 /// The implementation oneDNN picks for a block GEMM with operands of `dtype` (the step's forward
@@ -110,9 +133,10 @@ pub fn onednn_kernel(dtype: dnnl::DataType) -> Option<String> {
     probe.ok()?.join().ok().flatten()
 }
 
-/// `dst[m×n] (row-major, f32) = a[m×k]·b[k×n]`, or `+=` when `accumulate`. f32 operands go to the
-/// crate; bf16 operands to oneDNN (they come only from a step whose path is oneDNN), or widened
-/// for the crate where oneDNN cannot run.
+/// `dst[m×n] (row-major, f32) = a[m×k]·b[k×n]`, or `+=` when `accumulate`. bf16 operands go to
+/// oneDNN (they come only from a step whose path is oneDNN), or are widened where oneDNN cannot
+/// run; f32 operands go to the AVX-512 kernels when [`path`] says so and `b`'s rows are
+/// contiguous (the layouts the step passes on that path), else to the crate.
 pub fn matmul<T: Element>(m: usize, n: usize, k: usize, dst: &mut [f32], a: Operand<'_, T>, b: Operand<'_, T>, accumulate: bool) {
     assert!(dst.len() >= m * n && a.spans(m, k) && b.spans(k, n), "matmul operands out of bounds");
     if m == 0 || n == 0 {
@@ -138,6 +162,12 @@ pub fn matmul<T: Element>(m: usize, n: usize, k: usize, dst: &mut [f32], a: Oper
     }
     let (a_data, b_data) = (T::widen(a.data), T::widen(b.data));
     let (a, b) = (Operand { data: &a_data[..], ..a.with_f32() }, Operand { data: &b_data[..], ..b.with_f32() });
+    #[cfg(target_arch = "x86_64")]
+    if b.col_stride == 1 && avx512_f32() {
+        // SAFETY: as above (widening keeps lengths and strides); `avx512_f32` checked the CPU.
+        unsafe { avx512::sgemm(m, n, k, a.data.as_ptr(), a.row_stride, a.col_stride, b.data.as_ptr(), b.row_stride, dst.as_mut_ptr(), n, accumulate) };
+        return;
+    }
     // SAFETY: as above; widening keeps lengths and strides.
     unsafe { crate_matmul(m, n, k, dst, a, b, accumulate) }
 }
@@ -189,10 +219,12 @@ mod tests {
         }
     }
 
+    type StepShape = (usize, usize, usize, (usize, usize), (usize, usize), bool);
+
     /// The three products of a block of the step — cosines `W·x̂ᵀ`, the embedding gradient
     /// `+= gᵀ·W` and the center gradient `g·x̂` — as (m, n, k, a strides, b strides, accumulate)
     /// for `rows` sampled classes, a global batch of `n` and dimension `d`.
-    fn step_shapes(rows: usize, n: usize, d: usize) -> [(usize, usize, usize, (usize, usize), (usize, usize), bool); 3] {
+    fn step_shapes(rows: usize, n: usize, d: usize) -> [StepShape; 3] {
         [(rows, n, d, (d, 1), (1, d), false), (n, d, rows, (1, n), (d, 1), true), (rows, d, n, (n, 1), (d, 1), false)]
     }
 
@@ -254,6 +286,46 @@ mod tests {
                 let mut via = init.clone();
                 pool.install(|| matmul(m, nn, k, &mut via, Operand { data: &ab, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &bb, row_stride: sb.0, col_stride: sb.1 }, acc));
                 assert_eq!(via, got, "matmul() vs oneDNN, bf16 {what}");
+            }
+        }
+    }
+
+    /// The AVX-512 kernels against the crate for every GEMM shape the step uses, with the operands
+    /// the step gives them (the forward product's batch operand transposed, its rows contiguous),
+    /// and `matmul` routing f32 operands there.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_kernels_agree_with_the_crate_on_every_step_shape() {
+        assert!(avx512::available(), "the project's machines have AVX-512F");
+        assert_eq!(path(DType::F32), GemmPath::Avx512F32);
+        let mut seed = 1000;
+        for &(rows, n, d) in &[(256, 256, 512), (255, 37, 64), (1, 1, 8), (78, 300, 128), (256, 3, 512), (0, 16, 64), (17, 16, 1), (12, 32, 5), (13, 33, 17)] {
+            for (m, nn, k, sa, sb, acc) in step_shapes(rows, n, d) {
+                seed += 1;
+                let a_len = if m == 0 || k == 0 { 0 } else { (m - 1) * sa.0 + (k - 1) * sa.1 + 1 };
+                let b_len = if k == 0 || nn == 0 { 0 } else { (k - 1) * sb.0 + (nn - 1) * sb.1 + 1 };
+                let (a, b, init) = (values(a_len, seed), values(b_len, seed + 100), values(m * nn, seed + 200));
+                // The operand with contiguous rows: the forward's batch operand comes transposed.
+                let rows_b: Vec<f32> = (0..k * nn).map(|e| b[(e / nn) * sb.0 + (e % nn) * sb.1]).collect();
+                let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+                let (aa, ba) = (abs(&a), abs(&b));
+                let mut scale = if acc { abs(&init) } else { vec![0.0; m * nn] };
+                let a_op = |data| Operand { data, row_stride: sa.0, col_stride: sa.1 };
+                let b_op = |data| Operand { data, row_stride: sb.0, col_stride: sb.1 };
+                // SAFETY: the lengths span the strides.
+                unsafe { crate_matmul(m, nn, k, &mut scale, a_op(&aa), b_op(&ba), acc) };
+                let mut want = init.clone();
+                unsafe { crate_matmul(m, nn, k, &mut want, a_op(&a), b_op(&b), acc) };
+                let mut got = init.clone();
+                matmul(m, nn, k, &mut got, a_op(&a), Operand::rows(&rows_b, nn), acc);
+                let what = format!("{m}×{nn}×{k} a{sa:?} b{sb:?} accumulate {acc}");
+                check_close(&got, &want, &scale, (k + 2) as f32 * f32::EPSILON, &format!("AVX-512 {what}"));
+                if k > 0 {
+                    let mut direct = init.clone();
+                    // SAFETY: as above; the CPU has AVX-512F (asserted).
+                    unsafe { avx512::sgemm(m, nn, k, a.as_ptr(), sa.0, sa.1, rows_b.as_ptr(), nn, direct.as_mut_ptr(), nn, acc) };
+                    assert_eq!(direct, got, "matmul() vs the AVX-512 kernels, {what}");
+                }
             }
         }
     }

@@ -268,6 +268,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// A dot product summed in f64 (the products of f32 or narrower values are exact there).
+pub fn dot_f64<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x.into() * y.into()).sum()
+}
+
 multiversion! {
     /// Whether every value is finite: `x·0` is NaN exactly for NaN and ±Inf, and a NaN survives any
     /// sum, so this is one vectorized pass without branches.
@@ -397,6 +402,16 @@ multiversion! {
     pub fn scale_rows(rows: &mut [f32], width: usize, factors: &[f32]) {
         for (row, &f) in rows.chunks_exact_mut(width).zip(factors) {
             row.iter_mut().for_each(|v| *v *= f);
+        }
+    }
+}
+
+/// `dst` (`cols` rows of `src.len() / cols`) becomes the transpose of `src` (rows of `cols`).
+pub fn transpose(src: &[f32], cols: usize, dst: &mut [f32]) {
+    let rows = src.len() / cols;
+    for (r, row) in src.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            dst[c * rows + r] = v;
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The CPU backend: every local shard in this process, the collectives in memory, blocks of sampled
 //! classes spread over a work-stealing pool. It is the reference the CUDA backend is tested against.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod dnnl;
 pub mod gemm;
 pub mod kernels;
@@ -123,6 +125,9 @@ struct Shard {
     unit_gemm: Vec<f32>,
     /// The normalized batch in bf16, when the GEMMs take bf16 operands (else empty).
     unit_bf16: Vec<bf16>,
+    /// The forward product's batch operand transposed (`[d][N]`), when the AVX-512 kernels
+    /// multiply it: they read the operand's rows in place (else empty).
+    unit_t: Vec<f32>,
     inv_norm_e: Vec<f32>,
     /// This step's center gradients over `sampled` (through the normalization of W), and whether
     /// all of them are finite.
@@ -139,6 +144,15 @@ struct Shard {
     /// bf16, training) and (global batch, GEMMs on bf16, update inside the pass).
     forward_workers: Workers<ForwardWorker, (usize, bool, bool)>,
     backward_workers: Workers<BackwardWorker, (usize, bool, bool)>,
+}
+
+/// `copy` refilled to `len` values for a GEMM copy of the batch, keeping its allocation from the
+/// last step.
+fn batch_copy<T: Copy>(copy: &mut Vec<T>, len: usize, zero: T) -> Result<&mut [T]> {
+    copy.clear();
+    copy.try_reserve_exact(len).map_err(|_| Error::new(crate::error::Status::OutOfMemory, "cannot allocate the GEMM copy of the batch"))?;
+    copy.resize(len, zero);
+    Ok(copy)
 }
 
 fn no_such_tensor(tensor: StateTensor) -> Error {
@@ -194,6 +208,7 @@ impl CpuBackend {
                 unit: Vec::new(),
                 unit_gemm: Vec::new(),
                 unit_bf16: Vec::new(),
+                unit_t: Vec::new(),
                 inv_norm_e: Vec::new(),
                 pending: RowGrads::default(),
                 pending_finite: true,
@@ -264,6 +279,18 @@ unsafe fn center_block_bf16<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], 
     copy
 }
 
+/// Replaces the GEMM's cosine of each target entry `(column, row)` of the block starting at column
+/// `start` by `exact(column − start, row)`, the same operands' product summed in f64. A target
+/// cosine goes through the margin, whose slope grows without bound as θ → 0 (ArcFace), so the
+/// rounding of a 512-term f32 sum there moves a confident row's loss and gradients by several
+/// times what it moves the other logits; one f64 dot product per batch row costs nothing.
+fn refine_targets(cos: &mut [f32], n: usize, start: usize, targets: &[(u32, usize)], exact: impl Fn(usize, usize) -> f64) {
+    for &(c, i) in targets {
+        let r = c as usize - start;
+        cos[r * n + i] = exact(r, i) as f32;
+    }
+}
+
 /// Per-thread scratch of the forward pass.
 struct ForwardWorker {
     centers: Vec<f32>,
@@ -306,6 +333,7 @@ impl Shard {
         let n = labels.len();
         let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
         let d = cfg.embedding_dim;
+        let batch = if self.unit_t.is_empty() { Operand::transposed(unit_gemm, d) } else { Operand::rows(&self.unit_t, n) };
         let k = self.sampled.len();
         self.col.clear();
         let mut by_col: Vec<(u32, usize)> = Vec::new();
@@ -368,22 +396,28 @@ impl Shard {
             let inv = unsafe { inv_out.slice(start, rows) };
             let ids = &sampled[start..end];
             let cos = if train { unsafe { cos_out.slice(start * n, rows * n) } } else { &mut w.cos[..rows * n] };
+            let lo = by_col.partition_point(|&(c, _)| (c as usize) < start);
+            let hi = by_col.partition_point(|&(c, _)| (c as usize) < end);
+            let block_targets = &by_col[lo..hi];
             if native {
                 let operand = &mut w.centers_bf16[..rows * d];
                 kernels::unit_rows_bf16(centers, d, ids, inv, operand);
                 matmul(rows, n, d, cos, Operand::rows(operand, d), Operand::transposed(unit_bf16, d), false);
+                refine_targets(cos, n, start, block_targets, |r, i| kernels::dot_f64(&operand[r * d..(r + 1) * d], &unit_bf16[i * d..(i + 1) * d]));
             } else {
                 kernels::row_inv_norms(centers, d, ids, inv);
                 // SAFETY: nothing writes centers during the forward pass.
                 let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, &mut w.centers) };
-                matmul(rows, n, d, cos, Operand::rows(operand, d), Operand::transposed(unit_gemm, d), false);
+                matmul(rows, n, d, cos, Operand::rows(operand, d), batch, false);
                 if scaled_after {
                     kernels::scale_rows(cos, n, inv);
                 }
+                refine_targets(cos, n, start, block_targets, |r, i| {
+                    let scale = if scaled_after { inv[r] as f64 } else { 1.0 };
+                    kernels::dot_f64(&operand[r * d..(r + 1) * d], &unit_gemm[i * d..(i + 1) * d]) * scale
+                });
             }
-            let lo = by_col.partition_point(|&(c, _)| (c as usize) < start);
-            let hi = by_col.partition_point(|&(c, _)| (c as usize) < end);
-            for &(c, i) in &by_col[lo..hi] {
+            for &(c, i) in block_targets {
                 let raw = cos[(c as usize - start) * n + i];
                 let t = target_logit(margin, raw.clamp(-1.0, 1.0));
                 w.target_block[i] = t.logit;
@@ -654,16 +688,20 @@ impl Primitives for CpuBackend {
         s.unit = emb;
         s.inv_norm_e = try_zeroed(n, "embedding norms")?;
         kernels::normalize_rows_inplace(&mut s.unit, d, &mut s.inv_norm_e);
+        let len = s.unit.len();
         s.unit_gemm.clear();
         s.unit_bf16.clear();
         if native_bf16(self.cfg.compute_dtype) {
-            s.unit_bf16.try_reserve_exact(s.unit.len()).map_err(|_| crate::error::Error::new(crate::error::Status::OutOfMemory, "cannot allocate the GEMM copy of the batch"))?;
-            s.unit_bf16.resize(s.unit.len(), bf16::ZERO);
-            kernels::to_bf16(&s.unit, &mut s.unit_bf16);
+            kernels::to_bf16(&s.unit, batch_copy(&mut s.unit_bf16, len, bf16::ZERO)?);
         } else if self.cfg.compute_dtype != DType::F32 {
-            s.unit_gemm.try_reserve_exact(s.unit.len()).map_err(|_| crate::error::Error::new(crate::error::Status::OutOfMemory, "cannot allocate the GEMM copy of the batch"))?;
-            s.unit_gemm.extend_from_slice(&s.unit);
-            quantize(self.cfg.compute_dtype, &mut s.unit_gemm);
+            let copy = batch_copy(&mut s.unit_gemm, len, 0.0)?;
+            copy.copy_from_slice(&s.unit);
+            quantize(self.cfg.compute_dtype, copy);
+        }
+        s.unit_t.clear();
+        if gemm::path(self.cfg.compute_dtype) == GemmPath::Avx512F32 {
+            let unit = if s.unit_gemm.is_empty() { &s.unit } else { &s.unit_gemm };
+            kernels::transpose(unit, d, batch_copy(&mut s.unit_t, len, 0.0)?);
         }
         s.forward(&self.cfg, plan, labels, params)
     }

@@ -107,8 +107,8 @@ fn gemm_path(a: &BenchArgs, dtype: DType) -> Result<String, String> {
         return Ok(format!("{} (oneDNN failed: {why})", p.name()));
     }
     Ok(match (p, dnnl::loaded()) {
-        (gemm::GemmPath::Crate, Err(why)) => format!("{} ({why})", p.name()),
-        (gemm::GemmPath::Crate, Ok(lib)) => format!("{} (oneDNN at {lib} runs bf16 steps only, on bf16 hardware)", p.name()),
+        (gemm::GemmPath::Crate | gemm::GemmPath::Avx512F32, Err(why)) => format!("{} ({why})", p.name()),
+        (gemm::GemmPath::Crate | gemm::GemmPath::Avx512F32, Ok(lib)) => format!("{} (oneDNN at {lib} runs bf16 steps only, on bf16 hardware)", p.name()),
         (gemm::GemmPath::OneDnnBf16, lib) => format!("{} ({}, {})", p.name(), gemm::onednn_kernel(dnnl::DataType::Bf16).unwrap_or_default(), lib.unwrap_or_default()),
     })
 }

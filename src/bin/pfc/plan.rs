@@ -263,7 +263,7 @@ fn grouped(v: u128) -> String {
     let digits = v.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -341,7 +341,7 @@ fn to_json(a: &PlanArgs, p: &Plan) -> Value {
         "sharding": {
             "classes_per_gpu_max": u(p.n_max),
             "classes_per_gpu_min": u(p.n_min),
-            "gpus_with_max": u(if p.c % p.s == 0 { p.s } else { p.c % p.s }),
+            "gpus_with_max": u(if p.c.is_multiple_of(p.s) { p.s } else { p.c % p.s }),
             "sampled_per_gpu": u(p.k),
             "sampled_per_gpu_bound": u(bound),
         },

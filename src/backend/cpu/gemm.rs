@@ -34,28 +34,62 @@ impl Element for bf16 {
     }
 }
 
-/// A row-major-or-strided matrix operand: element (r, c) is at `data[r·row_stride + c·col_stride]`.
+/// A strided matrix operand: element (r, c) is at `data[r·row_stride + c·col_stride]`, or, with
+/// `ids`, at `data[ids[r]·row_stride + c]` (rows gathered from a table).
 #[derive(Clone, Copy)]
 pub struct Operand<'a, T = f32> {
     pub data: &'a [T],
     pub row_stride: usize,
     pub col_stride: usize,
+    pub ids: Option<&'a [u32]>,
 }
 
 impl<'a, T: Element> Operand<'a, T> {
+    pub fn strided(data: &'a [T], row_stride: usize, col_stride: usize) -> Self {
+        Operand { data, row_stride, col_stride, ids: None }
+    }
     /// A row-major matrix with `cols` columns.
     pub fn rows(data: &'a [T], cols: usize) -> Self {
-        Operand { data, row_stride: cols, col_stride: 1 }
+        Operand::strided(data, cols, 1)
     }
     /// The transpose of a row-major matrix with `cols` columns.
     pub fn transposed(data: &'a [T], cols: usize) -> Self {
-        Operand { data, row_stride: 1, col_stride: cols }
+        Operand::strided(data, 1, cols)
     }
-    fn with_f32(self) -> Operand<'static, f32> {
-        Operand { data: &[], row_stride: self.row_stride, col_stride: self.col_stride }
+    /// Rows `ids` of the row-major table `data` with `cols` columns, in that order.
+    pub fn gathered(data: &'a [T], cols: usize, ids: &'a [u32]) -> Self {
+        Operand { data, row_stride: cols, col_stride: 1, ids: Some(ids) }
+    }
+    /// Row `r` of a row-major or gathered operand with `cols` columns.
+    pub fn row(&self, r: usize, cols: usize) -> &'a [T] {
+        debug_assert_eq!(self.col_stride, 1);
+        let first = self.ids.map_or(r, |ids| ids[r] as usize) * self.row_stride;
+        &self.data[first..first + cols]
+    }
+    fn with_f32(self) -> Operand<'a, f32> {
+        Operand { data: &[], row_stride: self.row_stride, col_stride: self.col_stride, ids: self.ids }
     }
     fn spans(&self, rows: usize, cols: usize) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+        if rows == 0 || cols == 0 {
+            return true;
+        }
+        match self.ids {
+            None => (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len(),
+            Some(ids) => self.col_stride == 1 && ids.len() >= rows && ids[..rows].iter().all(|&r| r as usize * self.row_stride + cols <= self.data.len()),
+        }
+    }
+    /// This operand, with a gathered one's rows copied into `store` (row-major), for the engines
+    /// that read strided operands only.
+    fn strided_in<'b>(self, rows: usize, cols: usize, store: &'b mut Vec<T>) -> Operand<'b, T>
+    where
+        'a: 'b,
+    {
+        if self.ids.is_none() {
+            return self;
+        }
+        store.clear();
+        (0..rows).for_each(|r| store.extend_from_slice(self.row(r, cols)));
+        Operand::rows(store, cols)
     }
 }
 
@@ -136,7 +170,8 @@ pub fn onednn_kernel(dtype: dnnl::DataType) -> Option<String> {
 /// `dst[m×n] (row-major, f32) = a[m×k]·b[k×n]`, or `+=` when `accumulate`. bf16 operands go to
 /// oneDNN (they come only from a step whose path is oneDNN), or are widened where oneDNN cannot
 /// run; f32 operands go to the AVX-512 kernels when [`path`] says so and `b`'s rows are
-/// contiguous (the layouts the step passes on that path), else to the crate.
+/// contiguous (the layouts the step passes on that path), which read gathered operands in place,
+/// else to the crate.
 pub fn matmul<T: Element>(m: usize, n: usize, k: usize, dst: &mut [f32], a: Operand<'_, T>, b: Operand<'_, T>, accumulate: bool) {
     assert!(dst.len() >= m * n && a.spans(m, k) && b.spans(k, n), "matmul operands out of bounds");
     if m == 0 || n == 0 {
@@ -149,6 +184,9 @@ pub fn matmul<T: Element>(m: usize, n: usize, k: usize, dst: &mut [f32], a: Oper
         return;
     }
     let wants_onednn = T::DNNL != dnnl::DataType::F32;
+    let in_place = !wants_onednn && b.col_stride == 1 && avx512_f32();
+    let (mut a_rows, mut b_rows) = (Vec::new(), Vec::new());
+    let (a, b) = if in_place { (a, b) } else { (a.strided_in(m, k, &mut a_rows), b.strided_in(k, n, &mut b_rows)) };
     // oneDNN computes on the pool's threads only, each limited to itself (see dnnl.rs).
     if wants_onednn && FAILURE.get().is_none() && rayon::current_thread_index().is_some() {
         let shape = dnnl::Shape { m, n, k, a_strides: (a.row_stride, a.col_stride), b_strides: (b.row_stride, b.col_stride), dtype: T::DNNL, accumulate };
@@ -164,8 +202,9 @@ pub fn matmul<T: Element>(m: usize, n: usize, k: usize, dst: &mut [f32], a: Oper
     let (a, b) = (Operand { data: &a_data[..], ..a.with_f32() }, Operand { data: &b_data[..], ..b.with_f32() });
     #[cfg(target_arch = "x86_64")]
     if b.col_stride == 1 && avx512_f32() {
-        // SAFETY: as above (widening keeps lengths and strides); `avx512_f32` checked the CPU.
-        unsafe { avx512::sgemm(m, n, k, a.data.as_ptr(), a.row_stride, a.col_stride, b.data.as_ptr(), b.row_stride, dst.as_mut_ptr(), n, accumulate) };
+        let (a_rows, b_rows) = (avx512::Rows { base: a.data.as_ptr(), stride: a.row_stride, ids: a.ids }, avx512::Rows { base: b.data.as_ptr(), stride: b.row_stride, ids: b.ids });
+        // SAFETY: as above (widening keeps lengths, strides and ids); `avx512_f32` checked the CPU.
+        unsafe { avx512::sgemm(m, n, k, a_rows, a.col_stride, b_rows, dst.as_mut_ptr(), n, accumulate) };
         return;
     }
     // SAFETY: as above; widening keeps lengths and strides.
@@ -256,9 +295,9 @@ mod tests {
                 let (aa, ba) = (abs(&a), abs(&b));
                 let mut scale = if acc { abs(&init) } else { vec![0.0; m * nn] };
                 // SAFETY: the lengths span the strides.
-                unsafe { crate_matmul(m, nn, k, &mut scale, Operand { data: &aa, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &ba, row_stride: sb.0, col_stride: sb.1 }, acc) };
+                unsafe { crate_matmul(m, nn, k, &mut scale, Operand::strided(&aa, sa.0, sa.1), Operand::strided(&ba, sb.0, sb.1), acc) };
                 let mut want = init.clone();
-                unsafe { crate_matmul(m, nn, k, &mut want, Operand { data: &a, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &b, row_stride: sb.0, col_stride: sb.1 }, acc) };
+                unsafe { crate_matmul(m, nn, k, &mut want, Operand::strided(&a, sa.0, sa.1), Operand::strided(&b, sb.0, sb.1), acc) };
                 let what = format!("{m}×{nn}×{k} a{sa:?} b{sb:?} accumulate {acc}");
                 let shape = dnnl::Shape { m, n: nn, k, a_strides: sa, b_strides: sb, dtype: dnnl::DataType::F32, accumulate: acc };
                 let mut got = init.clone();
@@ -274,7 +313,7 @@ mod tests {
                 let (ab, bb): (Vec<bf16>, Vec<bf16>) = (a.iter().map(|&v| bf16::from_f32(v)).collect(), b.iter().map(|&v| bf16::from_f32(v)).collect());
                 let (ar, br): (Vec<f32>, Vec<f32>) = (ab.iter().map(|v| v.to_f32()).collect(), bb.iter().map(|v| v.to_f32()).collect());
                 let mut rounded = init.clone();
-                unsafe { crate_matmul(m, nn, k, &mut rounded, Operand { data: &ar, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &br, row_stride: sb.0, col_stride: sb.1 }, acc) };
+                unsafe { crate_matmul(m, nn, k, &mut rounded, Operand::strided(&ar, sa.0, sa.1), Operand::strided(&br, sb.0, sb.1), acc) };
                 let mut got = init.clone();
                 let shape = dnnl::Shape { dtype: dnnl::DataType::Bf16, ..shape };
                 if m * nn > 0 && k > 0 {
@@ -284,7 +323,7 @@ mod tests {
                 check_close(&got, &want, &scale, 2.0 / 256.0 + (k + 2) as f32 * f32::EPSILON, &format!("bf16 vs f32 {what}"));
                 // And the dispatching entry point, which the step calls, gives the same as oneDNN.
                 let mut via = init.clone();
-                pool.install(|| matmul(m, nn, k, &mut via, Operand { data: &ab, row_stride: sa.0, col_stride: sa.1 }, Operand { data: &bb, row_stride: sb.0, col_stride: sb.1 }, acc));
+                pool.install(|| matmul(m, nn, k, &mut via, Operand::strided(&ab, sa.0, sa.1), Operand::strided(&bb, sb.0, sb.1), acc));
                 assert_eq!(via, got, "matmul() vs oneDNN, bf16 {what}");
             }
         }
@@ -310,8 +349,8 @@ mod tests {
                 let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
                 let (aa, ba) = (abs(&a), abs(&b));
                 let mut scale = if acc { abs(&init) } else { vec![0.0; m * nn] };
-                let a_op = |data| Operand { data, row_stride: sa.0, col_stride: sa.1 };
-                let b_op = |data| Operand { data, row_stride: sb.0, col_stride: sb.1 };
+                let a_op = |data| Operand::strided(data, sa.0, sa.1);
+                let b_op = |data| Operand::strided(data, sb.0, sb.1);
                 // SAFETY: the lengths span the strides.
                 unsafe { crate_matmul(m, nn, k, &mut scale, a_op(&aa), b_op(&ba), acc) };
                 let mut want = init.clone();
@@ -323,10 +362,38 @@ mod tests {
                 if k > 0 {
                     let mut direct = init.clone();
                     // SAFETY: as above; the CPU has AVX-512F (asserted).
-                    unsafe { avx512::sgemm(m, nn, k, a.as_ptr(), sa.0, sa.1, rows_b.as_ptr(), nn, direct.as_mut_ptr(), nn, acc) };
+                    let (ar, br) = (avx512::Rows { base: a.as_ptr(), stride: sa.0, ids: None }, avx512::Rows { base: rows_b.as_ptr(), stride: nn, ids: None });
+                    unsafe { avx512::sgemm(m, nn, k, ar, sa.1, br, direct.as_mut_ptr(), nn, acc) };
                     assert_eq!(direct, got, "matmul() vs the AVX-512 kernels, {what}");
                 }
             }
+        }
+    }
+
+    /// Rows gathered from a table give the same bits as the same rows copied out: read in place by
+    /// the AVX-512 kernels (the forward product's centers, the embedding gradient's), or copied
+    /// by `matmul` for the crate (the forward product with its batch operand untransposed).
+    #[test]
+    fn gathered_operands_match_their_rows_copied() {
+        let (table_rows, d, n) = (1000, 64, 37);
+        let table = values(table_rows * d, 77);
+        for rows in [256, 13, 1] {
+            let ids: Vec<u32> = (0..table_rows as u32).filter(|&j| !crate::rng::at(rows as u64, j as u64).is_multiple_of(3)).take(rows).collect();
+            assert_eq!(ids.len(), rows);
+            let copied: Vec<f32> = ids.iter().flat_map(|&j| table[j as usize * d..(j as usize + 1) * d].to_vec()).collect();
+            let (x, g) = (values(n * d, 78), values(rows * n, 79));
+            let xt: Vec<f32> = (0..d * n).map(|e| x[(e % n) * d + e / n]).collect();
+            for batch in [Operand::rows(&xt, n), Operand::transposed(&x, d)] {
+                let (mut got, mut want) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+                matmul(rows, n, d, &mut got, Operand::gathered(&table, d, &ids), batch, false);
+                matmul(rows, n, d, &mut want, Operand::rows(&copied, d), batch, false);
+                assert_eq!(got, want, "cosines of {rows} gathered rows, batch column stride {}", batch.col_stride);
+            }
+            let init = values(n * d, 80);
+            let (mut got, mut want) = (init.clone(), init);
+            matmul(n, d, rows, &mut got, Operand::transposed(&g, n), Operand::gathered(&table, d, &ids), true);
+            matmul(n, d, rows, &mut want, Operand::transposed(&g, n), Operand::rows(&copied, d), true);
+            assert_eq!(got, want, "embedding gradient over {rows} gathered rows");
         }
     }
 

@@ -228,18 +228,37 @@ impl CpuBackend {
 
 }
 
-/// The centers of one block as a GEMM operand (`ids.len()` rows of `d`). With f32 and consecutive
-/// ids it is the centers themselves, unnormalized, and the caller scales results by 1/‖W_j‖
-/// (`true`); otherwise a copy in `scratch`: raw for f32, or normalized and rounded to the compute
-/// dtype, since rounding must apply to the unit vectors as a GPU's bf16 GEMM would see them (`false`).
+/// Whether the GEMMs can read a block's scattered f32 centers where they are (the AVX-512
+/// kernels), so that `center_block` need not copy them.
+fn gathers_in_place(dtype: DType) -> bool {
+    dtype == DType::F32 && gemm::path(dtype) == GemmPath::Avx512F32
+}
+
+/// The centers of one block as a GEMM operand (`ids.len()` rows of `d`). With f32 it is the
+/// centers themselves, unnormalized, and the caller scales results by 1/‖W_j‖ (`true`): in place
+/// where the ids are consecutive, or with `gather` where the kernels read scattered rows where
+/// they are (`local_ids` then holds the ids from the block's first row), else copied into
+/// `scratch`. The forward pass gathers: its norm pass has just brought the rows into cache. The
+/// backward pass copies: the copy's loop, prefetching row by row, reads rows from memory faster
+/// than the GEMM's own reads would (measured: docs/benchmarks.md).
+/// Otherwise it is a copy in `scratch`, normalized and rounded to the compute dtype, since
+/// rounding must apply to the unit vectors as a GPU's bf16 GEMM would see them (`false`).
 ///
 /// # Safety
-/// `centers` must hold the rows `ids` (each `d` long), and no other thread may write them meanwhile.
-unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: usize, dtype: DType, scratch: &'a mut [f32]) -> (&'a [f32], bool) {
+/// `centers` must hold the rows `ids` (each `d` long, ascending), and no other thread may write
+/// rows from the first to the last of them meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: usize, dtype: DType, gather: bool, scratch: &'a mut [f32], local_ids: &'a mut Vec<u32>) -> (Operand<'a>, bool) {
     let rows = ids.len();
     let first = ids[0] as usize;
-    if dtype == DType::F32 && ids[rows - 1] as usize - first == rows - 1 {
-        return (centers.slice(first * d, rows * d), true);
+    let span = ids[rows - 1] as usize - first + 1;
+    if dtype == DType::F32 && span == rows {
+        return (Operand::rows(centers.slice(first * d, rows * d), d), true);
+    }
+    if gather && gathers_in_place(dtype) {
+        local_ids.clear();
+        local_ids.extend(ids.iter().map(|&j| j - first as u32));
+        return (Operand::gathered(centers.slice(first * d, span * d), d, local_ids), true);
     }
     let copy = &mut scratch[..rows * d];
     for (i, ((dst, &j), &r)) in copy.chunks_exact_mut(d).zip(ids).zip(inv).enumerate() {
@@ -254,10 +273,10 @@ unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: us
         }
     }
     if dtype == DType::F32 {
-        (copy, true)
+        (Operand::rows(copy, d), true)
     } else {
         quantize(dtype, copy);
-        (copy, false)
+        (Operand::rows(copy, d), false)
     }
 }
 
@@ -294,6 +313,8 @@ fn refine_targets(cos: &mut [f32], n: usize, start: usize, targets: &[(u32, usiz
 /// Per-thread scratch of the forward pass.
 struct ForwardWorker {
     centers: Vec<f32>,
+    /// A gathered block's ids from its first row (`center_block`).
+    local_ids: Vec<u32>,
     centers_bf16: Vec<bf16>,
     cos: Vec<f32>,
     rows: RowAccumulator,
@@ -305,6 +326,8 @@ struct ForwardWorker {
 /// Per-thread scratch of the backward pass.
 struct BackwardWorker {
     centers: Vec<f32>,
+    /// Unused: the backward pass copies scattered f32 rows (`center_block`).
+    local_ids: Vec<u32>,
     centers_bf16: Vec<bf16>,
     /// ∂loss/∂cos of the block in bf16, when the GEMMs take bf16.
     grad_bf16: Vec<bf16>,
@@ -374,10 +397,12 @@ impl Shard {
         let centers_ptr = Shared(self.centers.as_ptr().cast_mut());
         let (train, dtype) = (plan.train, cfg.compute_dtype);
         let native = native_bf16(dtype);
+        let gathers = gathers_in_place(dtype);
         let unit_bf16 = &self.unit_bf16;
         let worker = || {
             Ok(ForwardWorker {
-                centers: if native { Vec::new() } else { try_zeroed(BLOCK * d, "center block scratch")? },
+                centers: if native || gathers { Vec::new() } else { try_zeroed(BLOCK * d, "center block scratch")? },
+                local_ids: Vec::new(),
                 centers_bf16: if native { try_zeroed(BLOCK * d, "center block scratch")? } else { Vec::new() },
                 cos: if train { Vec::new() } else { try_zeroed(BLOCK * n, "evaluation scratch (256 classes × global batch)")? },
                 rows: RowAccumulator::new(n),
@@ -407,14 +432,14 @@ impl Shard {
             } else {
                 kernels::row_inv_norms(centers, d, ids, inv);
                 // SAFETY: nothing writes centers during the forward pass.
-                let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, &mut w.centers) };
-                matmul(rows, n, d, cos, Operand::rows(operand, d), batch, false);
+                let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, true, &mut w.centers, &mut w.local_ids) };
+                matmul(rows, n, d, cos, operand, batch, false);
                 if scaled_after {
                     kernels::scale_rows(cos, n, inv);
                 }
                 refine_targets(cos, n, start, block_targets, |r, i| {
                     let scale = if scaled_after { inv[r] as f64 } else { 1.0 };
-                    kernels::dot_f64(&operand[r * d..(r + 1) * d], &unit_gemm[i * d..(i + 1) * d]) * scale
+                    kernels::dot_f64(operand.row(r, d), &unit_gemm[i * d..(i + 1) * d]) * scale
                 });
             }
             for &(c, i) in block_targets {
@@ -509,6 +534,7 @@ impl Shard {
         let worker = || {
             Ok(BackwardWorker {
                 centers: if native { Vec::new() } else { try_zeroed(BLOCK * d, "center block scratch")? },
+                local_ids: Vec::new(),
                 centers_bf16: if native { try_zeroed(BLOCK * d, "center block scratch")? } else { Vec::new() },
                 grad_bf16: if native { try_zeroed(BLOCK * n, "cosine gradient scratch")? } else { Vec::new() },
                 grad_x: try_zeroed(n * d, "embedding gradient scratch")?,
@@ -547,14 +573,14 @@ impl Shard {
                 false
             } else {
                 // SAFETY: as above; the operand is dropped before the rows are written.
-                let (operand, scaled_after) = unsafe { center_block(centers, ids, inv, d, dtype, &mut w.centers) };
+                let (operand, scaled_after) = unsafe { center_block(centers, ids, inv, d, dtype, false, &mut w.centers, &mut w.local_ids) };
                 if scaled_after {
                     // ∂/∂(W_j·x̂) = ∂/∂cos · 1/‖W_j‖: the GEMMs then see unnormalized centers.
                     kernels::scale_rows(g, n, inv);
                 } else {
                     quantize(dtype, g);
                 }
-                matmul(n, d, rows, &mut w.grad_x, Operand::transposed(g, n), Operand::rows(operand, d), true);
+                matmul(n, d, rows, &mut w.grad_x, Operand::transposed(g, n), operand, true);
                 matmul(rows, d, n, gc, Operand::rows(g, n), Operand::rows(unit_gemm, d), false);
                 scaled_after
             };

@@ -234,28 +234,28 @@ fn gathers_in_place(dtype: DType) -> bool {
     dtype == DType::F32 && gemm::path(dtype) == GemmPath::Avx512F32
 }
 
-/// The centers of one block as a GEMM operand (`ids.len()` rows of `d`). With f32 it is the
-/// centers themselves, unnormalized, and the caller scales results by 1/‖W_j‖ (`true`): in place
-/// where the ids are consecutive, or with `gather` where the kernels read scattered rows where
-/// they are (`local_ids` then holds the ids from the block's first row), else copied into
-/// `scratch`. The forward pass gathers: its norm pass has just brought the rows into cache. The
-/// backward pass copies: the copy's loop, prefetching row by row, reads rows from memory faster
-/// than the GEMM's own reads would (measured: docs/benchmarks.md).
-/// Otherwise it is a copy in `scratch`, normalized and rounded to the compute dtype, since
-/// rounding must apply to the unit vectors as a GPU's bf16 GEMM would see them (`false`).
+/// The centers of one block as a GEMM operand (`ids.len()` rows of `d`).
+/// - f32: the centers themselves, unnormalized, and the caller scales results by 1/‖W_j‖
+///   (`true`). In place where the ids are consecutive, or given `gather` where the kernels read
+///   scattered rows where they are (`gather` then holds the ids from the block's first row), else
+///   copied into `scratch`. The forward pass gathers: its norm pass has just brought the rows into
+///   cache. The backward pass copies: the copy's loop, prefetching row by row, reads rows from
+///   memory faster than the GEMM's own reads would (measured: docs/benchmarks.md).
+/// - Other dtypes: a copy in `scratch`, normalized and rounded to the compute dtype, since rounding
+///   must apply to the unit vectors as a GPU's bf16 GEMM would see them (`false`).
 ///
 /// # Safety
 /// `centers` must hold the rows `ids` (each `d` long, ascending), and no other thread may write
 /// rows from the first to the last of them meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: usize, dtype: DType, gather: bool, scratch: &'a mut [f32], local_ids: &'a mut Vec<u32>) -> (Operand<'a>, bool) {
+unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: usize, dtype: DType, gather: Option<&'a mut Vec<u32>>, scratch: &'a mut [f32]) -> (Operand<'a>, bool) {
     let rows = ids.len();
     let first = ids[0] as usize;
     let span = ids[rows - 1] as usize - first + 1;
     if dtype == DType::F32 && span == rows {
         return (Operand::rows(centers.slice(first * d, rows * d), d), true);
     }
-    if gather && gathers_in_place(dtype) {
+    if let Some(local_ids) = gather.filter(|_| gathers_in_place(dtype)) {
         local_ids.clear();
         local_ids.extend(ids.iter().map(|&j| j - first as u32));
         return (Operand::gathered(centers.slice(first * d, span * d), d, local_ids), true);
@@ -326,8 +326,6 @@ struct ForwardWorker {
 /// Per-thread scratch of the backward pass.
 struct BackwardWorker {
     centers: Vec<f32>,
-    /// Unused: the backward pass copies scattered f32 rows (`center_block`).
-    local_ids: Vec<u32>,
     centers_bf16: Vec<bf16>,
     /// ∂loss/∂cos of the block in bf16, when the GEMMs take bf16.
     grad_bf16: Vec<bf16>,
@@ -432,7 +430,7 @@ impl Shard {
             } else {
                 kernels::row_inv_norms(centers, d, ids, inv);
                 // SAFETY: nothing writes centers during the forward pass.
-                let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, true, &mut w.centers, &mut w.local_ids) };
+                let (operand, scaled_after) = unsafe { center_block(centers_ptr, ids, inv, d, dtype, Some(&mut w.local_ids), &mut w.centers) };
                 matmul(rows, n, d, cos, operand, batch, false);
                 if scaled_after {
                     kernels::scale_rows(cos, n, inv);
@@ -534,7 +532,6 @@ impl Shard {
         let worker = || {
             Ok(BackwardWorker {
                 centers: if native { Vec::new() } else { try_zeroed(BLOCK * d, "center block scratch")? },
-                local_ids: Vec::new(),
                 centers_bf16: if native { try_zeroed(BLOCK * d, "center block scratch")? } else { Vec::new() },
                 grad_bf16: if native { try_zeroed(BLOCK * n, "cosine gradient scratch")? } else { Vec::new() },
                 grad_x: try_zeroed(n * d, "embedding gradient scratch")?,
@@ -573,7 +570,7 @@ impl Shard {
                 false
             } else {
                 // SAFETY: as above; the operand is dropped before the rows are written.
-                let (operand, scaled_after) = unsafe { center_block(centers, ids, inv, d, dtype, false, &mut w.centers, &mut w.local_ids) };
+                let (operand, scaled_after) = unsafe { center_block(centers, ids, inv, d, dtype, None, &mut w.centers) };
                 if scaled_after {
                     // ∂/∂(W_j·x̂) = ∂/∂cos · 1/‖W_j‖: the GEMMs then see unnormalized centers.
                     kernels::scale_rows(g, n, inv);

@@ -49,7 +49,7 @@ fn main() {
             }
         })
     });
-    println!("gemm crate, blocks of {} on rayon (partialfc) {:>7.1} GFLOP/s", block(), flops / t / 1e9);
+    println!("gemm crate, blocks of {} on rayon {:>7.1} GFLOP/s", block(), flops / t / 1e9);
 
     let t = best_of(5, || {
         out.par_chunks_mut(block() * N).enumerate().for_each(|(b, c)| {

@@ -158,7 +158,8 @@ unsafe fn tile<const R: usize, A: TileOf, B: RowsOf>(k: usize, a: &A::Tile<R>, b
     for p in 0..k {
         let row = b.row(p).add(j);
         let b0 = _mm512_maskz_loadu_ps(masks[0], row);
-        let b1 = _mm512_maskz_loadu_ps(masks[1], row.add(16));
+        // The second half may lie past the operand's end, when its mask is empty.
+        let b1 = _mm512_maskz_loadu_ps(masks[1], row.wrapping_add(16));
         for (i, sums) in acc.iter_mut().enumerate() {
             let x = _mm512_set1_ps(A::at::<R>(a, i, p));
             sums[0] = _mm512_fmadd_ps(x, b0, sums[0]);
@@ -168,7 +169,7 @@ unsafe fn tile<const R: usize, A: TileOf, B: RowsOf>(k: usize, a: &A::Tile<R>, b
     for (i, sums) in acc.iter().enumerate() {
         let out = c.add(i * ldc);
         for (h, (&mask, &sum)) in masks.iter().zip(sums).enumerate() {
-            let dst = out.add(16 * h);
+            let dst = out.wrapping_add(16 * h);
             let value = if accumulate { _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), sum) } else { sum };
             _mm512_mask_storeu_ps(dst, mask, value);
         }

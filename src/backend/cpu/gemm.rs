@@ -115,8 +115,8 @@ impl GemmPath {
     }
 }
 
-/// Why a oneDNN call failed at run time, after which the crate multiplies everything; [`path`]
-/// then reports the crate.
+/// Why a oneDNN call failed at run time, after which bf16 operands are widened for the f32 engines;
+/// [`path`] then reports the f32 engine.
 static FAILURE: OnceLock<String> = OnceLock::new();
 
 /// The run-time failure that moved the GEMMs off oneDNN, if one did.

@@ -84,6 +84,11 @@ impl<T> Shared<T> {
     unsafe fn slice<'a>(self, start: usize, len: usize) -> &'a mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
+    /// # Safety
+    /// The range must be in bounds and not written by anyone while the slice lives.
+    unsafe fn read<'a>(self, start: usize, len: usize) -> &'a [T] {
+        std::slice::from_raw_parts(self.0.add(start), len)
+    }
 }
 
 /// Whether the GEMMs take bf16 operands themselves (oneDNN on bf16 hardware) rather than f32
@@ -245,27 +250,27 @@ fn gathers_in_place(dtype: DType) -> bool {
 ///   must apply to the unit vectors as a GPU's bf16 GEMM would see them (`false`).
 ///
 /// # Safety
-/// `centers` must hold the rows `ids` (each `d` long, ascending), and no other thread may write
-/// rows from the first to the last of them meanwhile.
+/// `centers` must hold the rows `ids` (each `d` long, strictly ascending), and nothing may write
+/// rows from the first to the last of them while the operand lives.
 #[allow(clippy::too_many_arguments)]
 unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: usize, dtype: DType, gather: Option<&'a mut Vec<u32>>, scratch: &'a mut [f32]) -> (Operand<'a>, bool) {
     let rows = ids.len();
     let first = ids[0] as usize;
     let span = ids[rows - 1] as usize - first + 1;
     if dtype == DType::F32 && span == rows {
-        return (Operand::rows(centers.slice(first * d, rows * d), d), true);
+        return (Operand::rows(centers.read(first * d, rows * d), d), true);
     }
     if let Some(local_ids) = gather.filter(|_| gathers_in_place(dtype)) {
         local_ids.clear();
         local_ids.extend(ids.iter().map(|&j| j - first as u32));
-        return (Operand::gathered(centers.slice(first * d, span * d), d, local_ids), true);
+        return (Operand::gathered(centers.read(first * d, span * d), d, local_ids), true);
     }
     let copy = &mut scratch[..rows * d];
     for (i, ((dst, &j), &r)) in copy.chunks_exact_mut(d).zip(ids).zip(inv).enumerate() {
         if let Some(&ahead) = ids.get(i + kernels::PREFETCH_AHEAD) {
-            kernels::prefetch::<f32>(centers.slice(ahead as usize * d, d));
+            kernels::prefetch::<f32>(centers.read(ahead as usize * d, d));
         }
-        let src: &[f32] = centers.slice(j as usize * d, d);
+        let src: &[f32] = centers.read(j as usize * d, d);
         if dtype == DType::F32 {
             dst.copy_from_slice(src);
         } else {
@@ -291,9 +296,9 @@ unsafe fn center_block_bf16<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], 
     let copy = &mut scratch[..ids.len() * d];
     for (i, ((dst, &j), &r)) in copy.chunks_exact_mut(d).zip(ids).zip(inv).enumerate() {
         if let Some(&ahead) = ids.get(i + kernels::PREFETCH_AHEAD) {
-            kernels::prefetch::<f32>(centers.slice(ahead as usize * d, d));
+            kernels::prefetch::<f32>(centers.read(ahead as usize * d, d));
         }
-        kernels::to_bf16_scaled(centers.slice(j as usize * d, d), r, dst);
+        kernels::to_bf16_scaled(centers.read(j as usize * d, d), r, dst);
     }
     copy
 }
@@ -747,7 +752,7 @@ impl Primitives for CpuBackend {
     }
 
     fn gemm_path(&self) -> &'static str {
-        // A oneDNN failure during a step moves the GEMMs to the crate for good; `path` says so.
+        // A oneDNN failure during a step moves bf16 GEMMs to the f32 engines for good; `path` says so.
         gemm::path(self.cfg.compute_dtype).name()
     }
 
@@ -861,7 +866,7 @@ impl Primitives for CpuBackend {
                 if let Some(&ahead) = acc.rows.get(r + kernels::PREFETCH_AHEAD) {
                     // SAFETY: only the address of another row is taken.
                     unsafe {
-                        kernels::prefetch::<f32>(centers.slice(ahead as usize * d, d));
+                        kernels::prefetch::<f32>(centers.read(ahead as usize * d, d));
                         state.prefetch(ahead as usize, d);
                     }
                 }

@@ -88,6 +88,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Allocates a zeroed vector, reporting exhaustion as `OutOfMemory` instead of aborting the host.
 pub fn try_zeroed<T: Clone + Default>(len: usize, what: &str) -> Result<Vec<T>> {
     let mut v = Vec::new();
+    try_refill(&mut v, len, what)?;
+    Ok(v)
+}
+
+/// `v` as `len` zeroed values, keeping its allocation where it is large enough; exhaustion is
+/// `OutOfMemory`, as with [`try_zeroed`].
+pub fn try_refill<'a, T: Clone + Default>(v: &'a mut Vec<T>, len: usize, what: &str) -> Result<&'a mut [T]> {
+    v.clear();
     v.try_reserve_exact(len).map_err(|_| {
         Error::new(
             Status::OutOfMemory,

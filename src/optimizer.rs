@@ -249,17 +249,14 @@ const ROW_BOUND: f64 = crate::engine::MAX_ROW_NORM / 2.0;
 pub const VALUE_BOUND: f64 = (1u128 << 100) as f64;
 
 impl StateRows {
-    /// Starts loading row `row`'s state into the cache (see `kernels::prefetch`).
+    /// Starts loading row `row`'s state into the cache (see `kernels::prefetch_row`).
     pub fn prefetch(&self, row: usize, dim: usize) {
-        use crate::backend::cpu::kernels::prefetch;
-        // SAFETY: callers pass rows of this state (in bounds); the slices are only prefetched.
-        unsafe {
-            match *self {
-                StateRows::Sgd { momentum, .. } => prefetch(std::slice::from_raw_parts(momentum.add(row * dim), dim)),
-                StateRows::AdamW { exp_avg, exp_avg_sq, .. } => {
-                    prefetch(std::slice::from_raw_parts(exp_avg.add(row * dim), dim));
-                    prefetch(std::slice::from_raw_parts(exp_avg_sq.add(row * dim), dim));
-                }
+        use crate::backend::cpu::kernels::prefetch_row;
+        match *self {
+            StateRows::Sgd { momentum, .. } => prefetch_row(momentum, row, dim),
+            StateRows::AdamW { exp_avg, exp_avg_sq, .. } => {
+                prefetch_row(exp_avg, row, dim);
+                prefetch_row(exp_avg_sq, row, dim);
             }
         }
     }

@@ -184,9 +184,10 @@ pub fn matmul<T: Element>(m: usize, n: usize, k: usize, dst: &mut [f32], a: Oper
         return;
     }
     let wants_onednn = T::DNNL != dnnl::DataType::F32;
-    let in_place = !wants_onednn && b.col_stride == 1 && avx512_f32();
+    // The AVX-512 kernels multiply f32 operands (widened ones too) whose `b` has contiguous rows.
+    let on_avx512 = b.col_stride == 1 && avx512_f32();
     let (mut a_rows, mut b_rows) = (Vec::new(), Vec::new());
-    let (a, b) = if in_place { (a, b) } else { (a.strided_in(m, k, &mut a_rows), b.strided_in(k, n, &mut b_rows)) };
+    let (a, b) = if on_avx512 && !wants_onednn { (a, b) } else { (a.strided_in(m, k, &mut a_rows), b.strided_in(k, n, &mut b_rows)) };
     // oneDNN computes on the pool's threads only, each limited to itself (see dnnl.rs).
     if wants_onednn && FAILURE.get().is_none() && rayon::current_thread_index().is_some() {
         let shape = dnnl::Shape { m, n, k, a_strides: (a.row_stride, a.col_stride), b_strides: (b.row_stride, b.col_stride), dtype: T::DNNL, accumulate };
@@ -201,7 +202,7 @@ pub fn matmul<T: Element>(m: usize, n: usize, k: usize, dst: &mut [f32], a: Oper
     let (a_data, b_data) = (T::widen(a.data), T::widen(b.data));
     let (a, b) = (Operand { data: &a_data[..], ..a.with_f32() }, Operand { data: &b_data[..], ..b.with_f32() });
     #[cfg(target_arch = "x86_64")]
-    if b.col_stride == 1 && avx512_f32() {
+    if on_avx512 {
         let (a_rows, b_rows) = (avx512::Rows { base: a.data.as_ptr(), stride: a.row_stride, ids: a.ids }, avx512::Rows { base: b.data.as_ptr(), stride: b.row_stride, ids: b.ids });
         // SAFETY: as above (widening keeps lengths, strides and ids); `avx512_f32` checked the CPU.
         unsafe { avx512::sgemm(m, n, k, a_rows, a.col_stride, b_rows, dst.as_mut_ptr(), n, accumulate) };

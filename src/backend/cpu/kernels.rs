@@ -320,10 +320,9 @@ multiversion! {
 
 multiversion! {
     /// Scales rows to unit L2 norm (PyTorch's `normalize`, eps 1e-12) and writes their 1/‖row‖.
-    pub fn normalize_rows_inplace(rows: &mut [f32], dim: usize, inv_norm: &mut [f32]) {
-        for (row, inv) in rows.chunks_exact_mut(dim).zip(inv_norm.iter_mut()) {
-            let sq = dot(row, row);
-            let r = 1.0 / sq.sqrt().max(1e-12);
+    pub fn normalize_rows_inplace(rows: &mut [f32], dim: usize, inv_norms: &mut [f32]) {
+        for (row, inv) in rows.chunks_exact_mut(dim).zip(inv_norms.iter_mut()) {
+            let r = inv_norm(row);
             *inv = r;
             row.iter_mut().for_each(|v| *v *= r);
         }
@@ -344,21 +343,31 @@ multiversion! {
 /// Rows ahead of the one being worked on that [`prefetch`] starts loading.
 pub const PREFETCH_AHEAD: usize = 2;
 
-/// Starts loading `values` into the cache. The sampled rows of a shard are scattered over its
-/// table, so the hardware's prefetchers only catch on inside each row, after its first misses.
+/// Starts loading row `row` (`dim` values) of the table at `table` into the cache. The sampled
+/// rows of a shard are scattered over its table, so the hardware's prefetchers only catch on
+/// inside each row, after its first misses. A pointer, not a slice: the row may be another
+/// thread's to write meanwhile, and a prefetch accesses no memory.
 #[inline(always)]
-pub fn prefetch<T>(values: &[T]) {
+pub fn prefetch_row<T>(table: *const T, row: usize, dim: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        let bytes = std::mem::size_of_val(values);
-        let start = values.as_ptr().cast::<i8>();
-        for offset in (0..bytes).step_by(64) {
-            // SAFETY: a prefetch of an address inside the slice; it has no architectural effect.
+        let start = table.wrapping_add(row * dim).cast::<i8>();
+        for offset in (0..dim * std::mem::size_of::<T>()).step_by(64) {
+            // SAFETY: a prefetch has no architectural effect, whatever the address.
             #[allow(unused_unsafe)]
             unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.add(offset))
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.wrapping_add(offset))
             };
         }
+    }
+}
+
+/// [`prefetch_row`] of row `ids[i + PREFETCH_AHEAD]`, if there is one: while row `ids[i]` is
+/// worked on, the next scattered rows load.
+#[inline(always)]
+pub fn prefetch_ahead<T>(table: *const T, dim: usize, ids: &[u32], i: usize) {
+    if let Some(&ahead) = ids.get(i + PREFETCH_AHEAD) {
+        prefetch_row(table, ahead as usize, dim);
     }
 }
 
@@ -372,9 +381,7 @@ multiversion! {
     /// 1/‖row‖ of the rows `ids` of a row-major matrix.
     pub fn row_inv_norms(matrix: &[f32], dim: usize, ids: &[u32], out: &mut [f32]) {
         for (r, (o, &j)) in out.iter_mut().zip(ids).enumerate() {
-            if let Some(&ahead) = ids.get(r + PREFETCH_AHEAD) {
-                prefetch(&matrix[ahead as usize * dim..(ahead as usize + 1) * dim]);
-            }
+            prefetch_ahead(matrix.as_ptr(), dim, ids, r);
             *o = inv_norm(&matrix[j as usize * dim..(j as usize + 1) * dim]);
         }
     }
@@ -385,9 +392,7 @@ multiversion! {
     /// in one pass over each row: a bf16 GEMM operand of unit rows.
     pub fn unit_rows_bf16(matrix: &[f32], dim: usize, ids: &[u32], inv: &mut [f32], out: &mut [bf16]) {
         for (r, ((o, &j), dst)) in inv.iter_mut().zip(ids).zip(out.chunks_exact_mut(dim)).enumerate() {
-            if let Some(&ahead) = ids.get(r + PREFETCH_AHEAD) {
-                prefetch(&matrix[ahead as usize * dim..(ahead as usize + 1) * dim]);
-            }
+            prefetch_ahead(matrix.as_ptr(), dim, ids, r);
             let row = &matrix[j as usize * dim..(j as usize + 1) * dim];
             *o = inv_norm(row);
             for (d, &v) in dst.iter_mut().zip(row) {

@@ -14,7 +14,7 @@ use self::gemm::{matmul, GemmPath, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
 use super::{Batches, Host, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan, Update};
 use crate::config::{Config, DType};
-use crate::error::{try_zeroed, Error, Result};
+use crate::error::{try_refill, try_zeroed, Error, Result};
 use crate::margin::target_logit;
 use crate::optimizer::{above, OptimizerState, StateTensor, VALUE_BOUND};
 use crate::rng;
@@ -151,15 +151,6 @@ struct Shard {
     backward_workers: Workers<BackwardWorker, (usize, bool, bool)>,
 }
 
-/// `copy` refilled to `len` values for a GEMM copy of the batch, keeping its allocation from the
-/// last step.
-fn batch_copy<T: Copy>(copy: &mut Vec<T>, len: usize, zero: T) -> Result<&mut [T]> {
-    copy.clear();
-    copy.try_reserve_exact(len).map_err(|_| Error::new(crate::error::Status::OutOfMemory, "cannot allocate the GEMM copy of the batch"))?;
-    copy.resize(len, zero);
-    Ok(copy)
-}
-
 fn no_such_tensor(tensor: StateTensor) -> Error {
     Error::invalid(format!("this optimizer keeps no {}", tensor.name()))
 }
@@ -267,9 +258,7 @@ unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: us
     }
     let copy = &mut scratch[..rows * d];
     for (i, ((dst, &j), &r)) in copy.chunks_exact_mut(d).zip(ids).zip(inv).enumerate() {
-        if let Some(&ahead) = ids.get(i + kernels::PREFETCH_AHEAD) {
-            kernels::prefetch::<f32>(centers.read(ahead as usize * d, d));
-        }
+        kernels::prefetch_ahead(centers.0, d, ids, i);
         let src: &[f32] = centers.read(j as usize * d, d);
         if dtype == DType::F32 {
             dst.copy_from_slice(src);
@@ -295,9 +284,7 @@ unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: us
 unsafe fn center_block_bf16<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: usize, scratch: &'a mut [bf16]) -> &'a [bf16] {
     let copy = &mut scratch[..ids.len() * d];
     for (i, ((dst, &j), &r)) in copy.chunks_exact_mut(d).zip(ids).zip(inv).enumerate() {
-        if let Some(&ahead) = ids.get(i + kernels::PREFETCH_AHEAD) {
-            kernels::prefetch::<f32>(centers.read(ahead as usize * d, d));
-        }
+        kernels::prefetch_ahead(centers.0, d, ids, i);
         kernels::to_bf16_scaled(centers.read(j as usize * d, d), r, dst);
     }
     copy
@@ -405,7 +392,7 @@ impl Shard {
         let worker = || {
             Ok(ForwardWorker {
                 centers: if native || gathers { Vec::new() } else { try_zeroed(BLOCK * d, "center block scratch")? },
-                local_ids: Vec::new(),
+                local_ids: if gathers { try_zeroed::<u32>(BLOCK, "gathered block ids")? } else { Vec::new() },
                 centers_bf16: if native { try_zeroed(BLOCK * d, "center block scratch")? } else { Vec::new() },
                 cos: if train { Vec::new() } else { try_zeroed(BLOCK * n, "evaluation scratch (256 classes × global batch)")? },
                 rows: RowAccumulator::new(n),
@@ -720,16 +707,16 @@ impl Primitives for CpuBackend {
         s.unit_gemm.clear();
         s.unit_bf16.clear();
         if native_bf16(self.cfg.compute_dtype) {
-            kernels::to_bf16(&s.unit, batch_copy(&mut s.unit_bf16, len, bf16::ZERO)?);
+            kernels::to_bf16(&s.unit, try_refill(&mut s.unit_bf16, len, "the GEMM copy of the batch")?);
         } else if self.cfg.compute_dtype != DType::F32 {
-            let copy = batch_copy(&mut s.unit_gemm, len, 0.0)?;
+            let copy = try_refill(&mut s.unit_gemm, len, "the GEMM copy of the batch")?;
             copy.copy_from_slice(&s.unit);
             quantize(self.cfg.compute_dtype, copy);
         }
         s.unit_t.clear();
         if gemm::path(self.cfg.compute_dtype) == GemmPath::Avx512F32 {
             let unit = if s.unit_gemm.is_empty() { &s.unit } else { &s.unit_gemm };
-            kernels::transpose(unit, d, batch_copy(&mut s.unit_t, len, 0.0)?);
+            kernels::transpose(unit, d, try_refill(&mut s.unit_t, len, "the GEMM copy of the batch")?);
         }
         s.forward(&self.cfg, plan, labels, params)
     }
@@ -864,11 +851,8 @@ impl Primitives for CpuBackend {
         crate::pool::install(|| {
             (0..acc.rows.len()).into_par_iter().with_min_len(BLOCK).for_each(|r| {
                 if let Some(&ahead) = acc.rows.get(r + kernels::PREFETCH_AHEAD) {
-                    // SAFETY: only the address of another row is taken.
-                    unsafe {
-                        kernels::prefetch::<f32>(centers.read(ahead as usize * d, d));
-                        state.prefetch(ahead as usize, d);
-                    }
+                    kernels::prefetch_row(centers.0, ahead as usize, d);
+                    state.prefetch(ahead as usize, d);
                 }
                 let j = acc.rows[r] as usize;
                 // SAFETY: accumulated rows are distinct, so each center and state row has one writer.

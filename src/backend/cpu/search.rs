@@ -35,12 +35,7 @@ fn exact_score(q: &[f32], c: &[f32], inv: f32) -> f32 {
     let s = if inv > 0.0 {
         kernels::dot(q, c) * inv
     } else {
-        let (mut qc, mut cc) = (0.0f64, 0.0f64);
-        for (&x, &y) in q.iter().zip(c) {
-            qc += x as f64 * y as f64;
-            cc += y as f64 * y as f64;
-        }
-        (qc / cc.sqrt().max(1e-12)) as f32
+        (kernels::dot_f64(q, c) / kernels::dot_f64(c, c).sqrt().max(1e-12)) as f32
     };
     s + 0.0
 }

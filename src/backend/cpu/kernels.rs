@@ -220,18 +220,20 @@ pub struct RowGradParams<'a> {
 }
 
 multiversion! {
-    /// Overwrites a block of gradient seeds ([`block_sum`]'s) with ∂loss/∂cos: `(softmax −
+    /// Writes ∂loss/∂cos of a block of gradient seeds ([`block_sum`]'s) into `out`: `(softmax −
     /// onehot)/N · ∂z/∂c`, zero where the seed says so. `seed_scale[i]` is exp(block max − row
     /// max)·(1 / Σexp)·(1 / N) for row i, turning a seed into its probability over N. The target
-    /// column's `p_y − 1` is `−Σ_{j≠y} p_j`, exact when p_y is near 1.
-    pub fn cos_gradient(seeds: &mut [f32], n: usize, first_col: i32, g: &RowGradParams<'_>, p: LogitParams, seed_scale: &[f32]) {
+    /// column's `p_y − 1` is `−Σ_{j≠y} p_j`, exact when p_y is near 1. Into a block's scratch, not
+    /// over the seeds: the seeds' table then stays clean in the cache, and is not written back to
+    /// memory (a tenth of the step's memory traffic).
+    pub fn cos_gradient(seeds: &[f32], n: usize, first_col: i32, g: &RowGradParams<'_>, p: LogitParams, seed_scale: &[f32], out: &mut [f32]) {
         let (col, slope, mass, seed_scale) = (&g.col[..n], &g.target_slope[..n], &g.non_target_mass[..n], &seed_scale[..n]);
-        for (j, row) in seeds.chunks_exact_mut(n).enumerate() {
+        for (j, (row, grads)) in seeds.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate() {
             let column = first_col + j as i32;
             for i in 0..n {
                 let seed = row[i];
                 let grad = if col[i] == column { -mass[i] * g.inv_batch * slope[i] } else { seed * seed_scale[i] * p.scale };
-                row[i] = if seed < 0.0 { 0.0 } else { grad };
+                grads[i] = if seed < 0.0 { 0.0 } else { grad };
             }
         }
     }
@@ -411,6 +413,33 @@ multiversion! {
     }
 }
 
+/// `dst.copy_from_slice(src)` with stores that bypass the cache, for a large table written once
+/// and read back only after it has left the cache anyway: ordinary stores would first read
+/// every line of `dst` from memory (a third of the traffic of writing it).
+pub fn stream_copy(src: &[f32], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "stream_copy lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_sfence, _mm_stream_ps};
+        let head = dst.as_ptr().align_offset(16).min(dst.len());
+        dst[..head].copy_from_slice(&src[..head]);
+        let (body, tail) = (dst[head..].chunks_exact_mut(4), src[head..].chunks_exact(4));
+        let rest = tail.remainder();
+        for (d, s) in body.zip(tail) {
+            // SAFETY: `d` is 16-byte aligned (after `head`) and both chunks hold 4 values; SSE is
+            // part of x86_64.
+            unsafe { _mm_stream_ps(d.as_mut_ptr(), _mm_loadu_ps(s.as_ptr())) };
+        }
+        let len = dst.len();
+        dst[len - rest.len()..].copy_from_slice(rest);
+        // Streaming stores are weakly ordered: fence them before another thread may read them.
+        // SAFETY: SSE is part of x86_64.
+        unsafe { _mm_sfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.copy_from_slice(src);
+}
+
 /// `dst` (`cols` rows of `src.len() / cols`) becomes the transpose of `src` (rows of `cols`).
 pub fn transpose(src: &[f32], cols: usize, dst: &mut [f32]) {
     let rows = src.len() / cols;
@@ -445,6 +474,19 @@ mod tests {
         to_bf16_scaled(&values, 0.37, &mut scaled);
         for (&v, g) in values.iter().zip(&scaled) {
             assert_eq!(g.to_bits(), bf16::from_f32(v * 0.37).to_bits(), "{v:e} · 0.37");
+        }
+    }
+
+    #[test]
+    fn stream_copy_copies_every_alignment_and_length() {
+        let src: Vec<f32> = (0..300).map(|i| i as f32 * 0.5 - 7.0).collect();
+        for offset in 0..8 {
+            for len in [0, 1, 3, 4, 5, 15, 16, 17, 63, 64, 65, 255] {
+                let mut dst = vec![f32::NAN; offset + len + 8];
+                stream_copy(&src[offset..offset + len], &mut dst[offset..offset + len]);
+                assert!(dst[..offset].iter().chain(&dst[offset + len..]).all(|v| v.is_nan()), "wrote outside, offset {offset} len {len}");
+                assert_eq!(&dst[offset..offset + len], &src[offset..offset + len], "offset {offset} len {len}");
+            }
         }
     }
 

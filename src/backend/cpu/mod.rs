@@ -119,7 +119,8 @@ struct Shard {
     target_slope: Vec<f32>,
     target_cos: Vec<f32>,
     /// Gradient seeds `[sampled][N]` for the backward pass (`kernels::block_sum`), written over
-    /// the cosines, and each block's row maxima `[block][N]` they are relative to.
+    /// the cosines, and each block's row maxima `[block][N]` they are relative to. The backward
+    /// pass only reads them.
     cos: Vec<f32>,
     block_max: Vec<f32>,
     inv_norm: Vec<f32>,
@@ -146,8 +147,8 @@ struct Shard {
     /// backward pass (when nothing was accumulated before it).
     prechecked: Option<(f32, bool)>,
     /// The passes' per-task scratch, kept for the next step: keyed by (global batch, GEMMs on
-    /// bf16, training) and (global batch, GEMMs on bf16, update inside the pass).
-    forward_workers: Workers<ForwardWorker, (usize, bool, bool)>,
+    /// bf16) and (global batch, GEMMs on bf16, update inside the pass).
+    forward_workers: Workers<ForwardWorker, (usize, bool)>,
     backward_workers: Workers<BackwardWorker, (usize, bool, bool)>,
 }
 
@@ -317,6 +318,8 @@ struct ForwardWorker {
 
 /// Per-thread scratch of the backward pass.
 struct BackwardWorker {
+    /// ∂loss/∂cos of the block.
+    grad_cos: Vec<f32>,
     centers: Vec<f32>,
     centers_bf16: Vec<bf16>,
     /// ∂loss/∂cos of the block in bf16, when the GEMMs take bf16.
@@ -394,7 +397,7 @@ impl Shard {
                 centers: if native || gathers { Vec::new() } else { try_zeroed(BLOCK * d, "center block scratch")? },
                 local_ids: if gathers { try_zeroed::<u32>(BLOCK, "gathered block ids")? } else { Vec::new() },
                 centers_bf16: if native { try_zeroed(BLOCK * d, "center block scratch")? } else { Vec::new() },
-                cos: if train { Vec::new() } else { try_zeroed(BLOCK * n, "evaluation scratch (256 classes × global batch)")? },
+                cos: try_zeroed(BLOCK * n, "cosine scratch (256 classes × global batch)")?,
                 rows: RowAccumulator::new(n),
                 target_block: try_zeroed(n, "target logits")?,
                 targets: Vec::new(),
@@ -404,13 +407,15 @@ impl Shard {
             w.rows.reset();
             w.targets.clear();
         };
-        let workers = for_blocks(blocks, &mut self.forward_workers, (n, native, train), worker, reset, |w, b| {
+        let workers = for_blocks(blocks, &mut self.forward_workers, (n, native), worker, reset, |w, b| {
             let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
             let rows = end - start;
             // SAFETY: block b owns entries [start, end) of inv_norm and rows [start, end) of cos.
             let inv = unsafe { inv_out.slice(start, rows) };
             let ids = &sampled[start..end];
-            let cos = if train { unsafe { cos_out.slice(start * n, rows * n) } } else { &mut w.cos[..rows * n] };
+            // In the worker's scratch, which stays in cache for the passes below; a training step's
+            // seeds then go to the table in one streaming copy.
+            let cos = &mut w.cos[..rows * n];
             let lo = by_col.partition_point(|&(c, _)| (c as usize) < start);
             let hi = by_col.partition_point(|&(c, _)| (c as usize) < end);
             let block_targets = &by_col[lo..hi];
@@ -440,8 +445,9 @@ impl Shard {
             }
             let maxima = w.rows.add_block(cos, n, start as i32, col, &w.target_block, params);
             if train {
-                // SAFETY: block b owns rows [b·n, (b + 1)·n) of block_max.
+                // SAFETY: block b owns rows [b·n, (b + 1)·n) of block_max and [start, end) of cos.
                 unsafe { block_max_out.slice(b * n, n) }.copy_from_slice(maxima);
+                kernels::stream_copy(cos, unsafe { cos_out.slice(start * n, rows * n) });
             }
         })?;
         if let Some((first, rest)) = workers.split_first_mut() {
@@ -512,17 +518,17 @@ impl Shard {
             self.pending.rows.extend_from_slice(&self.sampled);
         }
         let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
-        let cos_ptr = Shared(self.cos.as_mut_ptr());
         // Written only with `apply`, each row by the block that owns it, after its last read.
         let centers = Shared(self.centers.as_mut_ptr());
         let pending = Shared(self.pending.grads.as_mut_ptr());
-        let (sampled, inv_norm, block_max, dtype) = (&self.sampled, &self.inv_norm, &self.block_max, cfg.compute_dtype);
+        let (seeds, sampled, inv_norm, block_max, dtype) = (&self.cos, &self.sampled, &self.inv_norm, &self.block_max, cfg.compute_dtype);
         let native = native_bf16(dtype);
         let unit_bf16 = &self.unit_bf16;
         let state = self.optimizer.rows_ptr();
         let opt = cfg.optimizer;
         let worker = || {
             Ok(BackwardWorker {
+                grad_cos: try_zeroed(BLOCK * n, "cosine gradient scratch")?,
                 centers: if native { Vec::new() } else { try_zeroed(BLOCK * d, "center block scratch")? },
                 centers_bf16: if native { try_zeroed(BLOCK * d, "center block scratch")? } else { Vec::new() },
                 grad_bf16: if native { try_zeroed(BLOCK * n, "cosine gradient scratch")? } else { Vec::new() },
@@ -545,12 +551,12 @@ impl Shard {
         let workers = for_blocks(blocks, &mut self.backward_workers, (n, native, apply.is_some()), worker, reset, |w, b| {
             let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
             let rows = end - start;
-            // SAFETY: block b owns cosine rows [start, end) and pending gradient rows [start, end).
-            let g = unsafe { cos_ptr.slice(start * n, rows * n) };
+            let g = &mut w.grad_cos[..rows * n];
             kernels::seed_scales(&block_max[b * n..(b + 1) * n], &grads, &mut w.seed_scale);
-            kernels::cos_gradient(g, n, start as i32, &grads, params, &w.seed_scale);
+            kernels::cos_gradient(&seeds[start * n..end * n], n, start as i32, &grads, params, &w.seed_scale, g);
             let ids = &sampled[start..end];
             let inv = &inv_norm[start..end];
+            // SAFETY: block b owns pending gradient rows [start, end).
             let gc = if apply.is_some() { &mut w.grads[..rows * d] } else { unsafe { pending.slice(start * d, rows * d) } };
             let scaled_after = if native {
                 // SAFETY: the block's rows are written only below, after their last read.

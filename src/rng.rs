@@ -30,6 +30,16 @@ pub fn at(stream_base: u64, index: u64) -> u64 {
     mix64(stream_base.wrapping_add(index.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)))
 }
 
+crate::backend::cpu::kernels::multiversion! {
+    /// `out[i] = at(stream_base, first + i)`: vectorized, 64-bit multiplies and all (AVX-512DQ
+    /// has them), where a loop around [`at`] that also branches on each value is not.
+    pub fn fill_at(stream_base: u64, first: u64, out: &mut [u64]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = at(stream_base, first + i as u64);
+        }
+    }
+}
+
 pub(crate) const PURPOSE_SAMPLING: u64 = 1;
 pub(crate) const PURPOSE_INIT: u64 = 2;
 

@@ -62,32 +62,74 @@ pub fn sample(range: ShardRange, sample_rate: f32, seed: u64, step: u64, labels:
             }
         }
     }
-    let mut chosen: Vec<u32> = Vec::with_capacity(k.max(positives));
-    chosen.extend((0..n as u32).filter(|&j| positive[j as usize]));
-    if k > positives {
-        let wanted = k - positives;
-        let base = rng::stream(seed, rng::PURPOSE_SAMPLING, step);
-        let negatives = (0..n as u32).filter(|&j| !positive[j as usize]).map(|j| (rng::at(base, range.start + j as u64), j));
-        // The largest keys of uniform u64s lie above a threshold that `wanted` + 8σ of them pass:
-        // keeping only those keeps every chosen negative (all keys ≥ the threshold are kept, ties
-        // included), unless fewer than `wanted` passed, then all are kept. At C = 1M, r = 0.1 that
-        // is 16 MB per step less to write and page in.
-        let candidates = n - positives;
-        let expected = wanted as f64 + 8.0 * (wanted as f64).sqrt() + 64.0;
-        let threshold = if expected >= candidates as f64 { 0 } else { ((1.0 - expected / candidates as f64) * u64::MAX as f64) as u64 };
-        let mut keyed: Vec<(u64, u32)> = negatives.clone().filter(|&(key, _)| key >= threshold).collect();
-        if keyed.len() < wanted {
-            keyed = negatives.collect();
-        }
-        // Order: larger key first, then smaller class id; the first `wanted` are the negatives.
-        let order = |a: &(u64, u32), b: &(u64, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
-        if wanted < keyed.len() {
-            keyed.select_nth_unstable_by(wanted - 1, order);
-        }
-        chosen.extend(keyed[..wanted].iter().map(|&(_, j)| j));
-        chosen.sort_unstable();
+    let positives_in_order = (0..n as u32).filter(|&j| positive[j as usize]);
+    if k <= positives {
+        return positives_in_order.collect();
     }
-    chosen
+    let wanted = k - positives;
+    // The largest keys of uniform u64s lie above a threshold that `wanted` + 8σ of them pass:
+    // keeping only those keeps every chosen negative (all keys ≥ the threshold are kept, ties
+    // included), unless fewer than `wanted` passed, then all are kept. At C = 1M, r = 0.1 that
+    // is 16 MB per step less to write and page in.
+    let candidates = n - positives;
+    let expected = wanted as f64 + 8.0 * (wanted as f64).sqrt() + 64.0;
+    let threshold = if expected >= candidates as f64 { 0 } else { ((1.0 - expected / candidates as f64) * u64::MAX as f64) as u64 };
+    let base = rng::stream(seed, rng::PURPOSE_SAMPLING, step);
+    let mut keyed = negatives_from(range, base, threshold, &positive, expected as usize);
+    if keyed.len() < wanted {
+        keyed = negatives_from(range, base, 0, &positive, candidates);
+    }
+    // Order: larger key first, then smaller class id; the first `wanted` are the negatives. The
+    // `wanted`-th is found on a copy, and `keyed`, in class order, keeps those up to it: no sort.
+    let order = |a: &(u64, u32), b: &(u64, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
+    if wanted < keyed.len() {
+        let mut copy = keyed.clone();
+        let (_, &mut last, _) = copy.select_nth_unstable_by(wanted - 1, order);
+        keyed.retain(|e| order(e, &last).is_le());
+    }
+    merge_ascending(positives_in_order, keyed.into_iter().map(|(_, j)| j), k)
+}
+
+/// (key, local class) of the shard's non-positive classes whose keys are at least `threshold`,
+/// in class order; `capacity` is the count expected. The keys come a chunk at a time from a
+/// vectorized loop, and are kept without a branch on each (a random tenth of them pass, which
+/// would mispredict often): every key is stored, and the length advances past those kept.
+fn negatives_from(range: ShardRange, base: u64, threshold: u64, positive: &[bool], capacity: usize) -> Vec<(u64, u32)> {
+    const CHUNK: usize = 4096;
+    let n = range.len as usize;
+    let mut keys = [0u64; CHUNK];
+    let mut kept = vec![(0u64, 0u32); capacity.min(n) + CHUNK];
+    let mut len = 0;
+    for first in (0..n).step_by(CHUNK) {
+        let chunk = &mut keys[..CHUNK.min(n - first)];
+        rng::fill_at(base, range.start + first as u64, chunk);
+        if kept.len() < len + chunk.len() {
+            kept.resize(2 * kept.len() + chunk.len(), (0, 0));
+        }
+        for (i, &key) in chunk.iter().enumerate() {
+            kept[len] = (key, (first + i) as u32);
+            len += (key >= threshold) as usize;
+        }
+    }
+    kept.truncate(len);
+    // Positives are at most the batch: fewer than the keys that pass.
+    kept.retain(|&(_, j)| !positive[j as usize]);
+    kept
+}
+
+/// The union of two ascending sequences of distinct values, in ascending order.
+fn merge_ascending(a: impl Iterator<Item = u32>, b: impl Iterator<Item = u32>, len: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(len);
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(&x), Some(&y)) if x < y => a.next(),
+            (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, None) => return out,
+        };
+        out.extend(next);
+    }
 }
 
 #[cfg(test)]

@@ -579,9 +579,17 @@ impl Shard {
                 matmul(rows, d, n, gc, Operand::rows(g, n), Operand::rows(unit_gemm, d), false);
                 scaled_after
             };
+            // Scattered rows have left the cache during the GEMMs, and no hardware prefetcher
+            // follows them back (consecutive ones it does).
+            let scattered = (ids[rows - 1] - ids[0]) as usize + 1 != rows;
             for (r, &j) in ids.iter().enumerate() {
-                if let (Some(_), Some(&ahead)) = (apply, ids.get(r + kernels::PREFETCH_AHEAD)) {
-                    state.prefetch(ahead as usize, d);
+                if let Some(&ahead) = ids.get(r + kernels::PREFETCH_AHEAD) {
+                    if scattered {
+                        kernels::prefetch_row(centers.0, ahead as usize, d);
+                    }
+                    if apply.is_some() {
+                        state.prefetch(ahead as usize, d);
+                    }
                 }
                 let grad = &mut gc[r * d..(r + 1) * d];
                 // SAFETY: block b owns rows `ids` of the centers and their state; no other slice of

@@ -227,14 +227,27 @@ multiversion! {
     /// over the seeds: the seeds' table then stays clean in the cache, and is not written back to
     /// memory (a tenth of the step's memory traffic).
     pub fn cos_gradient(seeds: &[f32], n: usize, first_col: i32, g: &RowGradParams<'_>, p: LogitParams, seed_scale: &[f32], out: &mut [f32]) {
-        let (col, slope, mass, seed_scale) = (&g.col[..n], &g.target_slope[..n], &g.non_target_mass[..n], &seed_scale[..n]);
-        for (j, (row, grads)) in seeds.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate() {
-            let column = first_col + j as i32;
-            for i in 0..n {
-                let seed = row[i];
-                let grad = if col[i] == column { -mass[i] * g.inv_batch * slope[i] } else { seed * seed_scale[i] * p.scale };
-                grads[i] = if seed < 0.0 { 0.0 } else { grad };
-            }
+        cos_gradient_as(seeds, n, first_col, g, p, seed_scale, out, |v| v)
+    }
+}
+
+multiversion! {
+    /// [`cos_gradient`] rounded to bf16, the operand of GEMMs on bf16 units.
+    pub fn cos_gradient_bf16(seeds: &[f32], n: usize, first_col: i32, g: &RowGradParams<'_>, p: LogitParams, seed_scale: &[f32], out: &mut [bf16]) {
+        cos_gradient_as(seeds, n, first_col, g, p, seed_scale, out, bf16_of)
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn cos_gradient_as<T>(seeds: &[f32], n: usize, first_col: i32, g: &RowGradParams<'_>, p: LogitParams, seed_scale: &[f32], out: &mut [T], convert: impl Fn(f32) -> T) {
+    let (col, slope, mass, seed_scale) = (&g.col[..n], &g.target_slope[..n], &g.non_target_mass[..n], &seed_scale[..n]);
+    for (j, (row, grads)) in seeds.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate() {
+        let column = first_col + j as i32;
+        for i in 0..n {
+            let seed = row[i];
+            let grad = if col[i] == column { -mass[i] * g.inv_batch * slope[i] } else { seed * seed_scale[i] * p.scale };
+            grads[i] = convert(if seed < 0.0 { 0.0 } else { grad });
         }
     }
 }

@@ -318,7 +318,7 @@ struct ForwardWorker {
 
 /// Per-thread scratch of the backward pass.
 struct BackwardWorker {
-    /// ∂loss/∂cos of the block.
+    /// ∂loss/∂cos of the block (in `grad_bf16` instead when the GEMMs take bf16).
     grad_cos: Vec<f32>,
     centers: Vec<f32>,
     centers_bf16: Vec<bf16>,
@@ -528,7 +528,7 @@ impl Shard {
         let opt = cfg.optimizer;
         let worker = || {
             Ok(BackwardWorker {
-                grad_cos: try_zeroed(BLOCK * n, "cosine gradient scratch")?,
+                grad_cos: if native { Vec::new() } else { try_zeroed(BLOCK * n, "cosine gradient scratch")? },
                 centers: if native { Vec::new() } else { try_zeroed(BLOCK * d, "center block scratch")? },
                 centers_bf16: if native { try_zeroed(BLOCK * d, "center block scratch")? } else { Vec::new() },
                 grad_bf16: if native { try_zeroed(BLOCK * n, "cosine gradient scratch")? } else { Vec::new() },
@@ -551,9 +551,8 @@ impl Shard {
         let workers = for_blocks(blocks, &mut self.backward_workers, (n, native, apply.is_some()), worker, reset, |w, b| {
             let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
             let rows = end - start;
-            let g = &mut w.grad_cos[..rows * n];
             kernels::seed_scales(&block_max[b * n..(b + 1) * n], &grads, &mut w.seed_scale);
-            kernels::cos_gradient(&seeds[start * n..end * n], n, start as i32, &grads, params, &w.seed_scale, g);
+            let block_seeds = &seeds[start * n..end * n];
             let ids = &sampled[start..end];
             let inv = &inv_norm[start..end];
             // SAFETY: block b owns pending gradient rows [start, end).
@@ -562,11 +561,13 @@ impl Shard {
                 // SAFETY: the block's rows are written only below, after their last read.
                 let operand = unsafe { center_block_bf16(centers, ids, inv, d, &mut w.centers_bf16) };
                 let gb = &mut w.grad_bf16[..rows * n];
-                kernels::to_bf16(g, gb);
+                kernels::cos_gradient_bf16(block_seeds, n, start as i32, &grads, params, &w.seed_scale, gb);
                 matmul(n, d, rows, &mut w.grad_x, Operand::transposed(gb, n), Operand::rows(operand, d), true);
                 matmul(rows, d, n, gc, Operand::rows(gb, n), Operand::rows(unit_bf16, d), false);
                 false
             } else {
+                let g = &mut w.grad_cos[..rows * n];
+                kernels::cos_gradient(block_seeds, n, start as i32, &grads, params, &w.seed_scale, g);
                 // SAFETY: as above; the operand is dropped before the rows are written.
                 let (operand, scaled_after) = unsafe { center_block(centers, ids, inv, d, dtype, None, &mut w.centers) };
                 if scaled_after {

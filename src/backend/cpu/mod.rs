@@ -118,10 +118,10 @@ struct Shard {
     target_logit: Vec<f32>,
     target_slope: Vec<f32>,
     target_cos: Vec<f32>,
-    /// Gradient seeds `[sampled][N]` for the backward pass (`kernels::block_sum`), written over
-    /// the cosines, and each block's row maxima `[block][N]` they are relative to. The backward
-    /// pass only reads them.
-    cos: Vec<f32>,
+    /// Gradient seeds `[sampled][N]` for the backward pass (`kernels::block_sum`'s, streamed from
+    /// each block's scratch), and each block's row maxima `[block][N]` they are relative to. The
+    /// backward pass only reads them.
+    seeds: Vec<f32>,
     block_max: Vec<f32>,
     inv_norm: Vec<f32>,
     /// The shard's row maxima before the max all-reduce.
@@ -198,7 +198,7 @@ impl CpuBackend {
                 target_logit: Vec::new(),
                 target_slope: Vec::new(),
                 target_cos: Vec::new(),
-                cos: Vec::new(),
+                seeds: Vec::new(),
                 block_max: Vec::new(),
                 inv_norm: Vec::new(),
                 local_max: Vec::new(),
@@ -372,9 +372,9 @@ impl Shard {
             let need = k.checked_mul(n).ok_or_else(|| Error::invalid("batch × sampled classes overflows"))?;
             // Kept between steps: the GEMM overwrites it, and re-allocating would page-fault 4·N·k
             // bytes every step.
-            if self.cos.len() < need {
-                self.cos.clear();
-                self.cos = try_zeroed(need, "cosine scratch (sampled classes × global batch)")?;
+            if self.seeds.len() < need {
+                self.seeds.clear();
+                self.seeds = try_zeroed(need, "gradient seeds (sampled classes × global batch)")?;
             }
             let maxima = k.div_ceil(BLOCK) * n;
             if self.block_max.len() < maxima {
@@ -382,7 +382,7 @@ impl Shard {
             }
         }
         let blocks = k.div_ceil(BLOCK);
-        let cos_out = Shared(self.cos.as_mut_ptr());
+        let seeds_out = Shared(self.seeds.as_mut_ptr());
         let block_max_out = Shared(self.block_max.as_mut_ptr());
         let inv_out = Shared(self.inv_norm.as_mut_ptr());
         let (centers, sampled, col, margin) = (&self.centers, &self.sampled, &self.col, &cfg.margin);
@@ -410,7 +410,7 @@ impl Shard {
         let workers = for_blocks(blocks, &mut self.forward_workers, (n, native), worker, reset, |w, b| {
             let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
             let rows = end - start;
-            // SAFETY: block b owns entries [start, end) of inv_norm and rows [start, end) of cos.
+            // SAFETY: block b owns entries [start, end) of inv_norm.
             let inv = unsafe { inv_out.slice(start, rows) };
             let ids = &sampled[start..end];
             // In the worker's scratch, which stays in cache for the passes below; a training step's
@@ -445,9 +445,9 @@ impl Shard {
             }
             let maxima = w.rows.add_block(cos, n, start as i32, col, &w.target_block, params);
             if train {
-                // SAFETY: block b owns rows [b·n, (b + 1)·n) of block_max and [start, end) of cos.
+                // SAFETY: block b owns rows [b·n, (b + 1)·n) of block_max and [start, end) of seeds.
                 unsafe { block_max_out.slice(b * n, n) }.copy_from_slice(maxima);
-                kernels::stream_copy(cos, unsafe { cos_out.slice(start * n, rows * n) });
+                kernels::stream_copy(cos, unsafe { seeds_out.slice(start * n, rows * n) });
             }
         })?;
         if let Some((first, rest)) = workers.split_first_mut() {
@@ -521,7 +521,7 @@ impl Shard {
         // Written only with `apply`, each row by the block that owns it, after its last read.
         let centers = Shared(self.centers.as_mut_ptr());
         let pending = Shared(self.pending.grads.as_mut_ptr());
-        let (seeds, sampled, inv_norm, block_max, dtype) = (&self.cos, &self.sampled, &self.inv_norm, &self.block_max, cfg.compute_dtype);
+        let (seeds, sampled, inv_norm, block_max, dtype) = (&self.seeds, &self.sampled, &self.inv_norm, &self.block_max, cfg.compute_dtype);
         let native = native_bf16(dtype);
         let unit_bf16 = &self.unit_bf16;
         let state = self.optimizer.rows_ptr();

@@ -33,7 +33,7 @@ pub fn at(stream_base: u64, index: u64) -> u64 {
 crate::backend::cpu::kernels::multiversion! {
     /// `out[i] = at(stream_base, first + i)`: vectorized, 64-bit multiplies and all (AVX-512DQ
     /// has them), where a loop around [`at`] that also branches on each value is not.
-    pub fn fill_at(stream_base: u64, first: u64, out: &mut [u64]) {
+    pub(crate) fn fill_at(stream_base: u64, first: u64, out: &mut [u64]) {
         for (i, o) in out.iter_mut().enumerate() {
             *o = at(stream_base, first + i as u64);
         }

@@ -225,7 +225,7 @@ multiversion! {
     /// max)·(1 / Σexp)·(1 / N) for row i, turning a seed into its probability over N. The target
     /// column's `p_y − 1` is `−Σ_{j≠y} p_j`, exact when p_y is near 1. Into a block's scratch, not
     /// over the seeds: the seeds' table then stays clean in the cache, and is not written back to
-    /// memory (a tenth of the step's memory traffic).
+    /// memory (4·k·N bytes a step, 102 MB at k = 100,000 sampled classes and N = 256).
     pub fn cos_gradient(seeds: &[f32], n: usize, first_col: i32, g: &RowGradParams<'_>, p: LogitParams, seed_scale: &[f32], out: &mut [f32]) {
         cos_gradient_as(seeds, n, first_col, g, p, seed_scale, out, |v| v)
     }
@@ -428,7 +428,7 @@ multiversion! {
 
 /// `dst.copy_from_slice(src)` with stores that bypass the cache, for a large table written once
 /// and read back only after it has left the cache anyway: ordinary stores would first read
-/// every line of `dst` from memory (a third of the traffic of writing it).
+/// every line of `dst` from memory, doubling the traffic of writing it.
 pub fn stream_copy(src: &[f32], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "stream_copy lengths differ");
     #[cfg(target_arch = "x86_64")]

@@ -225,6 +225,11 @@ impl CpuBackend {
 
 }
 
+/// Whether a block's sampled rows (ascending) are consecutive rows of the table.
+fn consecutive(ids: &[u32]) -> bool {
+    (ids[ids.len() - 1] - ids[0]) as usize + 1 == ids.len()
+}
+
 /// Whether the GEMMs can read a block's scattered f32 centers where they are (the AVX-512
 /// kernels), so that `center_block` need not copy them.
 fn gathers_in_place(dtype: DType) -> bool {
@@ -248,13 +253,13 @@ fn gathers_in_place(dtype: DType) -> bool {
 unsafe fn center_block<'a>(centers: Shared<f32>, ids: &[u32], inv: &[f32], d: usize, dtype: DType, gather: Option<&'a mut Vec<u32>>, scratch: &'a mut [f32]) -> (Operand<'a>, bool) {
     let rows = ids.len();
     let first = ids[0] as usize;
-    let span = ids[rows - 1] as usize - first + 1;
-    if dtype == DType::F32 && span == rows {
+    if dtype == DType::F32 && consecutive(ids) {
         return (Operand::rows(centers.read(first * d, rows * d), d), true);
     }
     if let Some(local_ids) = gather.filter(|_| gathers_in_place(dtype)) {
         local_ids.clear();
         local_ids.extend(ids.iter().map(|&j| j - first as u32));
+        let span = ids[rows - 1] as usize - first + 1;
         return (Operand::gathered(centers.read(first * d, span * d), d, local_ids), true);
     }
     let copy = &mut scratch[..rows * d];
@@ -582,7 +587,7 @@ impl Shard {
             };
             // Scattered rows have left the cache during the GEMMs, and no hardware prefetcher
             // follows them back (consecutive ones it does).
-            let scattered = (ids[rows - 1] - ids[0]) as usize + 1 != rows;
+            let scattered = !consecutive(ids);
             for (r, &j) in ids.iter().enumerate() {
                 if let Some(&ahead) = ids.get(r + kernels::PREFETCH_AHEAD) {
                     if scattered {

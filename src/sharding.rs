@@ -1,5 +1,6 @@
 //! Which classes a shard owns (SPEC §1.1) and which of them it samples at a step (SPEC §1.3).
 
+use crate::error::{try_zeroed, Error, Result, Status};
 use crate::rng;
 
 /// The contiguous block of global class ids `[start, start + len)` owned by one shard.
@@ -44,13 +45,16 @@ pub fn sample_key(seed: u64, step: u64, class: u64) -> u64 {
 /// The sorted local indices a shard uses at `step`: its positives plus, when `k ≥ |P|`,
 /// `k − |P|` negatives, those with the largest keys (ties by smaller class id). `labels` is the
 /// global batch; labels outside the shard are ignored. Pure in (seed, step, class ids, labels).
-pub fn sample(range: ShardRange, sample_rate: f32, seed: u64, step: u64, labels: &[i64]) -> Vec<u32> {
+/// Its buffers grow with the shard: exhausted memory is `OutOfMemory`, not an abort.
+pub fn sample(range: ShardRange, sample_rate: f32, seed: u64, step: u64, labels: &[i64]) -> Result<Vec<u32>> {
     let n = range.len as usize;
     let k = sample_count(sample_rate, range.len) as usize;
     if k >= n {
-        return (0..n as u32).collect();
+        let mut all = try_zeroed::<u32>(n, "the sampled classes")?;
+        all.iter_mut().zip(0u32..).for_each(|(c, j)| *c = j);
+        return Ok(all);
     }
-    let mut positive = vec![false; n];
+    let mut positive = try_zeroed::<bool>(n, "the sampler's positive flags")?;
     let mut positives = 0usize;
     for &label in labels {
         let class = label as u64;
@@ -64,7 +68,7 @@ pub fn sample(range: ShardRange, sample_rate: f32, seed: u64, step: u64, labels:
     }
     let positives_in_order = (0..n as u32).filter(|&j| positive[j as usize]);
     if k <= positives {
-        return positives_in_order.collect();
+        return collect_exact(positives_in_order, positives);
     }
     let wanted = k - positives;
     // The largest keys of uniform u64s lie above a threshold that `wanted` + 8σ of them pass:
@@ -75,35 +79,49 @@ pub fn sample(range: ShardRange, sample_rate: f32, seed: u64, step: u64, labels:
     let expected = wanted as f64 + 8.0 * (wanted as f64).sqrt() + 64.0;
     let threshold = if expected >= candidates as f64 { 0 } else { ((1.0 - expected / candidates as f64) * u64::MAX as f64) as u64 };
     let base = rng::stream(seed, rng::PURPOSE_SAMPLING, step);
-    let mut keyed = negatives_from(range, base, threshold, &positive, expected as usize);
+    let mut keyed = negatives_from(range, base, threshold, &positive, expected as usize)?;
     if keyed.len() < wanted {
-        keyed = negatives_from(range, base, 0, &positive, candidates);
+        keyed = negatives_from(range, base, 0, &positive, candidates)?;
     }
     // Order: larger key first, then smaller class id; the first `wanted` are the negatives. The
     // `wanted`-th is found on a copy, and `keyed`, in class order, keeps those up to it: no sort.
     let order = |a: &(u64, u32), b: &(u64, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
     if wanted < keyed.len() {
-        let mut copy = keyed.clone();
+        let mut copy = try_zeroed(keyed.len(), "the sampler's keys")?;
+        copy.copy_from_slice(&keyed);
         let (_, &mut last, _) = copy.select_nth_unstable_by(wanted - 1, order);
         keyed.retain(|e| order(e, &last).is_le());
     }
     merge_ascending(positives_in_order, keyed.into_iter().map(|(_, j)| j), k)
 }
 
+fn out_of_memory() -> Error {
+    Error::new(Status::OutOfMemory, "cannot allocate the sampled classes")
+}
+
+/// `values` (`len` of them) in a vector whose allocation may fail.
+fn collect_exact(values: impl Iterator<Item = u32>, len: usize) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(len).map_err(|_| out_of_memory())?;
+    out.extend(values);
+    Ok(out)
+}
+
 /// (key, local class) of the shard's non-positive classes whose keys are at least `threshold`,
 /// in class order; `capacity` is the count expected. The keys come a chunk at a time from a
 /// vectorized loop, and are kept without a branch on each (a random tenth of them pass, which
 /// would mispredict often): every key is stored, and the length advances past those kept.
-fn negatives_from(range: ShardRange, base: u64, threshold: u64, positive: &[bool], capacity: usize) -> Vec<(u64, u32)> {
+fn negatives_from(range: ShardRange, base: u64, threshold: u64, positive: &[bool], capacity: usize) -> Result<Vec<(u64, u32)>> {
     const CHUNK: usize = 4096;
     let n = range.len as usize;
     let mut keys = [0u64; CHUNK];
-    let mut kept = vec![(0u64, 0u32); capacity.min(n) + CHUNK];
+    let mut kept = try_zeroed::<(u64, u32)>(capacity.min(n) + CHUNK, "the sampler's keys")?;
     let mut len = 0;
     for first in (0..n).step_by(CHUNK) {
         let chunk = &mut keys[..CHUNK.min(n - first)];
         rng::fill_at(base, range.start + first as u64, chunk);
         if kept.len() < len + chunk.len() {
+            kept.try_reserve_exact(kept.len() + chunk.len()).map_err(|_| out_of_memory())?;
             kept.resize(2 * kept.len() + chunk.len(), (0, 0));
         }
         for (i, &key) in chunk.iter().enumerate() {
@@ -114,19 +132,20 @@ fn negatives_from(range: ShardRange, base: u64, threshold: u64, positive: &[bool
     kept.truncate(len);
     // Positives are at most the batch: fewer than the keys that pass.
     kept.retain(|&(_, j)| !positive[j as usize]);
-    kept
+    Ok(kept)
 }
 
 /// The union of two ascending sequences of distinct values, in ascending order.
-fn merge_ascending(a: impl Iterator<Item = u32>, b: impl Iterator<Item = u32>, len: usize) -> Vec<u32> {
-    let mut out = Vec::with_capacity(len);
+fn merge_ascending(a: impl Iterator<Item = u32>, b: impl Iterator<Item = u32>, len: usize) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(len).map_err(|_| out_of_memory())?;
     let (mut a, mut b) = (a.peekable(), b.peekable());
     loop {
         let next = match (a.peek(), b.peek()) {
             (Some(&x), Some(&y)) if x < y => a.next(),
             (Some(_), Some(_)) | (None, Some(_)) => b.next(),
             (Some(_), None) => a.next(),
-            (None, None) => return out,
+            (None, None) => return Ok(out),
         };
         out.extend(next);
     }

@@ -93,3 +93,49 @@ fn step_buffers_report_out_of_memory_under_an_address_space_limit() {
         assert_eq!(get(&format!("{head}-small-step")), 1, "{head}: a refused step counted:\n{text}");
     }
 }
+
+const SAMPLER_CHILD: &str = "PFC_OOM_SAMPLER_CHILD";
+
+/// The sampler's buffers grow with the shard, not the batch: under an address-space limit that the
+/// centers fit but a key per class does not, a step is refused with PFC_ERR_OUT_OF_MEMORY, counts
+/// nothing, and the same step succeeds once the limit is lifted.
+#[test]
+fn sampling_reports_out_of_memory_under_an_address_space_limit() {
+    if std::env::var_os(SAMPLER_CHILD).is_some() {
+        // 16M classes of d = 8: 1 GiB of centers and momentum, then 128 MiB of headroom, which the
+        // sampler's flags (16 MiB) fit and its keys (16 bytes for each of 0.99 · 16M classes) do not.
+        let mut cfg = default_config();
+        cfg.num_classes = 16 << 20;
+        cfg.embedding_dim = D as u32;
+        cfg.sample_rate = 0.99;
+        let head = TestHead::new(&cfg);
+        let emb: Vec<f32> = (0..4 * D).map(|i| (i % 7) as f32 - 3.0 + 0.25).collect();
+        let labels: Vec<i64> = vec![3, 70_000, 9_000_000, 16_000_000];
+        let mut grad = vec![0f32; 4 * D];
+        let b = batches(&emb, &labels, &mut grad, 1);
+        let mut st = pfc_step_stats::default();
+        let limit = vm_size_bytes() + (128 << 20);
+        let mut rl = libc::rlimit { rlim_cur: limit, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: plain syscalls on this process.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) }, 0);
+        println!("limited={}", pfc_train_step(head.0, b.as_ptr(), 1, &mut st));
+        println!("limited-step={}", st.step);
+        rl.rlim_cur = libc::RLIM_INFINITY;
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) }, 0);
+        println!("lifted={}", pfc_train_step(head.0, b.as_ptr(), 1, &mut st));
+        println!("lifted-step={}", st.step);
+        std::process::exit(0);
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "sampling_reports_out_of_memory_under_an_address_space_limit", "--nocapture", "--test-threads=1"])
+        .env(SAMPLER_CHILD, "1")
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "the child died ({}): {text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    for (key, want) in [("limited", PFC_ERR_OUT_OF_MEMORY), ("limited-step", 0), ("lifted", PFC_OK), ("lifted-step", 1)] {
+        let token = text.split_whitespace().find(|t| t.starts_with(&format!("{key}="))).unwrap_or_else(|| panic!("no {key} in:\n{text}"));
+        assert_eq!(token.split('=').nth(1).unwrap().parse::<i32>().unwrap(), want, "{key}:\n{text}");
+    }
+}

@@ -134,7 +134,7 @@ fn sampled_set_holds_every_positive_sorted_unique_with_the_documented_size() {
         for r in 0..s {
             let range = ShardRange::of(c, s, r);
             let n = range.len;
-            let got = sample(range, rate, seed, step, &labels);
+            let got = sample(range, rate, seed, step, &labels).unwrap();
             let pos = positives(range, &labels);
             let k = ((rate as f64) * n as f64).floor() as u64;
             let k = if rate >= 1.0 { n } else { k };
@@ -170,7 +170,7 @@ fn positives_from_a_batch_spread_over_shards_are_found_on_their_owner() {
     let mut seen = BTreeSet::new();
     for r in 0..s {
         let range = ShardRange::of(c, s, r);
-        for j in sample(range, 0.01, 9, 3, &labels) {
+        for j in sample(range, 0.01, 9, 3, &labels).unwrap() {
             seen.insert(range.start + j as u64);
         }
     }
@@ -211,7 +211,7 @@ fn check_uniform_on(range: ShardRange, labels: &[i64], seed: u64) {
     let pos = positives(range, labels);
     assert!(k > pos.len());
     let wanted = k - pos.len();
-    let (counts, sets) = negative_counts(n, &pos, |t| sample(range, rate, seed, t, labels));
+    let (counts, sets) = negative_counts(n, &pos, |t| sample(range, rate, seed, t, labels).unwrap());
     let (stat, bound) = uniformity_statistic(&counts, wanted, UNI_STEPS);
     eprintln!("shard {range:?}: χ² {stat:.1} (bound {bound:.1})");
     assert!(stat < bound, "shard {range:?}: χ² {stat:.1} ≥ 1e-6 bound {bound:.1} (df {})", counts.len() - 1);
@@ -241,7 +241,7 @@ fn negatives_are_uniform_over_seeds_and_independent_between_seeds() {
     let labels = [7i64, 8, 9];
     let pos = positives(range, &labels);
     let wanted = sample_count(0.1, 200) as usize - pos.len();
-    let (counts, sets) = negative_counts(200, &pos, |t| sample(range, 0.1, 1000 + t, 42, &labels));
+    let (counts, sets) = negative_counts(200, &pos, |t| sample(range, 0.1, 1000 + t, 42, &labels).unwrap());
     let (stat, bound) = uniformity_statistic(&counts, wanted, UNI_STEPS);
     eprintln!("over seeds: χ² {stat:.1} (bound {bound:.1})");
     assert!(stat < bound, "over seeds: χ² {stat:.1} ≥ {bound:.1}");
@@ -321,7 +321,7 @@ fn shards_of_equal_size_draw_independent_local_patterns() {
     assert!(ranges.iter().all(|r| r.len == 200));
     let k = sample_count(rate, 200) as usize;
     let steps = 1000u64;
-    let sets: Vec<Vec<Vec<u32>>> = ranges.iter().map(|&range| (0..steps).map(|t| sample(range, rate, seed, t, &[])).collect()).collect();
+    let sets: Vec<Vec<Vec<u32>>> = ranges.iter().map(|&range| (0..steps).map(|t| sample(range, rate, seed, t, &[]).unwrap()).collect()).collect();
     for (a, b) in [(0, 1), (1, 2), (0, 2)] {
         let ov: Vec<usize> = (0..steps as usize).map(|t| overlap(&sets[a][t], &sets[b][t])).collect();
         overlaps_look_independent(&ov, 200, k, k).unwrap_or_else(|e| panic!("shards {a} and {b} at the same step: {e}"));
@@ -330,7 +330,7 @@ fn shards_of_equal_size_draw_independent_local_patterns() {
     // What the reference does (every rank seeded alike, i.e. keys by local index) fails the check.
     let local_keys = |range: ShardRange, t: u64| {
         let shifted = ShardRange { start: 0, ..range };
-        sample(shifted, rate, seed, t, &[])
+        sample(shifted, rate, seed, t, &[]).unwrap()
     };
     let ov: Vec<usize> = (0..steps).map(|t| overlap(&local_keys(ranges[0], t), &local_keys(ranges[1], t))).collect();
     assert!(overlaps_look_independent(&ov, 200, k, k).is_err());
@@ -338,7 +338,7 @@ fn shards_of_equal_size_draw_independent_local_patterns() {
     let (r0, r2) = (ShardRange::of(601, 3, 0), ShardRange::of(601, 3, 2));
     assert_eq!((r0.len, r2.len), (201, 200));
     let (k0, k2) = (sample_count(rate, 201) as usize, sample_count(rate, 200) as usize);
-    let ov: Vec<usize> = (0..steps).map(|t| overlap(&sample(r0, rate, seed, t, &[]), &sample(r2, rate, seed, t, &[]))).collect();
+    let ov: Vec<usize> = (0..steps).map(|t| overlap(&sample(r0, rate, seed, t, &[]).unwrap(), &sample(r2, rate, seed, t, &[]).unwrap())).collect();
     // Overlap within [0, 200) of a k0-of-201 set and a k2-of-200 set: close to the hypergeometric
     // figure on 201 classes (the extra class shifts the mean by ~0.5%).
     overlaps_look_independent(&ov, 201, k0, k2).unwrap_or_else(|e| panic!("uneven shards: {e}"));
@@ -356,30 +356,30 @@ fn sampling_is_reproducible_and_depends_on_seed_step_and_the_label_set_only() {
     let labels: Vec<i64> = (0..64).map(|_| rng.below(c) as i64).collect();
     let rate = 0.1f32;
     for &(seed, step) in &[(0u64, 0u64), (1, 0), (0, 1), (u64::MAX, 123_456_789), (42, 7)] {
-        let a = sample(range, rate, seed, step, &labels);
-        assert_eq!(a, sample(range, rate, seed, step, &labels), "not reproducible");
-        assert_ne!(a, sample(range, rate, seed ^ 1, step, &labels), "seed {seed} and {} give the same set", seed ^ 1);
-        assert_ne!(a, sample(range, rate, seed.wrapping_add(1 << 40), step, &labels), "high seed bits ignored");
-        assert_ne!(a, sample(range, rate, seed, step + 1, &labels), "steps {step} and {} give the same set", step + 1);
-        assert_ne!(a, sample(range, rate, seed, step ^ (1 << 33), &labels), "high step bits ignored");
+        let a = sample(range, rate, seed, step, &labels).unwrap();
+        assert_eq!(a, sample(range, rate, seed, step, &labels).unwrap(), "not reproducible");
+        assert_ne!(a, sample(range, rate, seed ^ 1, step, &labels).unwrap(), "seed {seed} and {} give the same set", seed ^ 1);
+        assert_ne!(a, sample(range, rate, seed.wrapping_add(1 << 40), step, &labels).unwrap(), "high seed bits ignored");
+        assert_ne!(a, sample(range, rate, seed, step + 1, &labels).unwrap(), "steps {step} and {} give the same set", step + 1);
+        assert_ne!(a, sample(range, rate, seed, step ^ (1 << 33), &labels).unwrap(), "high step bits ignored");
         // Order, duplicates and labels of other shards do not matter.
         let mut shuffled = labels.clone();
         rng.shuffle(&mut shuffled);
-        assert_eq!(a, sample(range, rate, seed, step, &shuffled), "depends on label order");
+        assert_eq!(a, sample(range, rate, seed, step, &shuffled).unwrap(), "depends on label order");
         let mut dup = labels.clone();
         dup.extend_from_slice(&labels[..20]);
         dup.extend_from_slice(&labels[5..9]);
         rng.shuffle(&mut dup);
-        assert_eq!(a, sample(range, rate, seed, step, &dup), "depends on duplicates");
+        assert_eq!(a, sample(range, rate, seed, step, &dup).unwrap(), "depends on duplicates");
         let mut foreign = labels.clone();
         foreign.extend((0..100).map(|_| rng.below(range.start) as i64));
         rng.shuffle(&mut foreign);
-        assert_eq!(a, sample(range, rate, seed, step, &foreign), "depends on labels of other shards");
+        assert_eq!(a, sample(range, rate, seed, step, &foreign).unwrap(), "depends on labels of other shards");
         // A new positive on this shard is included and displaces exactly one negative.
         let extra = (0..range.len as u32).find(|j| a.binary_search(j).is_err()).unwrap();
         let mut more = labels.clone();
         more.push((range.start + extra as u64) as i64);
-        let b = sample(range, rate, seed, step, &more);
+        let b = sample(range, rate, seed, step, &more).unwrap();
         assert_eq!(b.len(), a.len());
         assert_eq!(minus(&b, &a), vec![extra]);
         assert_eq!(minus(&a, &b).len(), 1);
@@ -401,7 +401,7 @@ fn the_same_class_gets_the_same_key_whatever_the_shard_layout() {
     for s in [2usize, 4, 7] {
         for r in 0..s {
             let range = ShardRange::of(c, s, r);
-            let got = sample(range, rate, seed, step, &[]);
+            let got = sample(range, rate, seed, step, &[]).unwrap();
             assert_eq!(got, reference_sample(range, rate, seed, step, &[]));
         }
     }
@@ -410,7 +410,7 @@ fn the_same_class_gets_the_same_key_whatever_the_shard_layout() {
     keys.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut want: Vec<u32> = keys[..100].iter().map(|&(_, j)| j as u32).collect();
     want.sort_unstable();
-    assert_eq!(sample(one, rate, seed, step, &[]), want);
+    assert_eq!(sample(one, rate, seed, step, &[]).unwrap(), want);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -435,25 +435,25 @@ fn sample_count_and_degenerate_rates() {
     // Rate 1: every class, in order, whatever the labels.
     let range = ShardRange::of(1001, 2, 1);
     let all: Vec<u32> = (0..range.len as u32).collect();
-    assert_eq!(sample(range, 1.0, 3, 4, &[]), all);
-    assert_eq!(sample(range, 1.0, 3, 4, &[600, 600, 0, 1000]), all);
+    assert_eq!(sample(range, 1.0, 3, 4, &[]).unwrap(), all);
+    assert_eq!(sample(range, 1.0, 3, 4, &[600, 600, 0, 1000]).unwrap(), all);
     // k rounds up to n only at rate 1: 0.999 of 500 is 499.
     let r500 = ShardRange::of(500, 1, 0);
-    assert_eq!(sample(r500, 0.999, 3, 4, &[]).len(), 499);
+    assert_eq!(sample(r500, 0.999, 3, 4, &[]).unwrap().len(), 499);
     // k = 0 and no positives: nothing at all; with positives: exactly them.
-    assert_eq!(sample(r500, 0.001, 3, 4, &[]), Vec::<u32>::new());
+    assert_eq!(sample(r500, 0.001, 3, 4, &[]).unwrap(), Vec::<u32>::new());
     let other_shard = ShardRange::of(1000, 2, 1);
-    assert_eq!(sample(other_shard, 0.001, 3, 4, &[1, 2, 499]), Vec::<u32>::new(), "labels of shard 0 only");
-    assert_eq!(sample(r500, 0.001, 3, 4, &[9, 2, 9]), vec![2, 9]);
+    assert_eq!(sample(other_shard, 0.001, 3, 4, &[1, 2, 499]).unwrap(), Vec::<u32>::new(), "labels of shard 0 only");
+    assert_eq!(sample(r500, 0.001, 3, 4, &[9, 2, 9]).unwrap(), vec![2, 9]);
     // k = |P| exactly: no negatives.
-    assert_eq!(sample(ShardRange::of(30, 1, 0), 0.1, 3, 4, &[29, 0, 5]), vec![0, 5, 29]);
+    assert_eq!(sample(ShardRange::of(30, 1, 0), 0.1, 3, 4, &[29, 0, 5]).unwrap(), vec![0, 5, 29]);
     // An empty shard (more shards than classes) samples nothing.
     let empty = ShardRange { rank: 0, start: 10, len: 0 };
-    assert_eq!(sample(empty, 0.5, 1, 1, &[10]), Vec::<u32>::new());
-    assert_eq!(sample(empty, 1.0, 1, 1, &[]), Vec::<u32>::new());
+    assert_eq!(sample(empty, 0.5, 1, 1, &[10]).unwrap(), Vec::<u32>::new());
+    assert_eq!(sample(empty, 1.0, 1, 1, &[]).unwrap(), Vec::<u32>::new());
     // Negatives fill the whole non-positive pool when k = n − 1.
     let r10 = ShardRange::of(10, 1, 0);
-    let got = sample(r10, 0.95, 1, 1, &[4]);
+    let got = sample(r10, 0.95, 1, 1, &[4]).unwrap();
     assert_eq!(got.len(), 9);
     assert!(got.contains(&4));
 }
@@ -502,7 +502,7 @@ fn expected_sampled(shards: u32, step: u64, labels: &[i64]) -> Vec<u64> {
     let mut out = Vec::new();
     for r in 0..s {
         let range = ShardRange::of(C, s, r);
-        out.extend(sample(range, RATE, SEED, step, labels).into_iter().map(|j| range.start + j as u64));
+        out.extend(sample(range, RATE, SEED, step, labels).unwrap().into_iter().map(|j| range.start + j as u64));
     }
     out
 }

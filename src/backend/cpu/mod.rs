@@ -711,7 +711,7 @@ impl Primitives for CpuBackend {
 
     fn sample(&mut self, shard: usize, labels: &Vec<i64>, plan: StepPlan) -> Result<u64> {
         let s = &mut self.shards[shard];
-        s.sampled = sample(s.range, plan.sample_rate, plan.seed, plan.step, labels);
+        s.sampled = sample(s.range, plan.sample_rate, plan.seed, plan.step, labels)?;
         Ok(s.sampled.len() as u64)
     }
 

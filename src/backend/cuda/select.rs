@@ -133,7 +133,7 @@ mod tests {
             let labels: Vec<i64> = (0..(state >> 40) % 300).map(|i| (rng::mix64(state ^ i) % classes) as i64).collect();
             for r in 0..shards.min(classes as usize) {
                 let range = ShardRange::of(classes, shards, r);
-                let cpu = sample(range, rate, case, case * 7, &labels);
+                let cpu = sample(range, rate, case, case * 7, &labels).unwrap();
                 assert_eq!(gpu_sample(range, rate, case, case * 7, &labels), cpu, "case {case} shard {r}");
             }
         }

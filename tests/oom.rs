@@ -34,6 +34,27 @@ fn batches(emb: &[f32], labels: &[i64], grad: &mut [f32], shards: usize) -> Vec<
         .collect()
 }
 
+/// Runs the test `name` of this binary again in a child process with `env` set, and returns its
+/// output; the child must not die.
+fn run_child(name: &str, env: &str) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(env, "1")
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "the child died ({}): {text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// The value of the child's `key=value` line (the harness prints its own words before the child's
+/// first line).
+fn value(text: &str, key: &str) -> i32 {
+    let token = text.split_whitespace().find(|t| t.starts_with(&format!("{key}="))).unwrap_or_else(|| panic!("no {key} in:\n{text}"));
+    token.split('=').nth(1).unwrap().parse().unwrap()
+}
+
 /// Runs in the child: prints one `name=status` line per call.
 fn child() {
     let mut cfg = default_config();
@@ -72,19 +93,8 @@ fn step_buffers_report_out_of_memory_under_an_address_space_limit() {
         child();
         std::process::exit(0);
     }
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "step_buffers_report_out_of_memory_under_an_address_space_limit", "--nocapture", "--test-threads=1"])
-        .env(CHILD, "1")
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "the child died ({}): {text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    let get = |key: &str| -> i32 {
-        // The harness prints its own words before the child's first line.
-        let token = text.split_whitespace().find(|t| t.starts_with(&format!("{key}="))).unwrap_or_else(|| panic!("no {key} in:\n{text}"));
-        token.split('=').nth(1).unwrap().parse().unwrap()
-    };
+    let text = run_child("step_buffers_report_out_of_memory_under_an_address_space_limit", CHILD);
+    let get = |key: &str| value(&text, key);
     for head in ["one", "two"] {
         for call in ["evaluate", "train", "compute"] {
             assert_eq!(get(&format!("{head}-{call}")), PFC_ERR_OUT_OF_MEMORY, "{head} {call}:\n{text}");
@@ -126,16 +136,8 @@ fn sampling_reports_out_of_memory_under_an_address_space_limit() {
         println!("lifted-step={}", st.step);
         std::process::exit(0);
     }
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "sampling_reports_out_of_memory_under_an_address_space_limit", "--nocapture", "--test-threads=1"])
-        .env(SAMPLER_CHILD, "1")
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "the child died ({}): {text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let text = run_child("sampling_reports_out_of_memory_under_an_address_space_limit", SAMPLER_CHILD);
     for (key, want) in [("limited", PFC_ERR_OUT_OF_MEMORY), ("limited-step", 0), ("lifted", PFC_OK), ("lifted-step", 1)] {
-        let token = text.split_whitespace().find(|t| t.starts_with(&format!("{key}="))).unwrap_or_else(|| panic!("no {key} in:\n{text}"));
-        assert_eq!(token.split('=').nth(1).unwrap().parse::<i32>().unwrap(), want, "{key}:\n{text}");
+        assert_eq!(value(&text, key), want, "{key}:\n{text}");
     }
 }

@@ -361,7 +361,10 @@ pub const PREFETCH_AHEAD: usize = 2;
 /// Starts loading row `row` (`dim` values) of the table at `table` into the cache. The sampled
 /// rows of a shard are scattered over its table, so the hardware's prefetchers only catch on
 /// inside each row, after its first misses. A pointer, not a slice: the row may be another
-/// thread's to write meanwhile, and a prefetch accesses no memory.
+/// thread's to write meanwhile, and a prefetch accesses no memory. Into L2 (`T1`), not L1: a row
+/// is 32 lines, more than L1's miss buffers hold in flight, and loading into L1 stalls on them
+/// (2 KiB rows scattered over 2 GB, 2 threads on Zen 4: 25% faster than `T0`, which was slower
+/// than no prefetch; 2–5% of a 1M-class step, in paired steps: docs/benchmarks.md).
 #[inline(always)]
 pub fn prefetch_row<T>(table: *const T, row: usize, dim: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -371,7 +374,7 @@ pub fn prefetch_row<T>(table: *const T, row: usize, dim: usize) {
             // SAFETY: a prefetch has no architectural effect, whatever the address.
             #[allow(unused_unsafe)]
             unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.wrapping_add(offset))
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(start.wrapping_add(offset))
             };
         }
     }

@@ -363,8 +363,8 @@ pub const PREFETCH_AHEAD: usize = 2;
 /// inside each row, after its first misses. A pointer, not a slice: the row may be another
 /// thread's to write meanwhile, and a prefetch accesses no memory. Into L2 (`T1`), not L1: a row
 /// is 32 lines, more than L1's miss buffers hold in flight, and loading into L1 stalls on them
-/// (2 KiB rows scattered over 2 GB, 2 threads on Zen 4: 25% faster than `T0`, which was slower
-/// than no prefetch; 2–5% of a 1M-class step, in paired steps: docs/benchmarks.md).
+/// (`cargo run --release --example prefetch_choice`: 100,000 rows scattered over 2 GB, 2 threads
+/// on Zen 4, in 12–14 ms against 18.5–20 ms with `T0`; docs/benchmarks.md).
 #[inline(always)]
 pub fn prefetch_row<T>(table: *const T, row: usize, dim: usize) {
     #[cfg(target_arch = "x86_64")]

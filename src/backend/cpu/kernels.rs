@@ -348,11 +348,24 @@ multiversion! {
     /// Back through a normalization `u = v/‖v‖`, given `dir = v` and `dir_scale = 1/‖v‖`:
     /// `grad ← (grad − û(û·grad))·factor` with `û = dir·dir_scale`, in place.
     pub fn project_out(dir: &[f32], dir_scale: f32, factor: f32, grad: &mut [f32]) {
-        let along = dot(dir, grad) * dir_scale * dir_scale;
+        let along = along(dir, dir_scale, grad);
         for (g, &v) in grad.iter_mut().zip(dir) {
-            *g = (*g - v * along) * factor;
+            *g = projected(*g, v, along, factor);
         }
     }
+}
+
+/// The component of `grad` along `dir` that [`project_out`] removes, as a multiple of `dir`.
+#[inline(always)]
+pub fn along(dir: &[f32], dir_scale: f32, grad: &[f32]) -> f32 {
+    dot(dir, grad) * dir_scale * dir_scale
+}
+
+/// One value of [`project_out`]'s result: the same operations, so the same bits, wherever it is
+/// computed.
+#[inline(always)]
+pub fn projected(grad: f32, dir: f32, along: f32, factor: f32) -> f32 {
+    (grad - dir * along) * factor
 }
 
 /// Rows ahead of the one being worked on that [`prefetch`] starts loading.

@@ -603,14 +603,15 @@ impl Shard {
                 let weights = unsafe { centers.slice(j as usize * d, d) };
                 // Back through W/‖W‖; the 1/‖W‖ factor is already in `grad` when scaled_after.
                 let factor = if scaled_after { 1.0 } else { inv[r] };
+                if let Some(lr) = apply {
+                    // SAFETY: as above; sampled rows are distinct, so each has one writer.
+                    unsafe { state.update_projected(&opt, lr, j as usize, weights, inv[r], factor, grad) };
+                    continue;
+                }
                 kernels::project_out(weights, inv[r], factor, grad);
                 if let Some(lr) = check {
                     // SAFETY: the row and its state are only read.
                     w.update_ok &= unsafe { state.update_is_finite(&opt, lr, j as usize, weights, grad, &mut w.update) };
-                }
-                if let Some(lr) = apply {
-                    // SAFETY: as above; sampled rows are distinct, so each has one writer.
-                    unsafe { state.update(&opt, lr, j as usize, weights, grad) };
                 }
             }
             // A proven update's gradients are finite: no pass over them to say so.

@@ -461,12 +461,16 @@ mod tests {
         }
         let bits = |v: &[f32]| v.iter().map(|&x| bits_or_nan(x)).collect::<Vec<_>>();
         let mut draw = Draw(7);
+        let mut finite_rows = 0;
         for case in 0..2_000 {
+            // Specials in a quarter of the cases: at width 512 one special almost surely makes the
+            // whole row NaN or ∞, and the ordinary values are what most cases must compare.
+            let specials = case % 4 == 3;
             let kind = if case % 2 == 0 { OptimizerKind::Sgd } else { OptimizerKind::AdamW };
             let dim = [1, 3, 16, 37, 512][case % 5];
             let cfg = OptimizerConfig { kind, momentum: draw.unit() as f32, weight_decay: draw.unit() as f32, ..Config::default().optimizer };
             let (lo, hi) = (-20.0, 20.0);
-            let mut split = state(kind, dim, &mut draw, lo, hi, true);
+            let mut split = state(kind, dim, &mut draw, lo, hi, specials);
             let mut fused = OptimizerState::new(kind, 1, dim).unwrap();
             for &t in StateTensor::for_optimizer(kind).iter().skip(1) {
                 fused.write_rows(t, 0, split.tensor(t).unwrap(), dim).unwrap();
@@ -474,7 +478,7 @@ mod tests {
             if let (Some(a), Some(b)) = (split.steps(), fused.steps_mut()) {
                 b.copy_from_slice(a);
             }
-            let (w, g) = (draw.row(dim, lo, hi, true), draw.row(dim, lo, hi, true));
+            let (w, g) = (draw.row(dim, lo, hi, specials), draw.row(dim, lo, hi, specials));
             let (dir_scale, factor) = (draw.value(-3.0, 3.0, false).abs(), if case % 3 == 0 { 1.0 } else { draw.value(-3.0, 3.0, false).abs() });
             let lr = draw.unit() as f32;
             let (mut w_split, mut g_split) = (w.clone(), g.clone());
@@ -488,7 +492,10 @@ mod tests {
             }
             assert_eq!(norms(&split), norms(&fused), "case {case}: norms");
             assert_eq!(split.steps(), fused.steps(), "case {case}: steps");
+            finite_rows += usize::from(dim > 1 && w_fused.iter().all(|v| v.is_finite()));
         }
+        // Most rows wider than one stayed finite, so the comparisons were of real values.
+        assert!(finite_rows > 800, "only {finite_rows} finite rows");
     }
 
     /// The norm bound never passes an update the exact check refuses, over magnitudes from tiny to

@@ -357,27 +357,27 @@ multiversion! {
 
 /// The component of `grad` along `dir` that [`project_out`] removes, as a multiple of `dir`.
 #[inline(always)]
-pub fn along(dir: &[f32], dir_scale: f32, grad: &[f32]) -> f32 {
+pub(crate) fn along(dir: &[f32], dir_scale: f32, grad: &[f32]) -> f32 {
     dot(dir, grad) * dir_scale * dir_scale
 }
 
 /// One value of [`project_out`]'s result: the same operations, so the same bits, wherever it is
 /// computed.
 #[inline(always)]
-pub fn projected(grad: f32, dir: f32, along: f32, factor: f32) -> f32 {
+pub(crate) fn projected(grad: f32, dir: f32, along: f32, factor: f32) -> f32 {
     (grad - dir * along) * factor
 }
 
-/// Rows ahead of the one being worked on that [`prefetch`] starts loading.
+/// Rows ahead of the one being worked on that [`prefetch_ahead`] starts loading.
 pub const PREFETCH_AHEAD: usize = 2;
 
 /// Starts loading row `row` (`dim` values) of the table at `table` into the cache. The sampled
 /// rows of a shard are scattered over its table, so the hardware's prefetchers only catch on
 /// inside each row, after its first misses. A pointer, not a slice: the row may be another
-/// thread's to write meanwhile, and a prefetch accesses no memory. Into L2 (`T1`), not L1: a row
-/// is 32 lines, more than L1's miss buffers hold in flight, and loading into L1 stalls on them
-/// (`cargo run --release --example prefetch_choice`: 100,000 rows scattered over 2 GB, 2 threads
-/// on Zen 4, in 12–14 ms against 18.5–20 ms with `T0`; docs/benchmarks.md).
+/// thread's to write meanwhile, and a prefetch accesses no memory. Into L2 (`T1`), not L1: a
+/// center row (512 f32, 2 KiB) is 32 lines, more than L1's miss buffers hold in flight, and
+/// loading into L1 stalls on them (`cargo run --release --example prefetch_choice`; results in
+/// docs/benchmarks.md).
 #[inline(always)]
 pub fn prefetch_row<T>(table: *const T, row: usize, dim: usize) {
     #[cfg(target_arch = "x86_64")]

@@ -96,12 +96,18 @@ pub fn try_zeroed<T: Clone + Default>(len: usize, what: &str) -> Result<Vec<T>> 
 /// `OutOfMemory`, as with [`try_zeroed`].
 pub fn try_refill<'a, T: Clone + Default>(v: &'a mut Vec<T>, len: usize, what: &str) -> Result<&'a mut [T]> {
     v.clear();
-    v.try_reserve_exact(len).map_err(|_| {
-        Error::new(
-            Status::OutOfMemory,
-            format!("cannot allocate {what}: {len} elements of {} bytes", std::mem::size_of::<T>()),
-        )
-    })?;
+    try_reserve(v, len, what)?;
     v.resize(len, T::default());
     Ok(v)
+}
+
+/// Room in `v` for `additional` more values, exhaustion being `OutOfMemory` (as with
+/// [`try_zeroed`]) rather than an abort.
+pub fn try_reserve<T>(v: &mut Vec<T>, additional: usize, what: &str) -> Result<()> {
+    v.try_reserve_exact(additional).map_err(|_| {
+        Error::new(
+            Status::OutOfMemory,
+            format!("cannot allocate {what}: {additional} elements of {} bytes", std::mem::size_of::<T>()),
+        )
+    })
 }

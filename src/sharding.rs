@@ -1,6 +1,6 @@
 //! Which classes a shard owns (SPEC §1.1) and which of them it samples at a step (SPEC §1.3).
 
-use crate::error::{try_zeroed, Error, Result, Status};
+use crate::error::{try_reserve, try_zeroed, Result};
 use crate::rng;
 
 /// The contiguous block of global class ids `[start, start + len)` owned by one shard.
@@ -50,9 +50,7 @@ pub fn sample(range: ShardRange, sample_rate: f32, seed: u64, step: u64, labels:
     let n = range.len as usize;
     let k = sample_count(sample_rate, range.len) as usize;
     if k >= n {
-        let mut all = try_zeroed::<u32>(n, "the sampled classes")?;
-        all.iter_mut().zip(0u32..).for_each(|(c, j)| *c = j);
-        return Ok(all);
+        return collect_exact(0..n as u32, n);
     }
     let mut positive = try_zeroed::<bool>(n, "the sampler's positive flags")?;
     let mut positives = 0usize;
@@ -87,22 +85,19 @@ pub fn sample(range: ShardRange, sample_rate: f32, seed: u64, step: u64, labels:
     // `wanted`-th is found on a copy, and `keyed`, in class order, keeps those up to it: no sort.
     let order = |a: &(u64, u32), b: &(u64, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
     if wanted < keyed.len() {
-        let mut copy = try_zeroed(keyed.len(), "the sampler's keys")?;
-        copy.copy_from_slice(&keyed);
+        let mut copy = Vec::new();
+        try_reserve(&mut copy, keyed.len(), "the sampler's keys")?;
+        copy.extend_from_slice(&keyed);
         let (_, &mut last, _) = copy.select_nth_unstable_by(wanted - 1, order);
         keyed.retain(|e| order(e, &last).is_le());
     }
     merge_ascending(positives_in_order, keyed.into_iter().map(|(_, j)| j), k)
 }
 
-fn out_of_memory() -> Error {
-    Error::new(Status::OutOfMemory, "cannot allocate the sampled classes")
-}
-
 /// `values` (`len` of them) in a vector whose allocation may fail.
 fn collect_exact(values: impl Iterator<Item = u32>, len: usize) -> Result<Vec<u32>> {
     let mut out = Vec::new();
-    out.try_reserve_exact(len).map_err(|_| out_of_memory())?;
+    try_reserve(&mut out, len, "the sampled classes")?;
     out.extend(values);
     Ok(out)
 }
@@ -121,7 +116,8 @@ fn negatives_from(range: ShardRange, base: u64, threshold: u64, positive: &[bool
         let chunk = &mut keys[..CHUNK.min(n - first)];
         rng::fill_at(base, range.start + first as u64, chunk);
         if kept.len() < len + chunk.len() {
-            kept.try_reserve_exact(kept.len() + chunk.len()).map_err(|_| out_of_memory())?;
+            let grow = kept.len() + chunk.len();
+            try_reserve(&mut kept, grow, "the sampler's keys")?;
             kept.resize(2 * kept.len() + chunk.len(), (0, 0));
         }
         for (i, &key) in chunk.iter().enumerate() {
@@ -138,7 +134,7 @@ fn negatives_from(range: ShardRange, base: u64, threshold: u64, positive: &[bool
 /// The union of two ascending sequences of distinct values, in ascending order.
 fn merge_ascending(a: impl Iterator<Item = u32>, b: impl Iterator<Item = u32>, len: usize) -> Result<Vec<u32>> {
     let mut out = Vec::new();
-    out.try_reserve_exact(len).map_err(|_| out_of_memory())?;
+    try_reserve(&mut out, len, "the sampled classes")?;
     let (mut a, mut b) = (a.peekable(), b.peekable());
     loop {
         let next = match (a.peek(), b.peek()) {

@@ -693,7 +693,7 @@ impl Primitives for CpuBackend {
             .iter()
             .map(|b| {
                 let mut e = Vec::new();
-                e.try_reserve_exact(b.embeddings.len()).map_err(|_| crate::error::Error::new(crate::error::Status::OutOfMemory, "cannot allocate the batch's embeddings"))?;
+                crate::error::try_reserve(&mut e, b.embeddings.len(), "the batch's embeddings")?;
                 b.embeddings.extend_f32(&mut e);
                 let mut labels = try_zeroed::<i64>(b.labels.len(), "the batch's labels")?;
                 labels.copy_from_slice(b.labels);

@@ -31,7 +31,7 @@ run() {
 
 # Refuse to run anywhere it cannot be decisive.
 missing=()
-for f in pfc libpartialfc.so reference_step.py reference/partial_fc_v2.py reference/losses.py tests/gpu tests/golden tests/nccl tests/kernels; do
+for f in pfc libpartialfc.so reference_step.py reference/partial_fc_v2.py reference/losses.py tests/all; do
     [ -s ".gpu/$f" ] || missing+=(".gpu/$f")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -92,9 +92,10 @@ PY
 
 step "GPU tests (kernels compile to CUBIN for this device, then parity, golden, NCCL, bad input)"
 export PFC_REQUIRE_GPU=1 PFC_SHARED_DIR="$PWD/.gpu/shared"
+# One module of the tests' binary at a time (`kernels::` matches that module's tests only).
 for t in kernels gpu golden nccl; do
     echo "--- $t"
-    run "test $t" 150 ".gpu/tests/$t" --test-threads=1
+    run "test $t" 150 .gpu/tests/all "$t::" --test-threads=1
 done
 
 step "PyTorch binding on CUDA (tests/python/gpu_check.py)"

@@ -63,14 +63,16 @@ require() {
     fi
 }
 
-# The C program as C11 (tests/c_program.rs) and the bindings and examples as C++17 (tests/bindings.rs).
+# The C program as C11 (tests/all/c_program.rs) and the bindings and examples as C++17
+# (tests/all/bindings.rs).
 c_compiles() { printf 'int main(void) { return 0; }\n' | cc -std=c11 -x c - -o "$probe/c"; }
 cxx_compiles() { printf '#include <vector>\nint main() { std::vector<int> v(1); return v[0]; }\n' | c++ -std=c++17 -x c++ - -o "$probe/cxx"; }
 require "C compiler (cc, C11)" c_compiles apt_install gcc libc6-dev
 require "C++ compiler (c++, C++17)" cxx_compiles apt_install g++
 
 # readelf for the installed soname, pkg-config and CMake as a consumer of the installed library
-# uses them (tests/install.rs); jq reads the checkpoint manifest (tests/checkpoint_safety.rs).
+# uses them (tests/all/install.rs); jq reads the checkpoint manifest
+# (tests/all/checkpoint_safety.rs).
 has_readelf() { command -v readelf; }
 has_pkg_config() { command -v pkg-config; }
 has_cmake() { command -v cmake; }
@@ -80,9 +82,9 @@ require "pkg-config" has_pkg_config apt_install pkg-config
 require "CMake" has_cmake apt_install cmake
 require "jq" has_jq apt_install jq
 
-# Jobs over several processes (tests/mpi.rs, tests/persist_mpi.rs): programs built with mpicc
-# against mpi.h and libmpi, started by mpirun. On Debian mpicc comes with openmpi-bin but mpi.h and
-# the library to link with with libopenmpi-dev, so only building a program shows both are there.
+# Jobs over several processes (tests/all/mpi.rs, tests/all/persist_mpi.rs): programs built with
+# mpicc against mpi.h and libmpi, started by mpirun. On Debian mpicc comes with openmpi-bin but mpi.h
+# and the library to link with with libopenmpi-dev, so only building a program shows both are there.
 mpi_builds() {
     printf '#include <mpi.h>\nint main(int c, char **v) { MPI_Init(&c, &v); return MPI_Finalize(); }\n' >"$probe/mpi.c"
     mpicc -std=c11 "$probe/mpi.c" -o "$probe/mpi" && command -v mpirun
@@ -98,8 +100,9 @@ dnnl_links() {
 }
 require "oneDNN (dnnl.h, libdnnl)" dnnl_links apt_install libdnnl-dev
 
-# The Go binding's tests and examples (tests/bindings.rs, tests/install.rs) build cgo packages with
-# the `go` they find as tests/native/mod.rs does: $GO, then PATH, then the usual install places.
+# The Go binding's tests and examples (tests/all/bindings.rs, tests/all/install.rs) build cgo
+# packages with the `go` they find as tests/all/native.rs does: $GO, then PATH, then the usual
+# install places.
 go_bin() {
     local g
     for g in "${GO:-}" "$(command -v go || true)" /usr/local/go/bin/go /usr/lib/go/bin/go; do
@@ -121,8 +124,8 @@ cgo_builds() {
 }
 require "Go with cgo" cgo_builds apt_install golang-go
 
-# tests/export_search.rs reads the exports back with numpy and safetensors; tests/index.rs opens the
-# FAISS export with FAISS itself.
+# tests/all/export_search.rs reads the exports back with numpy and safetensors; tests/all/index.rs
+# opens the FAISS export with FAISS itself.
 py_reads_exports() { python3 -c 'import numpy, safetensors'; }
 py_has_faiss() { python3 -c 'import faiss'; }
 require "python3: numpy, safetensors" py_reads_exports pip_install numpy safetensors
@@ -133,8 +136,8 @@ require "python3: faiss" py_has_faiss pip_install faiss-cpu
 venv_ready() { bash scripts/python-env.sh --check; }
 require "project venv .venv (torch, numpy, safetensors, pytest)" venv_ready bash scripts/python-env.sh
 
-# NVRTC 13.0 (matching the lent GPUs' driver) compiles every CUDA kernel in tests/kernels.rs; no GPU
-# is needed. Installed into .tools/ (ignored by git); the check loads it as the tests do.
+# NVRTC 13.0 (matching the lent GPUs' driver) compiles every CUDA kernel in tests/all/kernels.rs; no
+# GPU is needed. Installed into .tools/ (ignored by git); the check loads it as the tests do.
 nvrtc_lib=.tools/nvrtc/nvidia/cu13/lib/libnvrtc.so.13
 nvrtc_loads() { python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$PWD/$nvrtc_lib"; }
 install_nvrtc() {
@@ -143,7 +146,7 @@ install_nvrtc() {
 }
 require "NVRTC 13.0 (.tools/nvrtc)" nvrtc_loads install_nvrtc
 
-# cargo-c (`cargo cinstall`) installs the library as a system C library: tests/install.rs.
+# cargo-c (`cargo cinstall`) installs the library as a system C library: tests/all/install.rs.
 # 0.10.24 is the newest release that builds with rustc 1.95 (later ones need 1.97). It is compiled
 # from source once per machine into cargo's own bin directory, shared by every checkout; that takes
 # a while on 2 cores (see README.md), so setups running at the same time wait for one compile

@@ -13,7 +13,7 @@ if [ ! -d ../shared/golden ]; then
     exit 1
 fi
 
-# tests/kernels.rs compiles every CUDA kernel with the NVRTC that setup put in .tools/.
+# tests/all/kernels.rs compiles every CUDA kernel with the NVRTC that setup put in .tools/.
 nvrtc_lib=.tools/nvrtc/nvidia/cu13/lib
 export LD_LIBRARY_PATH="$PWD/$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 

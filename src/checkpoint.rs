@@ -22,10 +22,10 @@
 //! rows from whichever shard file holds them, so a checkpoint loads into any shard count.
 
 use crate::config::{check_learning_rate, check_steps, OptimizerKind};
-use crate::engine::{Head, Restored};
+use crate::head::{Head, Restored};
 use crate::error::{try_zeroed, Error, Result, Status};
 use crate::fsutil::{io_error, temp_path, AtomicFile, DirLock, RegularFile};
-use crate::optimizer::StateTensor;
+use crate::state::StateTensor;
 use crate::sharding::ShardRange;
 use serde_json::{json, Value};
 use std::fs;
@@ -87,9 +87,9 @@ fn first_bad_value(tensor: StateTensor, values: &[f32], first: u64, d: usize) ->
         return Some(format!("{} of class {} holds NaN or Inf (value {} of the row)", tensor.name(), first + (at / d) as u64, at % d));
     }
     // The bound `pfc_set_centers` puts on a center: one whose norm f32 cannot normalize.
-    let oversized = if tensor == StateTensor::Centers { crate::engine::first_oversized_row(values, d) } else { None };
+    let oversized = if tensor == StateTensor::Centers { crate::limits::first_oversized_row(values, d) } else { None };
     oversized.map(|(row, norm)| {
-        format!("the center of class {} has norm {norm:.3e}, above {:.3e}: it cannot be normalized in f32", first + row as u64, crate::engine::MAX_ROW_NORM)
+        format!("the center of class {} has norm {norm:.3e}, above {:.3e}: it cannot be normalized in f32", first + row as u64, crate::limits::MAX_ROW_NORM)
     })
 }
 

@@ -5,7 +5,7 @@
 
 use crate::checkpoint::safetensors_header;
 use crate::config::DType;
-use crate::engine::Head;
+use crate::head::Head;
 use crate::error::{try_zeroed, Error, Result, Status};
 use crate::fsutil::{AtomicFile, PositionalFile};
 use std::os::unix::ffi::OsStrExt;

@@ -70,7 +70,7 @@ impl Index {
 
     /// The `k` best classes by cosine for each query (rows of `queries`): `(ids, scores)`.
     pub fn search(&self, queries: &[f32], k: usize) -> Result<(Vec<i64>, Vec<f32>)> {
-        crate::search::top_k(queries, self.dim, self.classes, k, |unit, k| {
+        crate::head::search::top_k(queries, self.dim, self.classes, k, |unit, k| {
             Ok(crate::backend::cpu::scan_centers(&self.centers, self.dim, 0, unit, k)?.into_sorted())
         })
     }

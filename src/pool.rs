@@ -64,3 +64,10 @@ pub fn install<R: Send>(op: impl FnOnce() -> R + Send) -> Result<R> {
 pub fn threads() -> Result<usize> {
     Ok(current()?.current_num_threads())
 }
+
+/// Called inside the pool ([`install`]): enough blocks per task that each thread gets a few tasks,
+/// so per-task scratch (an N×d gradient accumulator among it) is allocated and summed a handful of
+/// times per step, not per block.
+pub(crate) fn min_blocks_per_task(blocks: usize) -> usize {
+    blocks.div_ceil(4 * rayon::current_num_threads()).max(1)
+}

@@ -30,7 +30,7 @@ pub fn at(stream_base: u64, index: u64) -> u64 {
     mix64(stream_base.wrapping_add(index.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)))
 }
 
-crate::backend::cpu::kernels::multiversion! {
+crate::simd::multiversion! {
     /// `out[i] = at(stream_base, first + i)`: vectorized, 64-bit multiplies and all (AVX-512DQ
     /// has them), where a loop around [`at`] that also branches on each value is not.
     pub(crate) fn fill_at(stream_base: u64, first: u64, out: &mut [u64]) {

@@ -147,6 +147,22 @@ fn merge_ascending(a: impl Iterator<Item = u32>, b: impl Iterator<Item = u32>, l
     }
 }
 
+/// The local pieces of global classes `[first, first + count)`, which must lie within `ranges`:
+/// (shard, first row in it, rows, offset of the piece in the caller's buffer in rows).
+pub fn pieces(ranges: &[ShardRange], first: u64, count: u64) -> Vec<(usize, usize, usize, usize)> {
+    let mut out = Vec::new();
+    let mut class = first;
+    let end = first + count;
+    while class < end {
+        let s = ranges.partition_point(|r| r.start + r.len <= class);
+        let row = (class - ranges[s].start) as usize;
+        let rows = (ranges[s].len - row as u64).min(end - class) as usize;
+        out.push((s, row, rows, (class - first) as usize));
+        class += rows as u64;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

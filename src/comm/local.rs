@@ -2,7 +2,7 @@
 //! over the local buffers, in rank order.
 
 use super::{Collectives, ReduceOp};
-use crate::backend::Host;
+use crate::memory::Host;
 use crate::error::Result;
 use rayon::prelude::*;
 

@@ -6,7 +6,7 @@ pub mod local;
 pub mod nccl;
 pub mod process;
 
-use crate::backend::Memory;
+use crate::memory::Memory;
 use crate::error::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -159,8 +159,7 @@ pub use collectives::NcclCollectives;
 /// equal-count all-gather and reduce-scatter, then compacted on the device.
 mod collectives {
     use super::*;
-    use crate::backend::cuda::Device;
-    use crate::backend::Memory;
+    use crate::memory::{Device, Memory};
     use crate::comm::group::ProcessGroup;
     use crate::comm::{Collectives, ReduceOp};
     use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};

@@ -6,7 +6,7 @@
 use super::group::{bytes_of, bytes_of_mut, Plain, ProcessGroup};
 use super::local::sum_in_order;
 use super::{Collectives, ReduceOp};
-use crate::backend::Host;
+use crate::memory::Host;
 use crate::error::{try_zeroed, Error, Result};
 use std::sync::Arc;
 

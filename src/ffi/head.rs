@@ -6,7 +6,7 @@
 //! marks in the child those that were locked: calls on them fail clearly instead of waiting forever.
 
 use super::guard;
-use crate::engine::Head;
+use crate::head::Head;
 use crate::error::{Error, Result};
 use parking_lot::{Mutex, MutexGuard};
 use std::cell::RefCell;

@@ -13,10 +13,10 @@ use self::guard::{guard, with_last_error};
 pub use self::head::pfc_head;
 use self::head::lock;
 pub use self::types::*;
-use crate::backend::{Batches, DeviceBatch, Embeddings, GradOut, HostBatch, Outputs};
+use crate::batch::{Batches, DeviceBatch, Embeddings, GradOut, HostBatch, Outputs};
 use crate::comm::group::{AllGather, CallbackAllGather, ProcessGroup};
 use crate::config::{BackendKind, Config, DType, MarginConfig, MarginGrad, OptimizerConfig, OptimizerKind};
-use crate::engine::{Head, StepStats};
+use crate::head::{Head, StepStats};
 use crate::error::{Error, Result, Status};
 use std::ffi::c_char;
 
@@ -667,7 +667,7 @@ unsafe fn search_into(
             return Err(Error::invalid(format!("n = {n} is outside [1, {MAX_BATCH_ROWS}]")));
         }
         // k before the overlap check, which trusts n × k: a k beyond the classes is the error to report.
-        crate::search::check_k(k as u64, classes)?;
+        crate::head::search::check_k(k as u64, classes)?;
         if overlaps((ids as usize, ids as usize + out * 8), (scores as usize, scores as usize + out * 4)) {
             return Err(Error::invalid("ids and scores overlap"));
         }

@@ -11,12 +11,43 @@
 //! (`Primitives::update_proven`, agreed in one exchange before the backward pass), that proof is
 //! the agreement and the backward pass applies the update as each center's gradient exists.
 
-use crate::backend::{phase, Backend, Batches, Collectives, Evaluated, F32Buf, Memory, Outputs, PhaseTimes, Primitives, RowStats, ShardState, StepPlan, Update};
+use crate::backend::step::{phase, PhaseTimes, RowStats, StepPlan, Update};
+use crate::backend::{Primitives, ShardState};
+use crate::batch::{Batches, Outputs};
 use crate::comm::group::ProcessGroup;
+use crate::comm::Collectives;
 use crate::error::{Error, Result, Status};
+use crate::memory::{F32Buf, Memory};
 use crate::sharding::ShardRange;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// The step driver as the head sees it, whatever backend's primitives and collectives it strings
+/// together ([`Driver`]), and the state those hold.
+pub(crate) trait StepDriver: Send {
+    fn ranges(&self) -> &[ShardRange];
+    /// Loss statistics over the sampled (or, at sample rate 1, all) classes; nothing changes.
+    /// `checked` is the head's verdict on the batches, agreed by the job before anything else.
+    fn evaluate(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan) -> Result<Evaluated>;
+    /// Forward and backward: the embedding gradients into `out` and the center gradients
+    /// accumulated; with `apply`, then one optimizer step at that learning rate. All or nothing.
+    fn compute(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan, out: Outputs<'_, '_>, apply: Option<f32>) -> Result<Evaluated>;
+    /// One optimizer step over the accumulated gradients (false when there were none).
+    fn apply(&mut self, lr: f32) -> Result<bool>;
+    fn discard(&mut self);
+    fn state(&self) -> &dyn ShardState;
+    fn state_mut(&mut self) -> &mut dyn ShardState;
+    fn phase_times(&self) -> PhaseTimes;
+}
+
+/// What a forward pass reports, the same on every shard and process.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Evaluated {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub global_batch: u64,
+    pub sampled_classes: u64,
+}
 
 pub(crate) struct Driver<P: Primitives> {
     prims: P,
@@ -262,7 +293,7 @@ impl<P: Primitives> Driver<P> {
     }
 }
 
-impl<P: Primitives> Backend for Driver<P> {
+impl<P: Primitives> StepDriver for Driver<P> {
     fn ranges(&self) -> &[ShardRange] {
         self.prims.ranges()
     }

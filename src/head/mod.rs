@@ -1,14 +1,21 @@
 //! The head: validated configuration, step bookkeeping and everything shared by the backends —
-//! input validation, the loss and accuracy from reduced statistics, center access. A failed call
-//! leaves the head exactly as it was: inputs are checked before any backend state changes.
+//! input validation, the collective calls' contracts, center access — over the step driver
+//! (`driver`) that the factory (`factory`) assembles from a backend's primitives and a collectives
+//! implementation. A failed call leaves the head exactly as it was: inputs are checked before any
+//! backend state changes.
 
 pub(crate) mod driver;
+mod factory;
+pub(crate) mod search;
 
-use crate::backend::{Backend, Batches, Evaluated, GradOut, HostBatch, Outputs, PhaseTimes, StepPlan};
+use crate::backend::step::{PhaseTimes, StepPlan};
+use crate::batch::{Batches, GradOut, HostBatch, Outputs};
 use crate::comm::group::ProcessGroup;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::optimizer::StateTensor;
+use crate::limits::{first_oversized_row, MAX_ROW_NORM};
+use crate::state::StateTensor;
+use driver::{Evaluated, StepDriver};
 use std::sync::Arc;
 
 /// What one step reports (SPEC §1.10).
@@ -25,7 +32,7 @@ pub struct StepStats {
 pub struct Head {
     cfg: Config,
     group: Arc<ProcessGroup>,
-    backend: Box<dyn Backend>,
+    driver: Box<dyn StepDriver>,
     step: u64,
     lr: f32,
 }
@@ -54,9 +61,9 @@ impl Head {
             shards
         };
         let group = Arc::new(group);
-        let backend = group.agree(crate::backend::create(&cfg, &group, &process_shards))?;
+        let driver = group.agree(factory::create(&cfg, &group, &process_shards))?;
         let lr = cfg.optimizer.lr;
-        Ok(Head { cfg, group, backend, step: 0, lr })
+        Ok(Head { cfg, group, driver, step: 0, lr })
     }
 
     pub fn config(&self) -> &Config {
@@ -84,13 +91,13 @@ impl Head {
 
     /// Global classes owned by this process: `(first, count)`.
     pub fn local_classes(&self) -> (u64, u64) {
-        let ranges = self.backend.ranges();
+        let ranges = self.driver.ranges();
         let last = ranges[ranges.len() - 1];
         (ranges[0].start, last.start + last.len - ranges[0].start)
     }
 
     pub fn phase_times(&self) -> PhaseTimes {
-        self.backend.phase_times()
+        self.driver.phase_times()
     }
 
     fn check_batches(&self, batches: Batches<'_, '_>) -> Result<()> {
@@ -118,7 +125,7 @@ impl Head {
             }
             total += rows;
         }
-        crate::backend::validate(batches, self.cfg.num_classes, d)?;
+        crate::batch::validate(batches, self.cfg.num_classes, d)?;
         // Another process's rows may fill the global batch; the driver checks it after gathering.
         if total == 0 && self.group.is_solo() {
             return Err(Error::invalid("the global batch is empty"));
@@ -152,7 +159,7 @@ impl Head {
             _ => Err(Error::invalid("batches and gradient buffers must be in the same kind of memory")),
         });
         let plan = self.plan(true);
-        let e = self.backend.compute(checked, batches, plan, out, apply.then_some(self.lr))?;
+        let e = self.driver.compute(checked, batches, plan, out, apply.then_some(self.lr))?;
         if apply {
             self.step += 1;
         }
@@ -169,7 +176,7 @@ impl Head {
     /// rate; the step count advances. A collective call.
     pub fn apply(&mut self) -> Result<()> {
         self.group.check()?;
-        if !self.backend.apply(self.lr)? {
+        if !self.driver.apply(self.lr)? {
             return Err(Error::invalid("no accumulated gradients to apply: call pfc_train_compute first"));
         }
         self.step += 1;
@@ -178,14 +185,14 @@ impl Head {
 
     /// Drops the gradients accumulated since the last apply.
     pub fn discard(&mut self) {
-        self.backend.discard();
+        self.driver.discard();
     }
 
     /// Loss and accuracy over every class; nothing changes.
     pub fn evaluate_batches(&mut self, batches: Batches<'_, '_>) -> Result<StepStats> {
         self.group.check()?;
         let checked = self.check_batches(batches);
-        let e = self.backend.evaluate(checked, batches, self.plan(false))?;
+        let e = self.driver.evaluate(checked, batches, self.plan(false))?;
         Ok(self.stats(e))
     }
 
@@ -208,7 +215,7 @@ impl Head {
 
     pub fn get_centers(&self, first: u64, count: u64, normalized: bool, out: &mut [f32]) -> Result<()> {
         self.check_range(first, count, out.len())?;
-        self.backend.state().read_state(StateTensor::Centers, first, count, out)?;
+        self.driver.state().read_state(StateTensor::Centers, first, count, out)?;
         if normalized {
             let d = self.cfg.embedding_dim;
             let mut inv = vec![0.0; count as usize];
@@ -228,7 +235,7 @@ impl Head {
                 first + row as u64
             )));
         }
-        self.backend.state_mut().set_centers(first, count, values)
+        self.driver.state_mut().set_centers(first, count, values)
     }
 }
 
@@ -239,16 +246,16 @@ impl Head {
     pub fn search(&self, queries: &[f32], k: usize) -> Result<(Vec<i64>, Vec<f32>)> {
         let (_, local) = self.local_classes();
         let (d, classes) = (self.cfg.embedding_dim, self.cfg.num_classes);
-        crate::search::search_job(&self.group, queries, d, classes, local, k, |unit, k| self.backend.state().search(unit, k))
+        search::search_job(&self.group, queries, d, classes, local, k, |unit, k| self.driver.state().search(unit, k))
     }
 
     /// Rows `[first, first + count)` of a state tensor (checkpoints).
     pub(crate) fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
-        self.backend.state().read_state(tensor, first, count, out)
+        self.driver.state().read_state(tensor, first, count, out)
     }
 
     pub(crate) fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()> {
-        self.backend.state().read_steps(first, count, out)
+        self.driver.state().read_steps(first, count, out)
     }
 
     /// Replaces the whole training state at once; the caller has validated every piece, so this
@@ -256,17 +263,17 @@ impl Head {
     pub(crate) fn restore(&mut self, restored: Restored) -> Result<()> {
         let (first, count) = self.local_classes();
         for (tensor, values) in &restored.tensors {
-            self.backend.state_mut().write_state(*tensor, first, count, values)?;
+            self.driver.state_mut().write_state(*tensor, first, count, values)?;
         }
         if let Some(steps) = &restored.steps {
-            self.backend.state_mut().write_steps(first, count, steps)?;
+            self.driver.state_mut().write_steps(first, count, steps)?;
         }
         self.step = restored.step;
         self.cfg.seed = restored.seed;
         self.lr = restored.lr;
         // Every process now holds the same state again: accumulated gradients are gone and a
         // failed exchange is forgiven.
-        self.backend.discard();
+        self.driver.discard();
         self.group.heal();
         Ok(())
     }
@@ -279,35 +286,6 @@ pub(crate) struct Restored {
     pub step: u64,
     pub seed: u64,
     pub lr: f32,
-}
-
-/// The largest L2 norm a center or embedding row may have: 2^62. Its square, 2^124, leaves f32 16×
-/// headroom whatever the summation order, so every backend normalizes such a row; from about
-/// 1.8e19 the squared norm overflows f32 and the row would normalize to zero, or to NaN.
-pub(crate) const MAX_ROW_NORM: f64 = (1u64 << 62) as f64;
-
-/// The first row of `values` (rows of `d` finite values) whose norm is above [`MAX_ROW_NORM`], and
-/// that norm. Rows of any smaller norm, zero included, normalize as PyTorch's (eps 1e-12) would.
-/// Every way centers enter a head (set_centers, checkpoints) checks them with this.
-pub(crate) fn first_oversized_row(values: &[f32], d: usize) -> Option<(usize, f64)> {
-    values.chunks_exact(d).map(|row| row_norm(row.iter().copied())).enumerate().find(|&(_, n)| n > MAX_ROW_NORM)
-}
-
-/// Norms in float64: no finite f32 row overflows there.
-fn row_norm(row: impl Iterator<Item = f32>) -> f64 {
-    row.map(|v| v as f64 * v as f64).sum::<f64>().sqrt()
-}
-
-pub(crate) fn first_oversized_embedding(e: &crate::backend::Embeddings<'_>, d: usize) -> Option<(usize, f64)> {
-    use crate::backend::Embeddings;
-    match e {
-        Embeddings::F32(v) => first_oversized_row(v, d),
-        Embeddings::BF16(v) => {
-            v.chunks_exact(d).map(|row| row_norm(row.iter().map(|x| x.to_f32()))).enumerate().find(|&(_, n)| n > MAX_ROW_NORM)
-        }
-        // f16 rows are at most 65504·√d.
-        Embeddings::F16(_) => None,
-    }
 }
 
 /// Checks that every process of the job passed the same configuration and derives the shard

@@ -1,11 +1,11 @@
-//! Top-k by cosine: bounded heaps per query, merged across blocks, threads and shards. Order: higher
-//! score first, then smaller class id, so results are deterministic with ties. `top_k` is the one
-//! search path of training heads and search-only indexes: checks, query normalization, results.
+//! Top-k by cosine over a head's or an index's classes: `top_k` is the one search path of training
+//! heads and search-only indexes (checks, query normalization, results), and `search_job` merges
+//! every process's hits.
 
+use crate::backend::cpu::unit_rows;
 use crate::comm::group::ProcessGroup;
 use crate::error::{try_zeroed, Error, Result, Status};
-use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
+use crate::topk::TopK;
 
 /// The `k` best classes by cosine for each query (rows of `queries`, dimension `d`) among `classes`
 /// classes, which `scan` scores given unit-norm queries: `(ids, scores)`, `n × k` each, best first,
@@ -104,116 +104,4 @@ pub(crate) fn check_k(k: u64, classes: u64) -> Result<()> {
         return Err(Error::invalid(format!("k = {k} is outside [1, {classes}] (the classes searched)")));
     }
     Ok(())
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Hit {
-    score: f32,
-    class: u64,
-}
-
-impl Eq for Hit {}
-
-impl Ord for Hit {
-    /// Greater is better.
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.score.total_cmp(&other.score).then(other.class.cmp(&self.class))
-    }
-}
-
-impl PartialOrd for Hit {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-/// Scales each nonzero row of `src` to unit L2 norm into `dst`, so that scores are cosines (zero
-/// rows stay zero). Rows whose norm f32 cannot form — the square overflows (`inv` 0), or the norm
-/// is near or under PyTorch's eps 1e-12, where the square may underflow — are normalized in float64.
-pub fn unit_rows(src: &[f32], d: usize, dst: &mut [f32]) {
-    let mut inv = vec![0.0; src.len() / d];
-    crate::backend::cpu::kernels::normalize_rows(src, d, dst, &mut inv);
-    for ((row, out), &r) in src.chunks_exact(d).zip(dst.chunks_exact_mut(d)).zip(&inv) {
-        if r == 0.0 || r > 1e11 {
-            let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-            if norm == 0.0 {
-                continue;
-            }
-            for (o, &v) in out.iter_mut().zip(row) {
-                *o = (v as f64 / norm) as f32;
-            }
-        }
-    }
-}
-
-/// The best `k` hits of each of `n` queries seen so far.
-pub struct TopK {
-    k: usize,
-    heaps: Vec<BinaryHeap<Reverse<Hit>>>,
-}
-
-impl TopK {
-    pub fn new(queries: usize, k: usize) -> Self {
-        // Heaps grow as hits arrive: with k near C, reserving k per query up front in every
-        // per-thread partial result would multiply memory by the number of partial results.
-        TopK { k, heaps: (0..queries).map(|_| BinaryHeap::with_capacity(k.min(64) + 1)).collect() }
-    }
-
-    /// The score a hit must beat to enter query `q`'s list (−∞ while it has fewer than k).
-    #[inline]
-    pub fn threshold(&self, q: usize) -> f32 {
-        let heap = &self.heaps[q];
-        if heap.len() < self.k {
-            f32::NEG_INFINITY
-        } else {
-            heap.peek().map_or(f32::NEG_INFINITY, |w| w.0.score)
-        }
-    }
-
-    #[inline]
-    pub fn push(&mut self, q: usize, score: f32, class: u64) {
-        let hit = Hit { score, class };
-        let heap = &mut self.heaps[q];
-        if heap.len() < self.k {
-            heap.push(Reverse(hit));
-        } else if let Some(mut worst) = heap.peek_mut() {
-            if hit > worst.0 {
-                *worst = Reverse(hit);
-            }
-        }
-    }
-
-    pub fn merge(&mut self, other: TopK) {
-        for (q, heap) in other.heaps.into_iter().enumerate() {
-            for Reverse(hit) in heap {
-                self.push(q, hit.score, hit.class);
-            }
-        }
-    }
-
-    /// Each query's hits, best first.
-    pub fn into_sorted(self) -> Vec<Vec<(f32, u64)>> {
-        self.heaps
-            .into_iter()
-            .map(|heap| {
-                let mut hits: Vec<Hit> = heap.into_iter().map(|r| r.0).collect();
-                hits.sort_by(|a, b| b.cmp(a));
-                hits.into_iter().map(|h| (h.score, h.class)).collect()
-            })
-            .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keeps_the_best_with_ties_to_the_smaller_id() {
-        let mut t = TopK::new(1, 3);
-        for (s, c) in [(0.5, 9), (0.9, 4), (0.5, 2), (0.1, 1), (0.9, 7), (0.5, 3)] {
-            t.push(0, s, c);
-        }
-        assert_eq!(t.into_sorted()[0], vec![(0.9, 4), (0.9, 7), (0.5, 2)]);
-    }
 }

@@ -4,8 +4,7 @@
 //! step on a head that never saw the bad calls (so the step counter, sampling, optimizer state and
 //! learning rate are untouched too).
 
-mod common;
-use common::*;
+use crate::common::*;
 use half::{bf16, f16};
 use partialfc::ffi::*;
 use std::ptr::{null, null_mut};

@@ -1,7 +1,6 @@
 //! Batch sizes that differ between shards and between steps, and the reported statistics.
 
-mod common;
-use common::*;
+use crate::common::*;
 use partialfc::ffi::*;
 
 const C: u64 = 157;

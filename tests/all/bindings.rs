@@ -1,9 +1,9 @@
 //! The host bindings (SPEC §4): builds libpartialfc (shared and static) with a nested
-//! `cargo build --release --lib` as tests/c_program.rs does, then
+//! `cargo build --release --lib` as tests/all/c_program.rs does, then
 //! - compiles tests/cpp/binding_test.cpp against bindings/cpp/partialfc.hpp with
 //!   `g++ -std=c++17 -Wall -Wextra -Werror -pedantic` and runs it;
 //! - runs `go vet` and `go test` on bindings/go/partialfc, linked with this checkout's build
-//!   (`-tags partialfc_repo`; tests/install.rs covers the default pkg-config build): on the default build (zero-copy batches
+//!   (`-tags partialfc_repo`; tests/all/install.rs covers the default pkg-config build): on the default build (zero-copy batches
 //!   through runtime.Pinner on Go ≥ 1.21), on the copying build (`-tags partialfc_copy`, what Go
 //!   1.19 uses), and under the strict cgo pointer checker (GOEXPERIMENT=cgocheck2, or
 //!   GODEBUG=cgocheck=2 before Go 1.21), which aborts on any Go pointer C memory keeps;
@@ -14,8 +14,7 @@
 //! A missing `go` fails the test with a message: scripts/test.sh installs Debian's golang-go. Go
 //! runs offline (GOPROXY=off, GOTOOLCHAIN=local) with its caches under the target directory.
 
-mod native;
-use native::{describe, go, lib_dir, root, run, scratch, stdout};
+use crate::native::{describe, go, lib_dir, root, run, scratch, stdout};
 use std::path::Path;
 use std::process::Command;
 
@@ -61,7 +60,7 @@ fn cpp_binding_compiles_as_cxx17_and_passes() {
 }
 
 /// Inside the repository the binding links this checkout's build (link_repo*.go); the default,
-/// pkg-config build against an installed prefix is tests/install.rs's.
+/// pkg-config build against an installed prefix is tests/all/install.rs's.
 const REPO_TAGS: &str = "-tags=partialfc_repo";
 
 /// A `go` command in `dir`, offline, with caches under the target directory and the freshly built
@@ -113,7 +112,7 @@ fn go_package_vets_and_passes_its_tests() {
     let pkg = "bindings/go/partialfc";
     let minor = go_minor();
     gofmt_clean(pkg);
-    // The default, pkg-config builds need an installed prefix: tests/install.rs builds them.
+    // The default, pkg-config builds need an installed prefix: tests/all/install.rs builds them.
     for tags in ["partialfc_repo", "partialfc_repo,partialfc_copy", "partialfc_repo,partialfc_static"] {
         run(&mut go_cmd(pkg, &["vet", &format!("-tags={tags}"), "./..."]));
     }

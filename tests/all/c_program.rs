@@ -7,8 +7,7 @@
 //! lock before running tests, so the nested build does not deadlock) and takes the library's path
 //! from cargo's own JSON messages, which respects CARGO_TARGET_DIR and any other target-dir setting.
 
-mod native;
-use native::{compile, describe, lib_dir, scratch};
+use crate::native::{compile, describe, lib_dir, scratch};
 use std::path::Path;
 use std::process::Command;
 

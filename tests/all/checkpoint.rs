@@ -3,12 +3,9 @@
 //! uninterrupted run, damaged checkpoints (truncated, altered, missing files, bad manifests) rejected
 //! with PFC_ERR_CORRUPT leaving the head bit-identical, and the other error statuses.
 
-mod common;
-mod persist;
-
-use common::*;
+use crate::common::*;
+use crate::persist::*;
 use partialfc::ffi::*;
-use persist::*;
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
 
@@ -208,7 +205,7 @@ fn repeated_saves_replace_the_checkpoint_and_leave_only_its_files() {
     ok(load(&check, &s.0));
     assert_eq!(bits(&check.centers(D)), bits(&h5.centers(D)));
     // Files the library did not write are not its to delete, however they are named (issue #11,
-    // item 8); what a crashed save left is removed (tests/checkpoint_faults.rs kills real savers).
+    // item 8); what a crashed save left is removed (tests/all/checkpoint_faults.rs kills real savers).
     let foreign = [
         "shard-my-notes.safetensors",
         "shard-embeddings-backbone.safetensors",

@@ -2,29 +2,22 @@
 //! through `partialfc::fsutil::inject_write_failures_after`), and a saving process killed with
 //! SIGKILL at random moments, leave the previous checkpoint loadable and no temporary files behind.
 //!
-//! The injection is process-global, so every test here holds `SERIAL`; `child_saver` is the child
-//! process of the kill test (this test binary re-executed), ignored unless asked for.
+//! The injection is process-global and every test of this binary shares its process, so each
+//! injecting test runs alone in a child process of its own (`alone_in_child`), where no other
+//! test's writes can fail or use up its count; `child_saver` is the child process of the kill test
+//! (this test binary re-executed), ignored unless asked for.
 
-mod common;
-mod persist;
-
-use common::*;
+use crate::common::*;
+use crate::persist::*;
 use partialfc::ffi::*;
 use partialfc::fsutil::inject_write_failures_after;
-use persist::*;
 use std::io::BufRead;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Removes the write limit even when an assertion fails, so that other tests are not affected.
+/// Removes the write limit even when an assertion fails.
 struct Unlimited;
 impl Drop for Unlimited {
     fn drop(&mut self) {
@@ -53,7 +46,9 @@ fn loaded_state(dir: &Path, adamw: bool) -> Result<State, pfc_status> {
 
 #[test]
 fn a_save_failing_at_any_write_keeps_the_previous_checkpoint() {
-    let _serial = serial();
+    if !alone_in_child(module_path!(), "a_save_failing_at_any_write_keeps_the_previous_checkpoint") {
+        return;
+    }
     let _reset = Unlimited;
     for adamw in [false, true] {
         let h = TestHead::new(&config(C, D as u32, 2, adamw, 0.5));
@@ -114,7 +109,9 @@ fn a_save_failing_at_any_write_keeps_the_previous_checkpoint() {
 
 #[test]
 fn a_first_save_failing_at_any_write_leaves_no_checkpoint_and_no_files() {
-    let _serial = serial();
+    if !alone_in_child(module_path!(), "a_first_save_failing_at_any_write_leaves_no_checkpoint_and_no_files") {
+        return;
+    }
     let _reset = Unlimited;
     let h = TestHead::new(&config(C, D as u32, 3, false, 1.0));
     let s = Scratch::new("inject-first");
@@ -145,7 +142,9 @@ fn a_first_save_failing_at_any_write_leaves_no_checkpoint_and_no_files() {
 
 #[test]
 fn an_export_failing_at_any_write_keeps_the_previous_file() {
-    let _serial = serial();
+    if !alone_in_child(module_path!(), "an_export_failing_at_any_write_keeps_the_previous_file") {
+        return;
+    }
     let _reset = Unlimited;
     let h = TestHead::new(&config(C, D as u32, 2, false, 1.0));
     let s = Scratch::new("inject-export");
@@ -227,7 +226,6 @@ fn child_saver() {
 
 #[test]
 fn killed_saves_leave_a_loadable_checkpoint() {
-    let _serial = serial();
     let s = Scratch::new("killed");
     let dir = s.path("ckpt");
     ok(save(&generation(0, 0), &dir));
@@ -239,8 +237,8 @@ fn killed_saves_leave_a_loadable_checkpoint() {
     let kills = 8;
     for round in 1..=kills {
         let start = round * 1000;
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_saver", "--nocapture", "--ignored", "--test-threads=1"])
+        let mut child = child_test(&test_path(module_path!(), "child_saver"))
+            .arg("--ignored")
             .env("PFC_CHILD_DIR", &dir)
             .env("PFC_CHILD_START", start.to_string())
             .stdout(Stdio::piped())

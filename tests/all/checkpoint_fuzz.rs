@@ -7,12 +7,9 @@
 //!
 //! PFC_FUZZ_SEED and PFC_FUZZ_CASES override the seed and the number of cases of each round.
 
-mod common;
-mod persist;
-
-use common::*;
+use crate::common::*;
+use crate::persist::*;
 use partialfc::ffi::*;
-use persist::*;
 use std::path::Path;
 
 const C: u64 = 10;

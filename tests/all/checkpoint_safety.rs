@@ -3,23 +3,20 @@
 //! in place of checkpoint files, buffers under an address-space limit in a child process, the
 //! manifest read by `json.load` and `jq`, and format-1 checkpoints refused as incompatible.
 //!
-//! Child processes are this test binary re-executed with `--ignored --exact <child>` and an
-//! environment variable naming their task; the children do nothing when run without it.
+//! Child processes are this test binary re-executed with `--ignored --exact checkpoint_safety::<child>`
+//! and an environment variable naming their task; the children do nothing when run without it.
 
-mod common;
-mod persist;
-
-use common::*;
+use crate::common::*;
+use crate::persist::*;
 use partialfc::ffi::*;
-use persist::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Runs child test `name` of this binary with `env`, returning its output.
+/// Runs child test `name` of this module with `env`, returning its output.
 fn child(name: &str, env: &[(&str, String)]) -> std::process::Child {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", name, "--nocapture", "--ignored", "--test-threads=1"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut cmd = child_test(&test_path(module_path!(), name));
+    cmd.arg("--ignored").stdout(Stdio::piped()).stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }

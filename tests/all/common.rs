@@ -1,9 +1,10 @@
-//! Helpers shared by the integration tests: the golden files and driving a head through the C ABI.
-#![allow(dead_code)]
+//! Helpers shared by the integration tests: the golden files, driving a head through the C ABI, and
+//! running a test of this binary in a child process of its own.
 
 use partialfc::ffi::*;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
+use std::process::Command;
 
 /// `../shared` beside the repository, or `PFC_SHARED_DIR` (the GPU machine gets a staged copy).
 pub fn shared_dir() -> PathBuf {
@@ -19,7 +20,12 @@ pub struct Golden {
     bytes: Vec<u8>,
 }
 
+/// Golden files whose `head` is one of these hold the adaptive margins of SPEC §1.6a (AdaFace,
+/// CurricularFace: issue #25), which the head does not offer yet.
+const ADAPTIVE_MARGIN_HEADS: [&str; 2] = ["adaface", "curricular"];
+
 impl Golden {
+    /// Every combined-margin case: the reference PartialFC_V2's files (they name no `head`).
     pub fn all() -> Vec<Golden> {
         let mut files: Vec<_> = std::fs::read_dir(shared_dir().join("golden"))
             .unwrap()
@@ -38,6 +44,13 @@ impl Golden {
                     name: p.file_name().unwrap().to_string_lossy().into(),
                     config: serde_json::from_str(&cfg).unwrap(),
                     bytes,
+                }
+            })
+            .filter(|g| match g.config.get("head").and_then(|h| h.as_str()) {
+                None => true,
+                Some(head) => {
+                    assert!(ADAPTIVE_MARGIN_HEADS.contains(&head), "golden file {}: unknown head {head:?}", g.name);
+                    false
                 }
             })
             .collect()
@@ -224,4 +237,43 @@ impl Rng {
             v.swap(i, j);
         }
     }
+}
+
+/// The name libtest knows test `name` of module `module` by (pass `module_path!()`): its path below
+/// the crate root, e.g. `oom::step_buffers_report_out_of_memory_under_an_address_space_limit`.
+pub fn test_path(module: &str, name: &str) -> String {
+    match module.split_once("::") {
+        Some((_crate, below)) => format!("{below}::{name}"),
+        None => name.to_string(),
+    }
+}
+
+/// This test binary re-executed to run test `path` (see [`test_path`]) alone: `--exact`, output not
+/// captured, one thread. Callers add `--ignored` for an ignored child test, its environment, stdio.
+///
+/// All tests share this process, so a test that sets process-global state (an address-space limit,
+/// the library's write-failure injection, environment variables the library reads once) does it in
+/// such a child, where no other test runs.
+pub fn child_test(path: &str) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", path, "--nocapture", "--test-threads=1"]);
+    cmd
+}
+
+/// For a test whose body changes process-global state: in the parent, runs test `name` of `module`
+/// (`module_path!()`) alone in a child process ([`child_test`]), asserts that it ran and passed,
+/// passes its output on and returns false; in that child, returns true, and the caller runs the body.
+pub fn alone_in_child(module: &str, name: &str) -> bool {
+    const CHILD: &str = "PFC_TEST_ALONE";
+    let path = test_path(module, name);
+    if std::env::var_os(CHILD).is_some_and(|v| v == path.as_str()) {
+        return true;
+    }
+    let out = child_test(&path).env(CHILD, &path).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprint!("{stderr}");
+    assert!(out.status.success(), "{path} failed in its own process ({}):\n{stdout}\n{stderr}", out.status);
+    // An --exact filter that matches nothing runs nothing and passes.
+    assert!(stdout.contains("test result: ok. 1 passed"), "{path} did not run in its own process:\n{stdout}");
+    false
 }

@@ -2,8 +2,7 @@
 //! struct, whose missing fields take their defaults and whose bytes beyond `struct_size` are never
 //! read; a newer header's longer struct is refused with PFC_ERR_INCOMPATIBLE.
 
-mod common;
-use common::*;
+use crate::common::*;
 use partialfc::ffi::*;
 use std::mem::{offset_of, size_of};
 

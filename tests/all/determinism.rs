@@ -3,8 +3,7 @@
 //! work stealing did (the floating-point reductions over tasks of sampled classes must not depend
 //! on how the tasks were split).
 
-mod common;
-use common::*;
+use crate::common::*;
 
 const C: u64 = 60_000;
 const D: usize = 32;

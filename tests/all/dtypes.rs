@@ -1,7 +1,6 @@
 //! Half-precision inputs and compute dtypes through the C ABI.
 
-mod common;
-use common::*;
+use crate::common::*;
 use half::{bf16, f16};
 use partialfc::ffi::*;
 

@@ -2,12 +2,9 @@
 //! by numpy and the safetensors package in a python3 subprocess, and byte for byte for .fvecs — and
 //! `pfc_search` against a brute-force float64 scan, duplicate centers (exact ties) included.
 
-mod common;
-mod persist;
-
-use common::*;
+use crate::common::*;
+use crate::persist::*;
 use partialfc::ffi::*;
-use persist::*;
 use std::path::Path;
 use std::process::Command;
 
@@ -358,7 +355,7 @@ fn search_handles_extreme_magnitudes() {
     let (c, d) = (40usize, 8usize);
     let mut rng = Rng(17);
     let mut centers: Vec<f32> = (0..c * d).map(|_| rng.normal() as f32).collect();
-    // Rows near the largest norm set_centers accepts (2^62; tests/extreme_values.rs), and tiny rows.
+    // Rows near the largest norm set_centers accepts (2^62; tests/all/extreme_values.rs), and tiny rows.
     for (row, scale) in [(3usize, 1e18f32), (17, 1.5e18), (21, 1e-30), (30, 1e17)] {
         for j in 0..d {
             centers[row * d + j] *= scale;

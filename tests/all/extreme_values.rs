@@ -4,8 +4,7 @@
 //! limit, zero rows included, work with finite results; search scores are cosines whatever the
 //! queries' norm (a zero query scores 0 everywhere).
 
-mod common;
-use common::*;
+use crate::common::*;
 use partialfc::ffi::*;
 use std::ptr::null_mut;
 

@@ -2,8 +2,7 @@
 //! library's worker threads running, and with another thread inside a step, and whose children
 //! create and use heads (and get PFC_ERR_OUT_OF_MEMORY where a thread limit forbids the worker threads).
 
-mod native;
-use native::{compile, describe, lib_dir, scratch};
+use crate::native::{compile, describe, lib_dir, scratch};
 use std::process::Command;
 
 #[test]

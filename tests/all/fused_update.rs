@@ -4,11 +4,11 @@
 //! must be the path ordinary steps take; steps it cannot prove safe must still be refused with
 //! nothing changed.
 
-use partialfc::backend::{Batches, Embeddings, GradOut, HostBatch, Outputs};
+use partialfc::batch::{Batches, Embeddings, GradOut, HostBatch, Outputs};
 use partialfc::checkpoint;
 use partialfc::config::{Config, DType, MarginGrad, OptimizerKind};
-use partialfc::engine::Head;
 use partialfc::error::Status;
+use partialfc::head::Head;
 use partialfc::rng;
 
 const D: usize = 48;

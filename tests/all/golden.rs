@@ -1,8 +1,7 @@
 //! Parity with the reference implementation's vectors in ../shared/golden, through the C ABI, with
 //! the file's world size and with other shard counts (at r = 1 sharding must not change the result).
 
-mod common;
-use common::*;
+use crate::common::*;
 
 const TOL: f64 = 1e-4;
 

@@ -2,8 +2,7 @@
 //! that a CUDA head is refused with PFC_ERR_UNAVAILABLE; with PFC_REQUIRE_GPU=1 (scripts/gpu-check.sh)
 //! a missing GPU is a failure instead.
 
-mod common;
-use common::*;
+use crate::common::*;
 use partialfc::ffi::*;
 
 /// A CUDA head for `cfg`, or None where this machine has no usable GPU.
@@ -332,7 +331,7 @@ fn cuda_accumulates_like_cpu() {
 /// Two processes' worth of CUDA heads (threads here, one GPU each) joined by a host all-gather:
 /// the NCCL bootstrap through the callback and NCCL between them. Needs two GPUs (NCCL refuses two
 /// ranks on one GPU); on a one-GPU machine the one-rank communicator test above covers the NCCL
-/// code and tests/mpi.rs the process group.
+/// code and tests/all/mpi.rs the process group.
 #[test]
 fn cuda_over_two_processes_matches_one_process() {
     // SAFETY: only asks the dynamic loader whether the library can be opened.

@@ -43,7 +43,7 @@ fn header_is_fresh() {
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == generated,
-        "include/partialfc.h is stale: run `PFC_BLESS=1 cargo test --release --test header` and commit it"
+        "include/partialfc.h is stale: run `PFC_BLESS=1 cargo test --release --test all header::` and commit it"
     );
 }
 

@@ -5,12 +5,9 @@
 //! clear status and the outputs untouched; one index serves several threads at once. Also the f16
 //! export's range check (issue #11, item 11).
 
-mod common;
-mod persist;
-
-use common::*;
+use crate::common::*;
+use crate::persist::*;
 use partialfc::ffi::*;
-use persist::*;
 use std::path::Path;
 use std::process::Command;
 

@@ -11,8 +11,7 @@
 //!   examples/go/identify copied outside the tree, built against the installed library through
 //!   pkg-config (shared and static) and answering the C++ example's queries.
 
-mod native;
-use native::{describe, go, root, run, scratch, stdout};
+use crate::native::{describe, go, root, run, scratch, stdout};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -42,7 +41,7 @@ fn prefix() -> &'static Prefix {
             "cargo-c is missing (`cargo cinstall`): run `bash scripts/setup.sh`, which installs cargo-c 0.10.24"
         );
         let root = scratch("install").join("prefix");
-        run(Command::new(&cargo).current_dir(native::root()).args(["cinstall", "--release", "--locked", "--prefix"]).arg(&root));
+        run(Command::new(&cargo).current_dir(crate::native::root()).args(["cinstall", "--release", "--locked", "--prefix"]).arg(&root));
         // The libdir is cargo-c's default for this system (lib, lib64 or Debian's lib/<multiarch>).
         let pc = find(&root, "partialfc.pc").unwrap_or_else(|| panic!("cargo cinstall wrote no partialfc.pc under {}", root.display()));
         let libdir = pc.parent().unwrap().parent().unwrap().to_path_buf();

@@ -7,10 +7,8 @@
 //! same status and message everywhere. OpenMPI comes from the project's setup (Debian's
 //! openmpi-bin and libopenmpi-dev).
 
-mod common;
-mod native;
-use common::Golden;
-use native::{compile, describe, lib_dir, mpirun, root, scratch};
+use crate::common::Golden;
+use crate::native::{compile, describe, lib_dir, mpirun, root, scratch};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

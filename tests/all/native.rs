@@ -1,7 +1,6 @@
-//! Helpers for the tests that build and run native programs against the library (C, C++, Go):
-//! one nested `cargo build --release --lib` per test process, commands that fail loudly, scratch
-//! directories.
-#![allow(dead_code)]
+//! Helpers for the tests that build and run native programs against the library (C, C++, Go, MPI):
+//! one nested `cargo build --release --lib` per run of the test binary (shared by all its modules),
+//! commands that fail loudly, scratch directories.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -32,8 +31,9 @@ pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `cargo build --release --lib` once per test process; the directory holding libpartialfc.so and
-/// libpartialfc.a (taken from cargo's JSON messages, so any target-dir setting is respected).
+/// `cargo build --release --lib` once per test process, for all its modules; the directory holding
+/// libpartialfc.so and libpartialfc.a (taken from cargo's JSON messages, so any target-dir setting
+/// is respected).
 pub fn lib_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {

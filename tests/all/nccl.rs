@@ -1,8 +1,7 @@
 //! `pfc_nccl_unique_id`: an id where NCCL is installed, PFC_ERR_UNAVAILABLE naming both library
 //! names where it is not, never a crash; NULL is refused.
 
-mod common;
-use common::*;
+use crate::common::*;
 use partialfc::ffi::*;
 
 #[test]

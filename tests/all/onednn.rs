@@ -5,15 +5,13 @@
 //! `PFC_CPU_GEMM=crate` as well, so each fallback is the real one a machine without libdnnl or
 //! without AVX-512 takes.
 
-mod common;
-use common::*;
+use crate::common::*;
 use partialfc::backend::cpu::gemm::{path, GemmPath};
-use partialfc::backend::{Embeddings, GradOut, HostBatch};
+use partialfc::batch::{Embeddings, GradOut, HostBatch};
 use partialfc::config::{Config, DType};
-use partialfc::engine::Head;
 use partialfc::ffi::*;
+use partialfc::head::Head;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// A step configuration: classes, local shards, rows of each local batch, dimension, sample rate.
 struct Case {
@@ -90,8 +88,8 @@ fn child(dir: &Path) {
 fn spawn(tag: &str, library: Option<&str>, crate_f32: bool) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pfc-onednn-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "step_parity", "--nocapture", "--test-threads=1"]).env("PFC_ONEDNN_TEST_OUT", &dir);
+    let mut cmd = child_test(&test_path(module_path!(), "step_parity"));
+    cmd.env("PFC_ONEDNN_TEST_OUT", &dir);
     match library {
         Some(l) => cmd.env("PFC_ONEDNN_LIBRARY", l),
         None => cmd.env_remove("PFC_ONEDNN_LIBRARY"),

@@ -4,10 +4,8 @@
 //! PFC_ERR_OUT_OF_MEMORY — the process is never aborted — and the head keeps working for batches
 //! that fit.
 
-mod common;
-use common::*;
+use crate::common::*;
 use partialfc::ffi::*;
-use std::process::Command;
 
 const D: usize = 8;
 const CHILD: &str = "PFC_OOM_CHILD";
@@ -34,11 +32,10 @@ fn batches(emb: &[f32], labels: &[i64], grad: &mut [f32], shards: usize) -> Vec<
         .collect()
 }
 
-/// Runs the test `name` of this binary again in a child process with `env` set, and returns its
+/// Runs the test `name` of this module again in a child process with `env` set, and returns its
 /// output; the child must not die.
 fn run_child(name: &str, env: &str) -> String {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+    let out = child_test(&test_path(module_path!(), name))
         .env(env, "1")
         .env("RAYON_NUM_THREADS", "2")
         .output()

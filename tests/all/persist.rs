@@ -1,6 +1,5 @@
 //! Helpers shared by the checkpoint, fault, fuzz and export/search tests: scratch directories, small
 //! heads trained a few steps, and reading a checkpoint's tensors back with the safetensors crate.
-#![allow(dead_code)]
 
 use crate::common::*;
 use partialfc::ffi::*;

@@ -5,14 +5,10 @@
 //! byte-identical files and searches identical results whatever the layout; killing one process
 //! mid-save leaves the previous checkpoint loadable.
 
-mod common;
-mod native;
-mod persist;
-
-use common::*;
-use native::{compile, describe, lib_dir, mpirun, scratch};
+use crate::common::*;
+use crate::native::{compile, describe, lib_dir, mpirun, scratch};
+use crate::persist::*;
 use partialfc::ffi::*;
-use persist::*;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

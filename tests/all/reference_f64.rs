@@ -5,8 +5,7 @@
 //! exact mode, central finite differences of the model's loss against the engine's gradients and
 //! against the model's own analytic gradient (which validates the model).
 
-mod common;
-use common::*;
+use crate::common::*;
 use partialfc::ffi::*;
 
 // ---------------------------------------------------------------------------------------------

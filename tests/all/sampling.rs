@@ -6,8 +6,7 @@
 //! reproducibility. Then heads driven through the C ABI are checked to change exactly the sampled
 //! rows, and only their optimizer state.
 
-mod common;
-use common::*;
+use crate::common::*;
 use partialfc::ffi::*;
 use partialfc::sharding::{sample, sample_count, sample_key, ShardRange};
 use std::collections::BTreeSet;

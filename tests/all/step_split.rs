@@ -4,8 +4,7 @@
 //! changed — centers, optimizer state, step count and outputs — including a long randomized run at
 //! aggressive learning rates.
 
-mod common;
-use common::*;
+use crate::common::*;
 use partialfc::ffi::*;
 
 const D: usize = 16;

@@ -1,7 +1,7 @@
 /*
  * C ABI test: exercises every function of include/partialfc.h from C.
  *
- * Compiled by tests/c_program.rs both as C11 and as C++17:
+ * Compiled by tests/all/c_program.rs both as C11 and as C++17:
  *   cc  -std=c11   -Wall -Wextra -Werror -pedantic    -I include tests/c/abi_test.c -L<lib> -lpartialfc -Wl,-rpath,<lib> -lm
  *   c++ -x c++ -std=c++17 -Wall -Wextra -Werror       (same)
  * Exits 0 and prints "c abi: N checks passed" on success; prints the failed check and exits 1 otherwise.

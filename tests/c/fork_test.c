@@ -4,7 +4,7 @@
  *
  *   fork_test SCRATCH_DIR
  *
- * Compiled and run by tests/fork.rs (C11, -Wall -Wextra -Werror, -pthread). Scenarios:
+ * Compiled and run by tests/all/fork.rs (C11, -Wall -Wextra -Werror, -pthread). Scenarios:
  *  1. idle fork: the parent has used the library (its worker threads exist); the child creates a
  *     head and runs every call that works in parallel, and uses the parent's idle head, a copy;
  *  2. busy fork: another thread is inside a step on a head when the process forks; in the child that

@@ -1,4 +1,4 @@
-// Test of bindings/cpp/partialfc.hpp, built and run by tests/bindings.rs:
+// Test of bindings/cpp/partialfc.hpp, built and run by tests/all/bindings.rs:
 //   g++ -std=c++17 -Wall -Wextra -Werror -pedantic -I include -I bindings/cpp tests/cpp/binding_test.cpp
 //       -L<lib> -lpartialfc -Wl,-rpath,<lib>
 //   ./binding_test <scratch directory>

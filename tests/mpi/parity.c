@@ -1,6 +1,6 @@
 /* One job over MPI processes (SPEC §2a), checked against the same job in one process.
  *
- * Run under mpirun by tests/mpi.rs with a case directory written by that test:
+ * Run under mpirun by tests/all/mpi.rs with a case directory written by that test:
  *   parity CASE_DIR [--bad-label STEP PROC] [--nan-row STEP PROC] [--fail-callback CALL]
  *                   [--mismatch FIELD]
  * Every process drives its shards of a multi-process head (MPI_Allgather as the callback) and,
@@ -137,7 +137,7 @@ static void base_config(const case_t *c, pfc_config *cfg) {
     cfg->seed = c->seed;
 }
 
-/* ‖a − b‖ / ‖b‖ (L2), as tests/common's rel_err */
+/* ‖a − b‖ / ‖b‖ (L2), as tests/all/common.rs's rel_err */
 static double rel_err(const float *a, const float *b, size_t n) {
     double num = 0, den = 0;
     for (size_t i = 0; i < n; i++) {

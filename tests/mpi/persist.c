@@ -1,5 +1,5 @@
 /* Checkpoints, export and search of one job over MPI processes (SPEC §2a), driven by
- * tests/persist_mpi.rs:
+ * tests/all/persist_mpi.rs:
  *
  *   persist DIR SHARDS MODE [ARGS]
  *

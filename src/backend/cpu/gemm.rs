@@ -128,7 +128,7 @@ pub fn onednn_failure() -> Option<&'static str> {
 /// loaded and runs bf16 on the CPU's bf16 units (AVX512-BF16, AMX) rather than its reference loops.
 /// f32 stays off oneDNN: its f32 block GEMM measured level with the crate in the step
 /// (docs/benchmarks.md) and summed less accurately, outside the confident-regime tolerance of
-/// tests/reference_f64.rs; f32 operands go to the AVX-512 kernels when the CPU has them (and
+/// tests/all/reference_f64.rs; f32 operands go to the AVX-512 kernels when the CPU has them (and
 /// `PFC_CPU_GEMM` is not `crate`), else to the crate. f16 has no f16 units to use on the project's
 /// machines and oneDNN 2.6 no f16 matmul short of AVX512-FP16, so it multiplies rounded inputs in
 /// f32 like the f32 path.

@@ -6,31 +6,31 @@ mod avx512;
 pub mod dnnl;
 pub mod gemm;
 pub mod kernels;
+pub(crate) mod optimizer;
 mod search;
 
 pub use search::scan as scan_centers;
+pub(crate) use search::unit_rows;
 
 use self::gemm::{matmul, GemmPath, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
-use super::{Batches, Host, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan, Update};
+use super::step::{softmax_factors, RowGrads, RowStats, StepPlan, Update};
+use super::{Primitives, ShardState};
+use crate::batch::{Batches, Outputs};
+use crate::memory::Host;
 use crate::config::{Config, DType};
 use crate::error::{try_refill, try_zeroed, Error, Result};
 use crate::margin::target_logit;
-use crate::optimizer::{above, OptimizerState, StateTensor, VALUE_BOUND};
+use crate::state::StateTensor;
+use optimizer::{above, OptimizerState, VALUE_BOUND};
 use crate::rng;
-use crate::sharding::{sample, ShardRange};
+use crate::sharding::{pieces, sample, ShardRange};
 use half::bf16;
 use rayon::prelude::*;
 
 /// Sampled classes per block: a block's centers (BLOCK·d floats) and cosines (BLOCK·N) stay in a
 /// core's L2 cache between the GEMM and the element-wise passes.
 const BLOCK: usize = 256;
-
-/// Enough blocks per task that each thread gets a few tasks, so per-task scratch (an N×d gradient
-/// accumulator among it) is allocated and summed a handful of times per step, not per block.
-pub(super) fn min_blocks_per_task(blocks: usize) -> usize {
-    blocks.div_ceil(4 * rayon::current_num_threads()).max(1)
-}
 
 /// Workers kept from step to step, so that their scratch (an N×d gradient accumulator among it)
 /// is not allocated, page-faulted and zeroed by the kernel every step. `key` is what their sizes
@@ -51,7 +51,7 @@ impl<W, K> Workers<W, K> {
 /// grows with the batch; `reset` at the start of each task). Returns the workers used, in task
 /// order, so that merging them gives the same bits whatever thread ran which task.
 fn for_blocks<W: Send, K: PartialEq>(blocks: usize, kept: &mut Workers<W, K>, key: K, make: impl Fn() -> Result<W>, reset: impl Fn(&mut W) + Sync, body: impl Fn(&mut W, usize) + Sync) -> Result<&mut [W]> {
-    let per = crate::pool::install(|| min_blocks_per_task(blocks))?;
+    let per = crate::pool::install(|| crate::pool::min_blocks_per_task(blocks))?;
     let tasks = blocks.div_ceil(per);
     if kept.key.as_ref() != Some(&key) {
         kept.workers.clear();
@@ -770,7 +770,7 @@ impl Primitives for CpuBackend {
 
     fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, update: Update) -> Result<Vec<f32>> {
         let n = self.shards[shard].local_max.len();
-        let (inv_sum, non_target_mass) = super::softmax_factors(sums, n);
+        let (inv_sum, non_target_mass) = softmax_factors(sums, n);
         let params = self.logit_params();
         self.shards[shard].backward(&self.cfg, &maxes[..n], &inv_sum, &non_target_mass, params, update)
     }
@@ -893,7 +893,7 @@ impl Primitives for CpuBackend {
 impl ShardState for CpuBackend {
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
-        for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
+        for (s, row, rows, at) in pieces(&self.ranges, first, count) {
             let src = self.shards[s].tensor(tensor)?;
             out[at * d..(at + rows) * d].copy_from_slice(&src[row * d..(row + rows) * d]);
         }
@@ -902,7 +902,7 @@ impl ShardState for CpuBackend {
 
     fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
-        for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
+        for (s, row, rows, at) in pieces(&self.ranges, first, count) {
             let src = &values[at * d..(at + rows) * d];
             match tensor {
                 StateTensor::Centers => self.shards[s].centers[row * d..(row + rows) * d].copy_from_slice(src),
@@ -913,7 +913,7 @@ impl ShardState for CpuBackend {
     }
 
     fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()> {
-        for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
+        for (s, row, rows, at) in pieces(&self.ranges, first, count) {
             let src = self.shards[s].optimizer.steps().ok_or_else(|| Error::invalid("this optimizer keeps no step counts"))?;
             out[at..at + rows].copy_from_slice(&src[row..row + rows]);
         }
@@ -921,7 +921,7 @@ impl ShardState for CpuBackend {
     }
 
     fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()> {
-        for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
+        for (s, row, rows, at) in pieces(&self.ranges, first, count) {
             let dst = self.shards[s].optimizer.steps_mut().ok_or_else(|| Error::invalid("this optimizer keeps no step counts"))?;
             dst[row..row + rows].copy_from_slice(&values[at..at + rows]);
         }
@@ -930,7 +930,7 @@ impl ShardState for CpuBackend {
 
     fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>> {
         let d = self.cfg.embedding_dim;
-        let mut best = crate::search::TopK::new(queries.len() / d, k);
+        let mut best = crate::topk::TopK::new(queries.len() / d, k);
         for shard in &self.shards {
             best.merge(search::scan(&shard.centers, d, shard.range.start, queries, k)?);
         }
@@ -939,7 +939,7 @@ impl ShardState for CpuBackend {
 
     fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
-        for (s, row, rows, at) in super::pieces(&self.ranges, first, count) {
+        for (s, row, rows, at) in pieces(&self.ranges, first, count) {
             let shard = &mut self.shards[s];
             shard.centers[row * d..(row + rows) * d].copy_from_slice(&values[at * d..(at + rows) * d]);
             shard.optimizer.reset_rows(row, rows, d);

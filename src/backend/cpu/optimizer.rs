@@ -4,33 +4,7 @@
 use crate::config::{OptimizerConfig, OptimizerKind};
 use crate::error::{try_zeroed, Result};
 
-/// A per-row f32 tensor of a shard: its centers or one of the optimizer's buffers. Checkpoints hold
-/// exactly the tensors `for_optimizer` lists, plus AdamW's step counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StateTensor {
-    Centers,
-    Momentum,
-    ExpAvg,
-    ExpAvgSq,
-}
-
-impl StateTensor {
-    pub fn name(self) -> &'static str {
-        match self {
-            StateTensor::Centers => "centers",
-            StateTensor::Momentum => "momentum",
-            StateTensor::ExpAvg => "exp_avg",
-            StateTensor::ExpAvgSq => "exp_avg_sq",
-        }
-    }
-
-    pub fn for_optimizer(kind: OptimizerKind) -> &'static [StateTensor] {
-        match kind {
-            OptimizerKind::Sgd => &[StateTensor::Centers, StateTensor::Momentum],
-            OptimizerKind::AdamW => &[StateTensor::Centers, StateTensor::ExpAvg, StateTensor::ExpAvgSq],
-        }
-    }
-}
+use crate::state::StateTensor;
 
 /// Optimizer state for `rows` centers of dimension `dim`. Beside each per-row tensor, each row's
 /// norm (`+∞` where unknown or, for `exp_avg_sq`, where the row holds a negative value or NaN):
@@ -143,7 +117,8 @@ pub enum StateRows {
 unsafe impl Send for StateRows {}
 unsafe impl Sync for StateRows {}
 
-use crate::backend::cpu::kernels::{all_finite, multiversion};
+use super::kernels::all_finite;
+use crate::simd::multiversion;
 
 /// One element of a PyTorch SGD step: `buf = μ·buf + (g + wd·w)`, `w −= lr·buf`; (w, buf) after.
 #[inline(always)]
@@ -177,7 +152,7 @@ multiversion! {
     /// after the projection's dot product: each projected value goes straight into the update,
     /// and `grad` is not written.
     fn sgd_row_projected(cfg: &OptimizerConfig, lr: f32, w: &mut [f32], buf: &mut [f32], grad: &[f32], dir_scale: f32, factor: f32) {
-        use crate::backend::cpu::kernels::{along, projected};
+        use super::kernels::{along, projected};
         let along = along(w, dir_scale, grad);
         for ((w, b), &g) in w.iter_mut().zip(buf.iter_mut()).zip(grad) {
             (*w, *b) = sgd(cfg, lr, *w, *b, projected(g, *w, along, factor));
@@ -226,8 +201,8 @@ multiversion! {
     /// Whether a row is one the head accepts as a center: finite, of norm at most `MAX_ROW_NORM`
     /// (2^62, what set_centers and checkpoints accept), so that it normalizes in f32.
     pub fn normalizable(row: &[f32]) -> bool {
-        const MAX_SQUARED: f32 = (crate::engine::MAX_ROW_NORM * crate::engine::MAX_ROW_NORM) as f32;
-        let sq = crate::backend::cpu::kernels::dot(row, row);
+        const MAX_SQUARED: f32 = (crate::limits::MAX_ROW_NORM * crate::limits::MAX_ROW_NORM) as f32;
+        let sq = super::kernels::dot(row, row);
         sq.is_finite() && sq <= MAX_SQUARED
     }
 }
@@ -235,7 +210,7 @@ multiversion! {
 multiversion! {
     /// A row's L2 norm in f32 (+∞ when it overflows, NaN for a NaN).
     fn row_norm(row: &[f32]) -> f32 {
-        crate::backend::cpu::kernels::dot(row, row).sqrt()
+        super::kernels::dot(row, row).sqrt()
     }
 }
 
@@ -259,13 +234,13 @@ pub fn above(norm: f32) -> f64 {
 /// What a bound must stay below to prove the update safe: half the largest center norm a head
 /// accepts, and for the optimizer's own values a margin of 2^28 below f32's largest, so that the
 /// rounding of the update's few operations (relative 2^-22 at most) cannot cross either.
-const ROW_BOUND: f64 = crate::engine::MAX_ROW_NORM / 2.0;
+const ROW_BOUND: f64 = crate::limits::MAX_ROW_NORM / 2.0;
 pub const VALUE_BOUND: f64 = (1u128 << 100) as f64;
 
 impl StateRows {
     /// Starts loading row `row`'s state into the cache (see `kernels::prefetch_row`).
     pub fn prefetch(&self, row: usize, dim: usize) {
-        use crate::backend::cpu::kernels::prefetch_row;
+        use super::kernels::prefetch_row;
         match *self {
             StateRows::Sgd { momentum, .. } => prefetch_row(momentum, row, dim),
             StateRows::AdamW { exp_avg, exp_avg_sq, .. } => {
@@ -317,7 +292,7 @@ impl StateRows {
                 *momentum_norms.add(row) = row_norm(buf);
             }
             StateRows::AdamW { .. } => {
-                crate::backend::cpu::kernels::project_out(weights, dir_scale, factor, grad);
+                super::kernels::project_out(weights, dir_scale, factor, grad);
                 self.update(cfg, lr, row, weights, grad);
             }
         }

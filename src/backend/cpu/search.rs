@@ -12,7 +12,7 @@
 use super::gemm::{matmul, Operand};
 use super::kernels;
 use crate::error::Result;
-use crate::search::TopK;
+use crate::topk::TopK;
 use rayon::prelude::*;
 
 /// Centers per block: their scores for a chunk of queries stay in cache while the heaps read them.
@@ -49,7 +49,7 @@ pub fn scan(centers: &[f32], d: usize, first_class: u64, queries: &[f32], k: usi
     let margin = selection_margin(d);
     crate::pool::install(|| (0..blocks)
         .into_par_iter()
-        .with_min_len(super::min_blocks_per_task(blocks))
+        .with_min_len(crate::pool::min_blocks_per_task(blocks))
         .fold(
             || (TopK::new(n, k), Vec::new(), Vec::new(), Vec::new(), Vec::new()),
             |(mut best, mut scores, mut inv, mut ids, mut huge), b| {
@@ -106,6 +106,26 @@ pub fn scan(centers: &[f32], d: usize, first_class: u64, queries: &[f32], k: usi
         }))
 }
 
+/// Scales each nonzero row of `src` to unit L2 norm into `dst`, so that scores are cosines (zero
+/// rows stay zero). Rows whose norm f32 cannot form — the square overflows (`inv` 0), or the norm
+/// is near or under PyTorch's eps 1e-12, where the square may underflow — are normalized in float64.
+pub(crate) fn unit_rows(src: &[f32], d: usize, dst: &mut [f32]) {
+    let mut inv = vec![0.0; src.len() / d];
+    kernels::normalize_rows(src, d, dst, &mut inv);
+    for ((row, out), &r) in src.chunks_exact(d).zip(dst.chunks_exact_mut(d)).zip(&inv) {
+        if r == 0.0 || r > 1e11 {
+            let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            if norm == 0.0 {
+                continue;
+            }
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = (v as f64 / norm) as f32;
+            }
+        }
+    }
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,7 +139,7 @@ mod tests {
         let centers: Vec<f32> = (0..rows).flat_map(|_| c.iter().copied()).collect();
         let mut q: Vec<f32> = (0..3 * d).map(|i| ((i * 104_729) % 89) as f32 / 7.0 - 6.0).collect();
         let mut unit = vec![0.0; q.len()];
-        crate::search::unit_rows(&q, d, &mut unit);
+        unit_rows(&q, d, &mut unit);
         q.copy_from_slice(&unit);
         let k = 50;
         let all = scan(&centers, d, 10, &q, k).unwrap().into_sorted();
@@ -138,7 +158,7 @@ mod tests {
         let centers = [1e30f32, 0.0, 0.0, 0.0, 0.0, 3e38, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0];
         let mut q = [2e30f32, 2e30, 0.0, 0.0];
         let src = q;
-        crate::search::unit_rows(&src, d, &mut q);
+        unit_rows(&src, d, &mut q);
         assert!((q[0] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6 && q[0] == q[1]);
         let hits = scan(&centers, d, 0, &q, 3).unwrap().into_sorted();
         assert_eq!(hits[0].iter().map(|h| h.1).collect::<Vec<_>>(), vec![2, 0, 1]);

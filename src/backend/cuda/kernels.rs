@@ -1,6 +1,6 @@
 //! The kernel registry: every `kernels/*.cu` source, embedded in the library, compiled by NVRTC for
 //! the device's architecture on first use and cached per architecture. The compile-check test
-//! (tests/kernels.rs) compiles the same list, so a kernel cannot ship without being checked.
+//! (tests/all/kernels.rs) compiles the same list, so a kernel cannot ship without being checked.
 
 use crate::error::{Error, Result, Status};
 use parking_lot::Mutex;

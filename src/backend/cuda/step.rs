@@ -1,6 +1,6 @@
 //! The CUDA backend's per-shard primitives (src/backend/mod.rs `Primitives`), on each local GPU:
-//! the kernels of kernels/*.cu, cuBLAS for the three GEMMs; the step itself is the engine's
-//! driver, the collectives NCCL's (src/comm/nccl.rs).
+//! the kernels of kernels/*.cu, cuBLAS for the three GEMMs; the step itself is the step
+//! driver's (src/head/driver.rs), the collectives NCCL's (src/comm/nccl.rs).
 //!
 //! Scope of this version: host batches are uploaded once; device batches are staged through the
 //! host for validation (labels in range, finite rows) and their gradients written back on the
@@ -10,15 +10,17 @@
 use super::kernels::{arch_of, cubin_for};
 use super::plan::{class_chunks, combine_grid, stats_grid, EVAL_CHUNK_BYTES, STATS_COLUMNS, THREADS};
 use super::select::{check_selected, compaction_offsets, kth_largest};
-use super::{Device, DeviceInfo};
-use crate::backend::{Batches, DeviceBatch, HostBatch, HostValues, Outputs, Primitives, RowGrads, RowStats, ShardState, StepPlan};
+use super::device::DeviceInfo;
+use crate::backend::step::{phase, softmax_factors, DeviceTimes, RowGrads, RowStats, StepPlan, Update};
+use crate::backend::{Primitives, ShardState};
+use crate::batch::{Batches, DeviceBatch, HostBatch, HostValues, Outputs};
+use crate::memory::Device;
 use crate::config::{Config, DType, MarginGrad, OptimizerKind};
 use crate::error::{Error, Result, Status};
-use crate::optimizer::StateTensor;
+use crate::state::StateTensor;
 use crate::rng;
 use crate::sharding::{sample_count, ShardRange};
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
-use crate::backend::{phase, DeviceTimes};
 use cudarc::driver::sys::CUevent;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
@@ -332,7 +334,7 @@ impl CudaBackend {
             staged.push((embeddings, labels));
         }
         let views: Vec<HostBatch> = staged.iter().map(|(e, l)| HostBatch { embeddings: e.as_embeddings(), labels: l }).collect();
-        crate::backend::validate(&views, self.cfg.num_classes, dim)?;
+        crate::batch::validate(&views, self.cfg.num_classes, dim)?;
         Ok(staged)
     }
 }
@@ -540,9 +542,9 @@ impl Primitives for CudaBackend {
         Ok(RowStats::from_reduced(&maxes, &sums, n))
     }
 
-    fn backward(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, update: crate::backend::Update) -> Result<CudaSlice<f32>> {
+    fn backward(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, update: Update) -> Result<CudaSlice<f32>> {
         // This backend updates in `apply` only (it proves nothing beforehand).
-        if let crate::backend::Update::Apply(_) = update {
+        if let Update::Apply(_) = update {
             return Err(Error::new(Status::Panic, "internal error: the CUDA backend was asked to update inside the backward pass"));
         }
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
@@ -554,7 +556,7 @@ impl Primitives for CudaBackend {
         let inv_batch = 1.0 / n as f32;
         let step = g.step.take().ok_or_else(|| Error::new(Status::Panic, "internal error: backward before forward"))?;
         let sum_host: Vec<f32> = g.stream.clone_dtoh(&sums.slice(0..2 * n)).map_err(|e| device_error("download", e))?;
-        let (inv_sum, non_target_mass) = crate::backend::softmax_factors(&sum_host, n);
+        let (inv_sum, non_target_mass) = softmax_factors(&sum_host, n);
         let inv_sum_d = g.stream.clone_htod(&inv_sum).map_err(|e| device_error("upload", e))?;
         let mass_d = g.stream.clone_htod(&non_target_mass).map_err(|e| device_error("upload", e))?;
         let row_max = maxes.slice(0..n);
@@ -736,7 +738,7 @@ impl Primitives for CudaBackend {
 impl ShardState for CudaBackend {
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
-        for (shard, row, rows, at) in crate::backend::pieces(&self.ranges, first, count) {
+        for (shard, row, rows, at) in crate::sharding::pieces(&self.ranges, first, count) {
             let g = &self.shards[shard];
             let src = match tensor {
                 StateTensor::Centers => &g.centers,
@@ -750,7 +752,7 @@ impl ShardState for CudaBackend {
 
     fn write_state(&mut self, tensor: StateTensor, first: u64, count: u64, values: &[f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
-        for (shard, row, rows, at) in crate::backend::pieces(&self.ranges, first, count) {
+        for (shard, row, rows, at) in crate::sharding::pieces(&self.ranges, first, count) {
             let g = &mut self.shards[shard];
             let stream = g.stream.clone();
             let dst = match tensor {
@@ -764,7 +766,7 @@ impl ShardState for CudaBackend {
     }
 
     fn read_steps(&self, first: u64, count: u64, out: &mut [u32]) -> Result<()> {
-        for (shard, row, rows, at) in crate::backend::pieces(&self.ranges, first, count) {
+        for (shard, row, rows, at) in crate::sharding::pieces(&self.ranges, first, count) {
             let g = &self.shards[shard];
             let steps = g.steps.as_ref().ok_or_else(|| Error::invalid("this optimizer keeps no step counts"))?;
             let view = steps.slice(row..row + rows);
@@ -774,7 +776,7 @@ impl ShardState for CudaBackend {
     }
 
     fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()> {
-        for (shard, row, rows, at) in crate::backend::pieces(&self.ranges, first, count) {
+        for (shard, row, rows, at) in crate::sharding::pieces(&self.ranges, first, count) {
             let g = &mut self.shards[shard];
             let stream = g.stream.clone();
             let steps = g.steps.as_mut().ok_or_else(|| Error::invalid("this optimizer keeps no step counts"))?;
@@ -800,7 +802,7 @@ impl ShardState for CudaBackend {
     fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>> {
         // Scored on the host over centers copied out in blocks: the CPU backend's search code.
         let d = self.cfg.embedding_dim;
-        let mut best = crate::search::TopK::new(queries.len() / d, k);
+        let mut best = crate::topk::TopK::new(queries.len() / d, k);
         for range in &self.ranges {
             let mut centers = vec![0f32; range.len as usize * d];
             self.read_state(StateTensor::Centers, range.start, range.len, &mut centers)?;

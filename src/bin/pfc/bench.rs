@@ -3,7 +3,8 @@
 //! `pfc bench --search`: queries per second of top-k search over all centers (default C = 1M, d = 512).
 
 use clap::Parser;
-use partialfc::backend::{Embeddings, GradOut, HostBatch, PhaseTimes};
+use partialfc::backend::step::PhaseTimes;
+use partialfc::batch::{Embeddings, GradOut, HostBatch};
 use partialfc::config::{BackendKind, Config, DType};
 use partialfc::rng;
 use partialfc::Head;

@@ -7,7 +7,7 @@
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use partialfc::backend::cpu::gemm::{matmul, Operand};
-use partialfc::backend::{Embeddings, GradOut, HostBatch};
+use partialfc::batch::{Embeddings, GradOut, HostBatch};
 use partialfc::config::{BackendKind, Config};
 use partialfc::export::Format;
 use partialfc::rng;

@@ -45,4 +45,5 @@ mod persist_mpi;
 mod plan;
 mod reference_f64;
 mod sampling;
+mod setup;
 mod step_split;

@@ -57,7 +57,7 @@ extern "C" __global__ void project_center_grads(const float* centers, const u32*
 }
 
 // Whether a row (its squared norm) is one the head accepts as a center: finite, of norm at most
-// 2^62 (src/engine.rs MAX_ROW_NORM), so that it normalizes in f32.
+// 2^62 (src/limits.rs MAX_ROW_NORM), so that it normalizes in f32.
 __device__ __forceinline__ bool normalizable(float sq) { return sq == sq && sq <= 2.12676479e37f; }
 
 __device__ __forceinline__ bool finite(float v) { return (v - v) == 0.0f; }

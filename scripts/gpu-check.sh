@@ -92,10 +92,13 @@ PY
 
 step "GPU tests (kernels compile to CUBIN for this device, then parity, golden, NCCL, bad input)"
 export PFC_REQUIRE_GPU=1 PFC_SHARED_DIR="$PWD/.gpu/shared"
-# One module of the tests' binary at a time (`kernels::` matches that module's tests only).
+# One module of the tests' binary at a time (`kernels::` matches that module's tests only). A filter
+# that matches nothing passes with "0 passed", so each must report tests that ran.
 for t in kernels gpu golden nccl; do
     echo "--- $t"
-    run "test $t" 150 .gpu/tests/all "$t::" --test-threads=1
+    run "test $t" 150 .gpu/tests/all "$t::" --test-threads=1 >.gpu/test-$t.log 2>&1
+    cat .gpu/test-$t.log
+    grep -q "^test result: ok\. [1-9]" .gpu/test-$t.log || fail "test $t (no test of module $t:: ran)"
 done
 
 step "PyTorch binding on CUDA (tests/python/gpu_check.py)"

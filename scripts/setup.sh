@@ -21,15 +21,18 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
-probe=$(mktemp -d)
+# Probes are built under target/ (a /tmp mounted noexec would fail them while the tests, which run
+# their programs from target/, pass); the cgo probe's build cache stays there from run to run.
+gocache=$PWD/target/setup-probe/gocache
+probe=$PWD/target/setup-probe/run-$$
+mkdir -p "$probe" "$gocache"
 trap 'rm -rf "$probe"' EXIT
 
 # One `apt-get update` per run, and only when a package is actually missing.
 apt_updated=
 apt_install() {
     if [ -z "$apt_updated" ]; then
-        apt-get update -qq
-        apt_updated=1
+        apt-get update -qq && apt_updated=1
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
@@ -65,8 +68,9 @@ require() {
 
 # The C program as C11 (tests/all/c_program.rs) and the bindings and examples as C++17
 # (tests/all/bindings.rs).
-c_compiles() { printf 'int main(void) { return 0; }\n' | cc -std=c11 -x c - -o "$probe/c"; }
-cxx_compiles() { printf '#include <vector>\nint main() { std::vector<int> v(1); return v[0]; }\n' | c++ -std=c++17 -x c++ - -o "$probe/cxx"; }
+# The tests take $CC and $CXX where set, as here.
+c_compiles() { printf 'int main(void) { return 0; }\n' | "${CC:-cc}" -std=c11 -x c - -o "$probe/c"; }
+cxx_compiles() { printf '#include <vector>\nint main() { std::vector<int> v(1); return v[0]; }\n' | "${CXX:-c++}" -std=c++17 -x c++ - -o "$probe/cxx"; }
 require "C compiler (cc, C11)" c_compiles apt_install gcc libc6-dev
 require "C++ compiler (c++, C++17)" cxx_compiles apt_install g++
 
@@ -86,10 +90,13 @@ require "jq" has_jq apt_install jq
 # mpicc against mpi.h and libmpi, started by mpirun. On Debian mpicc comes with openmpi-bin but mpi.h
 # and the library to link with with libopenmpi-dev, so only building a program shows both are there.
 mpi_builds() {
-    printf '#include <mpi.h>\nint main(int c, char **v) { MPI_Init(&c, &v); return MPI_Finalize(); }\n' >"$probe/mpi.c"
-    mpicc -std=c11 "$probe/mpi.c" -o "$probe/mpi" && command -v mpirun
+    printf '#include <mpi.h>\nint main(int c, char **v) { int n; MPI_Init(&c, &v); MPI_Comm_size(MPI_COMM_WORLD, &n); MPI_Finalize(); return n != 2; }\n' >"$probe/mpi.c"
+    # Started as tests/all/native.rs's mpirun starts the tests' jobs (OpenMPI's flags and transports).
+    mpicc -std=c11 "$probe/mpi.c" -o "$probe/mpi" \
+        && env OMPI_MCA_btl=self,vader OMPI_MCA_btl_vader_single_copy_mechanism=none OMPI_MCA_orte_tmpdir_base="$probe" \
+            mpirun --allow-run-as-root --oversubscribe --bind-to none -n 2 "$probe/mpi"
 }
-require "OpenMPI (mpicc builds against mpi.h, mpirun)" mpi_builds apt_install openmpi-bin libopenmpi-dev
+require "OpenMPI (an mpicc program runs on 2 processes under mpirun)" mpi_builds apt_install openmpi-bin libopenmpi-dev
 
 # oneDNN, the CPU backend's GEMMs where present: loaded at run time as libdnnl.so.2 or libdnnl.so
 # (src/backend/cpu/dnnl.rs) for its parity tests and the benchmarks. A program against its header
@@ -119,7 +126,7 @@ cgo_builds() {
     mkdir -p "$probe/cgo"
     printf 'module probe\n\ngo 1.19\n' >"$probe/cgo/go.mod"
     printf 'package main\n\n// int one(void) { return 1; }\nimport "C"\n\nfunc main() { _ = C.one() }\n' >"$probe/cgo/main.go"
-    (cd "$probe/cgo" && env GOCACHE="$probe/gocache" GOPATH="$probe/gopath" GOTOOLCHAIN=local GOPROXY=off \
+    (cd "$probe/cgo" && env GOCACHE="$gocache" GOPATH="$probe/gopath" GOTOOLCHAIN=local GOPROXY=off \
         GOFLAGS=-mod=mod CGO_ENABLED=1 "$go" build -o "$probe/cgo/probe" .)
 }
 require "Go with cgo" cgo_builds apt_install golang-go
@@ -166,7 +173,7 @@ install_cargo_c() {
         fi
     ) 9>"$cargo_home/.partialfc-cargo-c.lock"
 }
-require "cargo-c 0.10.24 (cargo cinstall)" has_cargo_c install_cargo_c
+require "cargo-c (cargo cinstall; 0.10.24 is installed when missing)" has_cargo_c install_cargo_c
 
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$mode" = check ]; then

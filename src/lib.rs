@@ -26,7 +26,7 @@ pub mod ffi;
 pub mod fsutil;
 pub mod head;
 pub mod index;
-pub mod limits;
+pub(crate) mod limits;
 pub mod margin;
 pub mod memory;
 pub mod pool;

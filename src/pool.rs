@@ -23,6 +23,15 @@ struct Slot {
 
 static CURRENT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
 
+/// How the pool's threads are named.
+const WORKER_PREFIX: &str = "pfc-worker-";
+
+/// Whether the calling thread is one of the pool's workers (any process's pool: a forked child's
+/// workers are named alike).
+pub(crate) fn on_worker_thread() -> bool {
+    std::thread::current().name().is_some_and(|n| n.starts_with(WORKER_PREFIX))
+}
+
 /// This process's pool, started on first use (and first use after a fork). A failure to start it
 /// is not remembered: a later call tries again.
 fn current() -> Result<&'static rayon::ThreadPool> {
@@ -35,7 +44,7 @@ fn current() -> Result<&'static rayon::ThreadPool> {
                 return Ok(&slot.pool);
             }
         }
-        let pool = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("pfc-worker-{i}")).build().map_err(|e| {
+        let pool = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("{WORKER_PREFIX}{i}")).build().map_err(|e| {
             Error::new(
                 Status::OutOfMemory,
                 format!(

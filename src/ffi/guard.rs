@@ -52,13 +52,16 @@ pub fn with_last_error<R>(f: impl FnOnce(&str) -> R) -> R {
 }
 
 /// Replaces the default hook (which prints to stderr) for panics raised inside guarded calls, keeping
-/// the message for `pfc_last_error`; panics elsewhere still reach the previous hook.
+/// the message for `pfc_last_error`: on a thread inside one, or on a pool worker while one is in
+/// progress (its panic is re-raised on the guarded caller's thread). Panics elsewhere — another
+/// thread of the host, with no call of ours on it — still reach the previous hook.
 fn install_panic_hook() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if ACTIVE_GUARDS.load(Ordering::SeqCst) > 0 {
+            let in_call = DEPTH.try_with(Cell::get).unwrap_or(0) > 0;
+            if in_call || (ACTIVE_GUARDS.load(Ordering::SeqCst) > 0 && crate::pool::on_worker_thread()) {
                 let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
                 let payload = info
                     .payload()

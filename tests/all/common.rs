@@ -33,8 +33,7 @@ impl Golden {
             .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
             .collect();
         files.sort();
-        assert!(!files.is_empty(), "no golden files");
-        files
+        let cases: Vec<Golden> = files
             .into_iter()
             .map(|p| {
                 let bytes = std::fs::read(&p).unwrap();
@@ -53,7 +52,9 @@ impl Golden {
                     false
                 }
             })
-            .collect()
+            .collect();
+        assert!(!cases.is_empty(), "no combined-margin golden files");
+        cases
     }
 
     pub fn f32(&self, name: &str) -> Vec<f32> {

@@ -49,19 +49,32 @@ fn modules() -> BTreeMap<String, String> {
 /// then inline modules'); `children` the file's out-of-line child modules, nameable bare.
 struct Reader<'a> {
     known: &'a BTreeSet<String>,
+    /// Items src/lib.rs re-exports at the crate root, and the module each comes from.
+    root_items: &'a BTreeMap<String, String>,
+    /// Paths that name no module: a dependency the graph would miss.
+    unresolved: BTreeSet<String>,
     children: BTreeSet<String>,
     file: Vec<String>,
     deps: BTreeSet<String>,
 }
 
 impl Reader<'_> {
-    /// The deepest file module that `path` lies in.
+    /// The deepest file module that `path` (from the crate root) lies in, or the module a crate-root
+    /// re-export comes from; anything else is kept as unresolved.
     fn resolve(&mut self, path: &[String]) {
         for n in (1..=path.len()).rev() {
             let module = path[..n].join("::");
             if self.known.contains(&module) {
                 self.deps.insert(module);
                 return;
+            }
+        }
+        match path.first().and_then(|item| self.root_items.get(item)) {
+            Some(module) => {
+                self.deps.insert(module.clone());
+            }
+            None => {
+                self.unresolved.insert(format!("crate::{}", path.join("::")));
             }
         }
     }
@@ -155,11 +168,38 @@ fn preceded_by_colons(tokens: &[TokenTree], i: usize) -> bool {
     i >= 2 && is_colons(tokens, i - 2)
 }
 
-/// Each file module's dependencies on other file modules.
-fn graph() -> BTreeMap<String, BTreeSet<String>> {
+/// The items src/lib.rs re-exports (`pub use module::{A, B};`), each with its module.
+fn root_items() -> BTreeMap<String, String> {
+    let lib = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs")).expect("src/lib.rs is readable");
+    let tokens: Vec<TokenTree> = lib.parse::<TokenStream>().expect("src/lib.rs tokenizes").into_iter().collect();
+    let mut items = BTreeMap::new();
+    for i in 0..tokens.len() {
+        if let (TokenTree::Ident(kw), Some(TokenTree::Ident(module))) = (&tokens[i], tokens.get(i + 1)) {
+            if kw != "use" || !is_colons(&tokens, i + 2) {
+                continue;
+            }
+            let names: Vec<TokenTree> = match tokens.get(i + 4) {
+                Some(TokenTree::Group(g)) => g.stream().into_iter().collect(),
+                Some(t) => vec![t.clone()],
+                None => Vec::new(),
+            };
+            for name in names {
+                if let TokenTree::Ident(name) = name {
+                    items.insert(name.to_string(), module.to_string());
+                }
+            }
+        }
+    }
+    items
+}
+
+/// Each file module's dependencies on other file modules, and the paths that named none.
+fn read_sources() -> (BTreeMap<String, BTreeSet<String>>, BTreeSet<String>) {
     let files = modules();
     let known: BTreeSet<String> = files.keys().cloned().collect();
-    files
+    let root_items = root_items();
+    let mut unresolved = BTreeSet::new();
+    let graph = files
         .iter()
         .map(|(module, text)| {
             let tokens: TokenStream = text.parse().unwrap_or_else(|e| panic!("src module {module} does not tokenize: {e:?}"));
@@ -168,12 +208,26 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
                 .iter()
                 .filter_map(|k| k.strip_prefix(&format!("{module}::")).filter(|rest| !rest.contains("::")).map(String::from))
                 .collect();
-            let mut reader = Reader { known: &known, children, file: file.clone(), deps: BTreeSet::new() };
+            let mut reader = Reader { known: &known, root_items: &root_items, unresolved: BTreeSet::new(), children, file: file.clone(), deps: BTreeSet::new() };
             reader.read(tokens, &file);
             reader.deps.remove(module);
+            unresolved.extend(reader.unresolved.into_iter().map(|path| format!("{module}: {path}")));
             (module.clone(), reader.deps)
         })
-        .collect()
+        .collect();
+    (graph, unresolved)
+}
+
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    read_sources().0
+}
+
+#[test]
+fn every_path_names_a_module() {
+    // A path the reader cannot place (a glob of the crate root, an item the crate root does not
+    // re-export) would be a dependency the other tests never see.
+    let (_, unresolved) = read_sources();
+    assert!(unresolved.is_empty(), "paths that name no module of src/:\n{}", unresolved.iter().cloned().collect::<Vec<_>>().join("\n"));
 }
 
 fn layer_of(module: &str) -> usize {

@@ -20,7 +20,7 @@ fn every_requirement_is_present_after_setup() {
     assert!(out.status.success(), "setup --check failed:\n{stdout}\n{stderr}");
     let present = stdout.lines().filter(|l| l.trim_start().starts_with("present")).count();
     assert_eq!(present, stdout.lines().count(), "{stdout}");
-    for requirement in ["OpenMPI (mpicc builds against mpi.h, mpirun)", "oneDNN (dnnl.h, libdnnl)", "Go with cgo", "cargo-c 0.10.24"] {
+    for requirement in ["OpenMPI (an mpicc program runs on 2 processes under mpirun)", "oneDNN (dnnl.h, libdnnl)", "Go with cgo", "cargo-c (cargo cinstall"] {
         assert!(stdout.contains(requirement), "{requirement} is not checked:\n{stdout}");
     }
 }
@@ -29,7 +29,7 @@ fn every_requirement_is_present_after_setup() {
 fn a_machine_without_the_tools_gets_each_one_named_and_nothing_installed() {
     // A PATH with cargo and the shell's few utilities only: no compiler, no mpicc, no python3 and
     // no apt-get, so an attempt to install would show in stderr.
-    let bin = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("setup-bare-path");
+    let bin = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("setup-bare-path-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&bin);
     std::fs::create_dir_all(&bin).unwrap();
     let cargo = std::env::var_os("CARGO").map(std::path::PathBuf::from).expect("cargo runs the tests");
@@ -44,7 +44,7 @@ fn a_machine_without_the_tools_gets_each_one_named_and_nothing_installed() {
     let out = check(bin.as_os_str());
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
-    for requirement in ["C compiler (cc, C11)", "OpenMPI (mpicc builds against mpi.h, mpirun)", "oneDNN (dnnl.h, libdnnl)", "python3: faiss", "jq"] {
+    for requirement in ["C compiler (cc, C11)", "OpenMPI (an mpicc program runs on 2 processes under mpirun)", "oneDNN (dnnl.h, libdnnl)", "python3: faiss", "jq"] {
         assert!(stdout.lines().any(|l| l.trim_start() == format!("missing  {requirement}")), "{requirement} not named missing:\n{stdout}");
     }
     assert!(stderr.contains("missing (bash scripts/setup.sh installs them)"), "{stderr}");

@@ -1,5 +1,5 @@
-//! The CPU backend: every local shard in this process, the collectives in memory, blocks of sampled
-//! classes spread over a work-stealing pool. It is the reference the CUDA backend is tested against.
+//! The CPU backend: every local shard in this process in host memory, blocks of sampled classes
+//! spread over a work-stealing pool. It is the reference the CUDA backend is tested against.
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;

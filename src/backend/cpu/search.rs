@@ -125,7 +125,6 @@ pub(crate) fn unit_rows(src: &[f32], d: usize, dst: &mut [f32]) {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,3 +99,51 @@ pub fn guard(body: impl FnOnce() -> Result<(), Error>) -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Barrier;
+
+    /// These tests read the process's one message slot: one at a time.
+    static SLOT: Mutex<()> = Mutex::new(());
+
+    fn last_error() -> String {
+        with_last_error(str::to_string)
+    }
+
+    #[test]
+    fn a_panic_in_a_call_or_on_its_pool_workers_is_the_calls_internal_error() {
+        let _one = SLOT.lock().unwrap_or_else(PoisonError::into_inner);
+        assert_eq!(guard(|| panic!("on the caller")), Status::Panic.code());
+        assert!(last_error().contains("on the caller"), "{}", last_error());
+        let on_worker = guard(|| {
+            use rayon::prelude::*;
+            crate::pool::install(|| (0..64).into_par_iter().for_each(|i| assert!(i != 37, "on a worker")))
+        });
+        assert_eq!(on_worker, Status::Panic.code());
+        assert!(last_error().contains("on a worker"), "{}", last_error());
+    }
+
+    #[test]
+    fn a_panic_on_another_thread_during_a_call_is_not_taken_for_the_calls() {
+        let _one = SLOT.lock().unwrap_or_else(PoisonError::into_inner);
+        let (inside, done) = (Barrier::new(2), Barrier::new(2));
+        std::thread::scope(|scope| {
+            let call = scope.spawn(|| {
+                guard(|| {
+                    inside.wait();
+                    done.wait();
+                    Ok(())
+                })
+            });
+            inside.wait();
+            // A thread of the host with no call of ours on it, while the call above is in progress.
+            let other = std::thread::spawn(|| panic!("the host's own")).join();
+            assert!(other.is_err());
+            done.wait();
+            assert_eq!(call.join().unwrap(), super::super::types::PFC_OK);
+        });
+        assert_eq!(*panic_message(), None, "the host thread's panic was kept as a call's");
+    }
+}

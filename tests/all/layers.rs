@@ -45,8 +45,9 @@ fn modules() -> BTreeMap<String, String> {
     out
 }
 
-/// Reads the paths of one file. `scope` is the module path where the tokens stand (the file's,
-/// then inline modules'); `children` the file's out-of-line child modules, nameable bare.
+/// Reads the paths of one file (`file`, its module path) into `deps`. `children` are the file's
+/// out-of-line child modules, nameable bare; `read`'s `scope` is the module path where the tokens
+/// stand (the file's, then inline modules').
 struct Reader<'a> {
     known: &'a BTreeSet<String>,
     /// Items src/lib.rs re-exports at the crate root, and the module each comes from.
@@ -110,7 +111,7 @@ impl Reader<'_> {
                         _ => None,
                     };
                     if let Some(base) = start {
-                        i = self.path_from(&tokens, i + 1, base, scope);
+                        i = self.path_from(&tokens, i + 1, base);
                         continue;
                     }
                 }
@@ -122,7 +123,7 @@ impl Reader<'_> {
 
     /// Follows `:: segment` pairs from `tokens[i]`, expanding `{ … }` groups of `use` trees;
     /// returns the index after the path.
-    fn path_from(&mut self, tokens: &[TokenTree], mut i: usize, mut path: Vec<String>, scope: &[String]) -> usize {
+    fn path_from(&mut self, tokens: &[TokenTree], mut i: usize, mut path: Vec<String>) -> usize {
         while is_colons(tokens, i) {
             match tokens.get(i + 2) {
                 Some(TokenTree::Ident(seg)) if seg == "super" => {
@@ -132,7 +133,7 @@ impl Reader<'_> {
                 Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Brace => {
                     let items: Vec<TokenTree> = g.stream().into_iter().collect();
                     for item in items.split(|t| matches!(t, TokenTree::Punct(p) if p.as_char() == ',')) {
-                        self.use_tree(item, path.clone(), scope);
+                        self.use_tree(item, path.clone());
                     }
                     return i + 3;
                 }
@@ -145,14 +146,13 @@ impl Reader<'_> {
     }
 
     /// One item of a `use` group, relative to `path`.
-    fn use_tree(&mut self, item: &[TokenTree], mut path: Vec<String>, scope: &[String]) {
+    fn use_tree(&mut self, item: &[TokenTree], mut path: Vec<String>) {
         match item.first() {
-            Some(TokenTree::Ident(seg)) if seg == "self" => self.resolve(&path),
-            Some(TokenTree::Ident(seg)) => {
+            Some(TokenTree::Ident(seg)) if seg != "self" => {
                 path.push(seg.to_string());
-                self.path_from(item, 1, path, scope);
+                self.path_from(item, 1, path);
             }
-            Some(TokenTree::Group(g)) => self.read(g.stream(), scope),
+            // `self`, `*`, or nothing (a trailing comma): the group's own path.
             _ => self.resolve(&path),
         }
     }

@@ -14,17 +14,17 @@ pub(crate) use search::unit_rows;
 
 use self::gemm::{matmul, GemmPath, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
+use self::optimizer::{above, OptimizerState, VALUE_BOUND};
 use super::step::{softmax_factors, RowGrads, RowStats, StepPlan, Update};
 use super::{Primitives, ShardState};
 use crate::batch::{Batches, Outputs};
-use crate::memory::Host;
 use crate::config::{Config, DType};
 use crate::error::{try_refill, try_zeroed, Error, Result};
 use crate::margin::target_logit;
-use crate::state::StateTensor;
-use optimizer::{above, OptimizerState, VALUE_BOUND};
+use crate::memory::Host;
 use crate::rng;
 use crate::sharding::{pieces, sample, ShardRange};
+use crate::state::StateTensor;
 use half::bf16;
 use rayon::prelude::*;
 

@@ -3,7 +3,6 @@
 
 use crate::config::{OptimizerConfig, OptimizerKind};
 use crate::error::{try_zeroed, Result};
-
 use crate::state::StateTensor;
 
 /// Optimizer state for `rows` centers of dimension `dim`. Beside each per-row tensor, each row's

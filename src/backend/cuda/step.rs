@@ -7,19 +7,19 @@
 //! device; AdamW/SGD updates, the finiteness checks and gradient accumulation run on the GPU
 //! (accumulating a second compute before an apply merges the rows on the host).
 
+use super::device::DeviceInfo;
 use super::kernels::{arch_of, cubin_for};
 use super::plan::{class_chunks, combine_grid, stats_grid, EVAL_CHUNK_BYTES, STATS_COLUMNS, THREADS};
 use super::select::{check_selected, compaction_offsets, kth_largest};
-use super::device::DeviceInfo;
 use crate::backend::step::{phase, softmax_factors, DeviceTimes, RowGrads, RowStats, StepPlan, Update};
 use crate::backend::{Primitives, ShardState};
 use crate::batch::{Batches, DeviceBatch, HostBatch, HostValues, Outputs};
-use crate::memory::Device;
 use crate::config::{Config, DType, MarginGrad, OptimizerKind};
 use crate::error::{Error, Result, Status};
-use crate::state::StateTensor;
+use crate::memory::Device;
 use crate::rng;
 use crate::sharding::{sample_count, ShardRange};
+use crate::state::StateTensor;
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::CUevent;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};

@@ -20,9 +20,14 @@ __device__ __forceinline__ u16 f32_to_bf16(float v) {
 }
 
 __device__ __forceinline__ u16 f32_to_f16(float v) {
+#ifdef __CUDA_ARCH__
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
+#else
+    // The host emulation (tests/cuda-emulator/kernel.hh), which has no PTX.
+    return pfc_emu_f32_to_f16(v);
+#endif
 }
 
 __device__ __forceinline__ void store_from_f32(void* base, u64 index, float v, int dtype) {

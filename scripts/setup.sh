@@ -107,6 +107,13 @@ dnnl_links() {
 }
 require "oneDNN (dnnl.h, libdnnl)" dnnl_links apt_install libdnnl-dev
 
+# The CUDA emulation's blocks are Boost.Context fibers (tests/cuda-emulator/blocks.cc).
+boost_context_links() {
+    printf '#include <boost/context/fiber.hpp>\nint main() { int n = 0; boost::context::fiber f{[&](boost::context::fiber&& c) { n = 1; return std::move(c); }}; std::move(f).resume(); return n - 1; }\n' |
+        "${CXX:-c++}" -std=c++17 -x c++ - -o "$probe/boost_context" -lboost_context && "$probe/boost_context"
+}
+require "Boost.Context (a fiber switches and returns)" boost_context_links apt_install libboost-context-dev
+
 # The Go binding's tests and examples (tests/all/bindings.rs, tests/all/install.rs) build cgo
 # packages with the `go` they find as tests/all/native.rs does: $GO, then PATH, then the usual
 # install places.

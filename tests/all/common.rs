@@ -278,3 +278,31 @@ pub fn alone_in_child(module: &str, name: &str) -> bool {
     assert!(stdout.contains("test result: ok. 1 passed"), "{path} did not run in its own process:\n{stdout}");
     false
 }
+
+/// The folder scripts/cuda-emulator.sh builds the emulated CUDA driver, cuBLAS and NCCL into.
+pub fn emulator_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cuda-emulator")
+}
+
+/// For a test that needs a GPU. Where this process can use CUDA (a GPU machine, PFC_REQUIRE_GPU=1,
+/// or the emulation's child below) returns true and the caller runs the body. Otherwise runs test
+/// `name` of `module` in a child process whose loader finds the host emulation
+/// (tests/cuda-emulator/) and the NVRTC of setup, asserts that it ran and passed, and returns false.
+/// A missing emulation fails the test: nothing here skips.
+pub fn on_cuda(module: &str, name: &str) -> bool {
+    const CHILD: &str = "PFC_EMU_CHILD";
+    if std::env::var_os("PFC_REQUIRE_GPU").is_some() {
+        return true;
+    }
+    let path = test_path(module, name);
+    let lib = emulator_dir();
+    assert!(lib.join("libcuda.so.1").exists(), "the CUDA emulation is not built: run bash scripts/cuda-emulator.sh ({} is missing)", lib.display());
+    let nvrtc = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/nvrtc/nvidia/cu13/lib");
+    let loader_path = format!("{}:{}", lib.display(), nvrtc.display());
+    let out = child_test(&path).env(CHILD, &path).env("PFC_REQUIRE_GPU", "1").env("LD_LIBRARY_PATH", loader_path).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprint!("{stderr}");
+    assert!(out.status.success(), "{path} failed on the CUDA emulation ({}):\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("test result: ok. 1 passed"), "{path} did not run on the CUDA emulation:\n{stdout}");
+    false
+}

@@ -25,6 +25,8 @@ mod cli;
 mod config_layout;
 mod determinism;
 mod dtypes;
+mod emu_cublas;
+mod emu_nccl;
 mod export_search;
 mod extreme_values;
 mod fork;

@@ -8,6 +8,7 @@
 // Settings (environment): PFC_EMU_DEVICES (default 4), PFC_EMU_DEVICE_MEMORY (bytes, K/M/G
 // suffixes, default 8G), PFC_EMU_DELAY=<seed> (every stream operation waits a random 0–2 ms before
 // it runs, so a missing wait shows), PFC_EMU_COUNTERS=<file> (counters written as JSON at exit),
+// PFC_EMU_TRACE (each stream operation named on stderr as it runs),
 // and blocks.cc's PFC_EMU_ORDER, PFC_EMU_SEED, PFC_EMU_BLOCK_THREADS.
 
 #include "abi.hh"
@@ -112,6 +113,7 @@ struct Global {
     size_t page = 4096;
     uint64_t delay_seed = 0;
     bool delay = false;
+    bool trace = false;
     std::string counters_file;
 };
 
@@ -180,6 +182,7 @@ void initialise() {
         global->delay_seed = std::strtoull(s, nullptr, 10);
     }
     if (const char* f = std::getenv("PFC_EMU_COUNTERS")) global->counters_file = f;
+    global->trace = std::getenv("PFC_EMU_TRACE") != nullptr;
     // Address space for every allocation the process will make: reserved, not committed.
     global->arena_size = 1ull << 40;
     void* arena = mmap(nullptr, global->arena_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -383,6 +386,7 @@ void stream_loop(CUstream_st* s) {
             s->delay_state = s->delay_state * 6364136223846793005ull + 1442695040888963407ull;
             std::this_thread::sleep_for(std::chrono::microseconds((s->delay_state >> 33) % 2000));
         }
+        if (global->trace) std::fprintf(stderr, "[pfc-emu] GPU %d stream %p: %s\n", s->ctx->device->ordinal, (void*)s, op.what);
         // After a fault the context is unusable: queued work is dropped, as on a GPU.
         if (s->ctx->sticky.load() == CUDA_SUCCESS) op.run();
         {
@@ -558,10 +562,6 @@ CUresult synchronize_stream(CUstream_st* s) {
     return s->ctx->sticky.load();
 }
 
-CUresult copy(CUstream handle, void* dst, const void* src, size_t bytes, const char* what) {
-    if (bytes == 0) return CUDA_SUCCESS;
-    return enqueue_on(handle, what, [dst, src, bytes] { std::memcpy(dst, src, bytes); });
-}
 
 // Elements of a parsed CUBIN (ELF) or PTX: the kernels' names.
 bool entries_of(const void* image, std::vector<std::string>* out) {
@@ -1097,27 +1097,43 @@ EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned value, size_t n, CUst
     return enqueue_on(handle, "cuMemsetD32Async", [dst, value, n] { std::fill_n((unsigned*)dst, n, value); });
 }
 
+// Host memory here is pageable (no cuMemHostAlloc), and the driver documents what the async
+// copies do with pageable memory: host to device waits for the stream's earlier work, stages the
+// source and returns (the caller may reuse its buffer at once); device to host returns only once
+// the copy is done.
 EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream handle) {
     if (CUresult r = ready()) return r;
-    if (bytes && (!src || check_range(dst, bytes))) return CUDA_ERROR_INVALID_VALUE;
+    if (bytes == 0) return CUDA_SUCCESS;
+    if (!src || check_range(dst, bytes)) return CUDA_ERROR_INVALID_VALUE;
+    CUstream_st* s = nullptr;
+    if (CUresult r = resolve(handle, &s)) return r;
+    if (CUresult r = s->ctx->sticky.load()) return r;
+    drain(s);
+    auto staged = std::make_shared<std::vector<uint8_t>>((const uint8_t*)src, (const uint8_t*)src + bytes);
     current->device->counters.htod++;
     current->device->counters.htod_bytes += bytes;
-    return copy(handle, (void*)dst, src, bytes, "cuMemcpyHtoDAsync");
+    push(s, Op{[dst, staged] { std::memcpy((void*)dst, staged->data(), staged->size()); }, "cuMemcpyHtoDAsync", {}});
+    return CUDA_SUCCESS;
 }
 
 EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream handle) {
     if (CUresult r = ready()) return r;
-    if (bytes && (!dst || check_range(src, bytes))) return CUDA_ERROR_INVALID_VALUE;
+    if (bytes == 0) return CUDA_SUCCESS;
+    if (!dst || check_range(src, bytes)) return CUDA_ERROR_INVALID_VALUE;
+    CUstream_st* s = nullptr;
+    if (CUresult r = resolve(handle, &s)) return r;
+    if (CUresult r = s->ctx->sticky.load()) return r;
     current->device->counters.dtoh++;
     current->device->counters.dtoh_bytes += bytes;
-    return copy(handle, dst, (const void*)src, bytes, "cuMemcpyDtoHAsync");
+    s->progress->wait_for(push(s, Op{[dst, src, bytes] { std::memcpy(dst, (const void*)src, bytes); }, "cuMemcpyDtoHAsync", {}}));
+    return s->ctx->sticky.load();
 }
 
 EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream handle) {
     if (CUresult r = ready()) return r;
     if (bytes && (check_range(dst, bytes) || check_range(src, bytes))) return CUDA_ERROR_INVALID_VALUE;
     current->device->counters.dtod++;
-    return copy(handle, (void*)dst, (const void*)src, bytes, "cuMemcpyDtoDAsync");
+    return enqueue_on(handle, "cuMemcpyDtoDAsync", [dst, src, bytes] { std::memcpy((void*)dst, (const void*)src, bytes); });
 }
 
 // The synchronous copies run on the legacy stream and return once done (host memory here is

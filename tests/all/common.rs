@@ -290,6 +290,12 @@ pub fn emulator_dir() -> std::path::PathBuf {
 /// (tests/cuda-emulator/) and the NVRTC of setup, asserts that it ran and passed, and returns false.
 /// A missing emulation fails the test: nothing here skips.
 pub fn on_cuda(module: &str, name: &str) -> bool {
+    on_cuda_with(module, name, &[])
+}
+
+/// [`on_cuda`] with settings of the emulation for the child (e.g. `PFC_EMU_DEVICE_MEMORY`, or
+/// `PFC_EMU_DELAY`, which delays every stream operation at random so that a missing wait shows).
+pub fn on_cuda_with(module: &str, name: &str, emulation: &[(&str, &str)]) -> bool {
     const CHILD: &str = "PFC_EMU_CHILD";
     if std::env::var_os("PFC_REQUIRE_GPU").is_some() {
         return true;
@@ -299,7 +305,12 @@ pub fn on_cuda(module: &str, name: &str) -> bool {
     assert!(lib.join("libcuda.so.1").exists(), "the CUDA emulation is not built: run bash scripts/cuda-emulator.sh ({} is missing)", lib.display());
     let nvrtc = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/nvrtc/nvidia/cu13/lib");
     let loader_path = format!("{}:{}", lib.display(), nvrtc.display());
-    let out = child_test(&path).env(CHILD, &path).env("PFC_REQUIRE_GPU", "1").env("LD_LIBRARY_PATH", loader_path).output().unwrap();
+    let mut cmd = child_test(&path);
+    cmd.env(CHILD, &path).env("PFC_REQUIRE_GPU", "1").env("LD_LIBRARY_PATH", loader_path);
+    for (k, v) in emulation {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprint!("{stderr}");
     assert!(out.status.success(), "{path} failed on the CUDA emulation ({}):\n{stdout}\n{stderr}", out.status);

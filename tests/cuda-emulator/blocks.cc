@@ -98,6 +98,7 @@ struct Worker {
     Lane* current = nullptr;
     const HostKernel* kernel = nullptr;
     const ThreadBody* body = nullptr;
+    std::vector<size_t> order;
     uint3 block{};
     dim3 block_dim{}, grid_dim{};
     ctx::protected_fixedsize_stack stacks{64 * 1024};
@@ -135,6 +136,52 @@ std::string describe_lanes(const std::vector<size_t>& ids, size_t limit = 8) {
     return s.str();
 }
 
+// Resolves the meeting of warp `warp` (its lanes [first, end)) that lane `l` waits at, if every
+// lane of its mask waits there with the same mask: each lane gets its result and becomes ready.
+// Returns whether it did; "" in `error` unless a lane of the mask has exited.
+bool resolve_warp(Worker& w, const Lane& l, size_t first, size_t end, std::string* error) {
+    for (size_t j = first; j < end; j++) {
+        if (!((l.mask >> (j - first)) & 1u)) continue;
+        const Lane& o = *w.lanes[j];
+        if (o.state == State::Done) {
+            std::ostringstream m;
+            m << "a thread of warp " << first / 32 << " waits at " << op_name(l.op) << " with mask 0x" << std::hex << l.mask << std::dec
+              << " but lane " << j - first << " of that mask has exited";
+            *error = m.str();
+            return false;
+        }
+        if (o.state != State::AtWarp || o.mask != l.mask || o.op != l.op) return false;
+    }
+    uint64_t vote = 0;
+    for (size_t j = first; j < end; j++) {
+        if (((l.mask >> (j - first)) & 1u) && w.lanes[j]->value) vote |= 1ull << (j - first);
+    }
+    for (size_t j = first; j < end; j++) {
+        if (!((l.mask >> (j - first)) & 1u)) continue;
+        Lane& o = *w.lanes[j];
+        const int lane = (int)(j - first), width = o.width, base = lane & ~(width - 1);
+        int src = lane;
+        switch (o.op) {
+            case WarpOp::Shfl: src = base + (o.arg & (width - 1)); break;
+            case WarpOp::ShflUp: src = (lane - base) >= o.arg ? lane - o.arg : lane; break;
+            case WarpOp::ShflDown: src = (lane - base) + o.arg < width ? lane + o.arg : lane; break;
+            case WarpOp::ShflXor: src = (lane ^ o.arg) < base + width ? lane ^ o.arg : lane; break;
+            case WarpOp::Ballot: break;
+        }
+        if (o.op == WarpOp::Ballot) {
+            o.result = vote;
+        } else {
+            const size_t from = first + (size_t)src;
+            // A source outside the block or the mask is undefined on a GPU; the own value is one
+            // of the values it may give.
+            o.result = from < end && ((l.mask >> src) & 1u) ? w.lanes[from]->value : o.value;
+        }
+    }
+    for (size_t j = first; j < end; j++)
+        if ((l.mask >> (j - first)) & 1u) w.lanes[j]->state = State::Ready;
+    return true;
+}
+
 // Runs one block to completion on this host thread's fibers; "" or the reason it cannot finish.
 std::string run_block(Worker& w, uint64_t launch, uint3 block) {
     const dim3 bd = w.block_dim;
@@ -144,24 +191,23 @@ std::string run_block(Worker& w, uint64_t launch, uint3 block) {
         make_fiber(w, w.lanes.size() - 1);
     }
     w.block = block;
+    std::vector<size_t>& order = w.order;
+    order.resize(count);
     for (size_t i = 0; i < count; i++) {
         Lane& l = *w.lanes[i];
         l.state = State::Ready;
         l.index = {(unsigned)(i % bd.x), (unsigned)((i / bd.x) % bd.y), (unsigned)(i / ((size_t)bd.x * bd.y))};
+        order[i] = i;
     }
-    std::vector<size_t> order(count);
-    for (size_t i = 0; i < count; i++) order[i] = i;
     const Settings& s = settings();
-    uint64_t round = 0;
-    const uint64_t block_key = mix64(s.seed ^ mix64(launch * 0x9E3779B97F4A7C15ull + block.x + ((uint64_t)block.y << 21) + ((uint64_t)block.z << 42)));
+    uint64_t rng = mix64(s.seed ^ mix64(launch * 0x9E3779B97F4A7C15ull + block.x + ((uint64_t)block.y << 21) + ((uint64_t)block.z << 42)));
     for (;;) {
         if (s.order == Order::Reverse) {
             std::reverse(order.begin(), order.end());
         } else if (s.order == Order::Shuffle) {
-            uint64_t state = mix64(block_key + ++round);
             for (size_t i = count; i > 1; i--) {
-                state = mix64(state + 0x9E3779B97F4A7C15ull);
-                std::swap(order[i - 1], order[state % i]);
+                rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+                std::swap(order[i - 1], order[((rng >> 32) * i) >> 32]);
             }
         }
         for (size_t i : order) {
@@ -171,79 +217,48 @@ std::string run_block(Worker& w, uint64_t launch, uint3 block) {
             l.fiber = std::move(l.fiber).resume();
         }
         w.current = nullptr;
-        // Warp meetings complete when every lane of the mask (that exists in the block) waits at
-        // the same intrinsic with the same mask.
+        size_t done = 0, at_barrier = 0, at_warp = 0;
         bool released = false;
-        std::vector<size_t> exited, at_barrier;
-        for (size_t warp_first = 0; warp_first < count; warp_first += 32) {
-            const size_t warp_end = std::min(count, warp_first + 32);
-            for (size_t i = warp_first; i < warp_end; i++) {
+        for (size_t first = 0; first < count; first += 32) {
+            const size_t end = std::min(count, first + 32);
+            for (size_t i = first; i < end; i++) {
                 Lane& l = *w.lanes[i];
-                if (l.state != State::AtWarp) continue;
-                bool complete = true, lane_exited = false;
-                for (size_t j = warp_first; j < warp_end; j++) {
-                    if (!((l.mask >> (j - warp_first)) & 1u)) continue;
-                    const Lane& o = *w.lanes[j];
-                    if (o.state == State::Done) lane_exited = true;
-                    if (o.state != State::AtWarp || o.mask != l.mask || o.op != l.op) complete = false;
-                }
-                if (lane_exited) {
-                    std::ostringstream m;
-                    m << "block (" << block.x << "," << block.y << "," << block.z << "): thread " << i << " waits at "
-                      << op_name(l.op) << " with mask 0x" << std::hex << l.mask << std::dec
-                      << " but a lane of that mask has exited";
-                    return m.str();
-                }
-                if (!complete) continue;
-                uint64_t vote = 0;
-                for (size_t j = warp_first; j < warp_end; j++) {
-                    const Lane& o = *w.lanes[j];
-                    if (((l.mask >> (j - warp_first)) & 1u) && o.value) vote |= 1ull << (j - warp_first);
-                }
-                for (size_t j = warp_first; j < warp_end; j++) {
-                    if (!((l.mask >> (j - warp_first)) & 1u)) continue;
-                    Lane& o = *w.lanes[j];
-                    const int lane = (int)(j - warp_first), width = o.width, base = lane & ~(width - 1);
-                    int src = lane;
-                    switch (o.op) {
-                        case WarpOp::Shfl: src = base + (o.arg & (width - 1)); break;
-                        case WarpOp::ShflUp: src = (lane - base) >= o.arg ? lane - o.arg : lane; break;
-                        case WarpOp::ShflDown: src = (lane - base) + o.arg < width ? lane + o.arg : lane; break;
-                        case WarpOp::ShflXor: src = (lane ^ o.arg) < base + width ? lane ^ o.arg : lane; break;
-                        case WarpOp::Ballot: break;
-                    }
-                    if (o.op == WarpOp::Ballot) {
-                        o.result = vote;
-                    } else {
-                        const size_t from = warp_first + (size_t)src;
-                        // A source outside the block or the mask is undefined on a GPU; the own
-                        // value is one of the values it may give.
-                        o.result = from < warp_end && ((l.mask >> src) & 1u) ? w.lanes[from]->value : o.value;
+                switch (l.state) {
+                    case State::Done: done++; break;
+                    case State::AtBarrier: at_barrier++; break;
+                    case State::Ready: break;
+                    case State::AtWarp: {
+                        std::string error;
+                        if (resolve_warp(w, l, first, end, &error)) {
+                            released = true;
+                        } else if (!error.empty()) {
+                            std::ostringstream m;
+                            m << "block (" << block.x << "," << block.y << "," << block.z << "): " << error;
+                            return m.str();
+                        } else {
+                            at_warp++;
+                        }
+                        break;
                     }
                 }
-                for (size_t j = warp_first; j < warp_end; j++)
-                    if ((l.mask >> (j - warp_first)) & 1u) w.lanes[j]->state = State::Ready;
-                released = true;
             }
         }
         if (released) continue;
-        size_t waiting_warp = 0;
-        for (size_t i = 0; i < count; i++) {
-            const State st = w.lanes[i]->state;
-            if (st == State::Done) exited.push_back(i);
-            if (st == State::AtBarrier) at_barrier.push_back(i);
-            if (st == State::AtWarp) waiting_warp++;
-        }
-        if (exited.size() == count) return "";
-        if (at_barrier.size() == count) {
+        if (done == count) return "";
+        if (at_barrier == count) {
             for (size_t i = 0; i < count; i++) w.lanes[i]->state = State::Ready;
             continue;
         }
+        std::vector<size_t> exited, waiting;
+        for (size_t i = 0; i < count; i++) {
+            if (w.lanes[i]->state == State::Done) exited.push_back(i);
+            if (w.lanes[i]->state == State::AtBarrier) waiting.push_back(i);
+        }
         std::ostringstream m;
         m << "block (" << block.x << "," << block.y << "," << block.z << ") cannot go on: ";
-        if (!at_barrier.empty()) m << "threads " << describe_lanes(at_barrier) << " wait at __syncthreads";
-        if (!exited.empty()) m << (at_barrier.empty() ? "" : ", ") << "threads " << describe_lanes(exited) << " have exited";
-        if (waiting_warp) m << ", " << waiting_warp << " threads wait at a warp intrinsic their warp never completes";
+        if (!waiting.empty()) m << "threads " << describe_lanes(waiting) << " wait at __syncthreads";
+        if (!exited.empty()) m << (waiting.empty() ? "" : ", ") << "threads " << describe_lanes(exited) << " have exited";
+        if (at_warp) m << ", " << at_warp << " threads wait at a warp intrinsic their warp never completes";
         m << " (a barrier not every thread reaches)";
         return m.str();
     }

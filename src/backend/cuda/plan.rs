@@ -11,8 +11,14 @@ pub(crate) const STATS_COLUMNS: usize = 512;
 pub(crate) const MAX_GRID_Y: usize = 65_535;
 /// Threads per row of `combine_row_stats` (one warp).
 pub(crate) const COMBINE_LANES: usize = 32;
-/// What one evaluation chunk's cosines and GEMM centers may take on a GPU.
+/// What one evaluation chunk's cosines and GEMM centers may take on a large GPU.
 pub(crate) const EVAL_CHUNK_BYTES: usize = 1 << 30;
+
+/// What one evaluation chunk may take on a GPU of `total` bytes: [`EVAL_CHUNK_BYTES`], or a
+/// sixteenth of the device on a smaller one, so that evaluating leaves room for the training state.
+pub(crate) fn eval_chunk_bytes(total: u64) -> usize {
+    EVAL_CHUNK_BYTES.min((total / 16) as usize)
+}
 
 /// The class chunks of one forward pass over `k` sampled columns and `n` rows: consecutive column
 /// ranges covering `0..k`. Every chunk fits one statistics launch (at most `MAX_GRID_Y` groups of
@@ -92,6 +98,9 @@ mod tests {
         assert!(chunks.len() > 40, "{} chunks", chunks.len());
         // A budget below one statistics group still makes progress.
         assert_eq!(class_chunks(2000, n, center_bytes, false, 1)[0], 0..STATS_COLUMNS);
+        // A 16 GB GPU gets the full budget, a 4 GB one a sixteenth of it.
+        assert_eq!(eval_chunk_bytes(16 << 30), EVAL_CHUNK_BYTES);
+        assert_eq!(eval_chunk_bytes(4 << 30), 256 << 20);
         // Training keeps one buffer: chunks only where the grid demands.
         assert_eq!(class_chunks(1_000_000, n, center_bytes, true, EVAL_CHUNK_BYTES), vec![0..1_000_000]);
     }

@@ -9,7 +9,7 @@
 
 use super::device::DeviceInfo;
 use super::kernels::{arch_of, cubin_for};
-use super::plan::{class_chunks, combine_grid, stats_grid, EVAL_CHUNK_BYTES, STATS_COLUMNS, THREADS};
+use super::plan::{class_chunks, combine_grid, eval_chunk_bytes, stats_grid, STATS_COLUMNS, THREADS};
 use super::select::{check_selected, compaction_offsets, kth_largest};
 use crate::backend::step::{phase, softmax_factors, DeviceTimes, RowGrads, RowStats, StepPlan, Update};
 use crate::backend::{Primitives, ShardState};
@@ -62,6 +62,8 @@ struct GpuShard {
     /// First, so that its events go before the stream and context they belong to.
     timing: std::cell::RefCell<Timing>,
     range: ShardRange,
+    /// What one evaluation chunk may take on this GPU (`eval_chunk_bytes`).
+    eval_budget: usize,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     functions: HashMap<&'static str, CudaFunction>,
@@ -279,8 +281,11 @@ impl CudaBackend {
             } else {
                 None
             };
+            // SAFETY: the context's own device.
+            let total = unsafe { cudarc::driver::result::device::total_mem(ctx.cu_device()) }.map_err(|e| device_error("device memory", e))?;
             shards.push(GpuShard {
                 range,
+                eval_budget: eval_chunk_bytes(total as u64),
                 stream,
                 blas,
                 functions,
@@ -468,7 +473,7 @@ impl Primitives for CudaBackend {
         let (start, len64) = (shard.range.start, shard.range.len);
         launch!(shard, "label_columns", grid_for(n), labels, &n32, &start, &len64, &sampled, &k32, &mut col)?;
         let center_bytes = d * dtype.size();
-        let chunks = class_chunks(k, n, center_bytes, plan.train, EVAL_CHUNK_BYTES);
+        let chunks = class_chunks(k, n, center_bytes, plan.train, shard.eval_budget);
         let widest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
         // Training keeps every sampled column for the backward pass; evaluation reuses one chunk's.
         let columns = if plan.train { k } else { widest };

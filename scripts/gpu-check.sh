@@ -90,11 +90,11 @@ json.dump(out, open(sys.argv[1], "w"))
 sys.exit(0 if all(k in out for k in ("cuda_driver", "nvrtc", "cublas", "nccl")) else 1)
 PY
 
-step "GPU tests (kernels compile to CUBIN for this device, then parity, golden, NCCL, bad input)"
+step "GPU tests (kernels compile to CUBIN for this device, then parity, golden, NCCL, bad input; the emulation's tests of NCCL against the real one)"
 export PFC_REQUIRE_GPU=1 PFC_SHARED_DIR="$PWD/.gpu/shared"
 # One module of the tests' binary at a time (`kernels::` matches that module's tests only). A filter
 # that matches nothing passes with "0 passed", so each must report tests that ran.
-for t in kernels gpu golden nccl; do
+for t in kernels gpu gpu_jobs golden nccl; do
     echo "--- $t"
     run "test $t" 150 .gpu/tests/all "$t::" --test-threads=1 >.gpu/test-$t.log 2>&1
     cat .gpu/test-$t.log

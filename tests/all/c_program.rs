@@ -40,3 +40,31 @@ fn c_abi_program_compiles_as_c11_and_cxx17_and_passes() {
     run(&cxx_exe, "c abi (C++17)");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A C program (as C11 and as C++17) training a CUDA head beside a CPU head: on a GPU machine with
+/// its driver, else on the host emulation, which the program finds the way any program does — by the
+/// loader path (tests/cuda-emulator/README.md).
+#[test]
+fn c_program_trains_on_the_cuda_backend() {
+    if !crate::common::on_cuda(module_path!(), "c_program_trains_on_the_cuda_backend") {
+        return;
+    }
+    let lib_dir = lib_dir();
+    let dir = scratch("c_cuda_train");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let c_exe = dir.join("cuda_train_c11");
+    compile(&cc, &["-std=c11", "-pedantic"], "tests/c/cuda_train.c", lib_dir, &c_exe);
+    let cxx_exe = dir.join("cuda_train_cxx17");
+    compile(&cxx, &["-x", "c++", "-std=c++17", "-pedantic"], "tests/c/cuda_train.c", lib_dir, &cxx_exe);
+    // The on_cuda child's environment (the loader path) passes on to the programs.
+    let ran = |exe: &Path, banner: &str| {
+        let out = Command::new(exe).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+        assert!(out.status.success(), "{}", describe(&exe.display().to_string(), &out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(banner), "{stdout}");
+    };
+    ran(&c_exe, "cuda train (C11)");
+    ran(&cxx_exe, "cuda train (C++17)");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,38 +1,14 @@
 """The reference's vectors (../shared/golden, produced by insightface's PartialFC_V2) through the
 torch module: the reference's weight loaded as a reference state_dict, each step's embeddings and
 labels in, the loss, the embedding gradient and, after optimizer.step(), the centers compared."""
-import glob
-import json
 import os
 
 import torch
 from safetensors.torch import load_file
-from safetensors import safe_open
 
+from golden import TOLERANCE, golden_files
 from model import golden_margin, golden_optimizer, rel
 from partialfc.torch import PartialFC_V2
-
-TOLERANCE = 1e-4  # SPEC §7: relative error in f32, norm-wise as the golden README measures it
-
-
-# Files whose `head` is one of these hold the adaptive margins of SPEC §1.6a (AdaFace,
-# CurricularFace, issue #25), which the head does not offer yet; every other file is a combined-margin
-# case of the reference's PartialFC_V2 and runs here.
-ADAPTIVE_MARGIN_HEADS = {"adaface", "curricular"}
-
-
-def golden_files(golden_dir, world_size):
-    files = []
-    for path in sorted(glob.glob(os.path.join(golden_dir, "*.safetensors"))):
-        with safe_open(path, "pt") as f:
-            cfg = json.loads(f.metadata()["config"])
-        head = cfg.get("head")
-        assert head is None or head in ADAPTIVE_MARGIN_HEADS, f"{path}: unknown head {head!r}"
-        if head is None and cfg["world_size"] == world_size:
-            files.append((path, cfg))
-    assert files, f"no golden files of world size {world_size}"
-    return files
-
 
 def test_single_process_golden_files_through_the_module(golden_dir):
     for path, cfg in golden_files(golden_dir, 1):

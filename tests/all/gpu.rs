@@ -149,27 +149,37 @@ fn device_pointers_ordered_on_a_callers_stream() {
     let host_head = cuda_head(&cfg);
     let ctx = cudarc::driver::CudaContext::new(0).expect("GPU 0");
     let stream = ctx.new_stream().expect("a caller's stream");
+    // The batch buffers of a trainer: written by device work queued on its stream right before the
+    // step (here copies from staging buffers, as a backbone's last kernel would write them), and
+    // the gradient read by device work queued right after it.
+    let mut e_d = stream.alloc_zeros::<f32>(n * d).unwrap();
+    let mut l_d = stream.alloc_zeros::<i64>(n).unwrap();
+    let mut g_d = stream.alloc_zeros::<f32>(n * d).unwrap();
+    let mut g_out = stream.alloc_zeros::<f32>(n * d).unwrap();
     for step in 0..3 {
         let (e, l) = data(c, d, n, 300 + step);
-        let e_d = stream.clone_htod(&e).unwrap();
-        let l_d = stream.clone_htod(&l).unwrap();
-        let mut g_d = stream.alloc_zeros::<f32>(n * d).unwrap();
-        let (ep, _a) = cudarc::driver::DevicePtr::device_ptr(&e_d, &stream);
-        let (lp, _b) = cudarc::driver::DevicePtr::device_ptr(&l_d, &stream);
-        let (gp, _c) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut g_d, &stream);
-        let b = pfc_batch {
-            embeddings: ep as *const _,
-            labels: lp as *const _,
-            grad_embeddings: gp as *mut _,
-            batch_size: n as u64,
-            dtype: PFC_DTYPE_F32,
-            memory: PFC_MEMORY_DEVICE,
-            stream: stream.cu_stream() as *mut _,
+        let (e_staged, l_staged) = (stream.clone_htod(&e).unwrap(), stream.clone_htod(&l).unwrap());
+        stream.synchronize().unwrap();
+        stream.memcpy_dtod(&e_staged, &mut e_d).unwrap();
+        stream.memcpy_dtod(&l_staged, &mut l_d).unwrap();
+        let b = {
+            let (ep, _a) = cudarc::driver::DevicePtr::device_ptr(&e_d, &stream);
+            let (lp, _b) = cudarc::driver::DevicePtr::device_ptr(&l_d, &stream);
+            let (gp, _c) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut g_d, &stream);
+            pfc_batch {
+                embeddings: ep as *const _,
+                labels: lp as *const _,
+                grad_embeddings: gp as *mut _,
+                batch_size: n as u64,
+                dtype: PFC_DTYPE_F32,
+                memory: PFC_MEMORY_DEVICE,
+                stream: stream.cu_stream() as *mut _,
+            }
         };
         let mut st = pfc_step_stats::default();
         ok(pfc_train_step(device_head.0, &b, 1, &mut st));
-        drop((_a, _b, _c));
-        let got: Vec<f32> = stream.clone_dtoh(&g_d).unwrap();
+        stream.memcpy_dtod(&g_d, &mut g_out).unwrap();
+        let got: Vec<f32> = stream.clone_dtoh(&g_out).unwrap();
         let (want_stats, want) = host_head.step(&e, &l, d, &[n]);
         assert_eq!(st.loss, want_stats.loss, "step {step}: device-memory loss");
         assert_eq!(got, want, "step {step}: device-memory gradient");

@@ -20,7 +20,7 @@ fn every_requirement_is_present_after_setup() {
     assert!(out.status.success(), "setup --check failed:\n{stdout}\n{stderr}");
     let present = stdout.lines().filter(|l| l.trim_start().starts_with("present")).count();
     assert_eq!(present, stdout.lines().count(), "{stdout}");
-    for requirement in ["OpenMPI (an mpicc program runs on 2 processes under mpirun)", "oneDNN (dnnl.h, libdnnl)", "Go with cgo", "cargo-c (cargo cinstall"] {
+    for requirement in ["OpenMPI (an mpicc program runs on 2 processes under mpirun)", "oneDNN (dnnl.h, libdnnl)", "Boost.Context (a fiber switches and returns)", "Go with cgo", "cargo-c (cargo cinstall"] {
         assert!(stdout.contains(requirement), "{requirement} is not checked:\n{stdout}");
     }
 }
@@ -44,7 +44,7 @@ fn a_machine_without_the_tools_gets_each_one_named_and_nothing_installed() {
     let out = check(bin.as_os_str());
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
-    for requirement in ["C compiler (cc, C11)", "OpenMPI (an mpicc program runs on 2 processes under mpirun)", "oneDNN (dnnl.h, libdnnl)", "python3: faiss", "jq"] {
+    for requirement in ["C compiler (cc, C11)", "OpenMPI (an mpicc program runs on 2 processes under mpirun)", "oneDNN (dnnl.h, libdnnl)", "Boost.Context (a fiber switches and returns)", "python3: faiss", "jq"] {
         assert!(stdout.lines().any(|l| l.trim_start() == format!("missing  {requirement}")), "{requirement} not named missing:\n{stdout}");
     }
     assert!(stderr.contains("missing (bash scripts/setup.sh installs them)"), "{stderr}");

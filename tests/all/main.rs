@@ -26,6 +26,7 @@ mod config_layout;
 mod determinism;
 mod dtypes;
 mod emu_cublas;
+mod emu_driver;
 mod emu_nccl;
 mod export_search;
 mod extreme_values;

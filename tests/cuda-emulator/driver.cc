@@ -95,6 +95,8 @@ struct Allocation {
     size_t size;
     int device;
     bool from_pool;
+    // A stream-ordered free of it is queued: freeing it again is an error.
+    bool freeing = false;
     // The pages mapped for it (guard page excluded).
     uintptr_t map_start;
     size_t map_size;
@@ -234,7 +236,7 @@ CUresult map_allocation(Device& d, size_t size, bool from_pool, CUdeviceptr* out
     const uintptr_t start = map_start + pages * page - body;
     std::memset((void*)map_start, CANARY, start - map_start);
     std::memset((void*)(start + size), CANARY, body - size);
-    global->live[start] = Allocation{start, size, d.ordinal, from_pool, map_start, pages * page};
+    global->live[start] = Allocation{start, size, d.ordinal, from_pool, false, map_start, pages * page};
     *out = start;
     return CUDA_SUCCESS;
 }
@@ -333,6 +335,9 @@ struct CUstream_st {
 
 struct CUevent_st {
     unsigned flags;
+    // The handle's and each queued marker's: destroying an event whose marker is still queued
+    // returns at once (as the driver does), and the marker frees it.
+    std::atomic<int> refs{1};
     std::mutex m;
     std::shared_ptr<pfc_emu::Progress> progress;  // of the stream it was last recorded on
     uint64_t seq = 0;
@@ -873,6 +878,12 @@ EXPORT CUresult cuLaunchHostFunc(CUstream handle, CUhostFn fn, void* data) {
 
 // ---- Events ---------------------------------------------------------------------------------------
 
+namespace {
+void release_event(CUevent e) {
+    if (e->refs.fetch_sub(1) == 1) delete e;
+}
+}  // namespace
+
 EXPORT CUresult cuEventCreate(CUevent* out, unsigned flags) {
     if (CUresult r = ready()) return r;
     if (!out || (flags & ~7u)) return CUDA_ERROR_INVALID_VALUE;
@@ -885,16 +896,7 @@ EXPORT CUresult cuEventCreate(CUevent* out, unsigned flags) {
 EXPORT CUresult cuEventDestroy_v2(CUevent e) {
     if (!global) return CUDA_ERROR_NOT_INITIALIZED;
     if (!e) return CUDA_ERROR_INVALID_HANDLE;
-    // A marker still queued holds the event: it is released once its stream has passed it.
-    std::shared_ptr<Progress> progress;
-    uint64_t seq;
-    {
-        std::lock_guard<std::mutex> lock(e->m);
-        progress = e->progress;
-        seq = e->seq;
-    }
-    if (progress) progress->wait_for(seq);
-    delete e;
+    release_event(e);
     return CUDA_SUCCESS;
 }
 
@@ -907,12 +909,16 @@ EXPORT CUresult cuEventRecord(CUevent e, CUstream handle) {
     std::lock_guard<std::mutex> lock(e->m);
     const uint64_t generation = ++e->generation;
     e->progress = s->progress;
+    e->refs++;
     e->seq = push(s, Op{[e, generation] {
-                            std::lock_guard<std::mutex> l(e->m);
-                            if (generation > e->stamped_generation) {
-                                e->stamped_generation = generation;
-                                e->time = Clock::now();
+                            {
+                                std::lock_guard<std::mutex> l(e->m);
+                                if (generation > e->stamped_generation) {
+                                    e->stamped_generation = generation;
+                                    e->time = Clock::now();
+                                }
                             }
+                            release_event(e);
                         },
                         "cuEventRecord",
                         {}});
@@ -969,7 +975,7 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
     cuCtxSynchronize();
     std::lock_guard<std::mutex> lock(global->m);
     auto it = global->live.find(p);
-    if (it == global->live.end() || it->second.from_pool) {
+    if (it == global->live.end() || it->second.from_pool || it->second.freeing) {
         report("cuMemFree of " + where(p) + ", which is not the start of a live cuMemAlloc allocation");
         return CUDA_ERROR_INVALID_VALUE;
     }
@@ -989,17 +995,24 @@ EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream handle) {
     {
         std::lock_guard<std::mutex> lock(global->m);
         auto it = global->live.find(p);
-        if (it == global->live.end()) {
-            report("cuMemFreeAsync of " + where(p) + ", which is not the start of a live allocation");
+        if (it == global->live.end() || it->second.freeing) {
+            report("cuMemFreeAsync of " + where(p) + ", which is not the start of a live allocation" +
+                   (it != global->live.end() ? " (its free is queued already)" : ""));
             return CUDA_ERROR_INVALID_VALUE;
         }
+        it->second.freeing = true;
     }
     // Freed when the stream reaches the free: work queued before still sees the memory.
-    return enqueue_on(handle, "cuMemFreeAsync", [p] {
+    CUresult queued = enqueue_on(handle, "cuMemFreeAsync", [p] {
         std::lock_guard<std::mutex> lock(global->m);
         auto it = global->live.find(p);
         if (it != global->live.end()) release(it->second);
     });
+    if (queued) {
+        std::lock_guard<std::mutex> lock(global->m);
+        global->live[p].freeing = false;
+    }
+    return queued;
 }
 
 EXPORT CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
@@ -1073,10 +1086,12 @@ EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, 
     if (CUresult r = ready()) return r;
     if (n == 0) return CUDA_SUCCESS;
     if (CUresult r = check_range(dst, n)) return r;
+    if (CUresult r = enqueue_on(handle, "cuMemsetD8Async", [dst, value, n] { std::memset((void*)dst, value, n); })) return r;
+    // Counted once queued: a call refused (a stream that does not exist) did nothing.
     Device& d = *current->device;
     d.counters.memsets++;
     d.counters.memset_bytes += n;
-    return enqueue_on(handle, "cuMemsetD8Async", [dst, value, n] { std::memset((void*)dst, value, n); });
+    return CUDA_SUCCESS;
 }
 
 EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) {
@@ -1091,10 +1106,11 @@ EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned value, size_t n, CUst
     if (n == 0) return CUDA_SUCCESS;
     if (dst % 4) return CUDA_ERROR_INVALID_VALUE;
     if (CUresult r = check_range(dst, n * 4)) return r;
+    if (CUresult r = enqueue_on(handle, "cuMemsetD32Async", [dst, value, n] { std::fill_n((unsigned*)dst, n, value); })) return r;
     Device& d = *current->device;
     d.counters.memsets++;
     d.counters.memset_bytes += n * 4;
-    return enqueue_on(handle, "cuMemsetD32Async", [dst, value, n] { std::fill_n((unsigned*)dst, n, value); });
+    return CUDA_SUCCESS;
 }
 
 // Host memory here is pageable (no cuMemHostAlloc), and the driver documents what the async
@@ -1132,8 +1148,9 @@ EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, C
 EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream handle) {
     if (CUresult r = ready()) return r;
     if (bytes && (check_range(dst, bytes) || check_range(src, bytes))) return CUDA_ERROR_INVALID_VALUE;
+    if (CUresult r = enqueue_on(handle, "cuMemcpyDtoDAsync", [dst, src, bytes] { std::memcpy((void*)dst, (const void*)src, bytes); })) return r;
     current->device->counters.dtod++;
-    return enqueue_on(handle, "cuMemcpyDtoDAsync", [dst, src, bytes] { std::memcpy((void*)dst, (const void*)src, bytes); });
+    return CUDA_SUCCESS;
 }
 
 // The synchronous copies run on the legacy stream and return once done (host memory here is
@@ -1220,8 +1237,7 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
     auto body = std::make_shared<ThreadBody>(f->kernel->bind(params));
     const HostKernel* kernel = f->kernel;
     const dim3 grid{gx, gy, gz}, block{bx, by, bz};
-    count_launch(device, kernel->name);
-    return enqueue_on(handle, kernel->name, [kernel, body, grid, block, device] {
+    CUresult queued = enqueue_on(handle, kernel->name, [kernel, body, grid, block, device] {
         GridOutcome outcome = run_grid(*kernel, *body, grid, block, take_faults);
         std::string fault = outcome.fault.empty() ? check_canaries(device) : outcome.fault;
         if (!fault.empty()) {
@@ -1230,6 +1246,9 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
             fail(device, CUDA_ERROR_LAUNCH_FAILED, std::string("kernel ") + kernel->name + ": " + outcome.error);
         }
     });
+    // Counted once queued, as the memsets and copies are.
+    if (queued == CUDA_SUCCESS) count_launch(device, kernel->name);
+    return queued;
 }
 
 // ---- Errors ---------------------------------------------------------------------------------------

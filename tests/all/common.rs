@@ -310,10 +310,51 @@ pub fn on_cuda_with(module: &str, name: &str, emulation: &[(&str, &str)]) -> boo
     for (k, v) in emulation {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprint!("{stderr}");
-    assert!(out.status.success(), "{path} failed on the CUDA emulation ({}):\n{stdout}\n{stderr}", out.status);
-    assert!(stdout.contains("test result: ok. 1 passed"), "{path} did not run on the CUDA emulation:\n{stdout}");
+    eprint!("{}", child_passed(&cmd.output().unwrap(), &format!("{path} on the CUDA emulation")));
     false
+}
+
+/// Asserts that a child run of this test binary (one test, see [`child_test`]) ran that test and
+/// passed; returns its stderr. `what` names it in the failure.
+pub fn child_passed(out: &std::process::Output, what: &str) -> String {
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("test result: ok. 1 passed"), "{what} failed ({}):\n{stdout}\n{stderr}", out.status);
+    stderr.into_owned()
+}
+
+/// A CUDA stream held by a host function until [`StreamGate::open`] (or 30 s): work queued behind
+/// it waits, which shows whether a call queued its work or ran it at once.
+pub struct StreamGate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    timed_out: std::sync::atomic::AtomicBool,
+}
+
+impl StreamGate {
+    /// Holds `stream` from now. Leaked, so that it outlives the host function even when an
+    /// assertion fails while the stream is held.
+    pub fn hold(stream: cudarc::driver::sys::CUstream) -> &'static StreamGate {
+        let gate: &'static StreamGate = Box::leak(Box::new(StreamGate { open: Default::default(), opened: Default::default(), timed_out: Default::default() }));
+        // SAFETY: `gate` lives for the rest of the process.
+        unsafe { cudarc::driver::result::stream::launch_host_function(stream, Self::wait, gate as *const StreamGate as *mut std::ffi::c_void) }.unwrap();
+        gate
+    }
+
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    /// Whether the host function gave up waiting (the stream was held 30 s).
+    pub fn timed_out(&self) -> bool {
+        self.timed_out.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    unsafe extern "C" fn wait(gate: *mut std::ffi::c_void) {
+        // SAFETY: `hold` leaks its gate.
+        let gate = unsafe { &*(gate as *const StreamGate) };
+        let open = gate.open.lock().unwrap();
+        let (_open, wait) = gate.opened.wait_timeout_while(open, std::time::Duration::from_secs(30), |open| !*open).unwrap();
+        gate.timed_out.store(wait.timed_out(), std::sync::atomic::Ordering::SeqCst);
+    }
 }

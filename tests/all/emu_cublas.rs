@@ -5,7 +5,7 @@
 //! checks whose outcome the real library leaves undefined (a destroyed handle, a NULL scalar, a
 //! read past an allocation) are made on the emulation only.
 
-use crate::common::{on_cuda, Rng};
+use crate::common::{on_cuda, Rng, StreamGate};
 use cudarc::cublas::result::{gemm_ex, CublasError};
 use cudarc::cublas::sys::{
     cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasHandle_t, cublasOperation_t as Op, cublasStatus_t as Status, cudaDataType as Ty,
@@ -14,9 +14,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError};
 use half::{bf16, f16};
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 /// Whether this process runs on the emulation (the child `on_cuda` starts), not on a GPU.
 fn emulated() -> bool {
@@ -435,21 +433,6 @@ fn argument_checks_answer_as_cublas_documents() {
     d.stream.synchronize().unwrap();
 }
 
-/// A stream held by a host function until `open` is called (or 30 s pass).
-struct Gate {
-    open: Mutex<bool>,
-    opened: Condvar,
-    timed_out: AtomicBool,
-}
-
-unsafe extern "C" fn hold(gate: *mut c_void) {
-    // SAFETY: the test leaks its Gate.
-    let gate = unsafe { &*(gate as *const Gate) };
-    let open = gate.open.lock().unwrap();
-    let (_open, wait) = gate.opened.wait_timeout_while(open, Duration::from_secs(30), |open| !*open).unwrap();
-    gate.timed_out.store(wait.timed_out(), Ordering::SeqCst);
-}
-
 #[test]
 fn the_gemm_runs_in_turn_on_the_handles_stream() {
     if !on_cuda(module_path!(), "the_gemm_runs_in_turn_on_the_handles_stream") {
@@ -462,10 +445,7 @@ fn the_gemm_runs_in_turn_on_the_handles_stream() {
     let (a, b, mut c) = (d.upload(g.a_ty, &ops[0]), d.upload(g.b_ty, &ops[1]), d.upload(g.c_ty, &ops[2]));
     // Uploads from pageable memory may still be on their way when the call returns.
     d.stream.synchronize().unwrap();
-    // Leaked: it must outlive `hold` even when an assertion below fails while the stream is held.
-    let gate: &'static Gate = Box::leak(Box::new(Gate { open: Mutex::new(false), opened: Condvar::new(), timed_out: AtomicBool::new(false) }));
-    // SAFETY: `gate` lives for the rest of the process.
-    unsafe { cudarc::driver::result::stream::launch_host_function(d.stream.cu_stream(), hold, gate as *const Gate as *mut c_void) }.unwrap();
+    let gate = StreamGate::hold(d.stream.cu_stream());
     let (ap, _a) = a.device_ptr(&d.stream);
     let (bp, _b) = b.device_ptr(&d.stream);
     let (cp, _c) = c.device_ptr_mut(&d.stream);
@@ -475,11 +455,10 @@ fn the_gemm_runs_in_turn_on_the_handles_stream() {
     // SAFETY: `early` holds C's bytes; `other` is synchronized before it is read.
     unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut early, cp, other.cu_stream()) }.unwrap();
     other.synchronize().unwrap();
-    *gate.open.lock().unwrap() = true;
-    gate.opened.notify_all();
+    gate.open();
     assert!(decode(F32, &early).iter().all(|x| x.is_nan()), "the GEMM ran before the work queued ahead of it on its stream");
     d.stream.synchronize().unwrap();
-    assert!(!gate.timed_out.load(Ordering::SeqCst), "cublasGemmEx waited for its stream instead of queueing on it");
+    assert!(!gate.timed_out(), "cublasGemmEx waited for its stream instead of queueing on it");
     let mut after = vec![0u8; early.len()];
     // SAFETY: as above, after the GEMM's stream has finished.
     unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut after, cp, other.cu_stream()) }.unwrap();

@@ -11,15 +11,14 @@
 //! leaves its context unusable, so each runs in a process of its own (`worker`), whose stderr
 //! carries the emulation's report.
 
-use crate::common::{child_test, emulator_dir, on_cuda, on_cuda_with, test_path, Rng};
+use crate::common::{child_passed, child_test, emulator_dir, on_cuda, on_cuda_with, test_path, Rng, StreamGate};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, CudaContext, CudaModule, CudaStream, DriverError, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use libloading::Library;
 use serde_json::Value;
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Whether this process runs on the emulation (the child `on_cuda` starts), not on a GPU.
@@ -209,10 +208,7 @@ fn in_worker(role: &str, env: &[(&str, &str)]) -> String {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && stdout.contains("test result: ok. 1 passed"), "worker {role} failed ({}):\n{stdout}\n{stderr}", out.status);
-    stderr.into_owned()
+    child_passed(&cmd.output().unwrap(), &format!("worker {role}"))
 }
 
 #[test]
@@ -347,37 +343,6 @@ fn copies_to_freed_memory_are_refused() {
     assert_eq!(t.download::<u32>(q, 4), [3; 4]);
 }
 
-/// A stream held by a host function until `open` is called (or 30 s pass).
-struct Gate {
-    open: Mutex<bool>,
-    opened: Condvar,
-    timed_out: AtomicBool,
-}
-
-impl Gate {
-    /// Holds `stream` from now: its later work waits. Leaked, so that it outlives `hold` even when
-    /// an assertion fails while the stream is held.
-    fn hold(stream: sys::CUstream) -> &'static Gate {
-        let gate: &'static Gate = Box::leak(Box::new(Gate { open: Mutex::new(false), opened: Condvar::new(), timed_out: AtomicBool::new(false) }));
-        // SAFETY: `gate` lives for the rest of the process.
-        unsafe { result::stream::launch_host_function(stream, hold, gate as *const Gate as *mut c_void) }.unwrap();
-        gate
-    }
-
-    fn open(&self) {
-        *self.open.lock().unwrap() = true;
-        self.opened.notify_all();
-    }
-}
-
-unsafe extern "C" fn hold(gate: *mut c_void) {
-    // SAFETY: `Gate::hold` leaks its Gate.
-    let gate = unsafe { &*(gate as *const Gate) };
-    let open = gate.open.lock().unwrap();
-    let (_open, wait) = gate.opened.wait_timeout_while(open, Duration::from_secs(30), |open| !*open).unwrap();
-    gate.timed_out.store(wait.timed_out(), Ordering::SeqCst);
-}
-
 #[test]
 fn a_copy_waits_behind_a_held_host_function_while_the_host_goes_on() {
     if !on_cuda(module_path!(), "a_copy_waits_behind_a_held_host_function_while_the_host_goes_on") {
@@ -386,7 +351,7 @@ fn a_copy_waits_behind_a_held_host_function_while_the_host_goes_on() {
     let t = selftest();
     let other = t.stream.context().new_stream().unwrap();
     let (src, dst) = (t.upload(&[7u32; 256]), t.upload(&[0u32; 256]));
-    let gate = Gate::hold(t.raw());
+    let gate = StreamGate::hold(t.raw());
     // SAFETY: both buffers hold 1 KiB; `done` is destroyed once, after its stream passed it.
     unsafe {
         result::memcpy_dtod_async(dst, src, 1024, t.raw()).unwrap();
@@ -408,7 +373,7 @@ fn a_copy_waits_behind_a_held_host_function_while_the_host_goes_on() {
         assert_eq!(sys::cuStreamQuery(t.raw()), CUresult::CUDA_SUCCESS);
         result::event::destroy(done).unwrap();
     }
-    assert!(!gate.timed_out.load(Ordering::SeqCst), "the host function was still held after 30 s");
+    assert!(!gate.timed_out(), "the host function was still held after 30 s");
     assert_eq!(t.download::<u32>(dst, 256), [7; 256]);
 }
 
@@ -474,7 +439,7 @@ fn elapsed_time_needs_completed_timing_events() {
         let untimed = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).unwrap();
         assert_eq!(result::event::elapsed(start, end), invalid, "events never recorded");
         result::event::record(start, s).unwrap();
-        let gate = Gate::hold(s);
+        let gate = StreamGate::hold(s);
         result::event::record(end, s).unwrap();
         result::event::record(untimed, s).unwrap();
         assert_eq!(result::event::elapsed(start, end), Err(err(CUresult::CUDA_ERROR_NOT_READY)), "the end event is still queued");

@@ -8,7 +8,7 @@
 //! outside device memory, the launch counters) is checked on the emulation only. The emulation has
 //! four GPUs; on a machine with fewer, a test uses what there is.
 
-use crate::common::{child_test, on_cuda, test_path, Rng};
+use crate::common::{child_passed, child_test, on_cuda, test_path, Rng};
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError, ValidAsZeroBits};
 use half::{bf16, f16};
@@ -681,10 +681,7 @@ fn spawn(role: &str, id: &Id, process: usize, env: &[(&str, String)]) -> Child {
 
 /// Waits for a `spawn`ed worker, asserts that it ran and passed, and returns its stderr.
 fn finish(child: Child, what: &str) -> String {
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && stdout.contains("test result: ok. 1 passed"), "{what} failed ({}):\n{stdout}\n{stderr}", out.status);
-    stderr.into_owned()
+    child_passed(&child.wait_with_output().unwrap(), what)
 }
 
 #[test]

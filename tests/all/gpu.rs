@@ -166,15 +166,7 @@ fn device_pointers_ordered_on_a_callers_stream() {
             let (ep, _a) = cudarc::driver::DevicePtr::device_ptr(&e_d, &stream);
             let (lp, _b) = cudarc::driver::DevicePtr::device_ptr(&l_d, &stream);
             let (gp, _c) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut g_d, &stream);
-            pfc_batch {
-                embeddings: ep as *const _,
-                labels: lp as *const _,
-                grad_embeddings: gp as *mut _,
-                batch_size: n as u64,
-                dtype: PFC_DTYPE_F32,
-                memory: PFC_MEMORY_DEVICE,
-                stream: stream.cu_stream() as *mut _,
-            }
+            device_batch(ep, lp, gp, n, stream.cu_stream().cast())
         };
         let mut st = pfc_step_stats::default();
         ok(pfc_train_step(device_head.0, &b, 1, &mut st));
@@ -211,15 +203,7 @@ fn device_pointers_ordered_on_the_null_stream() {
             let (e, l) = data(c, d, n, 700 + step);
             memcpy_htod_async(ep, &e, legacy).unwrap();
             memcpy_htod_async(lp, &l, legacy).unwrap();
-            let b = pfc_batch {
-                embeddings: ep as *const _,
-                labels: lp as *const _,
-                grad_embeddings: gp as *mut _,
-                batch_size: n as u64,
-                dtype: PFC_DTYPE_F32,
-                memory: PFC_MEMORY_DEVICE,
-                stream: std::ptr::null_mut(),
-            };
+            let b = device_batch(ep, lp, gp, n, std::ptr::null_mut());
             let mut st = pfc_step_stats::default();
             ok(pfc_train_step(device_head.0, &b, 1, &mut st));
             let mut got = vec![0f32; n * d];
@@ -265,6 +249,19 @@ fn cuda_evaluation_over_several_class_chunks_matches_cpu() {
     let ((sc, gc), (sg, gg)) = (cpu.step(&e, &l, d, &[n]), gpu.step(&e, &l, d, &[n]));
     assert!((sc.loss - sg.loss).abs() <= 1e-4 * sc.loss, "step after evaluation: loss {} vs {}", sc.loss, sg.loss);
     assert!(rel_err(&gg, &gc) <= 1e-3, "step after evaluation: gradient {}", rel_err(&gg, &gc));
+}
+
+/// One shard's f32 batch in device memory at these addresses, ordered on `stream`.
+fn device_batch(embeddings: u64, labels: u64, grad: u64, n: usize, stream: *mut std::ffi::c_void) -> pfc_batch {
+    pfc_batch {
+        embeddings: embeddings as *const _,
+        labels: labels as *const _,
+        grad_embeddings: grad as *mut _,
+        batch_size: n as u64,
+        dtype: PFC_DTYPE_F32,
+        memory: PFC_MEMORY_DEVICE,
+        stream,
+    }
 }
 
 /// One shard's f32 batch in host memory.

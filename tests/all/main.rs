@@ -34,6 +34,7 @@ mod fork;
 mod fused_update;
 mod golden;
 mod gpu;
+mod gpu_jobs;
 mod gpu_scripts;
 mod header;
 mod index;

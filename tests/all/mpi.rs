@@ -17,7 +17,7 @@ fn parity_exe() -> &'static Path {
     EXE.get_or_init(|| build_example("mpicc", "tests/mpi/parity.c", "parity", &["-std=c11", "-O1"]))
 }
 
-fn run_parity(dir: &Path, procs: usize, extra: &[&str]) -> String {
+pub(crate) fn run_parity(dir: &Path, procs: usize, extra: &[&str]) -> String {
     let mut cmd = mpirun(procs);
     cmd.arg(parity_exe()).arg(dir).args(extra);
     let out = cmd.output().expect("cannot run mpirun (OpenMPI is installed by scripts/test.sh)");
@@ -29,8 +29,8 @@ fn run_parity(dir: &Path, procs: usize, extra: &[&str]) -> String {
     text
 }
 
-struct Case {
-    dir: PathBuf,
+pub(crate) struct Case {
+    pub dir: PathBuf,
 }
 
 fn write_f32(path: &Path, v: &[f32]) {
@@ -43,7 +43,7 @@ fn write_i64(path: &Path, v: &[i64]) {
 
 /// A synthetic job: `classes` classes of dimension `dim`, uneven per-shard batch sizes (a shard
 /// may have none), every process layout of `total` shards reads the same global batches.
-fn synthetic(name: &str, total: usize, layout: &[usize], sample_rate: f32, adamw: bool) -> Case {
+pub(crate) fn synthetic(name: &str, total: usize, layout: &[usize], sample_rate: f32, adamw: bool) -> Case {
     let dir = scratch(&format!("mpi-{name}"));
     let (classes, dim, steps) = (1009u64, 24usize, 4usize);
     let mut cfg = format!(

@@ -190,6 +190,25 @@ impl GpuShard {
         unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| self.out_of_memory(n, what, e))
     }
 
+    /// `host` copied into a new device buffer. cudarc's `clone_htod` reports a buffer that does not
+    /// fit as a failed copy (PFC_ERR_DEVICE); here it is exhausted memory naming `what`, as for
+    /// every other step buffer.
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T], what: &str) -> Result<CudaSlice<T>> {
+        let mut buf = self.scratch::<T>(host.len(), what)?;
+        if !host.is_empty() {
+            self.stream.memcpy_htod(host, &mut buf).map_err(|e| device_error("upload", e))?;
+        }
+        Ok(buf)
+    }
+
+    /// Drops what one step keeps between its primitives.
+    fn release_step(&mut self) {
+        self.sampled = None;
+        self.step = None;
+        self.local_max = None;
+        self.pending = None;
+    }
+
     fn out_of_memory(&self, n: usize, what: &str, e: impl std::fmt::Display) -> Error {
         Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what} ({n} elements): {e}", self.stream.context().ordinal()))
     }
@@ -365,7 +384,7 @@ impl GpuShard {
         let want = sample_count(plan.sample_rate, self.range.len) as usize;
         if want >= len {
             let all: Vec<u32> = (0..len as u32).collect();
-            self.sampled = Some(self.stream.clone_htod(&all).map_err(|e| device_error("upload", e))?);
+            self.sampled = Some(self.upload(&all, "sampled ids")?);
             self.k = len;
             return Ok(());
         }
@@ -395,8 +414,8 @@ impl GpuShard {
         let equal_h: Vec<u32> = self.stream.clone_dtoh(&equal).map_err(|e| device_error("download", e))?;
         let (sel_before, eq_before, total) = compaction_offsets(&above_h, &equal_h, take_equal);
         check_selected(total, k)?;
-        let sel_d = self.stream.clone_htod(&sel_before).map_err(|e| device_error("upload", e))?;
-        let eq_d = self.stream.clone_htod(&eq_before).map_err(|e| device_error("upload", e))?;
+        let sel_d = self.upload(&sel_before, "block offsets")?;
+        let eq_d = self.upload(&eq_before, "block offsets")?;
         let mut out = self.scratch::<u32>(k, "sampled ids")?;
         launch!(self, "compact_selected", cfg, &keys, &len64, &threshold, &take_equal, &sel_d, &eq_d, &mut out)?;
         self.sampled = Some(out);
@@ -413,6 +432,11 @@ impl Primitives for CudaBackend {
     }
 
     fn load(&mut self, batches: Batches<'_, '_>) -> Result<Vec<(CudaSlice<f32>, CudaSlice<i64>)>> {
+        // A step that failed on one shard leaves the others' forward buffers (the cosines above
+        // all) and pending gradients behind; a new step must not hold them beside its own.
+        for shard in &mut self.shards {
+            shard.release_step();
+        }
         let staged;
         let host: Vec<HostBatch> = match batches {
             Batches::Host(b) => b.to_vec(),
@@ -425,8 +449,8 @@ impl Primitives for CudaBackend {
         for (shard, b) in self.shards.iter().zip(&host) {
             let mut e = Vec::with_capacity(b.embeddings.len());
             b.embeddings.extend_f32(&mut e);
-            let emb = if e.is_empty() { shard.zeros::<f32>(1, "embeddings")? } else { shard.stream.clone_htod(&e).map_err(|e| device_error("upload", e))? };
-            let labels = if b.labels.is_empty() { shard.zeros::<i64>(1, "labels")? } else { shard.stream.clone_htod(b.labels).map_err(|e| device_error("upload", e))? };
+            let emb = if e.is_empty() { shard.zeros::<f32>(1, "embeddings")? } else { shard.upload(&e, "the batch's embeddings")? };
+            let labels = if b.labels.is_empty() { shard.zeros::<i64>(1, "labels")? } else { shard.upload(b.labels, "the batch's labels")? };
             out.push((emb, labels));
         }
         Ok(out)
@@ -562,8 +586,8 @@ impl Primitives for CudaBackend {
         let step = g.step.take().ok_or_else(|| Error::new(Status::Panic, "internal error: backward before forward"))?;
         let sum_host: Vec<f32> = g.stream.clone_dtoh(&sums.slice(0..2 * n)).map_err(|e| device_error("download", e))?;
         let (inv_sum, non_target_mass) = softmax_factors(&sum_host, n);
-        let inv_sum_d = g.stream.clone_htod(&inv_sum).map_err(|e| device_error("upload", e))?;
-        let mass_d = g.stream.clone_htod(&non_target_mass).map_err(|e| device_error("upload", e))?;
+        let inv_sum_d = g.upload(&inv_sum, "softmax factors")?;
+        let mass_d = g.upload(&non_target_mass, "softmax factors")?;
         let row_max = maxes.slice(0..n);
         let mut grad_cos = g.scratch::<u8>(k * n * dtype.size(), "cosine gradient")?;
         launch!(g, "cos_gradient", grid_for(k * n), &step.cos, &k32, &n32, &step.col, &step.target_logit, &step.target_slope, &row_max, &inv_sum_d, &mass_d, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
@@ -665,8 +689,8 @@ impl Primitives for CudaBackend {
                     Ok(RowGrads { rows, grads })
                 };
                 let merged = download(&before)?.union(&download(&pending)?, d)?;
-                let rows = g.stream.clone_htod(&merged.rows).map_err(|e| device_error("upload", e))?;
-                let grads = g.stream.clone_htod(&merged.grads).map_err(|e| device_error("upload", e))?;
+                let rows = g.upload(&merged.rows, "accumulated gradient rows")?;
+                let grads = g.upload(&merged.grads, "accumulated center gradients")?;
                 g.accumulated = Some(DeviceRowGrads { rows, grads, len: merged.rows.len() });
                 g.undo = Some(Undo::Replaced(before));
             }

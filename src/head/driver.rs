@@ -215,18 +215,25 @@ impl<P: Primitives> Driver<P> {
                 seg
             })
             .collect();
-        // Before the backward pass, which may update centers: after it, only exchanges can fail.
-        let mut mine = Vec::with_capacity(self.shards());
-        for s in 0..self.shards() {
-            mine.push(self.prims.alloc_f32(s, segments[self.first_rank + s].len(), "the embedding gradient")?);
-        }
+        // Before the backward pass, which may update centers.
         let t0 = Instant::now();
         self.prims.mark(phase::BACKWARD, true);
-        let mut partial = Vec::with_capacity(self.shards());
-        for s in 0..self.shards() {
-            partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s], update)?);
-            *applied |= matches!(update, Update::Apply(_));
-        }
+        let local = (|| {
+            let mut mine = Vec::with_capacity(self.shards());
+            for s in 0..self.shards() {
+                mine.push(self.prims.alloc_f32(s, segments[self.first_rank + s].len(), "the embedding gradient")?);
+            }
+            let mut partial = Vec::with_capacity(self.shards());
+            for s in 0..self.shards() {
+                partial.push(self.prims.backward(s, &fwd.maxes[s], &fwd.sums[s], update)?);
+                *applied |= matches!(update, Update::Apply(_));
+            }
+            Ok((mine, partial))
+        })();
+        // One verdict before the reduce-scatter: a process whose backward pass failed (out of
+        // memory, say) would otherwise leave the others waiting for it there. Every process took
+        // the same path (`update_proven`), so with an applied update some centers of the job moved.
+        let (mut mine, partial) = agreed(&*self.coll, local).inspect_err(|_| *applied |= matches!(update, Update::Apply(_)))?;
         self.times.backward = t0.elapsed().as_secs_f64();
         self.prims.mark(phase::BACKWARD, false);
 
@@ -235,16 +242,20 @@ impl<P: Primitives> Driver<P> {
         self.coll.reduce_scatter_sum(&partial, &segments, &mut mine)?;
         drop(partial);
         let world = self.coll.world_size() as f32;
-        let mut grads = Vec::with_capacity(self.shards());
-        for (s, summed) in mine.into_iter().enumerate() {
-            let seg = &segments[self.first_rank + s];
-            grads.push(self.prims.embedding_grad(s, summed, seg.start / d, seg.len() / d, world)?);
-        }
-        let mut finite = true;
-        for (s, g) in grads.iter().enumerate() {
-            finite &= self.prims.finite(s, g)?;
-        }
-        self.coll.agree(if finite { Ok(()) } else { Err(non_finite("an embedding or center gradient")) })?;
+        // A local failure here (out of memory) joins the finiteness verdict, which every process waits for.
+        let local = (|| {
+            let mut grads = Vec::with_capacity(self.shards());
+            for (s, summed) in mine.into_iter().enumerate() {
+                let seg = &segments[self.first_rank + s];
+                grads.push(self.prims.embedding_grad(s, summed, seg.start / d, seg.len() / d, world)?);
+            }
+            let mut finite = true;
+            for (s, g) in grads.iter().enumerate() {
+                finite &= self.prims.finite(s, g)?;
+            }
+            if finite { Ok(grads) } else { Err(non_finite("an embedding or center gradient")) }
+        })();
+        let grads = agreed(&*self.coll, local)?;
         self.times.scatter = t1.elapsed().as_secs_f64();
         self.prims.mark(phase::SCATTER, false);
         Ok((grads, fwd.eval))
@@ -363,6 +374,18 @@ impl<P: Primitives> StepDriver for Driver<P> {
             t.peak_device_bytes = Some(dev.peak_bytes);
         }
         t
+    }
+}
+
+/// `local`'s value once every process agrees that none failed; the first failure otherwise, on
+/// every process (`Collectives::agree`).
+fn agreed<M: Memory, T>(coll: &dyn Collectives<M>, local: Result<T>) -> Result<T> {
+    match local {
+        Ok(value) => coll.agree(Ok(())).map(|()| value),
+        Err(e) => {
+            coll.agree(Err(e.clone()))?;
+            Err(e)
+        }
     }
 }
 

@@ -462,3 +462,34 @@ fn two_processes_of_two_gpus_under_mpirun_match_four_cpu_shards() {
     }
 }
 
+
+/// One process of a 2-process CUDA job runs out of device memory inside a step (its GPUs are made
+/// small): the step fails with PFC_ERR_OUT_OF_MEMORY and the same message on both processes, and
+/// neither is left waiting for the other in a collective.
+#[test]
+fn a_process_out_of_device_memory_fails_the_step_everywhere() {
+    if !on_cuda(module_path!(), "a_process_out_of_device_memory_fails_the_step_everywhere") {
+        return;
+    }
+    if std::env::var_os("PFC_EMU_CHILD").is_none() {
+        // A real GPU's memory cannot be made small for one process.
+        return;
+    }
+    let case = crate::mpi::synthetic("cuda-oom", 4, &[2, 2], 1.0, false);
+    let config = case.dir.join("config.txt");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("backend {PFC_BACKEND_CUDA}\ntol 1e-4\ngrad_tol 1e-3\n"));
+    std::fs::write(&config, text).unwrap();
+    let parity = crate::mpi::parity_exe();
+    // Two application contexts: the second process's emulated GPUs hold the head but not a step.
+    // A process left waiting in a collective would wait for the emulated NCCL's timeout, cut short.
+    let mut cmd = crate::native::mpirun(1);
+    cmd.env("PFC_EMU_NCCL_TIMEOUT_S", "20").arg(parity).arg(&case.dir).arg("--expect-oom");
+    cmd.args([":", "-n", "1", "env", "PFC_EMU_DEVICE_MEMORY=160K"]).arg(parity).arg(&case.dir).arg("--expect-oom");
+    let out = cmd.output().expect("mpirun");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "mpirun failed ({}):\n{text}", out.status);
+    assert_eq!(text.matches("checks passed").count(), 2, "{text}");
+    assert_eq!(text.matches("out of memory at step").count(), 2, "{text}");
+    text.lines().filter(|l| l.contains("out of memory at step")).for_each(|l| eprintln!("{l}"));
+}

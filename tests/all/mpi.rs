@@ -12,7 +12,7 @@ use crate::native::{compile, describe, lib_dir, mpirun, root, scratch};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-fn parity_exe() -> &'static Path {
+pub(crate) fn parity_exe() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     EXE.get_or_init(|| build_example("mpicc", "tests/mpi/parity.c", "parity", &["-std=c11", "-O1"]))
 }

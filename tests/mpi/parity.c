@@ -2,7 +2,7 @@
  *
  * Run under mpirun by tests/all/mpi.rs with a case directory written by that test:
  *   parity CASE_DIR [--bad-label STEP PROC] [--nan-row STEP PROC] [--fail-callback CALL]
- *                   [--mismatch FIELD]
+ *                   [--mismatch FIELD] [--expect-oom]
  * Every process drives its shards of a multi-process head (MPI_Allgather as the callback) and,
  * beside it, a one-process head with the job's total shard count fed the whole global batch. After
  * every step the loss and statistics, this process's returned gradients and its centers must match
@@ -178,6 +178,8 @@ int main(int argc, char **argv) {
     long bad_label_step = -1, bad_label_proc = -1, nan_step = -1, nan_proc = -1, fail_call = -1;
     int unprovable = 0;
     const char *mismatch = NULL;
+    /* Some process runs out of (device) memory within a step: it must fail on every process alike. */
+    int expect_oom = 0;
     int bitwise = 0;
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--bad-label") && i + 2 < argc) {
@@ -192,6 +194,8 @@ int main(int argc, char **argv) {
             unprovable = 1; /* class 0 (process 0's) gets a center no bound proves safe to update */
         } else if (!strcmp(argv[i], "--bitwise")) {
             bitwise = 1; /* every reduction runs in rank order: the layout changes no bit */
+        } else if (!strcmp(argv[i], "--expect-oom")) {
+            expect_oom = 1;
         } else if (!strcmp(argv[i], "--mismatch") && i + 1 < argc) {
             mismatch = argv[++i];
         } else FAIL("unknown option %s", argv[i]);
@@ -385,6 +389,16 @@ int main(int argc, char **argv) {
             MPI_Finalize();
             return 0;
         }
+        if (expect_oom && st != PFC_OK) {
+            CHECK(st == PFC_ERR_OUT_OF_MEMORY, "step %u on a process out of memory returned %d (%s)", t, st, last_error());
+            check_same_everywhere("out of memory", st, last_error());
+            printf("rank %d: out of memory at step %u: %s\n", rank_, t, last_error());
+            printf("rank %d: %ld checks passed\n", rank_, checks_);
+            pfc_destroy(multi);
+            pfc_destroy(solo);
+            MPI_Finalize();
+            return 0;
+        }
         if (st != PFC_OK) FAIL("step %u: multi-process step %d %s", t, st, last_error());
         st = pfc_train_step(solo, sb, (uint32_t)total, &ss);
         if (st != PFC_OK) FAIL("step %u: one-process step %d %s", t, st, last_error());
@@ -438,6 +452,7 @@ int main(int argc, char **argv) {
         free(grad_s);
     }
     CHECK(fail_call < 0, "the callback was to fail at call %ld but the run made only %ld calls", fail_call, gctx.calls);
+    CHECK(!expect_oom, "no step ran out of memory");
     printf("rank %d: %ld checks passed\n", rank_, checks_);
     free(mc);
     free(sc);

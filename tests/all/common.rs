@@ -167,10 +167,22 @@ impl TestHead {
         rows_per_shard: &[usize],
     ) -> (pfc_step_stats, Vec<f32>) {
         let mut grad = vec![0f32; emb.len()];
-        let mut batches = Vec::new();
-        let mut at = 0;
-        for &rows in rows_per_shard {
-            batches.push(pfc_batch {
+        let batches = host_batches(emb, labels, &mut grad, d, rows_per_shard);
+        let mut stats = pfc_step_stats::default();
+        ok(call(self.0, batches.as_ptr(), batches.len() as u32, &mut stats));
+        (stats, grad)
+    }
+}
+
+/// f32 host batches over `emb`, `labels` and `grad`, `rows_per_shard` consecutive rows each (all of
+/// them).
+pub fn host_batches(emb: &[f32], labels: &[i64], grad: &mut [f32], d: usize, rows_per_shard: &[usize]) -> Vec<pfc_batch> {
+    assert_eq!(rows_per_shard.iter().sum::<usize>(), labels.len());
+    let mut at = 0;
+    rows_per_shard
+        .iter()
+        .map(|&rows| {
+            let b = pfc_batch {
                 embeddings: emb[at * d..].as_ptr().cast(),
                 labels: labels[at..].as_ptr(),
                 grad_embeddings: grad[at * d..].as_mut_ptr().cast(),
@@ -178,14 +190,11 @@ impl TestHead {
                 dtype: PFC_DTYPE_F32,
                 memory: PFC_MEMORY_HOST,
                 stream: std::ptr::null_mut(),
-            });
+            };
             at += rows;
-        }
-        assert_eq!(at, labels.len());
-        let mut stats = pfc_step_stats::default();
-        ok(call(self.0, batches.as_ptr(), batches.len() as u32, &mut stats));
-        (stats, grad)
-    }
+            b
+        })
+        .collect()
 }
 
 impl Drop for TestHead {

@@ -31,14 +31,14 @@ fn assert_initial_centers_agree(gpu: &[f32], cpu: &[f32]) {
     assert!(differ <= 1 + cpu.len() / 1_000_000, "{differ} of {} initial center values differ", cpu.len());
 }
 
-fn data(c: u64, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
+pub(crate) fn data(c: u64, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
     let mut rng = Rng(seed);
     let e = (0..n * d).map(|_| rng.normal() as f32).collect();
     let l = (0..n).map(|_| rng.below(c) as i64).collect();
     (e, l)
 }
 
-fn config(c: u64, d: usize, rate: f32, compute: i32) -> pfc_config {
+pub(crate) fn config(c: u64, d: usize, rate: f32, compute: i32) -> pfc_config {
     let mut cfg = default_config();
     cfg.num_classes = c;
     cfg.embedding_dim = d as u32;

@@ -43,43 +43,11 @@ fn cuda_head(cfg: &pfc_config, devices: &[i32]) -> TestHead {
     TestHead(h)
 }
 
-fn data(c: u64, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
-    let mut rng = Rng(seed);
-    let e = (0..n * d).map(|_| rng.normal() as f32).collect();
-    let l = (0..n).map(|_| rng.below(c) as i64).collect();
-    (e, l)
-}
-
+/// gpu.rs's configuration on `shards` local shards.
 fn config(c: u64, d: usize, rate: f32, compute: i32, shards: usize) -> pfc_config {
-    let mut cfg = default_config();
-    cfg.num_classes = c;
-    cfg.embedding_dim = d as u32;
-    cfg.sample_rate = rate;
-    cfg.compute_dtype = compute;
-    cfg.scale = 32.0;
+    let mut cfg = crate::gpu::config(c, d, rate, compute);
     cfg.local_shards = shards as u32;
     cfg
-}
-
-/// f32 host batches of `rows_per_shard` rows each over `emb`, `labels` and `grad`.
-fn host_batches(emb: &[f32], labels: &[i64], grad: &mut [f32], d: usize, rows_per_shard: &[usize]) -> Vec<pfc_batch> {
-    let mut at = 0;
-    rows_per_shard
-        .iter()
-        .map(|&rows| {
-            let b = pfc_batch {
-                embeddings: emb[at * d..].as_ptr().cast(),
-                labels: labels[at..].as_ptr(),
-                grad_embeddings: grad[at * d..].as_mut_ptr().cast(),
-                batch_size: rows as u64,
-                dtype: PFC_DTYPE_F32,
-                memory: PFC_MEMORY_HOST,
-                stream: std::ptr::null_mut(),
-            };
-            at += rows;
-            b
-        })
-        .collect()
 }
 
 /// Shards of 1, 2 and 4 GPUs against CPU heads of as many shards (the shard count decides the
@@ -109,7 +77,7 @@ fn cuda_on_one_two_and_four_gpus_matches_cpu() {
             let gpu = cuda_head(&cfg, &devices);
             assert!(rel_err(&gpu.centers(d), &cpu.centers(d)) <= 1e-6, "{what}: initial centers differ");
             for step in 0..3 {
-                let (e, l) = data(c, d, n, 100 * g as u64 + step);
+                let (e, l) = crate::gpu::data(c, d, n, 100 * g as u64 + step);
                 let mut rows = even_split(n, g);
                 if step == 2 {
                     rows[g - 1] += std::mem::take(&mut rows[0]);
@@ -133,7 +101,7 @@ fn cuda_on_one_two_and_four_gpus_matches_cpu() {
                 assert_eq!(moved, sc.sampled_classes, "{what}: every sampled center moves (weight decay), no other");
                 assert!(rel_err(&wg, &wc) <= tol, "{what}: centers {}", rel_err(&wg, &wc));
             }
-            let (e, l) = data(c, d, n, 7);
+            let (e, l) = crate::gpu::data(c, d, n, 7);
             let (ec, eg) = (cpu.evaluate(&e, &l, d, &even_split(n, g)), gpu.evaluate(&e, &l, d, &even_split(n, g)));
             assert_eq!((ec.sampled_classes, eg.sampled_classes), (c, c), "{what}: evaluation covers every class");
             assert!((ec.loss - eg.loss).abs() <= tol * ec.loss, "{what}: evaluation loss {} vs {}", eg.loss, ec.loss);
@@ -241,7 +209,7 @@ fn exhausted_device_memory_is_reported_and_changes_nothing() {
         (rows_for_cosines(55), "cosine gradient"),
     ];
     for (n, buffer) in batches {
-        let (e, l) = data(c, d, n, 41);
+        let (e, l) = crate::gpu::data(c, d, n, 41);
         let mut grad = vec![7f32; n * d];
         let b = host_batches(&e, &l, &mut grad, d, &even_split(n, 2));
         let mut stats = pfc_step_stats { loss: -1.0, step: 99, ..Default::default() };
@@ -255,14 +223,14 @@ fn exhausted_device_memory_is_reported_and_changes_nothing() {
         assert!(bits(&gpu.centers(d)) == bits(&before), "a refused step of {n} rows changed centers");
         assert_eq!(pfc_train_apply(gpu.0), PFC_ERR_INVALID_ARGUMENT, "a refused compute of {n} rows accumulated gradients");
     }
-    let (e, l) = data(c, d, cosine_rows, 41);
+    let (e, l) = crate::gpu::data(c, d, cosine_rows, 41);
     let (ec, eg) = (cpu.evaluate(&e, &l, d, &even_split(cosine_rows, 2)), gpu.evaluate(&e, &l, d, &even_split(cosine_rows, 2)));
     assert!((ec.loss - eg.loss).abs() <= 1e-4 * ec.loss, "evaluation in chunks: loss {} vs {}", eg.loss, ec.loss);
     assert_eq!(ec.accuracy, eg.accuracy);
     // Batches that fit a GPU (cosines and their gradient 70% of it), whatever the refused steps
     // left behind: once, the other GPU kept its cosines from the step refused on GPU 0.
     for (step, n) in [rows_for_cosines(35), 48].into_iter().enumerate() {
-        let (e, l) = data(c, d, n, 50 + step as u64);
+        let (e, l) = crate::gpu::data(c, d, n, 50 + step as u64);
         let (sc, gc) = cpu.step(&e, &l, d, &even_split(n, 2));
         let (sg, gg) = gpu.step(&e, &l, d, &even_split(n, 2));
         assert_eq!(sg.step, step as u64 + 1, "the refused steps counted");
@@ -343,7 +311,7 @@ fn cuda_export_and_search_match_cpu() {
     let cfg = config(c, d, 0.5, PFC_DTYPE_F32, devices.len());
     let gpu = cuda_head(&cfg, &devices);
     for step in 0..2 {
-        let (e, l) = data(c, d, 32, 700 + step);
+        let (e, l) = crate::gpu::data(c, d, 32, 700 + step);
         gpu.step(&e, &l, d, &even_split(32, devices.len()));
     }
     let cpu = TestHead::new(&config(c, d, 0.5, PFC_DTYPE_F32, 3));

@@ -303,12 +303,17 @@ mod collectives {
         fn agree_over_nccl(&self, local: Result<()>) -> Result<()> {
             const RECORD: usize = 512;
             let mut record = vec![0u8; RECORD];
+            // Status, this process's shards (first rank, count: its message counts batches from
+            // its first shard), the message's length and text.
+            const TEXT: usize = 16;
             if let Err(e) = &local {
                 record[..4].copy_from_slice(&e.status.code().to_le_bytes());
+                record[4..8].copy_from_slice(&(self.first_rank as u32).to_le_bytes());
+                record[8..12].copy_from_slice(&(self.streams.len() as u32).to_le_bytes());
                 let text = e.message.as_bytes();
-                let len = text.len().min(RECORD - 8);
-                record[4..8].copy_from_slice(&(len as u32).to_le_bytes());
-                record[8..8 + len].copy_from_slice(&text[..len]);
+                let len = text.len().min(RECORD - TEXT);
+                record[12..16].copy_from_slice(&(len as u32).to_le_bytes());
+                record[TEXT..TEXT + len].copy_from_slice(&text[..len]);
             }
             let mut local_bufs = Vec::new();
             let mut outs = Vec::new();
@@ -319,12 +324,15 @@ mod collectives {
             let rows = vec![1u64; self.world];
             self.gather(&local_bufs, &rows, RECORD, &mut outs, NCCL_UINT8)?;
             let all: Vec<u8> = self.streams[0].clone_dtoh(&outs[0]).map_err(device)?;
-            for (rank, r) in all.chunks_exact(RECORD).enumerate() {
-                let code = i32::from_le_bytes(r[..4].try_into().expect("4 bytes"));
+            for r in all.chunks_exact(RECORD) {
+                let word = |at: usize| u32::from_le_bytes(r[at..at + 4].try_into().expect("4 bytes"));
+                let code = word(0) as i32;
                 if code != 0 {
-                    let len = u32::from_le_bytes(r[4..8].try_into().expect("4 bytes")) as usize;
-                    let text = String::from_utf8_lossy(&r[8..8 + len.min(RECORD - 8)]);
-                    return Err(Error::new(Status::from_code(code).unwrap_or(Status::Communication), format!("shard {rank}: {text}")));
+                    let (first, count, len) = (word(4) as usize, word(8) as usize, word(12) as usize);
+                    let text = String::from_utf8_lossy(&r[TEXT..TEXT + len.min(RECORD - TEXT)]);
+                    let shards = if count == 1 { format!("shard {first}") } else { format!("shards {first}..={}", first + count - 1) };
+                    let status = Status::from_code(code).unwrap_or(Status::Communication);
+                    return Err(Error::new(status, format!("the process of {shards}: {text}")));
                 }
             }
             Ok(())

@@ -461,3 +461,53 @@ fn a_process_out_of_device_memory_fails_the_step_everywhere() {
     assert_eq!(text.matches("out of memory at step").count(), 2, "{text}");
     text.lines().filter(|l| l.contains("out of memory at step")).for_each(|l| eprintln!("{l}"));
 }
+
+/// A job formed the NCCL way (world_size 4, first_rank and one id, no host callback), two
+/// "processes" of two GPUs each (threads here): bad input on global shard 3 fails the step on both
+/// with one message naming that process's shards and its batch, and changes nothing.
+#[test]
+fn a_job_formed_over_nccl_alone_names_the_process_with_bad_input() {
+    if !on_cuda(module_path!(), "a_job_formed_over_nccl_alone_names_the_process_with_bad_input") {
+        return;
+    }
+    if !has_gpus(4, "a job of 2 processes × 2 GPUs") {
+        return;
+    }
+    let (c, d, n) = (2003u64, 32usize, 16usize);
+    let mut id = [0u8; PFC_NCCL_ID_BYTES];
+    ok(pfc_nccl_unique_id(id.as_mut_ptr()));
+    let results: Vec<(i32, String, bool)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..2u32)
+            .map(|p| {
+                scope.spawn(move || {
+                    let devices = [2 * p as i32, 2 * p as i32 + 1];
+                    let mut cfg = config(c, d, 0.5, PFC_DTYPE_F32, 2);
+                    cfg.backend = PFC_BACKEND_CUDA;
+                    cfg.devices = devices.as_ptr();
+                    cfg.world_size = 4;
+                    cfg.first_rank = 2 * p;
+                    cfg.nccl_id = id.as_ptr();
+                    let mut h = std::ptr::null_mut();
+                    ok(pfc_create(&cfg, &mut h));
+                    let head = TestHead(h);
+                    let before = head.centers(d);
+                    let (e, mut l) = crate::gpu::data(c, d, n, 60 + p as u64);
+                    if p == 1 {
+                        l[n - 1] = c as i64; // in this process's second batch: global shard 3
+                    }
+                    let mut grad = vec![0f32; e.len()];
+                    let batches = host_batches(&e, &l, &mut grad, d, &[n / 2, n / 2]);
+                    let status = pfc_train_step(head.0, batches.as_ptr(), 2, std::ptr::null_mut());
+                    (status, last_error(), head.centers(d) == before)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for (p, (status, message, unchanged)) in results.iter().enumerate() {
+        assert_eq!(*status, PFC_ERR_INVALID_ARGUMENT, "process {p}: {message}");
+        assert!(message.contains("the process of shards 2..=3") && message.contains("batch 1"), "process {p}: {message}");
+        assert!(unchanged, "process {p}: a refused step changed centers");
+    }
+    assert_eq!(results[0].1, results[1].1, "the processes' messages differ");
+}

@@ -91,7 +91,8 @@ sys.exit(0 if all(k in out for k in ("cuda_driver", "nvrtc", "cublas", "nccl")) 
 PY
 
 step "GPU tests (kernels compile to CUBIN for this device, then parity, golden, NCCL, bad input; the emulation's tests of NCCL against the real one)"
-export PFC_REQUIRE_GPU=1 PFC_SHARED_DIR="$PWD/.gpu/shared" PFC_BIN="$PWD/.gpu/pfc"
+export PFC_REQUIRE_GPU=1 PFC_SHARED_DIR="$PWD/.gpu/shared" PFC_BIN="$PWD/.gpu/pfc" PFC_TEST_TMPDIR="$PWD/.gpu/tmp"
+mkdir -p .gpu/tmp
 # One module of the tests' binary at a time (`kernels::` matches that module's tests only). A filter
 # that matches nothing passes with "0 passed", so each must report tests that ran.
 for t in kernels gpu gpu_jobs golden nccl; do

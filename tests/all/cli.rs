@@ -8,7 +8,7 @@ fn pfc(args: &[&str]) -> (bool, String, String) {
 }
 
 fn out_dir(name: &str) -> String {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let dir = crate::common::test_tmpdir().join(name);
     let _ = std::fs::remove_dir_all(&dir);
     dir.to_string_lossy().into_owned()
 }

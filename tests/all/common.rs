@@ -367,3 +367,10 @@ impl StreamGate {
         gate.timed_out.store(wait.timed_out(), std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Where tests write their files: cargo's temporary folder for this target, or `PFC_TEST_TMPDIR`
+/// where the test binary runs on another machine (scripts/gpu-check.sh), on which the build
+/// machine's folder does not exist.
+pub fn test_tmpdir() -> std::path::PathBuf {
+    std::env::var_os("PFC_TEST_TMPDIR").map_or_else(|| std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")), std::path::PathBuf::from)
+}

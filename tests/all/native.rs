@@ -64,7 +64,7 @@ pub fn lib_dir() -> &'static Path {
 
 /// A fresh scratch directory under cargo's per-target temporary directory.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bindings-{name}-{}", std::process::id()));
+    let dir = crate::common::test_tmpdir().join(format!("bindings-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -116,7 +116,7 @@ pub fn compile(compiler: &str, lang_flags: &[&str], src: &str, lib_dir: &Path, e
 pub fn mpirun(n: usize) -> Command {
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let session = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("ompi-{}-{run}", std::process::id()));
+    let session = crate::common::test_tmpdir().join(format!("ompi-{}-{run}", std::process::id()));
     std::fs::create_dir_all(&session).unwrap();
     let mut cmd = Command::new("mpirun");
     cmd.env("OMPI_MCA_orte_tmpdir_base", &session)

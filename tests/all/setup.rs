@@ -29,7 +29,7 @@ fn every_requirement_is_present_after_setup() {
 fn a_machine_without_the_tools_gets_each_one_named_and_nothing_installed() {
     // A PATH with cargo and the shell's few utilities only: no compiler, no mpicc, no python3 and
     // no apt-get, so an attempt to install would show in stderr.
-    let bin = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("setup-bare-path-{}", std::process::id()));
+    let bin = crate::common::test_tmpdir().join(format!("setup-bare-path-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&bin);
     std::fs::create_dir_all(&bin).unwrap();
     let cargo = std::env::var_os("CARGO").map(std::path::PathBuf::from).expect("cargo runs the tests");

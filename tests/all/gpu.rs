@@ -151,7 +151,15 @@ fn device_pointers_ordered_on_a_callers_stream() {
     let stream = ctx.new_stream().expect("a caller's stream");
     // The batch buffers of a trainer: written by device work queued on its stream right before the
     // step (here copies from staging buffers, as a backbone's last kernel would write them), and
-    // the gradient read by device work queued right after it.
+    // the gradient read by a kernel queued right after it (the library's own `convert_f32`, f32 to
+    // f32: a copy).
+    let convert = {
+        use cudarc::driver::sys::CUdevice_attribute::{CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR as MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR as MINOR};
+        use partialfc::backend::cuda::kernels::{arch_of, cubin_for};
+        let arch = arch_of((ctx.attribute(MAJOR).unwrap(), ctx.attribute(MINOR).unwrap()));
+        let (_, cubin) = cubin_for(&arch).unwrap().into_iter().find(|(k, _)| k.file == "normalize.cu").unwrap();
+        ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).unwrap().load_function("convert_f32").unwrap()
+    };
     let mut e_d = stream.alloc_zeros::<f32>(n * d).unwrap();
     let mut l_d = stream.alloc_zeros::<i64>(n).unwrap();
     let mut g_d = stream.alloc_zeros::<f32>(n * d).unwrap();
@@ -170,7 +178,14 @@ fn device_pointers_ordered_on_a_callers_stream() {
         };
         let mut st = pfc_step_stats::default();
         ok(pfc_train_step(device_head.0, &b, 1, &mut st));
-        stream.memcpy_dtod(&g_d, &mut g_out).unwrap();
+        {
+            use cudarc::driver::PushKernelArg;
+            let (len, f32_code) = ((n * d) as u64, PFC_DTYPE_F32);
+            let mut launch = stream.launch_builder(&convert);
+            launch.arg(&g_d).arg(&len).arg(&mut g_out).arg(&f32_code);
+            // SAFETY: kernels/normalize.cu `convert_f32(const float*, u64, void*, int)`; both buffers hold n·d floats.
+            unsafe { launch.launch(cudarc::driver::LaunchConfig::for_num_elems(len as u32)) }.unwrap();
+        }
         let got: Vec<f32> = stream.clone_dtoh(&g_out).unwrap();
         let (want_stats, want) = host_head.step(&e, &l, d, &[n]);
         assert_eq!(st.loss, want_stats.loss, "step {step}: device-memory loss");

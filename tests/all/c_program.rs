@@ -8,7 +8,7 @@
 //! from cargo's own JSON messages, which respects CARGO_TARGET_DIR and any other target-dir setting.
 
 use crate::native::{compile, describe, lib_dir, scratch};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn run(exe: &Path, want_banner: &str) {
@@ -24,18 +24,20 @@ fn run(exe: &Path, want_banner: &str) {
     eprintln!("{last}");
 }
 
-#[test]
-fn c_abi_program_compiles_as_c11_and_cxx17_and_passes() {
-    let lib_dir = lib_dir();
-    let dir = scratch("c_program");
+/// `src` compiled against the library as C11 and as C++17, warnings as errors: the two programs in `dir`.
+fn c11_and_cxx17(src: &str, dir: &Path, stem: &str) -> [PathBuf; 2] {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let (c_exe, cxx_exe) = (dir.join(format!("{stem}_c11")), dir.join(format!("{stem}_cxx17")));
+    compile(&cc, &["-std=c11", "-pedantic"], src, lib_dir(), &c_exe);
+    compile(&cxx, &["-x", "c++", "-std=c++17", "-pedantic"], src, lib_dir(), &cxx_exe);
+    [c_exe, cxx_exe]
+}
 
-    let c_exe = dir.join("abi_test_c11");
-    compile(&cc, &["-std=c11", "-pedantic"], "tests/c/abi_test.c", lib_dir, &c_exe);
-    let cxx_exe = dir.join("abi_test_cxx17");
-    compile(&cxx, &["-x", "c++", "-std=c++17", "-pedantic"], "tests/c/abi_test.c", lib_dir, &cxx_exe);
-
+#[test]
+fn c_abi_program_compiles_as_c11_and_cxx17_and_passes() {
+    let dir = scratch("c_program");
+    let [c_exe, cxx_exe] = c11_and_cxx17("tests/c/abi_test.c", &dir, "abi_test");
     run(&c_exe, "c abi (C11)");
     run(&cxx_exe, "c abi (C++17)");
     let _ = std::fs::remove_dir_all(&dir);
@@ -49,14 +51,8 @@ fn c_program_trains_on_the_cuda_backend() {
     if !crate::common::on_cuda(module_path!(), "c_program_trains_on_the_cuda_backend") {
         return;
     }
-    let lib_dir = lib_dir();
     let dir = scratch("c_cuda_train");
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let c_exe = dir.join("cuda_train_c11");
-    compile(&cc, &["-std=c11", "-pedantic"], "tests/c/cuda_train.c", lib_dir, &c_exe);
-    let cxx_exe = dir.join("cuda_train_cxx17");
-    compile(&cxx, &["-x", "c++", "-std=c++17", "-pedantic"], "tests/c/cuda_train.c", lib_dir, &cxx_exe);
+    let [c_exe, cxx_exe] = c11_and_cxx17("tests/c/cuda_train.c", &dir, "cuda_train");
     // The on_cuda child's environment (the loader path) passes on to the programs.
     let ran = |exe: &Path, banner: &str| {
         let out = Command::new(exe).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));

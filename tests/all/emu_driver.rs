@@ -355,6 +355,10 @@ fn a_copy_waits_behind_a_held_host_function_while_the_host_goes_on() {
     // SAFETY: both buffers hold 1 KiB; `done` is destroyed once, after its stream passed it.
     unsafe {
         result::memcpy_dtod_async(dst, src, 1024, t.raw()).unwrap();
+        // Destroying an event whose record is still queued returns at once, as the driver's does.
+        let pending = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).unwrap();
+        result::event::record(pending, t.raw()).unwrap();
+        result::event::destroy(pending).unwrap();
         let done = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).unwrap();
         result::event::record(done, t.raw()).unwrap();
         // The calls returned while the stream is held: nothing behind the host function has run.
@@ -364,10 +368,6 @@ fn a_copy_waits_behind_a_held_host_function_while_the_host_goes_on() {
         result::memcpy_dtoh_async(&mut early, dst, other.cu_stream()).unwrap();
         other.synchronize().unwrap();
         assert_eq!(early, [0; 256], "the copy ran before the host function queued ahead of it returned");
-        // Destroying an event whose record is still queued returns at once, as the driver's does.
-        let pending = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).unwrap();
-        result::event::record(pending, t.raw()).unwrap();
-        result::event::destroy(pending).unwrap();
         gate.open();
         result::event::synchronize(done).unwrap();
         assert_eq!(sys::cuStreamQuery(t.raw()), CUresult::CUDA_SUCCESS);

@@ -232,8 +232,10 @@ impl<P: Primitives> Driver<P> {
         })();
         // One verdict before the reduce-scatter: a process whose backward pass failed (out of
         // memory, say) would otherwise leave the others waiting for it there. Every process took
-        // the same path (`update_proven`), so with an applied update some centers of the job moved.
-        let (mut mine, partial) = agreed(&*self.coll, local).inspect_err(|_| *applied |= matches!(update, Update::Apply(_)))?;
+        // the same path (`update_proven`), so with an applied update the other processes' centers
+        // moved; this process's own shards count as they did.
+        let others = self.coll.world_size() > self.shards();
+        let (mut mine, partial) = agreed(&*self.coll, local).inspect_err(|_| *applied |= others && matches!(update, Update::Apply(_)))?;
         self.times.backward = t0.elapsed().as_secs_f64();
         self.prims.mark(phase::BACKWARD, false);
 

@@ -6,7 +6,6 @@
 
 use crate::common::*;
 use partialfc::ffi::*;
-use std::ptr::null_mut;
 
 const C: u64 = 12;
 const D: usize = 8;
@@ -33,25 +32,9 @@ fn labels() -> Vec<i64> {
     (0..N as i64).map(|i| (i * 5) % C as i64).collect()
 }
 
+/// The two shards' batches, of 4 and 2 rows.
 fn batches(emb: &[f32], labels: &[i64], grad: &mut [f32]) -> Vec<pfc_batch> {
-    let split = [4usize, 2];
-    let mut at = 0;
-    split
-        .iter()
-        .map(|&rows| {
-            let b = pfc_batch {
-                embeddings: emb[at * D..].as_ptr().cast(),
-                labels: labels[at..].as_ptr(),
-                grad_embeddings: grad[at * D..].as_mut_ptr().cast(),
-                batch_size: rows as u64,
-                dtype: PFC_DTYPE_F32,
-                memory: PFC_MEMORY_HOST,
-                stream: null_mut(),
-            };
-            at += rows;
-            b
-        })
-        .collect()
+    host_batches(emb, labels, grad, D, &[4, 2])
 }
 
 fn evaluate(h: &TestHead, emb: &[f32]) -> (pfc_status, pfc_step_stats) {

@@ -113,16 +113,8 @@ fn cuda_rejects_bad_input_and_keeps_its_centers() {
     let (e, mut l) = data(1000, 64, 8, 5);
     l[3] = 1000;
     let mut grad = vec![0f32; e.len()];
-    let b = pfc_batch {
-        embeddings: e.as_ptr().cast(),
-        labels: l.as_ptr(),
-        grad_embeddings: grad.as_mut_ptr().cast(),
-        batch_size: 8,
-        dtype: PFC_DTYPE_F32,
-        memory: PFC_MEMORY_HOST,
-        stream: std::ptr::null_mut(),
-    };
-    assert_eq!(pfc_train_step(head.0, &b, 1, std::ptr::null_mut()), PFC_ERR_INVALID_ARGUMENT);
+    let b = host_batches(&e, &l, &mut grad, 64, &[8]);
+    assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_INVALID_ARGUMENT);
     assert!(last_error().contains("label"));
     assert_eq!(head.centers(64), before);
 }
@@ -137,17 +129,25 @@ fn nccl_unique_id_on_a_gpu_machine() {
     assert!(id.iter().any(|&b| b != 0), "no id written");
 }
 
+/// Classes, dimension and rows of the device-batch tests.
+const DEVICE_BATCH_JOB: (u64, usize, usize) = (5003, 64, 40);
+
+/// Two CUDA heads alike on GPU 0, one to take device batches and one host batches, and GPU 0's
+/// context for the caller's buffers.
+fn device_and_host_heads() -> (TestHead, TestHead, std::sync::Arc<cudarc::driver::CudaContext>) {
+    let (c, d, _) = DEVICE_BATCH_JOB;
+    let cfg = config(c, d, 0.2, PFC_DTYPE_F32);
+    (cuda_head(&cfg), cuda_head(&cfg), cudarc::driver::CudaContext::new(0).expect("GPU 0"))
+}
+
 #[test]
 fn device_pointers_ordered_on_a_callers_stream() {
     // Every stream operation delayed at random on the emulation: a missing wait reads unfinished data.
     if !on_cuda_with(module_path!(), "device_pointers_ordered_on_a_callers_stream", &[("PFC_EMU_DELAY", "1")]) {
         return;
     }
-    let (c, d, n) = (5003u64, 64usize, 40usize);
-    let cfg = config(c, d, 0.2, PFC_DTYPE_F32);
-    let device_head = cuda_head(&cfg);
-    let host_head = cuda_head(&cfg);
-    let ctx = cudarc::driver::CudaContext::new(0).expect("GPU 0");
+    let (c, d, n) = DEVICE_BATCH_JOB;
+    let (device_head, host_head, ctx) = device_and_host_heads();
     let stream = ctx.new_stream().expect("a caller's stream");
     // The batch buffers of a trainer: written by device work queued on its stream right before the
     // step (here copies from staging buffers, as a backbone's last kernel would write them), and
@@ -204,11 +204,8 @@ fn device_pointers_ordered_on_the_null_stream() {
         return;
     }
     use cudarc::driver::result::{free_sync, malloc_sync, memcpy_dtoh_async, memcpy_htod_async, stream::synchronize};
-    let (c, d, n) = (5003u64, 64usize, 40usize);
-    let cfg = config(c, d, 0.2, PFC_DTYPE_F32);
-    let device_head = cuda_head(&cfg);
-    let host_head = cuda_head(&cfg);
-    let ctx = cudarc::driver::CudaContext::new(0).expect("GPU 0");
+    let (c, d, n) = DEVICE_BATCH_JOB;
+    let (device_head, host_head, ctx) = device_and_host_heads();
     ctx.bind_to_thread().unwrap();
     let legacy = std::ptr::null_mut();
     // SAFETY: raw allocations of the sizes used below, freed at the end; every copy is on the legacy stream.
@@ -279,19 +276,6 @@ fn device_batch(embeddings: u64, labels: u64, grad: u64, n: usize, stream: *mut 
     }
 }
 
-/// One shard's f32 batch in host memory.
-fn host_batch(e: &[f32], l: &[i64], grad: &mut [f32]) -> pfc_batch {
-    pfc_batch {
-        embeddings: e.as_ptr().cast(),
-        labels: l.as_ptr(),
-        grad_embeddings: grad.as_mut_ptr().cast(),
-        batch_size: l.len() as u64,
-        dtype: PFC_DTYPE_F32,
-        memory: PFC_MEMORY_HOST,
-        stream: std::ptr::null_mut(),
-    }
-}
-
 /// The NCCL path on a one-GPU machine: a job formed the NCCL way (world_size 1, an id from
 /// pfc_nccl_unique_id) runs every collective of the step through a one-rank communicator, and
 /// matches the CPU backend, including the compute/apply split.
@@ -338,8 +322,8 @@ fn cuda_refuses_non_finite_steps() {
         let (e, l) = data(c, d, n, 700 + step);
         let before = gpu.centers(d);
         let mut grad = vec![7f32; e.len()];
-        let b = host_batch(&e, &l, &mut grad);
-        match pfc_train_step(gpu.0, &b, 1, std::ptr::null_mut()) {
+        let b = host_batches(&e, &l, &mut grad, d, &[l.len()]);
+        match pfc_train_step(gpu.0, b.as_ptr(), 1, std::ptr::null_mut()) {
             PFC_OK => assert!(gpu.centers(d).iter().all(|v| v.is_finite()) && grad.iter().all(|v| v.is_finite())),
             PFC_ERR_NON_FINITE => {
                 refused += 1;
@@ -366,8 +350,8 @@ fn cuda_accumulates_like_cpu() {
         for seed in [1, 2] {
             let (e, l) = data(c, d, n, 900 + seed);
             let mut grad = vec![0f32; e.len()];
-            let b = host_batch(&e, &l, &mut grad);
-            ok(pfc_train_compute(h.0, &b, 1, std::ptr::null_mut()));
+            let b = host_batches(&e, &l, &mut grad, d, &[l.len()]);
+            ok(pfc_train_compute(h.0, b.as_ptr(), 1, std::ptr::null_mut()));
         }
         ok(pfc_train_apply(h.0));
     }

@@ -16,20 +16,9 @@ fn vm_size_bytes() -> u64 {
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
+/// `shards` equal batches over all the rows.
 fn batches(emb: &[f32], labels: &[i64], grad: &mut [f32], shards: usize) -> Vec<pfc_batch> {
-    let n = labels.len();
-    let per = n / shards;
-    (0..shards)
-        .map(|s| pfc_batch {
-            embeddings: emb[s * per * D..].as_ptr().cast(),
-            labels: labels[s * per..].as_ptr(),
-            grad_embeddings: grad[s * per * D..].as_mut_ptr().cast(),
-            batch_size: per as u64,
-            dtype: PFC_DTYPE_F32,
-            memory: PFC_MEMORY_HOST,
-            stream: std::ptr::null_mut(),
-        })
-        .collect()
+    host_batches(emb, labels, grad, D, &vec![labels.len() / shards; shards])
 }
 
 /// Runs the test `name` of this module again in a child process with `env` set, and returns its

@@ -12,6 +12,30 @@ typedef unsigned short u16;
 
 #define INFINITY __int_as_float(0x7f800000)
 
+// Words of a GPU's verdict record (src/backend/cuda/verdict.rs reads them; a test checks that the
+// two agree): what a step found wrong, read back by the host once, where it decides.
+#define VERDICT_FLAGS 0
+#define VERDICT_LABEL_ROW 1
+#define VERDICT_LABEL 2
+#define VERDICT_NON_FINITE_ROW 3
+#define VERDICT_OVERSIZED_ROW 4
+#define VERDICT_OVERSIZED_NORM 5
+#define VERDICT_WORDS 6
+// VERDICT_FLAGS bits.
+#define VERDICT_BAD_BATCH 1
+#define VERDICT_NON_FINITE_GRADIENT 2
+#define VERDICT_NON_FINITE_LOSS 4
+#define VERDICT_UPDATE 8
+#define VERDICT_SAMPLING 16
+
+// Words of the sampling select's state (kernels/sampling.cu).
+#define SELECT_PREFIX 0
+#define SELECT_MASK 1
+#define SELECT_REMAINING 2
+#define SELECT_POSITIVES 3
+#define SELECT_COUNT 4
+#define SELECT_WORDS 5
+
 __device__ __forceinline__ u16 f32_to_bf16(float v) {
     // Round to nearest even; inputs are finite (validated on entry).
     u32 bits = __float_as_uint(v);
@@ -28,6 +52,22 @@ __device__ __forceinline__ u16 f32_to_f16(float v) {
     // The host emulation (tests/cuda-emulator/kernel.hh), which has no PTX.
     return pfc_emu_f32_to_f16(v);
 #endif
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+#ifdef __CUDA_ARCH__
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    return pfc_emu_f16_to_f32(h);
+#endif
+}
+
+__device__ __forceinline__ float load_as_f32(const void* base, u64 index, int dtype) {
+    if (dtype == DTYPE_F16) return f16_to_f32(((const u16*)base)[index]);
+    if (dtype == DTYPE_BF16) return __uint_as_float((u32)((const u16*)base)[index] << 16);
+    return ((const float*)base)[index];
 }
 
 __device__ __forceinline__ void store_from_f32(void* base, u64 index, float v, int dtype) {

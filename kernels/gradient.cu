@@ -2,12 +2,13 @@
 // through its normalization, and the sparse update of the sampled centers.
 
 // g[j][i] = (softmax − onehot)/N · ∂z/∂cos, 0 where the filter removed the column or the clamp was
-// active; written in `dtype` for the backward GEMMs. The target's p_y − 1 is −non_target_mass[i]
-// (Σ_{j≠y} p_j), exact when p_y is near 1. Mirrors `cos_gradient` of the CPU backend.
+// active; written in `dtype` for the backward GEMMs, from the reduced statistics as they are
+// (`sums` = [Σexp, non-target Σexp], N each, relative to `row_max`). The target's p_y − 1 is
+// −Σ_{j≠y} p_j, exact when p_y is near 1. Mirrors `cos_gradient` of the CPU backend and
+// src/backend/step.rs `softmax_factors`.
 extern "C" __global__ void cos_gradient(const float* cos, int k, int n, const int* col, const float* target_logit,
-                                        const float* target_slope, const float* row_max, const float* inv_sum,
-                                        const float* non_target_mass, float inv_batch, float s, float filter, void* grad,
-                                        int dtype) {
+                                        const float* target_slope, const float* row_max, const float* sums,
+                                        float inv_batch, float s, float filter, void* grad, int dtype) {
     const u64 total = (u64)k * n;
     for (u64 at = blockIdx.x * (u64)blockDim.x + threadIdx.x; at < total; at += (u64)gridDim.x * blockDim.x) {
         const int j = (int)(at / n), i = (int)(at % n);
@@ -16,10 +17,11 @@ extern "C" __global__ void cos_gradient(const float* cos, int k, int n, const in
         const bool is_target = col[i] == j;
         const bool filtered = !is_target && filter > 0.0f && c > filter;
         const float z = is_target ? target_logit[i] : (filtered ? 0.0f : s * c);
-        const float prob = __expf(z - row_max[i]) * inv_sum[i];
+        const float inv_sum = 1.0f / sums[i];
+        const float prob = __expf(z - row_max[i]) * inv_sum;
         const float slope = is_target ? target_slope[i] : (filtered ? 0.0f : s);
         const bool inside = raw >= -1.0f && raw <= 1.0f;
-        const float g = inside ? (is_target ? -non_target_mass[i] : prob) * inv_batch * slope : 0.0f;
+        const float g = inside ? (is_target ? -(sums[n + i] * inv_sum) : prob) * inv_batch * slope : 0.0f;
         store_from_f32(grad, at, g, dtype);
     }
 }
@@ -63,11 +65,11 @@ __device__ __forceinline__ bool normalizable(float sq) { return sq == sq && sq <
 __device__ __forceinline__ bool finite(float v) { return (v - v) == 0.0f; }
 
 // PyTorch SGD (momentum, weight decay) on the `k` rows `rows` given their center gradients `grad`.
-// With commit = 0 nothing is written: *bad becomes 1 if any new center value or momentum would be
+// With commit = 0 nothing is written: the verdict's VERDICT_UPDATE is set if any new center value or momentum would be
 // non-finite or a row impossible to normalize (the check before an update, SPEC §2b). One block
 // per row; the same arithmetic either way.
 extern "C" __global__ void update_sgd(float* centers, float* momentum, const u32* rows, const float* grad, int k, int dim,
-                                      float lr, float mu, float wd, int commit, int* bad) {
+                                      float lr, float mu, float wd, int commit, u64* verdict) {
     __shared__ float scratch[32];
     const int j = blockIdx.x;
     if (j >= k) return;
@@ -87,13 +89,13 @@ extern "C" __global__ void update_sgd(float* centers, float* momentum, const u32
         }
     }
     sq = block_sum(sq, scratch);
-    if (!commit && (!ok || !normalizable(sq))) atomicOr(bad, 1);
+    if (!commit && (!ok || !normalizable(sq))) atomicOr(&verdict[VERDICT_FLAGS], (u64)VERDICT_UPDATE);
 }
 
 // The same with PyTorch AdamW and a per-row step count for bias correction.
 extern "C" __global__ void update_adamw(float* centers, float* exp_avg, float* exp_avg_sq, u32* steps, const u32* rows,
                                         const float* grad, int k, int dim, float lr, float beta1, float beta2, float eps,
-                                        float wd, int commit, int* bad) {
+                                        float wd, int commit, u64* verdict) {
     __shared__ float scratch[32];
     const int j = blockIdx.x;
     if (j >= k) return;
@@ -123,14 +125,14 @@ extern "C" __global__ void update_adamw(float* centers, float* exp_avg, float* e
     }
     sq = block_sum(sq, scratch);
     if (commit && threadIdx.x == 0) steps[row] = t;
-    if (!commit && (!ok || !normalizable(sq))) atomicOr(bad, 1);
+    if (!commit && (!ok || !normalizable(sq))) atomicOr(&verdict[VERDICT_FLAGS], (u64)VERDICT_UPDATE);
 }
 
-// *flag becomes 1 if any of the `len` values is NaN or Inf.
-extern "C" __global__ void flag_non_finite(const float* v, u64 len, int* flag) {
+// The verdict's VERDICT_NON_FINITE_GRADIENT is set if any of the `len` values is NaN or Inf.
+extern "C" __global__ void flag_non_finite(const float* v, u64 len, u64* verdict) {
     for (u64 at = blockIdx.x * (u64)blockDim.x + threadIdx.x; at < len; at += (u64)gridDim.x * blockDim.x) {
         if (!finite(v[at])) {
-            atomicOr(flag, 1);
+            atomicOr(&verdict[VERDICT_FLAGS], (u64)VERDICT_NON_FINITE_GRADIENT);
             return;
         }
     }

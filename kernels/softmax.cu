@@ -139,3 +139,14 @@ extern "C" __global__ void rescale_sums(const float* local_max, const float* glo
     sum[i] *= f;
     rest[i] *= f;
 }
+
+// The loss's finiteness where the host does not read the statistics (no statistics asked for):
+// a row's exact log-softmax loss (src/head/driver.rs `sample_loss`) is finite exactly when its max,
+// non-target Σexp and target logit are, so the verdict's VERDICT_NON_FINITE_LOSS is set when one
+// is not. `maxes` and `sums` are the reduced statistics as `Primitives::forward` lays them out.
+extern "C" __global__ void check_loss(const float* maxes, const float* sums, int n, u64* verdict) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float v = maxes[i] + sums[n + i] + sums[2 * n + i];
+    if ((v - v) != 0.0f) atomicOr(&verdict[VERDICT_FLAGS], (u64)VERDICT_NON_FINITE_LOSS);
+}

@@ -70,6 +70,13 @@ impl Error {
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::new(Status::InvalidArgument, message)
     }
+    /// A step refused because `what` is NaN or Inf (SPEC §2b).
+    pub fn non_finite(what: &str) -> Self {
+        Error::new(
+            Status::NonFinite,
+            format!("{what} is NaN or Inf (divergence: lower the learning rate, skip the batch or reload a checkpoint); nothing changed"),
+        )
+    }
     pub fn null(name: &str) -> Self {
         Error::new(Status::NullArgument, format!("{name} is NULL"))
     }

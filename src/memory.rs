@@ -22,9 +22,174 @@ impl Memory for Host {
     type I64 = Vec<i64>;
 }
 
-/// GPU memory: what the CUDA primitives compute on and NCCL moves.
+/// GPU memory: what the CUDA primitives compute on and NCCL moves, each buffer from its GPU's
+/// [`Workspace`].
 pub struct Device;
 impl Memory for Device {
-    type F32 = cudarc::driver::CudaSlice<f32>;
-    type I64 = cudarc::driver::CudaSlice<i64>;
+    type F32 = DeviceBuf<f32>;
+    type I64 = DeviceBuf<i64>;
+}
+
+pub use workspace::{DeviceBuf, Workspace};
+
+mod workspace {
+    use crate::error::{Error, Result, Status};
+    use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchArgs, PushKernelArg};
+    use parking_lot::Mutex;
+    use std::collections::HashMap;
+    use std::marker::PhantomData;
+    use std::ops::Range;
+    use std::sync::Arc;
+
+    /// One GPU's step buffers, kept from step to step: a buffer dropped comes back here under its
+    /// purpose and is handed out again for the same purpose when large enough, so once a step of
+    /// a shape has run, the next makes no device allocation (a step is the same sequence of
+    /// purposes every time), nor does a step up to half as large. Outside that, the purpose's
+    /// buffers go back to the memory pool and a new one is allocated: no step holds more than
+    /// twice what it uses. Everything runs on the GPU's one stream, so a buffer reused by the
+    /// next step's work is ordered after the last step's.
+    pub struct Workspace {
+        stream: Arc<CudaStream>,
+        free: Mutex<HashMap<&'static str, Vec<CudaSlice<u8>>>>,
+    }
+
+    impl Workspace {
+        pub fn new(stream: Arc<CudaStream>) -> Arc<Workspace> {
+            Arc::new(Workspace { stream, free: Mutex::new(HashMap::new()) })
+        }
+
+        pub fn stream(&self) -> &Arc<CudaStream> {
+            &self.stream
+        }
+
+        /// `len` values for `purpose`, not initialised: for buffers whose first writer covers
+        /// them in full.
+        pub fn take<T: DeviceRepr>(self: &Arc<Self>, len: usize, purpose: &'static str) -> Result<DeviceBuf<T>> {
+            let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| Error::invalid(format!("{purpose}: {len} values overflow")))?.max(1);
+            let reused = {
+                let mut free = self.free.lock();
+                let list = free.entry(purpose).or_default();
+                let at = list.iter().position(|b| b.len() >= bytes && b.len() / 2 <= bytes);
+                if at.is_none() {
+                    // Too small, or more than twice too large (kept from a larger step, a refused
+                    // one perhaps): back to the pool, where the new buffer may take its memory.
+                    list.clear();
+                }
+                at.map(|i| list.swap_remove(i))
+            };
+            let raw = match reused {
+                Some(raw) => raw,
+                None => self.allocate(bytes, purpose)?,
+            };
+            Ok(DeviceBuf { raw: Some(raw), len, purpose, home: self.clone(), _values: PhantomData })
+        }
+
+        /// A new buffer; when the device is full, the buffers kept for other purposes go back to
+        /// the memory pool (once the stream has reached their frees) and the allocation is tried
+        /// once more.
+        fn allocate(&self, bytes: usize, purpose: &'static str) -> Result<CudaSlice<u8>> {
+            // SAFETY: handed out as `take` documents: written before it is read.
+            let attempt = || unsafe { self.stream.alloc::<u8>(bytes) };
+            attempt()
+                .or_else(|e| {
+                    if self.free.lock().drain().count() == 0 {
+                        return Err(e);
+                    }
+                    self.stream.synchronize()?;
+                    attempt()
+                })
+                .map_err(|e| {
+                    Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {purpose} ({bytes} bytes): {e}", self.stream.context().ordinal()))
+                })
+        }
+
+        /// `host` in a buffer for `purpose`.
+        pub fn upload<T: DeviceRepr>(self: &Arc<Self>, host: &[T], purpose: &'static str) -> Result<DeviceBuf<T>> {
+            let mut buf = self.take::<T>(host.len(), purpose)?;
+            if !host.is_empty() {
+                self.stream.memcpy_htod(host, &mut buf.view_mut()).map_err(|e| Error::new(Status::Device, format!("CUDA upload of {purpose}: {e}")))?;
+            }
+            Ok(buf)
+        }
+
+        /// Bytes held by buffers not in use.
+        pub fn idle_bytes(&self) -> usize {
+            self.free.lock().values().flatten().map(|b| b.len()).sum()
+        }
+    }
+
+    /// `len` values of `T` in a [`Workspace`] buffer, which it returns to on drop.
+    pub struct DeviceBuf<T> {
+        raw: Option<CudaSlice<u8>>,
+        len: usize,
+        purpose: &'static str,
+        home: Arc<Workspace>,
+        _values: PhantomData<T>,
+    }
+
+    impl<T: DeviceRepr> DeviceBuf<T> {
+        pub fn len(&self) -> usize {
+            self.len
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.len == 0
+        }
+
+        fn raw(&self) -> &CudaSlice<u8> {
+            self.raw.as_ref().expect("present until drop")
+        }
+
+        pub fn view(&self) -> CudaView<'_, T> {
+            // SAFETY: the buffer holds at least `len` values of T, aligned as every allocation is.
+            unsafe { self.raw().transmute::<T>(self.len) }.expect("the buffer holds len values")
+        }
+
+        pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+            let len = self.len;
+            // SAFETY: as in `view`.
+            unsafe { self.raw.as_mut().expect("present until drop").transmute_mut::<T>(len) }.expect("the buffer holds len values")
+        }
+
+        pub fn slice(&self, range: Range<usize>) -> CudaView<'_, T> {
+            assert!(range.end <= self.len, "{range:?} outside {} values of {}", self.len, self.purpose);
+            self.view().slice(range)
+        }
+
+        pub fn slice_mut(&mut self, range: Range<usize>) -> CudaViewMut<'_, T> {
+            assert!(range.end <= self.len, "{range:?} outside {} values of {}", self.len, self.purpose);
+            let mut whole = self.view_mut();
+            let part = whole.slice_mut(range);
+            // SAFETY: `part` borrows `whole`, a view of memory this buffer holds while `self` is
+            // borrowed mutably, which the returned lifetime keeps.
+            unsafe { std::mem::transmute::<CudaViewMut<'_, T>, CudaViewMut<'_, T>>(part) }
+        }
+
+        /// The device address, for cuBLAS and NCCL.
+        pub fn ptr(&self) -> u64 {
+            self.raw().device_ptr(&self.home.stream).0
+        }
+    }
+
+    impl<T> Drop for DeviceBuf<T> {
+        fn drop(&mut self) {
+            if let Some(raw) = self.raw.take() {
+                self.home.free.lock().entry(self.purpose).or_default().push(raw);
+            }
+        }
+    }
+
+    // SAFETY: the kernel receives the buffer's device address, as for the CudaSlice it wraps.
+    unsafe impl<'a, 'b: 'a, T> PushKernelArg<&'b DeviceBuf<T>> for LaunchArgs<'a> {
+        fn arg(&mut self, arg: &'b DeviceBuf<T>) -> &mut Self {
+            self.arg(arg.raw.as_ref().expect("present until drop"))
+        }
+    }
+
+    // SAFETY: as above.
+    unsafe impl<'a, 'b: 'a, T> PushKernelArg<&'b mut DeviceBuf<T>> for LaunchArgs<'a> {
+        fn arg(&mut self, arg: &'b mut DeviceBuf<T>) -> &mut Self {
+            self.arg(arg.raw.as_ref().expect("present until drop"))
+        }
+    }
 }

@@ -22,9 +22,10 @@ pub trait Primitives: ShardState + Send {
     /// Each local shard's rows (embeddings as f32, labels) in this backend's memory. Host batches
     /// come validated; device batches are validated here.
     fn load(&mut self, batches: Batches<'_, '_>) -> Result<Vec<Rows<Self::Mem>>>;
-    /// Buffers of `len` values for shard `shard`'s collectives.
-    fn alloc_f32(&mut self, shard: usize, len: usize, what: &str) -> Result<F32Buf<Self::Mem>>;
-    fn alloc_i64(&mut self, shard: usize, len: usize, what: &str) -> Result<I64Buf<Self::Mem>>;
+    /// Buffers of `len` values for shard `shard`'s collectives, each written in full by the
+    /// collective that takes it (its contents are not initialised).
+    fn alloc_f32(&mut self, shard: usize, len: usize, what: &'static str) -> Result<F32Buf<Self::Mem>>;
+    fn alloc_i64(&mut self, shard: usize, len: usize, what: &'static str) -> Result<I64Buf<Self::Mem>>;
     /// Picks the classes the shard uses this step from the global batch's labels (SPEC §1.3);
     /// returns how many.
     fn sample(&mut self, shard: usize, labels: &I64Buf<Self::Mem>, plan: StepPlan) -> Result<u64>;
@@ -37,6 +38,12 @@ pub trait Primitives: ShardState + Send {
     fn rescale_sums(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &mut F32Buf<Self::Mem>) -> Result<()>;
     /// The reduced statistics (the same on every shard), copied to the host.
     fn read_stats(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &F32Buf<Self::Mem>, n: usize) -> Result<RowStats>;
+    /// Where the statistics stay in the backend's memory (no caller asked for them): whether the
+    /// backend checks the loss's finiteness there, as part of the shard's verdict in `finite`, so
+    /// that nothing waits for the statistics. False: the driver reads them and checks it.
+    fn defer_loss_check(&mut self, _shard: usize, _maxes: &F32Buf<Self::Mem>, _sums: &F32Buf<Self::Mem>) -> Result<bool> {
+        Ok(false)
+    }
     /// Whether what the forward pass left proves, before any gradient exists, that this shard's
     /// gradients will all be finite and that an optimizer step at `lr` over them keeps every
     /// center finite and normalizable, nothing being accumulated before it. Where every shard of
@@ -53,7 +60,9 @@ pub trait Primitives: ShardState + Send {
     /// Back through the normalization of rows `[first_row, first_row + rows)` of the global
     /// batch, times `world` (SPEC §1.8): the shard's returned gradient, still in its memory.
     fn embedding_grad(&mut self, shard: usize, summed: F32Buf<Self::Mem>, first_row: usize, rows: usize, world: f32) -> Result<F32Buf<Self::Mem>>;
-    /// Whether the shard's pending center gradients and `grad` (its embedding gradient) are finite.
+    /// Whether the shard's pending center gradients and `grad` (its embedding gradient) are finite;
+    /// an error for what the backend found wrong in the step itself (a deferred check: the loss,
+    /// `defer_loss_check`).
     fn finite(&mut self, shard: usize, grad: &F32Buf<Self::Mem>) -> Result<bool>;
     /// Copies each local shard's embedding gradient to the caller's buffers.
     fn write_grads(&mut self, grads: &[F32Buf<Self::Mem>], out: Outputs<'_, '_>) -> Result<()>;

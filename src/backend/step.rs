@@ -13,6 +13,10 @@ pub struct StepPlan {
     pub sample_rate: f32,
     /// Keep what the backward pass needs; false for evaluation.
     pub train: bool,
+    /// The caller takes the loss and accuracy, so the statistics come to the host; without, a
+    /// backend that can check the loss's finiteness where the statistics are does so
+    /// (`Primitives::defer_loss_check`) and the call need not wait for them.
+    pub stats: bool,
 }
 
 /// Per-row softmax statistics over all shards' sampled columns, after the all-reduces, on the host.

@@ -159,13 +159,16 @@ pub use collectives::NcclCollectives;
 /// equal-count all-gather and reduce-scatter, then compacted on the device.
 mod collectives {
     use super::*;
-    use crate::memory::{Device, Memory};
+    use crate::memory::{Device, DeviceBuf, Memory, Workspace};
     use crate::comm::group::ProcessGroup;
     use crate::comm::{Collectives, ReduceOp};
-    use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+    use cudarc::driver::{CudaStream, DeviceRepr};
     use std::sync::Arc;
 
     pub struct NcclCollectives {
+        /// Each local GPU's workspace, whose stream the collectives run on and whose buffers
+        /// they stage through.
+        work: Vec<Arc<Workspace>>,
         streams: Vec<Arc<CudaStream>>,
         /// One per local GPU; empty when the job is one GPU.
         comms: Vec<Comm>,
@@ -194,16 +197,13 @@ mod collectives {
         Error::new(Status::Device, format!("CUDA (collectives): {e}"))
     }
 
-    fn zeros<T: DeviceRepr + ValidAsZeroBits>(stream: &Arc<CudaStream>, n: usize, what: &str) -> Result<CudaSlice<T>> {
-        stream.alloc_zeros::<T>(n.max(1)).map_err(|e| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what}: {e}", stream.context().ordinal())))
-    }
-
     impl NcclCollectives {
         /// Communicators for the local GPUs (`streams`, global ranks `first_rank..`) of a job of
         /// `world` shards. The id comes from `nccl_id` (the host distributed it), from process 0
         /// through the group's all-gather, or is made here when the job is this process alone.
-        pub fn new(streams: Vec<Arc<CudaStream>>, world: usize, first_rank: usize, group: Arc<ProcessGroup>, nccl_id: Option<&[u8]>) -> Result<Self> {
-            let mut out = NcclCollectives { streams, comms: Vec::new(), world, first_rank, group };
+        pub fn new(work: Vec<Arc<Workspace>>, world: usize, first_rank: usize, group: Arc<ProcessGroup>, nccl_id: Option<&[u8]>) -> Result<Self> {
+            let streams = work.iter().map(|w| w.stream().clone()).collect();
+            let mut out = NcclCollectives { work, streams, comms: Vec::new(), world, first_rank, group };
             // A one-GPU job needs no communicator, unless the host formed it the NCCL way (a
             // one-rank communicator: how the NCCL path is exercised on a one-GPU machine).
             if world == 1 && nccl_id.is_none() {
@@ -255,7 +255,7 @@ mod collectives {
         }
 
         /// `parts[i]` (rows[rank]·width values each rank) gathered into every `out[i]`.
-        fn gather<T: DeviceRepr + ValidAsZeroBits>(&self, local: &[CudaSlice<T>], rows: &[u64], width: usize, out: &mut [CudaSlice<T>], dtype: c_int) -> Result<()> {
+        fn gather<T: DeviceRepr>(&self, local: &[DeviceBuf<T>], rows: &[u64], width: usize, out: &mut [DeviceBuf<T>], dtype: c_int) -> Result<()> {
             let lens: Vec<usize> = rows.iter().map(|&r| r as usize * width).collect();
             if self.comms.is_empty() {
                 if lens[0] > 0 {
@@ -267,19 +267,19 @@ mod collectives {
             let widest = lens.iter().copied().max().unwrap_or(0).max(1);
             let mut sends = Vec::new();
             let mut recvs = Vec::new();
-            for (i, stream) in self.streams.iter().enumerate() {
-                let mut send = zeros::<T>(stream, widest, "all-gather send buffer")?;
+            // Slots of the widest size: what lies past a shorter rank's rows is sent and never read.
+            for (i, (stream, work)) in self.streams.iter().zip(&self.work).enumerate() {
+                let mut send = work.take::<T>(widest, "all-gather send buffer")?;
                 let mine = lens[self.first_rank + i];
                 if mine > 0 {
                     stream.memcpy_dtod(&local[i].slice(0..mine), &mut send.slice_mut(0..mine)).map_err(device)?;
                 }
                 sends.push(send);
-                recvs.push(zeros::<T>(stream, widest * self.world, "all-gather receive buffer (the global batch)")?);
+                recvs.push(work.take::<T>(widest * self.world, "all-gather receive buffer (the global batch)")?);
             }
             self.poisoned(grouped(lib, || {
                 for (i, stream) in self.streams.iter().enumerate() {
-                    let (s, _s) = sends[i].device_ptr(stream);
-                    let (r, _r) = recvs[i].device_ptr_mut(stream);
+                    let (s, r) = (sends[i].ptr(), recvs[i].ptr());
                     // SAFETY: `widest` elements sent, world × widest received, on the shard's stream.
                     let code = unsafe { (lib.all_gather)(s as *const _, r as *mut _, widest, dtype, self.comms[i], stream.cu_stream() as *mut _) };
                     lib.check("ncclAllGather", code)?;
@@ -317,13 +317,13 @@ mod collectives {
             }
             let mut local_bufs = Vec::new();
             let mut outs = Vec::new();
-            for stream in &self.streams {
-                local_bufs.push(stream.clone_htod(&record).map_err(device)?);
-                outs.push(zeros::<u8>(stream, RECORD * self.world, "agreement records")?);
+            for work in &self.work {
+                local_bufs.push(work.upload(&record, "agreement record")?);
+                outs.push(work.take::<u8>(RECORD * self.world, "agreement records")?);
             }
             let rows = vec![1u64; self.world];
             self.gather(&local_bufs, &rows, RECORD, &mut outs, NCCL_UINT8)?;
-            let all: Vec<u8> = self.streams[0].clone_dtoh(&outs[0]).map_err(device)?;
+            let all: Vec<u8> = self.streams[0].clone_dtoh(&outs[0].view()).map_err(device)?;
             for r in all.chunks_exact(RECORD) {
                 let word = |at: usize| u32::from_le_bytes(r[at..at + 4].try_into().expect("4 bytes"));
                 let code = word(0) as i32;
@@ -345,26 +345,30 @@ mod collectives {
         }
 
         fn gather_counts(&self, local: &[u64]) -> Result<Vec<u64>> {
-            if self.comms.is_empty() {
+            // Every shard of the job is here: the counts are on the host already.
+            if self.world == self.streams.len() {
                 return Ok(local.to_vec());
+            }
+            if !self.group.is_solo() {
+                return self.group.allgather_u64(local);
             }
             let mut mine = Vec::new();
             let mut outs = Vec::new();
-            for (i, stream) in self.streams.iter().enumerate() {
-                mine.push(stream.clone_htod(&local[i..i + 1]).map_err(device)?);
-                outs.push(zeros::<u64>(stream, self.world, "gathered counts")?);
+            for (i, work) in self.work.iter().enumerate() {
+                mine.push(work.upload(&local[i..i + 1], "count")?);
+                outs.push(work.take::<u64>(self.world, "gathered counts")?);
             }
             let rows = vec![1u64; self.world];
             self.gather(&mine, &rows, 1, &mut outs, NCCL_INT64)?;
-            let all: Vec<u64> = self.streams[0].clone_dtoh(&outs[0]).map_err(device)?;
+            let all: Vec<u64> = self.streams[0].clone_dtoh(&outs[0].view()).map_err(device)?;
             Ok(all[..self.world].to_vec())
         }
 
-        fn all_gather_f32(&self, local: &[CudaSlice<f32>], rows: &[u64], width: usize, out: &mut [CudaSlice<f32>]) -> Result<()> {
+        fn all_gather_f32(&self, local: &[DeviceBuf<f32>], rows: &[u64], width: usize, out: &mut [DeviceBuf<f32>]) -> Result<()> {
             self.gather(local, rows, width, out, NCCL_FLOAT32)
         }
 
-        fn all_gather_i64(&self, local: &[CudaSlice<i64>], rows: &[u64], out: &mut [CudaSlice<i64>]) -> Result<()> {
+        fn all_gather_i64(&self, local: &[DeviceBuf<i64>], rows: &[u64], out: &mut [DeviceBuf<i64>]) -> Result<()> {
             self.gather(local, rows, 1, out, NCCL_INT64)
         }
 
@@ -379,8 +383,7 @@ mod collectives {
             };
             self.poisoned(grouped(lib, || {
                 for (i, stream) in self.streams.iter().enumerate() {
-                    let count = bufs[i].len();
-                    let (p, _p) = bufs[i].device_ptr_mut(stream);
+                    let (count, p) = (bufs[i].len(), bufs[i].ptr());
                     // SAFETY: in-place all-reduce of `count` floats of a live buffer on its stream.
                     let code = unsafe { (lib.all_reduce)(p as *const _, p as *mut _, count, NCCL_FLOAT32, op, self.comms[i], stream.cu_stream() as *mut _) };
                     lib.check("ncclAllReduce", code)?;
@@ -389,7 +392,7 @@ mod collectives {
             }))
         }
 
-        fn reduce_scatter_sum(&self, bufs: &[CudaSlice<f32>], segments: &[std::ops::Range<usize>], out: &mut [CudaSlice<f32>]) -> Result<()> {
+        fn reduce_scatter_sum(&self, bufs: &[DeviceBuf<f32>], segments: &[std::ops::Range<usize>], out: &mut [DeviceBuf<f32>]) -> Result<()> {
             if self.comms.is_empty() {
                 let seg = segments[0].clone();
                 if !seg.is_empty() {
@@ -402,20 +405,19 @@ mod collectives {
             let widest = segments.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
             let mut sends = Vec::new();
             let mut recvs = Vec::new();
-            for (i, stream) in self.streams.iter().enumerate() {
-                let mut send = zeros::<f32>(stream, widest * self.world, "reduce-scatter send buffer")?;
+            for (i, (stream, work)) in self.streams.iter().zip(&self.work).enumerate() {
+                let mut send = work.take::<f32>(widest * self.world, "reduce-scatter send buffer")?;
                 for (rank, seg) in segments.iter().enumerate() {
                     if !seg.is_empty() {
                         stream.memcpy_dtod(&bufs[i].slice(seg.clone()), &mut send.slice_mut(rank * widest..rank * widest + seg.len())).map_err(device)?;
                     }
                 }
                 sends.push(send);
-                recvs.push(zeros::<f32>(stream, widest, "reduce-scatter receive buffer")?);
+                recvs.push(work.take::<f32>(widest, "reduce-scatter receive buffer")?);
             }
             self.poisoned(grouped(lib, || {
                 for (i, stream) in self.streams.iter().enumerate() {
-                    let (s, _s) = sends[i].device_ptr(stream);
-                    let (r, _r) = recvs[i].device_ptr_mut(stream);
+                    let (s, r) = (sends[i].ptr(), recvs[i].ptr());
                     // SAFETY: world × widest floats in, widest out, on the shard's stream.
                     let code = unsafe { (lib.reduce_scatter)(s as *const _, r as *mut _, widest, NCCL_FLOAT32, NCCL_SUM, self.comms[i], stream.cu_stream() as *mut _) };
                     lib.check("ncclReduceScatter", code)?;

@@ -429,8 +429,8 @@ fn train(head: *mut pfc_head, batches: *const pfc_batch, n: u32, stats: *mut pfc
     guard(|| {
         let mut h = lock(head)?;
         let s = match unsafe { batch_slices(&h, batches, n, true) }? {
-            Parsed::Host(mut slices) => h.compute(Batches::Host(&slices.inputs), Outputs::Host(&mut slices.grads), apply)?,
-            Parsed::Device(device) => h.compute(Batches::Device(&device), Outputs::Device(&device), apply)?,
+            Parsed::Host(mut slices) => h.compute(Batches::Host(&slices.inputs), Outputs::Host(&mut slices.grads), apply, !stats.is_null())?,
+            Parsed::Device(device) => h.compute(Batches::Device(&device), Outputs::Device(&device), apply, !stats.is_null())?,
         };
         write_stats(stats, s);
         Ok(())

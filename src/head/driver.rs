@@ -16,7 +16,7 @@ use crate::backend::{Primitives, ShardState};
 use crate::batch::{Batches, Outputs};
 use crate::comm::group::ProcessGroup;
 use crate::comm::Collectives;
-use crate::error::{Error, Result, Status};
+use crate::error::{Error, Result};
 use crate::memory::{F32Buf, Memory};
 use crate::sharding::ShardRange;
 use std::sync::Arc;
@@ -69,14 +69,6 @@ struct Forward<M: Memory> {
     /// Rows of every shard's batch, in global rank order.
     rows: Vec<u64>,
     eval: Evaluated,
-}
-
-
-fn non_finite(what: &str) -> Error {
-    Error::new(
-        Status::NonFinite,
-        format!("{what} is NaN or Inf (divergence: lower the learning rate, skip the batch or reload a checkpoint); nothing changed"),
-    )
 }
 
 /// One sample's exact log-softmax loss, with no clamp on the probability, from the non-target sum
@@ -175,14 +167,20 @@ impl<P: Primitives> Driver<P> {
             self.prims.rescale_sums(s, &maxes[s], &mut sums[s])?;
         }
         self.coll.all_reduce(crate::comm::ReduceOp::Sum, &mut sums)?;
-        let stats = self.prims.read_stats(0, &maxes[0], &sums[0], n)?;
+        // Deferred or not is the backend's choice, the same on every process whatever each asked.
+        let mut deferred = plan.train;
+        for s in 0..self.shards() {
+            deferred = deferred && self.prims.defer_loss_check(s, &maxes[s], &sums[s])?;
+        }
+        let stats = if plan.stats || !deferred { Some(self.prims.read_stats(0, &maxes[0], &sums[0], n)?) } else { None };
         let sampled_classes = self.coll.gather_counts(&sampled)?.iter().sum();
         self.times.reduce = t3.elapsed().as_secs_f64();
         self.prims.mark(phase::REDUCE, false);
-        let (loss, accuracy) = loss_and_accuracy(&stats);
-        // The statistics are the same on every process, so is this verdict.
-        if !loss.is_finite() {
-            return Err(non_finite("the loss"));
+        let (loss, accuracy) = stats.as_ref().map_or((f64::NAN, f64::NAN), loss_and_accuracy);
+        // The statistics are the same on every process, so is this verdict (or, deferred, the
+        // backward pass's).
+        if !deferred && !loss.is_finite() {
+            return Err(Error::non_finite("the loss"));
         }
         Ok(Forward { maxes, sums, rows, eval: Evaluated { loss, accuracy, global_batch: n as u64, sampled_classes } })
     }
@@ -255,7 +253,7 @@ impl<P: Primitives> Driver<P> {
             for (s, g) in grads.iter().enumerate() {
                 finite &= self.prims.finite(s, g)?;
             }
-            if finite { Ok(grads) } else { Err(non_finite("an embedding or center gradient")) }
+            if finite { Ok(grads) } else { Err(Error::non_finite("an embedding or center gradient")) }
         })();
         let grads = agreed(&*self.coll, local)?;
         self.times.scatter = t1.elapsed().as_secs_f64();
@@ -286,7 +284,7 @@ impl<P: Primitives> Driver<P> {
             }
             Ok(())
         });
-        let local = local.and_then(|()| if finite { Ok(()) } else { Err(non_finite("a center after this update")) });
+        let local = local.and_then(|()| if finite { Ok(()) } else { Err(Error::non_finite("a center after this update")) });
         let verdict = self.coll.agree(local);
         if verdict.is_err() {
             (0..done).for_each(|s| self.prims.unaccumulate(s));
@@ -348,7 +346,7 @@ impl<P: Primitives> StepDriver for Driver<P> {
             finite &= self.prims.update_is_finite(s, lr)?;
             Ok(())
         });
-        self.coll.agree(checked.and_then(|()| if finite { Ok(()) } else { Err(non_finite("a center after this update")) }))?;
+        self.coll.agree(checked.and_then(|()| if finite { Ok(()) } else { Err(Error::non_finite("a center after this update")) }))?;
         self.update(lr)?;
         Ok(true)
     }

@@ -137,14 +137,16 @@ impl Head {
         StepStats { loss: e.loss, accuracy: e.accuracy, step: self.step, global_batch: e.global_batch, sampled_classes: e.sampled_classes }
     }
 
-    fn plan(&self, train: bool) -> StepPlan {
-        StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: if train { self.cfg.sample_rate } else { 1.0 }, train }
+    fn plan(&self, train: bool, stats: bool) -> StepPlan {
+        StepPlan { step: self.step, seed: self.cfg.seed, sample_rate: if train { self.cfg.sample_rate } else { 1.0 }, train, stats }
     }
 
     /// Forward and backward on a batch per local shard: the embedding gradients into `out`, the
     /// sampled centers' gradients accumulated in the head; with `apply`, then one optimizer step
-    /// (and the step count advances). A collective call; all or nothing on every process.
-    pub fn compute(&mut self, batches: Batches<'_, '_>, out: Outputs<'_, '_>, apply: bool) -> Result<StepStats> {
+    /// (and the step count advances). A collective call; all or nothing on every process. Without
+    /// `stats` the loss and accuracy returned are NaN, and on a GPU the call returns once the
+    /// step's verdicts are in, without waiting for the rest of its work.
+    pub fn compute(&mut self, batches: Batches<'_, '_>, out: Outputs<'_, '_>, apply: bool, stats: bool) -> Result<StepStats> {
         self.group.check()?;
         let checked = self.check_batches(batches).and_then(|()| match (&batches, &out) {
             (Batches::Host(b), Outputs::Host(g)) => {
@@ -158,7 +160,7 @@ impl Head {
             (Batches::Device(_), Outputs::Device(_)) => Ok(()),
             _ => Err(Error::invalid("batches and gradient buffers must be in the same kind of memory")),
         });
-        let plan = self.plan(true);
+        let plan = self.plan(true, stats);
         let e = self.driver.compute(checked, batches, plan, out, apply.then_some(self.lr))?;
         if apply {
             self.step += 1;
@@ -169,7 +171,7 @@ impl Head {
     /// One training step (compute + apply): gradients into `grads` (one per local shard), sampled
     /// centers updated.
     pub fn train_step(&mut self, batches: &[HostBatch<'_>], grads: &mut [GradOut<'_>]) -> Result<StepStats> {
-        self.compute(Batches::Host(batches), Outputs::Host(grads), true)
+        self.compute(Batches::Host(batches), Outputs::Host(grads), true, true)
     }
 
     /// One optimizer step over the gradients accumulated by `compute`s, at the current learning
@@ -192,7 +194,7 @@ impl Head {
     pub fn evaluate_batches(&mut self, batches: Batches<'_, '_>) -> Result<StepStats> {
         self.group.check()?;
         let checked = self.check_batches(batches);
-        let e = self.driver.evaluate(checked, batches, self.plan(false))?;
+        let e = self.driver.evaluate(checked, batches, self.plan(false, true))?;
         Ok(self.stats(e))
     }
 

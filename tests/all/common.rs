@@ -374,3 +374,31 @@ impl StreamGate {
 pub fn test_tmpdir() -> std::path::PathBuf {
     std::env::var_os("PFC_TEST_TMPDIR").map_or_else(|| std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")), std::path::PathBuf::from)
 }
+
+/// The emulated driver's counters of GPU `device` (its `pfc_emu_counters`, tests/cuda-emulator/README.md),
+/// None for a GPU it lacks. Only where the emulation is the loaded driver.
+pub fn emu_counters(device: i32) -> Option<serde_json::Value> {
+    use std::ffi::{c_char, c_int, CStr};
+    // SAFETY: the emulated driver is already loaded (cudarc's); pfc_emu_counters writes at most
+    // `capacity` bytes.
+    unsafe {
+        let lib = libloading::Library::new("libcuda.so.1").unwrap();
+        let counters: libloading::Symbol<unsafe extern "C" fn(c_int, *mut c_char, usize) -> usize> = lib.get(b"pfc_emu_counters\0").unwrap();
+        let n = counters(device, std::ptr::null_mut(), 0);
+        if n == 0 {
+            return None;
+        }
+        let mut buf = vec![0u8; n];
+        assert_eq!(counters(device, buf.as_mut_ptr().cast(), n), n);
+        Some(serde_json::from_str(CStr::from_bytes_until_nul(&buf).unwrap().to_str().unwrap()).unwrap())
+    }
+}
+
+/// Counter `key` of `after` less that of `before`; `key` may be `launches.<kernel>`.
+pub fn counter_delta(before: &serde_json::Value, after: &serde_json::Value, key: &str) -> u64 {
+    let get = |v: &serde_json::Value| match key.split_once('.') {
+        Some((map, name)) => v[map][name].as_u64().unwrap_or(0),
+        None => v[key].as_u64().unwrap(),
+    };
+    get(after) - get(before)
+}

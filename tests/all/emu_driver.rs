@@ -11,13 +11,13 @@
 //! leaves its context unusable, so each runs in a process of its own (`worker`), whose stderr
 //! carries the emulation's report.
 
-use crate::common::{child_passed, child_test, emulator_dir, on_cuda, on_cuda_with, test_path, Rng, StreamGate};
+use crate::common::{child_passed, child_test, counter_delta as delta, emu_counters as counters, emulator_dir, on_cuda, on_cuda_with, test_path, Rng, StreamGate};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, CudaContext, CudaModule, CudaStream, DriverError, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use libloading::Library;
 use serde_json::Value;
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -527,32 +527,6 @@ fn the_pool_keeps_or_releases_freed_memory_by_its_threshold() {
         assert_eq!(set_pool_attribute(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH, 1), Err(err(CUresult::CUDA_ERROR_INVALID_VALUE)));
     }
     set_pool_attribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, threshold).unwrap();
-}
-
-/// The emulated driver's counters of GPU `device` (its `pfc_emu_counters`), None for a GPU it lacks.
-fn counters(device: c_int) -> Option<Value> {
-    // SAFETY: the emulated driver is already loaded (cudarc's); pfc_emu_counters writes at most
-    // `capacity` bytes.
-    unsafe {
-        let lib = Library::new("libcuda.so.1").unwrap();
-        let counters: libloading::Symbol<unsafe extern "C" fn(c_int, *mut c_char, usize) -> usize> = lib.get(b"pfc_emu_counters\0").unwrap();
-        let n = counters(device, std::ptr::null_mut(), 0);
-        if n == 0 {
-            return None;
-        }
-        let mut buf = vec![0u8; n];
-        assert_eq!(counters(device, buf.as_mut_ptr().cast(), n), n);
-        Some(serde_json::from_str(CStr::from_bytes_until_nul(&buf).unwrap().to_str().unwrap()).unwrap())
-    }
-}
-
-/// Counter `key` of `after` less that of `before`; `key` may be `launches.<kernel>`.
-fn delta(before: &Value, after: &Value, key: &str) -> u64 {
-    let get = |v: &Value| match key.split_once('.') {
-        Some((map, name)) => v[map][name].as_u64().unwrap_or(0),
-        None => v[key].as_u64().unwrap(),
-    };
-    get(after) - get(before)
 }
 
 #[test]

@@ -165,18 +165,9 @@ impl Nccl {
     }
 }
 
-/// The emulated driver's count of `name` launched on GPU `device` (its `pfc_emu_counters`).
+/// The emulated driver's count of `name` launched on GPU `device`.
 fn launches(device: usize, name: &str) -> u64 {
-    // SAFETY: the emulated driver is already loaded (cudarc's); pfc_emu_counters writes at most
-    // `capacity` bytes.
-    unsafe {
-        let lib = Library::new("libcuda.so.1").unwrap();
-        let counters: libloading::Symbol<unsafe extern "C" fn(c_int, *mut c_char, usize) -> usize> = lib.get(b"pfc_emu_counters\0").unwrap();
-        let mut buf = vec![0u8; counters(device as c_int, std::ptr::null_mut(), 0)];
-        counters(device as c_int, buf.as_mut_ptr().cast(), buf.len());
-        let json: serde_json::Value = serde_json::from_str(CStr::from_bytes_until_nul(&buf).unwrap().to_str().unwrap()).unwrap();
-        json["launches"][name].as_u64().unwrap_or(0)
-    }
+    crate::common::emu_counters(device as c_int).expect("an emulated GPU")["launches"][name].as_u64().unwrap_or(0)
 }
 
 /// This process's ranks `first..first + n` of a communicator of `world`, one per GPU

@@ -44,7 +44,7 @@ fn step(head: &mut Head, data: &[(Vec<f32>, Vec<i64>)], split: bool) -> Result<V
     let mut grads: Vec<Vec<f32>> = data.iter().map(|(e, _)| vec![0f32; e.len()]).collect();
     let mut outs: Vec<GradOut> = grads.iter_mut().map(|g| GradOut::F32(g)).collect();
     if split {
-        head.compute(Batches::Host(&inputs), Outputs::Host(&mut outs), false)?;
+        head.compute(Batches::Host(&inputs), Outputs::Host(&mut outs), false, true)?;
         head.apply()?;
     } else {
         head.train_step(&inputs, &mut outs)?;
@@ -107,7 +107,7 @@ fn accumulated_gradients_take_the_deferred_path() {
         let inputs: Vec<HostBatch> = first.iter().map(|(e, l)| HostBatch { embeddings: Embeddings::F32(e), labels: l }).collect();
         let mut grads: Vec<Vec<f32>> = first.iter().map(|(e, _)| vec![0f32; e.len()]).collect();
         let mut outs: Vec<GradOut> = grads.iter_mut().map(|g| GradOut::F32(g)).collect();
-        head.compute(Batches::Host(&inputs), Outputs::Host(&mut outs), false).unwrap();
+        head.compute(Batches::Host(&inputs), Outputs::Host(&mut outs), false, true).unwrap();
     }
     step(&mut a, &second, false).unwrap();
     assert!(!a.phase_times().update_in_backward, "a step over accumulated rows was fused");

@@ -264,7 +264,7 @@ fn cuda_evaluation_over_several_class_chunks_matches_cpu() {
 }
 
 /// One shard's f32 batch in device memory at these addresses, ordered on `stream`.
-fn device_batch(embeddings: u64, labels: u64, grad: u64, n: usize, stream: *mut std::ffi::c_void) -> pfc_batch {
+pub(crate) fn device_batch(embeddings: u64, labels: u64, grad: u64, n: usize, stream: *mut std::ffi::c_void) -> pfc_batch {
     pfc_batch {
         embeddings: embeddings as *const _,
         labels: labels as *const _,

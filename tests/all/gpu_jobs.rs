@@ -16,7 +16,7 @@ fn gpu_count() -> usize {
 
 /// Whether `want` GPUs are here for `job`; where not, says so — allowed on a GPU machine with
 /// fewer, never on the emulation, which offers four.
-fn has_gpus(want: usize, job: &str) -> bool {
+pub(crate) fn has_gpus(want: usize, job: &str) -> bool {
     let count = gpu_count();
     if count >= want {
         return true;
@@ -32,7 +32,7 @@ fn up_to(g: usize) -> Vec<i32> {
 }
 
 /// A CUDA head for `cfg` with one shard on each of `devices`.
-fn cuda_head(cfg: &pfc_config, devices: &[i32]) -> TestHead {
+pub(crate) fn cuda_head(cfg: &pfc_config, devices: &[i32]) -> TestHead {
     let mut c = *cfg;
     c.backend = PFC_BACKEND_CUDA;
     c.local_shards = devices.len() as u32;
@@ -44,7 +44,7 @@ fn cuda_head(cfg: &pfc_config, devices: &[i32]) -> TestHead {
 }
 
 /// gpu.rs's configuration on `shards` local shards.
-fn config(c: u64, d: usize, rate: f32, compute: i32, shards: usize) -> pfc_config {
+pub(crate) fn config(c: u64, d: usize, rate: f32, compute: i32, shards: usize) -> pfc_config {
     let mut cfg = crate::gpu::config(c, d, rate, compute);
     cfg.local_shards = shards as u32;
     cfg
@@ -453,7 +453,7 @@ fn a_process_out_of_device_memory_fails_the_step_everywhere() {
     // A process left waiting in a collective would wait for the emulated NCCL's timeout, cut short.
     let mut cmd = crate::native::mpirun(1);
     cmd.env("PFC_EMU_NCCL_TIMEOUT_S", "20").arg(parity).arg(&case.dir).arg("--expect-oom");
-    cmd.args([":", "-n", "1", "env", "PFC_EMU_DEVICE_MEMORY=160K"]).arg(parity).arg(&case.dir).arg("--expect-oom");
+    cmd.args([":", "-n", "1", "env", "PFC_EMU_DEVICE_MEMORY=80K"]).arg(parity).arg(&case.dir).arg("--expect-oom");
     let out = cmd.output().expect("mpirun");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "mpirun failed ({}):\n{text}", out.status);

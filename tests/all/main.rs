@@ -35,6 +35,7 @@ mod fused_update;
 mod golden;
 mod gpu;
 mod gpu_jobs;
+mod gpu_step;
 mod gpu_scripts;
 mod header;
 mod index;

@@ -50,6 +50,7 @@ static inline float __int_as_float(int v) { return pfc_emu_bits<float>(v); }
 static inline float __uint_as_float(unsigned v) { return pfc_emu_bits<float>(v); }
 static inline int __float_as_int(float v) { return pfc_emu_bits<int>(v); }
 static inline unsigned __float_as_uint(float v) { return pfc_emu_bits<unsigned>(v); }
+static inline long long __double_as_longlong(double v) { return pfc_emu_bits<long long>(v); }
 static inline int __popc(unsigned v) { return __builtin_popcount(v); }
 
 // f32 to IEEE binary16, round to nearest even (the GPU's cvt.rn.f16.f32).
@@ -58,9 +59,20 @@ static inline unsigned short pfc_emu_f32_to_f16(float v) {
     return pfc_emu_bits<unsigned short>(h);
 }
 
-// Real atomics: a grid's blocks run on several host threads at once.
+static inline float pfc_emu_f16_to_f32(unsigned short h) { return (float)pfc_emu_bits<_Float16>(h); }
+
+// Real atomics: a grid's blocks run on several host threads at once. Each returns the old value.
 static inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+static inline unsigned long long atomicOr(unsigned long long* p, unsigned long long v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+static inline unsigned long long atomicExch(unsigned long long* p, unsigned long long v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
+static inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+    unsigned long long old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
 
 template <class T>
 static inline T pfc_emu_shuffle(::pfc_emu::WarpOp op, unsigned mask, T var, int arg, int width) {

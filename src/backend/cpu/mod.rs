@@ -702,11 +702,11 @@ impl Primitives for CpuBackend {
             .collect()
     }
 
-    fn alloc_f32(&mut self, _shard: usize, len: usize, what: &str) -> Result<Vec<f32>> {
+    fn alloc_f32(&mut self, _shard: usize, len: usize, what: &'static str) -> Result<Vec<f32>> {
         try_zeroed(len, what)
     }
 
-    fn alloc_i64(&mut self, _shard: usize, len: usize, what: &str) -> Result<Vec<i64>> {
+    fn alloc_i64(&mut self, _shard: usize, len: usize, what: &'static str) -> Result<Vec<i64>> {
         try_zeroed(len, what)
     }
 

@@ -22,17 +22,29 @@ pub const REGISTRY: &[KernelSource] = &[
     KernelSource {
         file: "normalize.cu",
         source: include_str!("../../../kernels/normalize.cu"),
-        entries: &["normalize_rows", "gather_centers", "convert_f32"],
+        entries: &["normalize_rows", "gather_centers", "convert_f32", "verdict_reset", "check_batch", "describe_batch"],
     },
     KernelSource {
         file: "sampling.cu",
         source: include_str!("../../../kernels/sampling.cu"),
-        entries: &["mark_positives", "count_flags", "sample_keys", "radix_histogram", "count_selected", "compact_selected", "label_columns"],
+        entries: &[
+            "select_reset",
+            "sample_keys",
+            "mark_positives",
+            "select_count",
+            "radix_histogram",
+            "radix_pick",
+            "count_selected",
+            "compaction_offsets",
+            "compact_selected",
+            "all_classes",
+            "label_columns",
+        ],
     },
     KernelSource {
         file: "softmax.cu",
         source: include_str!("../../../kernels/softmax.cu"),
-        entries: &["target_logits", "row_stats", "combine_row_stats", "rescale_sums"],
+        entries: &["target_logits", "row_stats", "combine_row_stats", "rescale_sums", "check_loss"],
     },
     KernelSource {
         file: "init.cu",

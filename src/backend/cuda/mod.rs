@@ -4,8 +4,8 @@
 mod device;
 pub mod kernels;
 mod plan;
-mod select;
 mod step;
+mod verdict;
 
 pub(crate) use device::probe;
 pub use step::CudaBackend;

@@ -2,32 +2,38 @@
 //! the kernels of kernels/*.cu, cuBLAS for the three GEMMs; the step itself is the step
 //! driver's (src/head/driver.rs), the collectives NCCL's (src/comm/nccl.rs).
 //!
-//! Scope of this version: host batches are uploaded once; device batches are staged through the
-//! host for validation (labels in range, finite rows) and their gradients written back on the
-//! device; AdamW/SGD updates, the finiteness checks and gradient accumulation run on the GPU
-//! (accumulating a second compute before an apply merges the rows on the host).
+//! A step's buffers come from the GPU's workspace (`crate::memory::Workspace`), so that after the
+//! first step of a shape nothing is allocated; sampling, the validation of device batches and every
+//! finiteness check run on the device and leave their findings in the GPU's verdict record
+//! (`verdict.rs`), which the host reads where it must decide: once a step (`finite`), once more for
+//! device batches (`load`), and the sampled count where the labels may hold more positives than
+//! the negatives budget. Accumulating a second compute before an apply merges the rows on the host.
 
 use super::device::DeviceInfo;
 use super::kernels::{arch_of, cubin_for};
 use super::plan::{class_chunks, combine_grid, eval_chunk_bytes, stats_grid, STATS_COLUMNS, THREADS};
-use super::select::{check_selected, compaction_offsets, kth_largest};
-use crate::backend::step::{phase, softmax_factors, DeviceTimes, RowGrads, RowStats, StepPlan, Update};
+use super::verdict::{self, Verdict};
+use crate::backend::step::{phase, DeviceTimes, RowGrads, RowStats, StepPlan, Update};
 use crate::backend::{Primitives, ShardState};
-use crate::batch::{Batches, DeviceBatch, HostBatch, HostValues, Outputs};
+use crate::batch::{Batches, DeviceBatch, Outputs};
 use crate::config::{Config, DType, MarginGrad, OptimizerKind};
 use crate::error::{Error, Result, Status};
-use crate::memory::Device;
+use crate::memory::{Device, DeviceBuf, Workspace};
 use crate::rng;
 use crate::sharding::{sample_count, ShardRange};
 use crate::state::StateTensor;
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::CUevent;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::new(Status::Device, format!("CUDA {what}: {e}"))
+}
+
+fn internal(what: &str) -> Error {
+    Error::new(Status::Panic, format!("internal error: {what}"))
 }
 
 /// Block size of the compaction kernels (their counts are per block of this many classes).
@@ -40,6 +46,9 @@ fn grid_for(n: usize) -> LaunchConfig {
 fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
+
+/// The select's bookkeeping kernels: one thread.
+const ONE_THREAD: LaunchConfig = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
 
 fn dtype_code(d: DType) -> i32 {
     match d {
@@ -57,7 +66,7 @@ fn blas_type(d: DType) -> blas_sys::cudaDataType {
     }
 }
 
-/// One GPU's shard: its centers and optimizer state, and the step's scratch.
+/// One GPU's shard: its centers and optimizer state, the step's workspace and state.
 struct GpuShard {
     /// First, so that its events go before the stream and context they belong to.
     timing: std::cell::RefCell<Timing>,
@@ -65,25 +74,233 @@ struct GpuShard {
     /// What one evaluation chunk may take on this GPU (`eval_chunk_bytes`).
     eval_budget: usize,
     stream: Arc<CudaStream>,
+    work: Arc<Workspace>,
     blas: CudaBlas,
     functions: HashMap<&'static str, CudaFunction>,
     centers: CudaSlice<f32>,
     state: Vec<(StateTensor, CudaSlice<f32>)>,
     steps: Option<CudaSlice<u32>>,
-    /// This step's sampled classes (local rows) and their count; the rest is valid between
-    /// `forward` and `backward`.
-    k: usize,
-    n: usize,
-    sampled: Option<CudaSlice<u32>>,
-    step: Option<StepBuffers>,
-    /// This shard's row maxima before the all-reduce, for `rescale_sums` (training and evaluation).
-    local_max: Option<CudaSlice<f32>>,
-    /// This step's center gradients over `sampled`, and the accumulated ones since the last update.
-    pending: Option<DeviceRowGrads>,
+    /// What the device found wrong in the current step (`verdict.rs`), and the sampling select's
+    /// state and histogram: kept for the head's life, reset by kernels.
+    verdict: CudaSlice<u64>,
+    select: CudaSlice<u64>,
+    histogram: CudaSlice<u32>,
+    /// Where the current step is, and what it holds.
+    step: StepState,
+    /// The accumulated center gradients since the last update, how to take back the last
+    /// `accumulate`, and the update's verdict where the backward pass already checked it.
     accumulated: Option<DeviceRowGrads>,
     undo: Option<Undo>,
+    update_checked: Option<CheckedUpdate>,
 }
 
+/// A step between the primitives: each one takes the state the one before it left.
+enum StepState {
+    Idle,
+    Sampled { ids: DeviceBuf<u32>, k: usize },
+    /// Evaluation's forward pass: the shard's row maxima before the all-reduce, for `rescale_sums`.
+    Evaluated { local_max: DeviceBuf<f32> },
+    Forward(Box<Forward>),
+    Backward(Box<Backward>),
+}
+
+/// What the forward pass of a training step leaves for the backward pass.
+struct Forward {
+    n: usize,
+    k: usize,
+    ids: DeviceBuf<u32>,
+    unit: DeviceBuf<f32>,
+    unit_gemm: DeviceBuf<u8>,
+    inv_norm_e: DeviceBuf<f32>,
+    col: DeviceBuf<i32>,
+    w_gemm: DeviceBuf<u8>,
+    inv_norm_w: DeviceBuf<f32>,
+    cos: DeviceBuf<f32>,
+    target_logit: DeviceBuf<f32>,
+    target_slope: DeviceBuf<f32>,
+    local_max: DeviceBuf<f32>,
+}
+
+/// What the backward pass leaves: the embedding side of the normalization (`embedding_grad`),
+/// the center gradients until `accumulate`, and the learning rate at which it checked the update
+/// over exactly those rows (the verdict of which `finite` reads).
+struct Backward {
+    unit: DeviceBuf<f32>,
+    inv_norm_e: DeviceBuf<f32>,
+    pending: DeviceRowGrads,
+    update_checked_at: Option<f32>,
+}
+
+/// The update's verdict at a learning rate, over the accumulated rows.
+#[derive(Clone, Copy)]
+struct CheckedUpdate {
+    lr: f32,
+    finite: bool,
+}
+
+/// Sorted rows and their gradients on a GPU.
+struct DeviceRowGrads {
+    rows: DeviceBuf<u32>,
+    grads: DeviceBuf<f32>,
+    len: usize,
+}
+
+/// How to take back the last `accumulate`.
+enum Undo {
+    Moved,
+    Replaced(DeviceRowGrads),
+}
+
+/// The local GPUs' shards.
+pub struct CudaBackend {
+    cfg: Config,
+    ranges: Vec<ShardRange>,
+    shards: Vec<GpuShard>,
+}
+
+// SAFETY: CUDA handles are used by one thread at a time (the head's lock).
+unsafe impl Send for CudaBackend {}
+
+macro_rules! launch {
+    ($shard:expr, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f = $shard.f($name);
+        let mut b = $shard.stream.launch_builder(f);
+        $( b.arg($arg); )*
+        // SAFETY: the argument list matches the kernel's signature in kernels/*.cu.
+        unsafe { b.launch($cfg) }.map(|_| ()).map_err(|e| device_error($name, e))
+    }};
+}
+
+impl GpuShard {
+    fn f(&self, name: &str) -> &CudaFunction {
+        &self.functions[name]
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))
+    }
+
+    fn take<T: cudarc::driver::DeviceRepr>(&self, len: usize, what: &'static str) -> Result<DeviceBuf<T>> {
+        self.work.take(len, what)
+    }
+
+    /// The verdict record, read back: the one wait of a step on the device.
+    fn read_verdict(&self) -> Result<Verdict> {
+        let mut words = [0u64; verdict::WORDS];
+        self.stream.memcpy_dtoh(&self.verdict, &mut words).map_err(|e| device_error("reading the step's verdict", e))?;
+        Ok(Verdict(words))
+    }
+
+    fn reset_verdict(&self) -> Result<()> {
+        launch!(self, "verdict_reset", ONE_THREAD, &self.verdict)
+    }
+
+    /// `C (m×n, ld ldc) = op(A)·op(B)` in column-major terms, f32 output, `dtype` inputs, f32 compute.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(&self, transa: bool, transb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, c: u64, ldc: usize, dtype: DType, accumulate: bool) -> Result<()> {
+        let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
+        let (start, end) = self.timing.borrow_mut().next_gemm()?;
+        let stream = self.stream.cu_stream();
+        // SAFETY: live events of this shard's context, recorded on its stream.
+        unsafe { cudarc::driver::result::event::record(start, stream) }.map_err(|e| device_error("timing event", e))?;
+        // SAFETY: the pointers come from live allocations of at least the sizes the shapes address.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                op(transa),
+                op(transb),
+                m as i32,
+                n as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                a as *const _,
+                blas_type(dtype),
+                lda as i32,
+                b as *const _,
+                blas_type(dtype),
+                ldb as i32,
+                (&beta as *const f32).cast(),
+                c as *mut _,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                ldc as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| device_error("cuBLAS GEMM", e))?;
+        // SAFETY: as above.
+        unsafe { cudarc::driver::result::event::record(end, stream) }.map_err(|e| device_error("timing event", e))
+    }
+
+    /// The optimizer kernel over `rows`: with `commit` the update, without it only the check (the
+    /// verdict's `UPDATE` set when a value would be non-finite or a row not normalizable).
+    fn launch_update(&self, rows: &DeviceRowGrads, cfg: &Config, lr: f32, commit: bool) -> Result<()> {
+        let (d32, opt) = (cfg.embedding_dim as i32, cfg.optimizer);
+        let (k32, commit) = (rows.len as i32, i32::from(commit));
+        match opt.kind {
+            OptimizerKind::Sgd => launch!(
+                self, "update_sgd", per_row(rows.len),
+                &self.centers, &self.state[0].1, &rows.rows, &rows.grads, &k32, &d32, &lr, &opt.momentum, &opt.weight_decay, &commit, &self.verdict
+            ),
+            OptimizerKind::AdamW => {
+                let steps = self.steps.as_ref().ok_or_else(|| internal("AdamW without step counts"))?;
+                launch!(
+                    self, "update_adamw", per_row(rows.len),
+                    &self.centers, &self.state[0].1, &self.state[1].1, steps, &rows.rows, &rows.grads, &k32, &d32, &lr, &opt.beta1, &opt.beta2, &opt.eps,
+                    &opt.weight_decay, &commit, &self.verdict
+                )
+            }
+        }
+    }
+
+    /// Sampling on the GPU (kernels/sampling.cu): the set src/sharding.rs `sample` picks, found
+    /// without leaving the device. `n` rows of labels; the host reads the sampled count only when
+    /// the positives may exceed the negatives budget.
+    fn sample(&mut self, labels: &DeviceBuf<i64>, n: usize, plan: StepPlan) -> Result<(DeviceBuf<u32>, usize)> {
+        let len = self.range.len as usize;
+        let (start, len64) = (self.range.start, self.range.len);
+        let budget = sample_count(plan.sample_rate, self.range.len) as usize;
+        if budget >= len {
+            let mut ids = self.take::<u32>(len, "sampled ids")?;
+            launch!(self, "all_classes", grid_for(len), &len64, &mut ids)?;
+            return Ok((ids, len));
+        }
+        let mut keys = self.take::<u64>(len, "sampling keys")?;
+        let stream = rng::stream(plan.seed, rng::PURPOSE_SAMPLING, plan.step);
+        let (n32, budget64) = (n as i32, budget as u64);
+        launch!(self, "select_reset", ONE_THREAD, &self.select, &self.histogram)?;
+        launch!(self, "sample_keys", grid_for(len), &stream, &start, &len64, &mut keys)?;
+        launch!(self, "mark_positives", grid_for(n), labels, &n32, &start, &len64, &mut keys, &self.select)?;
+        launch!(self, "select_count", ONE_THREAD, &self.select, &budget64)?;
+        // Positives are at most the rows; only where they may outnumber the budget is the count
+        // unknown here.
+        let k = if n <= budget {
+            budget
+        } else {
+            let mut count = [0u64];
+            let word = self.select.slice(verdict::SELECT_COUNT..verdict::SELECT_COUNT + 1);
+            self.stream.memcpy_dtoh(&word, &mut count).map_err(|e| device_error("reading the sampled count", e))?;
+            count[0] as usize
+        };
+        for pass in 0..8 {
+            let shift = 56 - 8 * pass;
+            launch!(self, "radix_histogram", grid_for(len.min(1 << 20)), &keys, &len64, &self.select, &shift, &self.histogram)?;
+            launch!(self, "radix_pick", ONE_THREAD, &self.select, &shift, &self.histogram)?;
+        }
+        let blocks = len.div_ceil(COMPACT_BLOCK as usize);
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (COMPACT_BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let mut above = self.take::<u32>(blocks, "sampling block counts")?;
+        let mut equal = self.take::<u32>(blocks, "sampling block counts")?;
+        launch!(self, "count_selected", cfg, &keys, &len64, &self.select, &mut above, &mut equal)?;
+        let blocks32 = blocks as u32;
+        launch!(self, "compaction_offsets", ONE_THREAD, &mut above, &mut equal, &blocks32, &self.select, &self.verdict)?;
+        let mut ids = self.take::<u32>(k, "sampled ids")?;
+        let capacity = k as u64;
+        launch!(self, "compact_selected", cfg, &keys, &len64, &self.select, &above, &equal, &mut ids, &capacity, &self.verdict)?;
+        Ok((ids, k))
+    }
+}
 /// CUDA events on a shard's stream around each phase and each GEMM, created once and re-recorded
 /// every step: the device's own time of the work, which the host only enqueues.
 struct Timing {
@@ -137,121 +354,6 @@ fn elapsed(start: CUevent, end: CUevent) -> f64 {
     unsafe { event::synchronize(end).and_then(|_| event::elapsed(start, end)) }.map_or(f64::NAN, |ms| ms as f64 / 1e3)
 }
 
-/// What the forward pass leaves on the device for the backward pass.
-struct StepBuffers {
-    unit: CudaSlice<f32>,
-    unit_gemm: CudaSlice<u8>,
-    inv_norm_e: CudaSlice<f32>,
-    col: CudaSlice<i32>,
-    w_gemm: CudaSlice<u8>,
-    inv_norm_w: CudaSlice<f32>,
-    cos: CudaSlice<f32>,
-    target_logit: CudaSlice<f32>,
-    target_slope: CudaSlice<f32>,
-}
-
-/// Sorted rows and their gradients on a GPU.
-struct DeviceRowGrads {
-    rows: CudaSlice<u32>,
-    grads: CudaSlice<f32>,
-    len: usize,
-}
-
-/// How to take back the last `accumulate`.
-enum Undo {
-    Moved,
-    Replaced(DeviceRowGrads),
-}
-
-/// The local GPUs' shards.
-pub struct CudaBackend {
-    cfg: Config,
-    ranges: Vec<ShardRange>,
-    shards: Vec<GpuShard>,
-}
-
-// SAFETY: CUDA handles are used by one thread at a time (the head's lock).
-unsafe impl Send for CudaBackend {}
-
-impl GpuShard {
-    fn f(&self, name: &str) -> &CudaFunction {
-        &self.functions[name]
-    }
-
-    fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize, what: &str) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| self.out_of_memory(n, what, e))
-    }
-
-    /// A step buffer that its first kernel, GEMM or copy writes in full before anything reads
-    /// it: not zeroed (at 10M classes zeroing such buffers cost ~9 GB of memsets a step). It comes
-    /// from the device's stream-ordered pool, which keeps what the previous step released.
-    fn scratch<T: cudarc::driver::DeviceRepr>(&self, n: usize, what: &str) -> Result<CudaSlice<T>> {
-        // SAFETY: callers use it only for buffers written in full before they are read.
-        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| self.out_of_memory(n, what, e))
-    }
-
-    /// `host` copied into a new device buffer. cudarc's `clone_htod` reports a buffer that does not
-    /// fit as a failed copy (PFC_ERR_DEVICE); here it is exhausted memory naming `what`, as for
-    /// every other step buffer.
-    fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T], what: &str) -> Result<CudaSlice<T>> {
-        let mut buf = self.scratch::<T>(host.len(), what)?;
-        if !host.is_empty() {
-            self.stream.memcpy_htod(host, &mut buf).map_err(|e| device_error("upload", e))?;
-        }
-        Ok(buf)
-    }
-
-    /// Drops what one step keeps between its primitives.
-    fn release_step(&mut self) {
-        self.sampled = None;
-        self.step = None;
-        self.local_max = None;
-        self.pending = None;
-    }
-
-    fn out_of_memory(&self, n: usize, what: &str, e: impl std::fmt::Display) -> Error {
-        Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what} ({n} elements): {e}", self.stream.context().ordinal()))
-    }
-
-    /// `C (m×n, ld ldc) = op(A)·op(B)` in column-major terms, f32 output, `dtype` inputs, f32 compute.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(&self, transa: bool, transb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, c: u64, ldc: usize, dtype: DType, accumulate: bool) -> Result<()> {
-        let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
-        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
-        let (start, end) = self.timing.borrow_mut().next_gemm()?;
-        let stream = self.stream.cu_stream();
-        // SAFETY: live events of this shard's context, recorded on its stream.
-        unsafe { cudarc::driver::result::event::record(start, stream) }.map_err(|e| device_error("timing event", e))?;
-        // SAFETY: the pointers come from live allocations of at least the sizes the shapes address.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                op(transa),
-                op(transb),
-                m as i32,
-                n as i32,
-                k as i32,
-                (&alpha as *const f32).cast(),
-                a as *const _,
-                blas_type(dtype),
-                lda as i32,
-                b as *const _,
-                blas_type(dtype),
-                ldb as i32,
-                (&beta as *const f32).cast(),
-                c as *mut _,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                ldc as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| device_error("cuBLAS GEMM", e))?;
-        // SAFETY: as above.
-        unsafe { cudarc::driver::result::event::record(end, stream) }.map_err(|e| device_error("timing event", e))
-    }
-}
-
 impl CudaBackend {
     /// The local shards of `cfg`'s job (global ranks `first_rank..`), one per device.
     pub fn new(cfg: &Config, devices: &[DeviceInfo]) -> Result<Self> {
@@ -275,14 +377,11 @@ impl CudaBackend {
                 }
             }
             let rows = range.len as usize;
-            let alloc = |n: usize, what: &str| {
-                stream.alloc_zeros::<f32>(n).map_err(|e| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what}: {e}", dev.ordinal)))
-            };
+            let oom = |what: &str, e: cudarc::driver::DriverError| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what}: {e}", dev.ordinal));
             // The CPU backend's initial centers, drawn on the device from (seed, class): nothing
             // crosses the bus (at 10M classes the host's draw and upload took tens of seconds).
             // SAFETY: `init_centers` writes every value before anything reads it.
-            let mut centers = unsafe { stream.alloc::<f32>((rows * d).max(1)) }
-                .map_err(|e| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate the class centers: {e}", dev.ordinal)))?;
+            let mut centers = unsafe { stream.alloc::<f32>((rows * d).max(1)) }.map_err(|e| oom("the class centers", e))?;
             {
                 let base = rng::purpose_base(cfg.seed, rng::PURPOSE_INIT);
                 let (start, rows64, d32) = (range.start, rows as u64, d as i32);
@@ -293,134 +392,75 @@ impl CudaBackend {
             }
             let state = StateTensor::for_optimizer(cfg.optimizer.kind)[1..]
                 .iter()
-                .map(|&t| Ok((t, alloc(rows * d, t.name())?)))
+                .map(|&t| Ok((t, stream.alloc_zeros::<f32>((rows * d).max(1)).map_err(|e| oom(t.name(), e))?)))
                 .collect::<Result<Vec<_>>>()?;
-            let steps = if cfg.optimizer.kind == OptimizerKind::AdamW {
-                Some(stream.alloc_zeros::<u32>(rows).map_err(|e| Error::new(Status::OutOfMemory, format!("step counts: {e}")))?)
-            } else {
-                None
+            let steps = match cfg.optimizer.kind {
+                OptimizerKind::AdamW => Some(stream.alloc_zeros::<u32>(rows.max(1)).map_err(|e| oom("step counts", e))?),
+                OptimizerKind::Sgd => None,
             };
+            let verdict = stream.alloc_zeros::<u64>(verdict::WORDS).map_err(|e| oom("the step's verdict", e))?;
+            let select = stream.alloc_zeros::<u64>(verdict::SELECT_WORDS).map_err(|e| oom("the sampling select", e))?;
+            let histogram = stream.alloc_zeros::<u32>(256).map_err(|e| oom("the sampling histogram", e))?;
             // SAFETY: the context's own device.
             let total = unsafe { cudarc::driver::result::device::total_mem(ctx.cu_device()) }.map_err(|e| device_error("device memory", e))?;
             shards.push(GpuShard {
                 range,
                 eval_budget: eval_chunk_bytes(total as u64),
+                work: Workspace::new(stream.clone()),
                 stream,
                 blas,
                 functions,
                 centers,
                 state,
                 steps,
-                k: 0,
-                n: 0,
-                sampled: None,
-                step: None,
-                local_max: None,
-                pending: None,
+                verdict,
+                select,
+                histogram,
+                step: StepState::Idle,
                 accumulated: None,
                 undo: None,
+                update_checked: None,
                 timing: std::cell::RefCell::new(Timing::new()?),
             });
         }
         Ok(CudaBackend { cfg: cfg.clone(), ranges, shards })
     }
 
-    /// The shards' streams, in rank order: the collectives run on them.
-    pub fn streams(&self) -> Vec<Arc<CudaStream>> {
-        self.shards.iter().map(|s| s.stream.clone()).collect()
+    /// The shards' workspaces, in rank order: the collectives run on their streams and take
+    /// their buffers from them.
+    pub fn workspaces(&self) -> Vec<Arc<Workspace>> {
+        self.shards.iter().map(|s| s.work.clone()).collect()
     }
 
-    /// Runs `f` on the GPUs of `batches`' shards with the host copies of device batches, after
-    /// the callers' streams: device batches are validated where host ones are, on the host.
-    fn stage(&mut self, batches: &[DeviceBatch]) -> Result<Vec<(HostValues, Vec<i64>)>> {
-        use cudarc::driver::result::{memcpy_dtoh_async, stream};
-        let dim = self.cfg.embedding_dim;
-        let mut staged = Vec::with_capacity(batches.len());
+    /// Each shard's rows of a caller's device batch, after the caller's stream: the embeddings
+    /// converted to f32 and checked where they lie, the labels copied; the checks' verdict is the
+    /// one value read back.
+    fn load_device(&mut self, batches: &[DeviceBatch]) -> Result<Vec<(DeviceBuf<f32>, DeviceBuf<i64>)>> {
+        let (d, classes) = (self.cfg.embedding_dim, self.cfg.num_classes);
+        let mut out = Vec::with_capacity(batches.len());
         for (shard, b) in self.shards.iter().zip(batches) {
-            shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-            let ours = shard.stream.cu_stream();
-            after_caller(caller_stream(b.stream), ours)?;
-            let mut embeddings = HostValues::zeros(b.dtype, b.rows * dim);
-            let mut labels = vec![0i64; b.rows];
+            shard.bind()?;
+            after_caller(caller_stream(b.stream), shard.stream.cu_stream())?;
+            let mut emb = shard.take::<f32>(b.rows * d, "the batch's embeddings")?;
+            let labels = shard.take::<i64>(b.rows, "the batch's labels")?;
             if b.rows > 0 {
-                // SAFETY: the caller's pointers hold `rows` labels and `rows × dim` values on this GPU.
-                unsafe {
-                    match &mut embeddings {
-                        HostValues::F32(v) => memcpy_dtoh_async(v, b.embeddings, ours),
-                        HostValues::F16(v) => memcpy_dtoh_async(v, b.embeddings, ours),
-                        HostValues::BF16(v) => memcpy_dtoh_async(v, b.embeddings, ours),
-                    }
-                    .map_err(|e| device_error("copying device embeddings", e))?;
-                    memcpy_dtoh_async(&mut labels, b.labels, ours).map_err(|e| device_error("copying device labels", e))?;
-                    stream::synchronize(ours).map_err(|e| device_error("synchronize", e))?;
-                }
+                let bytes = b.rows * std::mem::size_of::<i64>();
+                // SAFETY: the caller's pointer holds `rows` labels on this GPU; ours as many.
+                unsafe { cudarc::driver::result::memcpy_dtod_async(labels.ptr(), b.labels, bytes, shard.stream.cu_stream()) }
+                    .map_err(|e| device_error("copying device labels", e))?;
+                let (rows32, d32, dt, max_norm) = (b.rows as i32, d as i32, dtype_code(b.dtype), crate::limits::MAX_ROW_NORM);
+                let src = b.embeddings;
+                launch!(shard, "check_batch", per_row(b.rows), &src, &dt, &labels, &rows32, &d32, &classes, &max_norm, &mut emb, &shard.verdict)?;
+                launch!(shard, "describe_batch", ONE_THREAD, &labels, &emb, &d32, &shard.verdict)?;
             }
-            staged.push((embeddings, labels));
+            out.push((emb, labels));
         }
-        let views: Vec<HostBatch> = staged.iter().map(|(e, l)| HostBatch { embeddings: e.as_embeddings(), labels: l }).collect();
-        crate::batch::validate(&views, self.cfg.num_classes, dim)?;
-        Ok(staged)
-    }
-}
-
-macro_rules! launch {
-    ($shard:expr, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let f = $shard.f($name);
-        let mut b = $shard.stream.launch_builder(f);
-        $( b.arg($arg); )*
-        // SAFETY: the argument list matches the kernel's signature in kernels/*.cu.
-        unsafe { b.launch($cfg) }.map(|_| ()).map_err(|e| device_error($name, e))
-    }};
-}
-
-impl GpuShard {
-    /// Sampling on the GPU (kernels/sampling.cu): the set src/sharding.rs `sample` picks.
-    fn sample(&mut self, labels: &CudaSlice<i64>, n: usize, plan: StepPlan) -> Result<()> {
-        let len = self.range.len as usize;
-        let (start, len64) = (self.range.start, self.range.len);
-        let mut positive = self.zeros::<u8>(len, "positive flags")?;
-        let n32 = n as i32;
-        launch!(self, "mark_positives", grid_for(n), labels, &n32, &start, &len64, &mut positive)?;
-        let want = sample_count(plan.sample_rate, self.range.len) as usize;
-        if want >= len {
-            let all: Vec<u32> = (0..len as u32).collect();
-            self.sampled = Some(self.upload(&all, "sampled ids")?);
-            self.k = len;
-            return Ok(());
+        for (s, shard) in self.shards.iter().enumerate() {
+            if batches[s].rows > 0 {
+                shard.read_verdict()?.batch(s, classes)?;
+            }
         }
-        let stream = rng::stream(plan.seed, rng::PURPOSE_SAMPLING, plan.step);
-        let mut keys = self.scratch::<u64>(len, "sampling keys")?;
-        launch!(self, "sample_keys", grid_for(len), &stream, &start, &len64, &positive, &mut keys)?;
-        // The k-th largest key, one byte at a time from the top (positives carry the largest key).
-        let positives = {
-            let mut count = self.zeros::<u32>(1, "positive count")?;
-            launch!(self, "count_flags", grid_for(len.min(1 << 20)), &positive, &len64, &mut count)?;
-            self.stream.clone_dtoh(&count).map_err(|e| device_error("download", e))?[0] as usize
-        };
-        let k = want.max(positives);
-        // One histogram for the eight passes, zeroed before each (its kernel adds atomically).
-        let mut hist = self.zeros::<u32>(256, "radix histogram")?;
-        let (threshold, take_equal) = kth_largest(k as u64, |prefix, mask, shift| {
-            self.stream.memset_zeros(&mut hist).map_err(|e| device_error("memset", e))?;
-            launch!(self, "radix_histogram", grid_for(len.min(1 << 20)), &keys, &len64, &prefix, &mask, &shift, &mut hist)?;
-            self.stream.clone_dtoh(&hist).map_err(|e| device_error("download", e))
-        })?;
-        let blocks = len.div_ceil(COMPACT_BLOCK as usize);
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (COMPACT_BLOCK, 1, 1), shared_mem_bytes: 0 };
-        let mut above = self.scratch::<u32>(blocks, "block counts")?;
-        let mut equal = self.scratch::<u32>(blocks, "block counts")?;
-        launch!(self, "count_selected", cfg, &keys, &len64, &threshold, &mut above, &mut equal)?;
-        let above_h: Vec<u32> = self.stream.clone_dtoh(&above).map_err(|e| device_error("download", e))?;
-        let equal_h: Vec<u32> = self.stream.clone_dtoh(&equal).map_err(|e| device_error("download", e))?;
-        let (sel_before, eq_before, total) = compaction_offsets(&above_h, &equal_h, take_equal);
-        check_selected(total, k)?;
-        let sel_d = self.upload(&sel_before, "block offsets")?;
-        let eq_d = self.upload(&eq_before, "block offsets")?;
-        let mut out = self.scratch::<u32>(k, "sampled ids")?;
-        launch!(self, "compact_selected", cfg, &keys, &len64, &threshold, &take_equal, &sel_d, &eq_d, &mut out)?;
-        self.sampled = Some(out);
-        self.k = k;
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -431,48 +471,46 @@ impl Primitives for CudaBackend {
         &self.ranges
     }
 
-    fn load(&mut self, batches: Batches<'_, '_>) -> Result<Vec<(CudaSlice<f32>, CudaSlice<i64>)>> {
-        // A step that failed on one shard leaves the others' forward buffers (the cosines above
-        // all) and pending gradients behind; a new step must not hold them beside its own.
+    fn load(&mut self, batches: Batches<'_, '_>) -> Result<Vec<(DeviceBuf<f32>, DeviceBuf<i64>)>> {
+        // A step that failed on one shard leaves the others' step state (the cosines above all)
+        // behind: its buffers go back to the workspace before this step takes its own.
         for shard in &mut self.shards {
-            shard.release_step();
+            shard.step = StepState::Idle;
+            shard.bind()?;
+            shard.reset_verdict()?;
         }
-        let staged;
-        let host: Vec<HostBatch> = match batches {
-            Batches::Host(b) => b.to_vec(),
-            Batches::Device(b) => {
-                staged = self.stage(b)?;
-                staged.iter().map(|(e, l)| HostBatch { embeddings: e.as_embeddings(), labels: l }).collect()
-            }
-        };
-        let mut out = Vec::with_capacity(host.len());
-        for (shard, b) in self.shards.iter().zip(&host) {
-            let mut e = Vec::with_capacity(b.embeddings.len());
-            b.embeddings.extend_f32(&mut e);
-            let emb = if e.is_empty() { shard.zeros::<f32>(1, "embeddings")? } else { shard.upload(&e, "the batch's embeddings")? };
-            let labels = if b.labels.is_empty() { shard.zeros::<i64>(1, "labels")? } else { shard.upload(b.labels, "the batch's labels")? };
-            out.push((emb, labels));
+        match batches {
+            Batches::Device(b) => self.load_device(b),
+            Batches::Host(b) => self
+                .shards
+                .iter()
+                .zip(b)
+                .map(|(shard, b)| {
+                    let mut e = Vec::with_capacity(b.embeddings.len());
+                    b.embeddings.extend_f32(&mut e);
+                    Ok((shard.work.upload(&e, "the batch's embeddings")?, shard.work.upload(b.labels, "the batch's labels")?))
+                })
+                .collect(),
         }
-        Ok(out)
     }
 
-    fn alloc_f32(&mut self, shard: usize, len: usize, what: &str) -> Result<CudaSlice<f32>> {
-        self.shards[shard].zeros(len, what)
+    fn alloc_f32(&mut self, shard: usize, len: usize, what: &'static str) -> Result<DeviceBuf<f32>> {
+        self.shards[shard].take(len, what)
     }
 
-    fn alloc_i64(&mut self, shard: usize, len: usize, what: &str) -> Result<CudaSlice<i64>> {
-        self.shards[shard].zeros(len, what)
+    fn alloc_i64(&mut self, shard: usize, len: usize, what: &'static str) -> Result<DeviceBuf<i64>> {
+        self.shards[shard].take(len, what)
     }
 
-    fn sample(&mut self, shard: usize, labels: &CudaSlice<i64>, plan: StepPlan) -> Result<u64> {
-        let n = labels.len();
+    fn sample(&mut self, shard: usize, labels: &DeviceBuf<i64>, plan: StepPlan) -> Result<u64> {
         let g = &mut self.shards[shard];
-        g.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-        g.sample(labels, n, plan)?;
-        Ok(g.k as u64)
+        g.bind()?;
+        let (ids, k) = g.sample(labels, labels.len(), plan)?;
+        g.step = StepState::Sampled { ids, k };
+        Ok(k as u64)
     }
 
-    fn forward(&mut self, shard: usize, emb: CudaSlice<f32>, labels: &CudaSlice<i64>, plan: StepPlan) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    fn forward(&mut self, shard: usize, emb: DeviceBuf<f32>, labels: &DeviceBuf<i64>, plan: StepPlan) -> Result<(DeviceBuf<f32>, DeviceBuf<f32>)> {
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let m = &self.cfg.margin;
         let (s, filter) = (m.scale, m.interclass_filter);
@@ -483,172 +521,193 @@ impl Primitives for CudaBackend {
         let n = emb.len() / d;
         let (n32, d32) = (n as i32, d as i32);
         let shard = &mut self.shards[shard];
-        shard.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-        shard.n = n;
-        let mut unit = shard.scratch::<f32>(n * d, "normalized embeddings")?;
-        let mut unit_gemm = shard.scratch::<u8>(n * d * dtype.size(), "GEMM embeddings")?;
-        let mut inv_e = shard.scratch::<f32>(n, "embedding norms")?;
+        shard.bind()?;
+        let StepState::Sampled { ids, k } = std::mem::replace(&mut shard.step, StepState::Idle) else {
+            return Err(internal("forward before sampling"));
+        };
+        let mut unit = shard.take::<f32>(n * d, "normalized embeddings")?;
+        let mut unit_gemm = shard.take::<u8>(n * d * dtype.size(), "GEMM embeddings")?;
+        let mut inv_e = shard.take::<f32>(n, "embedding norms")?;
         launch!(shard, "normalize_rows", per_row(n), &emb, &n32, &d32, &mut unit, &mut unit_gemm, &dt, &mut inv_e)?;
         drop(emb);
-        let k = shard.k;
         let k32 = k as i32;
-        let sampled = shard.sampled.take().ok_or_else(|| Error::new(Status::Panic, "internal error: forward before sampling"))?;
-        let mut col = shard.scratch::<i32>(n, "label columns")?;
+        let mut col = shard.take::<i32>(n, "label columns")?;
         let (start, len64) = (shard.range.start, shard.range.len);
-        launch!(shard, "label_columns", grid_for(n), labels, &n32, &start, &len64, &sampled, &k32, &mut col)?;
+        launch!(shard, "label_columns", grid_for(n), labels, &n32, &start, &len64, &ids, &k32, &mut col)?;
         let center_bytes = d * dtype.size();
         let chunks = class_chunks(k, n, center_bytes, plan.train, shard.eval_budget);
         let widest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
         // Training keeps every sampled column for the backward pass; evaluation reuses one chunk's.
         let columns = if plan.train { k } else { widest };
-        let mut w_gemm = shard.scratch::<u8>(columns * center_bytes, "GEMM centers")?;
-        let mut inv_w = shard.scratch::<f32>(columns, "center norms")?;
-        let mut cos = shard.scratch::<f32>(columns * n, "cosines (sampled classes × global batch)")?;
-        let mut max_stats = shard.scratch::<f32>(3 * n, "row statistics")?;
-        let mut sum_stats = shard.scratch::<f32>(3 * n, "row statistics")?;
-        let mut slope = shard.scratch::<f32>(n, "target slopes")?;
-        let mut logit = shard.scratch::<f32>(n, "target logits")?;
+        // Evaluation's chunks are buffers of their own, so that evaluating between training steps
+        // does not resize the training step's.
+        let (w_what, inv_what, cos_what) = if plan.train {
+            ("GEMM centers", "center norms", "cosines (sampled classes × global batch)")
+        } else {
+            ("GEMM centers of an evaluation chunk", "center norms of an evaluation chunk", "cosines of an evaluation chunk (classes × global batch)")
+        };
+        let mut w_gemm = shard.take::<u8>(columns * center_bytes, w_what)?;
+        let mut inv_w = shard.take::<f32>(columns, inv_what)?;
+        let cos = shard.take::<f32>(columns * n, cos_what)?;
+        let mut max_stats = shard.take::<f32>(3 * n, "row statistics")?;
+        let mut sum_stats = shard.take::<f32>(3 * n, "row statistic sums")?;
+        let mut slope = shard.take::<f32>(n, "target slopes")?;
+        let mut local_max = shard.take::<f32>(n, "the shard's row maxima")?;
         {
-            let (mut head_max, mut rest) = max_stats.split_at_mut(n);
-            let (mut other, mut target_cos) = rest.split_at_mut(n);
-            let (mut sum, mut tail) = sum_stats.split_at_mut(n);
-            let (mut rest, mut target_logit) = tail.split_at_mut(n);
             let groups = widest.div_ceil(STATS_COLUMNS).max(1);
-            let mut part_max = shard.scratch::<f32>(groups * n, "partial statistics")?;
-            let mut part_sum = shard.scratch::<f32>(groups * n, "partial statistics")?;
-            let mut part_rest = shard.scratch::<f32>(groups * n, "partial statistics")?;
-            let mut part_other = shard.scratch::<f32>(groups * n, "partial statistics")?;
+            let mut part_max = shard.take::<f32>(groups * n, "partial maxima")?;
+            let mut part_sum = shard.take::<f32>(groups * n, "partial sums")?;
+            let mut part_rest = shard.take::<f32>(groups * n, "partial non-target sums")?;
+            let mut part_other = shard.take::<f32>(groups * n, "partial non-target cosines")?;
+            let mut maxes_view = max_stats.view_mut();
+            let (mut head_max, mut maxes_rest) = maxes_view.split_at_mut(n);
+            let (mut other, mut target_cos) = maxes_rest.split_at_mut(n);
+            let mut sums_view = sum_stats.view_mut();
+            let (mut sum, mut sums_rest) = sums_view.split_at_mut(n);
+            let (mut rest, mut target_logit) = sums_rest.split_at_mut(n);
             let cols = STATS_COLUMNS as i32;
-            let stream = shard.stream.clone();
             for (index, chunk) in chunks.iter().enumerate() {
                 let (first, count) = (chunk.start, chunk.len());
                 let at = if plan.train { first } else { 0 };
                 let (first32, count32, merge) = (first as i32, count as i32, i32::from(index > 0));
-                let ids = sampled.slice(first..first + count);
+                let chunk_ids = ids.slice(first..first + count);
                 let mut w = w_gemm.slice_mut(at * center_bytes..(at + count) * center_bytes);
                 let mut inv = inv_w.slice_mut(at..at + count);
-                launch!(shard, "gather_centers", per_row(count), &shard.centers, &ids, &count32, &d32, &mut w, &dt, &mut inv)?;
-                let mut c = cos.slice_mut(at * n..(at + count) * n);
-                {
-                    let (a, _ga) = unit_gemm.device_ptr(&stream);
-                    let (b, _gb) = w.device_ptr(&stream);
-                    let (cp, _gc) = c.device_ptr_mut(&stream);
-                    // cos [count][N] = Ŵ·X̂ᵀ; column-major: C (N×count) = X̂ᵀ(N×d)·Ŵ(d×count).
-                    shard.gemm(true, false, n, count, d, a, d, b, d, cp, n, dtype, false)?;
-                }
-                launch!(shard, "target_logits", grid_for(n), &mut c, &n32, &col, &first32, &count32, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
+                launch!(shard, "gather_centers", per_row(count), &shard.centers, &chunk_ids, &count32, &d32, &mut w, &dt, &mut inv)?;
+                let w_ptr = w_gemm.ptr() + (at * center_bytes) as u64;
+                let c_ptr = cos.ptr() + (at * n * 4) as u64;
+                // cos [count][N] = Ŵ·X̂ᵀ; column-major: C (N×count) = X̂ᵀ(N×d)·Ŵ(d×count).
+                shard.gemm(true, false, n, count, d, unit_gemm.ptr(), d, w_ptr, d, c_ptr, n, dtype, false)?;
+                let c = cos.slice(at * n..(at + count) * n);
+                launch!(shard, "target_logits", grid_for(n), &c, &n32, &col, &first32, &count32, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
                 let (gx, gy, gz) = stats_grid(n, count);
                 let cfg = LaunchConfig { grid_dim: (gx, gy, gz), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-                launch!(shard, "row_stats", cfg, &mut c, &count32, &n32, &col, &first32, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
+                launch!(shard, "row_stats", cfg, &c, &count32, &n32, &col, &first32, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
                 let parts32 = gy as i32;
                 let cfg = LaunchConfig { grid_dim: combine_grid(n), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
                 launch!(shard, "combine_row_stats", cfg, &part_max, &part_sum, &part_rest, &part_other, &parts32, &n32, &merge, &mut head_max, &mut sum, &mut rest, &mut other)?;
             }
-            shard.stream.memcpy_dtod(&target_logit, &mut logit).map_err(|e| device_error("copy", e))?;
+            shard.stream.memcpy_dtod(&head_max, &mut local_max.view_mut()).map_err(|e| device_error("copy", e))?;
         }
-        shard.local_max = Some(shard.stream.clone_dtod(&max_stats.slice(0..n)).map_err(|e| device_error("copy", e))?);
-        // Evaluation's buffers go now, not with the next step.
-        shard.step = plan.train.then_some(StepBuffers { unit, unit_gemm, inv_norm_e: inv_e, col, w_gemm, inv_norm_w: inv_w, cos, target_logit: logit, target_slope: slope });
-        shard.sampled = plan.train.then_some(sampled);
+        shard.step = if plan.train {
+            let mut target_logit = shard.take::<f32>(n, "target logits")?;
+            shard.stream.memcpy_dtod(&sum_stats.slice(2 * n..3 * n), &mut target_logit.view_mut()).map_err(|e| device_error("copy", e))?;
+            StepState::Forward(Box::new(Forward { n, k, ids, unit, unit_gemm, inv_norm_e: inv_e, col, w_gemm, inv_norm_w: inv_w, cos, target_logit, target_slope: slope, local_max }))
+        } else {
+            StepState::Evaluated { local_max }
+        };
         Ok((max_stats, sum_stats))
     }
 
-    fn rescale_sums(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &mut CudaSlice<f32>) -> Result<()> {
+    fn rescale_sums(&mut self, shard: usize, maxes: &DeviceBuf<f32>, sums: &mut DeviceBuf<f32>) -> Result<()> {
         let g = &self.shards[shard];
-        let n = g.n;
+        let local_max = match &g.step {
+            StepState::Forward(f) => &f.local_max,
+            StepState::Evaluated { local_max } => local_max,
+            _ => return Err(internal("rescale before forward")),
+        };
+        let n = local_max.len();
         let n32 = n as i32;
-        let local_max = g.local_max.as_ref().ok_or_else(|| Error::new(Status::Panic, "internal error: rescale before forward"))?;
         let global = maxes.slice(0..n);
-        let (mut sum, mut tail) = sums.split_at_mut(n);
+        let mut view = sums.view_mut();
+        let (mut sum, mut tail) = view.split_at_mut(n);
         let mut rest = tail.slice_mut(0..n);
         launch!(g, "rescale_sums", grid_for(n), local_max, &global, &mut sum, &mut rest, &n32)
     }
 
-    fn read_stats(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, n: usize) -> Result<RowStats> {
+    fn read_stats(&mut self, shard: usize, maxes: &DeviceBuf<f32>, sums: &DeviceBuf<f32>, n: usize) -> Result<RowStats> {
         let g = &self.shards[shard];
-        let maxes: Vec<f32> = g.stream.clone_dtoh(maxes).map_err(|e| device_error("download", e))?;
-        let sums: Vec<f32> = g.stream.clone_dtoh(sums).map_err(|e| device_error("download", e))?;
+        let maxes: Vec<f32> = g.stream.clone_dtoh(&maxes.view()).map_err(|e| device_error("download", e))?;
+        let sums: Vec<f32> = g.stream.clone_dtoh(&sums.view()).map_err(|e| device_error("download", e))?;
         Ok(RowStats::from_reduced(&maxes, &sums, n))
     }
 
-    fn backward(&mut self, shard: usize, maxes: &CudaSlice<f32>, sums: &CudaSlice<f32>, update: Update) -> Result<CudaSlice<f32>> {
+    fn defer_loss_check(&mut self, shard: usize, maxes: &DeviceBuf<f32>, sums: &DeviceBuf<f32>) -> Result<bool> {
+        let g = &self.shards[shard];
+        let n = maxes.len() / 3;
+        let n32 = n as i32;
+        launch!(g, "check_loss", grid_for(n), maxes, sums, &n32, &g.verdict)?;
+        Ok(true)
+    }
+
+    fn backward(&mut self, shard: usize, maxes: &DeviceBuf<f32>, sums: &DeviceBuf<f32>, update: Update) -> Result<DeviceBuf<f32>> {
         // This backend updates in `apply` only (it proves nothing beforehand).
         if let Update::Apply(_) = update {
-            return Err(Error::new(Status::Panic, "internal error: the CUDA backend was asked to update inside the backward pass"));
+            return Err(internal("the CUDA backend was asked to update inside the backward pass"));
         }
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let (s, filter) = (self.cfg.margin.scale, self.cfg.margin.interclass_filter);
         let g = &mut self.shards[shard];
-        g.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-        let (n, k) = (g.n, g.k);
+        g.bind()?;
+        let StepState::Forward(fwd) = std::mem::replace(&mut g.step, StepState::Idle) else {
+            return Err(internal("backward before forward"));
+        };
+        let Forward { n, k, ids, unit, unit_gemm, inv_norm_e, col, w_gemm, inv_norm_w, cos, target_logit, target_slope, .. } = *fwd;
         let (n32, d32, k32, dt) = (n as i32, d as i32, k as i32, dtype_code(dtype));
         let inv_batch = 1.0 / n as f32;
-        let step = g.step.take().ok_or_else(|| Error::new(Status::Panic, "internal error: backward before forward"))?;
-        let sum_host: Vec<f32> = g.stream.clone_dtoh(&sums.slice(0..2 * n)).map_err(|e| device_error("download", e))?;
-        let (inv_sum, non_target_mass) = softmax_factors(&sum_host, n);
-        let inv_sum_d = g.upload(&inv_sum, "softmax factors")?;
-        let mass_d = g.upload(&non_target_mass, "softmax factors")?;
         let row_max = maxes.slice(0..n);
-        let mut grad_cos = g.scratch::<u8>(k * n * dtype.size(), "cosine gradient")?;
-        launch!(g, "cos_gradient", grid_for(k * n), &step.cos, &k32, &n32, &step.col, &step.target_logit, &step.target_slope, &row_max, &inv_sum_d, &mass_d, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
-        let mut gx = g.scratch::<f32>(n * d, "embedding gradient")?;
-        let mut g_unit = g.scratch::<f32>(k * d, "center gradient")?;
-        {
-            let stream = g.stream.clone();
-            let (gp, _g) = grad_cos.device_ptr(&stream);
-            let (w, _w) = step.w_gemm.device_ptr(&stream);
-            let (x, _x) = step.unit_gemm.device_ptr(&stream);
-            let (gxp, _gxp) = gx.device_ptr_mut(&stream);
-            // gx [N][d] = Gᵀ·Ŵ; column-major: (d×N) = Ŵ(d×k)·G(k×N).
-            g.gemm(false, true, d, n, k, w, d, gp, n, gxp, d, dtype, false)?;
-            let (gu, _gu) = g_unit.device_ptr_mut(&stream);
-            // gŴ [k][d] = G·X̂; column-major: (d×k) = X̂(d×N)·G(N×k), G being [k][N] row-major.
-            g.gemm(false, false, d, k, n, x, d, gp, n, gu, d, dtype, false)?;
+        let two_sums = sums.slice(0..2 * n);
+        let mut grad_cos = g.take::<u8>(k * n * dtype.size(), "cosine gradient")?;
+        launch!(g, "cos_gradient", grid_for(k * n), &cos, &k32, &n32, &col, &target_logit, &target_slope, &row_max, &two_sums, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
+        drop(cos);
+        let gx = g.take::<f32>(n * d, "embedding gradient (global batch)")?;
+        let g_unit = g.take::<f32>(k * d, "gradient of the unit centers")?;
+        // gx [N][d] = Gᵀ·Ŵ; column-major: (d×N) = Ŵ(d×k)·G(k×N).
+        g.gemm(false, true, d, n, k, w_gemm.ptr(), d, grad_cos.ptr(), n, gx.ptr(), d, dtype, false)?;
+        // gŴ [k][d] = G·X̂; column-major: (d×k) = X̂(d×N)·G(N×k), G being [k][N] row-major.
+        g.gemm(false, false, d, k, n, unit_gemm.ptr(), d, grad_cos.ptr(), n, g_unit.ptr(), d, dtype, false)?;
+        let mut projected = g.take::<f32>(k * d, "center gradients (sampled classes × embedding_dim)")?;
+        launch!(g, "project_center_grads", per_row(k), &g.centers, &ids, &g_unit, &inv_norm_w, &k32, &d32, &mut projected)?;
+        g.step = StepState::Backward(Box::new(Backward { unit, inv_norm_e, pending: DeviceRowGrads { rows: ids, grads: projected, len: k }, update_checked_at: None }));
+        // The update over exactly these rows is checked now, while they are fresh, where nothing
+        // was accumulated before; `finite` reads its verdict with the rest.
+        if let (Update::Check(lr), None, StepState::Backward(b)) = (update, &g.accumulated, &g.step) {
+            g.launch_update(&b.pending, &self.cfg, lr, false)?;
+            if let StepState::Backward(b) = &mut g.step {
+                b.update_checked_at = Some(lr);
+            }
         }
-        let sampled = g.sampled.take().ok_or_else(|| Error::new(Status::Panic, "internal error: backward before sampling"))?;
-        let mut projected = g.scratch::<f32>(k * d, "center gradients (sampled classes × embedding_dim)")?;
-        launch!(g, "project_center_grads", per_row(k), &g.centers, &sampled, &g_unit, &step.inv_norm_w, &k32, &d32, &mut projected)?;
-        g.pending = Some(DeviceRowGrads { rows: sampled, grads: projected, len: k });
-        // The embedding side of the normalization is needed once more, for this shard's rows.
-        g.step = Some(step);
         Ok(gx)
     }
 
-    fn embedding_grad(&mut self, shard: usize, summed: CudaSlice<f32>, first_row: usize, rows: usize, world: f32) -> Result<CudaSlice<f32>> {
+    fn embedding_grad(&mut self, shard: usize, summed: DeviceBuf<f32>, first_row: usize, rows: usize, world: f32) -> Result<DeviceBuf<f32>> {
         let d = self.cfg.embedding_dim;
-        let g = &mut self.shards[shard];
-        let step = g.step.take().ok_or_else(|| Error::new(Status::Panic, "internal error: embedding gradient before forward"))?;
-        let mut out = g.scratch::<f32>(rows * d, "embedding gradient")?;
+        let g = &self.shards[shard];
+        let StepState::Backward(b) = &g.step else { return Err(internal("embedding gradient before backward")) };
+        let mut out = g.take::<f32>(rows * d, "embedding gradient")?;
         if rows > 0 {
             let (rows32, d32, f32_code) = (rows as i32, d as i32, 0i32);
-            let u = step.unit.slice(first_row * d..(first_row + rows) * d);
-            let inv = step.inv_norm_e.slice(first_row..first_row + rows);
+            let u = b.unit.slice(first_row * d..(first_row + rows) * d);
+            let inv = b.inv_norm_e.slice(first_row..first_row + rows);
             launch!(g, "embedding_grad", per_row(rows), &summed, &u, &inv, &rows32, &d32, &world, &mut out, &f32_code)?;
         }
         Ok(out)
     }
 
-    fn finite(&mut self, shard: usize, grad: &CudaSlice<f32>) -> Result<bool> {
-        let g = &self.shards[shard];
-        let mut flag = g.zeros::<i32>(1, "finiteness flag")?;
+    fn finite(&mut self, shard: usize, grad: &DeviceBuf<f32>) -> Result<bool> {
+        let d = self.cfg.embedding_dim;
+        let g = &mut self.shards[shard];
+        let StepState::Backward(b) = &g.step else { return Err(internal("finiteness before backward")) };
         let len = grad.len() as u64;
-        launch!(g, "flag_non_finite", grid_for(grad.len()), grad, &len, &mut flag)?;
-        if let Some(p) = &g.pending {
-            let len = (p.len * self.cfg.embedding_dim) as u64;
-            launch!(g, "flag_non_finite", grid_for(len as usize), &p.grads, &len, &mut flag)?;
-        }
-        let host: Vec<i32> = g.stream.clone_dtoh(&flag).map_err(|e| device_error("download", e))?;
-        Ok(host[0] == 0)
+        launch!(g, "flag_non_finite", grid_for(grad.len()), grad, &len, &g.verdict)?;
+        let p = &b.pending;
+        let plen = (p.len * d) as u64;
+        launch!(g, "flag_non_finite", grid_for(plen as usize), &p.grads, &plen, &g.verdict)?;
+        let checked_at = b.update_checked_at;
+        let verdict = g.read_verdict()?;
+        verdict.step()?;
+        g.update_checked = checked_at.map(|lr| CheckedUpdate { lr, finite: verdict.update_finite() });
+        Ok(verdict.gradients_finite())
     }
 
-    fn write_grads(&mut self, grads: &[CudaSlice<f32>], out: Outputs<'_, '_>) -> Result<()> {
+    fn write_grads(&mut self, grads: &[DeviceBuf<f32>], out: Outputs<'_, '_>) -> Result<()> {
         match out {
             Outputs::Host(outs) => {
                 for ((g, grad), o) in self.shards.iter().zip(grads).zip(outs.iter_mut()) {
                     if o.is_empty() {
                         continue;
                     }
-                    let host: Vec<f32> = g.stream.clone_dtoh(grad).map_err(|e| device_error("download", e))?;
+                    let host: Vec<f32> = g.stream.clone_dtoh(&grad.view()).map_err(|e| device_error("download", e))?;
                     o.write(&host[..o.len()]);
                 }
             }
@@ -656,14 +715,9 @@ impl Primitives for CudaBackend {
                 for ((g, grad), b) in self.shards.iter().zip(grads).zip(batches) {
                     if b.rows > 0 {
                         let len = (b.rows * self.cfg.embedding_dim) as u64;
-                        let dt = dtype_code(b.dtype);
-                        let dst = b.grad;
+                        let (dt, dst) = (dtype_code(b.dtype), b.grad);
                         // The caller's buffer, written in place in its dtype.
-                        let f = g.f("convert_f32");
-                        let mut builder = g.stream.launch_builder(f);
-                        builder.arg(grad).arg(&len).arg(&dst).arg(&dt);
-                        // SAFETY: matches kernels/normalize.cu `convert_f32`; `dst` holds `len` values of `dtype` on this GPU.
-                        unsafe { builder.launch(grid_for(len as usize)) }.map_err(|e| device_error("convert_f32", e))?;
+                        launch!(g, "convert_f32", grid_for(len as usize), grad, &len, &dst, &dt)?;
                     }
                     after_caller(g.stream.cu_stream(), caller_stream(b.stream))?;
                 }
@@ -675,7 +729,10 @@ impl Primitives for CudaBackend {
     fn accumulate(&mut self, shard: usize) -> Result<()> {
         let d = self.cfg.embedding_dim;
         let g = &mut self.shards[shard];
-        let pending = g.pending.take().ok_or_else(|| Error::new(Status::Panic, "internal error: accumulate before backward"))?;
+        let StepState::Backward(b) = std::mem::replace(&mut g.step, StepState::Idle) else {
+            return Err(internal("accumulate before backward"));
+        };
+        let pending = b.pending;
         match g.accumulated.take() {
             None => {
                 g.accumulated = Some(pending);
@@ -689,10 +746,11 @@ impl Primitives for CudaBackend {
                     Ok(RowGrads { rows, grads })
                 };
                 let merged = download(&before)?.union(&download(&pending)?, d)?;
-                let rows = g.upload(&merged.rows, "accumulated gradient rows")?;
-                let grads = g.upload(&merged.grads, "accumulated center gradients")?;
+                let rows = g.work.upload(&merged.rows, "accumulated gradient rows")?;
+                let grads = g.work.upload(&merged.grads, "accumulated center gradients")?;
                 g.accumulated = Some(DeviceRowGrads { rows, grads, len: merged.rows.len() });
                 g.undo = Some(Undo::Replaced(before));
+                g.update_checked = None;
             }
         }
         Ok(())
@@ -700,6 +758,7 @@ impl Primitives for CudaBackend {
 
     fn unaccumulate(&mut self, shard: usize) {
         let g = &mut self.shards[shard];
+        g.update_checked = None;
         match g.undo.take() {
             Some(Undo::Moved) => g.accumulated = None,
             Some(Undo::Replaced(before)) => g.accumulated = Some(before),
@@ -711,6 +770,7 @@ impl Primitives for CudaBackend {
         let g = &mut self.shards[shard];
         g.accumulated = None;
         g.undo = None;
+        g.update_checked = None;
     }
 
     fn accumulated_rows(&self, shard: usize) -> usize {
@@ -718,19 +778,26 @@ impl Primitives for CudaBackend {
     }
 
     fn update_is_finite(&mut self, shard: usize, lr: f32) -> Result<bool> {
-        let mut bad = self.shards[shard].zeros::<i32>(1, "finiteness flag")?;
-        self.update(shard, lr, false, &mut bad)?;
+        if let Some(checked) = self.shards[shard].update_checked.filter(|c| c.lr == lr) {
+            return Ok(checked.finite);
+        }
         let g = &self.shards[shard];
-        let host: Vec<i32> = g.stream.clone_dtoh(&bad).map_err(|e| device_error("download", e))?;
-        Ok(host[0] == 0)
+        let Some(acc) = &g.accumulated else { return Ok(true) };
+        g.bind()?;
+        g.reset_verdict()?;
+        g.launch_update(acc, &self.cfg, lr, false)?;
+        Ok(g.read_verdict()?.update_finite())
     }
 
     fn apply(&mut self, shard: usize, lr: f32) -> Result<()> {
-        let mut bad = self.shards[shard].zeros::<i32>(1, "finiteness flag")?;
-        self.update(shard, lr, true, &mut bad)?;
         let g = &mut self.shards[shard];
+        if let Some(acc) = &g.accumulated {
+            g.bind()?;
+            g.launch_update(acc, &self.cfg, lr, true)?;
+        }
         g.accumulated = None;
         g.undo = None;
+        g.update_checked = None;
         Ok(())
     }
 
@@ -840,41 +907,6 @@ impl ShardState for CudaBackend {
         Ok(best.into_sorted())
     }
 
-}
-
-impl CudaBackend {
-    /// The optimizer kernel over the accumulated rows: with `commit` the update, without it only
-    /// the check (`bad` set when a value would be non-finite or a row not normalizable).
-    fn update(&mut self, shard: usize, lr: f32, commit: bool, bad: &mut CudaSlice<i32>) -> Result<()> {
-        let d32 = self.cfg.embedding_dim as i32;
-        let opt = self.cfg.optimizer;
-        let g = &mut self.shards[shard];
-        g.stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
-        let Some(acc) = &g.accumulated else { return Ok(()) };
-        let (k32, commit) = (acc.len as i32, i32::from(commit));
-        match opt.kind {
-            OptimizerKind::Sgd => {
-                let (_, momentum) = &mut g.state[0];
-                let f = g.functions["update_sgd"].clone();
-                let mut b = g.stream.launch_builder(&f);
-                b.arg(&mut g.centers).arg(momentum).arg(&acc.rows).arg(&acc.grads).arg(&k32).arg(&d32);
-                b.arg(&lr).arg(&opt.momentum).arg(&opt.weight_decay).arg(&commit).arg(bad);
-                // SAFETY: arguments match kernels/gradient.cu `update_sgd`.
-                unsafe { b.launch(per_row(acc.len)) }.map_err(|e| device_error("update_sgd", e))?;
-            }
-            OptimizerKind::AdamW => {
-                let f = g.functions["update_adamw"].clone();
-                let (first, second) = g.state.split_at_mut(1);
-                let steps = g.steps.as_mut().ok_or_else(|| Error::new(Status::Panic, "internal error: AdamW without step counts"))?;
-                let mut b = g.stream.launch_builder(&f);
-                b.arg(&mut g.centers).arg(&mut first[0].1).arg(&mut second[0].1).arg(steps).arg(&acc.rows).arg(&acc.grads);
-                b.arg(&k32).arg(&d32).arg(&lr).arg(&opt.beta1).arg(&opt.beta2).arg(&opt.eps).arg(&opt.weight_decay).arg(&commit).arg(bad);
-                // SAFETY: arguments match kernels/gradient.cu `update_adamw`.
-                unsafe { b.launch(per_row(acc.len)) }.map_err(|e| device_error("update_adamw", e))?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Step buffers freed on the stream stay in the device's default pool (release threshold

@@ -19,9 +19,16 @@
  *   returns. Host inputs are read before return. Heads are freed with pfc_destroy.
  * - memory = PFC_MEMORY_DEVICE (CUDA backend only): pointers are on that shard's GPU; with a
  *   stream the step is ordered after earlier work on it and later work on it sees the outputs
- *   (events, not a device sync). All batches of a call use the same memory kind. This version
- *   stages device batches through host memory, so the call returns after the GPU work (stats ==
- *   NULL does not yet make it asynchronous).
+ *   (events, not a device sync). All batches of a call use the same memory kind. Device batches
+ *   are checked on their GPU, never copied to the host.
+ * - What waits for the GPU (CUDA backend): pfc_train_step and pfc_train_compute wait only for the
+ *   verdicts that must reach the host before anything changes — a device batch's checks (labels,
+ *   NaN/Inf, norms), then the step's finiteness (loss, gradients, the update) — plus, where the
+ *   global batch has more rows than a shard's negatives budget, the shard's sampled count; with
+ *   stats == NULL nothing else, and the update and the gradients' writing are left queued (device
+ *   outputs) after those verdicts. With stats, or host outputs, the call also waits for the
+ *   statistics, or the gradients, it returns. pfc_train_apply waits for its finiteness verdict;
+ *   pfc_evaluate, pfc_search, pfc_get_centers and checkpoint saves wait for their results.
  * - Gradient convention: grad_embeddings is world_size times the gradient of the global mean
  *   loss with respect to this shard's embeddings (the reference's convention: it cancels a
  *   data-parallel backbone's gradient averaging).

@@ -44,10 +44,11 @@ mod workspace {
     /// One GPU's step buffers, kept from step to step: a buffer dropped comes back here under its
     /// purpose and is handed out again for the same purpose when large enough, so once a step of
     /// a shape has run, the next makes no device allocation (a step is the same sequence of
-    /// purposes every time), nor does a step up to half as large. Outside that, the purpose's
-    /// buffers go back to the memory pool and a new one is allocated: no step holds more than
-    /// twice what it uses. Everything runs on the GPU's one stream, so a buffer reused by the
-    /// next step's work is ordered after the last step's.
+    /// purposes every time), nor does a step up to half as large. A buffer is never handed out for
+    /// less than half its size; a larger step allocates and returns what it outgrew to the memory
+    /// pool; when the device is full, every buffer not in use goes back there. Everything runs on
+    /// the GPU's one stream, so a buffer reused by the next step's work is ordered after the last
+    /// step's.
     pub struct Workspace {
         stream: Arc<CudaStream>,
         free: Mutex<HashMap<&'static str, Vec<CudaSlice<u8>>>>,
@@ -69,11 +70,12 @@ mod workspace {
             let reused = {
                 let mut free = self.free.lock();
                 let list = free.entry(purpose).or_default();
-                let at = list.iter().position(|b| b.len() >= bytes && b.len() / 2 <= bytes);
+                // The smallest that holds it, if not more than twice too large (kept from a larger
+                // step, a refused one perhaps: it stays for a step of that size).
+                let at = (0..list.len()).filter(|&i| list[i].len() >= bytes && list[i].len() / 2 <= bytes).min_by_key(|&i| list[i].len());
                 if at.is_none() {
-                    // Too small, or more than twice too large (kept from a larger step, a refused
-                    // one perhaps): back to the pool, where the new buffer may take its memory.
-                    list.clear();
+                    // A larger step than before: what it outgrew goes back to the memory pool.
+                    list.retain(|b| b.len() > bytes);
                 }
                 at.map(|i| list.swap_remove(i))
             };

@@ -164,3 +164,125 @@ fn a_warm_step_on_device_batches_allocates_nothing_and_waits_only_for_its_verdic
         }
     }
 }
+
+/// Device batches with a bad row are refused where they lie: a label outside [0, C) (above, and
+/// negative), a NaN, an Inf, a row whose norm (above 2^62) cannot be normalized in f32 — each with
+/// the status and message the same rows get as a host batch, nothing written to the gradient
+/// buffer, no center moved; and the next good step matches a head that never saw them.
+#[test]
+fn device_batches_with_bad_rows_are_refused_on_the_device_and_change_nothing() {
+    if !on_cuda(module_path!(), "device_batches_with_bad_rows_are_refused_on_the_device_and_change_nothing") {
+        return;
+    }
+    let (c, d, n) = (3001u64, 32usize, 24usize);
+    let cfg = config(c, d, 0.3, PFC_DTYPE_F32, 1);
+    let (device_head, host_head) = (cuda_head(&cfg, &[0]), cuda_head(&cfg, &[0]));
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    let (e, l) = data(c, d, n, 77);
+    let before = device_head.centers(d);
+    type Spoil = fn(&mut Vec<f32>, &mut Vec<i64>, usize);
+    let spoils: [(&str, Spoil); 6] = [
+        ("label C", |_, l, _| l[5] = 3001),
+        ("label -1", |_, l, _| l[9] = -1),
+        ("NaN", |e, _, d| e[7 * d + 3] = f32::NAN),
+        ("Inf", |e, _, d| e[2 * d] = f32::NEG_INFINITY),
+        ("norm above 2^62", |e, _, d| e[11 * d..12 * d].iter_mut().for_each(|v| *v = 1e18)),
+        ("NaN after a bad label", |e, l, d| {
+            e[d] = f32::NAN;
+            l[20] = 5000;
+        }),
+    ];
+    for (what, spoil) in spoils {
+        let (mut bad_e, mut bad_l) = (e.clone(), l.clone());
+        spoil(&mut bad_e, &mut bad_l, d);
+        let mut rows = DeviceRows::new(&stream, &bad_e, &bad_l);
+        let b = rows.batch(&stream);
+        let mut stats = pfc_step_stats { loss: -1.0, step: 99, ..Default::default() };
+        assert_eq!(pfc_train_step(device_head.0, &b, 1, &mut stats), PFC_ERR_INVALID_ARGUMENT, "{what}");
+        let on_device = last_error();
+        let mut grad = vec![0f32; bad_e.len()];
+        let hb = host_batches(&bad_e, &bad_l, &mut grad, d, &[n]);
+        assert_eq!(pfc_train_step(host_head.0, hb.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_INVALID_ARGUMENT, "{what} (host batch)");
+        assert_eq!(on_device, last_error(), "{what}: the device batch's message differs from the host batch's");
+        assert_eq!((stats.loss, stats.step), (-1.0, 99), "{what}: statistics written");
+        let written: Vec<f32> = stream.clone_dtoh(&rows.g).unwrap();
+        assert!(written.iter().all(|&v| v == 7.0), "{what}: the gradient buffer was written");
+        assert_eq!(device_head.centers(d), before, "{what}: centers moved");
+    }
+    let mut rows = DeviceRows::new(&stream, &e, &l);
+    let b = rows.batch(&stream);
+    ok(pfc_train_step(device_head.0, &b, 1, std::ptr::null_mut()));
+    let (_, want) = host_head.step(&e, &l, d, &[n]);
+    assert_eq!(stream.clone_dtoh(&rows.g).unwrap(), want);
+    assert_eq!(device_head.centers(d), host_head.centers(d));
+}
+
+/// Two GPUs of one process fed host batches, with statistics, where the global batch (96 rows)
+/// has more rows than a shard's negatives budget (50 of ~1,000 classes): after a warm-up step,
+/// each step still allocates and sets nothing; each GPU's reads are the sampled count (8 bytes,
+/// which the GEMMs' shapes need), the step's verdict (48 bytes) and its shard's gradient (the host
+/// output), and GPU 0's also the two reduced statistics the caller asked for. (A step sampling more
+/// classes than any before it allocates what grew.) Host batches are
+/// uploaded once: embeddings and labels. Losses and gradients match the CPU backend.
+#[test]
+fn a_warm_step_on_two_gpus_reads_back_its_count_verdict_statistics_and_outputs_only() {
+    if !on_cuda(module_path!(), "a_warm_step_on_two_gpus_reads_back_its_count_verdict_statistics_and_outputs_only") {
+        return;
+    }
+    if !crate::gpu_jobs::has_gpus(2, "a two-GPU step") {
+        return;
+    }
+    let (c, d, n) = (2003u64, 32usize, 96usize);
+    let cfg = config(c, d, 0.05, PFC_DTYPE_F32, 2);
+    let (gpu, cpu) = (cuda_head(&cfg, &[0, 1]), TestHead::new(&cfg));
+    let (warm, measured) = (1usize, 3usize);
+    let mut counted = Vec::new();
+    // The same labels every step, so that every step samples as many classes (positives beyond
+    // the budget make the count, and the step's shape, vary); a larger step would grow buffers.
+    let (_, l) = data(c, d, n, 40);
+    for step in 0..warm + measured {
+        let (e, _) = data(c, d, n, 40 + step as u64);
+        let mut grad = vec![0f32; n * d];
+        let b = host_batches(&e, &l, &mut grad, d, &[n / 2, n / 2]);
+        let mut stats = pfc_step_stats::default();
+        if step == warm {
+            counted = (0..2).map(|g| (emu_counters(g), pool_use(g))).collect();
+        }
+        ok(pfc_train_step(gpu.0, b.as_ptr(), 2, &mut stats));
+        let (want, want_grad) = cpu.step(&e, &l, d, &[n / 2, n / 2]);
+        assert!((stats.loss - want.loss).abs() <= 1e-4 * want.loss, "step {step}: loss {} vs {}", stats.loss, want.loss);
+        assert!(rel_err(&grad, &want_grad) < 1e-3, "step {step}: gradient {}", rel_err(&grad, &want_grad));
+    }
+    let stats_bytes = 2 * 3 * n as u64 * 4;
+    let shard_grad = (n / 2 * d * 4) as u64;
+    for (g, (before, pool_before)) in counted.into_iter().enumerate() {
+        match (before, emu_counters(g as i32)) {
+            (Some(before), Some(after)) => {
+                let (reads, read_bytes) = if g == 0 { (5, 8 + stats_bytes + 48 + shard_grad) } else { (3, 8 + 48 + shard_grad) };
+                let want: Vec<(String, u64)> = [
+                    ("allocations", 0),
+                    ("frees", 0),
+                    ("memsets", 0),
+                    ("htod", 2),
+                    ("dtoh", reads),
+                    ("dtoh_bytes", read_bytes),
+                    ("synchronizations", 0),
+                    ("launches.cublasGemmEx", 3),
+                    ("launches.row_stats", 1),
+                    ("launches.cos_gradient", 1),
+                    ("launches.target_logits", 1),
+                    ("launches.sample_keys", 1),
+                ]
+                .iter()
+                .map(|&(k, v)| (k.to_string(), v))
+                .collect();
+                assert_eq!(per_step(&before, &after, measured as u64, &COUNTED), want, "GPU {g}, per warm step");
+            }
+            _ => {
+                assert!(!emulated(), "the emulation's counters could not be read");
+                assert_eq!(pool_use(g as i32), pool_before, "GPU {g}: the memory pool's (used, reserved) bytes moved across warm steps");
+            }
+        }
+    }
+}

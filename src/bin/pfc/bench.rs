@@ -120,6 +120,51 @@ struct Measured {
     sampled: u64,
     /// The GEMM engines the timed steps reported, in order ("a then b" if one failed mid-run).
     gemms: String,
+    /// Per timed step, what the emulated CUDA driver counted on GPU 0, where it is the driver.
+    device_work: Option<DeviceWork>,
+}
+
+/// What a step did on a GPU, from the host emulation's counters (tests/cuda-emulator/README.md):
+/// a GPU's driver counts none of it.
+struct DeviceWork {
+    per_step: Vec<(&'static str, f64)>,
+}
+
+const DEVICE_WORK: [&str; 8] = ["allocations", "frees", "memsets", "memset_bytes", "htod", "dtoh", "dtoh_bytes", "synchronizations"];
+
+/// The emulated driver's counters of GPU 0, if the CUDA driver this process loaded is the
+/// emulation (it exports `pfc_emu_counters`).
+fn emulated_counters() -> Option<serde_json::Value> {
+    type Counters = unsafe extern "C" fn(libc::c_int, *mut libc::c_char, usize) -> usize;
+    // SAFETY: looks up a symbol of a library already loaded (RTLD_NOLOAD), which stays loaded; the
+    // emulation's `pfc_emu_counters` writes at most `capacity` bytes.
+    unsafe {
+        let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        if lib.is_null() {
+            return None;
+        }
+        let sym = libc::dlsym(lib, c"pfc_emu_counters".as_ptr());
+        libc::dlclose(lib);
+        if sym.is_null() {
+            return None;
+        }
+        let counters: Counters = std::mem::transmute(sym);
+        let n = counters(0, std::ptr::null_mut(), 0);
+        let mut buf = vec![0u8; n.max(1)];
+        counters(0, buf.as_mut_ptr().cast(), n);
+        serde_json::from_slice(&buf[..n.saturating_sub(1)]).ok()
+    }
+}
+
+impl DeviceWork {
+    fn between(before: &serde_json::Value, after: &serde_json::Value, steps: usize) -> DeviceWork {
+        let per_step = DEVICE_WORK.iter().map(|&k| (k, (after[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0)) as f64 / steps as f64)).collect();
+        DeviceWork { per_step }
+    }
+
+    fn line(&self) -> String {
+        self.per_step.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -153,19 +198,28 @@ fn ours(classes: u64, rate: f32, a: &BenchArgs, dtype: DType) -> Result<Measured
     let mut times = Vec::new();
     let mut phases = Vec::new();
     let mut sampled = 0;
+    // The steps' own work, not the phase timing's event waits after each.
+    let mut device_work: Option<Vec<(&'static str, f64)>> = None;
     for i in 0..a.steps + 2 {
+        let before = emulated_counters();
         let (e, l) = &batches[i % batches.len()];
         let inputs: Vec<HostBatch> = (0..shards).map(|s| HostBatch { embeddings: Embeddings::F32(&e[s]), labels: &l[s] }).collect();
         let mut outs: Vec<GradOut> = grads.iter_mut().map(|g| GradOut::F32(g)).collect();
         let t = Instant::now();
         let stats = head.train_step(&inputs, &mut outs).map_err(|e| e.message)?;
         let dt = t.elapsed().as_secs_f64();
+        if let (true, Some(before), Some(after)) = (i >= 2, before, emulated_counters()) {
+            let step = DeviceWork::between(&before, &after, a.steps).per_step;
+            let sum = device_work.get_or_insert_with(|| step.iter().map(|&(k, _)| (k, 0.0)).collect());
+            sum.iter_mut().zip(step).for_each(|((_, total), (_, v))| *total += v);
+        }
         if i >= 2 {
             times.push(dt);
             phases.push(head.phase_times());
             sampled = stats.sampled_classes;
         }
     }
+    let device_work = device_work.map(|per_step| DeviceWork { per_step });
     let pick = |f: fn(&PhaseTimes) -> f64| median(phases.iter().map(f).collect());
     Ok(Measured {
         median: median(times),
@@ -189,6 +243,7 @@ fn ours(classes: u64, rate: f32, a: &BenchArgs, dtype: DType) -> Result<Measured
             }
             seen
         }).join(" then "),
+        device_work,
     })
 }
 
@@ -338,6 +393,9 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
                 p.scatter,
                 if p.update_in_backward { "in backward".to_string() } else { format!("{:.3}", p.update) }
             );
+            if let Some(w) = &m.device_work {
+                println!("|  | emulated CUDA driver, GPU 0, per step: {} |", w.line());
+            }
             if a.json {
                 let line = serde_json::json!({
                     "impl": "partialfc", "backend": a.backend, "compute_dtype": name, "gemm": gemm_path(&a, dtype(name)?)?, "classes": classes,
@@ -348,6 +406,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
                     "reference_step_s": reference.as_ref().and_then(|r| r.as_ref().ok()),
                     "phases_s": {"gather": p.gather, "sample": p.sample, "forward": p.forward, "reduce": p.reduce, "backward": p.backward, "scatter": p.scatter, "update": p.update},
                     "update_in_backward": p.update_in_backward,
+                    "emulated_gpu0_per_step": m.device_work.as_ref().map(|w| w.per_step.iter().map(|&(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>()),
                 });
                 println!("{line}");
             }

@@ -375,6 +375,11 @@ pub fn test_tmpdir() -> std::path::PathBuf {
     std::env::var_os("PFC_TEST_TMPDIR").map_or_else(|| std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")), std::path::PathBuf::from)
 }
 
+/// Whether this process runs on the CUDA emulation (a child of [`on_cuda`]), not a GPU.
+pub fn emulated() -> bool {
+    std::env::var_os("PFC_EMU_CHILD").is_some()
+}
+
 /// The emulated driver's counters of GPU `device` (its `pfc_emu_counters`, tests/cuda-emulator/README.md),
 /// None for a GPU it lacks. Only where the emulation is the loaded driver.
 pub fn emu_counters(device: i32) -> Option<serde_json::Value> {

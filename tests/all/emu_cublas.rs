@@ -5,7 +5,7 @@
 //! checks whose outcome the real library leaves undefined (a destroyed handle, a NULL scalar, a
 //! read past an allocation) are made on the emulation only.
 
-use crate::common::{on_cuda, Rng, StreamGate};
+use crate::common::{emulated, on_cuda, Rng, StreamGate};
 use cudarc::cublas::result::{gemm_ex, CublasError};
 use cudarc::cublas::sys::{
     cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasHandle_t, cublasOperation_t as Op, cublasStatus_t as Status, cudaDataType as Ty,
@@ -15,11 +15,6 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut
 use half::{bf16, f16};
 use std::ffi::c_void;
 use std::sync::Arc;
-
-/// Whether this process runs on the emulation (the child `on_cuda` starts), not on a GPU.
-fn emulated() -> bool {
-    std::env::var_os("PFC_EMU_CHILD").is_some()
-}
 
 const N: Op = Op::CUBLAS_OP_N;
 const T: Op = Op::CUBLAS_OP_T;

@@ -11,7 +11,7 @@
 //! leaves its context unusable, so each runs in a process of its own (`worker`), whose stderr
 //! carries the emulation's report.
 
-use crate::common::{child_passed, child_test, counter_delta as delta, emu_counters as counters, emulator_dir, on_cuda, on_cuda_with, test_path, Rng, StreamGate};
+use crate::common::{child_passed, child_test, counter_delta as delta, emu_counters as counters, emulated, emulator_dir, on_cuda, on_cuda_with, test_path, Rng, StreamGate};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, CudaContext, CudaModule, CudaStream, DriverError, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
@@ -20,11 +20,6 @@ use serde_json::Value;
 use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-
-/// Whether this process runs on the emulation (the child `on_cuda` starts), not on a GPU.
-fn emulated() -> bool {
-    std::env::var_os("PFC_EMU_CHILD").is_some()
-}
 
 fn err(code: CUresult) -> DriverError {
     DriverError(code)

@@ -256,7 +256,7 @@ fn check_against_brute_force(q: &[f32], centers: &[f32], d: usize, ids: &[i64], 
 
 /// Random centers with many duplicates — exact copies and power-of-two multiples, in other blocks,
 /// other shards and the last partial block — and queries that hit them.
-fn search_problem(c: usize, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn search_problem(c: usize, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let mut rng = Rng(seed);
     let mut centers: Vec<f32> = (0..c * d).map(|_| rng.normal() as f32).collect();
     for _ in 0..c / 10 {

@@ -350,6 +350,105 @@ fn cuda_export_and_search_match_cpu() {
     assert_eq!(on_index, on_cpu, "search of the CUDA head's export");
 }
 
+/// `pfc_search` of `n × k` results over `queries`: ids and the scores' bits.
+fn search_of(h: &TestHead, queries: &[f32], d: usize, k: usize) -> (Vec<i64>, Vec<u32>) {
+    let n = queries.len() / d;
+    let mut ids = vec![-1i64; n * k];
+    let mut scores = vec![f32::NAN; n * k];
+    ok(pfc_search(h.0, queries.as_ptr(), n as u64, k as u32, ids.as_mut_ptr(), scores.as_mut_ptr()));
+    (ids, bits(&scores))
+}
+
+/// Search on 4 GPUs gives the CPU head's ids and scores bit for bit where the GPU's selection and
+/// rescoring are put to the test: exact ties (duplicate centers and power-of-two multiples, and a
+/// run of 1,200 classes of one direction crossing chunks and shards, which must list by ascending
+/// id), rows whose squared norm is subnormal or underflows, k above a chunk's classes, and every
+/// class. The emulation's 16 MiB GPUs bound a chunk's products to 512 classes at 300 queries, so
+/// each shard of 2,000 classes searches in several chunks. A query alone gets its answer in the batch.
+#[test]
+fn cuda_search_matches_cpu_with_ties_across_chunks_and_shards() {
+    if !on_cuda_with(module_path!(), "cuda_search_matches_cpu_with_ties_across_chunks_and_shards", &[("PFC_EMU_DEVICE_MEMORY", "16M")]) {
+        return;
+    }
+    let (c, d, n) = (8000usize, 24usize, 300usize);
+    let (mut centers, mut queries) = crate::export_search::search_problem(c, d, n, 23);
+    let mut rng = Rng(31);
+    let base: Vec<f32> = (0..d).map(|_| rng.normal() as f32).collect();
+    let run = 1700..2900;
+    for i in run.clone() {
+        for j in 0..d {
+            centers[i * d + j] = base[j] * [1.0f32, 4.0, 0.5, 0.125][i % 4];
+        }
+    }
+    for (row, scale) in [(5usize, 1e-20f32), (2950, 1e-30), (4000, 2e17), (7999, 3e-23)] {
+        for j in 0..d {
+            centers[row * d + j] *= scale;
+        }
+    }
+    for j in 0..d {
+        queries[j] = base[j] * 3.0;
+    }
+    let devices = up_to(4);
+    let gpu = cuda_head(&config(c as u64, d, 1.0, PFC_DTYPE_F32, devices.len()), &devices);
+    gpu.set_centers(&centers);
+    let cpu = TestHead::new(&config(c as u64, d, 1.0, PFC_DTYPE_F32, 3));
+    cpu.set_centers(&centers);
+    let chunk_launches = || crate::common::emu_counters(0).map(|v| v["launches"]["topk_chunk"].as_u64().unwrap_or(0));
+    for k in [1usize, 37, 700] {
+        let before = chunk_launches();
+        let (ids, scores) = search_of(&gpu, &queries, d, k);
+        if let (Some(before), Some(after)) = (before, chunk_launches()) {
+            assert!(after - before >= 2, "k {k}: GPU 0 searched its 2,000 classes in {} chunk(s)", after - before);
+        }
+        assert!((ids.clone(), scores.clone()) == search_of(&cpu, &queries, d, k), "k {k}: the GPUs' search differs from the CPU's");
+        let tied: Vec<i64> = (run.start as i64..).take(k).collect();
+        assert_eq!(ids[..k], tied, "k {k}: equal scores must list by ascending id");
+        assert!(scores[..k].iter().all(|&s| s == scores[0]), "k {k}: duplicate directions must score identically");
+        for q in [0, 1, n / 2, n - 1] {
+            let alone = search_of(&gpu, &queries[q * d..(q + 1) * d], d, k);
+            let r = q * k..(q + 1) * k;
+            assert!(alone == (ids[r.clone()].to_vec(), scores[r].to_vec()), "k {k}: query {q} alone differs from the batch");
+        }
+    }
+    let few = &queries[..3 * d];
+    assert!(search_of(&gpu, few, d, c) == search_of(&cpu, few, d, c), "the full ranking differs from the CPU's");
+}
+
+/// Search leaves the centers on the GPUs: each GPU receives the queries once and sends back each
+/// query's k hits — within the n × k × (4 + 8) bytes of a score and an id apiece, where its
+/// centers are 2,500 times that — from kernels of its own and cuBLAS. The counters are the
+/// emulation's.
+#[test]
+fn cuda_search_copies_no_centers_to_the_host() {
+    use crate::common::{counter_delta as delta, emu_counters as counters, emulated};
+    if !on_cuda(module_path!(), "cuda_search_copies_no_centers_to_the_host") || !emulated() {
+        return;
+    }
+    let (c, d, n, k) = (20_000usize, 64usize, 12usize, 10usize);
+    let devices = up_to(4);
+    let cfg = config(c as u64, d, 1.0, PFC_DTYPE_F32, devices.len());
+    let gpu = cuda_head(&cfg, &devices);
+    let cpu = TestHead::new(&cfg);
+    let mut rng = Rng(8);
+    let centers: Vec<f32> = (0..c * d).map(|_| rng.normal() as f32).collect();
+    gpu.set_centers(&centers);
+    cpu.set_centers(&centers);
+    let queries: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+    let before: Vec<_> = devices.iter().map(|&g| counters(g).unwrap()).collect();
+    let hits = search_of(&gpu, &queries, d, k);
+    for (&g, before) in devices.iter().zip(&before) {
+        let after = counters(g).unwrap();
+        let shard_bytes = (c / devices.len() * d * 4) as u64;
+        let down = delta(before, &after, "dtoh_bytes");
+        assert!(down <= (n * k * 12) as u64 && down * 1000 < shard_bytes, "GPU {g}: search copied {down} bytes to the host; its centers are {shard_bytes}");
+        assert_eq!(delta(before, &after, "htod_bytes"), (n * d * 4) as u64, "GPU {g}: the queries, once");
+        for kernel in ["cublasGemmEx", "center_inv_norms", "topk_chunk"] {
+            assert!(delta(before, &after, &format!("launches.{kernel}")) > 0, "GPU {g}: no {kernel}");
+        }
+    }
+    assert!(hits == search_of(&cpu, &queries, d, k), "the GPUs' search differs from the CPU's");
+}
+
 /// The `pfc` binary: cargo's, or where the GPU check staged it (PFC_BIN).
 fn pfc_binary() -> std::path::PathBuf {
     std::env::var_os("PFC_BIN").map_or_else(|| env!("CARGO_BIN_EXE_pfc").into(), Into::into)

@@ -75,10 +75,6 @@ fn warm_step(uploads: u64, reads: u64, read_bytes: u64) -> Vec<(String, u64)> {
     COUNTED.iter().zip(counts).map(|(k, v)| (k.to_string(), v)).collect()
 }
 
-fn emulated() -> bool {
-    std::env::var_os("PFC_EMU_CHILD").is_some()
-}
-
 /// Bytes the default memory pool of GPU `ordinal` holds for the head, used and reserved.
 fn pool_use(ordinal: i32) -> (u64, u64) {
     use cudarc::driver::{result, sys::CUmemPool_attribute::*};

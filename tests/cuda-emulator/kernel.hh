@@ -53,6 +53,24 @@ static inline unsigned __float_as_uint(float v) { return pfc_emu_bits<unsigned>(
 static inline long long __double_as_longlong(double v) { return pfc_emu_bits<long long>(v); }
 static inline int __popc(unsigned v) { return __builtin_popcount(v); }
 
+// CUDA's `_rn` arithmetic: IEEE operations rounded to nearest even, which the GPU's compiler never
+// fuses into a multiply-add. The host's compiler may fuse a product into the sum it feeds where the
+// target has FMA (GCC's -ffp-contract=fast); passing each operand and result through memory it
+// cannot see into keeps every operation rounded on its own.
+template <class T>
+static inline T pfc_emu_rounded(T v) {
+    __asm__("" : "+m"(v));
+    return v;
+}
+static inline float __fadd_rn(float a, float b) { return pfc_emu_rounded(pfc_emu_rounded(a) + pfc_emu_rounded(b)); }
+static inline float __fmul_rn(float a, float b) { return pfc_emu_rounded(pfc_emu_rounded(a) * pfc_emu_rounded(b)); }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+static inline double __dadd_rn(double a, double b) { return pfc_emu_rounded(pfc_emu_rounded(a) + pfc_emu_rounded(b)); }
+static inline double __dmul_rn(double a, double b) { return pfc_emu_rounded(pfc_emu_rounded(a) * pfc_emu_rounded(b)); }
+static inline double __ddiv_rn(double a, double b) { return a / b; }
+static inline double __dsqrt_rn(double a) { return std::sqrt(a); }
+
 // f32 to IEEE binary16, round to nearest even (the GPU's cvt.rn.f16.f32).
 static inline unsigned short pfc_emu_f32_to_f16(float v) {
     _Float16 h = (_Float16)v;

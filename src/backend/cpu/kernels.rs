@@ -237,7 +237,8 @@ pub fn normalize_rows(src: &[f32], dim: usize, dst: &mut [f32], inv_norm: &mut [
 }
 
 /// A dot product with independent lane accumulators, so that it vectorizes without reassociation.
-/// Its summation order is fixed (lanes, then the tail), whatever the CPU features: search relies on it.
+/// Its summation order is fixed (lanes, then the tail), whatever the CPU features: search relies on
+/// it, and kernels/topk.cu `cpu_dot` repeats it operation for operation on the GPU.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;

@@ -10,7 +10,7 @@ pub(crate) mod optimizer;
 mod search;
 
 pub use search::scan as scan_centers;
-pub(crate) use search::unit_rows;
+pub(crate) use search::{selection_margin, unit_rows};
 
 use self::gemm::{matmul, GemmPath, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};

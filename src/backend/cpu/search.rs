@@ -22,14 +22,16 @@ const QUERY_CHUNK: usize = 256;
 
 /// A bound on |GEMM cosine − `exact_score`| for unit queries: both are sums of `d` products, each
 /// within `(d − 1)·u·Σ|qᵢcᵢ| ≤ (d − 1)·u·‖c‖` of the true dot product whatever the summation order
-/// (u = 2⁻²⁴), then scaled by 1/‖c‖ with one more rounding each. Doubled for safety.
-fn selection_margin(d: usize) -> f32 {
+/// (u = 2⁻²⁴), then scaled by 1/‖c‖ with one more rounding each. Doubled for safety. The CUDA
+/// backend's search selects with cuBLAS's products by the same margin.
+pub(crate) fn selection_margin(d: usize) -> f32 {
     (2 * d + 16) as f32 * f32::EPSILON
 }
 
 /// The cosine of unit query `q` and center `c` whose 1/‖c‖ is `inv` (from `row_inv_norms`, which
 /// depends on the row alone). A center whose squared norm overflows f32 (`inv` = 0) is scored in
-/// float64. Zero is always +0, so that ±0 tie.
+/// float64. Zero is always +0, so that ±0 tie. kernels/topk.cu `exact_score` is the same
+/// arithmetic on the GPU: the two backends' searches agree bit for bit.
 #[inline]
 fn exact_score(q: &[f32], c: &[f32], inv: f32) -> f32 {
     let s = if inv > 0.0 {

@@ -12,6 +12,11 @@ pub struct DeviceInfo {
     pub compute_capability: (i32, i32),
 }
 
+/// A failed CUDA call (driver, cuBLAS) while working on a device.
+pub(super) fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(Status::Device, format!("CUDA {what}: {e}"))
+}
+
 fn unavailable(message: impl Into<String>) -> Error {
     Error::new(Status::Unavailable, message)
 }

@@ -56,6 +56,11 @@ pub const REGISTRY: &[KernelSource] = &[
         source: include_str!("../../../kernels/gradient.cu"),
         entries: &["cos_gradient", "embedding_grad", "project_center_grads", "update_sgd", "update_adamw", "flag_non_finite"],
     },
+    KernelSource {
+        file: "topk.cu",
+        source: include_str!("../../../kernels/topk.cu"),
+        entries: &["center_inv_norms", "topk_chunk"],
+    },
 ];
 
 /// NVRTC output of one source: the PTX, the CUBIN for the same real architecture, and the

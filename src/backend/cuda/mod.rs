@@ -1,9 +1,11 @@
 //! The CUDA backend: the probe for the driver, the GPUs and the CUDA libraries (`device`), the
-//! kernel registry (`kernels`), and the per-shard primitives on each local GPU (`step`).
+//! kernel registry (`kernels`), the per-shard primitives on each local GPU (`step`), and search over
+//! the centers on the GPUs (`search`).
 
 mod device;
 pub mod kernels;
 mod plan;
+mod search;
 mod step;
 mod verdict;
 

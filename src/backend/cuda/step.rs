@@ -9,7 +9,7 @@
 //! device batches (`load`), and the sampled count where the labels may hold more positives than
 //! the negatives budget. Accumulating a second compute before an apply merges the rows on the host.
 
-use super::device::DeviceInfo;
+use super::device::{device_error, DeviceInfo};
 use super::kernels::{arch_of, cubin_for};
 use super::plan::{class_chunks, combine_grid, eval_chunk_bytes, stats_grid, STATS_COLUMNS, THREADS};
 use super::verdict::{self, Verdict};
@@ -27,10 +27,6 @@ use cudarc::driver::sys::CUevent;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::Arc;
-
-fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::new(Status::Device, format!("CUDA {what}: {e}"))
-}
 
 fn internal(what: &str) -> Error {
     Error::new(Status::Panic, format!("internal error: {what}"))
@@ -896,15 +892,12 @@ impl ShardState for CudaBackend {
     }
 
     fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>> {
-        // Scored on the host over centers copied out in blocks: the CPU backend's search code.
-        let d = self.cfg.embedding_dim;
-        let mut best = crate::topk::TopK::new(queries.len() / d, k);
-        for range in &self.ranges {
-            let mut centers = vec![0f32; range.len as usize * d];
-            self.read_state(StateTensor::Centers, range.start, range.len, &mut centers)?;
-            best.merge(crate::backend::cpu::scan_centers(&centers, d, range.start, queries, k)?);
-        }
-        Ok(best.into_sorted())
+        let shards: Vec<_> = self
+            .shards
+            .iter()
+            .map(|g| super::search::Shard { stream: &g.stream, blas: &g.blas, functions: &g.functions, centers: &g.centers, range: g.range, budget: g.eval_budget })
+            .collect();
+        super::search::search(&shards, self.cfg.embedding_dim, queries, k)
     }
 
 }

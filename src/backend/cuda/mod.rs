@@ -2,6 +2,7 @@
 //! kernel registry (`kernels`), the per-shard primitives on each local GPU (`step`), and search over
 //! the centers on the GPUs (`search`).
 
+mod blas;
 mod device;
 pub mod kernels;
 mod plan;

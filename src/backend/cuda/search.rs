@@ -10,7 +10,8 @@ use crate::backend::cpu::selection_margin;
 use crate::error::{Error, Result, Status};
 use crate::sharding::ShardRange;
 use crate::topk::TopK;
-use cudarc::cublas::{result::gemm_ex, sys as blas_sys, CudaBlas};
+use crate::config::DType;
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -77,34 +78,9 @@ fn queue(s: &Shard<'_>, d: usize, queries: &[f32], k: usize) -> Result<(CudaSlic
             let (a, _a) = centers.device_ptr(stream);
             let (q, _q) = unit.device_ptr(stream);
             let (c, _c) = products.device_ptr_mut(stream);
-            let (alpha, beta) = (1.0f32, 0.0f32);
-            // products [n][count] = Q·Cᵀ; column-major: (count×n) = C(d×count)ᵀ·Q(d×n). Plain f32
-            // (no TF32): `selection_margin` bounds f32 rounding only.
+            // products [n][count] = Q·Cᵀ; column-major: (count×n) = C(d×count)ᵀ·Q(d×n).
             // SAFETY: the pointers come from live allocations of at least the sizes the shapes address.
-            unsafe {
-                gemm_ex(
-                    *s.blas.handle(),
-                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    count32,
-                    n as i32,
-                    d32,
-                    (&alpha as *const f32).cast(),
-                    a as *const _,
-                    blas_sys::cudaDataType::CUDA_R_32F,
-                    d32,
-                    q as *const _,
-                    blas_sys::cudaDataType::CUDA_R_32F,
-                    d32,
-                    (&beta as *const f32).cast(),
-                    c as *mut _,
-                    blas_sys::cudaDataType::CUDA_R_32F,
-                    count32,
-                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(|e| device_error("cuBLAS GEMM of search", e))?;
+            unsafe { super::blas::gemm(s.blas, true, false, count, n, d, a, d, q, d, c, count, DType::F32, "cuBLAS GEMM of search")? };
         }
         let have32 = have as i32;
         let mut b = stream.launch_builder(&s.functions["topk_chunk"]);

@@ -22,7 +22,7 @@ use crate::memory::{Device, DeviceBuf, Workspace};
 use crate::rng;
 use crate::sharding::{sample_count, ShardRange};
 use crate::state::StateTensor;
-use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUevent;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
@@ -51,14 +51,6 @@ fn dtype_code(d: DType) -> i32 {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
-    }
-}
-
-fn blas_type(d: DType) -> blas_sys::cudaDataType {
-    match d {
-        DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-        DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-        DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
     }
 }
 
@@ -191,40 +183,16 @@ impl GpuShard {
         launch!(self, "verdict_reset", ONE_THREAD, &self.verdict)
     }
 
-    /// `C (m×n, ld ldc) = op(A)·op(B)` in column-major terms, f32 output, `dtype` inputs, f32 compute.
+    /// `C (m×n, ld ldc) = op(A)·op(B)` in column-major terms (`blas::gemm`), between this step's
+    /// timing events.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(&self, transa: bool, transb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, c: u64, ldc: usize, dtype: DType, accumulate: bool) -> Result<()> {
-        let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
-        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
+    fn gemm(&self, transa: bool, transb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, c: u64, ldc: usize, dtype: DType) -> Result<()> {
         let (start, end) = self.timing.borrow_mut().next_gemm()?;
         let stream = self.stream.cu_stream();
         // SAFETY: live events of this shard's context, recorded on its stream.
         unsafe { cudarc::driver::result::event::record(start, stream) }.map_err(|e| device_error("timing event", e))?;
-        // SAFETY: the pointers come from live allocations of at least the sizes the shapes address.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                op(transa),
-                op(transb),
-                m as i32,
-                n as i32,
-                k as i32,
-                (&alpha as *const f32).cast(),
-                a as *const _,
-                blas_type(dtype),
-                lda as i32,
-                b as *const _,
-                blas_type(dtype),
-                ldb as i32,
-                (&beta as *const f32).cast(),
-                c as *mut _,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                ldc as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| device_error("cuBLAS GEMM", e))?;
+        // SAFETY: the callers' addresses are live step buffers of the sizes the shapes address.
+        unsafe { super::blas::gemm(&self.blas, transa, transb, m, n, k, a, lda, b, ldb, c, ldc, dtype, "cuBLAS GEMM")? };
         // SAFETY: as above.
         unsafe { cudarc::driver::result::event::record(end, stream) }.map_err(|e| device_error("timing event", e))
     }
@@ -573,7 +541,7 @@ impl Primitives for CudaBackend {
                 let w_ptr = w_gemm.ptr() + (at * center_bytes) as u64;
                 let c_ptr = cos.ptr() + (at * n * 4) as u64;
                 // cos [count][N] = Ŵ·X̂ᵀ; column-major: C (N×count) = X̂ᵀ(N×d)·Ŵ(d×count).
-                shard.gemm(true, false, n, count, d, unit_gemm.ptr(), d, w_ptr, d, c_ptr, n, dtype, false)?;
+                shard.gemm(true, false, n, count, d, unit_gemm.ptr(), d, w_ptr, d, c_ptr, n, dtype)?;
                 let c = cos.slice(at * n..(at + count) * n);
                 launch!(shard, "target_logits", grid_for(n), &c, &n32, &col, &first32, &count32, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
                 let (gx, gy, gz) = stats_grid(n, count);
@@ -649,9 +617,9 @@ impl Primitives for CudaBackend {
         let gx = g.take::<f32>(n * d, "embedding gradient (global batch)")?;
         let g_unit = g.take::<f32>(k * d, "gradient of the unit centers")?;
         // gx [N][d] = Gᵀ·Ŵ; column-major: (d×N) = Ŵ(d×k)·G(k×N).
-        g.gemm(false, true, d, n, k, w_gemm.ptr(), d, grad_cos.ptr(), n, gx.ptr(), d, dtype, false)?;
+        g.gemm(false, true, d, n, k, w_gemm.ptr(), d, grad_cos.ptr(), n, gx.ptr(), d, dtype)?;
         // gŴ [k][d] = G·X̂; column-major: (d×k) = X̂(d×N)·G(N×k), G being [k][N] row-major.
-        g.gemm(false, false, d, k, n, unit_gemm.ptr(), d, grad_cos.ptr(), n, g_unit.ptr(), d, dtype, false)?;
+        g.gemm(false, false, d, k, n, unit_gemm.ptr(), d, grad_cos.ptr(), n, g_unit.ptr(), d, dtype)?;
         let mut projected = g.take::<f32>(k * d, "center gradients (sampled classes × embedding_dim)")?;
         launch!(g, "project_center_grads", per_row(k), &g.centers, &ids, &g_unit, &inv_norm_w, &k32, &d32, &mut projected)?;
         g.step = StepState::Backward(Box::new(Backward { unit, inv_norm_e, pending: DeviceRowGrads { rows: ids, grads: projected, len: k }, update_checked_at: None }));

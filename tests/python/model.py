@@ -191,3 +191,78 @@ def golden_optimizer(cfg, params):
         return torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["adamw_betas"]), eps=cfg["adamw_eps"],
                                  weight_decay=cfg["weight_decay"])
     return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+
+
+class Float64AdaFace(torch.nn.Module):
+    """AdaFace as SPEC §1.6a states it, in float64 with autograd for the exact margin gradient: the
+    model the library's AdaFace is checked against where the authors' head has no vectors (r < 1,
+    several shards: at any sampling the loss is this softmax over the sampled columns). `sampled`
+    restricts the softmax to those columns (the labels' among them). Running statistics update in
+    training mode only, before use."""
+
+    EPS = 1e-3
+
+    def __init__(self, weight, s, m, h, t_alpha):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().to(torch.float64).clone())
+        self.s, self.m, self.h, self.t_alpha = s, m, h, t_alpha
+        self.state = [20.0, 100.0]
+
+    def forward(self, embeddings, labels, sampled=None):
+        eps, labels = self.EPS, labels.reshape(-1).long()
+        e = embeddings.to(torch.float64)
+        norms = e.norm(dim=1).detach().clamp(0.001, 100)
+        mean, std = self.state
+        if self.training:
+            mean = self.t_alpha * float(norms.mean()) + (1 - self.t_alpha) * mean
+            std = self.t_alpha * float(norms.std()) + (1 - self.t_alpha) * std
+            self.state = [mean, std]
+        g = ((norms - mean) / (std + eps) * self.h).clamp(-1, 1)
+        w, cols = F.normalize(self.weight), labels
+        if sampled is not None:
+            w, cols = w[sampled], torch.searchsorted(sampled, labels)
+        cos = (F.normalize(e) @ w.T).clamp(-1 + eps, 1 - eps)
+        rows = torch.arange(labels.shape[0])
+        theta = torch.acos(cos[rows, cols])
+        target = torch.cos((theta - self.m * g).clamp(eps, math.pi - eps)) - (self.m + self.m * g)
+        logits = cos.index_put((rows, cols), target) * self.s
+        return F.cross_entropy(logits, cols)
+
+
+class Float64CurricularFace(torch.nn.Module):
+    """CurricularFace as SPEC §1.6a states it, in float64 with autograd (t held constant in the
+    reweighting); `sampled` and training mode as for `Float64AdaFace`."""
+
+    def __init__(self, weight, s, m):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().to(torch.float64).clone())
+        self.s, self.m = s, m
+        self.t = 0.0
+
+    def forward(self, embeddings, labels, sampled=None):
+        labels = labels.reshape(-1).long()
+        w, cols = F.normalize(self.weight), labels
+        if sampled is not None:
+            w, cols = w[sampled], torch.searchsorted(sampled, labels)
+        cos = (F.normalize(embeddings.to(torch.float64)) @ w.T).clamp(-1, 1)
+        rows = torch.arange(labels.shape[0])
+        target = cos[rows, cols]
+        with_margin = torch.cos(torch.acos(target) + self.m)
+        phi = torch.where(target > math.cos(math.pi - self.m), with_margin, target - self.m * math.sin(math.pi - self.m))
+        if self.training:
+            self.t = 0.01 * float(target.detach().mean()) + 0.99 * self.t
+        hard = cos > with_margin.detach()[:, None]
+        logits = torch.where(hard, cos * (self.t + cos), cos).index_put((rows, cols), phi) * self.s
+        return F.cross_entropy(logits, cols)
+
+
+def adaptive_margin_head(cfg, weight):
+    """The float64 model of an adaptive-margin golden file's `config` (its `head`)."""
+    if cfg["head"] == "adaface":
+        return Float64AdaFace(weight, cfg["s"], cfg["m"], cfg["h"], cfg["t_alpha"])
+    return Float64CurricularFace(weight, cfg["s"], cfg["m"])
+
+
+def adaptive_margin_state(head):
+    """The running statistics of a float64 adaptive-margin model, as the golden files' `state.t`."""
+    return list(head.state) if isinstance(head, Float64AdaFace) else [head.t]

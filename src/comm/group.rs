@@ -177,6 +177,27 @@ impl ProcessGroup {
         Ok(lengths.iter().enumerate().map(|(p, &len)| all[p * widest..p * widest + len as usize].to_vec()).collect())
     }
 
+    /// Every shard's `len`-long buffer, in global rank order, where process `p` drives `shards[p]`
+    /// shards and passes its own as `local`. Each process sends its shards padded to the widest
+    /// process, so that the exchange has one size everywhere.
+    pub fn allgather_per_shard<T: Plain>(&self, shards: &[usize], local: &[&[T]], len: usize) -> Result<Vec<T>> {
+        let widest = shards.iter().copied().max().unwrap_or(1);
+        let slot = widest.checked_mul(len).ok_or_else(|| Error::invalid("all-gather size overflows"))?;
+        let mut send = try_zeroed::<T>(slot, "all-gather send buffer")?;
+        for (i, part) in local.iter().enumerate() {
+            send[i * len..(i + 1) * len].copy_from_slice(part);
+        }
+        let mut all = try_zeroed::<T>(slot * self.count(), "all-gather receive buffer (the global batch)")?;
+        self.allgather_into(bytes_of(&send), bytes_of_mut(&mut all))?;
+        let mut out = try_zeroed::<T>(shards.iter().sum::<usize>() * len, "gathered buffers")?;
+        let mut rank = 0;
+        for (p, &count) in shards.iter().enumerate() {
+            out[rank * len..(rank + count) * len].copy_from_slice(&all[p * slot..p * slot + count * len]);
+            rank += count;
+        }
+        Ok(out)
+    }
+
     /// Every process's values (the same count on each), in process order.
     pub fn allgather_u64(&self, values: &[u64]) -> Result<Vec<u64>> {
         self.allgather_values(values)

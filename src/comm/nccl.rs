@@ -175,6 +175,8 @@ mod collectives {
         world: usize,
         first_rank: usize,
         group: Arc<ProcessGroup>,
+        /// Shards of each process of the host's group, in process order (empty without one).
+        process_shards: Vec<usize>,
     }
 
     // SAFETY: communicators and streams are used by one thread at a time (the head's lock).
@@ -201,9 +203,9 @@ mod collectives {
         /// Communicators for the local GPUs (`streams`, global ranks `first_rank..`) of a job of
         /// `world` shards. The id comes from `nccl_id` (the host distributed it), from process 0
         /// through the group's all-gather, or is made here when the job is this process alone.
-        pub fn new(work: Vec<Arc<Workspace>>, world: usize, first_rank: usize, group: Arc<ProcessGroup>, nccl_id: Option<&[u8]>) -> Result<Self> {
+        pub fn new(work: Vec<Arc<Workspace>>, world: usize, first_rank: usize, group: Arc<ProcessGroup>, process_shards: Vec<usize>, nccl_id: Option<&[u8]>) -> Result<Self> {
             let streams = work.iter().map(|w| w.stream().clone()).collect();
-            let mut out = NcclCollectives { work, streams, comms: Vec::new(), world, first_rank, group };
+            let mut out = NcclCollectives { work, streams, comms: Vec::new(), world, first_rank, group, process_shards };
             // A one-GPU job needs no communicator, unless the host formed it the NCCL way (a
             // one-rank communicator: how the NCCL path is exercised on a one-GPU machine).
             if world == 1 && nccl_id.is_none() {
@@ -350,7 +352,8 @@ mod collectives {
                 return Ok(local.to_vec());
             }
             if !self.group.is_solo() {
-                return self.group.allgather_u64(local);
+                let parts: Vec<&[u64]> = local.chunks(1).collect();
+                return self.group.allgather_per_shard(&self.process_shards, &parts, 1);
             }
             let mut mine = Vec::new();
             let mut outs = Vec::new();

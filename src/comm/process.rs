@@ -7,7 +7,7 @@ use super::group::{bytes_of, bytes_of_mut, Plain, ProcessGroup};
 use super::local::sum_in_order;
 use super::{Collectives, ReduceOp};
 use crate::memory::Host;
-use crate::error::{try_zeroed, Error, Result};
+use crate::error::{try_zeroed, Result};
 use std::sync::Arc;
 
 pub struct ProcessCollectives {
@@ -25,24 +25,8 @@ impl ProcessCollectives {
         ProcessCollectives { group, shards, world, first_rank }
     }
 
-    /// Every shard's `len`-long buffer, in global rank order (`world × len`). Each process sends its
-    /// shards padded to the widest process, so that the exchange has one size everywhere.
     fn gather_equal<T: Plain>(&self, local: &[&[T]], len: usize) -> Result<Vec<T>> {
-        let widest = self.shards.iter().copied().max().unwrap_or(1);
-        let slot = widest.checked_mul(len).ok_or_else(|| Error::invalid("all-gather size overflows"))?;
-        let mut send = try_zeroed::<T>(slot, "all-gather send buffer")?;
-        for (i, part) in local.iter().enumerate() {
-            send[i * len..(i + 1) * len].copy_from_slice(part);
-        }
-        let mut all = try_zeroed::<T>(slot * self.group.count(), "all-gather receive buffer (the global batch)")?;
-        self.group.allgather_into(bytes_of(&send), bytes_of_mut(&mut all))?;
-        let mut out = try_zeroed::<T>(self.world * len, "gathered buffers")?;
-        let mut rank = 0;
-        for (p, &count) in self.shards.iter().enumerate() {
-            out[rank * len..(rank + count) * len].copy_from_slice(&all[p * slot..p * slot + count * len]);
-            rank += count;
-        }
-        Ok(out)
+        self.group.allgather_per_shard(&self.shards, local, len)
     }
 
     /// Every shard's rows (`rows[rank] × width` values) concatenated in rank order into each `out`.

@@ -44,7 +44,7 @@ pub(crate) fn create(cfg: &Config, group: &Arc<ProcessGroup>, process_shards: &[
             }
             let devices = cuda::probe(&ordinals)?;
             let prims = cuda::CudaBackend::new(cfg, &devices)?;
-            let coll = NcclCollectives::new(prims.workspaces(), cfg.world_size, cfg.first_rank, group.clone(), cfg.nccl_id.as_deref())?;
+            let coll = NcclCollectives::new(prims.workspaces(), cfg.world_size, cfg.first_rank, group.clone(), process_shards.to_vec(), cfg.nccl_id.as_deref())?;
             Ok(Box::new(Driver::new(prims, Box::new(coll), group.clone(), cfg.embedding_dim, cfg.first_rank)))
         }
     }

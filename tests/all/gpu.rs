@@ -358,22 +358,30 @@ fn cuda_accumulates_like_cpu() {
     assert!(rel_err(&gpu.centers(d), &cpu.centers(d)) <= 1e-4, "accumulated centers {}", rel_err(&gpu.centers(d), &cpu.centers(d)));
 }
 
-/// Two processes' worth of CUDA heads (threads here, one GPU each) joined by a host all-gather:
-/// the NCCL bootstrap through the callback and NCCL between them. Needs two GPUs (NCCL refuses two
-/// ranks on one GPU); on a one-GPU machine the one-rank communicator test above covers the NCCL
-/// code and tests/all/mpi.rs the process group.
+/// Two processes' worth of CUDA heads (threads here) joined by a host all-gather that behaves as
+/// MPI_Allgather (every process must send as many bytes): the NCCL bootstrap through the callback
+/// and NCCL between them, with one GPU each and with one GPU against two (processes of unequal shard
+/// counts), against a CPU head of as many shards. Needs three GPUs (NCCL refuses two ranks on one
+/// GPU); on a one-GPU machine the one-rank communicator test above covers the NCCL code and
+/// tests/all/mpi.rs the process group.
 #[test]
 fn cuda_over_two_processes_matches_one_process() {
     if !on_cuda(module_path!(), "cuda_over_two_processes_matches_one_process") {
         return;
     }
     let count = cudarc::driver::result::init().and_then(|_| cudarc::driver::result::device::get_count()).expect("the CUDA driver");
-    if count < 2 {
+    if count < 3 {
         // The lent GPU machine has one GPU; the emulation has four, and runs this job on every commit.
         assert!(std::env::var_os("PFC_EMU_CHILD").is_none(), "the emulation offers {count} GPUs");
-        eprintln!("one GPU: the two-process NCCL job needs two");
+        eprintln!("{count} GPU(s): the two-process NCCL jobs need three");
         return;
     }
+    for layout in [vec![vec![0], vec![1]], vec![vec![0], vec![1, 2]]] {
+        two_processes_match_one(&layout);
+    }
+}
+
+fn two_processes_match_one(layout: &[Vec<i32>]) {
     use std::sync::{Arc, Barrier, Mutex};
     struct Group {
         slots: Mutex<Vec<Vec<u8>>>,
@@ -387,45 +395,57 @@ fn cuda_over_two_processes_matches_one_process() {
         let m = &*(ctx as *const Member);
         m.group.slots.lock().unwrap()[m.index] = std::slice::from_raw_parts(send.cast::<u8>(), bytes).to_vec();
         m.group.barrier.wait();
-        let all = m.group.slots.lock().unwrap().concat();
-        std::ptr::copy_nonoverlapping(all.as_ptr(), recv.cast::<u8>(), all.len());
+        let all = m.group.slots.lock().unwrap().clone();
+        // MPI_Allgather's contract: one size everywhere, `recv` holding process_count × bytes.
+        let same = all.iter().all(|part| part.len() == bytes);
+        if same {
+            std::ptr::copy_nonoverlapping(all.concat().as_ptr(), recv.cast::<u8>(), bytes * all.len());
+        }
         m.group.barrier.wait();
-        0
+        if same { 0 } else { 1 }
     }
-    let (c, d, n) = (6007u64, 64usize, 32usize);
+    let (c, d, n) = (6007u64, 64usize, 36usize);
+    let shards: Vec<usize> = layout.iter().map(|g| g.len()).collect();
+    let world = shards.iter().sum::<usize>();
+    let rows = even_split(n, world);
     let cfg = config(c, d, 0.3, PFC_DTYPE_F32);
-    let group = Arc::new(Group { slots: Mutex::new(vec![Vec::new(); 2]), barrier: Barrier::new(2) });
+    let group = Arc::new(Group { slots: Mutex::new(vec![Vec::new(); layout.len()]), barrier: Barrier::new(layout.len()) });
     let batches: Vec<(Vec<f32>, Vec<i64>)> = (0..3).map(|s| data(c, d, n, 1100 + s)).collect();
     let reference = TestHead::new(&{
         let mut r = cfg;
-        r.local_shards = 2;
+        r.local_shards = world as u32;
         r
     });
     let want: Vec<(f64, Vec<f32>)> = batches.iter().map(|(e, l)| {
-        let (st, g) = reference.step(e, l, d, &[n / 2, n - n / 2]);
+        let (st, g) = reference.step(e, l, d, &rows);
         (st.loss, g)
     }).collect();
-    let threads: Vec<_> = (0..2usize)
-        .map(|p| {
-            let (group, batches) = (group.clone(), batches.clone());
+    let threads: Vec<_> = layout
+        .iter()
+        .enumerate()
+        .map(|(p, devices)| {
+            let (group, batches, devices) = (group.clone(), batches.clone(), devices.clone());
+            let first: usize = shards[..p].iter().sum();
+            let mine = rows[first..first + devices.len()].to_vec();
+            let at: usize = rows[..first].iter().sum();
+            let count = layout.len() as u32;
             std::thread::spawn(move || {
                 let member = Box::new(Member { group, index: p });
-                let devices = [p as i32];
                 let mut c2 = config(c, d, 0.3, PFC_DTYPE_F32);
                 c2.backend = PFC_BACKEND_CUDA;
+                c2.local_shards = devices.len() as u32;
                 c2.devices = devices.as_ptr();
-                c2.process_count = 2;
+                c2.process_count = count;
                 c2.process_index = p as u32;
                 c2.allgather = Some(allgather);
                 c2.allgather_ctx = (&*member as *const Member).cast_mut().cast();
                 let mut h = std::ptr::null_mut();
                 ok(pfc_create(&c2, &mut h));
                 let h = TestHead(h);
+                let total: usize = mine.iter().sum();
                 let mut out = Vec::new();
                 for (e, l) in &batches {
-                    let rows = if p == 0 { n / 2 } else { n - n / 2 };
-                    let at = if p == 0 { 0 } else { n / 2 };
-                    let (st, g) = h.step(&e[at * d..(at + rows) * d], &l[at..at + rows], d, &[rows]);
+                    let (st, g) = h.step(&e[at * d..(at + total) * d], &l[at..at + total], d, &mine);
                     out.push((st.loss, g));
                 }
                 drop(h);
@@ -437,9 +457,9 @@ fn cuda_over_two_processes_matches_one_process() {
     let results: Vec<Vec<(f64, Vec<f32>)>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     for (t, (loss, grad)) in want.iter().enumerate() {
         for (p, r) in results.iter().enumerate() {
-            assert!((r[t].0 - loss).abs() <= 1e-4 * loss, "step {t} process {p}: loss {} vs {loss}", r[t].0);
+            assert!((r[t].0 - loss).abs() <= 1e-4 * loss, "{layout:?}: step {t} process {p}: loss {} vs {loss}", r[t].0);
         }
-        let got: Vec<f32> = results[0][t].1.iter().chain(&results[1][t].1).copied().collect();
-        assert!(rel_err(&got, grad) <= 1e-3, "step {t}: gradients {}", rel_err(&got, grad));
+        let got: Vec<f32> = results.iter().flat_map(|r| r[t].1.iter().copied()).collect();
+        assert!(rel_err(&got, grad) <= 1e-3, "{layout:?}: step {t}: gradients {}", rel_err(&got, grad));
     }
 }

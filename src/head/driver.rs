@@ -69,6 +69,9 @@ struct Forward<M: Memory> {
     /// Rows of every shard's batch, in global rank order.
     rows: Vec<u64>,
     eval: Evaluated,
+    /// The loss's finiteness is the backward pass's verdict (`Primitives::defer_loss_check`), so
+    /// no update may be taken inside the backward pass.
+    loss_deferred: bool,
 }
 
 /// One sample's exact log-softmax loss, with no clamp on the probability, from the non-target sum
@@ -182,7 +185,7 @@ impl<P: Primitives> Driver<P> {
         if !deferred && !loss.is_finite() {
             return Err(Error::non_finite("the loss"));
         }
-        Ok(Forward { maxes, sums, rows, eval: Evaluated { loss, accuracy, global_batch: n as u64, sampled_classes } })
+        Ok(Forward { maxes, sums, rows, eval: Evaluated { loss, accuracy, global_batch: n as u64, sampled_classes }, loss_deferred: deferred })
     }
 
     /// The backward pass: each shard's center gradients pending (or, with `Update::Apply`, applied),
@@ -316,7 +319,7 @@ impl<P: Primitives> StepDriver for Driver<P> {
     fn compute(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan, out: Outputs<'_, '_>, apply: Option<f32>) -> Result<Evaluated> {
         let fwd = self.forward(checked, batches, plan)?;
         let update = match apply {
-            Some(lr) if self.update_proven(lr)? => Update::Apply(lr),
+            Some(lr) if !fwd.loss_deferred && self.update_proven(lr)? => Update::Apply(lr),
             Some(lr) => Update::Check(lr),
             None => Update::None,
         };

@@ -400,9 +400,30 @@ impl CudaBackend {
     /// converted to f32 and checked where they lie, the labels copied; the checks' verdict is the
     /// one value read back.
     fn load_device(&mut self, batches: &[DeviceBatch]) -> Result<Vec<(DeviceBuf<f32>, DeviceBuf<i64>)>> {
+        let mut queued = 0;
+        let loaded = self.queue_device_loads(batches, &mut queued);
+        if loaded.is_err() {
+            // The callers' streams must not run ahead of reads of their buffers already queued.
+            for (shard, b) in self.shards.iter().zip(batches).take(queued) {
+                let _ = shard.bind().and_then(|()| after_caller(shard.stream.cu_stream(), caller_stream(b.stream)));
+            }
+        }
+        let out = loaded?;
+        for (s, shard) in self.shards.iter().enumerate() {
+            if batches[s].rows > 0 {
+                shard.read_verdict()?.batch(s, self.cfg.num_classes)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `load_device`'s work on each GPU, queued; `queued` counts the GPUs whose reads of the
+    /// caller's buffers may be in flight.
+    fn queue_device_loads(&self, batches: &[DeviceBatch], queued: &mut usize) -> Result<Vec<(DeviceBuf<f32>, DeviceBuf<i64>)>> {
         let (d, classes) = (self.cfg.embedding_dim, self.cfg.num_classes);
         let mut out = Vec::with_capacity(batches.len());
         for (shard, b) in self.shards.iter().zip(batches) {
+            *queued += 1;
             shard.bind()?;
             after_caller(caller_stream(b.stream), shard.stream.cu_stream())?;
             let mut emb = shard.take::<f32>(b.rows * d, "the batch's embeddings")?;
@@ -418,11 +439,6 @@ impl CudaBackend {
                 launch!(shard, "describe_batch", ONE_THREAD, &labels, &emb, &d32, &shard.verdict)?;
             }
             out.push((emb, labels));
-        }
-        for (s, shard) in self.shards.iter().enumerate() {
-            if batches[s].rows > 0 {
-                shard.read_verdict()?.batch(s, classes)?;
-            }
         }
         Ok(out)
     }
@@ -677,6 +693,8 @@ impl Primitives for CudaBackend {
             }
             Outputs::Device(batches) => {
                 for ((g, grad), b) in self.shards.iter().zip(grads).zip(batches) {
+                    // The ordering event belongs to this GPU's context, kernel or not.
+                    g.bind()?;
                     if b.rows > 0 {
                         let len = (b.rows * self.cfg.embedding_dim) as u64;
                         let (dt, dst) = (dtype_code(b.dtype), b.grad);
@@ -693,30 +711,30 @@ impl Primitives for CudaBackend {
     fn accumulate(&mut self, shard: usize) -> Result<()> {
         let d = self.cfg.embedding_dim;
         let g = &mut self.shards[shard];
+        // What a call before left to undo is not this call's: a failure below leaves nothing to undo.
+        g.undo = None;
         let StepState::Backward(b) = std::mem::replace(&mut g.step, StepState::Idle) else {
             return Err(internal("accumulate before backward"));
         };
         let pending = b.pending;
-        match g.accumulated.take() {
-            None => {
-                g.accumulated = Some(pending);
-                g.undo = Some(Undo::Moved);
-            }
-            Some(before) => {
-                // A second compute before an apply: the rows are merged on the host.
-                let download = |r: &DeviceRowGrads| -> Result<RowGrads> {
-                    let rows: Vec<u32> = g.stream.clone_dtoh(&r.rows.slice(0..r.len)).map_err(|e| device_error("download", e))?;
-                    let grads: Vec<f32> = g.stream.clone_dtoh(&r.grads.slice(0..r.len * d)).map_err(|e| device_error("download", e))?;
-                    Ok(RowGrads { rows, grads })
-                };
-                let merged = download(&before)?.union(&download(&pending)?, d)?;
-                let rows = g.work.upload(&merged.rows, "accumulated gradient rows")?;
-                let grads = g.work.upload(&merged.grads, "accumulated center gradients")?;
-                g.accumulated = Some(DeviceRowGrads { rows, grads, len: merged.rows.len() });
-                g.undo = Some(Undo::Replaced(before));
-                g.update_checked = None;
-            }
-        }
+        let Some(before) = &g.accumulated else {
+            g.accumulated = Some(pending);
+            g.undo = Some(Undo::Moved);
+            return Ok(());
+        };
+        // A second compute before an apply: the rows are merged on the host, and the accumulated
+        // gradients replaced only once the merge is on the device.
+        let download = |r: &DeviceRowGrads| -> Result<RowGrads> {
+            let rows: Vec<u32> = g.stream.clone_dtoh(&r.rows.slice(0..r.len)).map_err(|e| device_error("download", e))?;
+            let grads: Vec<f32> = g.stream.clone_dtoh(&r.grads.slice(0..r.len * d)).map_err(|e| device_error("download", e))?;
+            Ok(RowGrads { rows, grads })
+        };
+        let merged = download(before)?.union(&download(&pending)?, d)?;
+        let rows = g.work.upload(&merged.rows, "accumulated gradient rows")?;
+        let grads = g.work.upload(&merged.grads, "accumulated center gradients")?;
+        let before = g.accumulated.replace(DeviceRowGrads { rows, grads, len: merged.rows.len() });
+        g.undo = before.map(Undo::Replaced);
+        g.update_checked = None;
         Ok(())
     }
 

@@ -420,6 +420,31 @@ fn a_missing_cross_stream_wait_reads_stale_data_and_an_event_wait_does_not() {
     }
 }
 
+/// An event is recorded only on a stream of the context it was created in (the driver's
+/// CUDA_ERROR_INVALID_HANDLE otherwise); a stream of another GPU may still wait for it.
+#[test]
+fn an_event_is_recorded_only_on_a_stream_of_its_own_context() {
+    if !on_cuda(module_path!(), "an_event_is_recorded_only_on_a_stream_of_its_own_context") {
+        return;
+    }
+    if result::init().and_then(|()| result::device::get_count()).unwrap() < 2 {
+        assert!(!emulated(), "the emulation offers four GPUs");
+        return;
+    }
+    let (a, b) = (CudaContext::new(0).unwrap(), CudaContext::new(1).unwrap());
+    let (on_a, on_b) = (a.new_stream().unwrap(), b.new_stream().unwrap());
+    a.bind_to_thread().unwrap();
+    // SAFETY: the event is destroyed once, after the streams passed it.
+    unsafe {
+        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).unwrap();
+        assert_eq!(result::event::record(event, on_b.cu_stream()), Err(err(CUresult::CUDA_ERROR_INVALID_HANDLE)), "recorded on GPU 1's stream");
+        result::event::record(event, on_a.cu_stream()).unwrap();
+        result::stream::wait_event(on_b.cu_stream(), event, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT).unwrap();
+        on_b.synchronize().unwrap();
+        result::event::destroy(event).unwrap();
+    }
+}
+
 #[test]
 fn elapsed_time_needs_completed_timing_events() {
     if !on_cuda(module_path!(), "elapsed_time_needs_completed_timing_events") {

@@ -26,18 +26,23 @@ struct DeviceRows {
     e: CudaSlice<f32>,
     l: CudaSlice<i64>,
     g: CudaSlice<f32>,
+    rows: usize,
 }
 
 impl DeviceRows {
+    /// A batch of `l.len()` rows (buffers of one value where there are none: CUDA allocates no
+    /// empty buffer), its gradient buffer filled with 7s.
     fn new(stream: &Arc<CudaStream>, e: &[f32], l: &[i64]) -> DeviceRows {
-        DeviceRows { e: stream.clone_htod(e).unwrap(), l: stream.clone_htod(l).unwrap(), g: stream.clone_htod(&vec![7f32; e.len()]).unwrap() }
+        let upload = |v: &[f32]| stream.clone_htod(if v.is_empty() { &[0f32][..] } else { v }).unwrap();
+        let labels = stream.clone_htod(if l.is_empty() { &[0i64][..] } else { l }).unwrap();
+        DeviceRows { e: upload(e), l: labels, g: upload(&vec![7f32; e.len()]), rows: l.len() }
     }
 
     fn batch(&mut self, stream: &Arc<CudaStream>) -> pfc_batch {
         let (ep, _a) = self.e.device_ptr(stream);
         let (lp, _b) = self.l.device_ptr(stream);
         let (gp, _c) = self.g.device_ptr_mut(stream);
-        device_batch(ep, lp, gp, self.l.len(), stream.cu_stream().cast())
+        device_batch(ep, lp, gp, self.rows, stream.cu_stream().cast())
     }
 }
 
@@ -255,4 +260,36 @@ fn a_warm_step_on_two_gpus_reads_back_its_count_verdict_statistics_and_outputs_o
             }
         }
     }
+}
+
+/// Device batches on two GPUs, the second with no rows this step: the gradient is ordered on each
+/// caller's stream from that GPU's own context (an event recorded on another context's stream is
+/// refused by the driver), and the step matches the same rows given as host batches.
+#[test]
+fn device_batches_on_two_gpus_one_without_rows_match_host_batches() {
+    if !on_cuda(module_path!(), "device_batches_on_two_gpus_one_without_rows_match_host_batches") {
+        return;
+    }
+    if !crate::gpu_jobs::has_gpus(2, "device batches on two GPUs") {
+        return;
+    }
+    let (c, d, n) = (2003u64, 32usize, 20usize);
+    let cfg = config(c, d, 0.5, PFC_DTYPE_F32, 2);
+    let (device_head, host_head) = (cuda_head(&cfg, &[0, 1]), cuda_head(&cfg, &[0, 1]));
+    let contexts = [CudaContext::new(0).unwrap(), CudaContext::new(1).unwrap()];
+    let streams: Vec<Arc<CudaStream>> = contexts.iter().map(|c| c.new_stream().unwrap()).collect();
+    for (step, split) in [[n, 0], [n / 2, n - n / 2], [0, n]].into_iter().enumerate() {
+        let (e, l) = data(c, d, n, 60 + step as u64);
+        let mut rows: Vec<DeviceRows> = streams
+            .iter()
+            .zip([0..split[0], split[0]..n])
+            .map(|(s, r)| DeviceRows::new(s, &e[r.start * d..r.end * d], &l[r.clone()]))
+            .collect();
+        let batches: Vec<pfc_batch> = rows.iter_mut().zip(&streams).map(|(r, s)| r.batch(s)).collect();
+        ok(pfc_train_step(device_head.0, batches.as_ptr(), 2, std::ptr::null_mut()));
+        let (_, want) = host_head.step(&e, &l, d, &split);
+        let got: Vec<f32> = rows.iter().zip(&streams).flat_map(|(r, s)| if r.rows == 0 { Vec::new() } else { s.clone_dtoh(&r.g).unwrap() }).collect();
+        assert_eq!(got, want, "step {step} ({split:?} rows)");
+    }
+    assert_eq!(device_head.centers(d), host_head.centers(d));
 }

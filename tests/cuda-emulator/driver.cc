@@ -335,6 +335,9 @@ struct CUstream_st {
 
 struct CUevent_st {
     unsigned flags;
+    // The context current at creation: the driver records an event only on a stream of its own
+    // context.
+    pfc_emu::Context* ctx = nullptr;
     // The handle's and each queued marker's: destroying an event whose marker is still queued
     // returns at once (as the driver does), and the marker frees it.
     std::atomic<int> refs{1};
@@ -889,6 +892,7 @@ EXPORT CUresult cuEventCreate(CUevent* out, unsigned flags) {
     if (!out || (flags & ~7u)) return CUDA_ERROR_INVALID_VALUE;
     auto* e = new CUevent_st();
     e->flags = flags;
+    e->ctx = current;
     *out = e;
     return CUDA_SUCCESS;
 }
@@ -906,6 +910,11 @@ EXPORT CUresult cuEventRecord(CUevent e, CUstream handle) {
     CUstream_st* s = nullptr;
     if (CUresult r = resolve(handle, &s)) return r;
     if (CUresult r = s->ctx->sticky.load()) return r;
+    if (e->ctx != s->ctx) {
+        report("cuEventRecord of an event of GPU " + std::to_string(e->ctx->device->ordinal) + " on a stream of GPU " +
+               std::to_string(s->ctx->device->ordinal) + ": an event is recorded on a stream of its own context");
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
     std::lock_guard<std::mutex> lock(e->m);
     const uint64_t generation = ++e->generation;
     e->progress = s->progress;

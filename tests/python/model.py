@@ -179,6 +179,23 @@ def compare_in_loop(make_other, other_dtype, classes, dim, batch, steps, feature
     return got, worst, smallest_loss
 
 
+def golden_step_errors(module, opt, t, step, centers, dtype=None):
+    """One step of a golden file (`t`, its tensors) through `module` (called on the step's embeddings,
+    in `dtype` if given, and labels) and `opt`: the relative errors of the loss, the embedding
+    gradient and, after the optimizer step, `centers()`."""
+    emb = t[f"emb.{step}"].clone() if dtype is None else t[f"emb.{step}"].to(dtype)
+    emb.requires_grad_(True)
+    loss = module(emb, t[f"labels.{step}"])
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return {
+        "loss": rel(loss.detach().reshape(1), t[f"loss.{step}"]),
+        "grad_emb": rel(emb.grad, t[f"grad_emb.{step}"]),
+        "weight": rel(centers(), t[f"weight.{step}"]),
+    }
+
+
 def golden_margin(cfg):
     """The margin of a golden file's `config`."""
     from partialfc.torch import CombinedMarginLoss

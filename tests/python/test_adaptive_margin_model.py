@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from model import adaptive_margin_head, adaptive_margin_state, rel
+from model import adaptive_margin_head, adaptive_margin_state, golden_step_errors, rel
 
 
 def adaptive_golden_files(golden_dir):
@@ -33,17 +33,8 @@ def test_the_float64_models_reproduce_the_authors_heads(golden_dir):
         opt = torch.optim.SGD(head.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
         name = os.path.basename(path)
         for step in range(cfg["steps"]):
-            emb = t[f"emb.{step}"].to(torch.float64).requires_grad_(True)
-            loss = head(emb, t[f"labels.{step}"])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            errors = {
-                "loss": rel(loss.detach().reshape(1), t[f"loss.{step}"]),
-                "grad_emb": rel(emb.grad, t[f"grad_emb.{step}"]),
-                "weight": rel(head.weight.detach(), t[f"weight.{step}"]),
-                "state": rel(torch.tensor(adaptive_margin_state(head)), t[f"state.{step}"]),
-            }
+            errors = golden_step_errors(head, opt, t, step, lambda: head.weight.detach(), torch.float64)
+            errors["state"] = rel(torch.tensor(adaptive_margin_state(head)), t[f"state.{step}"])
             for what, err in errors.items():
                 assert err < 2e-5, f"{name} step {step} {what}: relative error {err:.3g}"
 

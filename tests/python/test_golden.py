@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from golden import TOLERANCE, golden_files
-from model import golden_margin, golden_optimizer, rel
+from model import golden_margin, golden_optimizer, golden_step_errors
 from partialfc.torch import PartialFC_V2
 
 def test_single_process_golden_files_through_the_module(golden_dir):
@@ -18,15 +18,6 @@ def test_single_process_golden_files_through_the_module(golden_dir):
         opt = golden_optimizer(cfg, module.parameters())
         name = os.path.basename(path)
         for step in range(cfg["steps"]):
-            emb = t[f"emb.{step}"].clone().requires_grad_(True)
-            loss = module(emb, t[f"labels.{step}"])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            errors = {
-                "loss": rel(loss.detach().reshape(1), t[f"loss.{step}"]),
-                "grad_emb": rel(emb.grad, t[f"grad_emb.{step}"]),
-                "weight": rel(module.centers(), t[f"weight.{step}"]),
-            }
+            errors = golden_step_errors(module, opt, t, step, module.centers)
             for what, err in errors.items():
                 assert err < TOLERANCE, f"{name} step {step} {what}: relative error {err:.3g}"

@@ -85,8 +85,11 @@ extern "C" __global__ void count_selected(const u64* keys, u64 len, const u64* s
 
 // One thread: exclusive prefix sums over the blocks of the selected keys and of the keys equal to
 // the threshold, in place of the counts. A total other than k (a count gone wrong) is a sampling
-// failure in the step's verdict; the compaction then writes nothing past its buffer either.
-extern "C" __global__ void compaction_offsets(u32* above, u32* equal, u32 blocks, const u64* select, u64* verdict) {
+// failure in the step's verdict; the compaction then writes nothing past its buffer either, and the
+// ids it would leave unwritten are set to class 0 first, so that the step's kernels read only
+// classes of the shard until the verdict stops it.
+extern "C" __global__ void compaction_offsets(u32* above, u32* equal, u32 blocks, const u64* select, u32* out, u64 capacity,
+                                              u64* verdict) {
     const u64 take_equal = select[SELECT_REMAINING];
     u64 selected = 0, equals = 0;
     for (u32 b = 0; b < blocks; b++) {
@@ -98,7 +101,10 @@ extern "C" __global__ void compaction_offsets(u32* above, u32* equal, u32 blocks
         selected += a + taken_after - taken_before;
         equals += e;
     }
-    if (selected != select[SELECT_COUNT]) atomicOr(&verdict[VERDICT_FLAGS], (u64)VERDICT_SAMPLING);
+    if (selected != select[SELECT_COUNT]) {
+        atomicOr(&verdict[VERDICT_FLAGS], (u64)VERDICT_SAMPLING);
+        for (u64 j = 0; j < capacity; j++) out[j] = 0;
+    }
 }
 
 // Writes the selected local class ids in class order from the block offsets `selected_before` and

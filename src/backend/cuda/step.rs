@@ -257,10 +257,9 @@ impl GpuShard {
         let mut above = self.take::<u32>(blocks, "sampling block counts")?;
         let mut equal = self.take::<u32>(blocks, "sampling block counts")?;
         launch!(self, "count_selected", cfg, &keys, &len64, &self.select, &mut above, &mut equal)?;
-        let blocks32 = blocks as u32;
-        launch!(self, "compaction_offsets", ONE_THREAD, &mut above, &mut equal, &blocks32, &self.select, &self.verdict)?;
+        let (blocks32, capacity) = (blocks as u32, k as u64);
         let mut ids = self.take::<u32>(k, "sampled ids")?;
-        let capacity = k as u64;
+        launch!(self, "compaction_offsets", ONE_THREAD, &mut above, &mut equal, &blocks32, &self.select, &mut ids, &capacity, &self.verdict)?;
         launch!(self, "compact_selected", cfg, &keys, &len64, &self.select, &above, &equal, &mut ids, &capacity, &self.verdict)?;
         Ok((ids, k))
     }

@@ -95,6 +95,15 @@
 // The true derivative of the margin function.
 #define PFC_MARGIN_GRAD_EXACT 1
 
+// Margin kinds (SPEC §1.6, §1.6a): the combined margin s·(cos(m1·θ + m2) − m3) (ArcFace,
+// CosFace, SphereFace), AdaFace (the margin adapts to each sample's embedding norm), and
+// CurricularFace (hard negatives reweighted by a running curriculum parameter).
+#define PFC_MARGIN_COMBINED 0
+
+#define PFC_MARGIN_ADAFACE 1
+
+#define PFC_MARGIN_CURRICULAR 2
+
 // Export formats: safetensors (one tensor `centers` [C, d]), NumPy `.npy`, FAISS `.fvecs`, and a
 // FAISS `IndexFlatIP` file (`faiss.read_index` opens it; ids are class ids).
 #define PFC_FORMAT_SAFETENSORS 0
@@ -191,6 +200,16 @@ typedef struct pfc_config {
   pfc_allgather_fn allgather;
   // Passed to `allgather` unchanged.
   void *allgather_ctx;
+  // `PFC_MARGIN_*`. With the adaptive kinds the scale is `scale` and the combined margin's
+  // fields (m1, m2, m3, interclass_filter, margin_grad, arcface_fallback) stay at their defaults;
+  // their margin gradient is the exact one.
+  int32_t margin_kind;
+  // The adaptive kinds' m; 0 = the kind's default (AdaFace 0.4, CurricularFace 0.5).
+  float margin_m;
+  // AdaFace's h (0.333): how far a norm's standardized value moves the margin.
+  float adaface_h;
+  // AdaFace's weight of the newest batch in the running norm statistics (0.01).
+  float adaface_t_alpha;
 } pfc_config;
 
 // Result of every fallible call: `PFC_OK` or one of the `PFC_ERR_*` codes.
@@ -321,6 +340,12 @@ pfc_status pfc_evaluate(struct pfc_head *head,
 
 // Sets the learning rate used by later steps (finite, >= 0).
 pfc_status pfc_set_learning_rate(struct pfc_head *head, float lr);
+
+// The margin's running statistics (SPEC §1.6a): AdaFace's running norm mean and standard deviation
+// (2 values); none for the combined margin. Writes the first `min(cap, count)` of them to `out`
+// (which may be NULL when `cap` is 0) and sets `*len` to their count. The same on every shard and
+// process; local, like pfc_get_centers.
+pfc_status pfc_margin_state(const struct pfc_head *head, float *out, uint32_t cap, uint32_t *len);
 
 // The global classes this process owns: `[*first, *first + *count)`.
 pfc_status pfc_local_classes(const struct pfc_head *head, uint64_t *first, uint64_t *count);

@@ -21,7 +21,8 @@
 //! files only, never more bytes than the manifest declares, in bounded chunks; it reads each class's
 //! rows from whichever shard file holds them, so a checkpoint loads into any shard count.
 
-use crate::config::{check_learning_rate, check_steps, OptimizerKind};
+use crate::config::{check_learning_rate, check_steps, MarginKind, OptimizerKind};
+use crate::margin::MarginState;
 use crate::head::{Head, Restored};
 use crate::error::{try_zeroed, Error, Result, Status};
 use crate::fsutil::{io_error, temp_path, AtomicFile, DirLock, RegularFile};
@@ -398,6 +399,15 @@ fn write_shards(head: &Head, dir: &Path, save_id: &str, ranks: std::ops::Range<u
     Ok(shards)
 }
 
+/// A margin kind as checkpoints name it.
+fn margin_kind_name(kind: MarginKind) -> &'static str {
+    match kind {
+        MarginKind::Combined => "combined",
+        MarginKind::AdaFace { .. } => "adaface",
+        MarginKind::Curricular { .. } => "curricular",
+    }
+}
+
 /// Writes and publishes the manifest of save `save_id` over the shard table `shards` (any order).
 fn write_manifest(head: &Head, dir: &Path, save_id: &str, mut shards: Vec<Value>) -> Result<()> {
     let cfg = head.config();
@@ -416,6 +426,8 @@ fn write_manifest(head: &Head, dir: &Path, save_id: &str, mut shards: Vec<Value>
         "lr": head.learning_rate(),
         "sample_rate": cfg.sample_rate,
         "margin": {"scale": m.scale, "m1": m.m1, "m2": m.m2, "m3": m.m3, "interclass_filter": m.interclass_filter},
+        "margin_kind": margin_kind_name(m.kind),
+        "margin_state": head.margin_state(),
         "world_size": cfg.world_size,
         "shards": shards,
     })
@@ -442,6 +454,10 @@ pub(crate) struct Manifest {
     pub num_classes: u64,
     pub embedding_dim: u64,
     pub optimizer: OptimizerKind,
+    /// The margin kind's name and its running statistics (SPEC §1.6a); a manifest from before
+    /// the adaptive margins names none: the combined margin, without statistics.
+    pub margin_kind: String,
+    pub margin_state: Vec<f32>,
     pub step: u64,
     pub seed: u64,
     pub lr: f32,
@@ -535,10 +551,25 @@ pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest> {
             crc32: u32::try_from(crc).map_err(|_| corrupt("checkpoint manifest: bad crc32"))?,
         });
     }
+    let margin_kind = match v.get("margin_kind") {
+        None => margin_kind_name(MarginKind::Combined).to_string(),
+        Some(k) => k.as_str().ok_or_else(|| corrupt("checkpoint manifest: \"margin_kind\" is not a string"))?.to_string(),
+    };
+    let margin_state = match v.get("margin_state") {
+        None => Vec::new(),
+        Some(list) => list
+            .as_array()
+            .ok_or_else(|| corrupt("checkpoint manifest: \"margin_state\" is not a list"))?
+            .iter()
+            .map(|x| x.as_f64().map(|x| x as f32).ok_or_else(|| corrupt("checkpoint manifest: \"margin_state\" holds a non-number")))
+            .collect::<Result<Vec<f32>>>()?,
+    };
     let m = Manifest {
         num_classes: uint(&v, "num_classes")?,
         embedding_dim: uint(&v, "embedding_dim")?,
         optimizer,
+        margin_kind,
+        margin_state,
         step,
         seed: uint(&v, "seed")?,
         lr: lr as f32,
@@ -752,10 +783,17 @@ fn read_state(head: &Head, dir: &Path) -> Result<Restored> {
             format!("checkpoint holds {} optimizer state; this head uses {}", optimizer_name(m.optimizer), optimizer_name(kind)),
         ));
     }
+    if m.margin_kind != margin_kind_name(cfg.margin.kind) {
+        return Err(Error::new(
+            Status::Incompatible,
+            format!("checkpoint holds the running statistics of margin {:?}; this head's margin is {:?}", m.margin_kind, margin_kind_name(cfg.margin.kind)),
+        ));
+    }
+    let margin_state = MarginState::from_values(cfg.margin.kind, &m.margin_state).map_err(|e| corrupt(format!("checkpoint manifest: {}", e.message)))?.values();
     let (first, count) = head.local_classes();
     let mut rows = RowsOut::new(first, count, cfg.embedding_dim, StateTensor::for_optimizer(kind), kind == OptimizerKind::AdamW)?;
     read_rows(dir, &m, &mut rows)?;
-    Ok(Restored { tensors: rows.tensors, steps: rows.steps, step: m.step, seed: m.seed, lr: m.lr })
+    Ok(Restored { tensors: rows.tensors, steps: rows.steps, step: m.step, seed: m.seed, lr: m.lr, margin_state })
 }
 
 /// All centers of the checkpoint in `dir`, verified as `load` verifies them: `(classes, dim, rows)`.
@@ -820,16 +858,16 @@ mod tests {
                     let mut tensors = good.clone();
                     tensors[i].1[count as usize * d - 3] = bad;
                     let steps = adamw.then(|| vec![0u32; count as usize]);
-                    cases.push((format!("{} {bad}", t.name()), Status::NonFinite, Restored { tensors, steps, step: 5, seed: 1, lr: 0.1 }));
+                    cases.push((format!("{} {bad}", t.name()), Status::NonFinite, Restored { tensors, steps, step: 5, seed: 1, lr: 0.1, margin_state: Vec::new() }));
                 }
             }
             if adamw {
                 let mut steps = vec![3u32; count as usize];
                 steps[7] = 6;
-                cases.push(("a row stepped more often than the head".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: Some(steps), step: 5, seed: 1, lr: 0.1 }));
+                cases.push(("a row stepped more often than the head".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: Some(steps), step: 5, seed: 1, lr: 0.1, margin_state: Vec::new() }));
             }
-            cases.push(("a step count beyond the limit".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: u64::MAX, seed: 1, lr: 0.1 }));
-            cases.push(("an infinite learning rate".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: 5, seed: 1, lr: f32::INFINITY }));
+            cases.push(("a step count beyond the limit".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: u64::MAX, seed: 1, lr: 0.1, margin_state: Vec::new() }));
+            cases.push(("an infinite learning rate".into(), Status::InvalidArgument, Restored { tensors: good.clone(), steps: adamw.then(|| vec![0u32; count as usize]), step: 5, seed: 1, lr: f32::INFINITY, margin_state: Vec::new() }));
             for (what, status, bad) in cases {
                 h.restore(bad).unwrap();
                 let e = save(&h, &dir).unwrap_err();

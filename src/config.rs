@@ -42,6 +42,9 @@ pub enum MarginGrad {
 /// The combined margin `s·(cos(m1·θ + m2) − m3)` on the target, `s·c` elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MarginConfig {
+    /// Which margin the target logit takes (SPEC §1.6, §1.6a); `m1`..`arcface_fallback` are the
+    /// combined margin's.
+    pub kind: MarginKind,
     pub scale: f32,
     pub m1: f32,
     pub m2: f32,
@@ -50,6 +53,85 @@ pub struct MarginConfig {
     pub interclass_filter: f32,
     pub grad: MarginGrad,
     pub arcface_fallback: bool,
+}
+
+impl MarginConfig {
+    /// An adaptive kind's parameters in range, and the combined margin's options at their defaults
+    /// beside it (they mean nothing there).
+    fn check_kind(&self) -> Result<()> {
+        let kind = match self.kind {
+            MarginKind::Combined => return Ok(()),
+            MarginKind::AdaFace { m, h, t_alpha } => {
+                finite_in("margin_m", m, 0.0, 1.5)?;
+                check(h.is_finite() && h > 0.0 && h <= 10.0, || format!("adaface_h = {h} is outside (0, 10]"))?;
+                check(t_alpha.is_finite() && t_alpha > 0.0 && t_alpha <= 1.0, || format!("adaface_t_alpha = {t_alpha} is outside (0, 1]"))?;
+                "PFC_MARGIN_ADAFACE"
+            }
+            MarginKind::Curricular { m } => {
+                finite_in("margin_m", m, 0.0, 1.5)?;
+                "PFC_MARGIN_CURRICULAR"
+            }
+        };
+        let d = Config::default().margin;
+        let combined = [
+            ("m1", self.m1 == d.m1, self.m1.to_string(), d.m1.to_string()),
+            ("m2", self.m2 == d.m2, self.m2.to_string(), d.m2.to_string()),
+            ("m3", self.m3 == d.m3, self.m3.to_string(), d.m3.to_string()),
+            ("interclass_filter", self.interclass_filter == d.interclass_filter, self.interclass_filter.to_string(), d.interclass_filter.to_string()),
+            ("margin_grad", self.grad == d.grad, format!("{:?}", self.grad), format!("{:?}", d.grad)),
+            ("arcface_fallback", self.arcface_fallback == d.arcface_fallback, u8::from(self.arcface_fallback).to_string(), u8::from(d.arcface_fallback).to_string()),
+        ];
+        match combined.iter().find(|(_, default, _, _)| !default) {
+            Some((field, _, value, default)) => Err(Error::invalid(format!(
+                "{field} = {value} applies to the combined margin only, not to margin_kind {kind}: leave it at its default {default}"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The margin kinds of SPEC §1.6 and §1.6a.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MarginKind {
+    /// `s·(cos(m1·θ + m2) − m3)` on the target (ArcFace, CosFace, SphereFace).
+    Combined,
+    /// AdaFace: the margin adapts to each sample's embedding norm (m, h, and the weight t_alpha of
+    /// the newest batch in the running norm statistics).
+    AdaFace { m: f32, h: f32, t_alpha: f32 },
+    /// CurricularFace: hard negatives reweighted by a running curriculum parameter (m).
+    Curricular { m: f32 },
+}
+
+impl MarginKind {
+    /// AdaFace with its authors' m and h, and a running-statistics weight of 0.01.
+    pub const ADAFACE: MarginKind = MarginKind::AdaFace { m: 0.4, h: 0.333, t_alpha: 0.01 };
+    /// CurricularFace's authors' m.
+    pub const CURRICULAR_M: f32 = 0.5;
+
+    /// The adaptive kinds' m (0 for the combined margin).
+    pub fn m(self) -> f32 {
+        match self {
+            MarginKind::Combined => 0.0,
+            MarginKind::AdaFace { m, .. } | MarginKind::Curricular { m } => m,
+        }
+    }
+
+    /// AdaFace's (h, t_alpha).
+    pub fn adaface(self) -> Option<(f32, f32)> {
+        match self {
+            MarginKind::AdaFace { h, t_alpha, .. } => Some((h, t_alpha)),
+            _ => None,
+        }
+    }
+
+    /// `PFC_MARGIN_*`.
+    pub fn code(self) -> u64 {
+        match self {
+            MarginKind::Combined => 0,
+            MarginKind::AdaFace { .. } => 1,
+            MarginKind::Curricular { .. } => 2,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -106,6 +188,7 @@ impl Default for Config {
             embedding_dim: 0,
             sample_rate: 1.0,
             margin: MarginConfig {
+                kind: MarginKind::Combined,
                 scale: 64.0,
                 m1: 1.0,
                 m2: 0.5,
@@ -192,6 +275,7 @@ impl Config {
         check(m.interclass_filter.is_finite() && m.interclass_filter >= 0.0 && m.interclass_filter < 1.0, || {
             format!("interclass_filter = {} is outside [0, 1) (0 disables it)", m.interclass_filter)
         })?;
+        m.check_kind()?;
         let o = &self.optimizer;
         check_learning_rate(o.lr)?;
         finite_in("weight_decay", o.weight_decay, 0.0, MAX_HYPERPARAMETER)?;
@@ -250,6 +334,10 @@ impl Config {
             ("interclass_filter", f(m.interclass_filter)),
             ("margin_grad", m.grad as u64),
             ("arcface_fallback", u64::from(m.arcface_fallback)),
+            ("margin_kind", m.kind.code()),
+            ("margin_m", f(m.kind.m())),
+            ("adaface_h", f(m.kind.adaface().map_or(0.0, |a| a.0))),
+            ("adaface_t_alpha", f(m.kind.adaface().map_or(0.0, |a| a.1))),
             ("optimizer", o.kind as u64),
             ("lr", f(o.lr)),
             ("momentum", f(o.momentum)),

@@ -1,7 +1,9 @@
-//! The combined margin on the target logit (SPEC §1.6) and its derivative (SPEC §1.8). Computed in
-//! f64: it runs once per sample, so precision costs nothing here.
+//! The margins on the target logit (SPEC §1.6, §1.6a) and their derivatives (SPEC §1.8), and the
+//! adaptive margins' running statistics. Computed in f64: they run once per sample, so precision
+//! costs nothing here.
 
-use crate::config::{MarginConfig, MarginGrad};
+use crate::config::{MarginConfig, MarginGrad, MarginKind};
+use crate::error::{Error, Result};
 
 /// Keeps `dz/dc = s·m1·sin(m1θ+m2)/sin θ` finite as θ → 0 or π.
 const MIN_SIN_THETA: f64 = 1e-6;
@@ -35,12 +37,129 @@ pub fn target_logit(m: &MarginConfig, c: f32) -> TargetLogit {
     TargetLogit { logit: (s * (cos_margin - m3)) as f32, dlogit_dcos: dlogit_dcos as f32 }
 }
 
+/// AdaFace's clamp of every cosine to [−1 + eps, 1 − eps], and of the target's moved angle to
+/// [eps, π − eps].
+pub const ADAFACE_EPS: f64 = 1e-3;
+/// AdaFace's clip of each embedding norm before its statistics.
+const ADAFACE_NORM_RANGE: (f64, f64) = (0.001, 100.0);
+
+/// The largest |cosine| a margin lets through; beyond it the clamp holds and no gradient flows.
+pub fn cosine_bound(m: &MarginConfig) -> f32 {
+    match m.kind {
+        MarginKind::AdaFace { .. } => (1.0 - ADAFACE_EPS) as f32,
+        _ => 1.0,
+    }
+}
+
+/// A margin's running statistics (SPEC §1.6a): part of the head's state, the same on every shard
+/// and process.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MarginState {
+    /// The combined margin keeps none.
+    None,
+    /// AdaFace's running mean and standard deviation of the clipped embedding norms.
+    AdaFace { mean: f32, std: f32 },
+}
+
+impl MarginState {
+    /// A new head's statistics: AdaFace's authors start at 20 and 100.
+    pub fn initial(kind: MarginKind) -> MarginState {
+        match kind {
+            MarginKind::AdaFace { .. } => MarginState::AdaFace { mean: 20.0, std: 100.0 },
+            _ => MarginState::None,
+        }
+    }
+
+    /// As `pfc_margin_state` lists them.
+    pub fn values(&self) -> Vec<f32> {
+        match *self {
+            MarginState::None => Vec::new(),
+            MarginState::AdaFace { mean, std } => vec![mean, std],
+        }
+    }
+
+    /// The statistics of `kind` from their listed values (a checkpoint's).
+    pub fn from_values(kind: MarginKind, values: &[f32]) -> Result<MarginState> {
+        let want = MarginState::initial(kind).values().len();
+        if values.len() != want || values.iter().any(|v| !v.is_finite()) {
+            return Err(Error::invalid(format!("the margin's running statistics: expected {want} finite values, got {values:?}")));
+        }
+        Ok(match kind {
+            MarginKind::AdaFace { .. } => MarginState::AdaFace { mean: values[0], std: values[1] },
+            _ => MarginState::None,
+        })
+    }
+
+    /// After a training batch of raw embedding norms `norms` (its global batch): AdaFace's running
+    /// statistics with the batch's mean and unbiased standard deviation of the clipped norms folded
+    /// in with weight t_alpha. A batch of one row has no standard deviation: it leaves σ̄ as it is
+    /// rather than make it NaN.
+    pub fn after_batch(self, kind: MarginKind, norms: &[f64]) -> MarginState {
+        match (self, kind) {
+            (MarginState::AdaFace { mean, std }, MarginKind::AdaFace { t_alpha, .. }) => {
+                let clipped: Vec<f64> = norms.iter().map(|n| n.clamp(ADAFACE_NORM_RANGE.0, ADAFACE_NORM_RANGE.1)).collect();
+                let n = clipped.len() as f64;
+                let batch_mean = clipped.iter().sum::<f64>() / n;
+                let a = t_alpha as f64;
+                let fold = |new: f64, old: f32| (a * new + (1.0 - a) * old as f64) as f32;
+                let std = if clipped.len() > 1 {
+                    let var = clipped.iter().map(|x| (x - batch_mean) * (x - batch_mean)).sum::<f64>() / (n - 1.0);
+                    fold(var.sqrt(), std)
+                } else {
+                    std
+                };
+                MarginState::AdaFace { mean: fold(batch_mean, mean), std }
+            }
+            (state, _) => state,
+        }
+    }
+
+    /// Each row's margin scaler g = clip((n − μ̄)/(σ̄ + eps)·h, −1, 1) from its raw embedding norm
+    /// (AdaFace); empty for the other kinds.
+    pub fn row_scalers(&self, kind: MarginKind, norms: &[f64]) -> Vec<f32> {
+        match (self, kind) {
+            (MarginState::AdaFace { mean, std }, MarginKind::AdaFace { h, .. }) => norms
+                .iter()
+                .map(|n| {
+                    let n = n.clamp(ADAFACE_NORM_RANGE.0, ADAFACE_NORM_RANGE.1);
+                    ((n - *mean as f64) / (*std as f64 + ADAFACE_EPS) * h as f64).clamp(-1.0, 1.0) as f32
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The target logit of raw cosine `raw` under the configured margin, `g` being the row's AdaFace
+/// scaler (`MarginState::row_scalers`; unused by the combined margin). A clamp that holds gives
+/// the logit of the clamped cosine (the slope's zero is the caller's, where the clamp holds).
+pub fn target(m: &MarginConfig, raw: f32, g: f32) -> TargetLogit {
+    match m.kind {
+        MarginKind::AdaFace { m: margin, .. } => adaface_target(m.scale, margin, raw, g),
+        _ => target_logit(m, raw.clamp(-1.0, 1.0)),
+    }
+}
+
+/// AdaFace's target logit `s·(cos(clip(θ − m·g, eps, π − eps)) − (m + m·g))` of the cosine clamped
+/// to [−1 + eps, 1 − eps], and its exact derivative `s·sin(angle)/sin θ` (0 where the angle's clip
+/// holds; `g` carries no gradient).
+fn adaface_target(scale: f32, margin: f32, raw: f32, g: f32) -> TargetLogit {
+    let (s, m, g) = (scale as f64, margin as f64, g as f64);
+    let bound = (1.0 - ADAFACE_EPS) as f32;
+    let c = raw.clamp(-bound, bound) as f64;
+    let theta = c.acos();
+    let moved = theta - m * g;
+    let angle = moved.clamp(ADAFACE_EPS, std::f64::consts::PI - ADAFACE_EPS);
+    let slope = if angle == moved { s * angle.sin() / theta.sin() } else { 0.0 };
+    TargetLogit { logit: (s * (angle.cos() - (m + m * g))) as f32, dlogit_dcos: slope as f32 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn cfg(m1: f32, m2: f32, m3: f32, grad: MarginGrad) -> MarginConfig {
-        MarginConfig { scale: 64.0, m1, m2, m3, interclass_filter: 0.0, grad, arcface_fallback: false }
+        MarginConfig { kind: crate::config::MarginKind::Combined, scale: 64.0, m1, m2, m3, interclass_filter: 0.0, grad, arcface_fallback: false }
     }
 
     #[test]

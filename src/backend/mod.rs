@@ -79,6 +79,9 @@ pub trait Primitives: ShardState + Send {
     fn update_is_finite(&mut self, shard: usize, lr: f32) -> Result<bool>;
     /// The optimizer step over the accumulated rows; clears them.
     fn apply(&mut self, shard: usize, lr: f32) -> Result<()>;
+    /// Keeps the margin's running statistics of the last training forward pass: its step
+    /// succeeded on every process (SPEC §1.6a: updated in training steps only, before use).
+    fn commit_margin_state(&mut self) {}
     /// Where the work is asynchronous (CUDA): the start (or end) of `phase` (`phase::*`) on the
     /// device's timeline; a later end replaces an earlier one.
     fn mark(&mut self, _phase: usize, _start: bool) {}
@@ -104,6 +107,15 @@ pub trait ShardState {
     fn write_steps(&mut self, first: u64, count: u64, values: &[u32]) -> Result<()>;
     /// Overwrites centers and resets their optimizer state (warm start).
     fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()>;
+    /// The margin's running statistics (`MarginState::values`), the same on every shard; none for
+    /// the combined margin.
+    fn margin_state(&self) -> Vec<f32> {
+        Vec::new()
+    }
+    /// Overwrites them (a checkpoint's); a backend without adaptive margins takes only none.
+    fn set_margin_state(&mut self, values: &[f32]) -> Result<()> {
+        if values.is_empty() { Ok(()) } else { Err(crate::error::Error::invalid("this head's margin keeps no running statistics")) }
+    }
     /// The `k` best (cosine, class) pairs of each unit-norm query (rows of `queries`) over the local
     /// centers, best first, ties by smaller class id.
     fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(f32, u64)>>>;

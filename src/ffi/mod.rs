@@ -15,7 +15,7 @@ use self::head::lock;
 pub use self::types::*;
 use crate::batch::{Batches, DeviceBatch, Embeddings, GradOut, HostBatch, Outputs};
 use crate::comm::group::{AllGather, CallbackAllGather, ProcessGroup};
-use crate::config::{BackendKind, Config, DType, MarginConfig, MarginGrad, OptimizerConfig, OptimizerKind};
+use crate::config::{BackendKind, Config, DType, MarginConfig, MarginGrad, MarginKind, OptimizerConfig, OptimizerKind};
 use crate::head::{Head, StepStats};
 use crate::error::{Error, Result, Status};
 use std::ffi::c_char;
@@ -74,6 +74,10 @@ fn default_c_config() -> pfc_config {
         process_index: d.process_index as u32,
         allgather: None,
         allgather_ctx: std::ptr::null_mut(),
+        margin_kind: PFC_MARGIN_COMBINED,
+        margin_m: 0.0,
+        adaface_h: MarginKind::ADAFACE.adaface().map_or(0.0, |a| a.0),
+        adaface_t_alpha: MarginKind::ADAFACE.adaface().map_or(0.0, |a| a.1),
     }
 }
 
@@ -136,6 +140,13 @@ unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
         PFC_MARGIN_GRAD_EXACT => MarginGrad::Exact,
         v => return Err(Error::invalid(format!("margin_grad = {v} is not a PFC_MARGIN_GRAD_* value"))),
     };
+    let margin_m = |default: f32| if c.margin_m == 0.0 { default } else { c.margin_m };
+    let kind = match c.margin_kind {
+        PFC_MARGIN_COMBINED => MarginKind::Combined,
+        PFC_MARGIN_ADAFACE => MarginKind::AdaFace { m: margin_m(MarginKind::ADAFACE.m()), h: c.adaface_h, t_alpha: c.adaface_t_alpha },
+        PFC_MARGIN_CURRICULAR => MarginKind::Curricular { m: margin_m(MarginKind::CURRICULAR_M) },
+        v => return Err(Error::invalid(format!("margin_kind = {v} is not a PFC_MARGIN_* value"))),
+    };
     let optimizer = match c.optimizer {
         PFC_OPTIMIZER_SGD => OptimizerKind::Sgd,
         PFC_OPTIMIZER_ADAMW => OptimizerKind::AdamW,
@@ -162,6 +173,7 @@ unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
         embedding_dim: c.embedding_dim as usize,
         sample_rate: c.sample_rate,
         margin: MarginConfig {
+            kind,
             scale: c.scale,
             m1: c.m1,
             m2: c.m2,
@@ -474,6 +486,32 @@ pub extern "C" fn pfc_evaluate(head: *mut pfc_head, batches: *const pfc_batch, n
 #[no_mangle]
 pub extern "C" fn pfc_set_learning_rate(head: *mut pfc_head, lr: f32) -> pfc_status {
     guard(|| lock(head)?.set_learning_rate(lr))
+}
+
+/// The margin's running statistics (SPEC §1.6a): AdaFace's running norm mean and standard deviation
+/// (2 values); none for the combined margin. Writes the first `min(cap, count)` of them to `out`
+/// (which may be NULL when `cap` is 0) and sets `*len` to their count. The same on every shard and
+/// process; local, like pfc_get_centers.
+#[no_mangle]
+pub extern "C" fn pfc_margin_state(head: *const pfc_head, out: *mut f32, cap: u32, len: *mut u32) -> pfc_status {
+    guard(|| {
+        let h = lock(head)?;
+        if len.is_null() {
+            return Err(Error::null("len"));
+        }
+        if out.is_null() && cap > 0 {
+            return Err(Error::null("out"));
+        }
+        let state = h.margin_state();
+        let written = state.len().min(cap as usize);
+        unsafe {
+            if written > 0 {
+                std::slice::from_raw_parts_mut(out, written).copy_from_slice(&state[..written]);
+            }
+            *len = state.len() as u32;
+        }
+        Ok(())
+    })
 }
 
 /// The global classes this process owns: `[*first, *first + *count)`.

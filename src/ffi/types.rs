@@ -42,6 +42,13 @@ pub const PFC_MARGIN_GRAD_STRAIGHT_THROUGH: i32 = 0;
 /// The true derivative of the margin function.
 pub const PFC_MARGIN_GRAD_EXACT: i32 = 1;
 
+/// Margin kinds (SPEC §1.6, §1.6a): the combined margin s·(cos(m1·θ + m2) − m3) (ArcFace,
+/// CosFace, SphereFace), AdaFace (the margin adapts to each sample's embedding norm), and
+/// CurricularFace (hard negatives reweighted by a running curriculum parameter).
+pub const PFC_MARGIN_COMBINED: i32 = 0;
+pub const PFC_MARGIN_ADAFACE: i32 = 1;
+pub const PFC_MARGIN_CURRICULAR: i32 = 2;
+
 /// Export formats: safetensors (one tensor `centers` [C, d]), NumPy `.npy`, FAISS `.fvecs`, and a
 /// FAISS `IndexFlatIP` file (`faiss.read_index` opens it; ids are class ids).
 pub const PFC_FORMAT_SAFETENSORS: i32 = 0;
@@ -118,6 +125,16 @@ pub struct pfc_config {
     pub allgather: pfc_allgather_fn,
     /// Passed to `allgather` unchanged.
     pub allgather_ctx: *mut core::ffi::c_void,
+    /// `PFC_MARGIN_*`. With the adaptive kinds the scale is `scale` and the combined margin's
+    /// fields (m1, m2, m3, interclass_filter, margin_grad, arcface_fallback) stay at their defaults;
+    /// their margin gradient is the exact one.
+    pub margin_kind: i32,
+    /// The adaptive kinds' m; 0 = the kind's default (AdaFace 0.4, CurricularFace 0.5).
+    pub margin_m: f32,
+    /// AdaFace's h (0.333): how far a norm's standardized value moves the margin.
+    pub adaface_h: f32,
+    /// AdaFace's weight of the newest batch in the running norm statistics (0.01).
+    pub adaface_t_alpha: f32,
 }
 
 /// The host's process group, as one collective (the pattern of UCC's out-of-band all-gather):

@@ -334,6 +334,7 @@ impl<P: Primitives> StepDriver for Driver<P> {
                 self.update(lr)?;
             }
         }
+        self.prims.commit_margin_state();
         self.prims.write_grads(&grads, out)?;
         Ok(eval)
     }

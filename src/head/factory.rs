@@ -9,7 +9,7 @@ use crate::comm::local::LocalCollectives;
 use crate::comm::nccl::NcclCollectives;
 use crate::comm::process::ProcessCollectives;
 use crate::comm::Collectives;
-use crate::config::{BackendKind, Config};
+use crate::config::{BackendKind, Config, MarginKind};
 use crate::error::{Error, Result, Status};
 use crate::memory::Host;
 use std::sync::Arc;
@@ -18,6 +18,10 @@ use std::sync::Arc;
 /// every process's local shard count, in process order.
 pub(crate) fn create(cfg: &Config, group: &Arc<ProcessGroup>, process_shards: &[usize]) -> Result<Box<dyn StepDriver>> {
     match cfg.backend {
+        BackendKind::Cpu if matches!(cfg.margin.kind, MarginKind::Curricular { .. }) => Err(Error::new(
+            Status::Unavailable,
+            "margin_kind PFC_MARGIN_CURRICULAR: CurricularFace is not available in this version (the combined margin and AdaFace are)",
+        )),
         BackendKind::Cpu => {
             let coll: Box<dyn Collectives<Host>> = if group.is_solo() {
                 if cfg.world_size != cfg.local_shards {
@@ -35,6 +39,10 @@ pub(crate) fn create(cfg: &Config, group: &Arc<ProcessGroup>, process_shards: &[
             };
             Ok(Box::new(Driver::new(CpuBackend::new(cfg)?, coll, group.clone(), cfg.embedding_dim, cfg.first_rank)))
         }
+        BackendKind::Cuda if cfg.margin.kind != MarginKind::Combined => Err(Error::new(
+            Status::Unavailable,
+            "margin_kind: the CUDA backend offers the combined margin only in this version; AdaFace runs on the CPU backend",
+        )),
         BackendKind::Cuda => {
             let ordinals: Vec<i32> =
                 if cfg.devices.is_empty() { (0..cfg.local_shards as i32).collect() } else { cfg.devices.clone() };

@@ -79,6 +79,12 @@ impl Head {
         self.step
     }
 
+    /// The margin's running statistics (SPEC §1.6a: AdaFace's running norm mean and standard
+    /// deviation; none for the combined margin), the same on every shard and process.
+    pub fn margin_state(&self) -> Vec<f32> {
+        self.driver.state().margin_state()
+    }
+
     pub fn learning_rate(&self) -> f32 {
         self.lr
     }
@@ -270,6 +276,7 @@ impl Head {
         if let Some(steps) = &restored.steps {
             self.driver.state_mut().write_steps(first, count, steps)?;
         }
+        self.driver.state_mut().set_margin_state(&restored.margin_state)?;
         self.step = restored.step;
         self.cfg.seed = restored.seed;
         self.lr = restored.lr;
@@ -288,6 +295,8 @@ pub(crate) struct Restored {
     pub step: u64,
     pub seed: u64,
     pub lr: f32,
+    /// The margin's running statistics (`MarginState::values`).
+    pub margin_state: Vec<f32>,
 }
 
 /// Checks that every process of the job passed the same configuration and derives the shard

@@ -20,13 +20,31 @@ pub struct Golden {
     bytes: Vec<u8>,
 }
 
-/// Golden files whose `head` is one of these hold the adaptive margins of SPEC §1.6a (AdaFace,
-/// CurricularFace: issue #25), which the head does not offer yet.
+/// Golden files whose `head` is one of these hold the adaptive margins of SPEC §1.6a, from their
+/// authors' heads.
 const ADAPTIVE_MARGIN_HEADS: [&str; 2] = ["adaface", "curricular"];
 
 impl Golden {
     /// Every combined-margin case: the reference PartialFC_V2's files (they name no `head`).
     pub fn all() -> Vec<Golden> {
+        let cases: Vec<Golden> = Golden::read_all().into_iter().filter(|g| g.head().is_none()).collect();
+        assert!(!cases.is_empty(), "no combined-margin golden files");
+        cases
+    }
+
+    /// The files of the adaptive margin `head` (e.g. "adaface").
+    pub fn of_head(head: &str) -> Vec<Golden> {
+        let cases: Vec<Golden> = Golden::read_all().into_iter().filter(|g| g.head() == Some(head)).collect();
+        assert!(!cases.is_empty(), "no golden files of head {head}");
+        cases
+    }
+
+    /// The adaptive margin whose authors' head made the file; None for the reference's files.
+    pub fn head(&self) -> Option<&str> {
+        self.config.get("head").and_then(|h| h.as_str())
+    }
+
+    fn read_all() -> Vec<Golden> {
         let mut files: Vec<_> = std::fs::read_dir(shared_dir().join("golden"))
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -45,15 +63,12 @@ impl Golden {
                     bytes,
                 }
             })
-            .filter(|g| match g.config.get("head").and_then(|h| h.as_str()) {
-                None => true,
-                Some(head) => {
-                    assert!(ADAPTIVE_MARGIN_HEADS.contains(&head), "golden file {}: unknown head {head:?}", g.name);
-                    false
-                }
-            })
             .collect();
-        assert!(!cases.is_empty(), "no combined-margin golden files");
+        for g in &cases {
+            if let Some(head) = g.head() {
+                assert!(ADAPTIVE_MARGIN_HEADS.contains(&head), "golden file {}: unknown head {head:?}", g.name);
+            }
+        }
         cases
     }
 
@@ -81,11 +96,27 @@ impl Golden {
         let mut c = default_config();
         c.num_classes = self.usize("num_classes") as u64;
         c.embedding_dim = self.usize("embedding_dim") as u32;
-        c.scale = self.f32_of("scale");
-        c.m1 = self.f32_of("m1");
-        c.m2 = self.f32_of("m2");
-        c.m3 = self.f32_of("m3");
-        c.interclass_filter = self.f32_of("interclass_filtering_threshold");
+        match self.head() {
+            Some("adaface") => {
+                c.margin_kind = PFC_MARGIN_ADAFACE;
+                c.scale = self.f32_of("s");
+                c.margin_m = self.f32_of("m");
+                c.adaface_h = self.f32_of("h");
+                c.adaface_t_alpha = self.f32_of("t_alpha");
+            }
+            Some("curricular") => {
+                c.margin_kind = PFC_MARGIN_CURRICULAR;
+                c.scale = self.f32_of("s");
+                c.margin_m = self.f32_of("m");
+            }
+            _ => {
+                c.scale = self.f32_of("scale");
+                c.m1 = self.f32_of("m1");
+                c.m2 = self.f32_of("m2");
+                c.m3 = self.f32_of("m3");
+                c.interclass_filter = self.f32_of("interclass_filtering_threshold");
+            }
+        }
         c.lr = self.f32_of("lr");
         c.weight_decay = self.f32_of("weight_decay");
         if self.config["optimizer"] == "adamw" {
@@ -141,6 +172,14 @@ impl TestHead {
         let mut out = vec![0f32; c as usize * d];
         ok(pfc_get_centers(self.0, f, c, 0, out.as_mut_ptr()));
         out
+    }
+
+    /// The margin's running statistics (`pfc_margin_state`).
+    pub fn margin_state(&self) -> Vec<f32> {
+        let mut out = [0f32; 8];
+        let mut len = 0u32;
+        ok(pfc_margin_state(self.0, out.as_mut_ptr(), out.len() as u32, &mut len));
+        out[..len as usize].to_vec()
     }
 
     pub fn set_centers(&self, values: &[f32]) {

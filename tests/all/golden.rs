@@ -37,7 +37,23 @@ fn run(g: &Golden, shards: usize) {
         let want_delta: Vec<f32> = want_w.iter().zip(&prev).map(|(a, b)| a - b).collect();
         let e = rel_err(&delta, &want_delta);
         assert!(e <= 1e-3, "{} shards={shards} step {t}: update rel err {e}", g.name);
+        if g.head().is_some() {
+            let (got, want) = (head.margin_state(), g.f32(&format!("state.{t}")));
+            let e = rel_err(&got, &want);
+            assert!(e <= TOL, "{} shards={shards} step {t}: running statistics {got:?} vs {want:?}", g.name);
+        }
         let _ = c;
+    }
+}
+
+/// AdaFace (issue #25) against its authors' head, at 1, 2 and 3 shards: loss, embedding gradient,
+/// centers and the running norm statistics after each step.
+#[test]
+fn adaface_golden_at_one_two_and_three_shards() {
+    for g in Golden::of_head("adaface") {
+        for shards in [1, 2, 3] {
+            run(&g, shards);
+        }
     }
 }
 

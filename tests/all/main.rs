@@ -13,6 +13,7 @@ mod common;
 mod native;
 mod persist;
 
+mod adaptive_margins;
 mod bad_input;
 mod batches;
 mod bindings;

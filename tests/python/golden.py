@@ -10,8 +10,9 @@ TOLERANCE = 1e-4  # SPEC §7: relative error in f32, norm-wise as the golden REA
 
 
 # Files whose `head` is one of these hold the adaptive margins of SPEC §1.6a (AdaFace,
-# CurricularFace, issue #25), which the head does not offer yet; every other file is a combined-margin
-# case of the reference's PartialFC_V2 and runs here.
+# CurricularFace, issue #25), which the torch module does not offer yet (tests/all/golden.rs runs
+# AdaFace's through the C ABI); every other file is a combined-margin case of the reference's
+# PartialFC_V2 and runs here.
 ADAPTIVE_MARGIN_HEADS = {"adaface", "curricular"}
 
 

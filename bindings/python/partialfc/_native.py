@@ -44,6 +44,9 @@ PFC_OPTIMIZER_SGD = 0
 PFC_OPTIMIZER_ADAMW = 1
 PFC_MARGIN_GRAD_STRAIGHT_THROUGH = 0
 PFC_MARGIN_GRAD_EXACT = 1
+PFC_MARGIN_COMBINED = 0
+PFC_MARGIN_ADAFACE = 1
+PFC_MARGIN_CURRICULAR = 2
 PFC_FORMAT_SAFETENSORS = 0
 PFC_FORMAT_NPY = 1
 PFC_FORMAT_FVECS = 2
@@ -91,6 +94,10 @@ class pfc_config(Structure):
         ("process_index", c_uint32),
         ("allgather", pfc_allgather_fn),
         ("allgather_ctx", c_void_p),
+        ("margin_kind", c_int32),
+        ("margin_m", c_float),
+        ("adaface_h", c_float),
+        ("adaface_t_alpha", c_float),
     ]
 
 
@@ -141,6 +148,7 @@ PROTOTYPES = {
     "pfc_evaluate": (STATUS, [HEAD, POINTER(pfc_batch), c_uint32, POINTER(pfc_step_stats)]),
     "pfc_set_learning_rate": (STATUS, [HEAD, c_float]),
     "pfc_local_classes": (STATUS, [HEAD, POINTER(c_uint64), POINTER(c_uint64)]),
+    "pfc_margin_state": (STATUS, [HEAD, POINTER(c_float), c_uint32, POINTER(c_uint32)]),
     "pfc_get_centers": (STATUS, [HEAD, c_uint64, c_uint64, c_int32, POINTER(c_float)]),
     "pfc_set_centers": (STATUS, [HEAD, c_uint64, c_uint64, POINTER(c_float)]),
     "pfc_save_checkpoint": (STATUS, [HEAD, c_char_p]),

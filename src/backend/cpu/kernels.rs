@@ -37,12 +37,15 @@ pub struct LogitParams {
     pub scale: f32,
     /// Inter-class filter threshold; 0 disables it.
     pub filter: f32,
+    /// Cosines are clamped to [−bound, bound] (1, or AdaFace's 1 − eps), and get no gradient
+    /// where the clamp holds.
+    pub bound: f32,
 }
 
 /// The non-target logit of a raw (unclamped) cosine, and whether the filter removed it.
 #[inline(always)]
 fn non_target(p: LogitParams, raw: f32) -> (f32, bool) {
-    let c = raw.clamp(-1.0, 1.0);
+    let c = raw.clamp(-p.bound, p.bound);
     let filtered = p.filter > 0.0 && c > p.filter;
     (if filtered { 0.0 } else { p.scale * c }, filtered)
 }
@@ -167,7 +170,7 @@ multiversion! {
                 let e = exp(z - max[i]);
                 sum[i] += e;
                 rest[i] += if is_target { 0.0 } else { e };
-                let inside = (-1.0..=1.0).contains(&raw);
+                let inside = (-p.bound..=p.bound).contains(&raw);
                 row[i] = if inside && (is_target || !filtered) { e } else { NO_GRADIENT };
             }
         }

@@ -20,8 +20,8 @@ use super::{Primitives, ShardState};
 use crate::batch::{Batches, Outputs};
 use crate::config::{Config, DType};
 use crate::error::{try_refill, try_zeroed, Error, Result};
-use crate::margin::target_logit;
 use crate::memory::Host;
+use crate::margin::MarginState;
 use crate::rng;
 use crate::sharding::{pieces, sample, ShardRange};
 use crate::state::StateTensor;
@@ -168,6 +168,10 @@ pub struct CpuBackend {
     cfg: Config,
     ranges: Vec<ShardRange>,
     shards: Vec<Shard>,
+    /// The margin's running statistics (the same for every shard), and those of the training step
+    /// under way, kept when it succeeds (`commit_margin_state`).
+    margin: MarginState,
+    margin_next: Option<MarginState>,
 }
 
 impl CpuBackend {
@@ -216,11 +220,11 @@ impl CpuBackend {
                 backward_workers: Workers::new(),
             });
         }
-        Ok(CpuBackend { cfg: cfg.clone(), ranges, shards })
+        Ok(CpuBackend { cfg: cfg.clone(), ranges, shards, margin: MarginState::initial(cfg.margin.kind), margin_next: None })
     }
 
     fn logit_params(&self) -> LogitParams {
-        LogitParams { scale: self.cfg.margin.scale, filter: self.cfg.margin.interclass_filter }
+        LogitParams { scale: self.cfg.margin.scale, filter: self.cfg.margin.interclass_filter, bound: crate::margin::cosine_bound(&self.cfg.margin) }
     }
 
 }
@@ -350,7 +354,9 @@ impl Shard {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn forward(&mut self, cfg: &Config, plan: StepPlan, labels: &[i64], params: LogitParams) -> Result<(Vec<f32>, Vec<f32>)> {
+    /// `scalers`: each row's AdaFace margin scaler (`MarginState::row_scalers`), empty for the
+    /// combined margin.
+    fn forward(&mut self, cfg: &Config, plan: StepPlan, labels: &[i64], params: LogitParams, scalers: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let n = labels.len();
         let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
         let d = cfg.embedding_dim;
@@ -444,7 +450,7 @@ impl Shard {
             }
             for &(c, i) in block_targets {
                 let raw = cos[(c as usize - start) * n + i];
-                let t = target_logit(margin, raw.clamp(-1.0, 1.0));
+                let t = crate::margin::target(margin, raw, scalers.get(i).copied().unwrap_or(0.0));
                 w.target_block[i] = t.logit;
                 w.targets.push((i, t.logit, t.dlogit_dcos, raw.clamp(-1.0, 1.0)));
             }
@@ -719,8 +725,18 @@ impl Primitives for CpuBackend {
     fn forward(&mut self, shard: usize, emb: Vec<f32>, labels: &Vec<i64>, plan: StepPlan) -> Result<(Vec<f32>, Vec<f32>)> {
         let d = self.cfg.embedding_dim;
         let params = self.logit_params();
-        let s = &mut self.shards[shard];
         let n = labels.len();
+        // AdaFace: the raw norms of the global batch, which every shard holds, give the same
+        // statistics everywhere; a training step's are kept only when it succeeds.
+        let scalers = if matches!(self.cfg.margin.kind, crate::config::MarginKind::AdaFace { .. }) {
+            let norms: Vec<f64> = emb.chunks_exact(d.max(1)).map(|row| kernels::dot_f64(row, row).sqrt()).collect();
+            let state = if plan.train { self.margin.after_batch(self.cfg.margin.kind, &norms) } else { self.margin };
+            self.margin_next = plan.train.then_some(state);
+            state.row_scalers(self.cfg.margin.kind, &norms)
+        } else {
+            Vec::new()
+        };
+        let s = &mut self.shards[shard];
         s.unit = emb;
         s.inv_norm_e = try_zeroed(n, "embedding norms")?;
         kernels::normalize_rows_inplace(&mut s.unit, d, &mut s.inv_norm_e);
@@ -739,7 +755,7 @@ impl Primitives for CpuBackend {
             let unit = if s.unit_gemm.is_empty() { &s.unit } else { &s.unit_gemm };
             kernels::transpose(unit, d, try_refill(&mut s.unit_t, len, "the GEMM copy of the batch")?);
         }
-        s.forward(&self.cfg, plan, labels, params)
+        s.forward(&self.cfg, plan, labels, params, &scalers)
     }
 
     fn rescale_sums(&mut self, shard: usize, maxes: &Vec<f32>, sums: &mut Vec<f32>) -> Result<()> {
@@ -762,6 +778,12 @@ impl Primitives for CpuBackend {
     fn gemm_path(&self) -> &'static str {
         // A oneDNN failure during a step moves bf16 GEMMs to the f32 engines for good; `path` says so.
         gemm::path(self.cfg.compute_dtype).name()
+    }
+
+    fn commit_margin_state(&mut self) {
+        if let Some(next) = self.margin_next.take() {
+            self.margin = next;
+        }
     }
 
     fn update_proven(&mut self, shard: usize, lr: f32) -> bool {
@@ -891,6 +913,16 @@ impl Primitives for CpuBackend {
 }
 
 impl ShardState for CpuBackend {
+    fn margin_state(&self) -> Vec<f32> {
+        self.margin.values()
+    }
+
+    fn set_margin_state(&mut self, values: &[f32]) -> Result<()> {
+        self.margin = MarginState::from_values(self.cfg.margin.kind, values)?;
+        self.margin_next = None;
+        Ok(())
+    }
+
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
         for (s, row, rows, at) in pieces(&self.ranges, first, count) {

@@ -8,7 +8,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use partialfc::backend::cpu::gemm::{matmul, Operand};
 use partialfc::batch::{Embeddings, GradOut, HostBatch};
-use partialfc::config::{BackendKind, Config};
+use partialfc::config::{BackendKind, Config, MarginKind};
 use partialfc::export::Format;
 use partialfc::rng;
 use partialfc::{Head, Status};
@@ -34,7 +34,8 @@ pub struct TrainArgs {
     /// PartialFC: fraction of each shard's classes used per step (positives always); 1 = full softmax.
     #[arg(long, default_value_t = 0.1)]
     pub sample_rate: f32,
-    /// Margin: arcface (s=64, m2=0.5) or cosface (s=64, m3=0.4).
+    /// Margin: arcface (s=64, m2=0.5), cosface (s=64, m3=0.4) or adaface (s=64, m=0.4, h=0.333:
+    /// the margin follows each embedding's norm).
     #[arg(long, default_value = "arcface")]
     pub margin: String,
     /// Inter-class filter threshold: non-target cosines above it are ignored (0 = off; try 0.4 with noise).
@@ -315,7 +316,8 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
             cfg.margin.m2 = 0.0;
             cfg.margin.m3 = 0.4;
         }
-        other => return Err(format!("--margin {other}: expected arcface or cosface")),
+        "adaface" => cfg.margin.kind = MarginKind::ADAFACE,
+        other => return Err(format!("--margin {other}: expected arcface, cosface or adaface")),
     }
     let mut head = Head::new(cfg).map_err(|e| e.message)?;
     let world = World::new(&a);

@@ -1,0 +1,161 @@
+//! The adaptive margins of SPEC §1.6a through the C ABI (issue #25): AdaFace's configuration, its
+//! running statistics (moved only by training steps that succeed, checkpointed with the margin
+//! kind), and the kinds this version does not offer refused by name. Its arithmetic against the
+//! authors' head is tests/all/golden.rs.
+
+use crate::common::*;
+use partialfc::ffi::*;
+use std::ffi::CString;
+
+fn adaface(c: u64, d: usize) -> pfc_config {
+    let mut cfg = default_config();
+    cfg.num_classes = c;
+    cfg.embedding_dim = d as u32;
+    cfg.margin_kind = PFC_MARGIN_ADAFACE;
+    cfg
+}
+
+fn create(cfg: &pfc_config) -> (pfc_status, String) {
+    let mut h = std::ptr::null_mut();
+    let status = pfc_create(cfg, &mut h);
+    if status == PFC_OK {
+        drop(TestHead(h));
+        return (status, String::new());
+    }
+    assert!(h.is_null(), "a failed create wrote its output");
+    (status, last_error())
+}
+
+/// Rows of norms spread over [1, 30], so that AdaFace's margins differ by row.
+fn batch(c: u64, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
+    let mut rng = Rng(seed);
+    let mut e = Vec::with_capacity(n * d);
+    for _ in 0..n {
+        let scale = rng.range(1.0, 30.0) as f32;
+        e.extend((0..d).map(|_| rng.normal() as f32 * scale / (d as f32).sqrt()));
+    }
+    (e, (0..n).map(|_| rng.below(c) as i64).collect())
+}
+
+#[test]
+fn adaface_refuses_the_combined_margins_options_and_parameters_out_of_range() {
+    let base = adaface(100, 8);
+    assert_eq!(create(&base).0, PFC_OK, "{}", create(&base).1);
+    type Spoil = fn(&mut pfc_config);
+    let cases: [(&str, Spoil); 10] = [
+        ("m1", |c| c.m1 = 1.2),
+        ("m2", |c| c.m2 = 0.3),
+        ("m3", |c| c.m3 = 0.1),
+        ("interclass_filter", |c| c.interclass_filter = 0.2),
+        ("margin_grad", |c| c.margin_grad = PFC_MARGIN_GRAD_EXACT),
+        ("arcface_fallback", |c| c.arcface_fallback = 1),
+        ("adaface_h", |c| c.adaface_h = 0.0),
+        ("adaface_t_alpha", |c| c.adaface_t_alpha = 1.5),
+        ("margin_m", |c| c.margin_m = -0.2),
+        ("margin_kind", |c| c.margin_kind = 7),
+    ];
+    for (field, spoil) in cases {
+        let mut cfg = base;
+        spoil(&mut cfg);
+        let (status, message) = create(&cfg);
+        assert_eq!(status, PFC_ERR_INVALID_ARGUMENT, "{field}: {message}");
+        assert!(message.starts_with(field), "{field}: {message}");
+    }
+}
+
+#[test]
+fn the_kinds_this_version_does_not_offer_are_refused_by_name() {
+    let mut cfg = adaface(100, 8);
+    cfg.margin_kind = PFC_MARGIN_CURRICULAR;
+    let (status, message) = create(&cfg);
+    assert_eq!(status, PFC_ERR_UNAVAILABLE, "{message}");
+    assert!(message.contains("PFC_MARGIN_CURRICULAR"), "{message}");
+    let mut cfg = adaface(100, 8);
+    cfg.backend = PFC_BACKEND_CUDA;
+    let (status, message) = create(&cfg);
+    assert_eq!(status, PFC_ERR_UNAVAILABLE, "{message}");
+    assert!(message.contains("margin_kind") && message.contains("CPU"), "{message}");
+}
+
+/// The running statistics start at the authors' 20 and 100; evaluation and refused steps leave
+/// them; each successful training step, compute included, folds its global batch in with weight
+/// t_alpha, the same on every shard count.
+#[test]
+fn adaface_statistics_move_only_with_successful_training_steps() {
+    let (c, d, n) = (300u64, 16usize, 24usize);
+    let mut cfg = adaface(c, d);
+    cfg.adaface_t_alpha = 0.25;
+    cfg.weight_decay = 0.5;
+    let head = TestHead::new(&cfg);
+    assert_eq!(head.margin_state(), vec![20.0, 100.0]);
+    let (e, l) = batch(c, d, n, 3);
+    head.evaluate(&e, &l, d, &[n]);
+    assert_eq!(head.margin_state(), vec![20.0, 100.0], "evaluation updated the statistics");
+    let mut bad = e.clone();
+    bad[5] = f32::NAN;
+    let mut grad = vec![0f32; n * d];
+    let b = host_batches(&bad, &l, &mut grad, d, &[n]);
+    assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_INVALID_ARGUMENT);
+    // A center of norm 4e18 (below 2^62) that an update at lr 1e4 with weight decay 0.5 would
+    // take past what normalizes in f32: the step is refused as non-finite.
+    let centers = head.centers(d);
+    let mut huge = centers.clone();
+    huge[..d].iter_mut().for_each(|v| *v = 1e18);
+    head.set_centers(&huge);
+    ok(pfc_set_learning_rate(head.0, 1e4));
+    let b = host_batches(&e, &l, &mut grad, d, &[n]);
+    assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_NON_FINITE, "{}", last_error());
+    assert_eq!(head.margin_state(), vec![20.0, 100.0], "a refused step updated the statistics");
+    head.set_centers(&centers);
+    ok(pfc_set_learning_rate(head.0, 0.1));
+    let norms: Vec<f64> = e.chunks(d).map(|r| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt().clamp(0.001, 100.0)).collect();
+    let mean = norms.iter().sum::<f64>() / n as f64;
+    let std = (norms.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64).sqrt();
+    let (mut want_mean, mut want_std) = (20.0f64, 100.0f64);
+    for step in 0..2 {
+        // A compute before the step's apply: a training forward pass of its own.
+        let b = host_batches(&e, &l, &mut grad, d, &[n]);
+        let call = if step == 0 { pfc_train_compute } else { pfc_train_step };
+        ok(call(head.0, b.as_ptr(), 1, std::ptr::null_mut()));
+        want_mean = 0.25 * mean + 0.75 * want_mean;
+        want_std = 0.25 * std + 0.75 * want_std;
+        let got = head.margin_state();
+        assert!((got[0] as f64 - want_mean).abs() <= 1e-5 * want_mean && (got[1] as f64 - want_std).abs() <= 1e-5 * want_std, "step {step}: {got:?} vs [{want_mean}, {want_std}]");
+    }
+    // Three shards see the same global batch, hence the same statistics.
+    cfg.local_shards = 3;
+    let sharded = TestHead::new(&cfg);
+    let b = host_batches(&e, &l, &mut grad, d, &even_split(n, 3));
+    ok(pfc_train_step(sharded.0, b.as_ptr(), 3, std::ptr::null_mut()));
+    let mut one = cfg;
+    one.local_shards = 1;
+    let single = TestHead::new(&one);
+    single.step(&e, &l, d, &[n]);
+    assert_eq!(sharded.margin_state(), single.margin_state());
+}
+
+/// A checkpoint keeps the running statistics and the margin kind: loaded into a new AdaFace head
+/// they come back exactly; a head of another margin refuses it as incompatible, and keeps its own.
+#[test]
+fn adaface_checkpoints_keep_the_statistics_and_refuse_another_margin() {
+    let (c, d, n) = (200u64, 8usize, 16usize);
+    let cfg = adaface(c, d);
+    let head = TestHead::new(&cfg);
+    let (e, l) = batch(c, d, n, 9);
+    head.step(&e, &l, d, &[n]);
+    let saved = head.margin_state();
+    let dir = crate::native::scratch("adaface-checkpoint");
+    let path = CString::new(dir.join("ckpt").to_str().unwrap()).unwrap();
+    ok(pfc_save_checkpoint(head.0, path.as_ptr()));
+    head.step(&e, &l, d, &[n]);
+    assert_ne!(head.margin_state(), saved);
+    let fresh = TestHead::new(&cfg);
+    ok(pfc_load_checkpoint(fresh.0, path.as_ptr()));
+    assert_eq!(fresh.margin_state(), saved);
+    let mut combined = cfg;
+    combined.margin_kind = PFC_MARGIN_COMBINED;
+    let other = TestHead::new(&combined);
+    assert_eq!(pfc_load_checkpoint(other.0, path.as_ptr()), PFC_ERR_INCOMPATIBLE);
+    assert!(last_error().contains("adaface"), "{}", last_error());
+    assert!(other.margin_state().is_empty());
+}

@@ -113,6 +113,11 @@ enum class MarginGrad : std::int32_t {
     StraightThrough = PFC_MARGIN_GRAD_STRAIGHT_THROUGH,
     Exact = PFC_MARGIN_GRAD_EXACT,
 };
+enum class MarginKind : std::int32_t {
+    Combined = PFC_MARGIN_COMBINED,
+    AdaFace = PFC_MARGIN_ADAFACE,
+    Curricular = PFC_MARGIN_CURRICULAR,
+};
 enum class Format : std::int32_t {
     Safetensors = PFC_FORMAT_SAFETENSORS,
     Npy = PFC_FORMAT_NPY,
@@ -253,6 +258,12 @@ struct Config {
     float interclass_filter{};
     MarginGrad margin_grad{};
     bool arcface_fallback{};
+    // The adaptive margins (SPEC §1.6a): the kind, its m (0 = the kind's default), AdaFace's h and
+    // running-statistics weight.
+    MarginKind margin_kind{};
+    float margin_m{};
+    float adaface_h{};
+    float adaface_t_alpha{};
     Optimizer optimizer{};
     float lr{};
     float momentum{};
@@ -315,6 +326,10 @@ struct Config {
         c.interclass_filter = interclass_filter;
         c.margin_grad = static_cast<std::int32_t>(margin_grad);
         c.arcface_fallback = arcface_fallback ? 1 : 0;
+        c.margin_kind = static_cast<std::int32_t>(margin_kind);
+        c.margin_m = margin_m;
+        c.adaface_h = adaface_h;
+        c.adaface_t_alpha = adaface_t_alpha;
         c.optimizer = static_cast<std::int32_t>(optimizer);
         c.lr = lr;
         c.momentum = momentum;
@@ -348,6 +363,10 @@ struct Config {
         interclass_filter = c.interclass_filter;
         margin_grad = static_cast<MarginGrad>(c.margin_grad);
         arcface_fallback = c.arcface_fallback != 0;
+        margin_kind = static_cast<MarginKind>(c.margin_kind);
+        margin_m = c.margin_m;
+        adaface_h = c.adaface_h;
+        adaface_t_alpha = c.adaface_t_alpha;
         optimizer = static_cast<Optimizer>(c.optimizer);
         lr = c.lr;
         momentum = c.momentum;
@@ -545,6 +564,16 @@ class Head {
     }
 
     void set_learning_rate(float lr) { detail::check(pfc_set_learning_rate(head_, lr), "pfc_set_learning_rate"); }
+
+    // The margin's running statistics (AdaFace: running norm mean and standard deviation; none for
+    // the combined margin).
+    std::vector<float> margin_state() const {
+        std::vector<float> out(8);
+        std::uint32_t len = 0;
+        detail::check(pfc_margin_state(head_, out.data(), static_cast<std::uint32_t>(out.size()), &len), "pfc_margin_state");
+        out.resize(len);
+        return out;
+    }
 
     ClassRange local_classes() const {
         ClassRange r;

@@ -120,7 +120,9 @@ static bool same_config(const pfc_config& a, const pfc_config& b) {
            a.momentum == b.momentum && a.weight_decay == b.weight_decay && a.beta1 == b.beta1 && a.beta2 == b.beta2 &&
            a.eps == b.eps && a.compute_dtype == b.compute_dtype && a.seed == b.seed && a.init_std == b.init_std &&
            a.backend == b.backend && a.local_shards == b.local_shards && a.devices == b.devices &&
-           a.world_size == b.world_size && a.first_rank == b.first_rank && a.nccl_id == b.nccl_id;
+           a.world_size == b.world_size && a.first_rank == b.first_rank && a.nccl_id == b.nccl_id &&
+           a.margin_kind == b.margin_kind && a.margin_m == b.margin_m && a.adaface_h == b.adaface_h &&
+           a.adaface_t_alpha == b.adaface_t_alpha;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -152,6 +154,7 @@ static void test_types_and_config() {
     CHECK(cfg.beta1 == 0.9f && cfg.beta2 == 0.999f && cfg.eps == 1e-8f && cfg.init_std == 0.01f);
     CHECK(cfg.compute_dtype == pfc::DType::F32 && cfg.backend == pfc::Backend::Cpu);
     CHECK(cfg.margin_grad == pfc::MarginGrad::StraightThrough && !cfg.arcface_fallback);
+    CHECK(cfg.margin_kind == pfc::MarginKind::Combined && cfg.margin_m == 0.0f && cfg.adaface_h == 0.333f && cfg.adaface_t_alpha == 0.01f);
     CHECK(cfg.local_shards == 1 && cfg.devices.empty() && cfg.world_size == 0 && cfg.first_rank == 0);
     CHECK(cfg.seed == c.seed && cfg.nccl_id.empty());
     const pfc_config back = cfg.to_c();
@@ -184,6 +187,29 @@ static void test_types_and_config() {
     CHECK(sum == 6.0f);
     static_assert(!std::is_constructible<pfc::span<float>, const std::vector<float>&>::value, "no const to mutable");
     static_assert(!std::is_constructible<pfc::span<float>, std::vector<double>&>::value, "no element conversion");
+}
+
+// AdaFace through the binding: its running statistics start at 20 and 100 and move with a step.
+static void test_adaface(Problem& p) {
+    pfc::Config cfg = base_config(1);
+    cfg.margin_kind = pfc::MarginKind::AdaFace;
+    cfg.m2 = pfc::Config().m2;  // the combined margin's option, at its default beside AdaFace
+    pfc::Head head(cfg);
+    CHECK((head.margin_state() == std::vector<float>{20.0f, 100.0f}));
+    std::vector<float> grad(N * D, 0.0f);
+    std::vector<pfc::Batch> batches{pfc::Batch(pfc::span<const float>(p.emb), pfc::span<const std::int64_t>(p.labels), pfc::span<float>(grad))};
+    const pfc::StepStats st = head.train_step(batches);
+    CHECK(std::isfinite(st.loss) && st.loss > 0.0);
+    const std::vector<float> state = head.margin_state();
+    CHECK(state.size() == 2 && state[0] != 20.0f && state[1] != 100.0f);
+    CHECK(pfc::Head(base_config(1)).margin_state().empty());
+    cfg.m2 = 0.3f;
+    try {
+        pfc::Head bad(cfg);
+        CHECK(false);
+    } catch (const pfc::Error& e) {
+        CHECK(e.status() == pfc::Status::InvalidArgument && e.message().find("m2") == 0);
+    }
 }
 
 static void test_create_errors() {
@@ -546,6 +572,7 @@ int main(int argc, char** argv) {
         test_types_and_config();
         test_create_errors();
         test_training_and_errors(p);
+        test_adaface(p);
         test_search(p);
         test_checkpoint_and_export(p, dir);
         test_half(p);

@@ -174,6 +174,7 @@ type (
 	DType      int32
 	Optimizer  int32
 	MarginGrad int32
+	MarginKind int32
 	Format     int32
 )
 
@@ -190,6 +191,10 @@ const (
 
 	MarginGradStraightThrough MarginGrad = C.PFC_MARGIN_GRAD_STRAIGHT_THROUGH
 	MarginGradExact           MarginGrad = C.PFC_MARGIN_GRAD_EXACT
+
+	MarginCombined   MarginKind = C.PFC_MARGIN_COMBINED
+	MarginAdaFace    MarginKind = C.PFC_MARGIN_ADAFACE
+	MarginCurricular MarginKind = C.PFC_MARGIN_CURRICULAR
 
 	FormatSafetensors Format = C.PFC_FORMAT_SAFETENSORS
 	FormatNPY         Format = C.PFC_FORMAT_NPY
@@ -213,6 +218,12 @@ type Config struct {
 	InterclassFilter  float32
 	MarginGrad        MarginGrad
 	ArcfaceFallback   bool
+	// The adaptive margins (SPEC §1.6a): the kind, its m (0 = the kind's default), AdaFace's h and
+	// running-statistics weight.
+	MarginKind        MarginKind
+	MarginM           float32
+	AdaFaceH          float32
+	AdaFaceTAlpha     float32
 	Optimizer         Optimizer
 	LR, Momentum      float32
 	WeightDecay       float32
@@ -250,6 +261,10 @@ func DefaultConfig() Config {
 		InterclassFilter: float32(c.interclass_filter),
 		MarginGrad:       MarginGrad(c.margin_grad),
 		ArcfaceFallback:  c.arcface_fallback != 0,
+		MarginKind:       MarginKind(c.margin_kind),
+		MarginM:          float32(c.margin_m),
+		AdaFaceH:         float32(c.adaface_h),
+		AdaFaceTAlpha:    float32(c.adaface_t_alpha),
 		Optimizer:        Optimizer(c.optimizer),
 		LR:               float32(c.lr),
 		Momentum:         float32(c.momentum),
@@ -360,6 +375,10 @@ func New(cfg Config) (*Head, error) {
 	if cfg.ArcfaceFallback {
 		c.arcface_fallback = 1
 	}
+	c.margin_kind = C.int32_t(cfg.MarginKind)
+	c.margin_m = C.float(cfg.MarginM)
+	c.adaface_h = C.float(cfg.AdaFaceH)
+	c.adaface_t_alpha = C.float(cfg.AdaFaceTAlpha)
 	c.optimizer = C.int32_t(cfg.Optimizer)
 	c.lr = C.float(cfg.LR)
 	c.momentum = C.float(cfg.Momentum)
@@ -605,6 +624,30 @@ func localClasses(head *C.pfc_head) (uint64, uint64, error) {
 	pair := unsafe.Slice(out, 2)
 	err := call("pfc_local_classes", func() C.pfc_status { return C.pfc_local_classes(head, &pair[0], &pair[1]) })
 	return uint64(pair[0]), uint64(pair[1]), err
+}
+
+// MarginState is the margin's running statistics (AdaFace: running norm mean and standard
+// deviation; none for the combined margin), the same on every shard and process.
+func (h *Head) MarginState() ([]float32, error) {
+	const op = "pfc_margin_state"
+	head, err := h.acquire(op)
+	if err != nil {
+		return nil, err
+	}
+	defer h.release()
+	const capacity = 8
+	out := (*C.float)(C.malloc(C.size_t(capacity * 4)))
+	defer C.free(unsafe.Pointer(out))
+	length := (*C.uint32_t)(C.malloc(4))
+	defer C.free(unsafe.Pointer(length))
+	if err := call(op, func() C.pfc_status { return C.pfc_margin_state(head, out, capacity, length) }); err != nil {
+		return nil, err
+	}
+	state := make([]float32, *length)
+	for i, v := range unsafe.Slice(out, int(*length)) {
+		state[i] = float32(v)
+	}
+	return state, nil
 }
 
 // LocalClasses is the range of global classes this process owns: [first, first+count).

@@ -177,6 +177,31 @@ func TestNewErrors(t *testing.T) {
 	}
 }
 
+// AdaFace through the binding: its running statistics start at 20 and 100 and move with a step;
+// the combined margin's options beside it are refused naming the field.
+func TestAdaFace(t *testing.T) {
+	cfg := testConfig(1)
+	cfg.MarginKind = MarginAdaFace
+	cfg.M2 = DefaultConfig().M2
+	h := newHead(t, cfg)
+	if state, err := h.MarginState(); err != nil || len(state) != 2 || state[0] != 20 || state[1] != 100 {
+		t.Fatalf("MarginState = %v, %v", state, err)
+	}
+	p := newProblem(1)
+	grad := make([]float32, rows*dim)
+	if st, err := h.TrainStep(Batch{Embeddings: p.emb, Labels: p.labels, Grad: grad}); err != nil || math.IsNaN(st.Loss) {
+		t.Fatalf("TrainStep = %+v, %v", st, err)
+	}
+	if state, err := h.MarginState(); err != nil || len(state) != 2 || state[0] == 20 || state[1] == 100 {
+		t.Fatalf("MarginState after a step = %v, %v", state, err)
+	}
+	cfg.M2 = 0.3
+	var e *Error
+	if _, err := New(cfg); !errors.As(err, &e) || e.Status != StatusInvalidArgument || !strings.HasPrefix(e.Message, "m2") {
+		t.Fatalf("New with M2 beside AdaFace: %v", err)
+	}
+}
+
 func TestTrainingLowersLoss(t *testing.T) {
 	p := newProblem(1)
 	h := newHead(t, testConfig(2))

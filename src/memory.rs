@@ -114,10 +114,6 @@ mod workspace {
             Ok(buf)
         }
 
-        /// Bytes held by buffers not in use.
-        pub fn idle_bytes(&self) -> usize {
-            self.free.lock().values().flatten().map(|b| b.len()).sum()
-        }
     }
 
     /// `len` values of `T` in a [`Workspace`] buffer, which it returns to on drop.

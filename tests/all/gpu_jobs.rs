@@ -505,6 +505,17 @@ fn pfc_train_with_the_cuda_backend_matches_the_cpu_backend() {
     assert!(rel_err(&ec, &ep) <= 1e-3, "exported centers: {}", rel_err(&ec, &ep));
 }
 
+/// A tests/mpi/parity.c case of 2 processes × 2 shards on the CUDA backend, checked against the
+/// one-process CPU head within f32's tolerances.
+fn cuda_mpi_case(name: &str, rate: f32, adamw: bool) -> crate::mpi::Case {
+    let case = crate::mpi::synthetic(name, 4, &[2, 2], rate, adamw);
+    let config = case.dir.join("config.txt");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("backend {PFC_BACKEND_CUDA}\ntol 1e-4\ngrad_tol 1e-3\n"));
+    std::fs::write(&config, text).unwrap();
+    case
+}
+
 /// One job of 2 processes × 2 GPUs under mpirun: tests/mpi/parity.c with `backend 1` forms it
 /// through MPI_Allgather (process 0's NCCL id shared that way) and steps it over NCCL between the
 /// processes, with uneven and empty shard batches; every process checks its loss, gradients and
@@ -519,11 +530,7 @@ fn two_processes_of_two_gpus_under_mpirun_match_four_cpu_shards() {
         return;
     }
     for (rate, adamw) in [(1.0, false), (0.3, false), (0.3, true)] {
-        let case = crate::mpi::synthetic(&format!("cuda-{rate}-{adamw}"), 4, &[2, 2], rate, adamw);
-        let config = case.dir.join("config.txt");
-        let mut text = std::fs::read_to_string(&config).unwrap();
-        text.push_str(&format!("backend {PFC_BACKEND_CUDA}\ntol 1e-4\ngrad_tol 1e-3\n"));
-        std::fs::write(&config, text).unwrap();
+        let case = cuda_mpi_case(&format!("cuda-{rate}-{adamw}"), rate, adamw);
         let out = crate::mpi::run_parity(&case.dir, 2, &[]);
         eprintln!("2 processes × 2 GPUs, r {rate}, adamw {adamw}: {}", out.lines().next().unwrap_or_default());
     }
@@ -542,11 +549,7 @@ fn a_process_out_of_device_memory_fails_the_step_everywhere() {
         // A real GPU's memory cannot be made small for one process.
         return;
     }
-    let case = crate::mpi::synthetic("cuda-oom", 4, &[2, 2], 1.0, false);
-    let config = case.dir.join("config.txt");
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!("backend {PFC_BACKEND_CUDA}\ntol 1e-4\ngrad_tol 1e-3\n"));
-    std::fs::write(&config, text).unwrap();
+    let case = cuda_mpi_case("cuda-oom", 1.0, false);
     let parity = crate::mpi::parity_exe();
     // Two application contexts: the second process's emulated GPUs hold the head but not a step.
     // A process left waiting in a collective would wait for the emulated NCCL's timeout, cut short.

@@ -172,6 +172,8 @@ pub struct CpuBackend {
     /// under way, kept when it succeeds (`commit_margin_state`).
     margin: MarginState,
     margin_next: Option<MarginState>,
+    /// This step's per-row AdaFace scalers (`MarginState::row_scalers`); empty for the combined margin.
+    margin_scalers: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -220,7 +222,7 @@ impl CpuBackend {
                 backward_workers: Workers::new(),
             });
         }
-        Ok(CpuBackend { cfg: cfg.clone(), ranges, shards, margin: MarginState::initial(cfg.margin.kind), margin_next: None })
+        Ok(CpuBackend { cfg: cfg.clone(), ranges, shards, margin: MarginState::initial(cfg.margin.kind), margin_next: None, margin_scalers: Vec::new() })
     }
 
     fn logit_params(&self) -> LogitParams {
@@ -727,15 +729,14 @@ impl Primitives for CpuBackend {
         let params = self.logit_params();
         let n = labels.len();
         // AdaFace: the raw norms of the global batch, which every shard holds, give the same
-        // statistics everywhere; a training step's are kept only when it succeeds.
-        let scalers = if matches!(self.cfg.margin.kind, crate::config::MarginKind::AdaFace { .. }) {
+        // statistics everywhere, so the step's first shard computes them for all; a training
+        // step's are kept only when it succeeds.
+        if shard == 0 && matches!(self.cfg.margin.kind, crate::config::MarginKind::AdaFace { .. }) {
             let norms: Vec<f64> = emb.chunks_exact(d.max(1)).map(|row| kernels::dot_f64(row, row).sqrt()).collect();
             let state = if plan.train { self.margin.after_batch(self.cfg.margin.kind, &norms) } else { self.margin };
             self.margin_next = plan.train.then_some(state);
-            state.row_scalers(self.cfg.margin.kind, &norms)
-        } else {
-            Vec::new()
-        };
+            self.margin_scalers = state.row_scalers(self.cfg.margin.kind, &norms);
+        }
         let s = &mut self.shards[shard];
         s.unit = emb;
         s.inv_norm_e = try_zeroed(n, "embedding norms")?;
@@ -755,7 +756,7 @@ impl Primitives for CpuBackend {
             let unit = if s.unit_gemm.is_empty() { &s.unit } else { &s.unit_gemm };
             kernels::transpose(unit, d, try_refill(&mut s.unit_t, len, "the GEMM copy of the batch")?);
         }
-        s.forward(&self.cfg, plan, labels, params, &scalers)
+        s.forward(&self.cfg, plan, labels, params, &self.margin_scalers)
     }
 
     fn rescale_sums(&mut self, shard: usize, maxes: &Vec<f32>, sums: &mut Vec<f32>) -> Result<()> {

@@ -7,18 +7,20 @@
 use super::device::device_error;
 use super::plan::{class_chunks, THREADS};
 use crate::backend::cpu::selection_margin;
-use crate::error::{Error, Result, Status};
+use crate::config::DType;
+use crate::error::Result;
+use crate::memory::{DeviceBuf, Workspace};
 use crate::sharding::ShardRange;
 use crate::topk::TopK;
-use crate::config::DType;
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 /// What search uses of one GPU's shard.
 pub(super) struct Shard<'a> {
-    pub stream: &'a Arc<CudaStream>,
+    /// The GPU's workspace: its stream, and the buffers of a search.
+    pub work: &'a Arc<Workspace>,
     pub blas: &'a CudaBlas,
     /// The loaded kernels by entry name (kernels/topk.cu's among them).
     pub functions: &'a HashMap<&'static str, CudaFunction>,
@@ -36,7 +38,7 @@ pub(super) fn search(shards: &[Shard<'_>], d: usize, queries: &[f32], k: usize) 
     let n = queries.len() / d;
     let mut best = TopK::new(n, k);
     for (shard, (hits, kept)) in queued {
-        let keys: Vec<u64> = shard.stream.clone_dtoh(&hits).map_err(|e| device_error("download of search results", e))?;
+        let keys: Vec<u64> = shard.work.stream().clone_dtoh(&hits.view()).map_err(|e| device_error("download of search results", e))?;
         for (q, row) in keys.chunks_exact(kept).enumerate() {
             for &key in row {
                 let (score, local) = hit_of(key);
@@ -49,20 +51,19 @@ pub(super) fn search(shards: &[Shard<'_>], d: usize, queries: &[f32], k: usize) 
 
 /// Queues shard `s`'s search on its stream: returns its hits, `kept` keys a query (k capped at the
 /// shard's classes, every one valid once the stream has run), each query's best first.
-fn queue(s: &Shard<'_>, d: usize, queries: &[f32], k: usize) -> Result<(CudaSlice<u64>, usize)> {
-    let stream = s.stream;
+fn queue(s: &Shard<'_>, d: usize, queries: &[f32], k: usize) -> Result<(DeviceBuf<u64>, usize)> {
+    let stream = s.work.stream();
     // cuBLAS works in the calling thread's current context.
     stream.context().bind_to_thread().map_err(|e| device_error("bind", e))?;
     let (n, rows) = (queries.len() / d, s.range.len as usize);
     let kept = k.min(rows);
-    let mut unit = scratch::<f32>(stream, n * d, "search queries")?;
-    stream.memcpy_htod(queries, &mut unit).map_err(|e| device_error("upload of search queries", e))?;
-    let mut hits = scratch::<u64>(stream, n * kept, "search results")?;
+    let unit = s.work.upload(queries, "search queries")?;
+    let mut hits = s.work.take::<u64>(n * kept, "search results")?;
     // A chunk's products (4 bytes a query) and its classes' 1/‖c‖ (4 bytes) within the budget.
     let chunks = class_chunks(rows, n, 4, false, s.budget);
     let widest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
-    let mut products = scratch::<f32>(stream, n * widest, "search cosines (queries × a chunk of classes)")?;
-    let mut inv = scratch::<f32>(stream, widest, "center norms")?;
+    let products = s.work.take::<f32>(n * widest, "search cosines (queries × a chunk of classes)")?;
+    let mut inv = s.work.take::<f32>(widest, "search center norms")?;
     let (d32, k32, margin) = (d as i32, kept as i32, selection_margin(d));
     let mut have = 0usize;
     for chunk in chunks {
@@ -76,8 +77,7 @@ fn queue(s: &Shard<'_>, d: usize, queries: &[f32], k: usize) -> Result<(CudaSlic
         unsafe { b.launch(cfg) }.map_err(|e| device_error("center_inv_norms", e))?;
         {
             let (a, _a) = centers.device_ptr(stream);
-            let (q, _q) = unit.device_ptr(stream);
-            let (c, _c) = products.device_ptr_mut(stream);
+            let (q, c) = (unit.ptr(), products.ptr());
             // products [n][count] = Q·Cᵀ; column-major: (count×n) = C(d×count)ᵀ·Q(d×n).
             // SAFETY: the pointers come from live allocations of at least the sizes the shapes address.
             unsafe { super::blas::gemm(s.blas, true, false, count, n, d, a, d, q, d, c, count, DType::F32, "cuBLAS GEMM of search")? };
@@ -92,14 +92,6 @@ fn queue(s: &Shard<'_>, d: usize, queries: &[f32], k: usize) -> Result<(CudaSlic
         have = (have + count).min(kept);
     }
     Ok((hits, kept))
-}
-
-/// A device buffer of `len` values that its first kernel, GEMM or copy writes before anything
-/// reads it: not zeroed.
-fn scratch<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize, what: &str) -> Result<CudaSlice<T>> {
-    // SAFETY: callers write each value before reading it.
-    unsafe { stream.alloc::<T>(len.max(1)) }
-        .map_err(|e| Error::new(Status::OutOfMemory, format!("GPU {}: cannot allocate {what} ({len} elements): {e}", stream.context().ordinal())))
 }
 
 /// The score and local row of a hit of kernels/topk.cu `hit_key`: the score's bits in total order

@@ -15,7 +15,7 @@ use super::plan::{class_chunks, combine_grid, eval_chunk_bytes, stats_grid, STAT
 use super::verdict::{self, Verdict};
 use crate::backend::step::{phase, DeviceTimes, RowGrads, RowStats, StepPlan, Update};
 use crate::backend::{Primitives, ShardState};
-use crate::batch::{Batches, DeviceBatch, Outputs};
+use crate::batch::{Batches, DeviceBatch, Embeddings, GradOut, Outputs};
 use crate::config::{Config, DType, MarginGrad, OptimizerKind};
 use crate::error::{Error, Result, Status};
 use crate::memory::{Device, DeviceBuf, Workspace};
@@ -465,9 +465,16 @@ impl Primitives for CudaBackend {
                 .iter()
                 .zip(b)
                 .map(|(shard, b)| {
-                    let mut e = Vec::with_capacity(b.embeddings.len());
-                    b.embeddings.extend_f32(&mut e);
-                    Ok((shard.work.upload(&e, "the batch's embeddings")?, shard.work.upload(b.labels, "the batch's labels")?))
+                    let emb = match b.embeddings {
+                        // Uploaded as they are: no host copy of the batch on the way.
+                        Embeddings::F32(v) => shard.work.upload(v, "the batch's embeddings")?,
+                        half => {
+                            let mut e = Vec::with_capacity(half.len());
+                            half.extend_f32(&mut e);
+                            shard.work.upload(&e, "the batch's embeddings")?
+                        }
+                    };
+                    Ok((emb, shard.work.upload(b.labels, "the batch's labels")?))
                 })
                 .collect(),
         }
@@ -686,8 +693,12 @@ impl Primitives for CudaBackend {
                     if o.is_empty() {
                         continue;
                     }
-                    let host: Vec<f32> = g.stream.clone_dtoh(&grad.view()).map_err(|e| device_error("download", e))?;
-                    o.write(&host[..o.len()]);
+                    let rows = grad.slice(0..o.len());
+                    match o {
+                        // Straight into the caller's buffer.
+                        GradOut::F32(dst) => g.stream.memcpy_dtoh(&rows, &mut **dst).map_err(|e| device_error("download", e))?,
+                        half => half.write(&g.stream.clone_dtoh(&rows).map_err(|e| device_error("download", e))?),
+                    }
                 }
             }
             Outputs::Device(batches) => {
@@ -880,7 +891,7 @@ impl ShardState for CudaBackend {
         let shards: Vec<_> = self
             .shards
             .iter()
-            .map(|g| super::search::Shard { stream: &g.stream, blas: &g.blas, functions: &g.functions, centers: &g.centers, range: g.range, budget: g.eval_budget })
+            .map(|g| super::search::Shard { work: &g.work, blas: &g.blas, functions: &g.functions, centers: &g.centers, range: g.range, budget: g.eval_budget })
             .collect();
         super::search::search(&shards, self.cfg.embedding_dim, queries, k)
     }

@@ -159,3 +159,20 @@ fn adaface_checkpoints_keep_the_statistics_and_refuse_another_margin() {
     assert!(last_error().contains("adaface"), "{}", last_error());
     assert!(other.margin_state().is_empty());
 }
+
+/// `pfc_margin_state`'s pointers and capacity: a NULL `len`, or a NULL `out` with room asked for,
+/// is refused and writes nothing; capacity 0 asks the count; a short capacity gets the first values.
+#[test]
+fn margin_state_checks_its_pointers_and_honours_its_capacity() {
+    let head = TestHead::new(&adaface(50, 4));
+    let mut out = [-1f32; 2];
+    let mut len = 99u32;
+    assert_eq!(pfc_margin_state(head.0, out.as_mut_ptr(), 2, std::ptr::null_mut()), PFC_ERR_NULL_ARGUMENT);
+    assert_eq!(pfc_margin_state(head.0, std::ptr::null_mut(), 2, &mut len), PFC_ERR_NULL_ARGUMENT);
+    assert_eq!(pfc_margin_state(std::ptr::null(), out.as_mut_ptr(), 2, &mut len), PFC_ERR_NULL_ARGUMENT);
+    assert_eq!((len, out), (99, [-1.0, -1.0]), "a refused call wrote its outputs");
+    ok(pfc_margin_state(head.0, std::ptr::null_mut(), 0, &mut len));
+    assert_eq!(len, 2);
+    ok(pfc_margin_state(head.0, out.as_mut_ptr(), 1, &mut len));
+    assert_eq!((len, out), (2, [20.0, -1.0]));
+}

@@ -235,6 +235,7 @@ int main(int argc, char **argv) {
             else if (!strcmp(mismatch, "num_classes")) cfg.num_classes += 1;
             else if (!strcmp(mismatch, "world_size")) cfg.world_size = 99;
             else if (!strcmp(mismatch, "embedding_dim")) cfg.embedding_dim = 0; /* invalid on one process only */
+            else if (!strcmp(mismatch, "margin_kind")) cfg.margin_kind = PFC_MARGIN_ADAFACE; /* valid alone */
         }
         pfc_head *h = NULL;
         int st = pfc_create(&cfg, &h);

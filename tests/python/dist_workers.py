@@ -37,8 +37,10 @@ def finish():
 
 
 def golden(rank, world, port, path, tolerance):
-    """One golden file of `world` ranks: rank r feeds rows [r·B, (r+1)·B) of each step and checks its
-    loss, its rows of the embedding gradient and its classes' centers."""
+    """One golden file over `world` ranks — its own world size, or any for the authors' adaptive-margin
+    heads (one process, every class: the same at every shard count): rank r feeds rows [r·B, (r+1)·B)
+    of each step and checks its loss, its rows of the embedding gradient (world size times the
+    gradient of the global mean loss), its classes' centers and the margin's running statistics."""
     init(rank, world, port)
     with safe_open(path, "pt") as f:
         cfg = json.loads(f.metadata()["config"])
@@ -47,8 +49,9 @@ def golden(rank, world, port, path, tolerance):
     rows = slice(module.class_start, module.class_start + module.num_local)
     module.load_state_dict({"weight": t["weight_init"][rows]})
     opt = golden_optimizer(cfg, module.parameters())
-    b = cfg["batch_per_rank"]
+    b = cfg["batch_per_rank"] * cfg["world_size"] // world
     mine = slice(rank * b, (rank + 1) * b)
+    grad_scale = world / cfg["world_size"]
     for step in range(cfg["steps"]):
         emb = t[f"emb.{step}"][mine].clone().requires_grad_(True)
         loss = module(emb, t[f"labels.{step}"][mine])
@@ -56,8 +59,10 @@ def golden(rank, world, port, path, tolerance):
         opt.step()
         opt.zero_grad()
         errors = {"loss": rel(loss.detach().reshape(1), t[f"loss.{step}"]),
-                  "grad_emb": rel(emb.grad, t[f"grad_emb.{step}"][mine]),
+                  "grad_emb": rel(emb.grad, t[f"grad_emb.{step}"][mine] * grad_scale),
                   "weight": rel(module.centers(), t[f"weight.{step}"][rows])}
+        if "head" in cfg:
+            errors["state"] = rel(torch.tensor(list(module.margin_state.values())), t[f"state.{step}"])
         for what, err in errors.items():
             assert err < tolerance, f"{os.path.basename(path)} rank {rank} step {step} {what}: relative error {err:.3g}"
     finish()

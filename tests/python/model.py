@@ -197,8 +197,13 @@ def golden_step_errors(module, opt, t, step, centers, dtype=None):
 
 
 def golden_margin(cfg):
-    """The margin of a golden file's `config`."""
-    from partialfc.torch import CombinedMarginLoss
+    """The margin of a golden file's `config`: partialfc.torch's AdaFace or CurricularFace for the
+    authors' heads (its `head`), the combined margin otherwise."""
+    from partialfc.torch import AdaFace, CombinedMarginLoss, CurricularFace
+    if cfg.get("head") == "adaface":
+        return AdaFace(cfg["m"], cfg["h"], cfg["s"], cfg["t_alpha"])
+    if cfg.get("head") == "curricular":
+        return CurricularFace(cfg["m"], cfg["s"])
     return CombinedMarginLoss(cfg["scale"], cfg["m1"], cfg["m2"], cfg["m3"], cfg["interclass_filtering_threshold"])
 
 
@@ -283,3 +288,11 @@ def adaptive_margin_head(cfg, weight):
 def adaptive_margin_state(head):
     """The running statistics of a float64 adaptive-margin model, as the golden files' `state.t`."""
     return list(head.state) if isinstance(head, Float64AdaFace) else [head.t]
+
+
+def set_adaptive_margin_state(head, values):
+    """Sets a float64 adaptive-margin model's running statistics from `adaptive_margin_state`'s list."""
+    if isinstance(head, Float64AdaFace):
+        head.state = [float(v) for v in values]
+    else:
+        (head.t,) = (float(v) for v in values)

@@ -3,26 +3,13 @@ against the authors' own heads (../shared/golden/adaface_*, curricular_*): loss,
 centers after SGD and the running statistics, step by step; and their gradients against finite
 differences where the margins are the library's own math (sampled columns, r < 1). They are the
 reference for the library's adaptive margins (issue #25) where the authors' heads have no vectors."""
-import glob
-import json
 import os
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from golden import adaptive_golden_files
 from model import adaptive_margin_head, adaptive_margin_state, golden_step_errors, rel
-
-
-def adaptive_golden_files(golden_dir):
-    files = []
-    for path in sorted(glob.glob(os.path.join(golden_dir, "*.safetensors"))):
-        with safe_open(path, "np") as f:
-            cfg = json.loads(f.metadata()["config"])
-        if cfg.get("head") in ("adaface", "curricular"):
-            files.append((path, cfg))
-    assert {cfg["head"] for _, cfg in files} == {"adaface", "curricular"}, files
-    return files
 
 
 def test_the_float64_models_reproduce_the_authors_heads(golden_dir):

@@ -136,6 +136,16 @@ class Head:
             check(n.lib.pfc_local_classes(self.handle, ctypes.byref(first), ctypes.byref(count)), "pfc_local_classes")
         return first.value, count.value
 
+    def margin_state(self):
+        """The margin's running statistics (pfc_margin_state): AdaFace's [batch_mean, batch_std],
+        CurricularFace's [t], none for the combined margin."""
+        count = ctypes.c_uint32()
+        with self._lock:
+            check(n.lib.pfc_margin_state(self.handle, None, 0, ctypes.byref(count)), "pfc_margin_state")
+            out = (ctypes.c_float * count.value)()
+            check(n.lib.pfc_margin_state(self.handle, out, count, ctypes.byref(count)), "pfc_margin_state")
+        return list(out[:count.value])
+
     def get_centers(self, first, count, out_address, normalized=False):
         ptr = ctypes.cast(out_address, ctypes.POINTER(ctypes.c_float))
         with self._lock:

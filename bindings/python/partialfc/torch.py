@@ -28,9 +28,17 @@ How it maps onto the head (and where it differs from the reference):
   sample_rate = 1 the update is the reference's. The negatives are drawn by the library's
   counter-based sampler (different on every shard), not by torch's random generator.
 - The margin is the true combined margin s·(cos(m1·θ + m2) − m3); the reference ignores m2 when m3 > 0.
+- `margin_loss` may also be `AdaFace(m, h, s, t_alpha)` or `CurricularFace(m, s)` (SPEC §1.6a): the
+  margins of those authors' heads, with their exact margin gradient. AdaFace takes each sample's
+  margin from the norm of the embedding the module receives: pass the backbone's features before
+  any normalization, as the authors' head receives their norm beside the normalized features. The
+  running statistics (AdaFace's batch_mean and batch_std over the global batch, CurricularFace's t)
+  are `module.margin_state`; every training forward folds its batch in, as the authors' heads do at
+  every forward, while evaluation (eval() or no autograd) neither folds nor uses a new batch's.
 - `eval()` mode, or no autograd, evaluates the loss over all classes and changes nothing.
 - state_dict() holds the reference's `weight` (this rank's centers, [num_local, embedding_size])
-  and `_extra_state`, the head's full checkpoint (optimizer state, step, seed); a reference
+  and `_extra_state`, the head's full checkpoint (optimizer state, step, seed, the margin's running
+  statistics; a state of another margin kind is refused); a reference
   state_dict (weight only) loads too, resetting the centers' optimizer state. The reference's
   optimizer state for its `weight` (inside the optimizer's state_dict) is not imported.
 """
@@ -51,7 +59,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from . import _native as n
 from ._head import Batch, Head, PartialFCError, config
 
-__all__ = ["PartialFC_V2", "CombinedMarginLoss", "PartialFCError"]
+__all__ = ["PartialFC_V2", "CombinedMarginLoss", "AdaFace", "CurricularFace", "PartialFCError"]
 
 _DTYPES = {torch.float32: n.PFC_DTYPE_F32, torch.float16: n.PFC_DTYPE_F16, torch.bfloat16: n.PFC_DTYPE_BF16}
 _MARGIN_GRADS = {"straight_through": n.PFC_MARGIN_GRAD_STRAIGHT_THROUGH, "exact": n.PFC_MARGIN_GRAD_EXACT}
@@ -97,19 +105,88 @@ class CombinedMarginLoss(torch.nn.Module):
         return (logits + shift) * self.s
 
 
+class AdaFace:
+    """AdaFace (Kim et al., CVPR 2022) as PartialFC_V2's `margin_loss`: the settings of the authors'
+    head (mk-minchul/AdaFace head.py, `AdaFace(embedding_size, classnum, m, h, s, t_alpha)`) without
+    its centers, which PartialFC_V2 holds. m: the margin (0.4); h: how far a norm's standardized
+    value moves it (0.333); s: the scale (64); t_alpha: the weight of the newest batch in the running
+    norm statistics — 0.01, what the authors train with (their config.py), where head.py's own
+    default is 1.0. The module takes the norms from the embeddings it receives (un-normalized
+    features); its `margin_state` holds the running statistics, `batch_mean` and `batch_std`."""
+
+    kind = n.PFC_MARGIN_ADAFACE
+    state_names = ("batch_mean", "batch_std")
+
+    def __init__(self, m=0.4, h=0.333, s=64.0, t_alpha=0.01):
+        _nonzero_margin(type(self).__name__, m)
+        self.m, self.h, self.s, self.t_alpha = float(m), float(h), float(s), float(t_alpha)
+
+    def config_fields(self):
+        return dict(margin_kind=self.kind, margin_m=self.m, adaface_h=self.h, adaface_t_alpha=self.t_alpha, scale=self.s)
+
+    def __repr__(self):
+        return f"AdaFace(m={self.m}, h={self.h}, s={self.s}, t_alpha={self.t_alpha})"
+
+
+class CurricularFace:
+    """CurricularFace (Huang et al., CVPR 2020) as PartialFC_V2's `margin_loss`: the settings of the
+    authors' head (HuangYG123/CurricularFace head/metrics.py, `CurricularFace(in_features,
+    out_features, m, s)`) without its centers, which PartialFC_V2 holds. m: the margin (0.5); s: the
+    scale (64). The module's `margin_state` holds the running curriculum parameter `t`."""
+
+    kind = n.PFC_MARGIN_CURRICULAR
+    state_names = ("t",)
+
+    def __init__(self, m=0.5, s=64.0):
+        _nonzero_margin(type(self).__name__, m)
+        self.m, self.s = float(m), float(s)
+
+    def config_fields(self):
+        return dict(margin_kind=self.kind, margin_m=self.m, scale=self.s)
+
+    def __repr__(self):
+        return f"CurricularFace(m={self.m}, s={self.s})"
+
+
+def _nonzero_margin(name, m):
+    # pfc_config's margin_m = 0 means "the kind's default", so m = 0 cannot be passed through.
+    if m == 0:
+        raise ValueError(f"{name} m = 0 is not a margin partialfc can apply: its C ABI reads margin_m = 0 as the "
+                         "kind's default; give m > 0")
+
+
+# Attributes of objects PartialFC_V2 cannot read as a margin although they have `s` and `m`: the
+# authors' AdaFace and CurricularFace heads (their own centers `kernel`, running statistics).
+_FOREIGN_ADAPTIVE = ("kernel", "t_alpha", "batch_mean", "batch_std", "t")
+
+
 def _margin_settings(margin_loss):
-    """(s, m1, m2, m3, threshold) of a CombinedMarginLoss (insightface's or ours), or of insightface's
-    ArcFace(s, margin) / CosFace(s, m)."""
+    """(pfc_config fields, names of the running statistics) of a margin: AdaFace or CurricularFace, a
+    CombinedMarginLoss (insightface's or ours), or insightface's ArcFace(s, margin) / CosFace(s, m)."""
+    if isinstance(margin_loss, (AdaFace, CurricularFace)):
+        return margin_loss.config_fields(), margin_loss.state_names
+    foreign = next((a for a in _FOREIGN_ADAPTIVE if hasattr(margin_loss, a)), None)
+    if foreign is not None:
+        raise TypeError(
+            f"margin_loss {type(margin_loss).__name__} has `{foreign}`, which PartialFC_V2 cannot take over: the "
+            "authors' AdaFace and CurricularFace heads hold class centers of their own (kernel) and running "
+            "statistics, where PartialFC_V2 holds the centers and the library the statistics; pass the margin's "
+            "settings as partialfc.torch.AdaFace(m, h, s, t_alpha) or partialfc.torch.CurricularFace(m, s)")
+    combined = None
     if all(hasattr(margin_loss, a) for a in ("s", "m1", "m2", "m3")):
         t = getattr(margin_loss, "interclass_filtering_threshold", 0.0)
-        return float(margin_loss.s), float(margin_loss.m1), float(margin_loss.m2), float(margin_loss.m3), float(t)
-    if hasattr(margin_loss, "s") and hasattr(margin_loss, "margin"):
-        return float(margin_loss.s), 1.0, float(margin_loss.margin), 0.0, 0.0
-    if hasattr(margin_loss, "s") and hasattr(margin_loss, "m"):
-        return float(margin_loss.s), 1.0, 0.0, float(margin_loss.m), 0.0
-    raise TypeError(
-        "margin_loss must be a CombinedMarginLoss (insightface's or partialfc.torch's: attributes s, m1, m2, m3, "
-        f"interclass_filtering_threshold) or insightface's ArcFace/CosFace; got {type(margin_loss).__name__}")
+        combined = margin_loss.s, margin_loss.m1, margin_loss.m2, margin_loss.m3, t
+    elif hasattr(margin_loss, "s") and hasattr(margin_loss, "margin"):
+        combined = margin_loss.s, 1.0, margin_loss.margin, 0.0, 0.0
+    elif hasattr(margin_loss, "s") and hasattr(margin_loss, "m"):
+        combined = margin_loss.s, 1.0, 0.0, margin_loss.m, 0.0
+    if combined is None:
+        raise TypeError(
+            "margin_loss must be partialfc.torch's AdaFace or CurricularFace, a CombinedMarginLoss (insightface's or "
+            "partialfc.torch's: attributes s, m1, m2, m3, interclass_filtering_threshold) or insightface's "
+            f"ArcFace/CosFace; got {type(margin_loss).__name__}")
+    s, m1, m2, m3, t = (float(v) for v in combined)
+    return dict(scale=s, m1=m1, m2=m2, m3=m3, interclass_filter=t), ()
 
 
 def _optimizer_settings(optimizer, group):
@@ -248,7 +325,9 @@ class PartialFC_V2(torch.nn.Module):
     fp16=False)` on libpartialfc; see the module documentation for the mapping.
 
     Keyword-only extras: `seed` (sampling; default torch.initial_seed(), agreed with rank 0),
-    `margin_grad` ("straight_through", the reference's, or "exact"), `arcface_fallback`, and
+    `margin_grad` ("straight_through", the reference's and the default, or "exact") and
+    `arcface_fallback` (the combined margin's only: AdaFace's and CurricularFace's gradient is the
+    exact one, and they refuse either), and
     `nonfinite`: "raise" (default: NaN/Inf embeddings or a non-finite step raise PartialFCError) or
     "nan" (they give a NaN loss and NaN gradients and leave the head untouched, so that AMP's
     GradScaler skips the step, as it does the reference's overflowing steps).
@@ -259,15 +338,20 @@ class PartialFC_V2(torch.nn.Module):
     _version = 2
 
     def __init__(self, margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False, *,
-                 seed=None, margin_grad="straight_through", arcface_fallback=False, nonfinite="raise"):
+                 seed=None, margin_grad=None, arcface_fallback=False, nonfinite="raise"):
         super().__init__()
         if nonfinite not in ("raise", "nan"):
             raise ValueError(f"nonfinite must be 'raise' or 'nan', not {nonfinite!r}")
         self.nonfinite = nonfinite
-        s, m1, m2, m3, threshold = _margin_settings(margin_loss)
-        if m3 > 0 and m2 != 0:
+        margin, self._state_names = _margin_settings(margin_loss)
+        adaptive = margin.get("margin_kind", n.PFC_MARGIN_COMBINED) != n.PFC_MARGIN_COMBINED
+        if adaptive and margin_grad is not None:
+            raise ValueError(f"margin_grad applies to the combined margin only, not to {type(margin_loss).__name__}, "
+                             "whose margin gradient is the exact one: leave margin_grad unset")
+        if margin.get("m3", 0) > 0 and margin.get("m2", 0) != 0:
             warnings.warn("partialfc applies the full combined margin s·(cos(m1·θ + m2) − m3); "
                           "insightface's CombinedMarginLoss ignores m2 when m3 > 0", stacklevel=2)
+        margin_grad = "straight_through" if margin_grad is None else margin_grad
         if margin_grad not in _MARGIN_GRADS:
             raise ValueError(f"margin_grad must be one of {sorted(_MARGIN_GRADS)}, not {margin_grad!r}")
         if distributed.is_available() and distributed.is_initialized():
@@ -293,7 +377,7 @@ class PartialFC_V2(torch.nn.Module):
             keep = (allgather,)
         cfg = config(
             num_classes=self.num_classes, embedding_dim=self.embedding_size, sample_rate=self.sample_rate,
-            scale=s, m1=m1, m2=m2, m3=m3, interclass_filter=threshold, margin_grad=_MARGIN_GRADS[margin_grad],
+            **margin, margin_grad=_MARGIN_GRADS[margin_grad],
             arcface_fallback=int(bool(arcface_fallback)),
             compute_dtype=n.PFC_DTYPE_F16 if self.fp16 else n.PFC_DTYPE_F32, seed=int(seed),
             # The centers come from torch's generator below, as the reference draws them.
@@ -433,14 +517,17 @@ class PartialFC_V2(torch.nn.Module):
                 "partialfc applies the gradient of the unscaled loss to the centers, so multiply the loss only by "
                 "GradScaler and clip only the backbone's gradients (as train_v2 does); the accumulated gradient "
                 "was dropped", "PartialFC_V2")
-        redo = len(done) < len(records)
-        if settings != _settings_of(self._head.cfg):
-            self._rebuild(_with_settings(self._head.cfg, settings))
-            redo = True
-        elif redo:
-            self._head.train_discard()
-        if redo:
+        rebuild = settings != _settings_of(self._head.cfg)
+        if rebuild or len(done) < len(records):
+            statistics = self.margin_state
+            if rebuild:
+                self._rebuild(_with_settings(self._head.cfg, settings))
+            else:
+                self._head.train_discard()
             self._recompute(done)
+            self._check_margin_state(statistics, "this step's gradient was recomputed (a forward was not "
+                                     "backpropagated, or the optimizer settings changed), which folds the "
+                                     "recomputed batches into them again or, on a new head, loses earlier folds")
         self._head.set_learning_rate(float(group["lr"]))
         self._head.train_apply()
         self._stateful = True
@@ -473,6 +560,14 @@ class PartialFC_V2(torch.nn.Module):
         self._head = new
         old.close()
 
+    def _check_margin_state(self, before, why):
+        """The adaptive margins fold each training forward into their running statistics when the head
+        computes it, and the C ABI cannot set them: say so where a recomputation or a new head leaves
+        them other than the forwards made them."""
+        after = self.margin_state
+        if after != before:
+            warnings.warn(f"partialfc: the margin's running statistics are {after}, not {before}: {why}", stacklevel=3)
+
     def _read_centers(self, head=None):
         head = head or self._head
         first, count = head.local_classes()
@@ -490,18 +585,19 @@ class PartialFC_V2(torch.nn.Module):
         if device != self._device:
             if self._pending:
                 raise RuntimeError("partialfc: move the module between optimizer steps, not with gradients pending")
+            cfg, keep = n.pfc_config.from_buffer_copy(self._head.cfg), ()
             if device.type == "cuda":
                 index = device.index if device.index is not None else torch.cuda.current_device()
-                devices = (ctypes.c_int32 * 1)(index)
-                cfg = n.pfc_config.from_buffer_copy(self._head.cfg)
-                cfg.backend, cfg.devices = n.PFC_BACKEND_CUDA, ctypes.cast(devices, ctypes.POINTER(ctypes.c_int32))
-                self._rebuild(cfg, keep=(devices,))
+                keep = ((ctypes.c_int32 * 1)(index),)
+                cfg.backend, cfg.devices = n.PFC_BACKEND_CUDA, ctypes.cast(keep[0], ctypes.POINTER(ctypes.c_int32))
             elif device.type == "cpu":
-                cfg = n.pfc_config.from_buffer_copy(self._head.cfg)
                 cfg.backend, cfg.devices = n.PFC_BACKEND_CPU, None
-                self._rebuild(cfg)
             else:
                 raise ValueError(f"partialfc runs on CPU or CUDA devices, not {device}")
+            statistics = self.margin_state
+            self._rebuild(cfg, keep)
+            self._check_margin_state(statistics, "the head moved before its first optimizer step, with only its "
+                                     "centers, after training forwards whose gradient was dropped")
             self._device = device
             _MODULES[id(self.pfc_token)] = self
         elif id(self.pfc_token) not in _MODULES:
@@ -516,6 +612,17 @@ class PartialFC_V2(torch.nn.Module):
         out = torch.empty((count, self.embedding_size), dtype=torch.float32)
         self._head.get_centers(first, count, out.data_ptr(), normalized)
         return out
+
+    @property
+    def margin_state(self):
+        """The margin's running statistics by name, read from the head (pfc_margin_state; SPEC §1.6a):
+        AdaFace's {"batch_mean", "batch_std"}, CurricularFace's {"t"}, {} for the combined margin.
+        The same on every rank; part of state_dict()."""
+        values = self._head.margin_state()
+        if len(values) != len(self._state_names):
+            raise PartialFCError(n.PFC_ERR_INCOMPATIBLE, f"the library reports {len(values)} running statistics for "
+                                 f"this margin, {len(self._state_names)} expected", "pfc_margin_state")
+        return dict(zip(self._state_names, values))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.centers()

@@ -342,9 +342,9 @@ pfc_status pfc_evaluate(struct pfc_head *head,
 pfc_status pfc_set_learning_rate(struct pfc_head *head, float lr);
 
 // The margin's running statistics (SPEC §1.6a): AdaFace's running norm mean and standard deviation
-// (2 values); none for the combined margin. Writes the first `min(cap, count)` of them to `out`
-// (which may be NULL when `cap` is 0) and sets `*len` to their count. The same on every shard and
-// process; local, like pfc_get_centers.
+// (2 values), CurricularFace's t (1 value); none for the combined margin. Writes the first
+// `min(cap, count)` of them to `out` (which may be NULL when `cap` is 0) and sets `*len` to their
+// count. The same on every shard and process; local, like pfc_get_centers.
 pfc_status pfc_margin_state(const struct pfc_head *head, float *out, uint32_t cap, uint32_t *len);
 
 // The global classes this process owns: `[*first, *first + *count)`.

@@ -116,6 +116,12 @@ impl MarginKind {
         }
     }
 
+    /// Whether each row's target cosine must reach every shard before any shard's statistics
+    /// (CurricularFace: its hard negatives are those above cos(θ_y + m)).
+    pub fn needs_target_cosines(self) -> bool {
+        matches!(self, MarginKind::Curricular { .. })
+    }
+
     /// AdaFace's (h, t_alpha).
     pub fn adaface(self) -> Option<(f32, f32)> {
         match self {

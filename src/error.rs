@@ -77,6 +77,11 @@ impl Error {
             format!("{what} is NaN or Inf (divergence: lower the learning rate, skip the batch or reload a checkpoint); nothing changed"),
         )
     }
+    /// The library broke its own contract (primitives called out of order): a bug, reported as
+    /// `PFC_ERR_PANIC` rather than a panic.
+    pub fn internal(what: &str) -> Self {
+        Error::new(Status::Panic, format!("internal error: {what}"))
+    }
     pub fn null(name: &str) -> Self {
         Error::new(Status::NullArgument, format!("{name} is NULL"))
     }

@@ -51,6 +51,19 @@ pub fn cosine_bound(m: &MarginConfig) -> f32 {
     }
 }
 
+/// CurricularFace's weight of the newest batch's mean target cosine in t.
+const CURRICULAR_T_ALPHA: f64 = 0.01;
+
+/// The largest |∂z/∂c| of a non-target logit: s, and under CurricularFace s·(|t| + 2), a hard
+/// negative's s·(t + 2c) at |c| ≤ 1.
+pub fn non_target_slope_bound(m: &MarginConfig, state: MarginState) -> f64 {
+    let s = (m.scale as f64).abs();
+    match state {
+        MarginState::Curricular { t } => s * ((t as f64).abs() + 2.0),
+        _ => s,
+    }
+}
+
 /// A margin's running statistics (SPEC §1.6a): part of the head's state, the same on every shard
 /// and process.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -59,14 +72,17 @@ pub enum MarginState {
     None,
     /// AdaFace's running mean and standard deviation of the clipped embedding norms.
     AdaFace { mean: f32, std: f32 },
+    /// CurricularFace's t, the running mean of the target cosines.
+    Curricular { t: f32 },
 }
 
 impl MarginState {
-    /// A new head's statistics: AdaFace's authors start at 20 and 100.
+    /// A new head's statistics: AdaFace's authors start at 20 and 100, CurricularFace's at t = 0.
     pub fn initial(kind: MarginKind) -> MarginState {
         match kind {
             MarginKind::AdaFace { .. } => MarginState::AdaFace { mean: 20.0, std: 100.0 },
-            _ => MarginState::None,
+            MarginKind::Curricular { .. } => MarginState::Curricular { t: 0.0 },
+            MarginKind::Combined => MarginState::None,
         }
     }
 
@@ -75,6 +91,7 @@ impl MarginState {
         match *self {
             MarginState::None => Vec::new(),
             MarginState::AdaFace { mean, std } => vec![mean, std],
+            MarginState::Curricular { t } => vec![t],
         }
     }
 
@@ -86,19 +103,21 @@ impl MarginState {
         }
         Ok(match kind {
             MarginKind::AdaFace { .. } => MarginState::AdaFace { mean: values[0], std: values[1] },
-            _ => MarginState::None,
+            MarginKind::Curricular { .. } => MarginState::Curricular { t: values[0] },
+            MarginKind::Combined => MarginState::None,
         })
     }
 
-    /// After a training batch of raw embedding norms `norms` (its global batch): AdaFace's running
-    /// statistics with the batch's mean and unbiased standard deviation of the clipped norms folded
-    /// in with weight t_alpha. A batch of one row has no standard deviation: it leaves σ̄ as it is
-    /// rather than make it NaN.
-    pub fn after_batch(self, kind: MarginKind, norms: &[f64]) -> MarginState {
+    /// After a training batch whose rows are `rows` (its global batch's: AdaFace's raw embedding
+    /// norms, CurricularFace's target cosines). AdaFace folds the batch's mean and unbiased standard
+    /// deviation of the clipped norms in with weight t_alpha; a batch of one row has no standard
+    /// deviation and leaves σ̄ as it is rather than make it NaN. CurricularFace folds in the mean of
+    /// the target cosines clamped to [−1, 1] with weight 0.01.
+    pub fn after_batch(self, kind: MarginKind, rows: &[f64]) -> MarginState {
+        let n = rows.len() as f64;
         match (self, kind) {
             (MarginState::AdaFace { mean, std }, MarginKind::AdaFace { t_alpha, .. }) => {
-                let clipped: Vec<f64> = norms.iter().map(|n| n.clamp(ADAFACE_NORM_RANGE.0, ADAFACE_NORM_RANGE.1)).collect();
-                let n = clipped.len() as f64;
+                let clipped: Vec<f64> = rows.iter().map(|r| r.clamp(ADAFACE_NORM_RANGE.0, ADAFACE_NORM_RANGE.1)).collect();
                 let batch_mean = clipped.iter().sum::<f64>() / n;
                 let a = t_alpha as f64;
                 let fold = |new: f64, old: f32| (a * new + (1.0 - a) * old as f64) as f32;
@@ -110,33 +129,61 @@ impl MarginState {
                 };
                 MarginState::AdaFace { mean: fold(batch_mean, mean), std }
             }
+            (MarginState::Curricular { t }, MarginKind::Curricular { .. }) => {
+                let mean = rows.iter().map(|c| c.clamp(-1.0, 1.0)).sum::<f64>() / n;
+                MarginState::Curricular { t: (CURRICULAR_T_ALPHA * mean + (1.0 - CURRICULAR_T_ALPHA) * t as f64) as f32 }
+            }
             (state, _) => state,
         }
     }
 
-    /// Each row's margin scaler g = clip((n − μ̄)/(σ̄ + eps)·h, −1, 1) from its raw embedding norm
-    /// (AdaFace); empty for the other kinds.
-    pub fn row_scalers(&self, kind: MarginKind, norms: &[f64]) -> Vec<f32> {
+    /// Each row's margin parameter from its `after_batch` row: AdaFace's scaler
+    /// g = clip((n − μ̄)/(σ̄ + eps)·h, −1, 1), CurricularFace's hard-negative threshold cos(θ_y + m)
+    /// (non-target cosines above it are hard); empty for the combined margin.
+    pub fn row_margins(&self, kind: MarginKind, rows: &[f64]) -> Vec<f32> {
         match (self, kind) {
-            (MarginState::AdaFace { mean, std }, MarginKind::AdaFace { h, .. }) => norms
+            (MarginState::AdaFace { mean, std }, MarginKind::AdaFace { h, .. }) => rows
                 .iter()
                 .map(|n| {
                     let n = n.clamp(ADAFACE_NORM_RANGE.0, ADAFACE_NORM_RANGE.1);
                     ((n - *mean as f64) / (*std as f64 + ADAFACE_EPS) * h as f64).clamp(-1.0, 1.0) as f32
                 })
                 .collect(),
+            (MarginState::Curricular { .. }, MarginKind::Curricular { m }) => {
+                let (sin_m, cos_m) = (m as f64).sin_cos();
+                rows.iter()
+                    .map(|c| {
+                        let c = c.clamp(-1.0, 1.0);
+                        (c * cos_m - (1.0 - c * c).sqrt() * sin_m) as f32
+                    })
+                    .collect()
+            }
             _ => Vec::new(),
+        }
+    }
+
+    /// CurricularFace's t, which hard negatives carry (`c·(t + c)`); 0 for the other kinds.
+    pub fn hard_negative_t(&self) -> f32 {
+        match *self {
+            MarginState::Curricular { t } => t,
+            _ => 0.0,
         }
     }
 }
 
 /// The target logit of raw cosine `raw` under the configured margin, `g` being the row's AdaFace
-/// scaler (`MarginState::row_scalers`; unused by the combined margin). A clamp that holds gives
-/// the logit of the clamped cosine (the slope's zero is the caller's, where the clamp holds).
+/// scaler (`MarginState::row_margins`; unused by the other kinds). A clamp that holds gives the
+/// logit of the clamped cosine (the slope's zero is the caller's, where the clamp holds).
 pub fn target(m: &MarginConfig, raw: f32, g: f32) -> TargetLogit {
     match m.kind {
         MarginKind::AdaFace { m: margin, .. } => adaface_target(m.scale, margin, raw, g),
-        _ => target_logit(m, raw.clamp(-1.0, 1.0)),
+        // CurricularFace's target is ArcFace's with the authors' fallback below cos(π − m), its
+        // gradient exact.
+        MarginKind::Curricular { m: margin } => {
+            let arcface = MarginConfig { m1: 1.0, m2: margin, m3: 0.0, grad: MarginGrad::Exact, arcface_fallback: true, ..*m };
+            target_logit(&arcface, raw.clamp(-1.0, 1.0))
+        }
+        MarginKind::Combined => target_logit(m, raw.clamp(-1.0, 1.0)),
     }
 }
 
@@ -185,6 +232,25 @@ mod tests {
                 assert!((fd - d).abs() <= 2e-2 * d.abs().max(1.0), "m=({m1},{m2},{m3}) c={c}: fd {fd} vs {d}");
             }
         }
+    }
+
+    #[test]
+    fn curricular_target_threshold_and_t_follow_the_authors_formulas() {
+        let m = MarginConfig { kind: MarginKind::Curricular { m: 0.5 }, ..cfg(1.0, 0.0, 0.0, MarginGrad::StraightThrough) };
+        let (sin_m, cos_m) = 0.5f64.sin_cos();
+        for &c in &[-0.95f64, -0.6, 0.1, 0.7] {
+            let t = target(&m, c as f32, 0.0);
+            let want = if c > (std::f64::consts::PI - 0.5).cos() { c * cos_m - (1.0 - c * c).sqrt() * sin_m } else { c - 0.5 * sin_m };
+            assert!((t.logit as f64 - 64.0 * want).abs() < 1e-3, "c={c}: {} vs {}", t.logit, 64.0 * want);
+            let h = 1e-5;
+            let fd = (target(&m, (c + h) as f32, 0.0).logit as f64 - target(&m, (c - h) as f32, 0.0).logit as f64) / (2.0 * h);
+            assert!((fd - t.dlogit_dcos as f64).abs() <= 2e-2 * fd.abs().max(1.0), "c={c}: fd {fd} vs {}", t.dlogit_dcos);
+        }
+        let state = MarginState::initial(m.kind).after_batch(m.kind, &[0.5, 1.5, -0.25]);
+        assert_eq!(state, MarginState::Curricular { t: (0.01 * (0.5 + 1.0 - 0.25) / 3.0) as f32 });
+        let thresholds = state.row_margins(m.kind, &[0.5]);
+        assert!((thresholds[0] as f64 - (0.5f64.acos() + 0.5).cos()).abs() < 1e-6);
+        assert!((non_target_slope_bound(&m, state) - 64.0 * (state.hard_negative_t() as f64 + 2.0)).abs() < 1e-9);
     }
 
     #[test]

@@ -29,11 +29,17 @@ pub trait Primitives: ShardState + Send {
     /// Picks the classes the shard uses this step from the global batch's labels (SPEC §1.3);
     /// returns how many.
     fn sample(&mut self, shard: usize, labels: &I64Buf<Self::Mem>, plan: StepPlan) -> Result<u64>;
+    /// The cosine of each row of the gathered batch with its label's center where the shard owns
+    /// it, −∞ elsewhere (N values, for a max all-reduce): CurricularFace's pre-pass (SPEC §1.6a),
+    /// whose every logit depends on its row's target cosine.
+    fn target_cosines(&mut self, shard: usize, emb: &F32Buf<Self::Mem>, labels: &I64Buf<Self::Mem>) -> Result<F32Buf<Self::Mem>>;
     /// Normalizes the gathered batch and computes the cosines over the sampled classes and the
     /// shard's statistics: max-type `[row max, best non-target cosine, target cosine]` and sum-type
     /// `[Σexp and non-target Σexp relative to the shard's row max, target logit]`, each N long,
-    /// laid out for one all-reduce each (SPEC §1.7). Keeps what `backward` needs until the next `forward`.
-    fn forward(&mut self, shard: usize, emb: F32Buf<Self::Mem>, labels: &I64Buf<Self::Mem>, plan: StepPlan) -> Result<Stats<Self::Mem>>;
+    /// laid out for one all-reduce each (SPEC §1.7). `targets`: every row's target cosine
+    /// (`target_cosines` reduced), where the margin needs them. Keeps what `backward` needs until
+    /// the next `forward`.
+    fn forward(&mut self, shard: usize, emb: F32Buf<Self::Mem>, labels: &I64Buf<Self::Mem>, plan: StepPlan, targets: Option<&F32Buf<Self::Mem>>) -> Result<Stats<Self::Mem>>;
     /// After the max all-reduce: rescales the shard's two sums from its own row max to the global one.
     fn rescale_sums(&mut self, shard: usize, maxes: &F32Buf<Self::Mem>, sums: &mut F32Buf<Self::Mem>) -> Result<()>;
     /// The reduced statistics (the same on every shard), copied to the host.

@@ -489,9 +489,9 @@ pub extern "C" fn pfc_set_learning_rate(head: *mut pfc_head, lr: f32) -> pfc_sta
 }
 
 /// The margin's running statistics (SPEC §1.6a): AdaFace's running norm mean and standard deviation
-/// (2 values); none for the combined margin. Writes the first `min(cap, count)` of them to `out`
-/// (which may be NULL when `cap` is 0) and sets `*len` to their count. The same on every shard and
-/// process; local, like pfc_get_centers.
+/// (2 values), CurricularFace's t (1 value); none for the combined margin. Writes the first
+/// `min(cap, count)` of them to `out` (which may be NULL when `cap` is 0) and sets `*len` to their
+/// count. The same on every shard and process; local, like pfc_get_centers.
 #[no_mangle]
 pub extern "C" fn pfc_margin_state(head: *const pfc_head, out: *mut f32, cap: u32, len: *mut u32) -> pfc_status {
     guard(|| {

@@ -16,6 +16,7 @@ use crate::backend::{Primitives, ShardState};
 use crate::batch::{Batches, Outputs};
 use crate::comm::group::ProcessGroup;
 use crate::comm::Collectives;
+use crate::config::MarginKind;
 use crate::error::{Error, Result};
 use crate::memory::{F32Buf, Memory};
 use crate::sharding::ShardRange;
@@ -58,6 +59,8 @@ pub(crate) struct Driver<P: Primitives> {
     dim: usize,
     /// Global rank of this process's first shard.
     first_rank: usize,
+    /// Whether the step exchanges target cosines before its statistics (CurricularFace).
+    margin: MarginKind,
     times: PhaseTimes,
 }
 
@@ -98,8 +101,8 @@ fn loss_and_accuracy(rows: &RowStats) -> (f64, f64) {
 }
 
 impl<P: Primitives> Driver<P> {
-    pub fn new(prims: P, coll: Box<dyn Collectives<P::Mem>>, group: Arc<ProcessGroup>, dim: usize, first_rank: usize) -> Self {
-        Driver { prims, coll, group, dim, first_rank, times: PhaseTimes::default() }
+    pub fn new(prims: P, coll: Box<dyn Collectives<P::Mem>>, group: Arc<ProcessGroup>, dim: usize, first_rank: usize, margin: MarginKind) -> Self {
+        Driver { prims, coll, group, dim, first_rank, margin, times: PhaseTimes::default() }
     }
 
     fn shards(&self) -> usize {
@@ -150,9 +153,20 @@ impl<P: Primitives> Driver<P> {
         self.prims.mark(phase::FORWARD, true);
         let mut maxes = Vec::with_capacity(self.shards());
         let mut sums = Vec::with_capacity(self.shards());
-        let computed = sampling.and_then(|()| {
+        let targets = if self.margin.needs_target_cosines() {
+            // CurricularFace: every shard needs each row's target cosine before its statistics
+            // (SPEC §1.6a): one more exchange of N values.
+            let local = sampling.and_then(|()| (0..self.shards()).map(|s| self.prims.target_cosines(s, &emb[s], &labels[s])).collect::<Result<Vec<_>>>());
+            self.coll.agree(local.as_ref().map(|_| ()).map_err(Clone::clone))?;
+            let mut targets = local?;
+            self.coll.all_reduce(crate::comm::ReduceOp::Max, &mut targets)?;
+            Ok(Some(targets))
+        } else {
+            sampling.map(|()| None)
+        };
+        let computed = targets.and_then(|targets| {
             for (s, e) in emb.into_iter().enumerate() {
-                let (m, sum) = self.prims.forward(s, e, &labels[s], plan)?;
+                let (m, sum) = self.prims.forward(s, e, &labels[s], plan, targets.as_ref().map(|t| &t[s]))?;
                 maxes.push(m);
                 sums.push(sum);
             }

@@ -18,10 +18,6 @@ use std::sync::Arc;
 /// every process's local shard count, in process order.
 pub(crate) fn create(cfg: &Config, group: &Arc<ProcessGroup>, process_shards: &[usize]) -> Result<Box<dyn StepDriver>> {
     match cfg.backend {
-        BackendKind::Cpu if matches!(cfg.margin.kind, MarginKind::Curricular { .. }) => Err(Error::new(
-            Status::Unavailable,
-            "margin_kind PFC_MARGIN_CURRICULAR: CurricularFace is not available in this version (the combined margin and AdaFace are)",
-        )),
         BackendKind::Cpu => {
             let coll: Box<dyn Collectives<Host>> = if group.is_solo() {
                 if cfg.world_size != cfg.local_shards {
@@ -37,11 +33,11 @@ pub(crate) fn create(cfg: &Config, group: &Arc<ProcessGroup>, process_shards: &[
             } else {
                 Box::new(ProcessCollectives::new(group.clone(), process_shards.to_vec()))
             };
-            Ok(Box::new(Driver::new(CpuBackend::new(cfg)?, coll, group.clone(), cfg.embedding_dim, cfg.first_rank)))
+            Ok(Box::new(Driver::new(CpuBackend::new(cfg)?, coll, group.clone(), cfg.embedding_dim, cfg.first_rank, cfg.margin.kind)))
         }
         BackendKind::Cuda if cfg.margin.kind != MarginKind::Combined => Err(Error::new(
             Status::Unavailable,
-            "margin_kind: the CUDA backend offers the combined margin only in this version; AdaFace runs on the CPU backend",
+            "margin_kind: the CUDA backend offers the combined margin only in this version; AdaFace and CurricularFace run on the CPU backend",
         )),
         BackendKind::Cuda => {
             let ordinals: Vec<i32> =
@@ -53,7 +49,7 @@ pub(crate) fn create(cfg: &Config, group: &Arc<ProcessGroup>, process_shards: &[
             let devices = cuda::probe(&ordinals)?;
             let prims = cuda::CudaBackend::new(cfg, &devices)?;
             let coll = NcclCollectives::new(prims.workspaces(), cfg.world_size, cfg.first_rank, group.clone(), process_shards.to_vec(), cfg.nccl_id.as_deref())?;
-            Ok(Box::new(Driver::new(prims, Box::new(coll), group.clone(), cfg.embedding_dim, cfg.first_rank)))
+            Ok(Box::new(Driver::new(prims, Box::new(coll), group.clone(), cfg.embedding_dim, cfg.first_rank, cfg.margin.kind)))
         }
     }
 }

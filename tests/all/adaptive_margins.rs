@@ -1,18 +1,22 @@
-//! The adaptive margins of SPEC §1.6a through the C ABI (issue #25): AdaFace's configuration, its
+//! The adaptive margins of SPEC §1.6a through the C ABI (issue #25): their configuration, their
 //! running statistics (moved only by training steps that succeed, checkpointed with the margin
-//! kind), and the kinds this version does not offer refused by name. Its arithmetic against the
-//! authors' head is tests/all/golden.rs.
+//! kind), and what this version does not offer refused by name. Their arithmetic against the
+//! authors' heads is tests/all/golden.rs.
 
 use crate::common::*;
 use partialfc::ffi::*;
 use std::ffi::CString;
 
-fn adaface(c: u64, d: usize) -> pfc_config {
+fn adaptive(kind: i32, c: u64, d: usize) -> pfc_config {
     let mut cfg = default_config();
     cfg.num_classes = c;
     cfg.embedding_dim = d as u32;
-    cfg.margin_kind = PFC_MARGIN_ADAFACE;
+    cfg.margin_kind = kind;
     cfg
+}
+
+fn adaface(c: u64, d: usize) -> pfc_config {
+    adaptive(PFC_MARGIN_ADAFACE, c, d)
 }
 
 fn create(cfg: &pfc_config) -> (pfc_status, String) {
@@ -65,11 +69,6 @@ fn adaface_refuses_the_combined_margins_options_and_parameters_out_of_range() {
 
 #[test]
 fn the_kinds_this_version_does_not_offer_are_refused_by_name() {
-    let mut cfg = adaface(100, 8);
-    cfg.margin_kind = PFC_MARGIN_CURRICULAR;
-    let (status, message) = create(&cfg);
-    assert_eq!(status, PFC_ERR_UNAVAILABLE, "{message}");
-    assert!(message.contains("PFC_MARGIN_CURRICULAR"), "{message}");
     let mut cfg = adaface(100, 8);
     cfg.backend = PFC_BACKEND_CUDA;
     let (status, message) = create(&cfg);
@@ -134,30 +133,81 @@ fn adaface_statistics_move_only_with_successful_training_steps() {
     assert_eq!(sharded.margin_state(), single.margin_state());
 }
 
-/// A checkpoint keeps the running statistics and the margin kind: loaded into a new AdaFace head
-/// they come back exactly; a head of another margin refuses it as incompatible, and keeps its own.
+/// A checkpoint keeps the running statistics and the margin kind: loaded into a new head of the
+/// same margin they come back exactly; a head of another margin refuses it as incompatible, and
+/// keeps its own.
 #[test]
-fn adaface_checkpoints_keep_the_statistics_and_refuse_another_margin() {
+fn checkpoints_keep_the_statistics_and_refuse_another_margin() {
     let (c, d, n) = (200u64, 8usize, 16usize);
-    let cfg = adaface(c, d);
+    for (kind, name, other_kind) in [(PFC_MARGIN_ADAFACE, "adaface", PFC_MARGIN_COMBINED), (PFC_MARGIN_CURRICULAR, "curricular", PFC_MARGIN_ADAFACE)] {
+        let cfg = adaptive(kind, c, d);
+        let head = TestHead::new(&cfg);
+        let (e, l) = batch(c, d, n, 9);
+        head.step(&e, &l, d, &[n]);
+        let saved = head.margin_state();
+        let dir = crate::native::scratch(&format!("{name}-checkpoint"));
+        let path = CString::new(dir.join("ckpt").to_str().unwrap()).unwrap();
+        ok(pfc_save_checkpoint(head.0, path.as_ptr()));
+        head.step(&e, &l, d, &[n]);
+        assert_ne!(head.margin_state(), saved, "{name}");
+        let fresh = TestHead::new(&cfg);
+        ok(pfc_load_checkpoint(fresh.0, path.as_ptr()));
+        assert_eq!(fresh.margin_state(), saved, "{name}");
+        let other = TestHead::new(&adaptive(other_kind, c, d));
+        let before = other.margin_state();
+        assert_eq!(pfc_load_checkpoint(other.0, path.as_ptr()), PFC_ERR_INCOMPATIBLE, "{name}");
+        assert!(last_error().contains(name), "{}", last_error());
+        assert_eq!(other.margin_state(), before, "{name}");
+    }
+}
+
+/// CurricularFace's t starts at 0; evaluation and refused steps leave it; each successful training
+/// step, compute included, folds in the mean target cosine of its global batch with weight 0.01
+/// (the cosines of the centers before the step's update), the same on every shard count.
+#[test]
+fn curricular_t_moves_only_with_successful_training_steps() {
+    let (c, d, n) = (300u64, 16usize, 24usize);
+    let cfg = adaptive(PFC_MARGIN_CURRICULAR, c, d);
     let head = TestHead::new(&cfg);
-    let (e, l) = batch(c, d, n, 9);
-    head.step(&e, &l, d, &[n]);
-    let saved = head.margin_state();
-    let dir = crate::native::scratch("adaface-checkpoint");
-    let path = CString::new(dir.join("ckpt").to_str().unwrap()).unwrap();
-    ok(pfc_save_checkpoint(head.0, path.as_ptr()));
-    head.step(&e, &l, d, &[n]);
-    assert_ne!(head.margin_state(), saved);
-    let fresh = TestHead::new(&cfg);
-    ok(pfc_load_checkpoint(fresh.0, path.as_ptr()));
-    assert_eq!(fresh.margin_state(), saved);
-    let mut combined = cfg;
-    combined.margin_kind = PFC_MARGIN_COMBINED;
-    let other = TestHead::new(&combined);
-    assert_eq!(pfc_load_checkpoint(other.0, path.as_ptr()), PFC_ERR_INCOMPATIBLE);
-    assert!(last_error().contains("adaface"), "{}", last_error());
-    assert!(other.margin_state().is_empty());
+    assert_eq!(head.margin_state(), vec![0.0]);
+    let (e, l) = batch(c, d, n, 5);
+    head.evaluate(&e, &l, d, &[n]);
+    assert_eq!(head.margin_state(), vec![0.0], "evaluation updated t");
+    let mut bad = e.clone();
+    bad[3] = f32::INFINITY;
+    let mut grad = vec![0f32; n * d];
+    let b = host_batches(&bad, &l, &mut grad, d, &[n]);
+    assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_INVALID_ARGUMENT);
+    assert_eq!(head.margin_state(), vec![0.0], "a refused step updated t");
+    let mut want = 0.0f64;
+    for step in 0..3 {
+        let w = head.centers(d);
+        let cosines: Vec<f64> = e
+            .chunks(d)
+            .zip(&l)
+            .map(|(x, &y)| {
+                let wy = &w[y as usize * d..(y as usize + 1) * d];
+                let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum::<f64>();
+                dot(x, wy) / (dot(x, x).sqrt() * dot(wy, wy).sqrt())
+            })
+            .collect();
+        want = 0.01 * cosines.iter().sum::<f64>() / n as f64 + 0.99 * want;
+        let b = host_batches(&e, &l, &mut grad, d, &[n]);
+        let call = if step == 0 { pfc_train_compute } else { pfc_train_step };
+        ok(call(head.0, b.as_ptr(), 1, std::ptr::null_mut()));
+        let got = head.margin_state()[0] as f64;
+        assert!((got - want).abs() <= 1e-6 * want.abs().max(1e-3), "step {step}: t = {got}, want {want}");
+    }
+    let mut three = cfg;
+    three.local_shards = 3;
+    let sharded = TestHead::new(&three);
+    let single = TestHead::new(&cfg);
+    for _ in 0..2 {
+        let b = host_batches(&e, &l, &mut grad, d, &even_split(n, 3));
+        ok(pfc_train_step(sharded.0, b.as_ptr(), 3, std::ptr::null_mut()));
+        single.step(&e, &l, d, &[n]);
+    }
+    assert_eq!(sharded.margin_state(), single.margin_state());
 }
 
 /// `pfc_margin_state`'s pointers and capacity: a NULL `len`, or a NULL `out` with room asked for,

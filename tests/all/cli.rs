@@ -39,20 +39,23 @@ fn train_learns_identities_and_evaluates_far_above_chance() {
     check_records(std::path::Path::new(&out), 150, 0.1);
 }
 
-/// `--margin adaface` (AdaFace, SPEC §1.6a) trains as the combined margin does, far above chance.
+/// `--margin adaface` and `--margin curricular` (SPEC §1.6a) train as the combined margin does,
+/// far above chance.
 #[test]
-fn train_learns_with_the_adaface_margin() {
-    let out = out_dir("train-adaface");
-    let mut args = vec!["train", "--out", &out, "--margin", "adaface"];
-    args.extend_from_slice(SMALL);
-    let (ok, stdout, err) = pfc(&args);
-    assert!(ok, "pfc train --margin adaface failed: {err}");
-    let top1 = figure(&stdout, "identification", "top-1");
-    let tar = figure(&stdout, "FAR 1e-3", "TAR");
-    assert!(top1 > 20.0 && tar > 20.0, "top-1 {top1}%, TAR {tar}%:\n{stdout}");
-    let summary = std::fs::read_to_string(std::path::Path::new(&out).join("summary.json")).expect("summary.json");
-    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
-    assert_eq!(summary["margin"], "adaface", "{summary}");
+fn train_learns_with_the_adaptive_margins() {
+    for margin in ["adaface", "curricular"] {
+        let out = out_dir(&format!("train-{margin}"));
+        let mut args = vec!["train", "--out", &out, "--margin", margin];
+        args.extend_from_slice(SMALL);
+        let (ok, stdout, err) = pfc(&args);
+        assert!(ok, "pfc train --margin {margin} failed: {err}");
+        let top1 = figure(&stdout, "identification", "top-1");
+        let tar = figure(&stdout, "FAR 1e-3", "TAR");
+        assert!(top1 > 20.0 && tar > 20.0, "{margin}: top-1 {top1}%, TAR {tar}%:\n{stdout}");
+        let summary = std::fs::read_to_string(std::path::Path::new(&out).join("summary.json")).expect("summary.json");
+        let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+        assert_eq!(summary["margin"], margin, "{summary}");
+    }
 }
 
 /// The step log, the curves and the summary that `pfc train` leaves in its output folder.

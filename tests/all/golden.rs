@@ -57,6 +57,18 @@ fn adaface_golden_at_one_two_and_three_shards() {
     }
 }
 
+/// CurricularFace (issue #25) against its authors' head, at 1, 2 and 3 shards: loss, embedding
+/// gradient, centers and t after each step. Its hard negatives depend on each row's target cosine,
+/// which sharded, only one shard holds: the step's pre-pass exchange must carry it to the others.
+#[test]
+fn curricular_golden_at_one_two_and_three_shards() {
+    for g in Golden::of_head("curricular") {
+        for shards in [1, 2, 3] {
+            run(&g, shards);
+        }
+    }
+}
+
 #[test]
 fn golden_with_the_files_world_size() {
     for g in Golden::all() {

@@ -90,9 +90,28 @@ fn layouts_over_processes_match_one_process() {
     }
 }
 
+/// AdaFace and CurricularFace over processes at r = 0.3: loss, gradients, centers and running
+/// statistics bit for bit those of one process (CurricularFace's target cosines cross processes
+/// in the pre-pass exchange).
+#[test]
+fn adaptive_margins_over_processes_match_one_process() {
+    let layouts: [&[usize]; 2] = [&[2, 1], &[1, 2, 1]];
+    for layout in layouts {
+        for kind in [partialfc::ffi::PFC_MARGIN_ADAFACE, partialfc::ffi::PFC_MARGIN_CURRICULAR] {
+            let name = format!("margin{kind}-{}", layout.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("_"));
+            let case = synthetic(&name, layout.iter().sum(), layout, 0.3, false);
+            let config = case.dir.join("config.txt");
+            let text = std::fs::read_to_string(&config).unwrap();
+            std::fs::write(&config, format!("{text}margin_kind {kind}\n")).unwrap();
+            run_parity(&case.dir, layout.len(), &["--bitwise"]);
+        }
+    }
+}
+
 #[test]
 fn golden_vectors_through_processes() {
-    for g in Golden::all() {
+    let adaptive = Golden::of_head("adaface").into_iter().chain(Golden::of_head("curricular"));
+    for g in Golden::all().into_iter().chain(adaptive) {
         let (c, d) = (g.usize("num_classes"), g.usize("embedding_dim"));
         let world = g.usize("world_size");
         let steps = g.usize("steps");
@@ -106,6 +125,7 @@ fn golden_vectors_through_processes() {
             dir.join("config.txt"),
             format!(
                 "num_classes {c}\nembedding_dim {d}\nsteps {steps}\nsample_rate {}\nscale {}\nm1 {}\nm2 {}\nm3 {}\ninterclass_filter {}\n\
+                 margin_kind {}\nmargin_m {}\nadaface_h {}\nadaface_t_alpha {}\n\
                  lr {}\nmomentum {}\nweight_decay {}\noptimizer {optimizer}\nseed 0\nexpect 1\nexpect_tol 1e-4\nshards {}\n",
                 cfg.sample_rate,
                 cfg.scale,
@@ -113,6 +133,10 @@ fn golden_vectors_through_processes() {
                 cfg.m2,
                 cfg.m3,
                 cfg.interclass_filter,
+                cfg.margin_kind,
+                cfg.margin_m,
+                cfg.adaface_h,
+                cfg.adaface_t_alpha,
                 cfg.lr,
                 cfg.momentum,
                 cfg.weight_decay,
@@ -134,6 +158,9 @@ fn golden_vectors_through_processes() {
             let grad: Vec<f32> = g.f32(&format!("grad_emb.{t}")).iter().map(|v| v / world as f32 * total as f32).collect();
             write_f32(&dir.join(format!("grad_emb.{t}.bin")), &grad);
             write_f32(&dir.join(format!("weight.{t}.bin")), &g.f32(&format!("weight.{t}")));
+            if g.head().is_some() {
+                write_f32(&dir.join(format!("state.{t}.bin")), &g.f32(&format!("state.{t}")));
+            }
         }
         run_parity(&dir, layout.len(), &[]);
     }

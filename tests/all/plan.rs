@@ -227,6 +227,36 @@ fn one_gpu_sends_nothing_and_rate_one_is_model_parallel() {
     assert_eq!(at(&v, "data_parallel.communication.gradient"), 76_800_000);
 }
 
+/// CurricularFace sends one f32 per sample more in MP and PartialFC (an all-reduce MAX of the target
+/// cosines before the statistics); AdaFace sends nothing more; DP, whose softmax is local, neither.
+#[test]
+fn curricular_adds_the_target_cosine_exchange() {
+    let base = ["--gpus", "8", "--batch-per-gpu", "32", "--dim", "64", "--classes", "1000"];
+    let with = |margin: &str| plan_json(&[&base[..], &["--margin", margin]].concat());
+    let without_config = |mut v: Value| {
+        v.as_object_mut().unwrap().remove("config");
+        v
+    };
+    let (combined, adaface, curricular) = (plan_json(&base), with("adaface"), with("curricular"));
+    assert_eq!(combined, with("combined"));
+    assert_eq!(combined["config"]["margin"], "combined");
+    assert_eq!(curricular["config"]["margin"], "curricular");
+    assert_eq!(without_config(adaface), without_config(combined.clone()));
+    let n = 8 * 32u64;
+    assert_eq!(at(&curricular, "payload.target_cosine_all_reduce"), n * 4);
+    assert_eq!(at(&combined, "payload.target_cosine_all_reduce"), 0);
+    for strategy in ["model_parallel", "partial_fc"] {
+        let extra = 2 * (n - n / 8) * 4;
+        let key = format!("{strategy}.communication.softmax_statistics");
+        assert_eq!(at(&curricular, &key), at(&combined, &key) + extra, "{strategy}");
+        let key = format!("{strategy}.communication.total");
+        assert_eq!(at(&curricular, &key), at(&combined, &key) + extra, "{strategy}");
+    }
+    assert_eq!(curricular["data_parallel"], combined["data_parallel"]);
+    let (ok, text, _) = pfc(&["--margin", "curricular"]);
+    assert!(ok && text.contains("CurricularFace"), "{text}");
+}
+
 #[test]
 fn bad_options_are_rejected_with_a_message() {
     let cases: [(&[&str], &str); 9] = [

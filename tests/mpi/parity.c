@@ -66,6 +66,8 @@ typedef struct {
     uint64_t classes;
     uint32_t dim, steps;
     float sample_rate, scale, m1, m2, m3, filter, lr, momentum, weight_decay;
+    int margin_kind;
+    float margin_m, adaface_h, adaface_t_alpha;
     int optimizer;
     uint64_t seed;
     int expect;
@@ -97,6 +99,10 @@ static void read_case(case_t *c) {
     if (!f) FAIL("cannot open %s", path);
     memset(c, 0, sizeof *c);
     c->tol = c->grad_tol = 1e-6;
+    pfc_config defaults;
+    pfc_config_init(&defaults);
+    c->adaface_h = defaults.adaface_h;
+    c->adaface_t_alpha = defaults.adaface_t_alpha;
     char key[64], val[512];
     while (fscanf(f, "%63s %511s", key, val) == 2) {
         if (!strcmp(key, "num_classes")) c->classes = strtoull(val, NULL, 10);
@@ -108,6 +114,10 @@ static void read_case(case_t *c) {
         else if (!strcmp(key, "m2")) c->m2 = strtof(val, NULL);
         else if (!strcmp(key, "m3")) c->m3 = strtof(val, NULL);
         else if (!strcmp(key, "interclass_filter")) c->filter = strtof(val, NULL);
+        else if (!strcmp(key, "margin_kind")) c->margin_kind = atoi(val);
+        else if (!strcmp(key, "margin_m")) c->margin_m = strtof(val, NULL);
+        else if (!strcmp(key, "adaface_h")) c->adaface_h = strtof(val, NULL);
+        else if (!strcmp(key, "adaface_t_alpha")) c->adaface_t_alpha = strtof(val, NULL);
         else if (!strcmp(key, "lr")) c->lr = strtof(val, NULL);
         else if (!strcmp(key, "momentum")) c->momentum = strtof(val, NULL);
         else if (!strcmp(key, "weight_decay")) c->weight_decay = strtof(val, NULL);
@@ -139,6 +149,10 @@ static void base_config(const case_t *c, pfc_config *cfg) {
     cfg->m2 = c->m2;
     cfg->m3 = c->m3;
     cfg->interclass_filter = c->filter;
+    cfg->margin_kind = c->margin_kind;
+    cfg->margin_m = c->margin_m;
+    cfg->adaface_h = c->adaface_h;
+    cfg->adaface_t_alpha = c->adaface_t_alpha;
     cfg->optimizer = c->optimizer;
     cfg->lr = c->lr;
     cfg->momentum = c->momentum;
@@ -424,6 +438,12 @@ int main(int argc, char **argv) {
         pfc_get_centers(solo, 0, c.classes, 0, sc);
         double we = rel_err(mc, sc + lo * d, count * d);
         CHECK(we <= c.tol, "step %u: centers rel err %.3g", t, we);
+        /* The adaptive margins' running statistics: the same on every process as on one. */
+        float state_m[8], state_s[8];
+        uint32_t len_m = 0, len_s = 0;
+        if (pfc_margin_state(multi, state_m, 8, &len_m) != PFC_OK || pfc_margin_state(solo, state_s, 8, &len_s) != PFC_OK)
+            FAIL("step %u: pfc_margin_state: %s", t, last_error());
+        CHECK(len_m == len_s && !memcmp(state_m, state_s, len_m * sizeof(float)), "step %u: running statistics differ from one process's", t);
         if (bitwise) {
             CHECK(ms.loss == ss.loss, "step %u: loss not bit-identical", t);
             CHECK(!memcmp(grad_m + my_off * d, grad_s + my_off * d, my_rows * d * sizeof(float)), "step %u: gradients not bit-identical", t);
@@ -443,6 +463,13 @@ int main(int argc, char **argv) {
             CHECK(e <= c.expect_tol, "step %u: gradient vs reference rel err %.3g", t, e);
             e = rel_err(mc, want_w + lo * d, count * d);
             CHECK(e <= c.expect_tol, "step %u: centers vs reference rel err %.3g", t, e);
+            if (len_m > 0) {
+                snprintf(name, sizeof name, "state.%u.bin", t);
+                float *want_state = read_file(name, len_m * sizeof(float));
+                e = rel_err(state_m, want_state, len_m);
+                CHECK(e <= c.expect_tol, "step %u: running statistics vs reference rel err %.3g", t, e);
+                free(want_state);
+            }
             free(want_loss);
             free(want_grad);
             free(want_w);

@@ -33,21 +33,28 @@ pub fn exp(x: f32) -> f32 {
 
 /// How a cosine becomes a logit outside the target column.
 #[derive(Clone, Copy, Debug)]
-pub struct LogitParams {
+pub struct LogitParams<'a> {
     pub scale: f32,
     /// Inter-class filter threshold; 0 disables it.
     pub filter: f32,
     /// Cosines are clamped to [−bound, bound] (1, or AdaFace's 1 − eps), and get no gradient
     /// where the clamp holds.
     pub bound: f32,
+    /// Each row's hard-negative threshold: a non-target cosine above it becomes `c·(hard_t + c)`
+    /// (CurricularFace; +∞ for the other margins, whose rows have none).
+    pub hard_above: &'a [f32],
+    pub hard_t: f32,
 }
 
-/// The non-target logit of a raw (unclamped) cosine, and whether the filter removed it.
+/// The non-target logit of a raw (unclamped) cosine in a row whose hard-negative threshold is
+/// `hard_above`, whether the filter removed it, and ∂z/∂c over s (1, or t + 2c when it is hard).
 #[inline(always)]
-fn non_target(p: LogitParams, raw: f32) -> (f32, bool) {
+fn non_target(p: &LogitParams<'_>, raw: f32, hard_above: f32) -> (f32, bool, f32) {
     let c = raw.clamp(-p.bound, p.bound);
     let filtered = p.filter > 0.0 && c > p.filter;
-    (if filtered { 0.0 } else { p.scale * c }, filtered)
+    let hard = c > hard_above;
+    let (value, slope) = if hard { (c * (p.hard_t + c), p.hard_t + 2.0 * c) } else { (c, 1.0) };
+    (if filtered { 0.0 } else { p.scale * value }, filtered, slope)
 }
 
 /// Per-row statistics of one shard's logits, accumulated block by block.
@@ -135,12 +142,12 @@ fn merge_log_sum_exp(max: &mut [f32], sums: [&mut [f32]; 2], other_max: &[f32], 
 
 multiversion! {
     pub fn block_max(cos: &[f32], n: usize, first_col: i32, col: &[i32], target_logit: &[f32], p: LogitParams, max: &mut [f32], cos_other: &mut [f32]) {
-        let (col, target_logit, max, cos_other) = (&col[..n], &target_logit[..n], &mut max[..n], &mut cos_other[..n]);
+        let (col, target_logit, max, cos_other, hard_above) = (&col[..n], &target_logit[..n], &mut max[..n], &mut cos_other[..n], &p.hard_above[..n]);
         for (j, row) in cos.chunks_exact(n).enumerate() {
             let column = first_col + j as i32;
             for i in 0..n {
                 let is_target = col[i] == column;
-                let (z, _) = non_target(p, row[i]);
+                let (z, _, _) = non_target(&p, row[i], hard_above[i]);
                 let z = if is_target { target_logit[i] } else { z };
                 max[i] = max[i].max(z);
                 let c = if is_target { f32::NEG_INFINITY } else { row[i].clamp(-1.0, 1.0) };
@@ -151,27 +158,29 @@ multiversion! {
 }
 
 /// The gradient seed of a logit whose ∂loss/∂cos is 0: the clamp to [−1, 1] was active, or the
-/// inter-class filter removed it. Real seeds, exponentials, are never negative.
-const NO_GRADIENT: f32 = -1.0;
+/// inter-class filter removed it. Real seeds, exponentials times a finite slope (negative for some
+/// of CurricularFace's hard negatives), are finite.
+const NO_GRADIENT: f32 = f32::NEG_INFINITY;
 
 multiversion! {
     /// Adds exp(z − max) over a block to `sum` (and, outside the target column, to `rest`), and
-    /// leaves in each entry its gradient seed for [`cos_gradient`]: that exponential, or
-    /// [`NO_GRADIENT`]. The backward pass then needs no exponential of its own.
+    /// leaves in each entry its gradient seed for [`cos_gradient`]: that exponential times ∂z/∂c
+    /// over s (1 but on CurricularFace's hard negatives), or [`NO_GRADIENT`]. The backward pass then
+    /// needs no exponential of its own.
     pub fn block_sum(cos: &mut [f32], n: usize, first_col: i32, col: &[i32], target_logit: &[f32], p: LogitParams, max: &[f32], sum: &mut [f32], rest: &mut [f32]) {
-        let (col, target_logit, max, sum, rest) = (&col[..n], &target_logit[..n], &max[..n], &mut sum[..n], &mut rest[..n]);
+        let (col, target_logit, max, sum, rest, hard_above) = (&col[..n], &target_logit[..n], &max[..n], &mut sum[..n], &mut rest[..n], &p.hard_above[..n]);
         for (j, row) in cos.chunks_exact_mut(n).enumerate() {
             let column = first_col + j as i32;
             for i in 0..n {
                 let raw = row[i];
                 let is_target = col[i] == column;
-                let (z, filtered) = non_target(p, raw);
+                let (z, filtered, slope) = non_target(&p, raw, hard_above[i]);
                 let z = if is_target { target_logit[i] } else { z };
                 let e = exp(z - max[i]);
                 sum[i] += e;
                 rest[i] += if is_target { 0.0 } else { e };
                 let inside = (-p.bound..=p.bound).contains(&raw);
-                row[i] = if inside && (is_target || !filtered) { e } else { NO_GRADIENT };
+                row[i] = if !inside || (!is_target && filtered) { NO_GRADIENT } else if is_target { e } else { e * slope };
             }
         }
     }
@@ -219,7 +228,7 @@ fn cos_gradient_as<T>(seeds: &[f32], n: usize, first_col: i32, g: &RowGradParams
         for i in 0..n {
             let seed = row[i];
             let grad = if col[i] == column { -mass[i] * g.inv_batch * slope[i] } else { seed * seed_scale[i] * p.scale };
-            grads[i] = convert(if seed < 0.0 { 0.0 } else { grad });
+            grads[i] = convert(if seed == NO_GRADIENT { 0.0 } else { grad });
         }
     }
 }

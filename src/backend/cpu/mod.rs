@@ -18,7 +18,7 @@ use self::optimizer::{above, OptimizerState, VALUE_BOUND};
 use super::step::{softmax_factors, RowGrads, RowStats, StepPlan, Update};
 use super::{Primitives, ShardState};
 use crate::batch::{Batches, Outputs};
-use crate::config::{Config, DType};
+use crate::config::{Config, DType, MarginKind};
 use crate::error::{try_refill, try_zeroed, Error, Result};
 use crate::memory::Host;
 use crate::margin::MarginState;
@@ -172,8 +172,12 @@ pub struct CpuBackend {
     /// under way, kept when it succeeds (`commit_margin_state`).
     margin: MarginState,
     margin_next: Option<MarginState>,
-    /// This step's per-row AdaFace scalers (`MarginState::row_scalers`); empty for the combined margin.
-    margin_scalers: Vec<f32>,
+    /// The statistics the step's logits use, and its rows' AdaFace scalers (empty for the other
+    /// kinds) and hard-negative thresholds (CurricularFace's cos(θ_y + m); +∞ for the other kinds):
+    /// `MarginState::row_margins`.
+    step_margin: MarginState,
+    row_scalers: Vec<f32>,
+    hard_above: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -222,16 +226,49 @@ impl CpuBackend {
                 backward_workers: Workers::new(),
             });
         }
-        Ok(CpuBackend { cfg: cfg.clone(), ranges, shards, margin: MarginState::initial(cfg.margin.kind), margin_next: None, margin_scalers: Vec::new() })
+        let margin = MarginState::initial(cfg.margin.kind);
+        Ok(CpuBackend { cfg: cfg.clone(), ranges, shards, margin, margin_next: None, step_margin: margin, row_scalers: Vec::new(), hard_above: Vec::new() })
     }
 
-    fn logit_params(&self) -> LogitParams {
-        LogitParams { scale: self.cfg.margin.scale, filter: self.cfg.margin.interclass_filter, bound: crate::margin::cosine_bound(&self.cfg.margin) }
+    /// The step's margin from the global batch (computed once, at the first shard: every shard
+    /// holds the same batch): AdaFace's statistics from the raw embedding norms, CurricularFace's
+    /// from the target cosines (`targets`, reduced over the shards). A training step's new
+    /// statistics are kept only when it succeeds.
+    fn step_margin(&mut self, emb: &[f32], targets: Option<&[f32]>, plan: StepPlan) -> Result<()> {
+        let kind = self.cfg.margin.kind;
+        let d = self.cfg.embedding_dim.max(1);
+        let rows: Vec<f64> = match (kind, targets) {
+            (MarginKind::AdaFace { .. }, _) => emb.chunks_exact(d).map(|row| kernels::dot_f64(row, row).sqrt()).collect(),
+            (MarginKind::Curricular { .. }, Some(t)) => t.iter().map(|&c| c as f64).collect(),
+            (MarginKind::Curricular { .. }, None) => return Err(Error::internal("CurricularFace's forward pass needs the reduced target cosines")),
+            (MarginKind::Combined, _) => Vec::new(),
+        };
+        let state = if plan.train { self.margin.after_batch(kind, &rows) } else { self.margin };
+        self.margin_next = plan.train.then_some(state);
+        self.step_margin = state;
+        let per_row = state.row_margins(kind, &rows);
+        let n = emb.len() / d;
+        (self.row_scalers, self.hard_above) = match kind {
+            MarginKind::Curricular { .. } => (Vec::new(), per_row),
+            _ => (per_row, vec![f32::INFINITY; n]),
+        };
+        Ok(())
     }
 
 }
 
 /// Whether a block's sampled rows (ascending) are consecutive rows of the table.
+/// How the step's cosines become logits outside the target column.
+fn logit_params<'a>(cfg: &Config, state: MarginState, hard_above: &'a [f32]) -> LogitParams<'a> {
+    LogitParams {
+        scale: cfg.margin.scale,
+        filter: cfg.margin.interclass_filter,
+        bound: crate::margin::cosine_bound(&cfg.margin),
+        hard_above,
+        hard_t: state.hard_negative_t(),
+    }
+}
+
 fn consecutive(ids: &[u32]) -> bool {
     (ids[ids.len() - 1] - ids[0]) as usize + 1 == ids.len()
 }
@@ -356,9 +393,10 @@ impl Shard {
     }
 
     #[allow(clippy::too_many_arguments)]
-    /// `scalers`: each row's AdaFace margin scaler (`MarginState::row_scalers`), empty for the
-    /// combined margin.
-    fn forward(&mut self, cfg: &Config, plan: StepPlan, labels: &[i64], params: LogitParams, scalers: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    /// `scalers`: each row's AdaFace margin scaler (`MarginState::row_margins`), empty for the
+    /// other kinds. `targets`: each row's target cosine, reduced over the shards, where the margin
+    /// needs them (CurricularFace); they replace this shard's own.
+    fn forward(&mut self, cfg: &Config, plan: StepPlan, labels: &[i64], params: LogitParams, scalers: &[f32], targets: Option<&[f32]>) -> Result<(Vec<f32>, Vec<f32>)> {
         let n = labels.len();
         let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
         let d = cfg.embedding_dim;
@@ -451,7 +489,7 @@ impl Shard {
                 });
             }
             for &(c, i) in block_targets {
-                let raw = cos[(c as usize - start) * n + i];
+                let raw = targets.map_or(cos[(c as usize - start) * n + i], |t| t[i]);
                 let t = crate::margin::target(margin, raw, scalers.get(i).copied().unwrap_or(0.0));
                 w.target_block[i] = t.logit;
                 w.targets.push((i, t.logit, t.dlogit_dcos, raw.clamp(-1.0, 1.0)));
@@ -648,12 +686,12 @@ impl Shard {
     /// rounded-unit embeddings, the projection doubling it at most), and the embedding gradient
     /// at most C·2.2·max(...)/N·world/‖e‖ (C ≥ the job's sampled classes; every shard checks its
     /// own slopes, so the job's largest is checked). With f16 operands, ∂loss/∂cos must also fit f16.
-    fn update_proven(&mut self, cfg: &Config, lr: f32) -> bool {
+    fn update_proven(&mut self, cfg: &Config, lr: f32, non_target_slope: f64) -> bool {
         if !self.accumulated.rows.is_empty() {
             return false;
         }
         let n = self.col.len();
-        let mut slope = (cfg.margin.scale as f64).abs();
+        let mut slope = non_target_slope;
         for (&c, &t) in self.col.iter().zip(&self.target_slope) {
             if c >= 0 {
                 if !t.is_finite() {
@@ -724,19 +762,31 @@ impl Primitives for CpuBackend {
         Ok(s.sampled.len() as u64)
     }
 
-    fn forward(&mut self, shard: usize, emb: Vec<f32>, labels: &Vec<i64>, plan: StepPlan) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn target_cosines(&mut self, shard: usize, emb: &Vec<f32>, labels: &Vec<i64>) -> Result<Vec<f32>> {
         let d = self.cfg.embedding_dim;
-        let params = self.logit_params();
-        let n = labels.len();
-        // AdaFace: the raw norms of the global batch, which every shard holds, give the same
-        // statistics everywhere, so the step's first shard computes them for all; a training
-        // step's are kept only when it succeeds.
-        if shard == 0 && matches!(self.cfg.margin.kind, crate::config::MarginKind::AdaFace { .. }) {
-            let norms: Vec<f64> = emb.chunks_exact(d.max(1)).map(|row| kernels::dot_f64(row, row).sqrt()).collect();
-            let state = if plan.train { self.margin.after_batch(self.cfg.margin.kind, &norms) } else { self.margin };
-            self.margin_next = plan.train.then_some(state);
-            self.margin_scalers = state.row_scalers(self.cfg.margin.kind, &norms);
+        let s = &self.shards[shard];
+        let mut out = try_zeroed::<f32>(labels.len(), "target cosines")?;
+        for ((o, &label), e) in out.iter_mut().zip(labels).zip(emb.chunks_exact(d)) {
+            *o = if s.range.contains(label as u64) {
+                let local = (label as u64 - s.range.start) as usize;
+                let w = &s.centers[local * d..(local + 1) * d];
+                // As PyTorch's `normalize`: each norm at least 1e-12.
+                let norms = kernels::dot_f64(w, w).sqrt().max(1e-12) * kernels::dot_f64(e, e).sqrt().max(1e-12);
+                (kernels::dot_f64(w, e) / norms) as f32
+            } else {
+                f32::NEG_INFINITY
+            };
         }
+        Ok(out)
+    }
+
+    fn forward(&mut self, shard: usize, emb: Vec<f32>, labels: &Vec<i64>, plan: StepPlan, targets: Option<&Vec<f32>>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let d = self.cfg.embedding_dim;
+        let n = labels.len();
+        if shard == 0 {
+            self.step_margin(&emb, targets.map(Vec::as_slice), plan)?;
+        }
+        let params = logit_params(&self.cfg, self.step_margin, &self.hard_above);
         let s = &mut self.shards[shard];
         s.unit = emb;
         s.inv_norm_e = try_zeroed(n, "embedding norms")?;
@@ -756,7 +806,7 @@ impl Primitives for CpuBackend {
             let unit = if s.unit_gemm.is_empty() { &s.unit } else { &s.unit_gemm };
             kernels::transpose(unit, d, try_refill(&mut s.unit_t, len, "the GEMM copy of the batch")?);
         }
-        s.forward(&self.cfg, plan, labels, params, &self.margin_scalers)
+        s.forward(&self.cfg, plan, labels, params, &self.row_scalers, targets.map(Vec::as_slice))
     }
 
     fn rescale_sums(&mut self, shard: usize, maxes: &Vec<f32>, sums: &mut Vec<f32>) -> Result<()> {
@@ -788,13 +838,14 @@ impl Primitives for CpuBackend {
     }
 
     fn update_proven(&mut self, shard: usize, lr: f32) -> bool {
-        self.shards[shard].update_proven(&self.cfg, lr)
+        let non_target_slope = crate::margin::non_target_slope_bound(&self.cfg.margin, self.step_margin);
+        self.shards[shard].update_proven(&self.cfg, lr, non_target_slope)
     }
 
     fn backward(&mut self, shard: usize, maxes: &Vec<f32>, sums: &Vec<f32>, update: Update) -> Result<Vec<f32>> {
         let n = self.shards[shard].local_max.len();
         let (inv_sum, non_target_mass) = softmax_factors(sums, n);
-        let params = self.logit_params();
+        let params = logit_params(&self.cfg, self.step_margin, &self.hard_above);
         self.shards[shard].backward(&self.cfg, &maxes[..n], &inv_sum, &non_target_mass, params, update)
     }
 

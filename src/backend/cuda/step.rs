@@ -28,10 +28,6 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 use std::collections::HashMap;
 use std::sync::Arc;
 
-fn internal(what: &str) -> Error {
-    Error::new(Status::Panic, format!("internal error: {what}"))
-}
-
 /// Block size of the compaction kernels (their counts are per block of this many classes).
 const COMPACT_BLOCK: u32 = 1024;
 
@@ -208,7 +204,7 @@ impl GpuShard {
                 &self.centers, &self.state[0].1, &rows.rows, &rows.grads, &k32, &d32, &lr, &opt.momentum, &opt.weight_decay, &commit, &self.verdict
             ),
             OptimizerKind::AdamW => {
-                let steps = self.steps.as_ref().ok_or_else(|| internal("AdamW without step counts"))?;
+                let steps = self.steps.as_ref().ok_or_else(|| Error::internal("AdamW without step counts"))?;
                 launch!(
                     self, "update_adamw", per_row(rows.len),
                     &self.centers, &self.state[0].1, &self.state[1].1, steps, &rows.rows, &rows.grads, &k32, &d32, &lr, &opt.beta1, &opt.beta2, &opt.eps,
@@ -496,7 +492,11 @@ impl Primitives for CudaBackend {
         Ok(k as u64)
     }
 
-    fn forward(&mut self, shard: usize, emb: DeviceBuf<f32>, labels: &DeviceBuf<i64>, plan: StepPlan) -> Result<(DeviceBuf<f32>, DeviceBuf<f32>)> {
+    fn target_cosines(&mut self, _shard: usize, _emb: &DeviceBuf<f32>, _labels: &DeviceBuf<i64>) -> Result<DeviceBuf<f32>> {
+        Err(Error::new(Status::Unavailable, "the CUDA backend has no CurricularFace (its factory refuses the margin)"))
+    }
+
+    fn forward(&mut self, shard: usize, emb: DeviceBuf<f32>, labels: &DeviceBuf<i64>, plan: StepPlan, _targets: Option<&DeviceBuf<f32>>) -> Result<(DeviceBuf<f32>, DeviceBuf<f32>)> {
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let m = &self.cfg.margin;
         let (s, filter) = (m.scale, m.interclass_filter);
@@ -509,7 +509,7 @@ impl Primitives for CudaBackend {
         let shard = &mut self.shards[shard];
         shard.bind()?;
         let StepState::Sampled { ids, k } = std::mem::replace(&mut shard.step, StepState::Idle) else {
-            return Err(internal("forward before sampling"));
+            return Err(Error::internal("forward before sampling"));
         };
         let mut unit = shard.take::<f32>(n * d, "normalized embeddings")?;
         let mut unit_gemm = shard.take::<u8>(n * d * dtype.size(), "GEMM embeddings")?;
@@ -590,7 +590,7 @@ impl Primitives for CudaBackend {
         let local_max = match &g.step {
             StepState::Forward(f) => &f.local_max,
             StepState::Evaluated { local_max } => local_max,
-            _ => return Err(internal("rescale before forward")),
+            _ => return Err(Error::internal("rescale before forward")),
         };
         let n = local_max.len();
         let n32 = n as i32;
@@ -619,14 +619,14 @@ impl Primitives for CudaBackend {
     fn backward(&mut self, shard: usize, maxes: &DeviceBuf<f32>, sums: &DeviceBuf<f32>, update: Update) -> Result<DeviceBuf<f32>> {
         // This backend updates in `apply` only (it proves nothing beforehand).
         if let Update::Apply(_) = update {
-            return Err(internal("the CUDA backend was asked to update inside the backward pass"));
+            return Err(Error::internal("the CUDA backend was asked to update inside the backward pass"));
         }
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let (s, filter) = (self.cfg.margin.scale, self.cfg.margin.interclass_filter);
         let g = &mut self.shards[shard];
         g.bind()?;
         let StepState::Forward(fwd) = std::mem::replace(&mut g.step, StepState::Idle) else {
-            return Err(internal("backward before forward"));
+            return Err(Error::internal("backward before forward"));
         };
         let Forward { n, k, ids, unit, unit_gemm, inv_norm_e, col, w_gemm, inv_norm_w, cos, target_logit, target_slope, .. } = *fwd;
         let (n32, d32, k32, dt) = (n as i32, d as i32, k as i32, dtype_code(dtype));
@@ -659,7 +659,7 @@ impl Primitives for CudaBackend {
     fn embedding_grad(&mut self, shard: usize, summed: DeviceBuf<f32>, first_row: usize, rows: usize, world: f32) -> Result<DeviceBuf<f32>> {
         let d = self.cfg.embedding_dim;
         let g = &self.shards[shard];
-        let StepState::Backward(b) = &g.step else { return Err(internal("embedding gradient before backward")) };
+        let StepState::Backward(b) = &g.step else { return Err(Error::internal("embedding gradient before backward")) };
         let mut out = g.take::<f32>(rows * d, "embedding gradient")?;
         if rows > 0 {
             let (rows32, d32, f32_code) = (rows as i32, d as i32, 0i32);
@@ -673,7 +673,7 @@ impl Primitives for CudaBackend {
     fn finite(&mut self, shard: usize, grad: &DeviceBuf<f32>) -> Result<bool> {
         let d = self.cfg.embedding_dim;
         let g = &mut self.shards[shard];
-        let StepState::Backward(b) = &g.step else { return Err(internal("finiteness before backward")) };
+        let StepState::Backward(b) = &g.step else { return Err(Error::internal("finiteness before backward")) };
         let len = grad.len() as u64;
         launch!(g, "flag_non_finite", grid_for(grad.len()), grad, &len, &g.verdict)?;
         let p = &b.pending;
@@ -724,7 +724,7 @@ impl Primitives for CudaBackend {
         // What a call before left to undo is not this call's: a failure below leaves nothing to undo.
         g.undo = None;
         let StepState::Backward(b) = std::mem::replace(&mut g.step, StepState::Idle) else {
-            return Err(internal("accumulate before backward"));
+            return Err(Error::internal("accumulate before backward"));
         };
         let pending = b.pending;
         let Some(before) = &g.accumulated else {

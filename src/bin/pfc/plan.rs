@@ -40,6 +40,18 @@ pub enum PlanOptimizer {
     Adamw,
 }
 
+/// The margin, for what it exchanges beyond the softmax statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlanMargin {
+    /// ArcFace, CosFace, SphereFace and their combinations.
+    Combined,
+    /// AdaFace: its norm statistics come from the gathered batch, so nothing more is sent.
+    Adaface,
+    /// CurricularFace: each row's target cosine reaches every GPU before the statistics, an
+    /// all-reduce MAX of one f32 per sample.
+    Curricular,
+}
+
 #[derive(Parser, Debug)]
 pub struct PlanArgs {
     /// World size: GPUs (shards) in the job.
@@ -63,6 +75,9 @@ pub struct PlanArgs {
     /// Optimizer whose state lives beside the centers.
     #[arg(long, value_enum, default_value_t = PlanOptimizer::Sgd)]
     pub optimizer: PlanOptimizer,
+    /// Margin kind (CurricularFace exchanges every sample's target cosine before the statistics).
+    #[arg(long, value_enum, default_value_t = PlanMargin::Combined)]
+    pub margin: PlanMargin,
     /// Parameters of the host's backbone: its f32 gradient all-reduce is shown separately, not as the head's.
     #[arg(long, value_parser = parse_count)]
     pub backbone_params: Option<u64>,
@@ -171,6 +186,8 @@ struct Plan {
     n_min: u128,
     /// k = floor(r · n_max), as the engine computes it.
     k: u128,
+    /// f32 values per step in the margin's exchange before the statistics (CurricularFace: N).
+    target_exchange: u128,
     columns: [Column; 3],
     backbone: Option<(u128, u128)>,
 }
@@ -204,6 +221,7 @@ fn compute(a: &PlanArgs) -> Result<Plan, String> {
     let n_min = c / s;
     let n_max = n_min + u128::from(c % s != 0);
     let k = sample_count(a.sample_rate, n_max as u64) as u128;
+    let target_exchange = if a.margin == PlanMargin::Curricular { n } else { 0 };
     // Optimizer state of `rows` f32 centers. The engine's sparse AdamW keeps a u32 step count per row
     // (bias correction per row); a dense framework optimizer keeps one 4-byte step for the tensor.
     let optimizer = |rows: u128, dense: bool| match a.optimizer {
@@ -237,8 +255,8 @@ fn compute(a: &PlanArgs) -> Result<Plan, String> {
         // i64 labels, then the u64 batch size of every GPU (batches may differ between GPUs).
         label_all_gather: ring_chunks(b * 8, s) + ring_chunks(8, s),
         // MAX of (row max, best non-target cosine, target cosine), SUM of (Σ exp, non-target Σ exp,
-        // target logit), f32.
-        softmax_statistics: ring_all_reduce(3 * n, 4, s) + ring_all_reduce(3 * n, 4, s),
+        // target logit), f32; CurricularFace's MAX of target cosines before them.
+        softmax_statistics: ring_all_reduce(3 * n, 4, s) + ring_all_reduce(3 * n, 4, s) + ring_all_reduce(target_exchange, 4, s),
         gradient: ring_chunks(b * d * e, s),
     };
     let columns = [data_parallel, sharded(Strategy::ModelParallel, n_max), sharded(Strategy::PartialFc, k)];
@@ -255,7 +273,7 @@ fn compute(a: &PlanArgs) -> Result<Plan, String> {
     if largest > u64::MAX as u128 {
         return Err(format!("this configuration's figures exceed 2^64 bytes ({largest} B): not a plan for one job"));
     }
-    Ok(Plan { s, b, n, d, c, e, n_max, n_min, k, columns, backbone })
+    Ok(Plan { s, b, n, d, c, e, n_max, n_min, k, target_exchange, columns, backbone })
 }
 
 /// Digits in groups of three: 20,480,000,000.
@@ -336,6 +354,7 @@ fn to_json(a: &PlanArgs, p: &Plan) -> Value {
             "dtype": a.dtype.name(),
             "dtype_bytes": u(p.e),
             "optimizer": match a.optimizer { PlanOptimizer::Sgd => "sgd", PlanOptimizer::Adamw => "adamw" },
+            "margin": match a.margin { PlanMargin::Combined => "combined", PlanMargin::Adaface => "adaface", PlanMargin::Curricular => "curricular" },
             "backbone_params": a.backbone_params,
         },
         "sharding": {
@@ -350,6 +369,7 @@ fn to_json(a: &PlanArgs, p: &Plan) -> Value {
             "label_all_gather": u(p.n * 8 + p.s * 8),
             "softmax_max_all_reduce": u(3 * p.n * 4),
             "softmax_sum_all_reduce": u(3 * p.n * 4),
+            "target_cosine_all_reduce": u(p.target_exchange * 4),
             "embedding_gradient_reduce_scatter": u(p.n * p.d * p.e),
             "center_gradient_all_reduce": u(p.c * p.d * 4),
         },
@@ -493,6 +513,12 @@ fn print_table(a: &PlanArgs, p: &Plan) {
         g(3 * p.n * 4),
         g(6 * p.n * 4)
     );
+    if p.target_exchange > 0 {
+        println!(
+            "                     + CurricularFace, before them: all-reduce MAX of 1 f32 per sample (its target cosine, which only its class's GPU computes) = {} B, sent 2(S-1)/S",
+            g(p.target_exchange * 4)
+        );
+    }
     println!("  gradient           DP: all-reduce of the C x d f32 center gradient = {} B, sent 2(S-1)/S;", g(p.c * p.d * 4));
     println!("                     MP/PFC: reduce-scatter of the N x d embedding gradient ({dt}) = {} B, sent (S-1)/S; center gradients stay local", g(p.n * p.d * e));
     println!("  DP needs no all-gather and no softmax statistics: every GPU holds every class");

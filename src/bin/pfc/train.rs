@@ -34,8 +34,9 @@ pub struct TrainArgs {
     /// PartialFC: fraction of each shard's classes used per step (positives always); 1 = full softmax.
     #[arg(long, default_value_t = 0.1)]
     pub sample_rate: f32,
-    /// Margin: arcface (s=64, m2=0.5), cosface (s=64, m3=0.4) or adaface (s=64, m=0.4, h=0.333:
-    /// the margin follows each embedding's norm).
+    /// Margin: arcface (s=64, m2=0.5), cosface (s=64, m3=0.4), adaface (s=64, m=0.4, h=0.333:
+    /// the margin follows each embedding's norm) or curricular (s=64, m=0.5: hard negatives weigh
+    /// more as training advances).
     #[arg(long, default_value = "arcface")]
     pub margin: String,
     /// Inter-class filter threshold: non-target cosines above it are ignored (0 = off; try 0.4 with noise).
@@ -317,7 +318,8 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
             cfg.margin.m3 = 0.4;
         }
         "adaface" => cfg.margin.kind = MarginKind::ADAFACE,
-        other => return Err(format!("--margin {other}: expected arcface, cosface or adaface")),
+        "curricular" => cfg.margin.kind = MarginKind::Curricular { m: MarginKind::CURRICULAR_M },
+        other => return Err(format!("--margin {other}: expected arcface, cosface, adaface or curricular")),
     }
     let mut head = Head::new(cfg).map_err(|e| e.message)?;
     let world = World::new(&a);

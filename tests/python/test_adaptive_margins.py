@@ -20,7 +20,7 @@ from partialfc import _native as n
 from partialfc.torch import AdaFace, CombinedMarginLoss, CurricularFace, PartialFC_V2
 from test_distributed import free_port
 
-HEADS = ["adaface"]
+HEADS = ["adaface", "curricular"]
 # Settings other than the golden files' (which are the defaults), so that every one is seen to reach
 # the head.
 OTHER_SETTINGS = {"adaface": dict(m=0.35, h=0.5, s=48.0, t_alpha=0.05), "curricular": dict(m=0.45, s=48.0)}
@@ -133,10 +133,11 @@ def test_adamw_and_gradient_accumulation_fold_every_forward_once(golden_dir, hea
                 assert err < TOLERANCE, f"{head} AdamW step {step} {what}: relative error {err:.3g}"
 
 
-def test_a_recomputation_that_cannot_keep_the_statistics_says_so(golden_dir):
+@pytest.mark.parametrize("head", HEADS)
+def test_a_recomputation_that_cannot_keep_the_statistics_says_so(golden_dir, head):
     # A forward that is not backpropagated is dropped at the step by recomputing the others, which
     # folds their batches into the statistics a second time; the C ABI has no call to undo that.
-    _, cfg, t = golden_case(golden_dir, "adaface")
+    _, cfg, t = golden_case(golden_dir, head)
     module = golden_module(cfg, t)
     opt = golden_optimizer(cfg, module.parameters())
     module(t["emb.0"], t["labels.0"])
@@ -202,10 +203,12 @@ def test_margin_settings_without_a_meaning_are_refused_by_name():
         for margin_grad in ("exact", "straight_through"):
             with pytest.raises(ValueError, match="margin_grad applies to the combined margin only"):
                 PartialFC_V2(margin, d, c, margin_grad=margin_grad)
-    with pytest.raises(PartialFCError, match="arcface_fallback") as e:
-        PartialFC_V2(AdaFace(), d, c, arcface_fallback=True)
-    assert e.value.status == n.PFC_ERR_INVALID_ARGUMENT
-    for margin, field in [(AdaFace(h=20), "adaface_h"), (AdaFace(t_alpha=0), "adaface_t_alpha"), (AdaFace(m=2), "margin_m")]:
+    for margin in (AdaFace(), CurricularFace()):
+        with pytest.raises(PartialFCError, match="arcface_fallback") as e:
+            PartialFC_V2(margin, d, c, arcface_fallback=True)
+        assert e.value.status == n.PFC_ERR_INVALID_ARGUMENT
+    for margin, field in [(AdaFace(h=20), "adaface_h"), (AdaFace(t_alpha=0), "adaface_t_alpha"), (AdaFace(m=2), "margin_m"),
+                          (CurricularFace(m=2), "margin_m")]:
         with pytest.raises(PartialFCError, match=field):
             PartialFC_V2(margin, d, c)
     for make in (lambda: AdaFace(m=0), lambda: CurricularFace(m=0)):

@@ -347,6 +347,12 @@ pfc_status pfc_set_learning_rate(struct pfc_head *head, float lr);
 // count. The same on every shard and process; local, like pfc_get_centers.
 pfc_status pfc_margin_state(const struct pfc_head *head, float *out, uint32_t cap, uint32_t *len);
 
+// Replaces the margin's running statistics by `len` values listed as pfc_margin_state lists them
+// (a host that recomputes a step restores those its first forward pass saw). `len` must be the
+// margin's count (0 for the combined margin, when `values` may be NULL) and the values finite;
+// otherwise nothing changes. Local, like pfc_set_centers: give every process the same values.
+pfc_status pfc_set_margin_state(struct pfc_head *head, const float *values, uint32_t len);
+
 // The global classes this process owns: `[*first, *first + *count)`.
 pfc_status pfc_local_classes(const struct pfc_head *head, uint64_t *first, uint64_t *count);
 

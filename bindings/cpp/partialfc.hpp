@@ -565,14 +565,23 @@ class Head {
 
     void set_learning_rate(float lr) { detail::check(pfc_set_learning_rate(head_, lr), "pfc_set_learning_rate"); }
 
-    // The margin's running statistics (AdaFace: running norm mean and standard deviation; none for
-    // the combined margin).
+    // The margin's running statistics (AdaFace: running norm mean and standard deviation;
+    // CurricularFace: t; none for the combined margin).
     std::vector<float> margin_state() const {
         std::vector<float> out(8);
         std::uint32_t len = 0;
         detail::check(pfc_margin_state(head_, out.data(), static_cast<std::uint32_t>(out.size()), &len), "pfc_margin_state");
         out.resize(len);
         return out;
+    }
+    // Restores them as margin_state() listed them (e.g. before recomputing a step); the same values
+    // on every process.
+    void set_margin_state(span<const float> values) {
+        const char* fn = "pfc_set_margin_state";
+        if (values.size() > std::numeric_limits<std::uint32_t>::max()) {
+            detail::invalid(fn, "too many values");
+        }
+        detail::check(pfc_set_margin_state(head_, values.empty() ? nullptr : values.data(), static_cast<std::uint32_t>(values.size())), fn);
     }
 
     ClassRange local_classes() const {

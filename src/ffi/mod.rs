@@ -514,6 +514,27 @@ pub extern "C" fn pfc_margin_state(head: *const pfc_head, out: *mut f32, cap: u3
     })
 }
 
+/// Replaces the margin's running statistics by `len` values listed as pfc_margin_state lists them
+/// (a host that recomputes a step restores those its first forward pass saw). `len` must be the
+/// margin's count (0 for the combined margin, when `values` may be NULL) and the values finite;
+/// otherwise nothing changes. Local, like pfc_set_centers: give every process the same values.
+#[no_mangle]
+pub extern "C" fn pfc_set_margin_state(head: *mut pfc_head, values: *const f32, len: u32) -> pfc_status {
+    guard(|| {
+        let mut h = lock(head)?;
+        if values.is_null() && len > 0 {
+            return Err(Error::null("values"));
+        }
+        let values = if len == 0 {
+            &[][..]
+        } else {
+            check_aligned(values, "values")?;
+            unsafe { std::slice::from_raw_parts(values, len as usize) }
+        };
+        h.set_margin_state(values)
+    })
+}
+
 /// The global classes this process owns: `[*first, *first + *count)`.
 #[no_mangle]
 pub extern "C" fn pfc_local_classes(head: *const pfc_head, first: *mut u64, count: *mut u64) -> pfc_status {

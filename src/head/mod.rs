@@ -80,9 +80,15 @@ impl Head {
     }
 
     /// The margin's running statistics (SPEC §1.6a: AdaFace's running norm mean and standard
-    /// deviation; none for the combined margin), the same on every shard and process.
+    /// deviation, CurricularFace's t; none for the combined margin), the same on every shard and
+    /// process.
     pub fn margin_state(&self) -> Vec<f32> {
         self.driver.state().margin_state()
+    }
+
+    /// Replaces them (as `margin_state` lists them: the kind's count of finite values).
+    pub fn set_margin_state(&mut self, values: &[f32]) -> Result<()> {
+        self.driver.state_mut().set_margin_state(values)
     }
 
     pub fn learning_rate(&self) -> f32 {

@@ -587,6 +587,51 @@ static void test_centers(void) {
     pfc_destroy(h);
 }
 
+/* The adaptive margins' running statistics: read, moved by a step, restored by the host, refused
+   when malformed (nothing changes then). */
+static void test_margin_state(void) {
+    pfc_config cfg, defaults;
+    base_config(&cfg);
+    pfc_config_init(&defaults);
+    cfg.m2 = defaults.m2; /* the combined margin's options stay at their defaults beside AdaFace */
+    cfg.margin_kind = PFC_MARGIN_ADAFACE;
+    pfc_head *h = NULL;
+    EXPECT_OK(pfc_create(&cfg, &h));
+    float state[4] = {0};
+    uint32_t len = 0;
+    EXPECT_OK(pfc_margin_state(h, state, 4, &len));
+    CHECK(len == 2 && state[0] == 20.0f && state[1] == 100.0f);
+    static float grad[N * D];
+    pfc_batch b[SHARDS];
+    make_batches(b, emb, grad, PFC_DTYPE_F32, sizeof(float));
+    pfc_step_stats st;
+    EXPECT_OK(pfc_train_step(h, b, SHARDS, &st));
+    float moved[2] = {0};
+    EXPECT_OK(pfc_margin_state(h, moved, 2, &len));
+    CHECK(moved[0] != 20.0f && moved[1] != 100.0f);
+    const float saved[2] = {20.0f, 100.0f};
+    EXPECT_OK(pfc_set_margin_state(h, saved, 2));
+    EXPECT_OK(pfc_margin_state(h, state, 2, &len));
+    CHECK(len == 2 && state[0] == 20.0f && state[1] == 100.0f);
+    const float nan_state[2] = {NAN, 1.0f};
+    EXPECT_ERROR(pfc_set_margin_state(h, nan_state, 2), PFC_ERR_INVALID_ARGUMENT, "finite");
+    EXPECT_ERROR(pfc_set_margin_state(h, moved, 1), PFC_ERR_INVALID_ARGUMENT, "2");
+    EXPECT_ERROR(pfc_set_margin_state(h, NULL, 2), PFC_ERR_NULL_ARGUMENT, "values");
+    EXPECT_STATUS(pfc_set_margin_state(NULL, moved, 2), PFC_ERR_NULL_ARGUMENT);
+    EXPECT_OK(pfc_margin_state(h, state, 2, &len));
+    CHECK(state[0] == 20.0f && state[1] == 100.0f);
+    pfc_destroy(h);
+
+    /* The combined margin keeps none: the empty list is its only state. */
+    base_config(&cfg);
+    EXPECT_OK(pfc_create(&cfg, &h));
+    EXPECT_OK(pfc_margin_state(h, NULL, 0, &len));
+    CHECK(len == 0);
+    EXPECT_OK(pfc_set_margin_state(h, NULL, 0));
+    EXPECT_ERROR(pfc_set_margin_state(h, saved, 1), PFC_ERR_INVALID_ARGUMENT, "0");
+    pfc_destroy(h);
+}
+
 /* f16 embeddings and gradients through uint16_t buffers, compared with f32 on an identical head. */
 static void test_f16(void) {
     pfc_config cfg;
@@ -980,6 +1025,7 @@ int main(void) {
     test_training();
     test_step_split();
     test_centers();
+    test_margin_state();
     test_f16();
     strcpy(scratch, "/tmp/pfc_abi_test_XXXXXX");
     CHECK(mkdtemp(scratch) != NULL);

@@ -189,7 +189,8 @@ static void test_types_and_config() {
     static_assert(!std::is_constructible<pfc::span<float>, std::vector<double>&>::value, "no element conversion");
 }
 
-// AdaFace through the binding: its running statistics start at 20 and 100 and move with a step.
+// AdaFace through the binding: its running statistics start at 20 and 100, move with a step and
+// are restored as saved; a malformed list is refused and changes nothing.
 static void test_adaface(Problem& p) {
     pfc::Config cfg = base_config(1);
     cfg.margin_kind = pfc::MarginKind::AdaFace;
@@ -202,6 +203,15 @@ static void test_adaface(Problem& p) {
     CHECK(std::isfinite(st.loss) && st.loss > 0.0);
     const std::vector<float> state = head.margin_state();
     CHECK(state.size() == 2 && state[0] != 20.0f && state[1] != 100.0f);
+    const std::vector<float> saved{20.0f, 100.0f};
+    head.set_margin_state(saved);
+    CHECK(head.margin_state() == saved);
+    try {
+        head.set_margin_state(pfc::span<const float>(saved.data(), 1));
+        CHECK(false);
+    } catch (const pfc::Error& e) {
+        CHECK(e.status() == pfc::Status::InvalidArgument && head.margin_state() == saved);
+    }
     CHECK(pfc::Head(base_config(1)).margin_state().empty());
     cfg.m2 = 0.3f;
     try {

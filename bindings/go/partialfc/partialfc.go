@@ -627,7 +627,7 @@ func localClasses(head *C.pfc_head) (uint64, uint64, error) {
 }
 
 // MarginState is the margin's running statistics (AdaFace: running norm mean and standard
-// deviation; none for the combined margin), the same on every shard and process.
+// deviation; CurricularFace: t; none for the combined margin), the same on every shard and process.
 func (h *Head) MarginState() ([]float32, error) {
 	const op = "pfc_margin_state"
 	head, err := h.acquire(op)
@@ -648,6 +648,25 @@ func (h *Head) MarginState() ([]float32, error) {
 		state[i] = float32(v)
 	}
 	return state, nil
+}
+
+// SetMarginState restores the margin's running statistics as MarginState listed them (e.g. before
+// recomputing a step); give every process the same values. A malformed list changes nothing.
+func (h *Head) SetMarginState(values []float32) error {
+	const op = "pfc_set_margin_state"
+	head, err := h.acquire(op)
+	if err != nil {
+		return err
+	}
+	defer h.release()
+	if uint64(len(values)) > math.MaxUint32 {
+		return invalid(op, "%d values are too many", len(values))
+	}
+	var p *C.float
+	if len(values) > 0 {
+		p = (*C.float)(&values[0])
+	}
+	return call(op, func() C.pfc_status { return C.pfc_set_margin_state(head, p, C.uint32_t(len(values))) })
 }
 
 // LocalClasses is the range of global classes this process owns: [first, first+count).

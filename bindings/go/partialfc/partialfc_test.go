@@ -177,8 +177,9 @@ func TestNewErrors(t *testing.T) {
 	}
 }
 
-// AdaFace through the binding: its running statistics start at 20 and 100 and move with a step;
-// the combined margin's options beside it are refused naming the field.
+// AdaFace through the binding: its running statistics start at 20 and 100, move with a step and
+// are restored as saved (a malformed list changes nothing); the combined margin's options beside it
+// are refused naming the field.
 func TestAdaFace(t *testing.T) {
 	cfg := testConfig(1)
 	cfg.MarginKind = MarginAdaFace
@@ -194,6 +195,16 @@ func TestAdaFace(t *testing.T) {
 	}
 	if state, err := h.MarginState(); err != nil || len(state) != 2 || state[0] == 20 || state[1] == 100 {
 		t.Fatalf("MarginState after a step = %v, %v", state, err)
+	}
+	if err := h.SetMarginState([]float32{20, 100}); err != nil {
+		t.Fatalf("SetMarginState: %v", err)
+	}
+	var bad *Error
+	if err := h.SetMarginState([]float32{20}); !errors.As(err, &bad) || bad.Status != StatusInvalidArgument {
+		t.Fatalf("SetMarginState with one value: %v", err)
+	}
+	if state, err := h.MarginState(); err != nil || len(state) != 2 || state[0] != 20 || state[1] != 100 {
+		t.Fatalf("MarginState after SetMarginState = %v, %v", state, err)
 	}
 	cfg.M2 = 0.3
 	var e *Error

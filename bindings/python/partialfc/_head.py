@@ -146,6 +146,12 @@ class Head:
             check(n.lib.pfc_margin_state(self.handle, out, count, ctypes.byref(count)), "pfc_margin_state")
         return list(out[:count.value])
 
+    def set_margin_state(self, values):
+        """Restores the running statistics as margin_state() listed them (pfc_set_margin_state)."""
+        values = (ctypes.c_float * len(values))(*values)
+        with self._lock:
+            check(n.lib.pfc_set_margin_state(self.handle, values, len(values)), "pfc_set_margin_state")
+
     def get_centers(self, first, count, out_address, normalized=False):
         ptr = ctypes.cast(out_address, ctypes.POINTER(ctypes.c_float))
         with self._lock:

@@ -149,6 +149,7 @@ PROTOTYPES = {
     "pfc_set_learning_rate": (STATUS, [HEAD, c_float]),
     "pfc_local_classes": (STATUS, [HEAD, POINTER(c_uint64), POINTER(c_uint64)]),
     "pfc_margin_state": (STATUS, [HEAD, POINTER(c_float), c_uint32, POINTER(c_uint32)]),
+    "pfc_set_margin_state": (STATUS, [HEAD, POINTER(c_float), c_uint32]),
     "pfc_get_centers": (STATUS, [HEAD, c_uint64, c_uint64, c_int32, POINTER(c_float)]),
     "pfc_set_centers": (STATUS, [HEAD, c_uint64, c_uint64, POINTER(c_float)]),
     "pfc_save_checkpoint": (STATUS, [HEAD, c_char_p]),

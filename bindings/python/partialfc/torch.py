@@ -266,14 +266,16 @@ def _allgather_callback(world_size):
 
 
 class _Compute:
-    """One forward's contribution to the head's accumulated gradient. Its embeddings and labels are kept so
-    that the contribution can be computed again after the head was rebuilt or partly discarded."""
+    """One forward's contribution to the head's accumulated gradient. Its embeddings and labels, and the
+    margin's running statistics before it, are kept so that the contribution can be computed again,
+    exactly, after the head was rebuilt or partly discarded."""
 
-    __slots__ = ("embeddings", "labels", "backwards", "finite")
+    __slots__ = ("embeddings", "labels", "statistics", "backwards", "finite")
 
-    def __init__(self, embeddings, labels, finite=True):
+    def __init__(self, embeddings, labels, statistics=(), finite=True):
         self.embeddings = embeddings
         self.labels = labels
+        self.statistics = statistics
         self.backwards = 0
         self.finite = finite  # False: a non-finite step the head did not take (nonfinite="nan")
 
@@ -437,6 +439,7 @@ class PartialFC_V2(torch.nn.Module):
             return self._nan_loss(local_embeddings, embeddings)
         grad = torch.empty_like(embeddings)
         self._drop_cleared()
+        statistics = self._head.margin_state()
         try:
             stats = self._head.train_compute([self._batch(embeddings, labels, grad)])
         except PartialFCError as e:
@@ -446,7 +449,7 @@ class PartialFC_V2(torch.nn.Module):
         self._stats(stats)
         # The step's own inputs are kept for a recomputation; the caller may reuse its tensors.
         record = _Compute(embeddings.clone() if embeddings.data_ptr() == local_embeddings.data_ptr() else embeddings,
-                          labels.clone() if labels.data_ptr() == local_labels.data_ptr() else labels)
+                          labels.clone() if labels.data_ptr() == local_labels.data_ptr() else labels, statistics)
         self._pending.append(record)
         loss = torch.tensor(stats.loss, dtype=torch.float32, device=embeddings.device)
         return _HeadStep.apply(local_embeddings, self.pfc_token, record, grad, loss)
@@ -480,9 +483,15 @@ class PartialFC_V2(torch.nn.Module):
             self._head.train_discard()
 
     def _recompute(self, records):
+        """Computes `records` again, each from the running statistics its first computation started from
+        (so with the same margins), then restores the statistics every forward made: the authors' heads
+        fold each training forward in, backpropagated or not, once."""
+        after = self._head.margin_state()
         for r in records:
+            self._head.set_margin_state(r.statistics)
             grad = torch.empty_like(r.embeddings)
             self._head.train_compute([self._batch(r.embeddings, r.labels, grad)])
+        self._head.set_margin_state(after)
 
     def _optimizer_step(self, optimizer, group):
         # An optimizer the head cannot follow is refused before anything changes.
@@ -519,15 +528,11 @@ class PartialFC_V2(torch.nn.Module):
                 "was dropped", "PartialFC_V2")
         rebuild = settings != _settings_of(self._head.cfg)
         if rebuild or len(done) < len(records):
-            statistics = self.margin_state
             if rebuild:
                 self._rebuild(_with_settings(self._head.cfg, settings))
             else:
                 self._head.train_discard()
             self._recompute(done)
-            self._check_margin_state(statistics, "this step's gradient was recomputed (a forward was not "
-                                     "backpropagated, or the optimizer settings changed), which folds the "
-                                     "recomputed batches into them again or, on a new head, loses earlier folds")
         self._head.set_learning_rate(float(group["lr"]))
         self._head.train_apply()
         self._stateful = True
@@ -535,8 +540,9 @@ class PartialFC_V2(torch.nn.Module):
     # -- replacing the head (optimizer settings, device) ---------------------------------------------
 
     def _rebuild(self, cfg, keep=()):
-        """Replaces the head by one created from `cfg`, carrying over its centers — and, when it holds
-        any, its optimizer state, step, seed and learning rate. Accumulated gradients are not carried."""
+        """Replaces the head by one created from `cfg`, carrying over its centers and the margin's running
+        statistics — and, when it holds any, its optimizer state, step, seed and learning rate.
+        Accumulated gradients are not carried."""
         old = self._head
         new = Head(cfg, old._keep + tuple(keep))
         try:
@@ -553,20 +559,13 @@ class PartialFC_V2(torch.nn.Module):
                 first, count = old.local_classes()
                 centers = self._read_centers(old)
                 new.set_centers(first, count, centers.data_ptr())
+                new.set_margin_state(old.margin_state())
         except BaseException:
             new.close()
             raise
         self._pending = []
         self._head = new
         old.close()
-
-    def _check_margin_state(self, before, why):
-        """The adaptive margins fold each training forward into their running statistics when the head
-        computes it, and the C ABI cannot set them: say so where a recomputation or a new head leaves
-        them other than the forwards made them."""
-        after = self.margin_state
-        if after != before:
-            warnings.warn(f"partialfc: the margin's running statistics are {after}, not {before}: {why}", stacklevel=3)
 
     def _read_centers(self, head=None):
         head = head or self._head
@@ -594,10 +593,7 @@ class PartialFC_V2(torch.nn.Module):
                 cfg.backend, cfg.devices = n.PFC_BACKEND_CPU, None
             else:
                 raise ValueError(f"partialfc runs on CPU or CUDA devices, not {device}")
-            statistics = self.margin_state
             self._rebuild(cfg, keep)
-            self._check_margin_state(statistics, "the head moved before its first optimizer step, with only its "
-                                     "centers, after training forwards whose gradient was dropped")
             self._device = device
             _MODULES[id(self.pfc_token)] = self
         elif id(self.pfc_token) not in _MODULES:

@@ -37,6 +37,40 @@ fn train_learns_identities_and_evaluates_far_above_chance() {
     assert!(losses.len() >= 3 && losses.last().unwrap() < losses.first().unwrap(), "loss did not fall: {losses:?}");
     assert!(std::path::Path::new(&out).join("centers.safetensors").is_file());
     check_records(std::path::Path::new(&out), 150, 0.1);
+    // No image is blurred unless asked.
+    let summary = summary(&out);
+    assert!(!stdout.contains("low quality"), "{stdout}");
+    assert_eq!((summary["low_quality"].as_f64(), summary["low_quality_share"].as_f64()), (Some(0.0), Some(0.0)), "{summary}");
+    assert!(summary["blur"].is_null() && summary["norm_quality_correlation"].is_null() && summary["top1_low_quality"].is_null(), "{summary}");
+}
+
+fn summary(out: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(std::path::Path::new(out).join("summary.json")).expect("summary.json");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `--low-quality` blurs its share of the images (training, verification and identification), and
+/// after training the embedding's norm tells a blurred image from a clean one (the signal AdaFace's
+/// margin reads); blurred probes are harder to verify and to identify.
+#[test]
+fn train_with_low_quality_images_gives_embeddings_whose_norm_carries_quality() {
+    let out = out_dir("train-low-quality");
+    let mut args = vec!["train", "--out", &out, "--low-quality", "0.3", "--blur", "0.6"];
+    args.extend_from_slice(SMALL);
+    let (ok, stdout, err) = pfc(&args);
+    assert!(ok, "pfc train --low-quality failed: {err}");
+    let s = summary(&out);
+    let get = |key: &str| s[key].as_f64().unwrap_or_else(|| panic!("{key} in {s}"));
+    assert_eq!((get("low_quality"), get("blur")), (0.3, 0.6), "{s}");
+    // 150 steps × 128 images: 6 standard deviations of the share are 0.02.
+    assert!((get("low_quality_share") - 0.3).abs() < 0.02, "{s}");
+    assert!(get("norm_quality_correlation") > 0.5, "{s}");
+    for far in ["1e-3", "1e-4"] {
+        assert!(get(&format!("tar_far_{far}_low_quality")) < get(&format!("tar_far_{far}")), "{s}");
+    }
+    assert!(get("top1_low_quality") < get("top1") && get("top1") > 0.2, "{s}");
+    let correlation = figure(&stdout, "embedding norm vs quality", "correlation");
+    assert!((correlation - get("norm_quality_correlation")).abs() < 1e-3, "{stdout}");
 }
 
 /// `--margin adaface` and `--margin curricular` (SPEC §1.6a) train as the combined margin does,
@@ -52,8 +86,7 @@ fn train_learns_with_the_adaptive_margins() {
         let top1 = figure(&stdout, "identification", "top-1");
         let tar = figure(&stdout, "FAR 1e-3", "TAR");
         assert!(top1 > 20.0 && tar > 20.0, "{margin}: top-1 {top1}%, TAR {tar}%:\n{stdout}");
-        let summary = std::fs::read_to_string(std::path::Path::new(&out).join("summary.json")).expect("summary.json");
-        let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+        let summary = summary(&out);
         assert_eq!(summary["margin"], margin, "{summary}");
     }
 }
@@ -123,6 +156,11 @@ fn bad_options_are_rejected_with_a_message() {
         (vec!["train", "--sample-rate", "0"], "sample_rate"),
         (vec!["train", "--classes", "many"], "--classes"),
         (vec!["train", "--label-noise", "1.5"], "--label-noise"),
+        (vec!["train", "--low-quality", "1.5"], "--low-quality 1.5 is outside [0, 1]"),
+        (vec!["train", "--low-quality=-0.1"], "--low-quality -0.1 is outside [0, 1]"),
+        (vec!["train", "--low-quality", "0.2", "--blur", "1"], "--blur 1 is outside (0, 1)"),
+        (vec!["train", "--low-quality", "0.2", "--blur", "0"], "--blur 0 is outside (0, 1)"),
+        (vec!["train", "--blur", "0.5"], "--blur 0.5 has no effect without --low-quality"),
         (vec!["train", "--backend", "tpu"], "--backend tpu"),
         (vec!["train", "--backend", "cuda"], "CUDA"),
     ] {

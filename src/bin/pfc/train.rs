@@ -1,8 +1,9 @@
-//! `pfc train`: the main job. Synthetic identities with long-tailed sizes (optionally noisy labels
-//! and identities split across two labels), a small MLP backbone trained with the gradients the head
-//! returns, PartialFC sampling; then face-recognition evaluation — verification TAR at FAR 1e-3 and
-//! 1e-4 on identities the head never saw, closed-set identification through the head's search —
-//! and the centers exported.
+//! `pfc train`: the main job. Synthetic identities with long-tailed sizes (optionally noisy labels,
+//! identities split across two labels, and low-quality "blurred" images whose embeddings have a
+//! smaller norm), a small MLP backbone trained with the gradients the head returns, PartialFC
+//! sampling; then face-recognition evaluation — verification TAR at FAR 1e-3 and 1e-4 on identities
+//! the head never saw, closed-set identification through the head's search — and the centers
+//! exported.
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -55,6 +56,16 @@ pub struct TrainArgs {
     /// verification well short of saturation).
     #[arg(long, default_value_t = 1.0)]
     pub noise: f32,
+    /// Fraction of images (training, verification and identification alike) that are "blurred":
+    /// low quality, with a noisier direction and a smaller magnitude, so that the embedding's norm
+    /// carries the image's quality, as AdaFace's margin assumes (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub low_quality: f32,
+    /// Strongest blur of a low-quality image, in (0, 1): each draws its blur b uniformly in (0, BLUR];
+    /// its pixels are scaled by 1 - b and its within-identity noise by 1 / (1 - b). Default 0.6;
+    /// needs --low-quality.
+    #[arg(long)]
+    pub blur: Option<f32>,
     /// Backend running the head: cpu, or cuda (needs the CUDA backend and a GPU).
     #[arg(long, default_value = "cpu")]
     pub backend: String,
@@ -90,11 +101,14 @@ pub struct TrainArgs {
 
 const INPUT_DIM: usize = 64;
 const HIDDEN: usize = 256;
+const DEFAULT_BLUR: f32 = 0.6;
 
 /// The synthetic world: identity prototypes, how labels map to identities, how often each appears.
 struct World {
     seed: u64,
     noise: f32,
+    low_quality: f32,
+    blur: f32,
     classes: u64,
     /// Identity behind each training label: conflicts make two labels share one identity.
     identity_of_label: Vec<u64>,
@@ -123,29 +137,40 @@ impl World {
             .into_iter()
             .map(|x| x / total)
             .collect();
-        World { seed: a.seed, noise: a.noise, classes, identity_of_label, cumulative, label_noise: a.label_noise }
+        let blur = if a.low_quality > 0.0 { a.blur.unwrap_or(DEFAULT_BLUR) } else { 0.0 };
+        World { seed: a.seed, noise: a.noise, low_quality: a.low_quality, blur, classes, identity_of_label, cumulative, label_noise: a.label_noise }
     }
 
-    /// One image of `identity` (training identities and held-out ones alike), instance `i`.
-    fn image(&self, identity: u64, instance: u64, out: &mut [f32]) {
+    /// The blur of image `instance`: 0 for a clean image, uniform in (0, blur] for the
+    /// `low_quality` share. Its own stream, so that with no low-quality images the data are the
+    /// same as before the option existed.
+    fn blur_of(&self, instance: u64) -> f32 {
+        let u = (rng::at(rng::stream(self.seed, 17, 0), instance) >> 40) as f32 / (1u64 << 24) as f32;
+        if u < self.low_quality { self.blur * (1.0 - u / self.low_quality) } else { 0.0 }
+    }
+
+    /// One image of `identity` (training identities and held-out ones alike), instance `i`; returns
+    /// its blur. Blur b moves the image towards noise (its noise grows by 1 / (1 - b) against the
+    /// identity signal) and darkens it (pixels × (1 - b)): the backbone is nearly homogeneous, so a
+    /// darker image gives a shorter embedding, as a blurred face gives a low-norm feature.
+    fn image(&self, identity: u64, instance: u64, out: &mut [f32]) -> f32 {
+        let blur = self.blur_of(instance);
         rng::init_center(self.seed, identity, 1.0, out);
         let mut n = [0f32; INPUT_DIM];
-        rng::init_center(self.seed ^ 0x5EED, identity.wrapping_mul(0x1_0000_0001) ^ instance, self.noise, &mut n);
+        rng::init_center(self.seed ^ 0x5EED, identity.wrapping_mul(0x1_0000_0001) ^ instance, self.noise / (1.0 - blur), &mut n);
         // A fixed non-linearity, so that the backbone has something to learn.
-        out.iter_mut().zip(&n).for_each(|(o, v)| *o = (*o + v).tanh());
+        out.iter_mut().zip(&n).for_each(|(o, v)| *o = (1.0 - blur) * (*o + v).tanh());
+        blur
     }
 
-    /// A training image: (pixels, label) for global image number `i`.
-    fn sample(&self, i: u64, out: &mut [f32]) -> i64 {
+    /// A training image: (pixels, label, blur) for global image number `i`.
+    fn sample(&self, i: u64, out: &mut [f32]) -> (i64, f32) {
         let u = (rng::at(rng::stream(self.seed, 13, 0), i) >> 11) as f64 / (1u64 << 53) as f64;
         let label = self.cumulative.partition_point(|&c| c < u).min(self.classes as usize - 1) as u64;
-        self.image(self.identity_of_label[label as usize], i, out);
+        let blur = self.image(self.identity_of_label[label as usize], i, out);
         let flip = (rng::at(rng::stream(self.seed, 14, 0), i) >> 40) as f32 / (1u64 << 24) as f32;
-        if flip < self.label_noise {
-            (rng::at(rng::stream(self.seed, 15, 0), i) % self.classes) as i64
-        } else {
-            label as i64
-        }
+        let label = if flip < self.label_noise { (rng::at(rng::stream(self.seed, 15, 0), i) % self.classes) as i64 } else { label as i64 };
+        (label, blur)
     }
 }
 
@@ -257,15 +282,30 @@ fn check(ok: bool, message: impl FnOnce() -> String) -> Result<(), String> {
     }
 }
 
+/// Verification at one false-accept rate.
+struct Verification {
+    far: f64,
+    /// Share of all genuine pairs accepted.
+    tar: f64,
+    /// Share of the genuine pairs holding a low-quality image accepted at the same threshold (the
+    /// one system's operating point, not one tuned to them); NaN where there are none.
+    tar_low_quality: f64,
+    threshold: f32,
+}
+
 /// Verification: true-accept rate at each false-accept rate, over all pairs of `unit` embeddings.
-fn tar_at_far(unit: &[f32], identity: &[u64], d: usize, fars: &[f64]) -> Vec<(f64, f64, f32)> {
+fn tar_at_far(unit: &[f32], identity: &[u64], low_quality: &[bool], d: usize, fars: &[f64]) -> Vec<Verification> {
     let n = identity.len();
     let mut sim = vec![0f32; n * n];
     matmul(n, n, d, &mut sim, Operand::rows(unit, d), Operand::transposed(unit, d), false);
     let (mut genuine, mut impostor) = (Vec::new(), Vec::new());
     for i in 0..n {
         for j in i + 1..n {
-            if identity[i] == identity[j] { genuine.push(sim[i * n + j]) } else { impostor.push(sim[i * n + j]) }
+            if identity[i] == identity[j] {
+                genuine.push((sim[i * n + j], low_quality[i] || low_quality[j]))
+            } else {
+                impostor.push(sim[i * n + j])
+            }
         }
     }
     fars.iter()
@@ -275,21 +315,47 @@ fn tar_at_far(unit: &[f32], identity: &[u64], d: usize, fars: &[f64]) -> Vec<(f6
             let at = impostor.len() - 1 - accepted;
             impostor.select_nth_unstable_by(at, |a, b| a.total_cmp(b));
             let threshold = impostor[at];
-            let tar = genuine.iter().filter(|&&g| g > threshold).count() as f64 / genuine.len() as f64;
-            (far, tar, threshold)
+            let accept_rate = |low_only: bool| {
+                let pairs: Vec<f32> = genuine.iter().filter(|g| g.1 || !low_only).map(|g| g.0).collect();
+                pairs.iter().filter(|&&g| g > threshold).count() as f64 / pairs.len() as f64
+            };
+            Verification { far, tar: accept_rate(false), tar_low_quality: accept_rate(true), threshold }
         })
         .collect()
 }
 
-fn verification_tar(results: &[(f64, f64, f32)], far: f64) -> f64 {
-    results.iter().find(|r| r.0 == far).map_or(f64::NAN, |r| r.1)
+fn verification_at(results: &[Verification], far: f64, figure: fn(&Verification) -> f64) -> f64 {
+    results.iter().find(|r| r.far == far).map_or(f64::NAN, figure)
 }
 
-fn normalize(v: &mut [f32], d: usize) {
-    for row in v.chunks_exact_mut(d) {
-        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        row.iter_mut().for_each(|x| *x /= n);
+/// Scales each row of `v` to unit length; returns the rows' norms before.
+fn normalize(v: &mut [f32], d: usize) -> Vec<f32> {
+    v.chunks_exact_mut(d)
+        .map(|row| {
+            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            row.iter_mut().for_each(|x| *x /= n);
+            n
+        })
+        .collect()
+}
+
+/// Pearson's correlation of two equally long series (NaN where either is constant).
+fn correlation(x: &[f64], y: &[f64]) -> f64 {
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (mx, my) = (mean(x), mean(y));
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+        syy += (b - my) * (b - my);
     }
+    sxy / (sxx * syy).sqrt()
+}
+
+/// Mean of the `values` whose flag is `flag` (NaN where there are none).
+fn mean_where(values: &[f32], flags: &[bool], flag: bool) -> f64 {
+    let picked: Vec<f64> = values.iter().zip(flags).filter(|p| *p.1 == flag).map(|p| *p.0 as f64).collect();
+    picked.iter().sum::<f64>() / picked.len() as f64
 }
 
 pub fn run(a: TrainArgs) -> Result<(), String> {
@@ -299,6 +365,11 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     check((0.0..=0.5).contains(&a.conflicts), || format!("--conflicts {} is outside [0, 0.5]", a.conflicts))?;
     check(a.tail.is_finite() && a.tail >= 0.0, || format!("--tail {} must be >= 0", a.tail))?;
     check(a.noise.is_finite() && a.noise >= 0.0, || format!("--noise {} must be >= 0", a.noise))?;
+    check((0.0..=1.0).contains(&a.low_quality), || format!("--low-quality {} is outside [0, 1]", a.low_quality))?;
+    if let Some(blur) = a.blur {
+        check(blur > 0.0 && blur < 1.0, || format!("--blur {blur} is outside (0, 1)"))?;
+        check(a.low_quality > 0.0, || format!("--blur {blur} has no effect without --low-quality (no image is blurred)"))?;
+    }
     check(a.eval_identities >= 2, || format!("--eval-identities {} must be at least 2", a.eval_identities))?;
     check(a.backbone_lr.is_finite() && a.backbone_lr >= 0.0, || format!("--backbone-lr {} must be >= 0", a.backbone_lr))?;
     let mut cfg = Config { num_classes: a.classes, embedding_dim: a.dim, sample_rate: a.sample_rate, seed: a.seed, ..Config::default() };
@@ -333,8 +404,9 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let first_step = head.steps_taken();
     check(first_step <= a.steps, || format!("--resume: the checkpoint is at step {first_step}, past --steps {}", a.steps))?;
     let mut records = Records::open(&a.out, first_step)?;
+    let quality = if world.low_quality > 0.0 { format!(", low quality {} (blur up to {})", world.low_quality, world.blur) } else { String::new() };
     println!(
-        "pfc train: {} identities (long tail {}, label noise {}, conflicts {}), d = {}, batch {}, {} {} shards, sample rate {}, filter {}, steps {}..{}",
+        "pfc train: {} identities (long tail {}, label noise {}, conflicts {}{quality}), d = {}, batch {}, {} {} shards, sample rate {}, filter {}, steps {}..{}",
         a.classes, a.tail, a.label_noise, a.conflicts, a.dim, a.batch, a.shards, a.backend, a.sample_rate, a.filter, first_step, a.steps
     );
     let shards = a.shards as usize;
@@ -353,10 +425,13 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let mut labels = vec![0i64; a.batch];
     let mut grads = vec![0f32; a.batch * a.dim];
     let mut last_loss = f64::NAN;
+    let mut blurred_images = 0u64;
     for step in first_step..a.steps {
         let step_started = Instant::now();
         for (r, (img, label)) in x.chunks_exact_mut(INPUT_DIM).zip(labels.iter_mut()).enumerate() {
-            *label = world.sample(step * a.batch as u64 + r as u64, img);
+            let blur;
+            (*label, blur) = world.sample(step * a.batch as u64 + r as u64, img);
+            blurred_images += u64::from(blur > 0.0);
         }
         let (emb, hidden) = backbone.forward(&x, a.batch);
         check(emb.iter().all(|v| v.is_finite()), || {
@@ -427,39 +502,63 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let n = identities.len() * per_identity;
     let mut images = vec![0f32; n * INPUT_DIM];
     let mut owner = Vec::with_capacity(n);
+    let mut blur = Vec::with_capacity(n);
     for (k, img) in images.chunks_exact_mut(INPUT_DIM).enumerate() {
         let id = identities[k / per_identity];
-        world.image(id, u64::MAX - k as u64, img);
+        blur.push(world.image(id, u64::MAX - k as u64, img));
         owner.push(id);
     }
     let (mut unit, _) = backbone.forward(&images, n);
-    normalize(&mut unit, a.dim);
-    let verification = tar_at_far(&unit, &owner, a.dim, &[1e-3, 1e-4]);
+    let norms = normalize(&mut unit, a.dim);
+    let low: Vec<bool> = blur.iter().map(|&b| b > 0.0).collect();
+    let verification = tar_at_far(&unit, &owner, &low, a.dim, &[1e-3, 1e-4]);
+    // Whether the trained backbone's embedding norm tells the image's quality (1 - blur), as
+    // AdaFace's margin assumes.
+    let norm_quality = correlation(&norms.iter().map(|&v| v as f64).collect::<Vec<_>>(), &blur.iter().map(|&b| 1.0 - b as f64).collect::<Vec<_>>());
 
     // Closed-set identification: new images of training identities, searched over the centers.
     let queries = 2048usize;
     let mut q_images = vec![0f32; queries * INPUT_DIM];
     let mut truth = Vec::with_capacity(queries);
+    let mut q_low = Vec::with_capacity(queries);
     for (j, img) in q_images.chunks_exact_mut(INPUT_DIM).enumerate() {
         let i = (1u64 << 62) + j as u64;
         let u = (rng::at(rng::stream(a.seed, 16, 0), i) >> 11) as f64 / (1u64 << 53) as f64;
         let label = world.cumulative.partition_point(|&c| c < u).min(a.classes as usize - 1) as u64;
-        world.image(world.identity_of_label[label as usize], i, img);
+        q_low.push(world.image(world.identity_of_label[label as usize], i, img) > 0.0);
         truth.push(label as i64);
     }
     let (q_emb, _) = backbone.forward(&q_images, queries);
     let k = 5usize.min(a.classes as usize);
     let (ids, _) = head.search(&q_emb, k).map_err(|e| e.message)?;
-    let top1 = truth.iter().enumerate().filter(|(j, &t)| ids[j * k] == t).count() as f64 / queries as f64;
+    let hits: Vec<bool> = truth.iter().enumerate().map(|(j, &t)| ids[j * k] == t).collect();
+    let top1 = hits.iter().filter(|&&h| h).count() as f64 / queries as f64;
     let top5 = truth.iter().enumerate().filter(|(j, &t)| ids[j * k..(j + 1) * k].contains(&t)).count() as f64 / queries as f64;
+    let top1_low_quality = {
+        let low_hits: Vec<bool> = hits.iter().zip(&q_low).filter(|p| *p.1).map(|p| *p.0).collect();
+        low_hits.iter().filter(|&&h| h).count() as f64 / low_hits.len() as f64
+    };
 
     let export = a.out.join("centers.safetensors");
     partialfc::export::export_centers(&head, &export, Format::Safetensors, partialfc::config::DType::F32, true).map_err(|e| e.message)?;
     println!("trained {} steps in {:.1}s; last loss {:.3}", a.steps - first_step, train_time, last_loss);
-    for &(far, tar, threshold) in &verification {
-        println!("verification ({} unseen identities): TAR {:.2}% at FAR {:e} (threshold {:.3})", a.eval_identities, tar * 100.0, far, threshold);
+    for v in &verification {
+        println!("verification ({} unseen identities): TAR {:.2}% at FAR {:e} (threshold {:.3})", a.eval_identities, v.tar * 100.0, v.far, v.threshold);
     }
     println!("identification ({} queries, {} classes): top-1 {:.2}%, top-5 {:.2}%", queries, a.classes, top1 * 100.0, top5 * 100.0);
+    let blurred_eval = low.iter().filter(|&&l| l).count();
+    if blurred_eval > 0 {
+        println!(
+            "low quality: {blurred_eval} of {n} verification images blurred; embedding norm vs quality: correlation {:.3} (mean norm {:.3} clean, {:.3} blurred)",
+            norm_quality,
+            mean_where(&norms, &low, false),
+            mean_where(&norms, &low, true)
+        );
+        for v in &verification {
+            println!("low quality: TAR {:.2}% at FAR {:e} on genuine pairs with a blurred image (same threshold)", v.tar_low_quality * 100.0, v.far);
+        }
+        println!("low quality: top-1 {:.2}% on the {} blurred queries", top1_low_quality * 100.0, q_low.iter().filter(|&&l| l).count());
+    }
     println!("centers exported to {}", export.display());
     let curves = a.out.join("curves.png");
     records.plot(&curves, &format!("pfc train: {} classes, d = {}, batch {}, sample rate {}, {}", a.classes, a.dim, a.batch, a.sample_rate, a.margin))?;
@@ -467,14 +566,98 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let summary = serde_json::json!({
         "classes": a.classes, "dim": a.dim, "batch": a.batch, "steps": a.steps, "sample_rate": decimal(a.sample_rate),
         "margin": a.margin, "filter": decimal(a.filter), "label_noise": decimal(a.label_noise), "conflicts": decimal(a.conflicts),
-        "tail": a.tail, "noise": decimal(a.noise), "shards": a.shards, "seed": a.seed,
+        "tail": a.tail, "noise": decimal(a.noise), "low_quality": decimal(a.low_quality),
+        "blur": if a.low_quality > 0.0 { Some(decimal(world.blur)) } else { None }, "shards": a.shards, "seed": a.seed,
         "lr": decimal(a.lr), "backbone_lr": decimal(a.backbone_lr),
         "train_seconds": sig6(train_time), "last_loss": sig6(last_loss),
-        "tar_far_1e-3": sig6(verification_tar(&verification, 1e-3)), "tar_far_1e-4": sig6(verification_tar(&verification, 1e-4)),
+        "tar_far_1e-3": sig6(verification_at(&verification, 1e-3, |v| v.tar)), "tar_far_1e-4": sig6(verification_at(&verification, 1e-4, |v| v.tar)),
         "top1": sig6(top1), "top5": sig6(top5),
+        "low_quality_share": sig6(blurred_images as f64 / ((a.steps - first_step) * a.batch as u64) as f64),
+        "norm_quality_correlation": sig6(norm_quality),
+        "tar_far_1e-3_low_quality": sig6(verification_at(&verification, 1e-3, |v| v.tar_low_quality)),
+        "tar_far_1e-4_low_quality": sig6(verification_at(&verification, 1e-4, |v| v.tar_low_quality)),
+        "top1_low_quality": sig6(top1_low_quality),
     });
     let mut f = partialfc::fsutil::AtomicFile::create(&a.out.join("summary.json")).map_err(|e| e.message)?;
     f.write_all(format!("{summary:#}\n").as_bytes()).map_err(|e| e.message)?;
     f.commit().map_err(|e| e.message)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn world(args: &[&str]) -> World {
+        let mut all = vec!["train", "--classes", "50"];
+        all.extend_from_slice(args);
+        World::new(&TrainArgs::parse_from(all))
+    }
+
+    fn magnitude(x: &[f32]) -> f64 {
+        x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt()
+    }
+
+    /// The share of blurred images is --low-quality, their blur uniform in (0, --blur], and a blurred
+    /// image is darker (smaller magnitude) than the clean image of the same identity and instance,
+    /// and further from its identity's noise-free image in direction.
+    #[test]
+    fn the_low_quality_share_and_blur_are_what_the_options_say() {
+        let w = world(&["--low-quality", "0.3", "--blur", "0.5"]);
+        let images = 40_000u64;
+        let (mut blurs, mut darker, mut brighter) = (Vec::new(), 0, 0);
+        let (mut cos_clean, mut cos_blurred) = (Vec::new(), Vec::new());
+        let (mut img, mut clean, mut ideal) = ([0f32; INPUT_DIM], [0f32; INPUT_DIM], [0f32; INPUT_DIM]);
+        let reference = world(&[]);
+        for i in 0..images {
+            let (label, b) = w.sample(i, &mut img);
+            rng::init_center(w.seed, w.identity_of_label[label as usize], 1.0, &mut ideal);
+            ideal.iter_mut().for_each(|v| *v = v.tanh());
+            let cos = img.iter().zip(&ideal).map(|(&p, &q)| (p * q) as f64).sum::<f64>() / (magnitude(&img) * magnitude(&ideal));
+            if b > 0.0 {
+                assert!(b <= 0.5, "blur {b}");
+                blurs.push(b as f64);
+                cos_blurred.push(cos);
+                // The clean image of the same identity and instance, from a world without blur.
+                assert_eq!(reference.sample(i, &mut clean).1, 0.0);
+                if magnitude(&img) < magnitude(&clean) { darker += 1 } else { brighter += 1 }
+            } else {
+                cos_clean.push(cos);
+            }
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        assert!(mean(&cos_blurred) < mean(&cos_clean) - 0.05, "cosine to the identity {} blurred, {} clean", mean(&cos_blurred), mean(&cos_clean));
+        let share = blurs.len() as f64 / images as f64;
+        // 5 standard deviations of a binomial share over 40,000 draws is 0.011.
+        assert!((share - 0.3).abs() < 0.011, "share {share}");
+        assert!((mean(&blurs) - 0.25).abs() < 0.01, "mean blur {}, uniform in (0, 0.5] has 0.25", mean(&blurs));
+        assert!(darker > 9 * brighter, "{darker} blurred images darker than their clean version, {brighter} not");
+    }
+
+    /// Clean images are the same whatever the low-quality share, and no image is blurred without it:
+    /// the data of a run without --low-quality are those of the runs before the option existed.
+    #[test]
+    fn clean_images_do_not_depend_on_the_low_quality_options() {
+        let (plain, mixed) = (world(&[]), world(&["--low-quality", "0.5"]));
+        let (mut a, mut b) = ([0f32; INPUT_DIM], [0f32; INPUT_DIM]);
+        let mut clean = 0;
+        for i in 0..2000 {
+            let (label_a, blur_a) = plain.sample(i, &mut a);
+            let (label_b, blur_b) = mixed.sample(i, &mut b);
+            assert_eq!((label_a, blur_a), (label_b, 0.0));
+            if blur_b == 0.0 {
+                assert_eq!(a, b);
+                clean += 1;
+            }
+        }
+        assert!((900..1100).contains(&clean), "{clean} of 2000 clean at --low-quality 0.5");
+        assert_eq!(mixed.blur, DEFAULT_BLUR);
+    }
+
+    #[test]
+    fn correlation_is_pearsons() {
+        assert!((correlation(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.5]) - 0.997949).abs() < 1e-6);
+        assert!((correlation(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+        assert!(correlation(&[1.0, 2.0], &[1.0, 1.0]).is_nan());
+    }
 }

@@ -4,6 +4,7 @@ docs/experiments/results/, and draws the plots (PNG) and tables from them.
 
     python3 scripts/experiments.py accuracy   # sample rate 1.0 / 0.3 / 0.1 on the same data
     python3 scripts/experiments.py noise      # label noise and conflicts, with and without the filter
+    python3 scripts/experiments.py quality [margin…]  # ArcFace vs AdaFace on data with blurred images
     python3 scripts/experiments.py scale [C…] # memory and step time as the class count grows
     python3 scripts/experiments.py report     # plots + tables (markdown on stdout)
 
@@ -18,12 +19,12 @@ PLOTS = os.path.join(ROOT, "docs", "experiments")
 
 # One data set for the accuracy experiments: 20k identities, long tail, noisy images.
 DATA = ["--classes", "20000", "--dim", "128", "--batch", "512", "--steps", "1500", "--noise", "1.0",
-        "--eval-identities", "2000", "--log-every", "100", "--seed", "7"]
+        "--eval-identities", "2000", "--log-every", "100"]
 
 
-def train(name, extra):
+def train(name, extra, seed="7"):
     out = os.path.join("/tmp", "pfc-exp", name)
-    cmd = [PFC, "train", "--out", out] + DATA + extra
+    cmd = [PFC, "train", "--out", out] + DATA + ["--seed", seed] + extra
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     with open(os.path.join(out, "summary.json")) as f:
@@ -48,6 +49,21 @@ def noise():
     train("noise-nofilter", dirty)
     train("noise-filter", dirty + ["--filter", "0.4"])
     train("clean-filter", ["--sample-rate", "0.1", "--filter", "0.4"])
+
+
+# The quality experiment's data: DATA with a share of the images blurred, (share, strongest blur):
+# moderate (30%, up to 0.6) and harsh (50%, up to 0.9: many blurred images are unrecognizable).
+QUALITY = {"moderate": ("0.3", "0.6"), "harsh": ("0.5", "0.9")}
+QUALITY_SEEDS = ["7", "8", "9", "10", "11"]
+
+
+def quality():
+    # Seed 7 is the comparison; the other seeds show how far apart two runs of one margin fall.
+    for data, (share, blur) in QUALITY.items():
+        for seed in QUALITY_SEEDS:
+            for margin in sys.argv[2:] or ["arcface", "adaface"]:
+                train("quality-%s-%s-seed%s" % (data, margin, seed),
+                      ["--sample-rate", "0.1", "--low-quality", share, "--blur", blur, "--margin", margin], seed)
 
 
 def scale():
@@ -136,4 +152,4 @@ def report():
 
 
 if __name__ == "__main__":
-    {"accuracy": accuracy, "noise": noise, "scale": scale, "report": report}[sys.argv[1]]()
+    {"accuracy": accuracy, "noise": noise, "quality": quality, "scale": scale, "report": report}[sys.argv[1]]()

@@ -4,7 +4,7 @@ docs/experiments/results/, and draws the plots (PNG) and tables from them.
 
     python3 scripts/experiments.py accuracy   # sample rate 1.0 / 0.3 / 0.1 on the same data
     python3 scripts/experiments.py noise      # label noise and conflicts, with and without the filter
-    python3 scripts/experiments.py quality [margin…]  # ArcFace vs AdaFace on data with blurred images
+    python3 scripts/experiments.py quality [margin…]  # ArcFace vs AdaFace vs CurricularFace, blurred images
     python3 scripts/experiments.py scale [C…] # memory and step time as the class count grows
     python3 scripts/experiments.py report     # plots + tables (markdown on stdout)
 
@@ -61,7 +61,7 @@ def quality():
     # Seed 7 is the comparison; the other seeds show how far apart two runs of one margin fall.
     for data, (share, blur) in QUALITY.items():
         for seed in QUALITY_SEEDS:
-            for margin in sys.argv[2:] or ["arcface", "adaface"]:
+            for margin in sys.argv[2:] or ["arcface", "adaface", "curricular"]:
                 train("quality-%s-%s-seed%s" % (data, margin, seed),
                       ["--sample-rate", "0.1", "--low-quality", share, "--blur", blur, "--margin", margin], seed)
 

@@ -135,6 +135,10 @@ def report():
         fig.tight_layout(); fig.savefig(os.path.join(PLOTS, "noise-filter.png"), dpi=120)
         print()
 
+    runs = load("quality-")
+    if runs:
+        quality_report(runs, plt)
+
     runs = load("scale-")
     if runs:
         runs.sort(key=lambda r: r[1]["classes"])
@@ -149,6 +153,63 @@ def report():
         ax2.set_ylabel("peak memory (GiB)", color="C1"); ax1.set_xlabel("classes (millions), r = 0.1, d = 512, N = 256")
         ax1.set_title("Step time and memory vs class count (CPU, 2 cores)"); ax1.grid(alpha=0.3)
         fig.tight_layout(); fig.savefig(os.path.join(PLOTS, "scale.png"), dpi=120)
+
+
+def quality_report(runs, plt):
+    import statistics
+    margins = [m for m in ["arcface", "adaface", "curricular"] if any(r["margin"] == m for _, r in runs)]
+    datas = [d for d in QUALITY if any(n.startswith("quality-%s-" % d) for n, _ in runs)]
+    pick = lambda d, m: [r for n, r in runs if n.startswith("quality-%s-%s-seed" % (d, m))]
+    describe = lambda d: "%s: %g%% blurred, blur up to %g" % ((d,) + tuple(float(x) * f for x, f in zip(QUALITY[d], (100, 1))))
+    pct = lambda x: "%.2f%%" % (100 * x)
+
+    print("Seed 7:")
+    print()
+    print("| data | margin | TAR@FAR=1e-3 | TAR@FAR=1e-4 | top-1 | top-5 | blurred pairs TAR@1e-3 | blurred pairs TAR@1e-4 | blurred queries top-1 | norm–quality correlation |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for d in datas:
+        for m in margins:
+            for r in pick(d, m):
+                if r["seed"] == 7:
+                    print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %.3f |" % (
+                        d, m, pct(r["tar_far_1e-3"]), pct(r["tar_far_1e-4"]), pct(r["top1"]), pct(r["top5"]),
+                        pct(r["tar_far_1e-3_low_quality"]), pct(r["tar_far_1e-4_low_quality"]), pct(r["top1_low_quality"]),
+                        r["norm_quality_correlation"]))
+    print()
+    keys = [("tar_far_1e-3", "TAR@1e-3"), ("tar_far_1e-4", "TAR@1e-4"), ("top1", "top-1"), ("tar_far_1e-3_low_quality", "blurred TAR@1e-3")]
+    print("Seeds %s, mean (lowest–highest); against ArcFace: the mean paired difference and the seeds on which the margin is ahead:" % ", ".join(QUALITY_SEEDS))
+    print()
+    print("| data | margin | " + " | ".join(k[1] for k in keys) + " | " + " | ".join("Δ %s vs ArcFace" % k[1] for k in keys) + " |")
+    print("|---|---|" + "---|" * (2 * len(keys)))
+    for d in datas:
+        base = {r["seed"]: r for r in pick(d, "arcface")}
+        for m in margins:
+            rs = pick(d, m)
+            cells = ["%.2f%% (%.2f–%.2f)" % tuple(100 * f([r[k] for r in rs]) for f in (statistics.mean, min, max)) for k, _ in keys]
+            if m == "arcface":
+                deltas = ["–"] * len(keys)
+            else:
+                deltas = []
+                for k, _ in keys:
+                    diff = [r[k] - base[r["seed"]][k] for r in rs if r["seed"] in base]
+                    deltas.append("%+.2f pts, ahead on %d of %d" % (100 * statistics.mean(diff), sum(x > 0 for x in diff), len(diff)))
+            print("| %s | %s | %s | %s |" % (d, m, " | ".join(cells), " | ".join(deltas)))
+    print()
+
+    fig, axes = plt.subplots(1, len(datas), figsize=(5 * len(datas), 3.5), squeeze=False)
+    for ax, d in zip(axes[0], datas):
+        width = 0.8 / len(margins)
+        for i, m in enumerate(margins):
+            rs = pick(d, m)
+            means = [100 * statistics.mean(r[k] for r in rs) for k, _ in keys]
+            low = [mu - 100 * min(r[k] for r in rs) for mu, (k, _) in zip(means, keys)]
+            high = [100 * max(r[k] for r in rs) - mu for mu, (k, _) in zip(means, keys)]
+            ax.bar([x + (i - (len(margins) - 1) / 2) * width for x in range(len(keys))], means, width=width, yerr=[low, high], capsize=3, label=m)
+        ax.set_xticks(range(len(keys))); ax.set_xticklabels([k[1] for k in keys], fontsize=8); ax.set_ylim(0, 100)
+        ax.set_ylabel("%"); ax.set_title(describe(d), fontsize=9); ax.grid(alpha=0.3, axis="y"); ax.legend(loc="upper right", fontsize=8)
+    fig.suptitle("Margins on data with blurred images (mean of %d seeds, bars: lowest–highest)" % len(QUALITY_SEEDS), fontsize=10)
+    fig.tight_layout(); fig.savefig(os.path.join(PLOTS, "quality-margins.png"), dpi=120)
+    print()
 
 
 if __name__ == "__main__":

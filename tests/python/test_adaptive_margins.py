@@ -1,7 +1,7 @@
 """partialfc.torch.AdaFace and CurricularFace as PartialFC_V2's margin_loss (SPEC §1.6a, issue #25):
 the authors' heads' vectors (../shared/golden/adaface_*, curricular_*) through the drop-in, in one
-process and over two; the float64 models (model.py) on the sampled columns at sample_rate < 1, with
-AdamW and gradient accumulation; the running statistics in margin_state, through state_dict and
+process and over two; the float64 models (model.py) on the sampled columns at sample_rate < 1 (through
+the drop-in, and the library's head over three shards), with AdamW and gradient accumulation; the running statistics in margin_state, through state_dict and
 untouched by evaluation; settings without a meaning refused by name."""
 import io
 import warnings
@@ -17,6 +17,7 @@ from model import (adaptive_margin_head, adaptive_margin_state, golden_margin, g
                    set_adaptive_margin_state)
 from partialfc import PartialFCError
 from partialfc import _native as n
+from partialfc._head import Batch, Head, config
 from partialfc.torch import AdaFace, CombinedMarginLoss, CurricularFace, PartialFC_V2
 from test_distributed import free_port
 
@@ -104,6 +105,53 @@ def test_sampled_columns_match_the_float64_model(golden_dir, head):
                   "weight": rel(centers, model.weight.detach()), "state": rel(statistics(module), torch.tensor(adaptive_margin_state(model)))}
         for what, err in errors.items():
             assert err < TOLERANCE, f"{head} r=0.25 step {step} {what}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_three_shards_on_their_sampled_columns_match_the_float64_model(golden_dir, head):
+    # The library's head itself (three local shards, each sampling a quarter of its classes, the
+    # batch split over them): CurricularFace's target cosines and AdaFace's statistics must cross
+    # the shards for the softmax over the union of their sampled columns to be the model's.
+    _, cfg, t = golden_case(golden_dir, head)
+    cfg = other_settings(cfg)
+    margin = golden_margin(cfg).config_fields()
+    c, d = cfg["num_classes"], cfg["embedding_dim"]
+    lib = Head(config(num_classes=c, embedding_dim=d, sample_rate=0.25, local_shards=3, lr=cfg["lr"],
+                      momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], **margin))
+    init = t["weight_init"].contiguous()
+    lib.set_centers(0, c, init.data_ptr())
+    model = adaptive_margin_head(cfg, init)
+    momentum = torch.zeros_like(model.weight)
+    for step in range(cfg["steps"]):
+        emb, labels = t[f"emb.{step}"].contiguous(), t[f"labels.{step}"].contiguous()
+        grad = torch.empty_like(emb)
+        rows = [len(r) for r in torch.arange(len(labels)).chunk(3)]
+        starts = [sum(rows[:i]) for i in range(3)]
+        batches = [Batch(emb[a:].data_ptr(), labels[a:].data_ptr(), grad[a:].data_ptr(), r, n.PFC_DTYPE_F32)
+                   for a, r in zip(starts, rows)]
+        before = torch.empty(c, d)
+        lib.get_centers(0, c, before.data_ptr())
+        stats = lib.train_step(batches)
+        centers = torch.empty(c, d)
+        lib.get_centers(0, c, centers.data_ptr())
+        sampled = torch.where((centers != before).any(dim=1))[0]
+        assert len(sampled) == stats.sampled_classes and set(labels.tolist()) <= set(sampled.tolist())
+        e64 = emb.double().requires_grad_(True)
+        loss64 = model(e64, labels, sampled)
+        loss64.backward()
+        expected = float(loss64.detach())
+        with torch.no_grad():
+            w = model.weight
+            momentum[sampled] = cfg["momentum"] * momentum[sampled] + w.grad[sampled] + cfg["weight_decay"] * w[sampled]
+            w[sampled] -= cfg["lr"] * momentum[sampled]
+            w.grad = None
+        # Each shard returns local_shards × its rows' gradient of the mean loss (the reference's convention).
+        errors = {"loss": abs(stats.loss - expected) / expected, "grad_emb": rel(grad / 3, e64.grad),
+                  "weight": rel(centers, model.weight.detach()),
+                  "state": rel(torch.tensor(lib.margin_state()), torch.tensor(adaptive_margin_state(model)))}
+        for what, err in errors.items():
+            assert err < TOLERANCE, f"{head} 3 shards r=0.25 step {step} {what}: relative error {err:.3g}"
+    lib.close()
 
 
 @pytest.mark.parametrize("head", HEADS)

@@ -463,6 +463,9 @@ fn elapsed_time_needs_completed_timing_events() {
         result::event::record(end, s).unwrap();
         result::event::record(untimed, s).unwrap();
         assert_eq!(result::event::elapsed(start, end), Err(err(CUresult::CUDA_ERROR_NOT_READY)), "the end event is still queued");
+        // The start event has passed before the host's clock starts: on a loaded machine the
+        // stream's thread may reach it late, which would shorten the interval measured below.
+        result::event::synchronize(start).unwrap();
         let held = Instant::now();
         std::thread::sleep(Duration::from_millis(30));
         gate.open();

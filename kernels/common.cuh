@@ -36,6 +36,10 @@ typedef unsigned short u16;
 #define SELECT_COUNT 4
 #define SELECT_WORDS 5
 
+// The margin kinds the kernels tell apart (PFC_MARGIN_*, src/config.rs `MarginKind::code`; a test
+// checks that the two agree).
+#define MARGIN_ADAFACE 1
+
 __device__ __forceinline__ u16 f32_to_bf16(float v) {
     // Round to nearest even; inputs are finite (validated on entry).
     u32 bits = __float_as_uint(v);
@@ -76,15 +80,17 @@ __device__ __forceinline__ void store_from_f32(void* base, u64 index, float v, i
     else ((float*)base)[index] = v;
 }
 
-// Sum over a block of up to 1024 threads; every thread gets the result.
-__device__ __forceinline__ float block_sum(float v, float* scratch /* 32 floats */) {
+// Sum over a block of up to 1024 threads (f32, or f64 where the CPU backend sums in f64); every
+// thread gets the result.
+template <class T>
+__device__ __forceinline__ T block_sum(T v, T* scratch /* 32 values */) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     const int warps = (blockDim.x + 31) >> 5;
-    v = lane < warps ? scratch[lane] : 0.0f;
+    v = lane < warps ? scratch[lane] : T(0);
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }

@@ -1,26 +1,26 @@
 // The backward pass of one shard: ∂loss/∂cos over the sampled columns, the embedding gradient
 // through its normalization, and the sparse update of the sampled centers.
 
-// g[j][i] = (softmax − onehot)/N · ∂z/∂cos, 0 where the filter removed the column or the clamp was
-// active; written in `dtype` for the backward GEMMs, from the reduced statistics as they are
+// g[j][i] = (softmax − onehot)/N · ∂z/∂cos, 0 where the filter removed the column or the clamp to
+// [−bound, bound] was active; written in `dtype` for the backward GEMMs, from the reduced statistics as they are
 // (`sums` = [Σexp, non-target Σexp], N each, relative to `row_max`). The target's p_y − 1 is
 // −Σ_{j≠y} p_j, exact when p_y is near 1. Mirrors `cos_gradient` of the CPU backend and
 // src/backend/step.rs `softmax_factors`.
 extern "C" __global__ void cos_gradient(const float* cos, int k, int n, const int* col, const float* target_logit,
                                         const float* target_slope, const float* row_max, const float* sums,
-                                        float inv_batch, float s, float filter, void* grad, int dtype) {
+                                        float inv_batch, float s, float filter, float bound, void* grad, int dtype) {
     const u64 total = (u64)k * n;
     for (u64 at = blockIdx.x * (u64)blockDim.x + threadIdx.x; at < total; at += (u64)gridDim.x * blockDim.x) {
         const int j = (int)(at / n), i = (int)(at % n);
         const float raw = cos[at];
-        const float c = fminf(fmaxf(raw, -1.0f), 1.0f);
+        const float c = fminf(fmaxf(raw, -bound), bound);
         const bool is_target = col[i] == j;
         const bool filtered = !is_target && filter > 0.0f && c > filter;
         const float z = is_target ? target_logit[i] : (filtered ? 0.0f : s * c);
         const float inv_sum = 1.0f / sums[i];
         const float prob = __expf(z - row_max[i]) * inv_sum;
         const float slope = is_target ? target_slope[i] : (filtered ? 0.0f : s);
-        const bool inside = raw >= -1.0f && raw <= 1.0f;
+        const bool inside = raw >= -bound && raw <= bound;
         const float g = inside ? (is_target ? -(sums[n + i] * inv_sum) : prob) * inv_batch * slope : 0.0f;
         store_from_f32(grad, at, g, dtype);
     }

@@ -4,12 +4,16 @@
 
 #define PI_D 3.14159265358979323846
 
-// Target logit s·(cos(m1·θ + m2) − m3) of rows whose label is on this shard, its slope ∂z/∂cos
-// (straight-through: s) and the clamped target cosine; other rows get 0, 0 and −∞. `cosines`
-// holds the sampled columns [first, first + count) (one class chunk): rows whose target lies in
-// another chunk are left to that chunk's launch, rows without one are written by the first.
+// Target logit of rows whose label is on this shard, its slope ∂z/∂cos and the target cosine
+// clamped to [−1, 1]; other rows get 0, 0 and −∞. The combined margin: s·(cos(m1·θ + m2) − m3),
+// its slope exact or straight-through (s). AdaFace (`kind`, with the row's scaler g): the cosine
+// clamped to [−bound, bound], s·(cos(clip(θ − m·g, eps, π − eps)) − (m + m·g)), its slope exact
+// and 0 where the clip holds. `cosines` holds the sampled columns [first, first + count) (one class
+// chunk): rows whose target lies in another chunk are left to that chunk's launch, rows without
+// one are written by the first.
 extern "C" __global__ void target_logits(const float* cosines, int n, const int* col, int first, int count, float s, float m1,
-                                         float m2, float m3, int fallback, int exact, float* logit, float* slope,
+                                         float m2, float m3, int fallback, int exact, int kind, float margin,
+                                         const float* scaler, float bound, double eps, float* logit, float* slope,
                                          float* target_cos) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -23,7 +27,18 @@ extern "C" __global__ void target_logits(const float* cosines, int n, const int*
         return;
     }
     if (c_col < first || c_col - first >= count) return;
-    const double c = fmin(fmax((double)cosines[(u64)(c_col - first) * n + i], -1.0), 1.0);
+    const float raw = cosines[(u64)(c_col - first) * n + i];
+    const double c = fmin(fmax((double)raw, -1.0), 1.0);
+    target_cos[i] = (float)c;
+    if (kind == MARGIN_ADAFACE) {
+        const double ca = fmin(fmax((double)raw, -(double)bound), (double)bound);
+        const double m = (double)margin, g = (double)scaler[i];
+        const double theta = acos(ca), moved = theta - m * g;
+        const double angle = fmin(fmax(moved, eps), PI_D - eps);
+        logit[i] = (float)((double)s * (cos(angle) - (m + m * g)));
+        slope[i] = angle == moved ? (float)((double)s * sin(angle) / sin(theta)) : 0.0f;
+        return;
+    }
     const double theta = acos(c), angle = (double)m1 * theta + (double)m2;
     double value, d;
     if (fallback && angle > PI_D) {
@@ -35,11 +50,12 @@ extern "C" __global__ void target_logits(const float* cosines, int n, const int*
     }
     logit[i] = (float)((double)s * (value - (double)m3));
     slope[i] = exact ? (float)((double)s * d) : s;
-    target_cos[i] = (float)c;
 }
 
-__device__ __forceinline__ float column_logit(float raw, bool is_target, float target, float s, float filter) {
-    const float c = fminf(fmaxf(raw, -1.0f), 1.0f);
+// A column's logit: the target's, or s·c of the cosine clamped to [−bound, bound] (1, or AdaFace's
+// 1 − eps), 0 where the filter removes it.
+__device__ __forceinline__ float column_logit(float raw, bool is_target, float target, float s, float filter, float bound) {
+    const float c = fminf(fmaxf(raw, -bound), bound);
     if (is_target) return target;
     return (filter > 0.0f && c > filter) ? 0.0f : s * c;
 }
@@ -50,7 +66,7 @@ __device__ __forceinline__ float column_logit(float raw, bool is_target, float t
 // keeps no digits when p_y → 1 (SPEC §1.7). `cos` holds the k sampled columns from `first` on (one
 // class chunk). Grid: x over rows, y over groups of `cols` columns; results at [y][i].
 extern "C" __global__ void row_stats(const float* cos, int k, int n, const int* col, int first, const float* target_logit,
-                                     float s, float filter, int cols, float* part_max, float* part_sum, float* part_rest,
+                                     float s, float filter, float bound, int cols, float* part_max, float* part_sum, float* part_rest,
                                      float* part_other) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -61,7 +77,7 @@ extern "C" __global__ void row_stats(const float* cos, int k, int n, const int* 
     for (int j = j0; j < j1; j++) {
         const float raw = cos[(u64)j * n + i];
         const bool is_target = j == target_col;
-        const float z = column_logit(raw, is_target, target, s, filter);
+        const float z = column_logit(raw, is_target, target, s, filter, bound);
         if (z > m) {
             const float f = __expf(m - z);
             sum = sum * f + 1.0f;

@@ -95,7 +95,7 @@ export PFC_REQUIRE_GPU=1 PFC_SHARED_DIR="$PWD/.gpu/shared" PFC_BIN="$PWD/.gpu/pf
 mkdir -p .gpu/tmp
 # One module of the tests' binary at a time (`kernels::` matches that module's tests only). A filter
 # that matches nothing passes with "0 passed", so each must report tests that ran.
-for t in kernels gpu gpu_step gpu_jobs golden nccl; do
+for t in kernels gpu gpu_step gpu_jobs gpu_margins golden nccl; do
     echo "--- $t"
     run "test $t" 150 .gpu/tests/all "$t::" --test-threads=1 >.gpu/test-$t.log 2>&1
     cat .gpu/test-$t.log

@@ -427,7 +427,7 @@ fn write_manifest(head: &Head, dir: &Path, save_id: &str, mut shards: Vec<Value>
         "sample_rate": cfg.sample_rate,
         "margin": {"scale": m.scale, "m1": m.m1, "m2": m.m2, "m3": m.m3, "interclass_filter": m.interclass_filter},
         "margin_kind": margin_kind_name(m.kind),
-        "margin_state": head.margin_state(),
+        "margin_state": head.margin_state()?,
         "world_size": cfg.world_size,
         "shards": shards,
     })

@@ -41,7 +41,7 @@ pub fn target_logit(m: &MarginConfig, c: f32) -> TargetLogit {
 /// [eps, π − eps].
 pub const ADAFACE_EPS: f64 = 1e-3;
 /// AdaFace's clip of each embedding norm before its statistics.
-const ADAFACE_NORM_RANGE: (f64, f64) = (0.001, 100.0);
+pub(crate) const ADAFACE_NORM_RANGE: (f64, f64) = (0.001, 100.0);
 
 /// The largest |cosine| a margin lets through; beyond it the clamp holds and no gradient flows.
 pub fn cosine_bound(m: &MarginConfig) -> f32 {

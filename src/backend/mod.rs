@@ -115,8 +115,8 @@ pub trait ShardState {
     fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()>;
     /// The margin's running statistics (`MarginState::values`), the same on every shard; none for
     /// the combined margin.
-    fn margin_state(&self) -> Vec<f32> {
-        Vec::new()
+    fn margin_state(&self) -> Result<Vec<f32>> {
+        Ok(Vec::new())
     }
     /// Overwrites them (a checkpoint's); a backend without adaptive margins takes only none.
     fn set_margin_state(&mut self, values: &[f32]) -> Result<()> {

@@ -502,7 +502,7 @@ pub extern "C" fn pfc_margin_state(head: *const pfc_head, out: *mut f32, cap: u3
         if out.is_null() && cap > 0 {
             return Err(Error::null("out"));
         }
-        let state = h.margin_state();
+        let state = h.margin_state()?;
         let written = state.len().min(cap as usize);
         unsafe {
             if written > 0 {

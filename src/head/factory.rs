@@ -35,9 +35,9 @@ pub(crate) fn create(cfg: &Config, group: &Arc<ProcessGroup>, process_shards: &[
             };
             Ok(Box::new(Driver::new(CpuBackend::new(cfg)?, coll, group.clone(), cfg.embedding_dim, cfg.first_rank, cfg.margin.kind)))
         }
-        BackendKind::Cuda if cfg.margin.kind != MarginKind::Combined => Err(Error::new(
+        BackendKind::Cuda if matches!(cfg.margin.kind, MarginKind::Curricular { .. }) => Err(Error::new(
             Status::Unavailable,
-            "margin_kind: the CUDA backend offers the combined margin only in this version; AdaFace and CurricularFace run on the CPU backend",
+            "margin_kind PFC_MARGIN_CURRICULAR: the CUDA backend does not offer CurricularFace in this version (the CPU backend does)",
         )),
         BackendKind::Cuda => {
             let ordinals: Vec<i32> =

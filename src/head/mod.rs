@@ -82,7 +82,7 @@ impl Head {
     /// The margin's running statistics (SPEC §1.6a: AdaFace's running norm mean and standard
     /// deviation, CurricularFace's t; none for the combined margin), the same on every shard and
     /// process.
-    pub fn margin_state(&self) -> Vec<f32> {
+    pub fn margin_state(&self) -> Result<Vec<f32>> {
         self.driver.state().margin_state()
     }
 

@@ -31,7 +31,7 @@ fn create(cfg: &pfc_config) -> (pfc_status, String) {
 }
 
 /// Rows of norms spread over [1, 30], so that AdaFace's margins differ by row.
-fn batch(c: u64, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
+pub(crate) fn batch(c: u64, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
     let mut rng = Rng(seed);
     let mut e = Vec::with_capacity(n * d);
     for _ in 0..n {
@@ -67,13 +67,15 @@ fn adaface_refuses_the_combined_margins_options_and_parameters_out_of_range() {
     }
 }
 
+/// CurricularFace on CUDA, before any device is looked for.
 #[test]
 fn the_kinds_this_version_does_not_offer_are_refused_by_name() {
     let mut cfg = adaface(100, 8);
+    cfg.margin_kind = PFC_MARGIN_CURRICULAR;
     cfg.backend = PFC_BACKEND_CUDA;
     let (status, message) = create(&cfg);
     assert_eq!(status, PFC_ERR_UNAVAILABLE, "{message}");
-    assert!(message.contains("margin_kind") && message.contains("CPU"), "{message}");
+    assert!(message.contains("PFC_MARGIN_CURRICULAR") && message.contains("CPU"), "{message}");
 }
 
 /// The running statistics start at the authors' 20 and 100; evaluation and refused steps leave

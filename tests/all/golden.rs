@@ -6,10 +6,14 @@ use crate::common::*;
 const TOL: f64 = 1e-4;
 
 fn run(g: &Golden, shards: usize) {
+    check(g, &TestHead::new(&g.pfc_config(shards as u32)), shards);
+}
+
+/// The file's steps on `head`, a head of `shards` shards made from the file's configuration.
+fn check(g: &Golden, head: &TestHead, shards: usize) {
     let (c, d) = (g.usize("num_classes"), g.usize("embedding_dim"));
     let world = g.usize("world_size");
     let steps = g.usize("steps");
-    let head = TestHead::new(&g.pfc_config(shards as u32));
     let init = g.f32("weight_init");
     head.set_centers(&init);
     for t in 0..steps {
@@ -65,6 +69,23 @@ fn curricular_golden_at_one_two_and_three_shards() {
     for g in Golden::of_head("curricular") {
         for shards in [1, 2, 3] {
             run(&g, shards);
+        }
+    }
+}
+
+/// The same on the CUDA backend, over 1, 2 and 3 GPUs (on the emulation where no GPU is; a GPU
+/// machine with fewer runs the counts it has).
+#[test]
+fn cuda_adaface_golden_at_one_two_and_three_gpus() {
+    if !on_cuda(module_path!(), "cuda_adaface_golden_at_one_two_and_three_gpus") {
+        return;
+    }
+    for g in Golden::of_head("adaface") {
+        for gpus in [1, 2, 3] {
+            if crate::gpu_jobs::has_gpus(gpus, &format!("{} over {gpus} GPUs", g.name)) {
+                let devices: Vec<i32> = (0..gpus as i32).collect();
+                check(&g, &crate::gpu_jobs::cuda_head(&g.pfc_config(gpus as u32), &devices), gpus);
+            }
         }
     }
 }

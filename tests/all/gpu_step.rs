@@ -57,7 +57,7 @@ fn per_step(before: &Value, after: &Value, steps: u64, keys: &[&str]) -> Vec<(St
         .collect()
 }
 
-const COUNTED: [&str; 12] = [
+const COUNTED: [&str; 14] = [
     "allocations",
     "frees",
     "memsets",
@@ -70,13 +70,18 @@ const COUNTED: [&str; 12] = [
     "launches.cos_gradient",
     "launches.target_logits",
     "launches.sample_keys",
+    "launches.embedding_norms",
+    "launches.adaface_scalers",
 ];
 
-/// The counts of [`COUNTED`] a warm training step must make on a GPU: no allocation, free, memset
-/// or synchronisation; `uploads` and `reads` copies, the reads of `read_bytes` in all; the cosines
-/// written by one GEMM and passed over by one kernel forward and one backward; one sampling.
-fn warm_step(uploads: u64, reads: u64, read_bytes: u64) -> Vec<(String, u64)> {
-    let counts = [0, 0, 0, uploads, reads, read_bytes, 0, 3, 1, 1, 1, 1];
+/// The counts of [`COUNTED`] a warm training step with `margin` (`PFC_MARGIN_*`) must make on a
+/// GPU: no allocation, free, memset or synchronisation; `uploads` and `reads` copies, the reads of
+/// `read_bytes` in all; the cosines written by one GEMM and passed over by one kernel forward and
+/// one backward; one sampling. AdaFace adds its norms and its statistics with the row scalers, one
+/// launch each, and nothing else: its running statistics stay on the device.
+fn warm_step(uploads: u64, reads: u64, read_bytes: u64, margin: i32) -> Vec<(String, u64)> {
+    let adaface = u64::from(margin == PFC_MARGIN_ADAFACE);
+    let counts = [0, 0, 0, uploads, reads, read_bytes, 0, 3, 1, 1, 1, 1, adaface, adaface];
     COUNTED.iter().zip(counts).map(|(k, v)| (k.to_string(), v)).collect()
 }
 
@@ -102,14 +107,22 @@ fn pool_use(ordinal: i32) -> (u64, u64) {
 /// step's finiteness, before anything changes (the sampled count is not read: the 40 rows cannot
 /// hold more positives than the 1,000 negatives budget). The cosines are written once (one GEMM)
 /// and read by two kernels (`row_stats` forward, `cos_gradient` backward). The gradients and
-/// centers are those of a head given the same rows as host batches.
+/// centers are those of a head given the same rows as host batches. The same with AdaFace, whose
+/// running statistics never leave the device in a step.
 #[test]
 fn a_warm_step_on_device_batches_allocates_nothing_and_waits_only_for_its_verdicts() {
     if !on_cuda(module_path!(), "a_warm_step_on_device_batches_allocates_nothing_and_waits_only_for_its_verdicts") {
         return;
     }
+    for margin in [PFC_MARGIN_COMBINED, PFC_MARGIN_ADAFACE] {
+        warm_steps_on_device_batches(margin);
+    }
+}
+
+fn warm_steps_on_device_batches(margin: i32) {
     let (c, d, n) = (5003u64, 64usize, 40usize);
-    let cfg = config(c, d, 0.2, PFC_DTYPE_F32, 1);
+    let mut cfg = config(c, d, 0.2, PFC_DTYPE_F32, 1);
+    cfg.margin_kind = margin;
     let (warm, measured) = (2usize, 3usize);
     let batches: Vec<(Vec<f32>, Vec<i64>)> = (0..warm + measured).map(|s| data(c, d, n, 500 + s as u64)).collect();
     let host_head = cuda_head(&cfg, &[0]);
@@ -141,18 +154,19 @@ fn a_warm_step_on_device_batches_allocates_nothing_and_waits_only_for_its_verdic
     let pool_after = pool_use(0);
     for (step, out) in read.iter().enumerate() {
         let got: Vec<f32> = stream.clone_dtoh(out).unwrap();
-        assert_eq!(got, want[step], "step {step}: the gradient a kernel read after a step without statistics");
+        assert_eq!(got, want[step], "margin {margin}, step {step}: the gradient a kernel read after a step without statistics");
     }
-    assert_eq!(device_head.centers(d), host_head.centers(d));
+    assert_eq!(device_head.centers(d), host_head.centers(d), "margin {margin}");
+    assert_eq!(device_head.margin_state(), host_head.margin_state(), "margin {margin}");
     match (before, after) {
         (Some(before), Some(after)) => {
-            assert_eq!(per_step(&before, &after, measured as u64, &COUNTED), warm_step(0, 2, 2 * 48), "per warm step");
+            assert_eq!(per_step(&before, &after, measured as u64, &COUNTED), warm_step(0, 2, 2 * 48, margin), "margin {margin}, per warm step");
         }
         _ => {
             assert!(!emulated(), "the emulation's counters could not be read");
             // A GPU's driver counts nothing: the pool holding as much after three more steps as
             // after the warm-up shows that no step allocated beyond its workspace.
-            assert_eq!(pool_after, pool_before, "the memory pool's (used, reserved) bytes moved across warm steps");
+            assert_eq!(pool_after, pool_before, "margin {margin}: the memory pool's (used, reserved) bytes moved across warm steps");
         }
     }
 }
@@ -216,7 +230,8 @@ fn device_batches_with_bad_rows_are_refused_on_the_device_and_change_nothing() {
 /// which the GEMMs' shapes need), the step's verdict (48 bytes) and its shard's gradient (the host
 /// output), and GPU 0's also the two reduced statistics the caller asked for. (A step sampling more
 /// classes than any before it allocates what grew.) Host batches are
-/// uploaded once: embeddings and labels. Losses and gradients match the CPU backend.
+/// uploaded once: embeddings and labels. Losses and gradients match the CPU backend; with AdaFace
+/// too, and its running statistics, which each GPU computes for itself, with no more copies.
 #[test]
 fn a_warm_step_on_two_gpus_reads_back_its_count_verdict_statistics_and_outputs_only() {
     if !on_cuda(module_path!(), "a_warm_step_on_two_gpus_reads_back_its_count_verdict_statistics_and_outputs_only") {
@@ -225,8 +240,15 @@ fn a_warm_step_on_two_gpus_reads_back_its_count_verdict_statistics_and_outputs_o
     if !crate::gpu_jobs::has_gpus(2, "a two-GPU step") {
         return;
     }
+    for margin in [PFC_MARGIN_COMBINED, PFC_MARGIN_ADAFACE] {
+        warm_steps_on_two_gpus(margin);
+    }
+}
+
+fn warm_steps_on_two_gpus(margin: i32) {
     let (c, d, n) = (2003u64, 32usize, 96usize);
-    let cfg = config(c, d, 0.05, PFC_DTYPE_F32, 2);
+    let mut cfg = config(c, d, 0.05, PFC_DTYPE_F32, 2);
+    cfg.margin_kind = margin;
     let (gpu, cpu) = (cuda_head(&cfg, &[0, 1]), TestHead::new(&cfg));
     let (warm, measured) = (1usize, 3usize);
     let mut counted = Vec::new();
@@ -243,8 +265,8 @@ fn a_warm_step_on_two_gpus_reads_back_its_count_verdict_statistics_and_outputs_o
         }
         ok(pfc_train_step(gpu.0, b.as_ptr(), 2, &mut stats));
         let (want, want_grad) = cpu.step(&e, &l, d, &[n / 2, n / 2]);
-        assert!((stats.loss - want.loss).abs() <= 1e-4 * want.loss, "step {step}: loss {} vs {}", stats.loss, want.loss);
-        assert!(rel_err(&grad, &want_grad) < 1e-3, "step {step}: gradient {}", rel_err(&grad, &want_grad));
+        assert!((stats.loss - want.loss).abs() <= 1e-4 * want.loss, "margin {margin}, step {step}: loss {} vs {}", stats.loss, want.loss);
+        assert!(rel_err(&grad, &want_grad) < 1e-3, "margin {margin}, step {step}: gradient {}", rel_err(&grad, &want_grad));
     }
     let stats_bytes = 2 * 3 * n as u64 * 4;
     let shard_grad = (n / 2 * d * 4) as u64;
@@ -252,14 +274,17 @@ fn a_warm_step_on_two_gpus_reads_back_its_count_verdict_statistics_and_outputs_o
         match (before, emu_counters(g as i32)) {
             (Some(before), Some(after)) => {
                 let (reads, read_bytes) = if g == 0 { (5, 8 + stats_bytes + 48 + shard_grad) } else { (3, 8 + 48 + shard_grad) };
-                assert_eq!(per_step(&before, &after, measured as u64, &COUNTED), warm_step(2, reads, read_bytes), "GPU {g}, per warm step");
+                assert_eq!(per_step(&before, &after, measured as u64, &COUNTED), warm_step(2, reads, read_bytes, margin), "margin {margin}, GPU {g}, per warm step");
             }
             _ => {
                 assert!(!emulated(), "the emulation's counters could not be read");
-                assert_eq!(pool_use(g as i32), pool_before, "GPU {g}: the memory pool's (used, reserved) bytes moved across warm steps");
+                assert_eq!(pool_use(g as i32), pool_before, "margin {margin}, GPU {g}: the memory pool's (used, reserved) bytes moved across warm steps");
             }
         }
     }
+    // Read after the counted steps: reading them is a copy of its own.
+    let (got, want) = (gpu.margin_state(), cpu.margin_state());
+    assert!(got.len() == want.len() && rel_err(&got, &want) <= 1e-6, "margin {margin}: running statistics {got:?} vs {want:?}");
 }
 
 /// Device batches on two GPUs, the second with no rows this step: the gradient is ordered on each

@@ -36,6 +36,7 @@ mod fused_update;
 mod golden;
 mod gpu;
 mod gpu_jobs;
+mod gpu_margins;
 mod gpu_step;
 mod gpu_scripts;
 mod header;

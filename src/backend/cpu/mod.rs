@@ -965,8 +965,8 @@ impl Primitives for CpuBackend {
 }
 
 impl ShardState for CpuBackend {
-    fn margin_state(&self) -> Vec<f32> {
-        self.margin.values()
+    fn margin_state(&self) -> Result<Vec<f32>> {
+        Ok(self.margin.values())
     }
 
     fn set_margin_state(&mut self, values: &[f32]) -> Result<()> {

@@ -47,6 +47,11 @@ pub const REGISTRY: &[KernelSource] = &[
         entries: &["target_logits", "row_stats", "combine_row_stats", "rescale_sums", "check_loss"],
     },
     KernelSource {
+        file: "margin.cu",
+        source: include_str!("../../../kernels/margin.cu"),
+        entries: &["embedding_norms", "adaface_scalers"],
+    },
+    KernelSource {
         file: "init.cu",
         source: include_str!("../../../kernels/init.cu"),
         entries: &["init_centers"],
@@ -133,6 +138,14 @@ pub fn cubin_for(arch: &str) -> Result<Vec<(&'static KernelSource, Vec<u8>)>> {
 /// The `sm_XY` architecture NVRTC targets for a compute capability.
 pub fn arch_of(compute_capability: (i32, i32)) -> String {
     format!("sm_{}{}", compute_capability.0, compute_capability.1)
+}
+
+/// The value of `#define NAME value` in kernels/common.cuh, for tests that hold the host's
+/// constants and the kernels' together.
+#[cfg(test)]
+pub(crate) fn defined(name: &str) -> u64 {
+    let line = COMMON.lines().find(|l| l.split_whitespace().take(2).eq(["#define", name])).unwrap_or_else(|| panic!("common.cuh defines no {name}"));
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
 #[cfg(test)]

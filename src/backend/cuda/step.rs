@@ -16,8 +16,9 @@ use super::verdict::{self, Verdict};
 use crate::backend::step::{phase, DeviceTimes, RowGrads, RowStats, StepPlan, Update};
 use crate::backend::{Primitives, ShardState};
 use crate::batch::{Batches, DeviceBatch, Embeddings, GradOut, Outputs};
-use crate::config::{Config, DType, MarginGrad, OptimizerKind};
+use crate::config::{Config, DType, MarginGrad, MarginKind, OptimizerKind};
 use crate::error::{Error, Result, Status};
+use crate::margin::{MarginState, ADAFACE_EPS, ADAFACE_NORM_RANGE};
 use crate::memory::{Device, DeviceBuf, Workspace};
 use crate::rng;
 use crate::sharding::{sample_count, ShardRange};
@@ -41,6 +42,9 @@ fn per_row(rows: usize) -> LaunchConfig {
 
 /// The select's bookkeeping kernels: one thread.
 const ONE_THREAD: LaunchConfig = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+
+/// Reductions over the whole batch in one block.
+const ONE_BLOCK: LaunchConfig = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
 
 fn dtype_code(d: DType) -> i32 {
     match d {
@@ -69,6 +73,10 @@ struct GpuShard {
     verdict: CudaSlice<u64>,
     select: CudaSlice<u64>,
     histogram: CudaSlice<u32>,
+    /// The margin's running statistics (`MarginState::values`) in two slots, the kept ones and a
+    /// training step's new ones (`CudaBackend::margin_live`); none for the combined margin. Every
+    /// GPU computes the same from the gathered batch.
+    margin_slots: Vec<CudaSlice<f32>>,
     /// Where the current step is, and what it holds.
     step: StepState,
     /// The accumulated center gradients since the last update, how to take back the last
@@ -140,6 +148,11 @@ pub struct CudaBackend {
     cfg: Config,
     ranges: Vec<ShardRange>,
     shards: Vec<GpuShard>,
+    /// Which of every GPU's two margin slots holds the kept running statistics, and whether the
+    /// other holds a training forward pass's, kept when its step succeeds (`commit_margin_state`:
+    /// the index moves, nothing runs on the device).
+    margin_live: usize,
+    margin_pending: bool,
 }
 
 // SAFETY: CUDA handles are used by one thread at a time (the head's lock).
@@ -360,6 +373,12 @@ impl CudaBackend {
             let verdict = stream.alloc_zeros::<u64>(verdict::WORDS).map_err(|e| oom("the step's verdict", e))?;
             let select = stream.alloc_zeros::<u64>(verdict::SELECT_WORDS).map_err(|e| oom("the sampling select", e))?;
             let histogram = stream.alloc_zeros::<u32>(256).map_err(|e| oom("the sampling histogram", e))?;
+            let initial = MarginState::initial(cfg.margin.kind).values();
+            let margin_slots = if initial.is_empty() {
+                Vec::new()
+            } else {
+                (0..2).map(|_| stream.clone_htod(&initial).map_err(|e| oom("the margin's running statistics", e))).collect::<Result<_>>()?
+            };
             // SAFETY: the context's own device.
             let total = unsafe { cudarc::driver::result::device::total_mem(ctx.cu_device()) }.map_err(|e| device_error("device memory", e))?;
             shards.push(GpuShard {
@@ -375,6 +394,7 @@ impl CudaBackend {
                 verdict,
                 select,
                 histogram,
+                margin_slots,
                 step: StepState::Idle,
                 accumulated: None,
                 undo: None,
@@ -382,7 +402,7 @@ impl CudaBackend {
                 timing: std::cell::RefCell::new(Timing::new()?),
             });
         }
-        Ok(CudaBackend { cfg: cfg.clone(), ranges, shards })
+        Ok(CudaBackend { cfg: cfg.clone(), ranges, shards, margin_live: 0, margin_pending: false })
     }
 
     /// The shards' workspaces, in rank order: the collectives run on their streams and take
@@ -503,6 +523,7 @@ impl Primitives for CudaBackend {
         let (m1, m2, m3) = (m.m1, m.m2, m.m3);
         let fallback = i32::from(m.arcface_fallback);
         let exact = i32::from(m.grad == MarginGrad::Exact);
+        let (kind, margin_m, bound) = (m.kind.code() as i32, m.kind.m(), crate::margin::cosine_bound(m));
         let dt = dtype_code(dtype);
         let n = emb.len() / d;
         let (n32, d32) = (n as i32, d as i32);
@@ -511,6 +532,23 @@ impl Primitives for CudaBackend {
         let StepState::Sampled { ids, k } = std::mem::replace(&mut shard.step, StepState::Idle) else {
             return Err(Error::internal("forward before sampling"));
         };
+        // AdaFace: every GPU holds the gathered batch, so each computes the same statistics from
+        // its raw norms, a training step's into the slot that `commit_margin_state` keeps.
+        let scalers = match m.kind {
+            MarginKind::AdaFace { h, t_alpha, .. } => {
+                let mut norms = shard.take::<f64>(n, "embedding norms (f64)")?;
+                launch!(shard, "embedding_norms", per_row(n), &emb, &n32, &d32, &mut norms)?;
+                let mut scalers = shard.take::<f32>(n, "AdaFace margin scalers")?;
+                let (state, next) = (&shard.margin_slots[self.margin_live], &shard.margin_slots[1 - self.margin_live]);
+                let (train, (lo, hi)) = (i32::from(plan.train), ADAFACE_NORM_RANGE);
+                launch!(shard, "adaface_scalers", ONE_BLOCK, &norms, &n32, state, next, &train, &t_alpha, &h, &ADAFACE_EPS, &lo, &hi, &mut scalers)?;
+                self.margin_pending = plan.train;
+                Some(scalers)
+            }
+            _ => None,
+        };
+        // The combined margin's kernels take no scalers: a null pointer.
+        let scaler_ptr = scalers.as_ref().map_or(0u64, DeviceBuf::ptr);
         let mut unit = shard.take::<f32>(n * d, "normalized embeddings")?;
         let mut unit_gemm = shard.take::<u8>(n * d * dtype.size(), "GEMM embeddings")?;
         let mut inv_e = shard.take::<f32>(n, "embedding norms")?;
@@ -565,10 +603,14 @@ impl Primitives for CudaBackend {
                 // cos [count][N] = Ŵ·X̂ᵀ; column-major: C (N×count) = X̂ᵀ(N×d)·Ŵ(d×count).
                 shard.gemm(true, false, n, count, d, unit_gemm.ptr(), d, w_ptr, d, c_ptr, n, dtype)?;
                 let c = cos.slice(at * n..(at + count) * n);
-                launch!(shard, "target_logits", grid_for(n), &c, &n32, &col, &first32, &count32, &s, &m1, &m2, &m3, &fallback, &exact, &mut target_logit, &mut slope, &mut target_cos)?;
+                launch!(
+                    shard, "target_logits", grid_for(n),
+                    &c, &n32, &col, &first32, &count32, &s, &m1, &m2, &m3, &fallback, &exact, &kind, &margin_m, &scaler_ptr, &bound, &ADAFACE_EPS,
+                    &mut target_logit, &mut slope, &mut target_cos
+                )?;
                 let (gx, gy, gz) = stats_grid(n, count);
                 let cfg = LaunchConfig { grid_dim: (gx, gy, gz), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-                launch!(shard, "row_stats", cfg, &c, &count32, &n32, &col, &first32, &mut target_logit, &s, &filter, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
+                launch!(shard, "row_stats", cfg, &c, &count32, &n32, &col, &first32, &mut target_logit, &s, &filter, &bound, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
                 let parts32 = gy as i32;
                 let cfg = LaunchConfig { grid_dim: combine_grid(n), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
                 launch!(shard, "combine_row_stats", cfg, &part_max, &part_sum, &part_rest, &part_other, &parts32, &n32, &merge, &mut head_max, &mut sum, &mut rest, &mut other)?;
@@ -623,6 +665,7 @@ impl Primitives for CudaBackend {
         }
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let (s, filter) = (self.cfg.margin.scale, self.cfg.margin.interclass_filter);
+        let bound = crate::margin::cosine_bound(&self.cfg.margin);
         let g = &mut self.shards[shard];
         g.bind()?;
         let StepState::Forward(fwd) = std::mem::replace(&mut g.step, StepState::Idle) else {
@@ -634,7 +677,7 @@ impl Primitives for CudaBackend {
         let row_max = maxes.slice(0..n);
         let two_sums = sums.slice(0..2 * n);
         let mut grad_cos = g.take::<u8>(k * n * dtype.size(), "cosine gradient")?;
-        launch!(g, "cos_gradient", grid_for(k * n), &cos, &k32, &n32, &col, &target_logit, &target_slope, &row_max, &two_sums, &inv_batch, &s, &filter, &mut grad_cos, &dt)?;
+        launch!(g, "cos_gradient", grid_for(k * n), &cos, &k32, &n32, &col, &target_logit, &target_slope, &row_max, &two_sums, &inv_batch, &s, &filter, &bound, &mut grad_cos, &dt)?;
         drop(cos);
         let gx = g.take::<f32>(n * d, "embedding gradient (global batch)")?;
         let g_unit = g.take::<f32>(k * d, "gradient of the unit centers")?;
@@ -793,6 +836,12 @@ impl Primitives for CudaBackend {
         Ok(())
     }
 
+    fn commit_margin_state(&mut self) {
+        if std::mem::take(&mut self.margin_pending) {
+            self.margin_live = 1 - self.margin_live;
+        }
+    }
+
     /// On shard 0's stream: the shards' streams run the same phases side by side.
     fn mark(&mut self, p: usize, start: bool) {
         let Some(g) = self.shards.first() else { return };
@@ -824,6 +873,24 @@ impl Primitives for CudaBackend {
 }
 
 impl ShardState for CudaBackend {
+    fn margin_state(&self) -> Result<Vec<f32>> {
+        match self.shards.first().and_then(|g| Some((g, g.margin_slots.get(self.margin_live)?))) {
+            Some((g, live)) => g.stream.clone_dtoh(live).map_err(|e| device_error("reading the margin's running statistics", e)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn set_margin_state(&mut self, values: &[f32]) -> Result<()> {
+        MarginState::from_values(self.cfg.margin.kind, values)?;
+        for g in &mut self.shards {
+            if let Some(live) = g.margin_slots.get_mut(self.margin_live) {
+                g.stream.memcpy_htod(values, live).map_err(|e| device_error("writing the margin's running statistics", e))?;
+            }
+        }
+        self.margin_pending = false;
+        Ok(())
+    }
+
     fn read_state(&self, tensor: StateTensor, first: u64, count: u64, out: &mut [f32]) -> Result<()> {
         let d = self.cfg.embedding_dim;
         for (shard, row, rows, at) in crate::sharding::pieces(&self.ranges, first, count) {
@@ -957,6 +1024,11 @@ fn after_caller(first: cudarc::driver::sys::CUstream, then: cudarc::driver::sys:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernels_margin_kinds_are_the_configurations() {
+        assert_eq!(super::super::kernels::defined("MARGIN_ADAFACE"), MarginKind::ADAFACE.code());
+    }
 
     #[test]
     fn a_null_caller_stream_is_the_legacy_default_stream() {

@@ -78,13 +78,7 @@ impl Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `#define NAME value` of kernels/common.cuh.
-    fn defined(name: &str) -> u64 {
-        let common = include_str!("../../../kernels/common.cuh");
-        let line = common.lines().find(|l| l.split_whitespace().take(2).eq(["#define", name])).unwrap_or_else(|| panic!("common.cuh defines no {name}"));
-        line.split_whitespace().nth(2).unwrap().parse().unwrap()
-    }
+    use crate::backend::cuda::kernels::defined;
 
     #[test]
     fn the_record_is_the_kernels_record() {

@@ -361,7 +361,8 @@ fn cuda_accumulates_like_cpu() {
 /// Two processes' worth of CUDA heads (threads here) joined by a host all-gather that behaves as
 /// MPI_Allgather (every process must send as many bytes): the NCCL bootstrap through the callback
 /// and NCCL between them, with one GPU each and with one GPU against two (processes of unequal shard
-/// counts), against a CPU head of as many shards. Needs three GPUs (NCCL refuses two ranks on one
+/// counts), against a CPU head of as many shards; with AdaFace too, every process computing the
+/// CPU head's running statistics. Needs three GPUs (NCCL refuses two ranks on one
 /// GPU); on a one-GPU machine the one-rank communicator test above covers the NCCL code and
 /// tests/all/mpi.rs the process group.
 #[test]
@@ -377,11 +378,12 @@ fn cuda_over_two_processes_matches_one_process() {
         return;
     }
     for layout in [vec![vec![0], vec![1]], vec![vec![0], vec![1, 2]]] {
-        two_processes_match_one(&layout);
+        two_processes_match_one(&layout, PFC_MARGIN_COMBINED);
     }
+    two_processes_match_one(&[vec![0], vec![1, 2]], PFC_MARGIN_ADAFACE);
 }
 
-fn two_processes_match_one(layout: &[Vec<i32>]) {
+fn two_processes_match_one(layout: &[Vec<i32>], margin: i32) {
     use std::sync::{Arc, Barrier, Mutex};
     struct Group {
         slots: Mutex<Vec<Vec<u8>>>,
@@ -408,7 +410,8 @@ fn two_processes_match_one(layout: &[Vec<i32>]) {
     let shards: Vec<usize> = layout.iter().map(|g| g.len()).collect();
     let world = shards.iter().sum::<usize>();
     let rows = even_split(n, world);
-    let cfg = config(c, d, 0.3, PFC_DTYPE_F32);
+    let mut cfg = config(c, d, 0.3, PFC_DTYPE_F32);
+    cfg.margin_kind = margin;
     let group = Arc::new(Group { slots: Mutex::new(vec![Vec::new(); layout.len()]), barrier: Barrier::new(layout.len()) });
     let batches: Vec<(Vec<f32>, Vec<i64>)> = (0..3).map(|s| data(c, d, n, 1100 + s)).collect();
     let reference = TestHead::new(&{
@@ -432,6 +435,7 @@ fn two_processes_match_one(layout: &[Vec<i32>]) {
             std::thread::spawn(move || {
                 let member = Box::new(Member { group, index: p });
                 let mut c2 = config(c, d, 0.3, PFC_DTYPE_F32);
+                c2.margin_kind = margin;
                 c2.backend = PFC_BACKEND_CUDA;
                 c2.local_shards = devices.len() as u32;
                 c2.devices = devices.as_ptr();
@@ -448,13 +452,18 @@ fn two_processes_match_one(layout: &[Vec<i32>]) {
                     let (st, g) = h.step(&e[at * d..(at + total) * d], &l[at..at + total], d, &mine);
                     out.push((st.loss, g));
                 }
+                let state = h.margin_state();
                 drop(h);
                 drop(member);
-                out
+                (out, state)
             })
         })
         .collect();
-    let results: Vec<Vec<(f64, Vec<f32>)>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let (results, states): (Vec<_>, Vec<_>) = threads.into_iter().map(|t| t.join().unwrap()).unzip();
+    let want_state = reference.margin_state();
+    for (p, state) in states.iter().enumerate() {
+        assert!(state.len() == want_state.len() && rel_err(state, &want_state) <= 1e-6, "{layout:?}, margin {margin}: process {p}'s running statistics {state:?} vs {want_state:?}");
+    }
     for (t, (loss, grad)) in want.iter().enumerate() {
         for (p, r) in results.iter().enumerate() {
             assert!((r[t].0 - loss).abs() <= 1e-4 * loss, "{layout:?}: step {t} process {p}: loss {} vs {loss}", r[t].0);

@@ -174,14 +174,16 @@ fn warm_steps_on_device_batches(margin: i32) {
 /// Device batches with a bad row are refused where they lie: a label outside [0, C) (above, and
 /// negative), a NaN, an Inf, a row whose norm (above 2^62) cannot be normalized in f32 — each with
 /// the status and message the same rows get as a host batch, nothing written to the gradient
-/// buffer, no center moved; and the next good step matches a head that never saw them.
+/// buffer, no center moved, AdaFace's running statistics as they were; and the next good step
+/// matches a head that never saw them.
 #[test]
 fn device_batches_with_bad_rows_are_refused_on_the_device_and_change_nothing() {
     if !on_cuda(module_path!(), "device_batches_with_bad_rows_are_refused_on_the_device_and_change_nothing") {
         return;
     }
     let (c, d, n) = (3001u64, 32usize, 24usize);
-    let cfg = config(c, d, 0.3, PFC_DTYPE_F32, 1);
+    let mut cfg = config(c, d, 0.3, PFC_DTYPE_F32, 1);
+    cfg.margin_kind = PFC_MARGIN_ADAFACE;
     let (device_head, host_head) = (cuda_head(&cfg, &[0]), cuda_head(&cfg, &[0]));
     let ctx = CudaContext::new(0).unwrap();
     let stream = ctx.new_stream().unwrap();
@@ -215,6 +217,7 @@ fn device_batches_with_bad_rows_are_refused_on_the_device_and_change_nothing() {
         let written: Vec<f32> = stream.clone_dtoh(&rows.g).unwrap();
         assert!(written.iter().all(|&v| v == 7.0), "{what}: the gradient buffer was written");
         assert_eq!(device_head.centers(d), before, "{what}: centers moved");
+        assert_eq!(device_head.margin_state(), [20.0, 100.0], "{what}: the running statistics moved");
     }
     let mut rows = DeviceRows::new(&stream, &e, &l);
     let b = rows.batch(&stream);
@@ -222,6 +225,7 @@ fn device_batches_with_bad_rows_are_refused_on_the_device_and_change_nothing() {
     let (_, want) = host_head.step(&e, &l, d, &[n]);
     assert_eq!(stream.clone_dtoh(&rows.g).unwrap(), want);
     assert_eq!(device_head.centers(d), host_head.centers(d));
+    assert_eq!(device_head.margin_state(), host_head.margin_state());
 }
 
 /// Two GPUs of one process fed host batches, with statistics, where the global batch (96 rows)

@@ -80,6 +80,26 @@ __device__ __forceinline__ void store_from_f32(void* base, u64 index, float v, i
     else ((float*)base)[index] = v;
 }
 
+// CurricularFace's hard negatives (SPEC §1.6a): a row's threshold cos(θ_y + m), above which a
+// non-target cosine is hard, and t (`hard_t[0]`, the running statistics the step uses); none where
+// `hard_above` is null (the other margins).
+struct HardNegatives {
+    float above, t;
+};
+
+__device__ __forceinline__ HardNegatives hard_negatives(const float* hard_above, const float* hard_t, int i) {
+    HardNegatives h;
+    h.above = hard_above ? hard_above[i] : INFINITY;
+    h.t = hard_above ? hard_t[0] : 0.0f;
+    return h;
+}
+
+// A non-target logit over s of its clamped cosine c: c, or a hard negative's c·(t + c).
+__device__ __forceinline__ float non_target_value(float c, HardNegatives h) { return c > h.above ? c * (h.t + c) : c; }
+
+// Its derivative: 1, or t + 2c.
+__device__ __forceinline__ float non_target_slope(float c, HardNegatives h) { return c > h.above ? h.t + 2.0f * c : 1.0f; }
+
 // Sum over a block of up to 1024 threads (f32, or f64 where the CPU backend sums in f64); every
 // thread gets the result.
 template <class T>

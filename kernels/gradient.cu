@@ -8,7 +8,8 @@
 // src/backend/step.rs `softmax_factors`.
 extern "C" __global__ void cos_gradient(const float* cos, int k, int n, const int* col, const float* target_logit,
                                         const float* target_slope, const float* row_max, const float* sums,
-                                        float inv_batch, float s, float filter, float bound, void* grad, int dtype) {
+                                        float inv_batch, float s, float filter, float bound, const float* hard_above,
+                                        const float* hard_t, void* grad, int dtype) {
     const u64 total = (u64)k * n;
     for (u64 at = blockIdx.x * (u64)blockDim.x + threadIdx.x; at < total; at += (u64)gridDim.x * blockDim.x) {
         const int j = (int)(at / n), i = (int)(at % n);
@@ -16,10 +17,11 @@ extern "C" __global__ void cos_gradient(const float* cos, int k, int n, const in
         const float c = fminf(fmaxf(raw, -bound), bound);
         const bool is_target = col[i] == j;
         const bool filtered = !is_target && filter > 0.0f && c > filter;
-        const float z = is_target ? target_logit[i] : (filtered ? 0.0f : s * c);
+        const HardNegatives hard = hard_negatives(hard_above, hard_t, i);
+        const float z = is_target ? target_logit[i] : (filtered ? 0.0f : s * non_target_value(c, hard));
         const float inv_sum = 1.0f / sums[i];
         const float prob = __expf(z - row_max[i]) * inv_sum;
-        const float slope = is_target ? target_slope[i] : (filtered ? 0.0f : s);
+        const float slope = is_target ? target_slope[i] : (filtered ? 0.0f : s * non_target_slope(c, hard));
         const bool inside = raw >= -bound && raw <= bound;
         const float g = inside ? (is_target ? -(sums[n + i] * inv_sum) : prob) * inv_batch * slope : 0.0f;
         store_from_f32(grad, at, g, dtype);

@@ -1,6 +1,6 @@
-// The adaptive margins' per-row inputs (SPEC §1.6a), from the gathered global batch that every shard
-// holds, so that every GPU of the job computes the same running statistics without an exchange.
-// Mirrors src/margin.rs `MarginState` in the same f64 arithmetic.
+// The adaptive margins' per-row inputs and running statistics (SPEC §1.6a), from what every shard
+// holds alike — the gathered global batch, the reduced target cosines — so that every GPU of the
+// job computes the same statistics. Mirrors src/margin.rs `MarginState` in the same f64 arithmetic.
 
 // Each row's raw embedding norm in f64 (src/backend/cpu/kernels.rs `dot_f64`). One block per row.
 extern "C" __global__ void embedding_norms(const float* x, int rows, int dim, double* norms) {
@@ -44,5 +44,50 @@ extern "C" __global__ void adaface_scalers(const double* norms, int n, const flo
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const double x = fmin(fmax(norms[i], lo), hi);
         scaler[i] = (float)fmin(fmax((x - (double)mean) / ((double)sd + eps) * (double)h, -1.0), 1.0);
+    }
+}
+
+// CurricularFace's pre-pass: each row's cosine with its label's center where this shard owns it
+// (classes [start, start + len)), −∞ elsewhere, for the max all-reduce that gives every shard every
+// row's. In f64 from the raw rows, each norm at least 1e-12 (PyTorch's `normalize`), as the CPU
+// backend's `target_cosines`. One block per row.
+extern "C" __global__ void target_cosines(const float* emb, const long long* labels, int n, int dim, const float* centers,
+                                          u64 start, u64 len, float* out) {
+    __shared__ double scratch[32];
+    const int i = blockIdx.x;
+    if (i >= n) return;
+    const u64 local = (u64)labels[i] - start;
+    if (local >= len) {
+        if (threadIdx.x == 0) out[i] = -INFINITY;
+        return;
+    }
+    const float* e = emb + (u64)i * dim;
+    const float* w = centers + local * dim;
+    double ee = 0.0, ww = 0.0, we = 0.0;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        ee += (double)e[c] * (double)e[c];
+        ww += (double)w[c] * (double)w[c];
+        we += (double)w[c] * (double)e[c];
+    }
+    ee = block_sum(ee, scratch);
+    ww = block_sum(ww, scratch);
+    we = block_sum(we, scratch);
+    if (threadIdx.x == 0) out[i] = (float)(we / (fmax(sqrt(ww), 1e-12) * fmax(sqrt(ee), 1e-12)));
+}
+
+// CurricularFace's t and each row's hard-negative threshold cos(θ_y + m) from the reduced target
+// cosines: in training (`train`) the mean of the cosines clamped to [−1, 1] folded into `state`
+// with weight t_alpha, written to `next` and used; otherwise `state` as it is. One block.
+extern "C" __global__ void curricular_margins(const float* targets, int n, const float* state, float* next, int train,
+                                              double t_alpha, float m, float* hard_above) {
+    __shared__ double scratch[32];
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += fmin(fmax((double)targets[i], -1.0), 1.0);
+    sum = block_sum(sum, scratch);
+    if (train && threadIdx.x == 0) next[0] = (float)(t_alpha * (sum / (double)n) + (1.0 - t_alpha) * (double)state[0]);
+    const double sin_m = sin((double)m), cos_m = cos((double)m);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const double c = fmin(fmax((double)targets[i], -1.0), 1.0);
+        hard_above[i] = (float)(c * cos_m - sqrt(1.0 - c * c) * sin_m);
     }
 }

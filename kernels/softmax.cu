@@ -5,16 +5,17 @@
 #define PI_D 3.14159265358979323846
 
 // Target logit of rows whose label is on this shard, its slope ∂z/∂cos and the target cosine
-// clamped to [−1, 1]; other rows get 0, 0 and −∞. The combined margin: s·(cos(m1·θ + m2) − m3),
-// its slope exact or straight-through (s). AdaFace (`kind`, with the row's scaler g): the cosine
-// clamped to [−bound, bound], s·(cos(clip(θ − m·g, eps, π − eps)) − (m + m·g)), its slope exact
-// and 0 where the clip holds. `cosines` holds the sampled columns [first, first + count) (one class
-// chunk): rows whose target lies in another chunk are left to that chunk's launch, rows without
-// one are written by the first.
+// clamped to [−1, 1]; other rows get 0, 0 and −∞. The combined margin (CurricularFace's target
+// too): s·(cos(m1·θ + m2) − m3), its slope exact or straight-through (s). AdaFace (`kind`, with
+// the row's scaler g): the cosine clamped to [−bound, bound], s·(cos(clip(θ − m·g, eps, π − eps))
+// − (m + m·g)), its slope exact and 0 where the clip holds. `cosines` holds the sampled columns
+// [first, first + count) (one class chunk): rows whose target lies in another chunk are left to
+// that chunk's launch, rows without one are written by the first. `targets`, where not null, are
+// the rows' reduced target cosines (CurricularFace's), taken instead of the GEMM's.
 extern "C" __global__ void target_logits(const float* cosines, int n, const int* col, int first, int count, float s, float m1,
                                          float m2, float m3, int fallback, int exact, int kind, float margin,
-                                         const float* scaler, float bound, double eps, float* logit, float* slope,
-                                         float* target_cos) {
+                                         const float* scaler, float bound, double eps, const float* targets, float* logit,
+                                         float* slope, float* target_cos) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int c_col = col[i];
@@ -27,7 +28,7 @@ extern "C" __global__ void target_logits(const float* cosines, int n, const int*
         return;
     }
     if (c_col < first || c_col - first >= count) return;
-    const float raw = cosines[(u64)(c_col - first) * n + i];
+    const float raw = targets ? targets[i] : cosines[(u64)(c_col - first) * n + i];
     const double c = fmin(fmax((double)raw, -1.0), 1.0);
     target_cos[i] = (float)c;
     if (kind == MARGIN_ADAFACE) {
@@ -52,12 +53,13 @@ extern "C" __global__ void target_logits(const float* cosines, int n, const int*
     slope[i] = exact ? (float)((double)s * d) : s;
 }
 
-// A column's logit: the target's, or s·c of the cosine clamped to [−bound, bound] (1, or AdaFace's
-// 1 − eps), 0 where the filter removes it.
-__device__ __forceinline__ float column_logit(float raw, bool is_target, float target, float s, float filter, float bound) {
+// A column's logit: the target's, or the non-target logit of the cosine clamped to [−bound, bound]
+// (1, or AdaFace's 1 − eps), 0 where the filter removes it.
+__device__ __forceinline__ float column_logit(float raw, bool is_target, float target, float s, float filter, float bound,
+                                              HardNegatives hard) {
     const float c = fminf(fmaxf(raw, -bound), bound);
     if (is_target) return target;
-    return (filter > 0.0f && c > filter) ? 0.0f : s * c;
+    return (filter > 0.0f && c > filter) ? 0.0f : s * non_target_value(c, hard);
 }
 
 // Online (max, Σexp, Σexp over the non-target columns) per row over columns [y·cols, (y+1)·cols),
@@ -66,18 +68,19 @@ __device__ __forceinline__ float column_logit(float raw, bool is_target, float t
 // keeps no digits when p_y → 1 (SPEC §1.7). `cos` holds the k sampled columns from `first` on (one
 // class chunk). Grid: x over rows, y over groups of `cols` columns; results at [y][i].
 extern "C" __global__ void row_stats(const float* cos, int k, int n, const int* col, int first, const float* target_logit,
-                                     float s, float filter, float bound, int cols, float* part_max, float* part_sum, float* part_rest,
+                                     float s, float filter, float bound, const float* hard_above, const float* hard_t, int cols, float* part_max, float* part_sum, float* part_rest,
                                      float* part_other) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int j0 = blockIdx.y * cols, j1 = min(k, j0 + cols);
     const int target_col = col[i] < 0 ? -1 : col[i] - first;
     const float target = target_logit[i];
+    const HardNegatives hard = hard_negatives(hard_above, hard_t, i);
     float m = -INFINITY, sum = 0.0f, rest = 0.0f, other = -INFINITY;
     for (int j = j0; j < j1; j++) {
         const float raw = cos[(u64)j * n + i];
         const bool is_target = j == target_col;
-        const float z = column_logit(raw, is_target, target, s, filter, bound);
+        const float z = column_logit(raw, is_target, target, s, filter, bound, hard);
         if (z > m) {
             const float f = __expf(m - z);
             sum = sum * f + 1.0f;

@@ -52,7 +52,7 @@ pub fn cosine_bound(m: &MarginConfig) -> f32 {
 }
 
 /// CurricularFace's weight of the newest batch's mean target cosine in t.
-const CURRICULAR_T_ALPHA: f64 = 0.01;
+pub(crate) const CURRICULAR_T_ALPHA: f64 = 0.01;
 
 /// The largest |∂z/∂c| of a non-target logit: s, and under CurricularFace s·(|t| + 2), a hard
 /// negative's s·(t + 2c) at |c| ≤ 1.
@@ -177,13 +177,16 @@ impl MarginState {
 pub fn target(m: &MarginConfig, raw: f32, g: f32) -> TargetLogit {
     match m.kind {
         MarginKind::AdaFace { m: margin, .. } => adaface_target(m.scale, margin, raw, g),
-        // CurricularFace's target is ArcFace's with the authors' fallback below cos(π − m), its
-        // gradient exact.
-        MarginKind::Curricular { m: margin } => {
-            let arcface = MarginConfig { m1: 1.0, m2: margin, m3: 0.0, grad: MarginGrad::Exact, arcface_fallback: true, ..*m };
-            target_logit(&arcface, raw.clamp(-1.0, 1.0))
-        }
-        MarginKind::Combined => target_logit(m, raw.clamp(-1.0, 1.0)),
+        _ => target_logit(&combined_target(m), raw.clamp(-1.0, 1.0)),
+    }
+}
+
+/// The combined margin whose target logit a margin takes (not AdaFace's, which is its own):
+/// CurricularFace's is ArcFace's with the authors' fallback below cos(π − m), its gradient exact.
+pub fn combined_target(m: &MarginConfig) -> MarginConfig {
+    match m.kind {
+        MarginKind::Curricular { m: margin } => MarginConfig { m1: 1.0, m2: margin, m3: 0.0, grad: MarginGrad::Exact, arcface_fallback: true, ..*m },
+        _ => *m,
     }
 }
 

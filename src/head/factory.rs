@@ -9,7 +9,7 @@ use crate::comm::local::LocalCollectives;
 use crate::comm::nccl::NcclCollectives;
 use crate::comm::process::ProcessCollectives;
 use crate::comm::Collectives;
-use crate::config::{BackendKind, Config, MarginKind};
+use crate::config::{BackendKind, Config};
 use crate::error::{Error, Result, Status};
 use crate::memory::Host;
 use std::sync::Arc;
@@ -35,10 +35,6 @@ pub(crate) fn create(cfg: &Config, group: &Arc<ProcessGroup>, process_shards: &[
             };
             Ok(Box::new(Driver::new(CpuBackend::new(cfg)?, coll, group.clone(), cfg.embedding_dim, cfg.first_rank, cfg.margin.kind)))
         }
-        BackendKind::Cuda if matches!(cfg.margin.kind, MarginKind::Curricular { .. }) => Err(Error::new(
-            Status::Unavailable,
-            "margin_kind PFC_MARGIN_CURRICULAR: the CUDA backend does not offer CurricularFace in this version (the CPU backend does)",
-        )),
         BackendKind::Cuda => {
             let ordinals: Vec<i32> =
                 if cfg.devices.is_empty() { (0..cfg.local_shards as i32).collect() } else { cfg.devices.clone() };

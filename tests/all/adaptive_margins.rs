@@ -1,7 +1,7 @@
 //! The adaptive margins of SPEC §1.6a through the C ABI (issue #25): their configuration, their
 //! running statistics (moved only by training steps that succeed, checkpointed with the margin
-//! kind), and what this version does not offer refused by name. Their arithmetic against the
-//! authors' heads is tests/all/golden.rs.
+//! kind). Their arithmetic against the authors' heads is tests/all/golden.rs; on the CUDA backend,
+//! tests/all/gpu_margins.rs.
 
 use crate::common::*;
 use partialfc::ffi::*;
@@ -65,17 +65,6 @@ fn adaface_refuses_the_combined_margins_options_and_parameters_out_of_range() {
         assert_eq!(status, PFC_ERR_INVALID_ARGUMENT, "{field}: {message}");
         assert!(message.starts_with(field), "{field}: {message}");
     }
-}
-
-/// CurricularFace on CUDA, before any device is looked for.
-#[test]
-fn the_kinds_this_version_does_not_offer_are_refused_by_name() {
-    let mut cfg = adaface(100, 8);
-    cfg.margin_kind = PFC_MARGIN_CURRICULAR;
-    cfg.backend = PFC_BACKEND_CUDA;
-    let (status, message) = create(&cfg);
-    assert_eq!(status, PFC_ERR_UNAVAILABLE, "{message}");
-    assert!(message.contains("PFC_MARGIN_CURRICULAR") && message.contains("CPU"), "{message}");
 }
 
 /// The running statistics start at the authors' 20 and 100; evaluation and refused steps leave

@@ -73,14 +73,15 @@ fn curricular_golden_at_one_two_and_three_shards() {
     }
 }
 
-/// The same on the CUDA backend, over 1, 2 and 3 GPUs (on the emulation where no GPU is; a GPU
-/// machine with fewer runs the counts it has).
+/// Both adaptive margins on the CUDA backend, over 1, 2 and 3 GPUs (on the emulation where no GPU
+/// is; a GPU machine with fewer runs the counts it has): loss, embedding gradient, centers and
+/// running statistics after each step.
 #[test]
-fn cuda_adaface_golden_at_one_two_and_three_gpus() {
-    if !on_cuda(module_path!(), "cuda_adaface_golden_at_one_two_and_three_gpus") {
+fn cuda_adaptive_golden_at_one_two_and_three_gpus() {
+    if !on_cuda(module_path!(), "cuda_adaptive_golden_at_one_two_and_three_gpus") {
         return;
     }
-    for g in Golden::of_head("adaface") {
+    for g in Golden::of_head("adaface").into_iter().chain(Golden::of_head("curricular")) {
         for gpus in [1, 2, 3] {
             if crate::gpu_jobs::has_gpus(gpus, &format!("{} over {gpus} GPUs", g.name)) {
                 let devices: Vec<i32> = (0..gpus as i32).collect();

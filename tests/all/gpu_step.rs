@@ -57,7 +57,7 @@ fn per_step(before: &Value, after: &Value, steps: u64, keys: &[&str]) -> Vec<(St
         .collect()
 }
 
-const COUNTED: [&str; 14] = [
+const COUNTED: [&str; 16] = [
     "allocations",
     "frees",
     "memsets",
@@ -72,16 +72,22 @@ const COUNTED: [&str; 14] = [
     "launches.sample_keys",
     "launches.embedding_norms",
     "launches.adaface_scalers",
+    "launches.target_cosines",
+    "launches.curricular_margins",
 ];
+
+/// Every margin kind: the adaptive ones must keep the combined margin's budget.
+const MARGINS: [i32; 3] = [PFC_MARGIN_COMBINED, PFC_MARGIN_ADAFACE, PFC_MARGIN_CURRICULAR];
 
 /// The counts of [`COUNTED`] a warm training step with `margin` (`PFC_MARGIN_*`) must make on a
 /// GPU: no allocation, free, memset or synchronisation; `uploads` and `reads` copies, the reads of
 /// `read_bytes` in all; the cosines written by one GEMM and passed over by one kernel forward and
-/// one backward; one sampling. AdaFace adds its norms and its statistics with the row scalers, one
-/// launch each, and nothing else: its running statistics stay on the device.
+/// one backward; one sampling. AdaFace adds its norms and its statistics with the row scalers,
+/// CurricularFace its target cosines (and their all-reduce) and its t with the rows' thresholds,
+/// one launch each, and nothing else: their running statistics stay on the device.
 fn warm_step(uploads: u64, reads: u64, read_bytes: u64, margin: i32) -> Vec<(String, u64)> {
-    let adaface = u64::from(margin == PFC_MARGIN_ADAFACE);
-    let counts = [0, 0, 0, uploads, reads, read_bytes, 0, 3, 1, 1, 1, 1, adaface, adaface];
+    let (adaface, curricular) = (u64::from(margin == PFC_MARGIN_ADAFACE), u64::from(margin == PFC_MARGIN_CURRICULAR));
+    let counts = [0, 0, 0, uploads, reads, read_bytes, 0, 3, 1, 1, 1, 1, adaface, adaface, curricular, curricular];
     COUNTED.iter().zip(counts).map(|(k, v)| (k.to_string(), v)).collect()
 }
 
@@ -107,14 +113,14 @@ fn pool_use(ordinal: i32) -> (u64, u64) {
 /// step's finiteness, before anything changes (the sampled count is not read: the 40 rows cannot
 /// hold more positives than the 1,000 negatives budget). The cosines are written once (one GEMM)
 /// and read by two kernels (`row_stats` forward, `cos_gradient` backward). The gradients and
-/// centers are those of a head given the same rows as host batches. The same with AdaFace, whose
-/// running statistics never leave the device in a step.
+/// centers are those of a head given the same rows as host batches. The same with the adaptive
+/// margins, whose running statistics never leave the device in a step.
 #[test]
 fn a_warm_step_on_device_batches_allocates_nothing_and_waits_only_for_its_verdicts() {
     if !on_cuda(module_path!(), "a_warm_step_on_device_batches_allocates_nothing_and_waits_only_for_its_verdicts") {
         return;
     }
-    for margin in [PFC_MARGIN_COMBINED, PFC_MARGIN_ADAFACE] {
+    for margin in MARGINS {
         warm_steps_on_device_batches(margin);
     }
 }
@@ -234,8 +240,9 @@ fn device_batches_with_bad_rows_are_refused_on_the_device_and_change_nothing() {
 /// which the GEMMs' shapes need), the step's verdict (48 bytes) and its shard's gradient (the host
 /// output), and GPU 0's also the two reduced statistics the caller asked for. (A step sampling more
 /// classes than any before it allocates what grew.) Host batches are
-/// uploaded once: embeddings and labels. Losses and gradients match the CPU backend; with AdaFace
-/// too, and its running statistics, which each GPU computes for itself, with no more copies.
+/// uploaded once: embeddings and labels. Losses and gradients match the CPU backend; with the
+/// adaptive margins too, and their running statistics, which each GPU computes for itself, with no
+/// more copies.
 #[test]
 fn a_warm_step_on_two_gpus_reads_back_its_count_verdict_statistics_and_outputs_only() {
     if !on_cuda(module_path!(), "a_warm_step_on_two_gpus_reads_back_its_count_verdict_statistics_and_outputs_only") {
@@ -244,7 +251,7 @@ fn a_warm_step_on_two_gpus_reads_back_its_count_verdict_statistics_and_outputs_o
     if !crate::gpu_jobs::has_gpus(2, "a two-GPU step") {
         return;
     }
-    for margin in [PFC_MARGIN_COMBINED, PFC_MARGIN_ADAFACE] {
+    for margin in MARGINS {
         warm_steps_on_two_gpus(margin);
     }
 }
@@ -288,7 +295,11 @@ fn warm_steps_on_two_gpus(margin: i32) {
     }
     // Read after the counted steps: reading them is a copy of its own.
     let (got, want) = (gpu.margin_state(), cpu.margin_state());
-    assert!(got.len() == want.len() && rel_err(&got, &want) <= 1e-6, "margin {margin}: running statistics {got:?} vs {want:?}");
+    if margin == PFC_MARGIN_COMBINED {
+        assert!(got.is_empty() && want.is_empty(), "the combined margin keeps statistics: {got:?}, {want:?}");
+    } else {
+        crate::gpu_margins::assert_same_statistics(&got, &want, &format!("margin {margin}"));
+    }
 }
 
 /// Device batches on two GPUs, the second with no rows this step: the gradient is ordered on each

@@ -49,7 +49,7 @@ pub const REGISTRY: &[KernelSource] = &[
     KernelSource {
         file: "margin.cu",
         source: include_str!("../../../kernels/margin.cu"),
-        entries: &["embedding_norms", "adaface_scalers"],
+        entries: &["embedding_norms", "adaface_scalers", "target_cosines", "curricular_margins"],
     },
     KernelSource {
         file: "init.cu",

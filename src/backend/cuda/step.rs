@@ -18,14 +18,14 @@ use crate::backend::{Primitives, ShardState};
 use crate::batch::{Batches, DeviceBatch, Embeddings, GradOut, Outputs};
 use crate::config::{Config, DType, MarginGrad, MarginKind, OptimizerKind};
 use crate::error::{Error, Result, Status};
-use crate::margin::{MarginState, ADAFACE_EPS, ADAFACE_NORM_RANGE};
+use crate::margin::{MarginState, ADAFACE_EPS, ADAFACE_NORM_RANGE, CURRICULAR_T_ALPHA};
 use crate::memory::{Device, DeviceBuf, Workspace};
 use crate::rng;
 use crate::sharding::{sample_count, ShardRange};
 use crate::state::StateTensor;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUevent;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -111,6 +111,10 @@ struct Forward {
     target_logit: DeviceBuf<f32>,
     target_slope: DeviceBuf<f32>,
     local_max: DeviceBuf<f32>,
+    /// CurricularFace's hard negatives: each row's threshold and the margin slot whose t the step
+    /// used (`GpuShard::hard_t`).
+    hard_above: Option<DeviceBuf<f32>>,
+    margin_slot: usize,
 }
 
 /// What the backward pass leaves: the embedding side of the normalization (`embedding_grad`),
@@ -171,6 +175,15 @@ macro_rules! launch {
 impl GpuShard {
     fn f(&self, name: &str) -> &CudaFunction {
         &self.functions[name]
+    }
+
+    /// The device address of CurricularFace's t in margin slot `slot`, where `hard_above` holds
+    /// thresholds; the kernels take none (null) without them.
+    fn hard_t(&self, hard_above: &Option<DeviceBuf<f32>>, slot: usize) -> u64 {
+        match (hard_above, self.margin_slots.get(slot)) {
+            (Some(_), Some(t)) => t.device_ptr(&self.stream).0,
+            _ => 0,
+        }
     }
 
     fn bind(&self) -> Result<()> {
@@ -512,17 +525,25 @@ impl Primitives for CudaBackend {
         Ok(k as u64)
     }
 
-    fn target_cosines(&mut self, _shard: usize, _emb: &DeviceBuf<f32>, _labels: &DeviceBuf<i64>) -> Result<DeviceBuf<f32>> {
-        Err(Error::new(Status::Unavailable, "the CUDA backend has no CurricularFace (its factory refuses the margin)"))
+    fn target_cosines(&mut self, shard: usize, emb: &DeviceBuf<f32>, labels: &DeviceBuf<i64>) -> Result<DeviceBuf<f32>> {
+        let d = self.cfg.embedding_dim;
+        let g = &self.shards[shard];
+        g.bind()?;
+        let n = labels.len();
+        let (n32, d32, start, len) = (n as i32, d as i32, g.range.start, g.range.len);
+        let mut out = g.take::<f32>(n, "target cosines")?;
+        launch!(g, "target_cosines", per_row(n), emb, labels, &n32, &d32, &g.centers, &start, &len, &mut out)?;
+        Ok(out)
     }
 
-    fn forward(&mut self, shard: usize, emb: DeviceBuf<f32>, labels: &DeviceBuf<i64>, plan: StepPlan, _targets: Option<&DeviceBuf<f32>>) -> Result<(DeviceBuf<f32>, DeviceBuf<f32>)> {
+    fn forward(&mut self, shard: usize, emb: DeviceBuf<f32>, labels: &DeviceBuf<i64>, plan: StepPlan, targets: Option<&DeviceBuf<f32>>) -> Result<(DeviceBuf<f32>, DeviceBuf<f32>)> {
         let (d, dtype) = (self.cfg.embedding_dim, self.cfg.compute_dtype);
         let m = &self.cfg.margin;
         let (s, filter) = (m.scale, m.interclass_filter);
-        let (m1, m2, m3) = (m.m1, m.m2, m.m3);
-        let fallback = i32::from(m.arcface_fallback);
-        let exact = i32::from(m.grad == MarginGrad::Exact);
+        let target_margin = crate::margin::combined_target(m);
+        let (m1, m2, m3) = (target_margin.m1, target_margin.m2, target_margin.m3);
+        let fallback = i32::from(target_margin.arcface_fallback);
+        let exact = i32::from(target_margin.grad == MarginGrad::Exact);
         let (kind, margin_m, bound) = (m.kind.code() as i32, m.kind.m(), crate::margin::cosine_bound(m));
         let dt = dtype_code(dtype);
         let n = emb.len() / d;
@@ -532,23 +553,36 @@ impl Primitives for CudaBackend {
         let StepState::Sampled { ids, k } = std::mem::replace(&mut shard.step, StepState::Idle) else {
             return Err(Error::internal("forward before sampling"));
         };
-        // AdaFace: every GPU holds the gathered batch, so each computes the same statistics from
-        // its raw norms, a training step's into the slot that `commit_margin_state` keeps.
-        let scalers = match m.kind {
+        // The adaptive margins' statistics come from what every GPU holds alike (the gathered
+        // batch's norms, the reduced target cosines), so each computes the same; a training step's
+        // go to the slot that `commit_margin_state` keeps, and are the ones the step uses.
+        let (live, train) = (self.margin_live, i32::from(plan.train));
+        let margin_slot = if plan.train { 1 - live } else { live };
+        let (mut scalers, mut hard_above) = (None, None);
+        match m.kind {
             MarginKind::AdaFace { h, t_alpha, .. } => {
                 let mut norms = shard.take::<f64>(n, "embedding norms (f64)")?;
                 launch!(shard, "embedding_norms", per_row(n), &emb, &n32, &d32, &mut norms)?;
-                let mut scalers = shard.take::<f32>(n, "AdaFace margin scalers")?;
-                let (state, next) = (&shard.margin_slots[self.margin_live], &shard.margin_slots[1 - self.margin_live]);
-                let (train, (lo, hi)) = (i32::from(plan.train), ADAFACE_NORM_RANGE);
-                launch!(shard, "adaface_scalers", ONE_BLOCK, &norms, &n32, state, next, &train, &t_alpha, &h, &ADAFACE_EPS, &lo, &hi, &mut scalers)?;
-                self.margin_pending = plan.train;
-                Some(scalers)
+                let mut g = shard.take::<f32>(n, "AdaFace margin scalers")?;
+                let (state, next, (lo, hi)) = (&shard.margin_slots[live], &shard.margin_slots[1 - live], ADAFACE_NORM_RANGE);
+                launch!(shard, "adaface_scalers", ONE_BLOCK, &norms, &n32, state, next, &train, &t_alpha, &h, &ADAFACE_EPS, &lo, &hi, &mut g)?;
+                scalers = Some(g);
             }
-            _ => None,
-        };
-        // The combined margin's kernels take no scalers: a null pointer.
+            MarginKind::Curricular { m: margin } => {
+                let targets = targets.ok_or_else(|| Error::internal("CurricularFace's forward pass needs the reduced target cosines"))?;
+                let mut above = shard.take::<f32>(n, "hard-negative thresholds")?;
+                let (state, next) = (&shard.margin_slots[live], &shard.margin_slots[1 - live]);
+                launch!(shard, "curricular_margins", ONE_BLOCK, targets, &n32, state, next, &train, &CURRICULAR_T_ALPHA, &margin, &mut above)?;
+                hard_above = Some(above);
+            }
+            MarginKind::Combined => {}
+        }
+        self.margin_pending = plan.train && !shard.margin_slots.is_empty();
+        // What a margin does not use, its kernels take as null pointers.
         let scaler_ptr = scalers.as_ref().map_or(0u64, DeviceBuf::ptr);
+        let targets_ptr = targets.map_or(0u64, DeviceBuf::ptr);
+        let hard_ptr = hard_above.as_ref().map_or(0u64, DeviceBuf::ptr);
+        let hard_t = shard.hard_t(&hard_above, margin_slot);
         let mut unit = shard.take::<f32>(n * d, "normalized embeddings")?;
         let mut unit_gemm = shard.take::<u8>(n * d * dtype.size(), "GEMM embeddings")?;
         let mut inv_e = shard.take::<f32>(n, "embedding norms")?;
@@ -606,11 +640,11 @@ impl Primitives for CudaBackend {
                 launch!(
                     shard, "target_logits", grid_for(n),
                     &c, &n32, &col, &first32, &count32, &s, &m1, &m2, &m3, &fallback, &exact, &kind, &margin_m, &scaler_ptr, &bound, &ADAFACE_EPS,
-                    &mut target_logit, &mut slope, &mut target_cos
+                    &targets_ptr, &mut target_logit, &mut slope, &mut target_cos
                 )?;
                 let (gx, gy, gz) = stats_grid(n, count);
                 let cfg = LaunchConfig { grid_dim: (gx, gy, gz), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-                launch!(shard, "row_stats", cfg, &c, &count32, &n32, &col, &first32, &mut target_logit, &s, &filter, &bound, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
+                launch!(shard, "row_stats", cfg, &c, &count32, &n32, &col, &first32, &mut target_logit, &s, &filter, &bound, &hard_ptr, &hard_t, &cols, &mut part_max, &mut part_sum, &mut part_rest, &mut part_other)?;
                 let parts32 = gy as i32;
                 let cfg = LaunchConfig { grid_dim: combine_grid(n), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
                 launch!(shard, "combine_row_stats", cfg, &part_max, &part_sum, &part_rest, &part_other, &parts32, &n32, &merge, &mut head_max, &mut sum, &mut rest, &mut other)?;
@@ -620,7 +654,7 @@ impl Primitives for CudaBackend {
         shard.step = if plan.train {
             let mut target_logit = shard.take::<f32>(n, "target logits")?;
             shard.stream.memcpy_dtod(&sum_stats.slice(2 * n..3 * n), &mut target_logit.view_mut()).map_err(|e| device_error("copy", e))?;
-            StepState::Forward(Box::new(Forward { n, k, ids, unit, unit_gemm, inv_norm_e: inv_e, col, w_gemm, inv_norm_w: inv_w, cos, target_logit, target_slope: slope, local_max }))
+            StepState::Forward(Box::new(Forward { n, k, ids, unit, unit_gemm, inv_norm_e: inv_e, col, w_gemm, inv_norm_w: inv_w, cos, target_logit, target_slope: slope, local_max, hard_above, margin_slot }))
         } else {
             StepState::Evaluated { local_max }
         };
@@ -671,13 +705,14 @@ impl Primitives for CudaBackend {
         let StepState::Forward(fwd) = std::mem::replace(&mut g.step, StepState::Idle) else {
             return Err(Error::internal("backward before forward"));
         };
-        let Forward { n, k, ids, unit, unit_gemm, inv_norm_e, col, w_gemm, inv_norm_w, cos, target_logit, target_slope, .. } = *fwd;
+        let Forward { n, k, ids, unit, unit_gemm, inv_norm_e, col, w_gemm, inv_norm_w, cos, target_logit, target_slope, hard_above, margin_slot, .. } = *fwd;
+        let (hard_ptr, hard_t) = (hard_above.as_ref().map_or(0u64, DeviceBuf::ptr), g.hard_t(&hard_above, margin_slot));
         let (n32, d32, k32, dt) = (n as i32, d as i32, k as i32, dtype_code(dtype));
         let inv_batch = 1.0 / n as f32;
         let row_max = maxes.slice(0..n);
         let two_sums = sums.slice(0..2 * n);
         let mut grad_cos = g.take::<u8>(k * n * dtype.size(), "cosine gradient")?;
-        launch!(g, "cos_gradient", grid_for(k * n), &cos, &k32, &n32, &col, &target_logit, &target_slope, &row_max, &two_sums, &inv_batch, &s, &filter, &bound, &mut grad_cos, &dt)?;
+        launch!(g, "cos_gradient", grid_for(k * n), &cos, &k32, &n32, &col, &target_logit, &target_slope, &row_max, &two_sums, &inv_batch, &s, &filter, &bound, &hard_ptr, &hard_t, &mut grad_cos, &dt)?;
         drop(cos);
         let gx = g.take::<f32>(n * d, "embedding gradient (global batch)")?;
         let g_unit = g.take::<f32>(k * d, "gradient of the unit centers")?;

@@ -505,13 +505,13 @@ fn pfc_train_with_the_cuda_backend_matches_the_cpu_backend() {
     assert!(rel_err(&ec, &ep) <= 1e-3, "exported centers: {}", rel_err(&ec, &ep));
 }
 
-/// A tests/mpi/parity.c case of 2 processes × 2 shards on the CUDA backend, checked against the
-/// one-process CPU head within f32's tolerances.
-fn cuda_mpi_case(name: &str, rate: f32, adamw: bool) -> crate::mpi::Case {
+/// A tests/mpi/parity.c case of 2 processes × 2 shards on the CUDA backend with margin `margin`
+/// (`PFC_MARGIN_*`), checked against the one-process CPU head within f32's tolerances.
+fn cuda_mpi_case(name: &str, rate: f32, adamw: bool, margin: i32) -> crate::mpi::Case {
     let case = crate::mpi::synthetic(name, 4, &[2, 2], rate, adamw);
     let config = case.dir.join("config.txt");
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!("backend {PFC_BACKEND_CUDA}\ntol 1e-4\ngrad_tol 1e-3\n"));
+    text.push_str(&format!("backend {PFC_BACKEND_CUDA}\ntol 1e-4\ngrad_tol 1e-3\nmargin_kind {margin}\n"));
     std::fs::write(&config, text).unwrap();
     case
 }
@@ -519,8 +519,9 @@ fn cuda_mpi_case(name: &str, rate: f32, adamw: bool) -> crate::mpi::Case {
 /// One job of 2 processes × 2 GPUs under mpirun: tests/mpi/parity.c with `backend 1` forms it
 /// through MPI_Allgather (process 0's NCCL id shared that way) and steps it over NCCL between the
 /// processes, with uneven and empty shard batches; every process checks its loss, gradients and
-/// centers after every step against one process of 4 CPU shards fed the whole batch. Each shard has
-/// the GPU of its global rank (the emulation gives each process four GPUs of its own).
+/// centers after every step against one process of 4 CPU shards fed the whole batch, and with the
+/// adaptive margins their running statistics. Each shard has the GPU of its global rank (the
+/// emulation gives each process four GPUs of its own).
 #[test]
 fn two_processes_of_two_gpus_under_mpirun_match_four_cpu_shards() {
     if !on_cuda(module_path!(), "two_processes_of_two_gpus_under_mpirun_match_four_cpu_shards") {
@@ -529,10 +530,11 @@ fn two_processes_of_two_gpus_under_mpirun_match_four_cpu_shards() {
     if !has_gpus(4, "2 processes × 2 GPUs (a GPU for each of the job's 4 shards)") {
         return;
     }
-    for (rate, adamw) in [(1.0, false), (0.3, false), (0.3, true)] {
-        let case = cuda_mpi_case(&format!("cuda-{rate}-{adamw}"), rate, adamw);
+    let cases = [(1.0, false, PFC_MARGIN_COMBINED), (0.3, false, PFC_MARGIN_COMBINED), (0.3, true, PFC_MARGIN_COMBINED), (0.3, false, PFC_MARGIN_ADAFACE), (0.3, false, PFC_MARGIN_CURRICULAR)];
+    for (rate, adamw, margin) in cases {
+        let case = cuda_mpi_case(&format!("cuda-{rate}-{adamw}-{margin}"), rate, adamw, margin);
         let out = crate::mpi::run_parity(&case.dir, 2, &[]);
-        eprintln!("2 processes × 2 GPUs, r {rate}, adamw {adamw}: {}", out.lines().next().unwrap_or_default());
+        eprintln!("2 processes × 2 GPUs, r {rate}, adamw {adamw}, margin {margin}: {}", out.lines().next().unwrap_or_default());
     }
 }
 
@@ -549,7 +551,7 @@ fn a_process_out_of_device_memory_fails_the_step_everywhere() {
         // A real GPU's memory cannot be made small for one process.
         return;
     }
-    let case = cuda_mpi_case("cuda-oom", 1.0, false);
+    let case = cuda_mpi_case("cuda-oom", 1.0, false, PFC_MARGIN_COMBINED);
     let parity = crate::mpi::parity_exe();
     // Two application contexts: the second process's emulated GPUs hold the head but not a step.
     // A process left waiting in a collective would wait for the emulated NCCL's timeout, cut short.

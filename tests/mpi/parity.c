@@ -438,12 +438,16 @@ int main(int argc, char **argv) {
         pfc_get_centers(solo, 0, c.classes, 0, sc);
         double we = rel_err(mc, sc + lo * d, count * d);
         CHECK(we <= c.tol, "step %u: centers rel err %.3g", t, we);
-        /* The adaptive margins' running statistics: the same on every process as on one. */
+        /* The adaptive margins' running statistics: the same on every process as on one (on CUDA
+           within `tol` of their scale, 1 for t, a mean of cosines, and tens for AdaFace's norms). */
         float state_m[8], state_s[8];
         uint32_t len_m = 0, len_s = 0;
         if (pfc_margin_state(multi, state_m, 8, &len_m) != PFC_OK || pfc_margin_state(solo, state_s, 8, &len_s) != PFC_OK)
             FAIL("step %u: pfc_margin_state: %s", t, last_error());
-        CHECK(len_m == len_s && !memcmp(state_m, state_s, len_m * sizeof(float)), "step %u: running statistics differ from one process's", t);
+        int same_state = len_m == len_s;
+        for (uint32_t k = 0; same_state && k < len_m; k++)
+            same_state = c.backend ? fabs(state_m[k] - state_s[k]) <= c.tol * fmax(1.0, fabs(state_s[k])) : state_m[k] == state_s[k];
+        CHECK(same_state, "step %u: running statistics differ from one process's", t);
         if (bitwise) {
             CHECK(ms.loss == ss.loss, "step %u: loss not bit-identical", t);
             CHECK(!memcmp(grad_m + my_off * d, grad_s + my_off * d, my_rows * d * sizeof(float)), "step %u: gradients not bit-identical", t);

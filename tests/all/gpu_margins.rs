@@ -90,8 +90,9 @@ fn match_cpu(kind: i32, g: usize, rate: f32) {
 
 /// Refused steps leave the running statistics where they were on the GPU — a batch with a NaN
 /// (refused before the step), a center update that would not be finite (refused after the
-/// forward pass computed new statistics) — and so does evaluation; a compute and a step then move
-/// them as on the CPU, and the step after the refusals matches the CPU head's. Both adaptive kinds.
+/// forward pass computed new statistics), statistics of the wrong count — and so does evaluation;
+/// statistics set through `pfc_set_margin_state` are the GPUs' next step's, and a compute and a
+/// step then move them as on the CPU, the steps matching the CPU head's. Both adaptive kinds.
 #[test]
 fn cuda_adaptive_statistics_move_only_with_successful_training_steps() {
     if !on_cuda(module_path!(), "cuda_adaptive_statistics_move_only_with_successful_training_steps") {
@@ -138,6 +139,13 @@ fn statistics_after_refusals(kind: i32, devices: &[i32]) {
     assert_eq!(gpu.margin_state(), initial, "margin {kind}: a step refused as non-finite moved the statistics");
     gpu.set_centers(&centers);
     ok(pfc_set_learning_rate(gpu.0, cfg.lr));
+    let set: Vec<f32> = if kind == PFC_MARGIN_ADAFACE { vec![12.5, 4.0] } else { vec![0.25] };
+    assert_eq!(pfc_set_margin_state(gpu.0, set.as_ptr(), set.len() as u32 + 1), PFC_ERR_INVALID_ARGUMENT, "margin {kind}: too many values");
+    assert_eq!(gpu.margin_state(), initial, "margin {kind}: statistics refused by count were written");
+    for h in [&cpu, &gpu] {
+        ok(pfc_set_margin_state(h.0, set.as_ptr(), set.len() as u32));
+    }
+    assert_eq!(gpu.margin_state(), set, "margin {kind}: statistics set");
     // A compute (a training forward pass of its own, its update left pending), then a step.
     for call in [pfc_train_compute, pfc_train_step] {
         let mut out = Vec::new();

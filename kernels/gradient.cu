@@ -2,9 +2,10 @@
 // through its normalization, and the sparse update of the sampled centers.
 
 // g[j][i] = (softmax − onehot)/N · ∂z/∂cos, 0 where the filter removed the column or the clamp to
-// [−bound, bound] was active; written in `dtype` for the backward GEMMs, from the reduced statistics as they are
-// (`sums` = [Σexp, non-target Σexp], N each, relative to `row_max`). The target's p_y − 1 is
-// −Σ_{j≠y} p_j, exact when p_y is near 1. Mirrors `cos_gradient` of the CPU backend and
+// [−bound, bound] was active; written in `dtype` for the backward GEMMs, from the reduced
+// statistics as they are (`sums` = [Σexp, non-target Σexp], N each, relative to `row_max`). The
+// target's p_y − 1 is −Σ_{j≠y} p_j, exact when p_y is near 1; a hard negative's ∂z/∂cos is
+// s·(t + 2c) (common.cuh `HardNegatives`). Mirrors `cos_gradient` of the CPU backend and
 // src/backend/step.rs `softmax_factors`.
 extern "C" __global__ void cos_gradient(const float* cos, int k, int n, const int* col, const float* target_logit,
                                         const float* target_slope, const float* row_max, const float* sums,

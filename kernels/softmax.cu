@@ -68,8 +68,8 @@ __device__ __forceinline__ float column_logit(float raw, bool is_target, float t
 // keeps no digits when p_y → 1 (SPEC §1.7). `cos` holds the k sampled columns from `first` on (one
 // class chunk). Grid: x over rows, y over groups of `cols` columns; results at [y][i].
 extern "C" __global__ void row_stats(const float* cos, int k, int n, const int* col, int first, const float* target_logit,
-                                     float s, float filter, float bound, const float* hard_above, const float* hard_t, int cols, float* part_max, float* part_sum, float* part_rest,
-                                     float* part_other) {
+                                     float s, float filter, float bound, const float* hard_above, const float* hard_t, int cols,
+                                     float* part_max, float* part_sum, float* part_rest, float* part_other) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int j0 = blockIdx.y * cols, j1 = min(k, j0 + cols);

@@ -75,7 +75,7 @@ struct GpuShard {
     histogram: CudaSlice<u32>,
     /// The margin's running statistics (`MarginState::values`) in two slots, the kept ones and a
     /// training step's new ones (`CudaBackend::margin_live`); none for the combined margin. Every
-    /// GPU computes the same from the gathered batch.
+    /// GPU computes the same, from what they all hold (`forward`).
     margin_slots: Vec<CudaSlice<f32>>,
     /// Where the current step is, and what it holds.
     step: StepState,

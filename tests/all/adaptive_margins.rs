@@ -125,8 +125,8 @@ fn adaface_statistics_move_only_with_successful_training_steps() {
 }
 
 /// A checkpoint keeps the running statistics and the margin kind: loaded into a new head of the
-/// same margin they come back exactly; a head of another margin refuses it as incompatible, and
-/// keeps its own.
+/// same margin, on one shard or resharded over three, they come back exactly; a head of another
+/// margin refuses it as incompatible, and keeps its own.
 #[test]
 fn checkpoints_keep_the_statistics_and_refuse_another_margin() {
     let (c, d, n) = (200u64, 8usize, 16usize);
@@ -144,6 +144,13 @@ fn checkpoints_keep_the_statistics_and_refuse_another_margin() {
         let fresh = TestHead::new(&cfg);
         ok(pfc_load_checkpoint(fresh.0, path.as_ptr()));
         assert_eq!(fresh.margin_state(), saved, "{name}");
+        // Resharded: three shards load the one shard's checkpoint and go on as it does.
+        let resharded = TestHead::new(&pfc_config { local_shards: 3, ..cfg });
+        ok(pfc_load_checkpoint(resharded.0, path.as_ptr()));
+        assert_eq!(resharded.margin_state(), saved, "{name}");
+        fresh.step(&e, &l, d, &[n]);
+        resharded.step(&e, &l, d, &even_split(n, 3));
+        assert_eq!(resharded.margin_state(), fresh.margin_state(), "{name}: the step after a resharded load");
         let other = TestHead::new(&adaptive(other_kind, c, d));
         let before = other.margin_state();
         assert_eq!(pfc_load_checkpoint(other.0, path.as_ptr()), PFC_ERR_INCOMPATIBLE, "{name}");

@@ -211,9 +211,21 @@ fn bench_refuses_to_time_nothing() {
     for (args, needle) in [
         (vec!["bench", "--classes", "1000", "--dim", "16", "--batch", "8", "--steps", "0", "--reference-dir", "/nonexistent"], "--steps 0"),
         (vec!["bench", "--search", "--classes", "1000", "--dim", "16", "--runs", "0"], "--runs 0"),
+        (vec!["bench", "--init", "--classes", "1000", "--dim", "16", "--runs", "0"], "--runs 0"),
+        (vec!["bench", "--init", "--classes", "1000", "--dim", "0"], "--dim 0"),
     ] {
         let (ok, _, err) = pfc(&args);
         assert!(!ok && err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn bench_init_times_the_initialisation_against_a_fill() {
+    let (ok, out, err) = pfc(&["bench", "--init", "--classes", "1000", "--dim", "17", "--runs", "3"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("C = 1000, d = 17") && out.contains("medians of 3 passes"), "{out}");
+    for row in ["| fill with a constant |", "| rng::init_center |"] {
+        assert!(out.lines().any(|l| l.starts_with(row) && l.contains(" M | ")), "{row} is missing from:\n{out}");
     }
 }
 

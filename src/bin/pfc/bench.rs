@@ -1,6 +1,8 @@
 //! `pfc bench`: median step time of the CPU engine, with a per-phase breakdown and GEMM GFLOP/s, side
 //! by side with the reference PartialFC_V2 (timed by scripts/reference_step.py) in the same run.
 //! `pfc bench --search`: queries per second of top-k search over all centers (default C = 1M, d = 512).
+//! `pfc bench --init`: values per second of the class centers' initialisation, against filling the
+//! same memory.
 
 use clap::Parser;
 use partialfc::backend::step::PhaseTimes;
@@ -58,6 +60,12 @@ pub struct BenchArgs {
     /// With --search: timed calls per query count (after one warm-up call); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Time the class centers' initialisation alone (the values the CPU backend's head starts
+    /// from; default C = 1,000,000, d = --dim) on the library's threads, against filling the same
+    /// memory with a constant: --runs passes of each, interleaved, after one fill that faults the
+    /// pages in.
+    #[arg(long, conflicts_with = "search")]
+    pub init: bool,
     /// Backend running the head: cpu, or cuda (needs a GPU; scripts/gpu-check.sh runs it there).
     #[arg(long, default_value = "cpu")]
     pub backend: String,
@@ -311,6 +319,50 @@ fn search(a: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// `--init`: `rng::init_center` row by row on the pool, as `CpuBackend::new` runs it.
+fn init(a: &BenchArgs) -> Result<(), String> {
+    use rayon::prelude::*;
+    let classes = a.classes.unwrap_or(1_000_000);
+    let d = a.dim;
+    if d == 0 {
+        return Err("--dim 0: a center needs at least one value".into());
+    }
+    let values = usize::try_from(classes).ok().and_then(|c| c.checked_mul(d)).ok_or("--classes × --dim overflows")?;
+    let std = Config::default().init_std;
+    let mut centers = vec![0f32; values];
+    let mut pass = |initialise: bool| -> Result<f64, String> {
+        let t = Instant::now();
+        partialfc::pool::install(|| {
+            centers.par_chunks_mut(d).enumerate().for_each(|(class, row)| match initialise {
+                true => rng::init_center(1, class as u64, std, row),
+                false => row.fill(std),
+            })
+        })
+        .map_err(|e| e.message)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let first_touch = pass(false)?;
+    let (mut fills, mut inits) = (Vec::new(), Vec::new());
+    for _ in 0..a.runs {
+        fills.push(pass(false)?);
+        inits.push(pass(true)?);
+    }
+    let bytes = values as f64 * 4.0;
+    println!(
+        "init: C = {classes}, d = {d}, threads = {}, f32 centers ({:.1} GiB; the first fill, faulting the pages in, took {first_touch:.3} s); medians of {} passes each, interleaved",
+        partialfc::pool::threads().map_err(|e| e.message)?,
+        bytes / (1u64 << 30) as f64,
+        a.runs
+    );
+    println!("| pass | median | values/s | GB/s written |");
+    println!("|---|---|---|---|");
+    for (name, times) in [("fill with a constant", fills), ("rng::init_center", inits)] {
+        let m = median(times);
+        println!("| {name} | {m:.3} s | {:.0} M | {:.1} |", values as f64 / m / 1e6, bytes / m / 1e9);
+    }
+    Ok(())
+}
+
 pub fn run(a: BenchArgs) -> Result<(), String> {
     // Medians need at least one timing.
     if a.steps == 0 {
@@ -321,6 +373,9 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
     }
     if a.search {
         return search(&a);
+    }
+    if a.init {
+        return init(&a);
     }
     let configs: Vec<(u64, f32)> = match a.classes {
         Some(c) => vec![(c, a.sample_rate)],

@@ -75,6 +75,20 @@ def test_two_processes_reproduce_the_authors_head(golden_dir, head):
     mp.spawn(dist_workers.golden, args=(2, free_port(), path, TOLERANCE), nprocs=2)
 
 
+def model_sparse_sgd_step(model, momentum, cfg, emb, labels, sampled):
+    """The float64 model's step over the `sampled` columns, updating them alone (momentum buffers
+    included, as the library's sparse SGD): its loss and embedding gradient."""
+    e64 = emb.double().requires_grad_(True)
+    loss64 = model(e64, labels, sampled)
+    loss64.backward()
+    with torch.no_grad():
+        w = model.weight
+        momentum[sampled] = cfg["momentum"] * momentum[sampled] + w.grad[sampled] + cfg["weight_decay"] * w[sampled]
+        w[sampled] -= cfg["lr"] * momentum[sampled]
+        w.grad = None
+    return float(loss64.detach()), e64.grad
+
+
 @pytest.mark.parametrize("head", HEADS)
 def test_sampled_columns_match_the_float64_model(golden_dir, head):
     # The sampled classes are the rows a step changes (sparse update, SGD with weight decay); the
@@ -92,16 +106,8 @@ def test_sampled_columns_match_the_float64_model(golden_dir, head):
         sampled = torch.where((centers != before).any(dim=1))[0]
         assert len(sampled) == module.last_stats["sampled_classes"] == int(0.25 * cfg["num_classes"])
         assert set(labels.tolist()) <= set(sampled.tolist())
-        e64 = emb.double().requires_grad_(True)
-        loss64 = model(e64, labels, sampled)
-        loss64.backward()
-        expected = float(loss64.detach())
-        with torch.no_grad():
-            w = model.weight
-            momentum[sampled] = cfg["momentum"] * momentum[sampled] + w.grad[sampled] + cfg["weight_decay"] * w[sampled]
-            w[sampled] -= cfg["lr"] * momentum[sampled]
-            w.grad = None
-        errors = {"loss": abs(loss - expected) / expected, "grad_emb": rel(grad, e64.grad),
+        expected, grad64 = model_sparse_sgd_step(model, momentum, cfg, emb, labels, sampled)
+        errors = {"loss": abs(loss - expected) / expected, "grad_emb": rel(grad, grad64),
                   "weight": rel(centers, model.weight.detach()), "state": rel(statistics(module), torch.tensor(adaptive_margin_state(model)))}
         for what, err in errors.items():
             assert err < TOLERANCE, f"{head} r=0.25 step {step} {what}: relative error {err:.3g}"
@@ -136,17 +142,9 @@ def test_three_shards_on_their_sampled_columns_match_the_float64_model(golden_di
         lib.get_centers(0, c, centers.data_ptr())
         sampled = torch.where((centers != before).any(dim=1))[0]
         assert len(sampled) == stats.sampled_classes and set(labels.tolist()) <= set(sampled.tolist())
-        e64 = emb.double().requires_grad_(True)
-        loss64 = model(e64, labels, sampled)
-        loss64.backward()
-        expected = float(loss64.detach())
-        with torch.no_grad():
-            w = model.weight
-            momentum[sampled] = cfg["momentum"] * momentum[sampled] + w.grad[sampled] + cfg["weight_decay"] * w[sampled]
-            w[sampled] -= cfg["lr"] * momentum[sampled]
-            w.grad = None
+        expected, grad64 = model_sparse_sgd_step(model, momentum, cfg, emb, labels, sampled)
         # Each shard returns local_shards × its rows' gradient of the mean loss (the reference's convention).
-        errors = {"loss": abs(stats.loss - expected) / expected, "grad_emb": rel(grad / 3, e64.grad),
+        errors = {"loss": abs(stats.loss - expected) / expected, "grad_emb": rel(grad / 3, grad64),
                   "weight": rel(centers, model.weight.detach()),
                   "state": rel(torch.tensor(lib.margin_state()), torch.tensor(adaptive_margin_state(model)))}
         for what, err in errors.items():

@@ -165,7 +165,8 @@ fn checkpoints_keep_the_statistics_and_refuse_another_margin() {
 #[test]
 fn curricular_t_moves_only_with_successful_training_steps() {
     let (c, d, n) = (300u64, 16usize, 24usize);
-    let cfg = adaptive(PFC_MARGIN_CURRICULAR, c, d);
+    let mut cfg = adaptive(PFC_MARGIN_CURRICULAR, c, d);
+    cfg.weight_decay = 0.5;
     let head = TestHead::new(&cfg);
     assert_eq!(head.margin_state(), vec![0.0]);
     let (e, l) = batch(c, d, n, 5);
@@ -176,7 +177,18 @@ fn curricular_t_moves_only_with_successful_training_steps() {
     let mut grad = vec![0f32; n * d];
     let b = host_batches(&bad, &l, &mut grad, d, &[n]);
     assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_INVALID_ARGUMENT);
+    // A center of norm 4e18 that an update at lr 1e4 with weight decay 0.5 would take past what
+    // normalizes in f32: the step is refused as non-finite.
+    let centers = head.centers(d);
+    let mut huge = centers.clone();
+    huge[..d].iter_mut().for_each(|v| *v = 1e18);
+    head.set_centers(&huge);
+    ok(pfc_set_learning_rate(head.0, 1e4));
+    let b = host_batches(&e, &l, &mut grad, d, &[n]);
+    assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_NON_FINITE, "{}", last_error());
     assert_eq!(head.margin_state(), vec![0.0], "a refused step updated t");
+    head.set_centers(&centers);
+    ok(pfc_set_learning_rate(head.0, cfg.lr));
     let mut want = 0.0f64;
     for step in 0..3 {
         let w = head.centers(d);

@@ -96,16 +96,29 @@ impl MarginState {
     }
 
     /// The statistics of `kind` from their listed values (a checkpoint's).
+    /// Only values the statistics can reach are taken (SPEC §2b): AdaFace's mean within the norm clip
+    /// [0.001, 100] and its standard deviation at least 0, CurricularFace's t, a running mean of
+    /// clamped cosines, within [−1, 1]. Anything else would jam or invert the margin later.
     pub fn from_values(kind: MarginKind, values: &[f32]) -> Result<MarginState> {
         let want = MarginState::initial(kind).values().len();
         if values.len() != want || values.iter().any(|v| !v.is_finite()) {
             return Err(Error::invalid(format!("the margin's running statistics: expected {want} finite values, got {values:?}")));
         }
-        Ok(match kind {
-            MarginKind::AdaFace { .. } => MarginState::AdaFace { mean: values[0], std: values[1] },
-            MarginKind::Curricular { .. } => MarginState::Curricular { t: values[0] },
-            MarginKind::Combined => MarginState::None,
-        })
+        let (state, reachable) = match kind {
+            MarginKind::AdaFace { .. } => {
+                let (mean, std) = (values[0], values[1]);
+                let (lo, hi) = ADAFACE_NORM_RANGE;
+                (MarginState::AdaFace { mean, std }, (lo..=hi).contains(&(mean as f64)) && std >= 0.0)
+            }
+            MarginKind::Curricular { .. } => (MarginState::Curricular { t: values[0] }, (-1.0..=1.0).contains(&values[0])),
+            MarginKind::Combined => (MarginState::None, true),
+        };
+        if !reachable {
+            return Err(Error::invalid(format!(
+                "the margin's running statistics {values:?} are outside what they can reach (AdaFace: mean in [0.001, 100], std >= 0; CurricularFace: t in [-1, 1])"
+            )));
+        }
+        Ok(state)
     }
 
     /// After a training batch whose rows are `rows` (its global batch's: AdaFace's raw embedding

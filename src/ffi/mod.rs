@@ -130,6 +130,25 @@ unsafe fn group_from_c(c: &pfc_config) -> Result<ProcessGroup> {
     ProcessGroup::new(c.process_count as usize, c.process_index as usize, transport)
 }
 
+/// The adaptive kinds' fields beside a kind that does not take them are refused unless they are at
+/// `pfc_config_init`'s defaults: a `margin_m` meant for the combined margin would otherwise be
+/// ignored without a word.
+fn check_unused_margin_fields(c: &pfc_config, kind: MarginKind) -> Result<()> {
+    let (h, t_alpha) = MarginKind::ADAFACE.adaface().expect("AdaFace has h and t_alpha");
+    let adaface_only = [("adaface_h", c.adaface_h, h), ("adaface_t_alpha", c.adaface_t_alpha, t_alpha)];
+    let (unused, name): (&[(&str, f32, f32)], &str) = match kind {
+        MarginKind::Combined => (&[("margin_m", c.margin_m, 0.0), adaface_only[0], adaface_only[1]], "PFC_MARGIN_COMBINED (its margins are m1, m2, m3)"),
+        MarginKind::Curricular { .. } => (&adaface_only, "PFC_MARGIN_CURRICULAR"),
+        MarginKind::AdaFace { .. } => (&[], ""),
+    };
+    match unused.iter().find(|(_, value, default)| value != default) {
+        Some((field, value, default)) => Err(Error::invalid(format!(
+            "{field} = {value} does not apply to margin_kind {name}: leave it at its default {default}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Converts and validates a C configuration.
 ///
 /// # Safety
@@ -147,6 +166,7 @@ unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
         PFC_MARGIN_CURRICULAR => MarginKind::Curricular { m: margin_m(MarginKind::CURRICULAR_M) },
         v => return Err(Error::invalid(format!("margin_kind = {v} is not a PFC_MARGIN_* value"))),
     };
+    check_unused_margin_fields(c, kind)?;
     let optimizer = match c.optimizer {
         PFC_OPTIMIZER_SGD => OptimizerKind::Sgd,
         PFC_OPTIMIZER_ADAMW => OptimizerKind::AdamW,

@@ -220,6 +220,47 @@ fn curricular_t_moves_only_with_successful_training_steps() {
     assert_eq!(sharded.margin_state(), single.margin_state());
 }
 
+/// The adaptive kinds' own fields beside a kind that does not take them are refused naming the
+/// field (a `margin_m` meant for ArcFace would otherwise be ignored without a word).
+#[test]
+fn fields_of_another_margin_kind_are_refused_by_name() {
+    let cases: [(i32, &str, fn(&mut pfc_config)); 4] = [
+        (PFC_MARGIN_COMBINED, "margin_m", |c| c.margin_m = 0.7),
+        (PFC_MARGIN_COMBINED, "adaface_t_alpha", |c| c.adaface_t_alpha = 5.0),
+        (PFC_MARGIN_CURRICULAR, "adaface_h", |c| c.adaface_h = 0.9),
+        (PFC_MARGIN_CURRICULAR, "adaface_t_alpha", |c| c.adaface_t_alpha = -3.0),
+    ];
+    for (kind, field, set) in cases {
+        let mut cfg = adaptive(kind, 100, 8);
+        set(&mut cfg);
+        let (status, message) = create(&cfg);
+        assert_eq!(status, PFC_ERR_INVALID_ARGUMENT, "{field} beside kind {kind}: {message}");
+        assert!(message.starts_with(field) && message.contains("default"), "{message}");
+    }
+    let mut curricular = adaptive(PFC_MARGIN_CURRICULAR, 100, 8);
+    curricular.margin_m = 0.3;
+    assert_eq!(create(&curricular).0, PFC_OK, "CurricularFace takes margin_m");
+}
+
+/// Statistics the running updates cannot reach are refused where they enter, and change nothing:
+/// a CurricularFace t beyond [−1, 1] (3e38 made every later step non-finite; −50 flipped the hard
+/// negatives' weight), an AdaFace standard deviation below 0 or mean outside the norm clip.
+#[test]
+fn unreachable_statistics_are_refused() {
+    for (kind, bad) in [
+        (PFC_MARGIN_CURRICULAR, vec![3e38f32]),
+        (PFC_MARGIN_CURRICULAR, vec![-50.0]),
+        (PFC_MARGIN_ADAFACE, vec![20.0, -100.0]),
+        (PFC_MARGIN_ADAFACE, vec![1000.0, 10.0]),
+    ] {
+        let head = TestHead::new(&adaptive(kind, 100, 8));
+        let before = head.margin_state();
+        assert_eq!(pfc_set_margin_state(head.0, bad.as_ptr(), bad.len() as u32), PFC_ERR_INVALID_ARGUMENT, "{bad:?}");
+        assert!(last_error().contains("outside what they can reach"), "{}", last_error());
+        assert_eq!(head.margin_state(), before, "{bad:?}");
+    }
+}
+
 /// `pfc_margin_state`'s pointers and capacity: a NULL `len`, or a NULL `out` with room asked for,
 /// is refused and writes nothing; capacity 0 asks the count; a short capacity gets the first values.
 #[test]

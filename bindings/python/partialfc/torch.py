@@ -487,11 +487,13 @@ class PartialFC_V2(torch.nn.Module):
         (so with the same margins), then restores the statistics every forward made: the authors' heads
         fold each training forward in, backpropagated or not, once."""
         after = self._head.margin_state()
-        for r in records:
-            self._head.set_margin_state(r.statistics)
-            grad = torch.empty_like(r.embeddings)
-            self._head.train_compute([self._batch(r.embeddings, r.labels, grad)])
-        self._head.set_margin_state(after)
+        try:
+            for r in records:
+                self._head.set_margin_state(r.statistics)
+                grad = torch.empty_like(r.embeddings)
+                self._head.train_compute([self._batch(r.embeddings, r.labels, grad)])
+        finally:
+            self._head.set_margin_state(after)
 
     def _optimizer_step(self, optimizer, group):
         # An optimizer the head cannot follow is refused before anything changes.

@@ -489,7 +489,11 @@ impl Shard {
                 });
             }
             for &(c, i) in block_targets {
-                let raw = targets.map_or(cos[(c as usize - start) * n + i], |t| t[i]);
+                let at = (c as usize - start) * n + i;
+                // The reduced target cosine, where given, stands in the table too: the clamp's
+                // verdict on the target's gradient (`block_sum`) is then on the value its logit used.
+                let raw = targets.map_or(cos[at], |t| t[i]);
+                cos[at] = raw;
                 let t = crate::margin::target(margin, raw, scalers.get(i).copied().unwrap_or(0.0));
                 w.target_block[i] = t.logit;
                 w.targets.push((i, t.logit, t.dlogit_dcos, raw.clamp(-1.0, 1.0)));

@@ -224,7 +224,8 @@ fn curricular_t_moves_only_with_successful_training_steps() {
 /// field (a `margin_m` meant for ArcFace would otherwise be ignored without a word).
 #[test]
 fn fields_of_another_margin_kind_are_refused_by_name() {
-    let cases: [(i32, &str, fn(&mut pfc_config)); 4] = [
+    type Case = (i32, &'static str, fn(&mut pfc_config));
+    let cases: [Case; 4] = [
         (PFC_MARGIN_COMBINED, "margin_m", |c| c.margin_m = 0.7),
         (PFC_MARGIN_COMBINED, "adaface_t_alpha", |c| c.adaface_t_alpha = 5.0),
         (PFC_MARGIN_CURRICULAR, "adaface_h", |c| c.adaface_h = 0.9),

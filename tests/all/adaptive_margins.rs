@@ -67,6 +67,32 @@ fn adaface_refuses_the_combined_margins_options_and_parameters_out_of_range() {
     }
 }
 
+/// Evaluation, a batch refused as bad input and a step refused as non-finite leave the statistics
+/// as they were. The non-finite step: a center of norm 4e18 (below 2^62) that an update at lr 1e4
+/// with the head's weight decay of 0.5 would take past what normalizes in f32. The head is left as
+/// it was, at learning rate `lr`.
+fn refusals_leave_the_statistics(head: &TestHead, e: &[f32], l: &[i64], d: usize, lr: f32) {
+    let (initial, n) = (head.margin_state(), l.len());
+    head.evaluate(e, l, d, &[n]);
+    assert_eq!(head.margin_state(), initial, "evaluation updated the statistics");
+    let mut bad = e.to_vec();
+    bad[5] = f32::NAN;
+    let mut grad = vec![0f32; n * d];
+    let b = host_batches(&bad, l, &mut grad, d, &[n]);
+    assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_INVALID_ARGUMENT);
+    assert_eq!(head.margin_state(), initial, "a refused batch updated the statistics");
+    let centers = head.centers(d);
+    let mut huge = centers.clone();
+    huge[..d].iter_mut().for_each(|v| *v = 1e18);
+    head.set_centers(&huge);
+    ok(pfc_set_learning_rate(head.0, 1e4));
+    let b = host_batches(e, l, &mut grad, d, &[n]);
+    assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_NON_FINITE, "{}", last_error());
+    assert_eq!(head.margin_state(), initial, "a step refused as non-finite updated the statistics");
+    head.set_centers(&centers);
+    ok(pfc_set_learning_rate(head.0, lr));
+}
+
 /// The running statistics start at the authors' 20 and 100; evaluation and refused steps leave
 /// them; each successful training step, compute included, folds its global batch in with weight
 /// t_alpha, the same on every shard count.
@@ -79,25 +105,8 @@ fn adaface_statistics_move_only_with_successful_training_steps() {
     let head = TestHead::new(&cfg);
     assert_eq!(head.margin_state(), vec![20.0, 100.0]);
     let (e, l) = batch(c, d, n, 3);
-    head.evaluate(&e, &l, d, &[n]);
-    assert_eq!(head.margin_state(), vec![20.0, 100.0], "evaluation updated the statistics");
-    let mut bad = e.clone();
-    bad[5] = f32::NAN;
+    refusals_leave_the_statistics(&head, &e, &l, d, cfg.lr);
     let mut grad = vec![0f32; n * d];
-    let b = host_batches(&bad, &l, &mut grad, d, &[n]);
-    assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_INVALID_ARGUMENT);
-    // A center of norm 4e18 (below 2^62) that an update at lr 1e4 with weight decay 0.5 would
-    // take past what normalizes in f32: the step is refused as non-finite.
-    let centers = head.centers(d);
-    let mut huge = centers.clone();
-    huge[..d].iter_mut().for_each(|v| *v = 1e18);
-    head.set_centers(&huge);
-    ok(pfc_set_learning_rate(head.0, 1e4));
-    let b = host_batches(&e, &l, &mut grad, d, &[n]);
-    assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_NON_FINITE, "{}", last_error());
-    assert_eq!(head.margin_state(), vec![20.0, 100.0], "a refused step updated the statistics");
-    head.set_centers(&centers);
-    ok(pfc_set_learning_rate(head.0, 0.1));
     let norms: Vec<f64> = e.chunks(d).map(|r| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt().clamp(0.001, 100.0)).collect();
     let mean = norms.iter().sum::<f64>() / n as f64;
     let std = (norms.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64).sqrt();
@@ -170,25 +179,8 @@ fn curricular_t_moves_only_with_successful_training_steps() {
     let head = TestHead::new(&cfg);
     assert_eq!(head.margin_state(), vec![0.0]);
     let (e, l) = batch(c, d, n, 5);
-    head.evaluate(&e, &l, d, &[n]);
-    assert_eq!(head.margin_state(), vec![0.0], "evaluation updated t");
-    let mut bad = e.clone();
-    bad[3] = f32::INFINITY;
+    refusals_leave_the_statistics(&head, &e, &l, d, cfg.lr);
     let mut grad = vec![0f32; n * d];
-    let b = host_batches(&bad, &l, &mut grad, d, &[n]);
-    assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_INVALID_ARGUMENT);
-    // A center of norm 4e18 that an update at lr 1e4 with weight decay 0.5 would take past what
-    // normalizes in f32: the step is refused as non-finite.
-    let centers = head.centers(d);
-    let mut huge = centers.clone();
-    huge[..d].iter_mut().for_each(|v| *v = 1e18);
-    head.set_centers(&huge);
-    ok(pfc_set_learning_rate(head.0, 1e4));
-    let b = host_batches(&e, &l, &mut grad, d, &[n]);
-    assert_eq!(pfc_train_step(head.0, b.as_ptr(), 1, std::ptr::null_mut()), PFC_ERR_NON_FINITE, "{}", last_error());
-    assert_eq!(head.margin_state(), vec![0.0], "a refused step updated t");
-    head.set_centers(&centers);
-    ok(pfc_set_learning_rate(head.0, cfg.lr));
     let mut want = 0.0f64;
     for step in 0..3 {
         let w = head.centers(d);

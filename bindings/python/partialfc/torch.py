@@ -439,7 +439,8 @@ class PartialFC_V2(torch.nn.Module):
             return self._nan_loss(local_embeddings, embeddings)
         grad = torch.empty_like(embeddings)
         self._drop_cleared()
-        statistics = self._head.margin_state()
+        # Only the adaptive margins keep statistics (on CUDA reading them is a device read).
+        statistics = self._head.margin_state() if self._state_names else []
         try:
             stats = self._head.train_compute([self._batch(embeddings, labels, grad)])
         except PartialFCError as e:

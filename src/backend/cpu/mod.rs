@@ -247,17 +247,19 @@ impl CpuBackend {
         self.margin_next = plan.train.then_some(state);
         self.step_margin = state;
         let per_row = state.row_margins(kind, &rows);
-        let n = emb.len() / d;
-        (self.row_scalers, self.hard_above) = match kind {
-            MarginKind::Curricular { .. } => (Vec::new(), per_row),
-            _ => (per_row, vec![f32::INFINITY; n]),
-        };
+        if let MarginKind::Curricular { .. } = kind {
+            (self.row_scalers, self.hard_above) = (Vec::new(), per_row);
+        } else {
+            self.row_scalers = per_row;
+            // No row has hard negatives: the thresholds are all +∞ and stay so between steps (the
+            // kind is the head's), only the batch's length changes.
+            self.hard_above.resize(emb.len() / d, f32::INFINITY);
+        }
         Ok(())
     }
 
 }
 
-/// Whether a block's sampled rows (ascending) are consecutive rows of the table.
 /// How the step's cosines become logits outside the target column.
 fn logit_params<'a>(cfg: &Config, state: MarginState, hard_above: &'a [f32]) -> LogitParams<'a> {
     LogitParams {
@@ -269,6 +271,7 @@ fn logit_params<'a>(cfg: &Config, state: MarginState, hard_above: &'a [f32]) -> 
     }
 }
 
+/// Whether a block's sampled rows (ascending) are consecutive rows of the table.
 fn consecutive(ids: &[u32]) -> bool {
     (ids[ids.len() - 1] - ids[0]) as usize + 1 == ids.len()
 }

@@ -210,6 +210,11 @@ typedef struct pfc_config {
   float adaface_h;
   // AdaFace's weight of the newest batch in the running norm statistics (0.01).
   float adaface_t_alpha;
+  // `PFC_DTYPE_F32` (the default) or `PFC_DTYPE_BF16`: how centers and optimizer state are
+  // stored. In bf16 a step computes in f32 as ever and writes each updated value back rounded
+  // stochastically, from a counter-based draw of (seed, step, class, element): half the memory,
+  // updates below bf16's spacing kept on average, and the same bits on every shard layout.
+  int32_t storage_dtype;
 } pfc_config;
 
 // Result of every fallible call: `PFC_OK` or one of the `PFC_ERR_*` codes.

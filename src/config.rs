@@ -25,6 +25,17 @@ impl DType {
     }
 }
 
+/// How a value computed in f32 becomes a stored bf16 one (`storage_dtype` bf16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rounding {
+    /// Up with probability equal to the discarded fraction (`crate::storage`): unbiased, so an
+    /// update below bf16's spacing still moves a center on average. What the C ABI gives.
+    Stochastic,
+    /// To nearest, ties to even: the bias stochastic rounding removes, kept for experiments
+    /// (`pfc train --storage bf16-nearest`).
+    Nearest,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OptimizerKind {
     Sgd,
@@ -159,6 +170,9 @@ pub struct Config {
     pub margin: MarginConfig,
     pub optimizer: OptimizerConfig,
     pub compute_dtype: DType,
+    /// Centers and optimizer state: F32 or BF16 (SPEC §2), and how updates are rounded into bf16.
+    pub storage_dtype: DType,
+    pub storage_rounding: Rounding,
     pub seed: u64,
     pub init_std: f32,
     pub backend: BackendKind,
@@ -213,6 +227,8 @@ impl Default for Config {
                 eps: 1e-8,
             },
             compute_dtype: DType::F32,
+            storage_dtype: DType::F32,
+            storage_rounding: Rounding::Stochastic,
             seed: 0,
             init_std: 0.01,
             backend: BackendKind::Cpu,
@@ -298,6 +314,9 @@ impl Config {
             }
         }
         finite_in("init_std", self.init_std, 0.0, MAX_HYPERPARAMETER)?;
+        check(self.storage_dtype != DType::F16, || {
+            "storage_dtype = PFC_DTYPE_F16 is not offered: f16's range (6e-8 to 65504) does not hold a momentum or second moment; use PFC_DTYPE_BF16".into()
+        })?;
         check(self.local_shards >= 1 && self.local_shards <= MAX_LOCAL_SHARDS, || {
             format!("local_shards = {} is outside [1, {MAX_LOCAL_SHARDS}]", self.local_shards)
         })?;
@@ -352,6 +371,8 @@ impl Config {
             ("beta2", f(o.beta2)),
             ("eps", f(o.eps)),
             ("compute_dtype", self.compute_dtype as u64),
+            ("storage_dtype", self.storage_dtype as u64),
+            ("storage_rounding", self.storage_rounding as u64),
             ("seed", self.seed),
             ("init_std", f(self.init_std)),
             ("backend", self.backend as u64),

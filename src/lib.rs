@@ -9,7 +9,7 @@
 //!   collectives (`comm`: local, process, NCCL);
 //! - the vocabulary both share: kinds of memory and their buffers (`memory`), batch and gradient
 //!   views (`batch`), numeric limits (`limits`), configuration (`config`), errors (`error`), the
-//!   state's tensors (`state`), sharding and sampling (`sharding`), randomness (`rng`), the margin
+//!   state's tensors (`state`) and how they are stored (`storage`), sharding and sampling (`sharding`), randomness (`rng`), the margin
 //!   (`margin`), top-k merging (`topk`), the thread pool (`pool`), vectorized host loops (`simd`)
 //!   and files (`fsutil`).
 //!
@@ -34,6 +34,7 @@ pub mod rng;
 pub mod sharding;
 pub(crate) mod simd;
 pub mod state;
+pub mod storage;
 pub mod topk;
 
 pub use config::Config;

@@ -42,6 +42,7 @@ crate::simd::multiversion! {
 
 pub(crate) const PURPOSE_SAMPLING: u64 = 1;
 pub(crate) const PURPOSE_INIT: u64 = 2;
+pub(crate) const PURPOSE_ROUNDING: u64 = 3;
 
 /// A uniform in (0, 1) from the top 53 bits.
 #[inline(always)]

@@ -272,6 +272,9 @@ struct Config {
     float beta2{};
     float eps{};
     DType compute_dtype{};
+    // How centers and optimizer state are stored: F32, or BF16 with stochastic rounding (half the
+    // memory per class).
+    DType storage_dtype{};
     std::uint64_t seed{};
     float init_std{};
     Backend backend{};
@@ -338,6 +341,7 @@ struct Config {
         c.beta2 = beta2;
         c.eps = eps;
         c.compute_dtype = static_cast<std::int32_t>(compute_dtype);
+        c.storage_dtype = static_cast<std::int32_t>(storage_dtype);
         c.seed = seed;
         c.init_std = init_std;
         c.backend = static_cast<std::int32_t>(backend);
@@ -375,6 +379,7 @@ struct Config {
         beta2 = c.beta2;
         eps = c.eps;
         compute_dtype = static_cast<DType>(c.compute_dtype);
+        storage_dtype = static_cast<DType>(c.storage_dtype);
         seed = c.seed;
         init_std = c.init_std;
         backend = static_cast<Backend>(c.backend);

@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::memory::{F32Buf, I64Buf, Memory, Rows, Stats};
 use crate::sharding::ShardRange;
 use crate::state::StateTensor;
-use step::{DeviceTimes, RowStats, StepPlan, Update};
+use step::{DeviceTimes, OptStep, RowStats, StepPlan, Update};
 
 /// The per-shard compute primitives a backend implements; `crate::head::driver` strings them into
 /// the step (SPEC §1) once for every backend. `shard` indexes this process's shards.
@@ -81,10 +81,10 @@ pub trait Primitives: ShardState + Send {
     /// Rows with accumulated gradients.
     fn accumulated_rows(&self, shard: usize) -> usize;
     /// Whether one optimizer step over the accumulated gradients would leave every touched center
-    /// finite and normalizable in f32 (nothing is written).
-    fn update_is_finite(&mut self, shard: usize, lr: f32) -> Result<bool>;
+    /// finite and normalizable in f32, and every value finite as stored (nothing is written).
+    fn update_is_finite(&mut self, shard: usize, step: OptStep) -> Result<bool>;
     /// The optimizer step over the accumulated rows; clears them.
-    fn apply(&mut self, shard: usize, lr: f32) -> Result<()>;
+    fn apply(&mut self, shard: usize, step: OptStep) -> Result<()>;
     /// Keeps the margin's running statistics of the last training forward pass: its step
     /// succeeded on every process (SPEC §1.6a: updated in training steps only, before use).
     fn commit_margin_state(&mut self) {}

@@ -57,17 +57,35 @@ pub fn softmax_factors(sums: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
     (inv_sum, mass)
 }
 
+/// One optimizer step: its learning rate, and its index (the steps the head took before it),
+/// which with the seed keys the stochastic rounding of bf16 storage (`crate::storage`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OptStep {
+    pub lr: f32,
+    pub index: u64,
+}
+
 /// What a backward pass does about the optimizer step of its call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Update {
     /// None follows it (the step split's compute).
     None,
-    /// A step at this rate follows once the job has agreed it is finite: a backend may check it
+    /// This step follows once the job has agreed it is finite: a backend may check it
     /// (`update_is_finite`) here, while the rows are in cache.
-    Check(f32),
-    /// Every shard of the job proved the step at this rate safe (`update_proven`): each center is
-    /// updated as soon as its gradient exists, and nothing is left pending.
-    Apply(f32),
+    Check(OptStep),
+    /// Every shard of the job proved this step safe (`update_proven`): each center is updated as
+    /// soon as its gradient exists, and nothing is left pending.
+    Apply(OptStep),
+}
+
+impl Update {
+    /// The optimizer step that follows, if any.
+    pub fn step(self) -> Option<OptStep> {
+        match self {
+            Update::None => None,
+            Update::Check(step) | Update::Apply(step) => Some(step),
+        }
+    }
 }
 
 /// Sorted rows with their gradients, `d` values each: a shard's accumulated center gradients.

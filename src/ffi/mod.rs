@@ -15,7 +15,7 @@ use self::head::lock;
 pub use self::types::*;
 use crate::batch::{Batches, DeviceBatch, Embeddings, GradOut, HostBatch, Outputs};
 use crate::comm::group::{AllGather, CallbackAllGather, ProcessGroup};
-use crate::config::{BackendKind, Config, DType, MarginConfig, MarginGrad, MarginKind, OptimizerConfig, OptimizerKind};
+use crate::config::{BackendKind, Config, DType, MarginConfig, MarginGrad, MarginKind, OptimizerConfig, OptimizerKind, Rounding};
 use crate::head::{Head, StepStats};
 use crate::error::{Error, Result, Status};
 use std::ffi::c_char;
@@ -78,6 +78,7 @@ fn default_c_config() -> pfc_config {
         margin_m: 0.0,
         adaface_h: MarginKind::ADAFACE.adaface().map_or(0.0, |a| a.0),
         adaface_t_alpha: MarginKind::ADAFACE.adaface().map_or(0.0, |a| a.1),
+        storage_dtype: PFC_DTYPE_F32,
     }
 }
 
@@ -212,6 +213,8 @@ unsafe fn config_from_c(c: &pfc_config) -> Result<Config> {
             eps: c.eps,
         },
         compute_dtype: dtype_of("compute_dtype", c.compute_dtype)?,
+        storage_dtype: dtype_of("storage_dtype", c.storage_dtype)?,
+        storage_rounding: Rounding::Stochastic,
         seed: c.seed,
         init_std: c.init_std,
         backend,

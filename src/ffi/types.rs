@@ -135,6 +135,11 @@ pub struct pfc_config {
     pub adaface_h: f32,
     /// AdaFace's weight of the newest batch in the running norm statistics (0.01).
     pub adaface_t_alpha: f32,
+    /// `PFC_DTYPE_F32` (the default) or `PFC_DTYPE_BF16`: how centers and optimizer state are
+    /// stored. In bf16 a step computes in f32 as ever and writes each updated value back rounded
+    /// stochastically, from a counter-based draw of (seed, step, class, element): half the memory,
+    /// updates below bf16's spacing kept on average, and the same bits on every shard layout.
+    pub storage_dtype: i32,
 }
 
 /// The host's process group, as one collective (the pattern of UCC's out-of-band all-gather):

@@ -11,7 +11,7 @@
 //! (`Primitives::update_proven`, agreed in one exchange before the backward pass), that proof is
 //! the agreement and the backward pass applies the update as each center's gradient exists.
 
-use crate::backend::step::{phase, PhaseTimes, RowStats, StepPlan, Update};
+use crate::backend::step::{phase, OptStep, PhaseTimes, RowStats, StepPlan, Update};
 use crate::backend::{Primitives, ShardState};
 use crate::batch::{Batches, Outputs};
 use crate::comm::group::ProcessGroup;
@@ -34,7 +34,7 @@ pub(crate) trait StepDriver: Send {
     /// accumulated; with `apply`, then one optimizer step at that learning rate. All or nothing.
     fn compute(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan, out: Outputs<'_, '_>, apply: Option<f32>) -> Result<Evaluated>;
     /// One optimizer step over the accumulated gradients (false when there were none).
-    fn apply(&mut self, lr: f32) -> Result<bool>;
+    fn apply(&mut self, step: OptStep) -> Result<bool>;
     fn discard(&mut self);
     fn state(&self) -> &dyn ShardState;
     fn state_mut(&mut self) -> &mut dyn ShardState;
@@ -288,7 +288,7 @@ impl<P: Primitives> Driver<P> {
     /// Adds every shard's pending center gradients to its accumulated ones and, with `lr`, checks
     /// that the optimizer step over them keeps every center finite; one verdict for the job. On
     /// failure nothing stays accumulated from this call.
-    fn accumulate(&mut self, lr: Option<f32>) -> Result<()> {
+    fn accumulate(&mut self, step: Option<OptStep>) -> Result<()> {
         let t0 = Instant::now();
         self.prims.mark(phase::UPDATE, true);
         let mut done = 0;
@@ -296,8 +296,8 @@ impl<P: Primitives> Driver<P> {
         let local = (0..self.shards()).try_for_each(|s| {
             self.prims.accumulate(s)?;
             done += 1;
-            if let Some(lr) = lr {
-                finite &= self.prims.update_is_finite(s, lr)?;
+            if let Some(step) = step {
+                finite &= self.prims.update_is_finite(s, step)?;
             }
             Ok(())
         });
@@ -312,9 +312,9 @@ impl<P: Primitives> Driver<P> {
     }
 
     /// The optimizer step over the accumulated gradients, once the job has agreed it is finite.
-    fn update(&mut self, lr: f32) -> Result<()> {
+    fn update(&mut self, step: OptStep) -> Result<()> {
         let t0 = Instant::now();
-        let applied = (0..self.shards()).try_for_each(|s| self.prims.apply(s, lr));
+        let applied = (0..self.shards()).try_for_each(|s| self.prims.apply(s, step));
         self.times.update += t0.elapsed().as_secs_f64();
         self.prims.mark(phase::UPDATE, false);
         applied
@@ -332,9 +332,10 @@ impl<P: Primitives> StepDriver for Driver<P> {
 
     fn compute(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan, out: Outputs<'_, '_>, apply: Option<f32>) -> Result<Evaluated> {
         let fwd = self.forward(checked, batches, plan)?;
+        let apply = apply.map(|lr| OptStep { lr, index: plan.step });
         let update = match apply {
-            Some(lr) if !fwd.loss_deferred && self.update_proven(lr)? => Update::Apply(lr),
-            Some(lr) => Update::Check(lr),
+            Some(step) if !fwd.loss_deferred && self.update_proven(step.lr)? => Update::Apply(step),
+            Some(step) => Update::Check(step),
             None => Update::None,
         };
         self.times.update_in_backward = matches!(update, Update::Apply(_));
@@ -344,8 +345,8 @@ impl<P: Primitives> StepDriver for Driver<P> {
             self.times.update = 0.0;
         } else {
             self.accumulate(apply)?;
-            if let Some(lr) = apply {
-                self.update(lr)?;
+            if let Some(step) = apply {
+                self.update(step)?;
             }
         }
         self.prims.commit_margin_state();
@@ -353,7 +354,7 @@ impl<P: Primitives> StepDriver for Driver<P> {
         Ok(eval)
     }
 
-    fn apply(&mut self, lr: f32) -> Result<bool> {
+    fn apply(&mut self, step: OptStep) -> Result<bool> {
         let rows: Vec<u64> = (0..self.shards()).map(|s| self.prims.accumulated_rows(s) as u64).collect();
         let any = self.coll.gather_counts(&rows)?.iter().any(|&r| r > 0);
         if !any {
@@ -361,11 +362,11 @@ impl<P: Primitives> StepDriver for Driver<P> {
         }
         let mut finite = true;
         let checked = (0..self.shards()).try_for_each(|s| {
-            finite &= self.prims.update_is_finite(s, lr)?;
+            finite &= self.prims.update_is_finite(s, step)?;
             Ok(())
         });
         self.coll.agree(checked.and_then(|()| if finite { Ok(()) } else { Err(Error::non_finite("a center after this update")) }))?;
-        self.update(lr)?;
+        self.update(step)?;
         Ok(true)
     }
 

@@ -9,9 +9,10 @@ use crate::comm::local::LocalCollectives;
 use crate::comm::nccl::NcclCollectives;
 use crate::comm::process::ProcessCollectives;
 use crate::comm::Collectives;
-use crate::config::{BackendKind, Config};
+use crate::config::{BackendKind, Config, DType};
 use crate::error::{Error, Result, Status};
 use crate::memory::Host;
+use half::bf16;
 use std::sync::Arc;
 
 /// The backend `cfg` asks for, holding this process's shards of the job. `process_shards` lists
@@ -33,7 +34,11 @@ pub(crate) fn create(cfg: &Config, group: &Arc<ProcessGroup>, process_shards: &[
             } else {
                 Box::new(ProcessCollectives::new(group.clone(), process_shards.to_vec()))
             };
-            Ok(Box::new(Driver::new(CpuBackend::new(cfg)?, coll, group.clone(), cfg.embedding_dim, cfg.first_rank, cfg.margin.kind)))
+            let (group, d, first, margin) = (group.clone(), cfg.embedding_dim, cfg.first_rank, cfg.margin.kind);
+            Ok(match cfg.storage_dtype {
+                DType::BF16 => Box::new(Driver::new(CpuBackend::<bf16>::new(cfg)?, coll, group, d, first, margin)),
+                _ => Box::new(Driver::new(CpuBackend::<f32>::new(cfg)?, coll, group, d, first, margin)),
+            })
         }
         BackendKind::Cuda => {
             let ordinals: Vec<i32> =
@@ -41,6 +46,9 @@ pub(crate) fn create(cfg: &Config, group: &Arc<ProcessGroup>, process_shards: &[
             let mut seen = std::collections::HashSet::new();
             if let Some(dup) = ordinals.iter().find(|o| !seen.insert(**o)) {
                 return Err(Error::invalid(format!("devices lists GPU {dup} twice: NCCL needs one shard per GPU")));
+            }
+            if cfg.storage_dtype != DType::F32 {
+                return Err(Error::new(Status::Unavailable, "storage_dtype PFC_DTYPE_BF16 runs on the CPU backend only so far; the CUDA backend stores f32"));
             }
             let devices = cuda::probe(&ordinals)?;
             let prims = cuda::CudaBackend::new(cfg, &devices)?;

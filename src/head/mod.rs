@@ -8,7 +8,7 @@ pub(crate) mod driver;
 mod factory;
 pub(crate) mod search;
 
-use crate::backend::step::{PhaseTimes, StepPlan};
+use crate::backend::step::{OptStep, PhaseTimes, StepPlan};
 use crate::batch::{Batches, GradOut, HostBatch, Outputs};
 use crate::comm::group::ProcessGroup;
 use crate::config::Config;
@@ -190,7 +190,7 @@ impl Head {
     /// rate; the step count advances. A collective call.
     pub fn apply(&mut self) -> Result<()> {
         self.group.check()?;
-        if !self.driver.apply(self.lr)? {
+        if !self.driver.apply(OptStep { lr: self.lr, index: self.step })? {
             return Err(Error::invalid("no accumulated gradients to apply: call pfc_train_compute first"));
         }
         self.step += 1;

@@ -15,7 +15,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("seams", &["backend", "comm"]),
     (
         "vocabulary",
-        &["batch", "config", "error", "fsutil", "limits", "margin", "memory", "pool", "rng", "sharding", "simd", "state", "topk"],
+        &["batch", "config", "error", "fsutil", "limits", "margin", "memory", "pool", "rng", "sharding", "simd", "state", "storage", "topk"],
     ),
 ];
 

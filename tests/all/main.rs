@@ -54,3 +54,4 @@ mod reference_f64;
 mod sampling;
 mod setup;
 mod step_split;
+mod storage;

@@ -108,6 +108,22 @@ fn adaptive_margins_over_processes_match_one_process() {
     }
 }
 
+/// bf16 storage over processes, SGD and AdamW: the stochastic rounding's draws follow the global
+/// class, so every process layout stores what one process stores, bit for bit.
+#[test]
+fn bf16_storage_over_processes_matches_one_process() {
+    for layout in [&[2usize, 1][..], &[1, 1, 2]] {
+        for (rate, adamw) in [(1.0, false), (0.3, true)] {
+            let name = format!("bf16-{}-{rate}-{adamw}", layout.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("_"));
+            let case = synthetic(&name, layout.iter().sum(), layout, rate, adamw);
+            let config = case.dir.join("config.txt");
+            let text = std::fs::read_to_string(&config).unwrap();
+            std::fs::write(&config, format!("{text}storage_dtype {}\n", partialfc::ffi::PFC_DTYPE_BF16)).unwrap();
+            run_parity(&case.dir, layout.len(), &["--bitwise"]);
+        }
+    }
+}
+
 #[test]
 fn golden_vectors_through_processes() {
     let adaptive = Golden::of_head("adaface").into_iter().chain(Golden::of_head("curricular"));

@@ -68,6 +68,7 @@ typedef struct {
     float sample_rate, scale, m1, m2, m3, filter, lr, momentum, weight_decay;
     int margin_kind;
     float margin_m, adaface_h, adaface_t_alpha;
+    int storage_dtype;
     int optimizer;
     uint64_t seed;
     int expect;
@@ -118,6 +119,7 @@ static void read_case(case_t *c) {
         else if (!strcmp(key, "margin_m")) c->margin_m = strtof(val, NULL);
         else if (!strcmp(key, "adaface_h")) c->adaface_h = strtof(val, NULL);
         else if (!strcmp(key, "adaface_t_alpha")) c->adaface_t_alpha = strtof(val, NULL);
+        else if (!strcmp(key, "storage_dtype")) c->storage_dtype = atoi(val);
         else if (!strcmp(key, "lr")) c->lr = strtof(val, NULL);
         else if (!strcmp(key, "momentum")) c->momentum = strtof(val, NULL);
         else if (!strcmp(key, "weight_decay")) c->weight_decay = strtof(val, NULL);
@@ -153,6 +155,7 @@ static void base_config(const case_t *c, pfc_config *cfg) {
     cfg->margin_m = c->margin_m;
     cfg->adaface_h = c->adaface_h;
     cfg->adaface_t_alpha = c->adaface_t_alpha;
+    cfg->storage_dtype = c->storage_dtype;
     cfg->optimizer = c->optimizer;
     cfg->lr = c->lr;
     cfg->momentum = c->momentum;

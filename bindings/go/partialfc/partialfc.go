@@ -229,9 +229,12 @@ type Config struct {
 	WeightDecay       float32
 	Beta1, Beta2, Eps float32
 	ComputeDType      DType
-	Seed              uint64
-	InitStd           float32
-	Backend           Backend
+	// StorageDType stores centers and optimizer state in DTypeF32 or DTypeBF16 (stochastic
+	// rounding: half the memory per class).
+	StorageDType DType
+	Seed         uint64
+	InitStd      float32
+	Backend      Backend
 	// Shards this process drives: GPUs (CUDA) or threads of work (CPU).
 	LocalShards uint32
 	// CUDA ordinals, LocalShards entries; nil = 0..LocalShards-1.
@@ -273,6 +276,7 @@ func DefaultConfig() Config {
 		Beta2:            float32(c.beta2),
 		Eps:              float32(c.eps),
 		ComputeDType:     DType(c.compute_dtype),
+		StorageDType:     DType(c.storage_dtype),
 		Seed:             uint64(c.seed),
 		InitStd:          float32(c.init_std),
 		Backend:          Backend(c.backend),
@@ -387,6 +391,7 @@ func New(cfg Config) (*Head, error) {
 	c.beta2 = C.float(cfg.Beta2)
 	c.eps = C.float(cfg.Eps)
 	c.compute_dtype = C.int32_t(cfg.ComputeDType)
+	c.storage_dtype = C.int32_t(cfg.StorageDType)
 	c.seed = C.uint64_t(cfg.Seed)
 	c.init_std = C.float(cfg.InitStd)
 	c.backend = C.int32_t(cfg.Backend)

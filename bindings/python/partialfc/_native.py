@@ -98,6 +98,7 @@ class pfc_config(Structure):
         ("margin_m", c_float),
         ("adaface_h", c_float),
         ("adaface_t_alpha", c_float),
+        ("storage_dtype", c_int32),
     ]
 
 

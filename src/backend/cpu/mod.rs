@@ -14,8 +14,8 @@ pub(crate) use search::{selection_margin, unit_rows};
 
 use self::gemm::{matmul, GemmPath, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
-use self::optimizer::{above, OptimizerState, VALUE_BOUND};
-use super::step::{softmax_factors, RowGrads, RowStats, StepPlan, Update};
+use self::optimizer::{above, OptimizerState, Store, VALUE_BOUND};
+use super::step::{softmax_factors, OptStep, RowGrads, RowStats, StepPlan, Update};
 use super::{Primitives, ShardState};
 use crate::batch::{Batches, Outputs};
 use crate::config::{Config, DType, MarginKind};
@@ -25,6 +25,7 @@ use crate::margin::MarginState;
 use crate::rng;
 use crate::sharding::{pieces, sample, ShardRange};
 use crate::state::StateTensor;
+use crate::storage::{step_stream, Stored};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -107,10 +108,12 @@ fn quantize(dtype: DType, values: &mut [f32]) {
     }
 }
 
-struct Shard {
+/// One shard's state, its centers and optimizer state stored as `T` (`storage_dtype`): f32, or
+/// bf16 widened to f32 block by block for the step's arithmetic and rounded back on update.
+struct Shard<T> {
     range: ShardRange,
-    centers: Vec<f32>,
-    optimizer: OptimizerState,
+    centers: Vec<T>,
+    optimizer: OptimizerState<T>,
     // Per-step state, valid between forward and backward.
     sampled: Vec<u32>,
     /// Column of each global row's label among `sampled`, −1 when the label is not on this shard.
@@ -143,9 +146,9 @@ struct Shard {
     /// `accumulate` (to undo it).
     accumulated: RowGrads,
     undo: Option<Undo>,
-    /// The verdict of `update_is_finite` at this learning rate over `pending`, taken during the
-    /// backward pass (when nothing was accumulated before it).
-    prechecked: Option<(f32, bool)>,
+    /// The verdict of `update_is_finite` for this step over `pending`, taken during the backward
+    /// pass (when nothing was accumulated before it).
+    prechecked: Option<(OptStep, bool)>,
     /// The passes' per-task scratch, kept for the next step: keyed by (global batch, GEMMs on
     /// bf16) and (global batch, GEMMs on bf16, update inside the pass).
     forward_workers: Workers<ForwardWorker, (usize, bool)>,
@@ -164,10 +167,10 @@ enum Undo {
     Replaced(RowGrads),
 }
 
-pub struct CpuBackend {
+pub struct CpuBackend<T> {
     cfg: Config,
     ranges: Vec<ShardRange>,
-    shards: Vec<Shard>,
+    shards: Vec<Shard<T>>,
     /// The margin's running statistics (the same for every shard), and those of the training step
     /// under way, kept when it succeeds (`commit_margin_state`).
     margin: MarginState,
@@ -180,8 +183,8 @@ pub struct CpuBackend {
     hard_above: Vec<f32>,
 }
 
-impl CpuBackend {
-    /// The local shards of `cfg`'s job.
+impl<T: Stored> CpuBackend<T> {
+    /// The local shards of `cfg`'s job, stored as `T` (`cfg.storage_dtype`'s type).
     pub fn new(cfg: &Config) -> Result<Self> {
         if !cfg.devices.is_empty() {
             return Err(Error::invalid("devices is for the CUDA backend; pass NULL with the CPU backend"));
@@ -193,10 +196,19 @@ impl CpuBackend {
         let mut shards = Vec::with_capacity(ranges.len());
         for &range in &ranges {
             let elems = (range.len as usize).checked_mul(d).ok_or_else(|| Error::invalid("num_classes × embedding_dim overflows"))?;
-            let mut centers = try_zeroed::<f32>(elems, "class centers")?;
+            let mut centers = try_zeroed::<T>(elems, "class centers")?;
             crate::pool::install(|| {
-                centers.par_chunks_mut(d).enumerate().for_each(|(j, row)| {
-                    rng::init_center(cfg.seed, range.start + j as u64, cfg.init_std, row);
+                // A narrower storage holds each initial value rounded to nearest.
+                centers.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |wide, (j, row)| {
+                    let class = range.start + j as u64;
+                    match T::as_f32_mut(row) {
+                        Some(row) => rng::init_center(cfg.seed, class, cfg.init_std, row),
+                        None => {
+                            wide.resize(d, 0.0);
+                            rng::init_center(cfg.seed, class, cfg.init_std, wide);
+                            T::narrow_nearest(wide, row);
+                        }
+                    }
                 })
             })?;
             shards.push(Shard {
@@ -365,6 +377,8 @@ struct ForwardWorker {
     target_block: Vec<f32>,
     /// (row, target logit, slope, clamped cosine) for rows whose target lies in this worker's blocks.
     targets: Vec<(usize, f32, f32, f32)>,
+    /// The block's centers widened to f32, where they are stored narrower (else empty).
+    wide: Vec<f32>,
 }
 
 /// Per-thread scratch of the backward pass.
@@ -376,8 +390,10 @@ struct BackwardWorker {
     /// ∂loss/∂cos of the block in bf16, when the GEMMs take bf16.
     grad_bf16: Vec<bf16>,
     grad_x: Vec<f32>,
-    /// Copies of one row's center and state for the update check.
+    /// Copies of one row's center and state for the update and its check.
     update: Vec<f32>,
+    /// The block's centers widened to f32, where they are stored narrower (else empty).
+    wide: Vec<f32>,
     /// The block's center gradients when they go straight into the optimizer step (else they go
     /// to the shard's pending buffer).
     grads: Vec<f32>,
@@ -387,8 +403,47 @@ struct BackwardWorker {
     update_ok: bool,
 }
 
-impl Shard {
-    fn tensor(&self, tensor: StateTensor) -> Result<&[f32]> {
+/// A block's stored centers widened to f32 in `scratch`, where they are not f32 already: then the
+/// table the block's passes read, with its rows at `LOCAL_IDS`.
+fn widened_block<'a, T: Stored>(centers: &'a [T], ids: &'a [u32], d: usize, scratch: &'a mut [f32]) -> (&'a [f32], &'a [u32]) {
+    if let Some(table) = T::as_f32(centers) {
+        return (table, ids);
+    }
+    for (i, (dst, &j)) in scratch.chunks_exact_mut(d).zip(ids).enumerate() {
+        kernels::prefetch_ahead(centers.as_ptr(), d, ids, i);
+        T::widen(&centers[j as usize * d..(j as usize + 1) * d], dst);
+    }
+    (&scratch[..ids.len() * d], &LOCAL_IDS[..ids.len()])
+}
+
+/// [`widened_block`] for the backward pass, whose updates write the rows: the table as a pointer.
+///
+/// # Safety
+/// `centers` must hold the rows `ids`, and nothing may write them while the result is in use.
+unsafe fn widened_rows<'a, T: Stored>(centers: Shared<T>, ids: &'a [u32], d: usize, scratch: &'a mut [f32]) -> (Shared<f32>, &'a [u32]) {
+    if let Some(table) = T::f32_ptr(centers.0) {
+        return (Shared(table), ids);
+    }
+    for (i, (dst, &j)) in scratch.chunks_exact_mut(d).zip(ids).enumerate() {
+        kernels::prefetch_ahead(centers.0, d, ids, i);
+        T::widen(centers.read(j as usize * d, d), dst);
+    }
+    (Shared(scratch.as_mut_ptr()), &LOCAL_IDS[..ids.len()])
+}
+
+/// The rows of a widened block, in order.
+static LOCAL_IDS: [u32; BLOCK] = {
+    let mut ids = [0u32; BLOCK];
+    let mut i = 0;
+    while i < BLOCK {
+        ids[i] = i as u32;
+        i += 1;
+    }
+    ids
+};
+
+impl<T: Stored> Shard<T> {
+    fn tensor(&self, tensor: StateTensor) -> Result<&[T]> {
         match tensor {
             StateTensor::Centers => Ok(&self.centers),
             t => self.optimizer.tensor(t).ok_or_else(|| no_such_tensor(t)),
@@ -439,9 +494,7 @@ impl Shard {
         let seeds_out = Shared(self.seeds.as_mut_ptr());
         let block_max_out = Shared(self.block_max.as_mut_ptr());
         let inv_out = Shared(self.inv_norm.as_mut_ptr());
-        let (centers, sampled, col, margin) = (&self.centers, &self.sampled, &self.col, &cfg.margin);
-        // Read-only in the forward pass; `center_block` takes the pointer form the backward pass needs.
-        let centers_ptr = Shared(self.centers.as_ptr().cast_mut());
+        let (stored, sampled, col, margin) = (&self.centers, &self.sampled, &self.col, &cfg.margin);
         let (train, dtype) = (plan.train, cfg.compute_dtype);
         let native = native_bf16(dtype);
         let gathers = gathers_in_place(dtype);
@@ -455,6 +508,7 @@ impl Shard {
                 rows: RowAccumulator::new(n),
                 target_block: try_zeroed(n, "target logits")?,
                 targets: Vec::new(),
+                wide: if T::ROUNDS { try_zeroed(BLOCK * d, "widened center block")? } else { Vec::new() },
             })
         };
         let reset = |w: &mut ForwardWorker| {
@@ -466,7 +520,9 @@ impl Shard {
             let rows = end - start;
             // SAFETY: block b owns entries [start, end) of inv_norm.
             let inv = unsafe { inv_out.slice(start, rows) };
-            let ids = &sampled[start..end];
+            let (centers, ids) = widened_block(stored, &sampled[start..end], d, &mut w.wide);
+            // Read-only in the forward pass; `center_block` takes the pointer form the backward pass needs.
+            let centers_ptr = Shared(centers.as_ptr().cast_mut());
             // In the worker's scratch, which stays in cache for the passes below; a training step's
             // seeds then go to the table in one streaming copy.
             let cos = &mut w.cos[..rows * n];
@@ -558,11 +614,11 @@ impl Shard {
         };
         // The update check runs over exactly these rows only when nothing is accumulated yet.
         let check = match update {
-            Update::Check(lr) if self.accumulated.rows.is_empty() => Some(lr),
+            Update::Check(step) if self.accumulated.rows.is_empty() => Some(step),
             _ => None,
         };
         let apply = match update {
-            Update::Apply(lr) => Some(lr),
+            Update::Apply(step) => Some(step),
             _ => None,
         };
         self.pending.rows.clear();
@@ -577,13 +633,15 @@ impl Shard {
         }
         let unit_gemm = if self.unit_gemm.is_empty() { &self.unit } else { &self.unit_gemm };
         // Written only with `apply`, each row by the block that owns it, after its last read.
-        let centers = Shared(self.centers.as_mut_ptr());
+        let stored = Shared(self.centers.as_mut_ptr());
+        let first_class = self.range.start;
         let pending = Shared(self.pending.grads.as_mut_ptr());
         let (seeds, sampled, inv_norm, block_max, dtype) = (&self.seeds, &self.sampled, &self.inv_norm, &self.block_max, cfg.compute_dtype);
         let native = native_bf16(dtype);
         let unit_bf16 = &self.unit_bf16;
         let state = self.optimizer.rows_ptr();
         let opt = cfg.optimizer;
+        let store = Store { how: cfg.storage_rounding, stream: step_stream(cfg.seed, update.step().map_or(0, |s| s.index)) };
         let worker = || {
             Ok(BackwardWorker {
                 grad_cos: if native { Vec::new() } else { try_zeroed(BLOCK * n, "cosine gradient scratch")? },
@@ -591,7 +649,8 @@ impl Shard {
                 centers_bf16: if native { try_zeroed(BLOCK * d, "center block scratch")? } else { Vec::new() },
                 grad_bf16: if native { try_zeroed(BLOCK * n, "cosine gradient scratch")? } else { Vec::new() },
                 grad_x: try_zeroed(n * d, "embedding gradient scratch")?,
-                update: try_zeroed(3 * d, "update check scratch")?,
+                update: try_zeroed(5 * d, "update scratch")?,
+                wide: if T::ROUNDS { try_zeroed(BLOCK * d, "widened center block")? } else { Vec::new() },
                 grads: if apply.is_some() { try_zeroed(BLOCK * d, "center gradient scratch")? } else { Vec::new() },
                 seed_scale: try_zeroed(n, "seed scales")?,
                 finite: true,
@@ -611,7 +670,9 @@ impl Shard {
             let rows = end - start;
             kernels::seed_scales(&block_max[b * n..(b + 1) * n], &grads, &mut w.seed_scale);
             let block_seeds = &seeds[start * n..end * n];
-            let ids = &sampled[start..end];
+            let global_ids = &sampled[start..end];
+            // SAFETY: block b owns these rows; they are written only below, after their last read.
+            let (centers, ids) = unsafe { widened_rows(stored, global_ids, d, &mut w.wide) };
             let inv = &inv_norm[start..end];
             // SAFETY: block b owns pending gradient rows [start, end).
             let gc = if apply.is_some() { &mut w.grads[..rows * d] } else { unsafe { pending.slice(start * d, rows * d) } };
@@ -640,11 +701,11 @@ impl Shard {
             };
             // Scattered rows have left the cache during the GEMMs, and no hardware prefetcher
             // follows them back (consecutive ones it does).
-            let scattered = !consecutive(ids);
-            for (r, &j) in ids.iter().enumerate() {
-                if let Some(&ahead) = ids.get(r + kernels::PREFETCH_AHEAD) {
-                    if scattered {
-                        kernels::prefetch_row(centers.0, ahead as usize, d);
+            let scattered = !consecutive(global_ids);
+            for (r, (&j, &local)) in global_ids.iter().zip(ids).enumerate() {
+                if let Some(&ahead) = global_ids.get(r + kernels::PREFETCH_AHEAD) {
+                    if scattered || T::ROUNDS {
+                        kernels::prefetch_row(stored.0, ahead as usize, d);
                     }
                     if apply.is_some() {
                         state.prefetch(ahead as usize, d);
@@ -653,18 +714,22 @@ impl Shard {
                 let grad = &mut gc[r * d..(r + 1) * d];
                 // SAFETY: block b owns rows `ids` of the centers and their state; no other slice of
                 // this row is alive.
-                let weights = unsafe { centers.slice(j as usize * d, d) };
+                let weights = unsafe { centers.slice(local as usize * d, d) };
                 // Back through W/‖W‖; the 1/‖W‖ factor is already in `grad` when scaled_after.
                 let factor = if scaled_after { 1.0 } else { inv[r] };
-                if let Some(lr) = apply {
+                let class = first_class + j as u64;
+                if let Some(step) = apply {
                     // SAFETY: as above; sampled rows are distinct, so each has one writer.
-                    unsafe { state.update_projected(&opt, lr, j as usize, weights, inv[r], factor, grad) };
+                    unsafe {
+                        state.update_projected(&opt, step.lr, j as usize, class, weights, inv[r], factor, grad, store, &mut w.update);
+                        T::narrow(weights, stored.slice(j as usize * d, d));
+                    }
                     continue;
                 }
                 kernels::project_out(weights, inv[r], factor, grad);
-                if let Some(lr) = check {
+                if let Some(step) = check {
                     // SAFETY: the row and its state are only read.
-                    w.update_ok &= unsafe { state.update_is_finite(&opt, lr, j as usize, weights, grad, &mut w.update) };
+                    w.update_ok &= unsafe { state.update_is_finite(&opt, step.lr, j as usize, class, weights, grad, store, &mut w.update) };
                 }
             }
             // A proven update's gradients are finite: no pass over them to say so.
@@ -681,7 +746,7 @@ impl Shard {
                 grad_x.iter_mut().zip(&w.grad_x).for_each(|(x, &y)| *x += y);
             }
         }
-        self.prechecked = check.map(|lr| (lr, update_ok));
+        self.prechecked = check.map(|step| (step, update_ok));
         self.pending_finite = finite;
         Ok(grad_x)
     }
@@ -731,7 +796,7 @@ impl Shard {
     }
 }
 
-impl Primitives for CpuBackend {
+impl<T: Stored> Primitives for CpuBackend<T> {
     type Mem = Host;
 
     fn ranges(&self) -> &[ShardRange] {
@@ -773,10 +838,12 @@ impl Primitives for CpuBackend {
         let d = self.cfg.embedding_dim;
         let s = &self.shards[shard];
         let mut out = try_zeroed::<f32>(labels.len(), "target cosines")?;
+        let mut wide = try_zeroed::<f32>(d, "a widened center")?;
         for ((o, &label), e) in out.iter_mut().zip(labels).zip(emb.chunks_exact(d)) {
             *o = if s.range.contains(label as u64) {
                 let local = (label as u64 - s.range.start) as usize;
-                let w = &s.centers[local * d..(local + 1) * d];
+                T::widen(&s.centers[local * d..(local + 1) * d], &mut wide);
+                let w = wide.as_slice();
                 // As PyTorch's `normalize`: each norm at least 1e-12.
                 let norms = kernels::dot_f64(w, w).sqrt().max(1e-12) * kernels::dot_f64(e, e).sqrt().max(1e-12);
                 (kernels::dot_f64(w, e) / norms) as f32
@@ -916,26 +983,35 @@ impl Primitives for CpuBackend {
         self.shards[shard].accumulated.rows.len()
     }
 
-    fn update_is_finite(&mut self, shard: usize, lr: f32) -> Result<bool> {
+    fn update_is_finite(&mut self, shard: usize, step: OptStep) -> Result<bool> {
         let d = self.cfg.embedding_dim;
         let opt = self.cfg.optimizer;
+        let store = Store { how: self.cfg.storage_rounding, stream: step_stream(self.cfg.seed, step.index) };
         let s = &mut self.shards[shard];
-        if let (Some(Undo::Moved), Some((checked_lr, ok))) = (&s.undo, s.prechecked) {
-            if checked_lr.to_bits() == lr.to_bits() {
+        if let (Some(Undo::Moved), Some((checked, ok))) = (&s.undo, s.prechecked) {
+            if checked.lr.to_bits() == step.lr.to_bits() && checked.index == step.index {
                 return Ok(ok);
             }
         }
         let state = s.optimizer.rows_ptr();
-        let (acc, centers) = (&s.accumulated, &s.centers);
+        let (acc, centers, first_class) = (&s.accumulated, &s.centers, s.range.start);
         let rows = acc.rows.len();
         crate::pool::install(|| {
             (0..rows)
                 .into_par_iter()
                 .with_min_len(BLOCK)
-                .fold(|| (vec![0.0f32; 3 * d], true), |(mut scratch, ok), r| {
+                .fold(|| (vec![0.0f32; 6 * d], true), |(mut scratch, ok), r| {
                     let j = acc.rows[r] as usize;
+                    let (weights, rest) = scratch.split_at_mut(d);
+                    let weights = match T::as_f32(&centers[j * d..(j + 1) * d]) {
+                        Some(row) => row,
+                        None => {
+                            T::widen(&centers[j * d..(j + 1) * d], weights);
+                            weights
+                        }
+                    };
                     // SAFETY: rows are only read.
-                    let fine = unsafe { state.update_is_finite(&opt, lr, j, &centers[j * d..(j + 1) * d], &acc.grads[r * d..(r + 1) * d], &mut scratch) };
+                    let fine = unsafe { state.update_is_finite(&opt, step.lr, j, first_class + j as u64, weights, &acc.grads[r * d..(r + 1) * d], store, rest) };
                     (scratch, ok && fine)
                 })
                 .map(|(_, ok)| ok)
@@ -943,22 +1019,36 @@ impl Primitives for CpuBackend {
         })
     }
 
-    fn apply(&mut self, shard: usize, lr: f32) -> Result<()> {
+    fn apply(&mut self, shard: usize, step: OptStep) -> Result<()> {
         let d = self.cfg.embedding_dim;
         let opt = self.cfg.optimizer;
+        let store = Store { how: self.cfg.storage_rounding, stream: step_stream(self.cfg.seed, step.index) };
         let s = &mut self.shards[shard];
         let state = s.optimizer.rows_ptr();
         let centers = Shared(s.centers.as_mut_ptr());
-        let acc = &s.accumulated;
+        let (acc, first_class) = (&s.accumulated, s.range.start);
         crate::pool::install(|| {
-            (0..acc.rows.len()).into_par_iter().with_min_len(BLOCK).for_each(|r| {
+            (0..acc.rows.len()).into_par_iter().with_min_len(BLOCK).for_each_init(Vec::new, |scratch: &mut Vec<f32>, r| {
                 if let Some(&ahead) = acc.rows.get(r + kernels::PREFETCH_AHEAD) {
                     kernels::prefetch_row(centers.0, ahead as usize, d);
                     state.prefetch(ahead as usize, d);
                 }
                 let j = acc.rows[r] as usize;
+                let grad = &acc.grads[r * d..(r + 1) * d];
                 // SAFETY: accumulated rows are distinct, so each center and state row has one writer.
-                unsafe { state.update(&opt, lr, j, centers.slice(j * d, d), &acc.grads[r * d..(r + 1) * d]) };
+                unsafe {
+                    let stored = centers.slice(j * d, d);
+                    match T::as_f32_mut(stored) {
+                        Some(weights) => state.update(&opt, step.lr, j, first_class + j as u64, weights, grad, store, &mut []),
+                        None => {
+                            scratch.resize(3 * d, 0.0);
+                            let (weights, rest) = scratch.split_at_mut(d);
+                            T::widen(stored, weights);
+                            state.update(&opt, step.lr, j, first_class + j as u64, weights, grad, store, rest);
+                            T::narrow(weights, stored);
+                        }
+                    }
+                }
             })
         })?;
         // The accumulator's buffer becomes the next step's pending buffer (no re-allocation); the
@@ -971,7 +1061,7 @@ impl Primitives for CpuBackend {
     }
 }
 
-impl ShardState for CpuBackend {
+impl<T: Stored> ShardState for CpuBackend<T> {
     fn margin_state(&self) -> Result<Vec<f32>> {
         Ok(self.margin.values())
     }
@@ -986,7 +1076,7 @@ impl ShardState for CpuBackend {
         let d = self.cfg.embedding_dim;
         for (s, row, rows, at) in pieces(&self.ranges, first, count) {
             let src = self.shards[s].tensor(tensor)?;
-            out[at * d..(at + rows) * d].copy_from_slice(&src[row * d..(row + rows) * d]);
+            T::widen(&src[row * d..(row + rows) * d], &mut out[at * d..(at + rows) * d]);
         }
         Ok(())
     }
@@ -996,7 +1086,7 @@ impl ShardState for CpuBackend {
         for (s, row, rows, at) in pieces(&self.ranges, first, count) {
             let src = &values[at * d..(at + rows) * d];
             match tensor {
-                StateTensor::Centers => self.shards[s].centers[row * d..(row + rows) * d].copy_from_slice(src),
+                StateTensor::Centers => T::narrow_nearest(src, &mut self.shards[s].centers[row * d..(row + rows) * d]),
                 t => self.shards[s].optimizer.write_rows(t, row, src, d).ok_or_else(|| no_such_tensor(t))?,
             }
         }
@@ -1023,7 +1113,20 @@ impl ShardState for CpuBackend {
         let d = self.cfg.embedding_dim;
         let mut best = crate::topk::TopK::new(queries.len() / d, k);
         for shard in &self.shards {
-            best.merge(search::scan(&shard.centers, d, shard.range.start, queries, k)?);
+            match T::as_f32(&shard.centers) {
+                Some(centers) => best.merge(search::scan(centers, d, shard.range.start, queries, k)?),
+                None => {
+                    // Widened a slice of rows at a time: a second copy of the table would not fit
+                    // where narrow storage was chosen to make the first one fit.
+                    let rows = ((32 << 20) / (4 * d)).max(1);
+                    let mut wide = try_zeroed::<f32>(rows.min(shard.range.len as usize) * d, "widened centers for search")?;
+                    for (c, chunk) in shard.centers.chunks(rows * d).enumerate() {
+                        let wide = &mut wide[..chunk.len()];
+                        T::widen(chunk, wide);
+                        best.merge(search::scan(wide, d, shard.range.start + (c * rows) as u64, queries, k)?);
+                    }
+                }
+            }
         }
         Ok(best.into_sorted())
     }
@@ -1032,7 +1135,7 @@ impl ShardState for CpuBackend {
         let d = self.cfg.embedding_dim;
         for (s, row, rows, at) in pieces(&self.ranges, first, count) {
             let shard = &mut self.shards[s];
-            shard.centers[row * d..(row + rows) * d].copy_from_slice(&values[at * d..(at + rows) * d]);
+            T::narrow_nearest(&values[at * d..(at + rows) * d], &mut shard.centers[row * d..(row + rows) * d]);
             shard.optimizer.reset_rows(row, rows, d);
         }
         Ok(())

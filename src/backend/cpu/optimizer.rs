@@ -1,20 +1,22 @@
 //! Sparse optimizers: the state lives beside the centers, and a step touches only the rows it is
 //! given (SPEC §1.9). Semantics are PyTorch's `SGD` and `AdamW`, row by row.
 
-use crate::config::{OptimizerConfig, OptimizerKind};
+use crate::config::{OptimizerConfig, OptimizerKind, Rounding};
 use crate::error::{try_zeroed, Result};
 use crate::state::StateTensor;
+use crate::storage::{round_row, RowKey, Stored};
 
 /// Optimizer state for `rows` centers of dimension `dim`. Beside each per-row tensor, each row's
 /// norm (`+∞` where unknown or, for `exp_avg_sq`, where the row holds a negative value or NaN):
 /// with them, the check before an update usually proves the update finite without reading the
-/// rows, a pass over scattered memory saved per step (see [`StateRows::update_is_finite`]).
-pub enum OptimizerState {
-    Sgd { momentum: Vec<f32>, momentum_norms: Vec<f32> },
-    AdamW { exp_avg: Vec<f32>, exp_avg_sq: Vec<f32>, steps: Vec<u32>, exp_avg_norms: Vec<f32>, exp_avg_sq_norms: Vec<f32> },
+/// rows, a pass over scattered memory saved per step (see [`StateRows::update_is_finite`]). The
+/// per-row tensors are stored as `T` (`storage_dtype`); norms and step counts stay exact.
+pub enum OptimizerState<T> {
+    Sgd { momentum: Vec<T>, momentum_norms: Vec<f32> },
+    AdamW { exp_avg: Vec<T>, exp_avg_sq: Vec<T>, steps: Vec<u32>, exp_avg_norms: Vec<f32>, exp_avg_sq_norms: Vec<f32> },
 }
 
-impl OptimizerState {
+impl<T: Stored> OptimizerState<T> {
     pub fn new(kind: OptimizerKind, rows: usize, dim: usize) -> Result<Self> {
         let elems = rows.saturating_mul(dim);
         Ok(match kind {
@@ -35,12 +37,12 @@ impl OptimizerState {
         let rows = first..first + count;
         match self {
             OptimizerState::Sgd { momentum, momentum_norms } => {
-                momentum[span].fill(0.0);
+                momentum[span].fill(T::default());
                 momentum_norms[rows].fill(0.0);
             }
             OptimizerState::AdamW { exp_avg, exp_avg_sq, steps, exp_avg_norms, exp_avg_sq_norms } => {
-                exp_avg[span.clone()].fill(0.0);
-                exp_avg_sq[span].fill(0.0);
+                exp_avg[span.clone()].fill(T::default());
+                exp_avg_sq[span].fill(T::default());
                 steps[rows.clone()].fill(0);
                 exp_avg_norms[rows.clone()].fill(0.0);
                 exp_avg_sq_norms[rows].fill(0.0);
@@ -48,8 +50,8 @@ impl OptimizerState {
         }
     }
 
-    /// The per-row f32 tensor `tensor` of this state (not `Centers`), if this optimizer keeps it.
-    pub fn tensor(&self, tensor: StateTensor) -> Option<&[f32]> {
+    /// The per-row tensor `tensor` of this state (not `Centers`), if this optimizer keeps it.
+    pub fn tensor(&self, tensor: StateTensor) -> Option<&[T]> {
         match (self, tensor) {
             (OptimizerState::Sgd { momentum, .. }, StateTensor::Momentum) => Some(momentum),
             (OptimizerState::AdamW { exp_avg, .. }, StateTensor::ExpAvg) => Some(exp_avg),
@@ -58,19 +60,23 @@ impl OptimizerState {
         }
     }
 
-    /// Overwrites rows `first..` of `tensor` (not `Centers`) with `values` (whole rows of `dim`),
-    /// and their norms; None when this optimizer keeps no such tensor.
+    /// Overwrites rows `first..` of `tensor` (not `Centers`) with `values` (whole rows of `dim`,
+    /// rounded to nearest where `T` is narrower), and their norms (of the values stored); None when
+    /// this optimizer keeps no such tensor.
     pub fn write_rows(&mut self, tensor: StateTensor, first: usize, values: &[f32], dim: usize) -> Option<()> {
         type Norm = fn(&[f32]) -> f32;
-        let (data, norms, norm): (&mut Vec<f32>, &mut Vec<f32>, Norm) = match (self, tensor) {
+        let (data, norms, norm): (&mut Vec<T>, &mut Vec<f32>, Norm) = match (self, tensor) {
             (OptimizerState::Sgd { momentum, momentum_norms }, StateTensor::Momentum) => (momentum, momentum_norms, row_norm),
             (OptimizerState::AdamW { exp_avg, exp_avg_norms, .. }, StateTensor::ExpAvg) => (exp_avg, exp_avg_norms, row_norm),
             (OptimizerState::AdamW { exp_avg_sq, exp_avg_sq_norms, .. }, StateTensor::ExpAvgSq) => (exp_avg_sq, exp_avg_sq_norms, nonnegative_row_norm),
             _ => return None,
         };
-        data[first * dim..first * dim + values.len()].copy_from_slice(values);
-        for (r, row) in values.chunks_exact(dim).enumerate() {
-            norms[first + r] = norm(row);
+        let stored = &mut data[first * dim..first * dim + values.len()];
+        T::narrow_nearest(values, stored);
+        let mut row = vec![0.0f32; dim];
+        for (r, s) in stored.chunks_exact(dim).enumerate() {
+            T::widen(s, &mut row);
+            norms[first + r] = norm(&row);
         }
         Some(())
     }
@@ -91,7 +97,7 @@ impl OptimizerState {
     }
 
     /// Raw views for updating disjoint rows from several threads.
-    pub fn rows_ptr(&mut self) -> StateRows {
+    pub fn rows_ptr(&mut self) -> StateRows<T> {
         match self {
             OptimizerState::Sgd { momentum, momentum_norms } => StateRows::Sgd { momentum: momentum.as_mut_ptr(), momentum_norms: momentum_norms.as_mut_ptr() },
             OptimizerState::AdamW { exp_avg, exp_avg_sq, steps, exp_avg_norms, exp_avg_sq_norms } => StateRows::AdamW {
@@ -106,15 +112,36 @@ impl OptimizerState {
 }
 
 /// Pointers into an `OptimizerState`, shared by threads that each update distinct rows.
-#[derive(Clone, Copy)]
-pub enum StateRows {
-    Sgd { momentum: *mut f32, momentum_norms: *mut f32 },
-    AdamW { exp_avg: *mut f32, exp_avg_sq: *mut f32, steps: *mut u32, exp_avg_norms: *mut f32, exp_avg_sq_norms: *mut f32 },
+pub enum StateRows<T> {
+    Sgd { momentum: *mut T, momentum_norms: *mut f32 },
+    AdamW { exp_avg: *mut T, exp_avg_sq: *mut T, steps: *mut u32, exp_avg_norms: *mut f32, exp_avg_sq_norms: *mut f32 },
 }
 
+impl<T> Clone for StateRows<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for StateRows<T> {}
+
 // SAFETY: callers only touch distinct rows from distinct threads (sampled sets have unique ids).
-unsafe impl Send for StateRows {}
-unsafe impl Sync for StateRows {}
+unsafe impl<T> Send for StateRows<T> {}
+unsafe impl<T> Sync for StateRows<T> {}
+
+/// How one optimizer step stores its results where the state is narrower than f32: the step's
+/// rounding stream (`storage::step_stream`) and mode. Unused with f32 storage.
+#[derive(Clone, Copy, Debug)]
+pub struct Store {
+    pub how: Rounding,
+    pub stream: u64,
+}
+
+impl Store {
+    /// Rounds `values`, row `class`'s `tensor`, to what is stored.
+    pub fn round(&self, values: &mut [f32], class: u64, tensor: StateTensor) {
+        round_row(values, self.how, RowKey::new(self.stream, class, tensor, values.len()));
+    }
+}
 
 use super::kernels::all_finite;
 use crate::simd::multiversion;
@@ -236,7 +263,42 @@ pub fn above(norm: f32) -> f64 {
 const ROW_BOUND: f64 = crate::limits::MAX_ROW_NORM / 2.0;
 pub const VALUE_BOUND: f64 = (1u128 << 100) as f64;
 
-impl StateRows {
+/// The state rows `ptrs` of `row` as f32 for one update: the stored rows themselves with f32
+/// storage, else copies widened into `scratch` (K × dim values), which [`settle`] stores back.
+///
+/// # Safety
+/// The rows must be in bounds and touched by no one else while the views live.
+unsafe fn views<T: Stored, const K: usize>(ptrs: [*mut T; K], row: usize, dim: usize, scratch: &mut [f32]) -> [&mut [f32]; K] {
+    let mut scratch = scratch;
+    ptrs.map(|p| match T::f32_ptr(p) {
+        Some(direct) => std::slice::from_raw_parts_mut(direct.add(row * dim), dim),
+        None => {
+            let (mine, rest) = std::mem::take(&mut scratch).split_at_mut(dim);
+            scratch = rest;
+            T::widen(std::slice::from_raw_parts(p.add(row * dim), dim), mine);
+            mine
+        }
+    })
+}
+
+/// After an update over [`views`]: with narrower storage, rounds the center (`weights`, which the
+/// caller stores) and the state rows to what is stored, and stores the state rows.
+///
+/// # Safety
+/// As [`views`].
+unsafe fn settle<T: Stored, const K: usize>(ptrs: [*mut T; K], tensors: [StateTensor; K], row: usize, class: u64, weights: &mut [f32], rows: &mut [&mut [f32]; K], store: Store) {
+    if !T::ROUNDS {
+        return;
+    }
+    let dim = weights.len();
+    store.round(weights, class, StateTensor::Centers);
+    for ((p, t), values) in ptrs.into_iter().zip(tensors).zip(rows.iter_mut()) {
+        store.round(values, class, t);
+        T::narrow(values, std::slice::from_raw_parts_mut(p.add(row * dim), dim));
+    }
+}
+
+impl<T: Stored> StateRows<T> {
     /// Starts loading row `row`'s state into the cache (see `kernels::prefetch_row`).
     pub fn prefetch(&self, row: usize, dim: usize) {
         use super::kernels::prefetch_row;
@@ -249,26 +311,32 @@ impl StateRows {
         }
     }
 
-    /// Applies one optimizer step to center row `row` given its gradient.
+    /// Applies one optimizer step to center row `row` (global class `class`) given its gradient.
+    /// `weights` is the center in f32: the stored row itself with f32 storage; otherwise a copy,
+    /// left rounded to what the caller then stores (`Stored::narrow`), as the state is stored here.
     ///
     /// # Safety
     /// `row` must be in bounds, `weights` must be that row's center, and no other thread may touch
-    /// the same row concurrently.
-    pub unsafe fn update(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &mut [f32], grad: &[f32]) {
+    /// the same row concurrently. `scratch` holds 2 × dim values.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn update(&self, cfg: &OptimizerConfig, lr: f32, row: usize, class: u64, weights: &mut [f32], grad: &[f32], store: Store, scratch: &mut [f32]) {
         let dim = weights.len();
         match *self {
             StateRows::Sgd { momentum, momentum_norms } => {
-                let buf = std::slice::from_raw_parts_mut(momentum.add(row * dim), dim);
-                sgd_row(cfg, lr, weights, buf, grad);
-                *momentum_norms.add(row) = row_norm(buf);
+                let mut rows = views([momentum], row, dim, scratch);
+                sgd_row(cfg, lr, weights, rows[0], grad);
+                settle([momentum], [StateTensor::Momentum], row, class, weights, &mut rows, store);
+                *momentum_norms.add(row) = row_norm(rows[0]);
             }
             StateRows::AdamW { exp_avg, exp_avg_sq, steps, exp_avg_norms, exp_avg_sq_norms } => {
                 let t = &mut *steps.add(row);
                 *t = t.saturating_add(1);
-                let (m, v) = (std::slice::from_raw_parts_mut(exp_avg.add(row * dim), dim), std::slice::from_raw_parts_mut(exp_avg_sq.add(row * dim), dim));
+                let mut rows = views([exp_avg, exp_avg_sq], row, dim, scratch);
+                let [m, v] = &mut rows;
                 adamw_row(cfg, lr, adamw_factors(cfg, lr, *t), weights, m, v, grad);
-                *exp_avg_norms.add(row) = row_norm(m);
-                *exp_avg_sq_norms.add(row) = nonnegative_row_norm(v);
+                settle([exp_avg, exp_avg_sq], [StateTensor::ExpAvg, StateTensor::ExpAvgSq], row, class, weights, &mut rows, store);
+                *exp_avg_norms.add(row) = row_norm(rows[0]);
+                *exp_avg_sq_norms.add(row) = nonnegative_row_norm(rows[1]);
             }
         }
     }
@@ -282,17 +350,18 @@ impl StateRows {
     /// # Safety
     /// As [`update`](Self::update).
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn update_projected(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &mut [f32], dir_scale: f32, factor: f32, grad: &mut [f32]) {
+    pub unsafe fn update_projected(&self, cfg: &OptimizerConfig, lr: f32, row: usize, class: u64, weights: &mut [f32], dir_scale: f32, factor: f32, grad: &mut [f32], store: Store, scratch: &mut [f32]) {
         match *self {
             StateRows::Sgd { momentum, momentum_norms } => {
                 let dim = weights.len();
-                let buf = std::slice::from_raw_parts_mut(momentum.add(row * dim), dim);
-                sgd_row_projected(cfg, lr, weights, buf, grad, dir_scale, factor);
-                *momentum_norms.add(row) = row_norm(buf);
+                let mut rows = views([momentum], row, dim, scratch);
+                sgd_row_projected(cfg, lr, weights, rows[0], grad, dir_scale, factor);
+                settle([momentum], [StateTensor::Momentum], row, class, weights, &mut rows, store);
+                *momentum_norms.add(row) = row_norm(rows[0]);
             }
             StateRows::AdamW { .. } => {
                 super::kernels::project_out(weights, dir_scale, factor, grad);
-                self.update(cfg, lr, row, weights, grad);
+                self.update(cfg, lr, row, class, weights, grad, store, scratch);
             }
         }
     }
@@ -301,8 +370,9 @@ impl StateRows {
     /// reading the row's state: `weights` and `grad` are upper bounds of the norms of the center
     /// and its gradient (see [`above`]). Triangle inequalities over the exact update bound its
     /// results' norms from those and the state's norms (kept beside it); each value's f32 rounding
-    /// is a relative 2^-22 at most, far inside the factor 2 between [`ROW_BOUND`] and the norm
-    /// limit. A NaN or infinite input fails the comparisons, and the exact check decides.
+    /// is a relative 2^-22 at most, and bf16 storage's a relative 2^-7, far inside the factor 2
+    /// between [`ROW_BOUND`] and the norm limit and the 2^28 between [`VALUE_BOUND`] and the
+    /// largest bf16. A NaN or infinite input fails the comparisons, and the exact check decides.
     ///
     /// # Safety
     /// `row` must be in bounds.
@@ -327,33 +397,61 @@ impl StateRows {
         }
     }
 
-    /// Whether `update` would leave the row finite and normalizable, computed into `scratch` (3 ×
-    /// dim values); nothing is written.
+    /// Whether `update` would leave the row finite and normalizable, as stored, computed into
+    /// `scratch` (5 × dim values); nothing is written.
     ///
     /// # Safety
     /// As `update`, except that the row is only read.
-    pub unsafe fn update_is_finite(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &[f32], grad: &[f32], scratch: &mut [f32]) -> bool {
-        self.update_is_bounded(cfg, lr, row, above(row_norm(weights)), above(row_norm(grad))) || self.update_is_finite_exactly(cfg, lr, row, weights, grad, scratch)
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn update_is_finite(&self, cfg: &OptimizerConfig, lr: f32, row: usize, class: u64, weights: &[f32], grad: &[f32], store: Store, scratch: &mut [f32]) -> bool {
+        self.update_is_bounded(cfg, lr, row, above(row_norm(weights)), above(row_norm(grad))) || self.update_is_finite_exactly(cfg, lr, row, class, weights, grad, store, scratch)
     }
 
-    /// `update_is_finite` by computing the update into `scratch`.
+    /// `update_is_finite` by computing the update into `scratch`, rounded as it would be stored:
+    /// a value that f32 holds may round up to ∞ in bf16, or a center's norm past the limit.
     ///
     /// # Safety
     /// As `update_is_finite`.
-    unsafe fn update_is_finite_exactly(&self, cfg: &OptimizerConfig, lr: f32, row: usize, weights: &[f32], grad: &[f32], scratch: &mut [f32]) -> bool {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn update_is_finite_exactly(&self, cfg: &OptimizerConfig, lr: f32, row: usize, class: u64, weights: &[f32], grad: &[f32], store: Store, scratch: &mut [f32]) -> bool {
         let dim = weights.len();
-        let scratch = &mut scratch[..3 * dim];
+        let (out, state) = scratch[..5 * dim].split_at_mut(3 * dim);
+        let rounded = |values: &mut [f32], tensor| {
+            if T::ROUNDS {
+                store.round(values, class, tensor);
+            }
+        };
+        /// Row `row` of `p` as f32: in place with f32 storage, else widened into `into`.
+        unsafe fn widened<T: Stored>(p: *mut T, row: usize, dim: usize, into: &mut [f32]) -> &[f32] {
+            let stored = std::slice::from_raw_parts(p.add(row * dim), dim);
+            match T::as_f32(stored) {
+                Some(direct) => direct,
+                None => {
+                    T::widen(stored, into);
+                    into
+                }
+            }
+        }
         match *self {
             StateRows::Sgd { momentum, .. } => {
-                let (w, rest) = scratch.split_at_mut(dim);
-                sgd_row_into(cfg, lr, weights, std::slice::from_raw_parts(momentum.add(row * dim), dim), grad, w, &mut rest[..dim]);
-                normalizable(w) && all_finite(&rest[..dim])
+                let (w, rest) = out.split_at_mut(dim);
+                let buf = &mut rest[..dim];
+                sgd_row_into(cfg, lr, weights, widened(momentum, row, dim, &mut state[..dim]), grad, w, buf);
+                rounded(w, StateTensor::Centers);
+                rounded(buf, StateTensor::Momentum);
+                normalizable(w) && all_finite(buf)
             }
             StateRows::AdamW { exp_avg, exp_avg_sq, steps, .. } => {
                 let t = (*steps.add(row)).saturating_add(1);
-                let (m, v) = (std::slice::from_raw_parts(exp_avg.add(row * dim), dim), std::slice::from_raw_parts(exp_avg_sq.add(row * dim), dim));
-                adamw_row_into(cfg, lr, adamw_factors(cfg, lr, t), weights, m, v, grad, scratch);
-                normalizable(&scratch[..dim]) && all_finite(&scratch[dim..])
+                let (m_state, v_state) = state.split_at_mut(dim);
+                let (m, v) = (widened(exp_avg, row, dim, m_state), widened(exp_avg_sq, row, dim, &mut v_state[..dim]));
+                adamw_row_into(cfg, lr, adamw_factors(cfg, lr, t), weights, m, v, grad, out);
+                let (w, rest) = out.split_at_mut(dim);
+                let (m, v) = rest.split_at_mut(dim);
+                rounded(w, StateTensor::Centers);
+                rounded(m, StateTensor::ExpAvg);
+                rounded(v, StateTensor::ExpAvgSq);
+                normalizable(w) && all_finite(m) && all_finite(v)
             }
         }
     }
@@ -364,16 +462,19 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
+    /// f32 storage rounds nothing.
+    const STORE: Store = Store { how: Rounding::Stochastic, stream: 0 };
+
     #[test]
     fn sgd_matches_pytorch_two_steps() {
         let cfg = OptimizerConfig { momentum: 0.9, weight_decay: 0.1, ..Config::default().optimizer };
-        let mut st = OptimizerState::new(OptimizerKind::Sgd, 1, 1).unwrap();
+        let mut st = OptimizerState::<f32>::new(OptimizerKind::Sgd, 1, 1).unwrap();
         let rows = st.rows_ptr();
         let mut w = [1.0f32];
-        unsafe { rows.update(&cfg, 0.5, 0, &mut w, &[2.0]) };
+        unsafe { rows.update(&cfg, 0.5, 0, 0, &mut w, &[2.0], STORE, &mut []) };
         // d = 2 + 0.1·1 = 2.1; buf = 2.1; w = 1 − 1.05
         assert!((w[0] - (1.0 - 1.05)).abs() < 1e-6);
-        unsafe { rows.update(&cfg, 0.5, 0, &mut w, &[1.0]) };
+        unsafe { rows.update(&cfg, 0.5, 0, 0, &mut w, &[1.0], STORE, &mut []) };
         let d = 1.0 + 0.1 * (-0.05f32);
         let buf = 0.9 * 2.1 + d;
         assert!((w[0] - (-0.05 - 0.5 * buf)).abs() < 1e-6);
@@ -403,8 +504,8 @@ mod tests {
     }
 
     /// One row of state; with `specials`, also NaN, ∞ and (a quarter of the time) negative second moments.
-    fn state(kind: OptimizerKind, dim: usize, draw: &mut Draw, lo: f64, hi: f64, specials: bool) -> OptimizerState {
-        let mut st = OptimizerState::new(kind, 1, dim).unwrap();
+    fn state(kind: OptimizerKind, dim: usize, draw: &mut Draw, lo: f64, hi: f64, specials: bool) -> OptimizerState<f32> {
+        let mut st = OptimizerState::<f32>::new(kind, 1, dim).unwrap();
         for &t in StateTensor::for_optimizer(kind).iter().skip(1) {
             let mut row = draw.row(dim, lo, hi, specials);
             if t == StateTensor::ExpAvgSq && (!specials || !draw.next().is_multiple_of(4)) {
@@ -424,7 +525,7 @@ mod tests {
     /// and AdamW, widths off the vector lanes, and NaN, ∞ and huge values in any operand.
     #[test]
     fn update_projected_matches_project_out_then_update_bit_for_bit() {
-        fn norms(st: &OptimizerState) -> Vec<u32> {
+        fn norms(st: &OptimizerState<f32>) -> Vec<u32> {
             match st {
                 OptimizerState::Sgd { momentum_norms, .. } => momentum_norms.iter().map(|&v| bits_or_nan(v)).collect(),
                 OptimizerState::AdamW { exp_avg_norms, exp_avg_sq_norms, .. } => exp_avg_norms.iter().chain(exp_avg_sq_norms).map(|&v| bits_or_nan(v)).collect(),
@@ -445,7 +546,7 @@ mod tests {
             let cfg = OptimizerConfig { kind, momentum: draw.unit() as f32, weight_decay: draw.unit() as f32, ..Config::default().optimizer };
             let (lo, hi) = (-20.0, 20.0);
             let mut split = state(kind, dim, &mut draw, lo, hi, specials);
-            let mut fused = OptimizerState::new(kind, 1, dim).unwrap();
+            let mut fused = OptimizerState::<f32>::new(kind, 1, dim).unwrap();
             for &t in StateTensor::for_optimizer(kind).iter().skip(1) {
                 fused.write_rows(t, 0, split.tensor(t).unwrap(), dim).unwrap();
             }
@@ -457,9 +558,9 @@ mod tests {
             let lr = draw.unit() as f32;
             let (mut w_split, mut g_split) = (w.clone(), g.clone());
             crate::backend::cpu::kernels::project_out(&w_split, dir_scale, factor, &mut g_split);
-            unsafe { split.rows_ptr().update(&cfg, lr, 0, &mut w_split, &g_split) };
+            unsafe { split.rows_ptr().update(&cfg, lr, 0, 0, &mut w_split, &g_split, STORE, &mut []) };
             let (mut w_fused, mut g_fused) = (w.clone(), g.clone());
-            unsafe { fused.rows_ptr().update_projected(&cfg, lr, 0, &mut w_fused, dir_scale, factor, &mut g_fused) };
+            unsafe { fused.rows_ptr().update_projected(&cfg, lr, 0, 0, &mut w_fused, dir_scale, factor, &mut g_fused, STORE, &mut []) };
             assert_eq!(bits(&w_split), bits(&w_fused), "case {case}: centers");
             for &t in StateTensor::for_optimizer(kind).iter().skip(1) {
                 assert_eq!(bits(split.tensor(t).unwrap()), bits(fused.tensor(t).unwrap()), "case {case}: {}", t.name());
@@ -479,7 +580,7 @@ mod tests {
     #[test]
     fn norm_bound_never_passes_what_the_exact_check_refuses() {
         let mut draw = Draw(0);
-        let mut scratch = vec![0.0f32; 3 * 512];
+        let mut scratch = vec![0.0f32; 5 * 512];
         let (mut bounded, mut refused) = (0, 0);
         for case in 0..40_000 {
             let kind = if case % 2 == 0 { OptimizerKind::Sgd } else { OptimizerKind::AdamW };
@@ -498,7 +599,7 @@ mod tests {
             let (w, g) = (draw.row(dim, lo, hi, true), draw.row(dim, lo, hi, true));
             let rows = st.rows_ptr();
             // SAFETY: one row, one thread.
-            let (by_bound, exact) = unsafe { (rows.update_is_bounded(&cfg, cfg.lr, 0, above(row_norm(&w)), above(row_norm(&g))), rows.update_is_finite_exactly(&cfg, cfg.lr, 0, &w, &g, &mut scratch)) };
+            let (by_bound, exact) = unsafe { (rows.update_is_bounded(&cfg, cfg.lr, 0, above(row_norm(&w)), above(row_norm(&g))), rows.update_is_finite_exactly(&cfg, cfg.lr, 0, 0, &w, &g, STORE, &mut scratch)) };
             assert!(!by_bound || exact, "case {case}: the bound passed an update the exact check refuses ({kind:?}, dim {dim}, {cfg:?})");
             bounded += usize::from(by_bound);
             refused += usize::from(!exact);
@@ -507,11 +608,11 @@ mod tests {
         // Only the second moment overflows (g² > f32::MAX) while the step stays small: a tiny lr
         // against a large ε.
         let cfg = OptimizerConfig { kind: OptimizerKind::AdamW, lr: 1e-6, beta1: 0.9999, beta2: 0.999, eps: 1e3, ..Config::default().optimizer };
-        let mut st = OptimizerState::new(OptimizerKind::AdamW, 1, 4).unwrap();
+        let mut st = OptimizerState::<f32>::new(OptimizerKind::AdamW, 1, 4).unwrap();
         let rows = st.rows_ptr();
         let (w, g) = ([0.1f32; 4], [1e21f32, 0.0, 0.0, 0.0]);
         // SAFETY: as above.
-        let (by_bound, exact) = unsafe { (rows.update_is_bounded(&cfg, cfg.lr, 0, above(row_norm(&w)), above(row_norm(&g))), rows.update_is_finite_exactly(&cfg, cfg.lr, 0, &w, &g, &mut scratch)) };
+        let (by_bound, exact) = unsafe { (rows.update_is_bounded(&cfg, cfg.lr, 0, above(row_norm(&w)), above(row_norm(&g))), rows.update_is_finite_exactly(&cfg, cfg.lr, 0, 0, &w, &g, STORE, &mut scratch)) };
         assert!(!exact && !by_bound, "exp_avg_sq overflows: exact {exact}, bound {by_bound}");
 
         // Training: centers of norm ~1, gradients up to 10, state of earlier steps, usual settings.
@@ -535,8 +636,8 @@ mod tests {
         let dim = 37;
         for kind in [OptimizerKind::Sgd, OptimizerKind::AdamW] {
             let cfg = OptimizerConfig { kind, ..Config::default().optimizer };
-            let mut st = OptimizerState::new(kind, 4, dim).unwrap();
-            let check = |st: &OptimizerState| {
+            let mut st = OptimizerState::<f32>::new(kind, 4, dim).unwrap();
+            let check = |st: &OptimizerState<f32>| {
                 for (t, norms) in match st {
                     OptimizerState::Sgd { momentum_norms, .. } => vec![(StateTensor::Momentum, momentum_norms)],
                     OptimizerState::AdamW { exp_avg_norms, exp_avg_sq_norms, .. } => vec![(StateTensor::ExpAvg, exp_avg_norms), (StateTensor::ExpAvgSq, exp_avg_sq_norms)],
@@ -558,7 +659,7 @@ mod tests {
                 let g = draw.row(dim, -3.0, 0.0, false);
                 let rows = st.rows_ptr();
                 // SAFETY: one thread.
-                unsafe { rows.update(&cfg, 0.1, step % 4, &mut w, &g) };
+                unsafe { rows.update(&cfg, 0.1, step % 4, 0, &mut w, &g, STORE, &mut []) };
                 check(&st);
             }
             st.reset_rows(1, 2, dim);

@@ -13,7 +13,7 @@ use super::device::{device_error, DeviceInfo};
 use super::kernels::{arch_of, cubin_for};
 use super::plan::{class_chunks, combine_grid, eval_chunk_bytes, stats_grid, STATS_COLUMNS, THREADS};
 use super::verdict::{self, Verdict};
-use crate::backend::step::{phase, DeviceTimes, RowGrads, RowStats, StepPlan, Update};
+use crate::backend::step::{phase, DeviceTimes, OptStep, RowGrads, RowStats, StepPlan, Update};
 use crate::backend::{Primitives, ShardState};
 use crate::batch::{Batches, DeviceBatch, Embeddings, GradOut, Outputs};
 use crate::config::{Config, DType, MarginGrad, MarginKind, OptimizerKind};
@@ -725,7 +725,7 @@ impl Primitives for CudaBackend {
         g.step = StepState::Backward(Box::new(Backward { unit, inv_norm_e, pending: DeviceRowGrads { rows: ids, grads: projected, len: k }, update_checked_at: None }));
         // The update over exactly these rows is checked now, while they are fresh, where nothing
         // was accumulated before; `finite` reads its verdict with the rest.
-        if let (Update::Check(lr), None, StepState::Backward(b)) = (update, &g.accumulated, &g.step) {
+        if let (Update::Check(OptStep { lr, .. }), None, StepState::Backward(b)) = (update, &g.accumulated, &g.step) {
             g.launch_update(&b.pending, &self.cfg, lr, false)?;
             if let StepState::Backward(b) = &mut g.step {
                 b.update_checked_at = Some(lr);
@@ -847,7 +847,7 @@ impl Primitives for CudaBackend {
         self.shards[shard].accumulated.as_ref().map_or(0, |a| a.len)
     }
 
-    fn update_is_finite(&mut self, shard: usize, lr: f32) -> Result<bool> {
+    fn update_is_finite(&mut self, shard: usize, OptStep { lr, .. }: OptStep) -> Result<bool> {
         if let Some(checked) = self.shards[shard].update_checked.filter(|c| c.lr == lr) {
             return Ok(checked.finite);
         }
@@ -859,7 +859,7 @@ impl Primitives for CudaBackend {
         Ok(g.read_verdict()?.update_finite())
     }
 
-    fn apply(&mut self, shard: usize, lr: f32) -> Result<()> {
+    fn apply(&mut self, shard: usize, OptStep { lr, .. }: OptStep) -> Result<()> {
         let g = &mut self.shards[shard];
         if let Some(acc) = &g.accumulated {
             g.bind()?;

@@ -786,3 +786,86 @@ fn golden_steps_match_f64_model() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// bf16 storage (SPEC §2 storage_dtype): several SGD-momentum steps of the engine storing bf16,
+// against the model stepping in float64 and storing each updated center and momentum value
+// rounded the documented way — up with probability equal to the discarded fraction, the 16 random
+// bits from (seed, step, class, tensor, element) — decided on the float64 value.
+
+/// `x` (float64) stored as bf16 with the 16 random bits `r`: the magnitude rounds up where the
+/// discarded fraction of a bf16 step, in 2^-16 units, plus r reaches a whole step.
+fn stochastic_bf16(x: f64, r: u32) -> f64 {
+    let mag = x.abs();
+    let mut lo = f32::from_bits((mag as f32).to_bits() & 0xFFFF_0000);
+    if lo as f64 > mag {
+        lo = f32::from_bits(lo.to_bits() - 0x1_0000);
+    }
+    let hi = f32::from_bits(lo.to_bits() + 0x1_0000) as f64;
+    let frac = (mag - lo as f64) / (hi - lo as f64);
+    let up = frac * 65536.0 + r as f64 >= 65536.0;
+    (if up { hi } else { lo as f64 }).copysign(x)
+}
+
+/// The 16 random bits that round `element` of `tensor`'s row of `class` at optimizer step `step`.
+fn rounding_bits(seed: u64, step: u64, class: usize, tensor: partialfc::state::StateTensor, d: usize, element: usize) -> u32 {
+    use partialfc::storage::{draw_index, step_stream};
+    let draw = partialfc::rng::at(step_stream(seed, step), draw_index(class as u64, tensor, d, element));
+    ((draw >> (16 * (element % 4))) & 0xFFFF) as u32
+}
+
+#[test]
+fn bf16_storage_matches_a_float64_model_that_rounds_the_same_way() {
+    use partialfc::state::StateTensor;
+    let (c, d, n, steps, seed) = (36usize, 20usize, 16usize, 6u64, 23u64);
+    let (lr, momentum, wd) = (0.5f64, 0.9f64, 5e-4f64);
+    let m = margin_of((1.0, 0.5, 0.0), 64.0, false, false);
+    let mut cfg = default_config();
+    cfg.num_classes = c as u64;
+    cfg.embedding_dim = d as u32;
+    cfg.lr = lr as f32;
+    cfg.momentum = momentum as f32;
+    cfg.weight_decay = wd as f32;
+    cfg.seed = seed;
+    cfg.local_shards = 2;
+    cfg.storage_dtype = PFC_DTYPE_BF16;
+    let head = TestHead::new(&cfg);
+    let mut w: Vec<f64> = head.centers(d).iter().map(|&v| v as f64).collect();
+    let mut buf = vec![0.0f64; c * d];
+    let mut rng = Rng(seed);
+    let (mut same, mut total, mut worst_steps) = (0usize, 0usize, 0u32);
+    for step in 0..steps {
+        let e32: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+        let y: Vec<usize> = (0..n).map(|_| rng.below(c as u64) as usize).collect();
+        let labels: Vec<i64> = y.iter().map(|&v| v as i64).collect();
+        let p = Problem { n, c, d, e: e32.iter().map(|&v| v as f64).collect(), y, w: w.clone() };
+        let want = model(&m, &p, 2);
+        let (stats, _) = head.step(&e32, &labels, d, &even_split(n, 2));
+        assert!((stats.loss - want.loss).abs() <= 1e-5 * want.loss, "step {step}: loss {} vs the model's {}", stats.loss, want.loss);
+        for j in 0..c {
+            for k in 0..d {
+                let i = j * d + k;
+                let b = momentum * buf[i] + want.grad_w[i] + wd * w[i];
+                buf[i] = stochastic_bf16(b, rounding_bits(seed, step, j, StateTensor::Momentum, d, k));
+                w[i] = stochastic_bf16(w[i] - lr * b, rounding_bits(seed, step, j, StateTensor::Centers, d, k));
+            }
+        }
+        let got = head.centers(d);
+        for (&g, &x) in got.iter().zip(&w) {
+            total += 1;
+            if g as f64 == x {
+                same += 1;
+            } else {
+                // Apart by whole bf16 steps: the f32 arithmetic put the value on the other side of
+                // its rounding threshold, and the row's later steps followed from there.
+                let steps_apart = (g.to_bits() as i64 - (x as f32).to_bits() as i64).unsigned_abs() >> 16;
+                worst_steps = worst_steps.max(steps_apart as u32);
+            }
+        }
+        // Both continue from what they store: the model from its own values, as the engine.
+    }
+    let share = same as f64 / total as f64;
+    eprintln!("bf16 storage vs float64 model: {same} of {total} stored values identical ({share:.5}), others at most {worst_steps} bf16 steps apart");
+    assert!(share >= 0.995, "only {same} of {total} stored values are the model's");
+    assert!(worst_steps <= 4, "a value {worst_steps} bf16 steps from the model's");
+}

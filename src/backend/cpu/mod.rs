@@ -19,7 +19,7 @@ use super::step::{softmax_factors, OptStep, RowGrads, RowStats, StepPlan, Update
 use super::{Primitives, ShardState};
 use crate::batch::{Batches, Outputs};
 use crate::config::{Config, DType, MarginKind};
-use crate::error::{try_refill, try_zeroed, Error, Result};
+use crate::error::{try_refill, try_reserve, try_zeroed, Error, Result};
 use crate::memory::Host;
 use crate::margin::MarginState;
 use crate::rng;
@@ -45,6 +45,28 @@ impl<W, K> Workers<W, K> {
     fn new() -> Self {
         Workers { key: None, workers: Vec::new() }
     }
+}
+
+/// `row` with every value set to its default.
+fn written<T: Default>(row: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
+    for x in row.iter_mut() {
+        x.write(T::default());
+    }
+    // SAFETY: every value was just written, and MaybeUninit<T> has T's layout.
+    unsafe { &mut *(row as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
+}
+
+/// `len` default values, written by the pool's threads: a table of gigabytes is zeroed in one
+/// parallel pass, and its memory is committed when the head is made rather than at a later step.
+pub(crate) fn zeroed_table<T: Default + Send>(len: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    try_reserve(&mut v, len, what)?;
+    crate::pool::install(|| v.spare_capacity_mut().par_chunks_mut(1 << 16).for_each(|chunk| {
+        written(chunk);
+    }))?;
+    // SAFETY: every value of the capacity was written above.
+    unsafe { v.set_len(len) };
+    Ok(v)
 }
 
 /// Runs `body(worker, block)` for every block on the pool, in tasks of consecutive blocks, each
@@ -196,10 +218,13 @@ impl<T: Stored> CpuBackend<T> {
         let mut shards = Vec::with_capacity(ranges.len());
         for &range in &ranges {
             let elems = (range.len as usize).checked_mul(d).ok_or_else(|| Error::invalid("num_classes × embedding_dim overflows"))?;
-            let mut centers = try_zeroed::<T>(elems, "class centers")?;
+            let mut centers = Vec::new();
+            try_reserve(&mut centers, elems, "class centers")?;
             crate::pool::install(|| {
-                // A narrower storage holds each initial value rounded to nearest.
-                centers.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |wide, (j, row)| {
+                // Written row by row on the pool, never zeroed first: a table of gigabytes takes
+                // one parallel pass. A narrower storage holds each initial value rounded to nearest.
+                centers.spare_capacity_mut().par_chunks_mut(d).enumerate().for_each_init(Vec::new, |wide, (j, row)| {
+                    let row = written(row);
                     let class = range.start + j as u64;
                     match T::as_f32_mut(row) {
                         Some(row) => rng::init_center(cfg.seed, class, cfg.init_std, row),
@@ -211,6 +236,8 @@ impl<T: Stored> CpuBackend<T> {
                     }
                 })
             })?;
+            // SAFETY: every row of the capacity was written above.
+            unsafe { centers.set_len(elems) };
             shards.push(Shard {
                 range,
                 centers,

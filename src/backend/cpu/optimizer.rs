@@ -2,6 +2,7 @@
 //! given (SPEC §1.9). Semantics are PyTorch's `SGD` and `AdamW`, row by row.
 
 use crate::config::{OptimizerConfig, OptimizerKind, Rounding};
+use super::zeroed_table;
 use crate::error::{try_zeroed, Result};
 use crate::state::StateTensor;
 use crate::storage::{round_row, RowKey, Stored};
@@ -20,10 +21,10 @@ impl<T: Stored> OptimizerState<T> {
     pub fn new(kind: OptimizerKind, rows: usize, dim: usize) -> Result<Self> {
         let elems = rows.saturating_mul(dim);
         Ok(match kind {
-            OptimizerKind::Sgd => OptimizerState::Sgd { momentum: try_zeroed(elems, "SGD momentum")?, momentum_norms: try_zeroed(rows, "SGD momentum norms")? },
+            OptimizerKind::Sgd => OptimizerState::Sgd { momentum: zeroed_table(elems, "SGD momentum")?, momentum_norms: try_zeroed(rows, "SGD momentum norms")? },
             OptimizerKind::AdamW => OptimizerState::AdamW {
-                exp_avg: try_zeroed(elems, "AdamW first moments")?,
-                exp_avg_sq: try_zeroed(elems, "AdamW second moments")?,
+                exp_avg: zeroed_table(elems, "AdamW first moments")?,
+                exp_avg_sq: zeroed_table(elems, "AdamW second moments")?,
                 steps: try_zeroed(rows, "AdamW step counts")?,
                 exp_avg_norms: try_zeroed(rows, "AdamW first moment norms")?,
                 exp_avg_sq_norms: try_zeroed(rows, "AdamW second moment norms")?,

@@ -5,6 +5,7 @@ docs/experiments/results/, and draws the plots (PNG) and tables from them.
     python3 scripts/experiments.py accuracy   # sample rate 1.0 / 0.3 / 0.1 on the same data
     python3 scripts/experiments.py noise      # label noise and conflicts, with and without the filter
     python3 scripts/experiments.py quality [margin…]  # ArcFace vs AdaFace vs CurricularFace, blurred images
+    python3 scripts/experiments.py storage    # centers stored in f32, bf16 (stochastic rounding), bf16 to nearest
     python3 scripts/experiments.py scale [C…] # memory and step time as the class count grows
     python3 scripts/experiments.py report     # plots + tables (markdown on stdout)
 
@@ -64,6 +65,20 @@ def quality():
             for margin in sys.argv[2:] or ["arcface", "adaface", "curricular"]:
                 train("quality-%s-%s-seed%s" % (data, margin, seed),
                       ["--sample-rate", "0.1", "--low-quality", share, "--blur", blur, "--margin", margin], seed)
+
+
+# The storage experiment: the accuracy experiments' data at r = 0.1, at the default learning rate and
+# at a tenth of it (updates ten times smaller against bf16's spacing).
+STORAGES = ["f32", "bf16", "bf16-nearest"]
+STORAGE_LRS = ["0.1", "0.01"]
+STORAGE_SEEDS = ["7", "8", "9"]
+
+
+def storage():
+    for lr in STORAGE_LRS:
+        for seed in STORAGE_SEEDS:
+            for kind in STORAGES:
+                train("storage-lr%s-%s-seed%s" % (lr, kind, seed), ["--sample-rate", "0.1", "--lr", lr, "--storage", kind], seed)
 
 
 def scale():
@@ -139,6 +154,10 @@ def report():
     if runs:
         quality_report(runs, plt)
 
+    runs = load("storage-")
+    if runs:
+        storage_report(runs, plt)
+
     runs = load("scale-")
     if runs:
         runs.sort(key=lambda r: r[1]["classes"])
@@ -153,6 +172,33 @@ def report():
         ax2.set_ylabel("peak memory (GiB)", color="C1"); ax1.set_xlabel("classes (millions), r = 0.1, d = 512, N = 256")
         ax1.set_title("Step time and memory vs class count (CPU, 2 cores)"); ax1.grid(alpha=0.3)
         fig.tight_layout(); fig.savefig(os.path.join(PLOTS, "scale.png"), dpi=120)
+
+
+def storage_report(runs, plt):
+    import statistics
+    pick = lambda lr, kind: [r for n, r in runs if n.startswith("storage-lr%s-%s-seed" % (lr, kind))]
+    keys = [("tar_far_1e-3", "TAR@1e-3"), ("tar_far_1e-4", "TAR@1e-4"), ("top1", "top-1"), ("top5", "top-5")]
+    print("Seeds %s, mean (lowest–highest); against f32 storage: the mean paired difference (same seed) and the seeds on which it is ahead:" % ", ".join(STORAGE_SEEDS))
+    print()
+    print("| head lr | storage | " + " | ".join(k[1] for k in keys) + " | last loss | " + " | ".join("Δ %s" % k[1] for k in keys) + " |")
+    print("|---|---|" + "---|" * (2 * len(keys) + 1))
+    for lr in STORAGE_LRS:
+        base = {r["seed"]: r for r in pick(lr, "f32")}
+        for kind in STORAGES:
+            rs = pick(lr, kind)
+            if not rs:
+                continue
+            cells = ["%.2f%% (%.2f–%.2f)" % tuple(100 * f([r[k] for r in rs]) for f in (statistics.mean, min, max)) for k, _ in keys]
+            loss = "%.3f" % statistics.mean(r["last_loss"] for r in rs)
+            if kind == "f32":
+                deltas = ["–"] * len(keys)
+            else:
+                deltas = []
+                for k, _ in keys:
+                    diff = [r[k] - base[r["seed"]][k] for r in rs if r["seed"] in base]
+                    deltas.append("%+.2f pts, ahead on %d of %d" % (100 * statistics.mean(diff), sum(x > 0 for x in diff), len(diff)))
+            print("| %s | %s | %s | %s | %s |" % (lr, kind, " | ".join(cells), loss, " | ".join(deltas)))
+    print()
 
 
 def quality_report(runs, plt):
@@ -213,4 +259,4 @@ def quality_report(runs, plt):
 
 
 if __name__ == "__main__":
-    {"accuracy": accuracy, "noise": noise, "quality": quality, "scale": scale, "report": report}[sys.argv[1]]()
+    {"accuracy": accuracy, "noise": noise, "quality": quality, "storage": storage, "scale": scale, "report": report}[sys.argv[1]]()

@@ -144,3 +144,22 @@ fn f16_storage_is_refused_with_a_reason() {
     assert_eq!(err.status, Status::InvalidArgument);
     assert!(err.message.contains("storage_dtype"), "{}", err.message);
 }
+
+/// A step whose update would take centers past the norm limit (2^62) is refused on a bf16 head as
+/// on an f32 one, every stored value as it was, and the head trains on afterwards.
+#[test]
+fn a_refused_update_leaves_bf16_state_untouched() {
+    let mut cfg = config(OptimizerKind::Sgd, DType::BF16, 2, 0.3);
+    cfg.optimizer.lr = 1e4;
+    let mut head = Head::new(cfg).unwrap();
+    let huge = vec![(2f64.powi(61) / (D as f64).sqrt()) as f32; C as usize * D];
+    head.set_centers(0, C, &huge).unwrap();
+    let before = bits(&centers(&head));
+    let err = train(&mut head, &batch(0, 2)).unwrap_err();
+    assert_eq!(err.status, Status::NonFinite, "{}", err.message);
+    assert_eq!(bits(&centers(&head)), before, "a refused step changed stored centers");
+    head.set_learning_rate(0.1).unwrap();
+    let ordinary: Vec<f32> = (0..C as usize * D).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
+    head.set_centers(0, C, &ordinary).unwrap();
+    train(&mut head, &batch(1, 2)).unwrap();
+}

@@ -630,6 +630,30 @@ mod tests {
         assert!(passed >= 1_900, "the bound proved only {passed} of 2000 training updates");
     }
 
+    /// The exact check judges the values as bf16 storage will hold them: a momentum that f32 holds
+    /// (3.3995e38) lies above bf16's largest finite value (3.3895e38) and mostly rounds up to ∞.
+    /// With f32 storage the same update is accepted.
+    #[test]
+    fn the_exact_check_judges_values_as_stored() {
+        use half::bf16;
+        let cfg = OptimizerConfig { kind: OptimizerKind::Sgd, momentum: 1.0, weight_decay: 0.0, ..Config::default().optimizer };
+        let (lr, dim) = (1e-30f32, 8);
+        let momentum = vec![bf16::MAX.to_f32(); dim];
+        let (w, g) = (vec![0.5f32; dim], vec![1e36f32; dim]);
+        let store = Store { how: Rounding::Stochastic, stream: crate::storage::step_stream(3, 0) };
+        let mut scratch = vec![0.0f32; 5 * dim];
+        let mut narrow = OptimizerState::<bf16>::new(OptimizerKind::Sgd, 1, dim).unwrap();
+        narrow.write_rows(StateTensor::Momentum, 0, &momentum, dim).unwrap();
+        let mut wide = OptimizerState::<f32>::new(OptimizerKind::Sgd, 1, dim).unwrap();
+        wide.write_rows(StateTensor::Momentum, 0, &momentum, dim).unwrap();
+        // SAFETY: one row, one thread.
+        let (as_bf16, as_f32) = unsafe {
+            (narrow.rows_ptr().update_is_finite(&cfg, lr, 0, 0, &w, &g, store, &mut scratch), wide.rows_ptr().update_is_finite(&cfg, lr, 0, 0, &w, &g, store, &mut scratch))
+        };
+        assert!(as_f32, "f32 storage holds the update");
+        assert!(!as_bf16, "bf16 storage would hold ∞, yet the check passed it");
+    }
+
     /// The norms beside the state follow every write: updates, `write_rows` and resets.
     #[test]
     fn state_norms_follow_every_write() {

@@ -642,3 +642,20 @@ fn bad_paths_and_arguments() {
     ok(load(&h, &s.path("x/y/z")));
     assert_eq!(bits(&h.centers(D)), before);
 }
+
+/// A manifest without `storage_dtype` — every checkpoint written before bf16 storage — is f32 and
+/// loads, into a head of either storage.
+#[test]
+fn checkpoints_from_before_bf16_storage_load_as_f32() {
+    let (good, _) = good_checkpoint(PFC_DTYPE_F32);
+    let mut m = read_manifest(&good.0);
+    m.as_object_mut().unwrap().remove("storage_dtype").expect("the manifest names its storage");
+    write_manifest(&good.0, &m);
+    let centers = Snapshot::read(&good.0).f32("centers");
+    for storage in [PFC_DTYPE_F32, PFC_DTYPE_BF16] {
+        let h = other_head(2, true, 0.5, storage);
+        ok(load(&h, &good.0));
+        let want: Vec<f32> = if storage == PFC_DTYPE_BF16 { centers.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect() } else { centers.clone() };
+        assert_eq!(bits(&h.centers(D)), bits(&want), "storage {storage}");
+    }
+}

@@ -362,7 +362,8 @@ pfc_status pfc_set_margin_state(struct pfc_head *head, const float *values, uint
 pfc_status pfc_local_classes(const struct pfc_head *head, uint64_t *first, uint64_t *count);
 
 // Copies centers of global classes `[first, first + count)` (owned by this process) into `out`
-// (count × embedding_dim floats), L2-normalized when `normalized` is 1.
+// (count × embedding_dim floats), L2-normalized when `normalized` is 1. A head storing bf16 gives
+// its stored values exactly (each a bf16 widened to f32: the low 16 bits zero).
 pfc_status pfc_get_centers(const struct pfc_head *head,
                            uint64_t first,
                            uint64_t count,
@@ -370,15 +371,17 @@ pfc_status pfc_get_centers(const struct pfc_head *head,
                            float *out);
 
 // Overwrites centers of global classes `[first, first + count)` from `in` (count × embedding_dim
-// floats, finite) and resets those rows' optimizer state (warm start). A row of norm above 2^62
-// (about 4.6e18; from about 1.8e19 its squared norm overflows f32, so it cannot be normalized) is
-// refused with PFC_ERR_INVALID_ARGUMENT naming its class. Zero rows are accepted: their cosine with
-// every embedding is 0, as with PyTorch's normalize.
+// floats, finite) and resets those rows' optimizer state (warm start). A head storing bf16 keeps
+// each value rounded to nearest (ties to even). A row of norm above 2^62 (about 4.6e18; from about
+// 1.8e19 its squared norm overflows f32, so it cannot be normalized), as stored, is refused with
+// PFC_ERR_INVALID_ARGUMENT naming its class. Zero rows are accepted: their cosine with every
+// embedding is 0, as with PyTorch's normalize.
 pfc_status pfc_set_centers(struct pfc_head *head, uint64_t first, uint64_t count, const float *in);
 
 // Writes a checkpoint of the head into directory `dir` (created if missing): a manifest
 // (`manifest.json`, one JSON document with its checksum inside) plus one safetensors file per shard
-// with centers and all optimizer state. The previous checkpoint in `dir` stays loadable until the
+// with centers and all optimizer state, in the head's storage dtype (safetensors F32, or BF16 for a
+// head storing bf16; AdamW's step counts U32). The previous checkpoint in `dir` stays loadable until the
 // new one is complete (a crash mid-save loses nothing). One writer per directory: while another head
 // or process saves into `dir` (it holds `dir/.partialfc.lock`), this call fails at once with
 // PFC_ERR_IO and touches nothing. A head whose state a load would refuse is not saved and no file
@@ -391,7 +394,10 @@ pfc_status pfc_save_checkpoint(const struct pfc_head *head,
                                const char *dir);
 
 // Restores centers, optimizer state, step, seed and learning rate from the checkpoint in `dir`,
-// whatever shard count wrote it. Every file is verified first: a truncated, altered or missing file,
+// whatever shard count wrote it, and whatever storage dtype: a bf16 checkpoint loads into a head
+// storing f32 exactly, an f32 one into a head storing bf16 rounded to nearest (ties to even); values
+// that the rounding takes beyond what the head accepts (an infinity, a center's norm above 2^62)
+// give PFC_ERR_INCOMPATIBLE. Every file is verified first: a truncated, altered or missing file,
 // anything but a regular file (a FIFO, a device), or values the head would refuse give
 // PFC_ERR_CORRUPT; other num_classes, embedding_dim or optimizer, or a checkpoint of another format
 // version (older versions of this library) give PFC_ERR_INCOMPATIBLE; a save in progress in `dir`
@@ -402,8 +408,9 @@ pfc_status pfc_load_checkpoint(struct pfc_head *head,
                                const char *dir);
 
 // Writes all C centers to one file at `path`: `format` is a PFC_FORMAT_* value, `dtype`
-// PFC_DTYPE_F32 or PFC_DTYPE_F16 (.fvecs and FAISS: f32 only), `normalized` 1 for unit rows.
-// Streamed in chunks; the file appears atomically. An f16 export of centers beyond f16's range
+// PFC_DTYPE_F32, PFC_DTYPE_F16 or PFC_DTYPE_BF16 (bf16: safetensors only; .fvecs and FAISS: f32
+// only), `normalized` 1 for unit rows. Narrower types hold each value rounded to nearest: a head
+// storing bf16 exports its stored values exactly as PFC_DTYPE_BF16 (unnormalized). Streamed in chunks; the file appears atomically. An f16 export of centers beyond f16's range
 // (±65504) fails with PFC_ERR_INVALID_ARGUMENT and writes nothing: export them normalized or as f32.
 // Collective on a multi-process head: each process writes its classes' rows at their offset into
 // the one file, which appears only once all have written.
@@ -427,8 +434,9 @@ pfc_status pfc_search(const struct pfc_head *head,
                       float *scores);
 
 // Opens the centers at `path` for search: a file written by `pfc_export_centers` in any
-// PFC_FORMAT_* (f32 or f16; also such files from numpy or FAISS: a float32/float16 [C, d] array, a
-// safetensors tensor `centers`, an `IndexFlatIP`) or a checkpoint directory (verified as
+// PFC_FORMAT_* and dtype (f32, f16, bf16; also such files from numpy or FAISS: a float32/float16
+// [C, d] array, a safetensors tensor `centers`, an `IndexFlatIP`) or a checkpoint directory of
+// either storage dtype (verified as
 // `pfc_load_checkpoint` verifies it). Class ids are row numbers. On success `*out` owns the index
 // (free it with `pfc_index_close`). A damaged or foreign file gives PFC_ERR_CORRUPT, a missing one
 // PFC_ERR_IO, too little memory PFC_ERR_OUT_OF_MEMORY.

@@ -20,14 +20,24 @@
 //! each file's type, size and CRC-32, tensor names, types and shapes, every value — reading regular
 //! files only, never more bytes than the manifest declares, in bounded chunks; it reads each class's
 //! rows from whichever shard file holds them, so a checkpoint loads into any shard count.
+//!
+//! Centers and optimizer state are saved in the head's storage dtype (`storage_dtype`, SPEC §2),
+//! as is: safetensors `F32`, or `BF16` for a bf16 head (half the bytes; AdamW's step counts stay
+//! `U32`), the manifest naming it (`"storage_dtype": "f32"` or `"bf16"`; a manifest without it is
+//! f32, as every checkpoint was before bf16 storage). Either loads into either head: a bf16
+//! checkpoint into an f32 head exactly (every bf16 is an f32), an f32 one into a bf16 head rounded
+//! to nearest, ties to even — the rounded values must still be ones the head accepts (finite, a
+//! center's norm within the bound), else the load is refused as incompatible.
 
-use crate::config::{check_learning_rate, check_steps, MarginKind, OptimizerKind};
+use crate::config::{check_learning_rate, check_steps, DType, MarginKind, OptimizerKind};
 use crate::margin::MarginState;
 use crate::head::{Head, Restored};
 use crate::error::{try_zeroed, Error, Result, Status};
 use crate::fsutil::{io_error, temp_path, AtomicFile, DirLock, RegularFile};
 use crate::state::StateTensor;
 use crate::sharding::ShardRange;
+use crate::storage::Stored;
+use half::bf16;
 use serde_json::{json, Value};
 use std::fs;
 use std::path::Path;
@@ -61,6 +71,32 @@ fn optimizer_name(kind: OptimizerKind) -> &'static str {
     match kind {
         OptimizerKind::Sgd => "sgd",
         OptimizerKind::AdamW => "adamw",
+    }
+}
+
+/// How the manifest names a storage dtype.
+fn storage_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F32 | DType::F16 => "f32",
+    }
+}
+
+/// The safetensors dtype of the per-row tensors of a head storing `dtype`, and its name in a header.
+fn stored_tensor_dtype(dtype: DType) -> (safetensors::Dtype, &'static str) {
+    match dtype {
+        DType::BF16 => (safetensors::Dtype::BF16, "BF16"),
+        DType::F32 | DType::F16 => (safetensors::Dtype::F32, "F32"),
+    }
+}
+
+/// Values as bf16 rounds them to nearest, ties to even (what a bf16 head stores of them).
+fn round_to_bf16(values: &mut [f32]) {
+    let mut narrow = [bf16::ZERO; 256];
+    for chunk in values.chunks_mut(narrow.len()) {
+        let narrow = &mut narrow[..chunk.len()];
+        <bf16 as Stored>::narrow_nearest(chunk, narrow);
+        <bf16 as Stored>::widen(narrow, chunk);
     }
 }
 
@@ -342,6 +378,7 @@ fn write_shards(head: &Head, dir: &Path, save_id: &str, ranks: std::ops::Range<u
     let cfg = head.config();
     let d = cfg.embedding_dim;
     let tensors = StateTensor::for_optimizer(cfg.optimizer.kind);
+    let (stored, stored_name) = stored_tensor_dtype(cfg.storage_dtype);
     let rows_per_chunk = chunk_rows(d * 4);
     let mut rows = try_zeroed::<f32>(rows_per_chunk * d, "checkpoint chunk")?;
     let mut steps = try_zeroed::<u32>(rows_per_chunk, "checkpoint chunk")?;
@@ -352,8 +389,9 @@ fn write_shards(head: &Head, dir: &Path, save_id: &str, ranks: std::ops::Range<u
         let name = shard_name(save_id, rank);
         let range = ShardRange::of(cfg.num_classes, cfg.world_size, rank);
         let d64 = d as u64;
+        let elem = cfg.storage_dtype.size() as u64;
         let mut layout: Vec<(&str, &str, Vec<u64>, u64)> =
-            tensors.iter().map(|t| (t.name(), "F32", vec![range.len, d64], range.len * d64 * 4)).collect();
+            tensors.iter().map(|t| (t.name(), stored_name, vec![range.len, d64], range.len * d64 * elem)).collect();
         if cfg.optimizer.kind == OptimizerKind::AdamW {
             layout.push(("steps", "U32", vec![range.len], range.len * 4));
         }
@@ -375,7 +413,14 @@ fn write_shards(head: &Head, dir: &Path, save_id: &str, ranks: std::ops::Range<u
                 let chunk = &mut rows[..n as usize * d];
                 head.read_state(tensor, at, n, chunk)?;
                 bytes.clear();
-                chunk.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+                match stored {
+                    // A bf16 head reads back exactly widened values: their high halves are the stored bits.
+                    safetensors::Dtype::BF16 => chunk.iter().for_each(|v| {
+                        debug_assert_eq!(v.to_bits() & 0xFFFF, 0, "a bf16 head read back a value bf16 cannot hold");
+                        bytes.extend_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes())
+                    }),
+                    _ => chunk.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
+                }
                 put(&mut file, &bytes)?;
                 at += n;
             }
@@ -421,6 +466,7 @@ fn write_manifest(head: &Head, dir: &Path, save_id: &str, mut shards: Vec<Value>
         "num_classes": cfg.num_classes,
         "embedding_dim": cfg.embedding_dim,
         "optimizer": optimizer_name(cfg.optimizer.kind),
+        "storage_dtype": storage_name(cfg.storage_dtype),
         "step": head.steps_taken(),
         "seed": cfg.seed,
         "lr": head.learning_rate(),
@@ -454,6 +500,8 @@ pub(crate) struct Manifest {
     pub num_classes: u64,
     pub embedding_dim: u64,
     pub optimizer: OptimizerKind,
+    /// How centers and optimizer state are stored in the shard files: F32 or BF16.
+    pub storage: DType,
     /// The margin kind's name and its running statistics (SPEC §1.6a); a manifest from before
     /// the adaptive margins names none: the combined margin, without statistics.
     pub margin_kind: String,
@@ -536,6 +584,16 @@ pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest> {
         Some(other) => return Err(Error::new(Status::Incompatible, format!("checkpoint holds state of an unknown optimizer {other:?}"))),
         None => return Err(corrupt("checkpoint manifest: \"optimizer\" is not a string")),
     };
+    // Absent from the manifests written before bf16 storage: they are f32.
+    let storage = match v.get("storage_dtype") {
+        None => DType::F32,
+        Some(s) => match s.as_str() {
+            Some("f32") => DType::F32,
+            Some("bf16") => DType::BF16,
+            Some(other) => return Err(Error::new(Status::Incompatible, format!("checkpoint stores its state as {other:?}; this version of partialfc reads f32 and bf16"))),
+            None => return Err(corrupt("checkpoint manifest: \"storage_dtype\" is not a string")),
+        },
+    };
     let mut shards = Vec::new();
     for s in field(&v, "shards")?.as_array().ok_or_else(|| corrupt("checkpoint manifest: \"shards\" is not a list"))? {
         let file = field(s, "file")?.as_str().ok_or_else(|| corrupt("checkpoint manifest: bad shard file name"))?;
@@ -568,6 +626,7 @@ pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest> {
         num_classes: uint(&v, "num_classes")?,
         embedding_dim: uint(&v, "embedding_dim")?,
         optimizer,
+        storage,
         margin_kind,
         margin_state,
         step,
@@ -603,15 +662,20 @@ pub(crate) struct RowsOut {
     pub tensors: Vec<(StateTensor, Vec<f32>)>,
     /// AdamW's step counts, when wanted.
     pub steps: Option<Vec<u32>>,
+    /// The storage dtype of the head the rows go to: values the file holds more precisely are
+    /// rounded to it as the head would store them, and checked as such.
+    pub storage: DType,
 }
 
 impl RowsOut {
-    /// Fallibly allocated room for `tensors` (and the step counts) of `count` classes.
-    pub fn new(first: u64, count: u64, d: usize, tensors: &[StateTensor], steps: bool) -> Result<RowsOut> {
+    /// Fallibly allocated room for `tensors` (and the step counts) of `count` classes, for a head
+    /// storing `storage`.
+    pub fn new(first: u64, count: u64, d: usize, tensors: &[StateTensor], steps: bool, storage: DType) -> Result<RowsOut> {
         let values = (count as usize).checked_mul(d).ok_or_else(|| Error::new(Status::OutOfMemory, "checkpoint state too large"))?;
         Ok(RowsOut {
             first,
             count,
+            storage,
             tensors: tensors.iter().map(|&t| Ok((t, try_zeroed::<f32>(values, "checkpoint state")?))).collect::<Result<_>>()?,
             steps: if steps { Some(try_zeroed::<u32>(count as usize, "checkpoint step counts")?) } else { None },
         })
@@ -660,10 +724,11 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
         return Err(corrupt(format!("{shown}: holds tensors {names:?}; expected {:?}{}", tensors.iter().map(|t| t.name()).collect::<Vec<_>>(), if with_steps { " and steps" } else { "" })));
     }
     let len = s.len as usize;
+    let stored = stored_tensor_dtype(m.storage).0;
     for name in &names {
         let info = meta.info(name).expect("a listed tensor");
         let want = match tensors.iter().find(|t| t.name() == name) {
-            Some(_) => (safetensors::Dtype::F32, vec![len, d]),
+            Some(_) => (stored, vec![len, d]),
             None if with_steps && name == "steps" => (safetensors::Dtype::U32, vec![len]),
             None => return Err(corrupt(format!("{shown}: unexpected tensor {name}"))),
         };
@@ -675,8 +740,8 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
     let (lo, hi) = (out.first.max(s.start), (out.first + out.count).min(s.start + s.len));
     for name in &names {
         let tensor = tensors.iter().copied().find(|t| t.name() == name);
-        let cols = if tensor.is_some() { d } else { 1 };
-        let row_bytes = cols * 4;
+        let (cols, elem) = if tensor.is_some() { (d, m.storage.size()) } else { (1, 4) };
+        let row_bytes = cols * elem;
         let per_chunk = chunk_rows(row_bytes);
         if buf.len() < per_chunk.min(len) * row_bytes {
             buf.clear();
@@ -699,8 +764,9 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
                     Some(t) => {
                         if let Some((_, dst)) = out.tensors.iter_mut().find(|(kept, _)| *kept == t) {
                             let dst = &mut dst[at * d..(at + (w1 - w0) as usize) * d];
-                            for (o, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                            match m.storage {
+                                DType::BF16 => dst.iter_mut().zip(src.chunks_exact(2)).for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                                _ => dst.iter_mut().zip(src.chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
                             }
                         }
                     }
@@ -723,9 +789,20 @@ fn read_shard(dir: &Path, m: &Manifest, s: &ShardEntry, out: &mut RowsOut, buf: 
     // The file is what was saved; its values must still be ones a head accepts.
     if lo < hi {
         let rows = (lo - out.first) as usize..(hi - out.first) as usize;
-        for (t, dst) in &out.tensors {
-            if let Some(why) = first_bad_value(*t, &dst[rows.start * d..rows.end * d], lo, d) {
+        let rounds = out.storage == DType::BF16 && m.storage != DType::BF16;
+        for (t, dst) in out.tensors.iter_mut() {
+            let values = &mut dst[rows.start * d..rows.end * d];
+            if let Some(why) = first_bad_value(*t, values, lo, d) {
                 return Err(corrupt(format!("{shown}: {why}")));
+            }
+            if rounds {
+                round_to_bf16(values);
+                if let Some(why) = first_bad_value(*t, values, lo, d) {
+                    return Err(Error::new(
+                        Status::Incompatible,
+                        format!("{shown}: rounded to bf16 for this head's storage, {why}; load the checkpoint into a head storing f32"),
+                    ));
+                }
             }
         }
         if let Some(steps) = &out.steps {
@@ -791,7 +868,7 @@ fn read_state(head: &Head, dir: &Path) -> Result<Restored> {
     }
     let margin_state = MarginState::from_values(cfg.margin.kind, &m.margin_state).map_err(|e| corrupt(format!("checkpoint manifest: {}", e.message)))?.values();
     let (first, count) = head.local_classes();
-    let mut rows = RowsOut::new(first, count, cfg.embedding_dim, StateTensor::for_optimizer(kind), kind == OptimizerKind::AdamW)?;
+    let mut rows = RowsOut::new(first, count, cfg.embedding_dim, StateTensor::for_optimizer(kind), kind == OptimizerKind::AdamW, cfg.storage_dtype)?;
     read_rows(dir, &m, &mut rows)?;
     Ok(Restored { tensors: rows.tensors, steps: rows.steps, step: m.step, seed: m.seed, lr: m.lr, margin_state })
 }
@@ -801,7 +878,8 @@ pub(crate) fn read_centers(dir: &Path) -> Result<(u64, usize, Vec<f32>)> {
     let _reading = DirLock::shared(dir)?;
     let m = read_manifest(dir)?;
     let d = m.embedding_dim as usize;
-    let mut rows = RowsOut::new(0, m.num_classes, d, &[StateTensor::Centers], false)?;
+    // The values as the checkpoint holds them, widened exactly where it holds bf16.
+    let mut rows = RowsOut::new(0, m.num_classes, d, &[StateTensor::Centers], false, DType::F32)?;
     read_rows(dir, &m, &mut rows)?;
     let (_, centers) = rows.tensors.pop().expect("centers were asked for");
     Ok((m.num_classes, d, centers))

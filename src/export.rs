@@ -1,7 +1,10 @@
 //! Exporting all centers as one file for search: safetensors (`centers` [C, d]), `.npy`, `.fvecs` or
-//! a FAISS `IndexFlatIP` (ids = class ids), f32 or f16, optionally L2-normalized. Rows are streamed
-//! in bounded chunks, never gathered whole, and the file appears atomically (written beside, synced,
-//! renamed). An f16 export refuses centers that f16 cannot hold rather than writing infinities.
+//! a FAISS `IndexFlatIP` (ids = class ids), f32 or f16 (and bf16 as safetensors, the one of these
+//! formats with a bfloat16 type), optionally L2-normalized. Values are rounded to nearest into the
+//! narrower types; a bf16 head's centers exported as bf16 are its stored bits exactly. Rows are
+//! streamed in bounded chunks, never gathered whole, and the file appears atomically (written
+//! beside, synced, renamed). An f16 export refuses centers that f16 cannot hold rather than writing
+//! infinities.
 
 use crate::checkpoint::safetensors_header;
 use crate::config::DType;
@@ -28,7 +31,11 @@ fn header(format: Format, dtype: DType, classes: u64, dim: usize) -> Vec<u8> {
     let elem = dtype.size() as u64;
     match format {
         Format::Safetensors => {
-            let name = if dtype == DType::F16 { "F16" } else { "F32" };
+            let name = match dtype {
+                DType::F32 => "F32",
+                DType::F16 => "F16",
+                DType::BF16 => "BF16",
+            };
             let meta = serde_json::json!({"format": "pt", "producer": format!("partialfc {}", env!("CARGO_PKG_VERSION"))});
             safetensors_header(&[("centers", name, vec![classes, dim as u64], classes * dim as u64 * elem)], &meta)
         }
@@ -70,8 +77,8 @@ fn row_bytes(format: Format, dtype: DType, dim: usize) -> usize {
 }
 
 fn check_arguments(format: Format, dtype: DType) -> Result<()> {
-    if dtype == DType::BF16 {
-        return Err(Error::invalid("export dtype must be f32 or f16 (numpy and FAISS have no bfloat16)"));
+    if format == Format::Npy && dtype == DType::BF16 {
+        return Err(Error::invalid(".npy holds f32 or f16 (numpy has no bfloat16); export bf16 as safetensors"));
     }
     if matches!(format, Format::Fvecs | Format::Faiss) && dtype != DType::F32 {
         return Err(Error::invalid(".fvecs and FAISS indexes hold f32 vectors; export f16 as safetensors or .npy"));
@@ -144,7 +151,8 @@ fn write_rows(head: &Head, temp: &Path, header_len: u64, format: Format, dtype: 
             }
             match dtype {
                 DType::F16 => values.iter().for_each(|v| bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-                _ => values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
+                DType::BF16 => values.iter().for_each(|v| bytes.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+                DType::F32 => values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
             }
         }
         out.write_at(header_len + at * row as u64, &bytes)?;

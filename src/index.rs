@@ -1,5 +1,5 @@
 //! A search-only index: the centers of an exported file (safetensors, `.npy`, `.fvecs` or a FAISS
-//! `IndexFlatIP`, f32 or f16) or of a checkpoint directory, held as f32 rows and searched by cosine
+//! `IndexFlatIP`, f32 or f16; safetensors also bf16) or of a checkpoint directory (f32 or bf16), held as f32 rows and searched by cosine
 //! with the heads' own search (`search::top_k` over the CPU backend's scan). A serving process needs
 //! neither optimizer state nor a training configuration.
 //!
@@ -24,6 +24,16 @@ pub struct Index {
 enum Elem {
     F32,
     F16,
+    BF16,
+}
+
+impl Elem {
+    fn bytes(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::F16 | Elem::BF16 => 2,
+        }
+    }
 }
 
 fn corrupt(path: &Path, why: impl std::fmt::Display) -> Error {
@@ -105,12 +115,8 @@ fn check_shape(path: &Path, classes: u64, dim: u64) -> Result<()> {
 
 /// The file must end exactly where the rows do.
 fn check_length(file: &RegularFile, classes: u64, dim: usize, elem: Elem, layout: Layout) -> Result<()> {
-    let size = match elem {
-        Elem::F32 => 4,
-        Elem::F16 => 2,
-    };
     let want = classes
-        .checked_mul(layout.skip + dim as u64 * size)
+        .checked_mul(layout.skip + dim as u64 * elem.bytes() as u64)
         .and_then(|b| b.checked_add(layout.offset))
         .ok_or_else(|| corrupt(file.path(), "sizes overflow"))?;
     if want != file.size() {
@@ -136,7 +142,8 @@ fn safetensors_layout(file: &mut RegularFile) -> Result<(u64, usize, Elem, Layou
     let elem = match info.dtype {
         safetensors::Dtype::F32 => Elem::F32,
         safetensors::Dtype::F16 => Elem::F16,
-        other => return Err(corrupt(&path, format!("centers are {other:?}; expected F32 or F16"))),
+        safetensors::Dtype::BF16 => Elem::BF16,
+        other => return Err(corrupt(&path, format!("centers are {other:?}; expected F32, F16 or BF16"))),
     };
     let [classes, dim] = info.shape[..] else {
         return Err(corrupt(&path, format!("centers have shape {:?}; expected [C, d]", info.shape)));
@@ -245,8 +252,7 @@ fn read_rows(file: &mut RegularFile, classes: u64, dim: usize, elem: Elem, layou
     }
     let values = (classes as usize).checked_mul(dim).ok_or_else(|| Error::new(Status::OutOfMemory, "index too large"))?;
     let mut centers = try_zeroed::<f32>(values, "index centers")?;
-    let elem_bytes = if elem == Elem::F32 { 4 } else { 2 };
-    let record = layout.skip as usize + dim * elem_bytes;
+    let record = layout.skip as usize + dim * elem.bytes();
     let per_chunk = crate::checkpoint::chunk_rows(record);
     let mut buf = try_zeroed::<u8>(per_chunk.min(classes as usize) * record, "index chunk")?;
     file.seek(layout.offset)?;
@@ -264,6 +270,7 @@ fn read_rows(file: &mut RegularFile, classes: u64, dim: usize, elem: Elem, layou
             match elem {
                 Elem::F32 => dst.iter_mut().zip(data.chunks_exact(4)).for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
                 Elem::F16 => dst.iter_mut().zip(data.chunks_exact(2)).for_each(|(o, b)| *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                Elem::BF16 => dst.iter_mut().zip(data.chunks_exact(2)).for_each(|(o, b)| *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
             }
             if let Some(at) = dst.iter().position(|v| !v.is_finite()) {
                 return Err(corrupt(file.path(), format!("center of class {} holds NaN or Inf (value {at})", row + r)));

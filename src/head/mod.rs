@@ -11,9 +11,9 @@ pub(crate) mod search;
 use crate::backend::step::{OptStep, PhaseTimes, StepPlan};
 use crate::batch::{Batches, GradOut, HostBatch, Outputs};
 use crate::comm::group::ProcessGroup;
-use crate::config::Config;
+use crate::config::{Config, DType};
 use crate::error::{Error, Result};
-use crate::limits::{first_oversized_row, MAX_ROW_NORM};
+use crate::limits::{first_oversized, first_oversized_row, MAX_ROW_NORM};
 use crate::state::StateTensor;
 use driver::{Evaluated, StepDriver};
 use std::sync::Arc;
@@ -243,7 +243,14 @@ impl Head {
         if let Some(at) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid(format!("center value {at} is NaN or Inf")));
         }
-        if let Some((row, norm)) = first_oversized_row(values, self.cfg.embedding_dim) {
+        // A bf16 head holds the values rounded to nearest: those are what must normalize (and what
+        // a checkpoint of the head is checked by).
+        let d = self.cfg.embedding_dim;
+        let oversized = match self.cfg.storage_dtype {
+            DType::BF16 => first_oversized(values.chunks_exact(d).map(|row| row.iter().map(|&v| half::bf16::from_f32(v).to_f32()))),
+            DType::F32 | DType::F16 => first_oversized_row(values, d),
+        };
+        if let Some((row, norm)) = oversized {
             return Err(Error::invalid(format!(
                 "the center of class {} has norm {norm:.3e}, above {MAX_ROW_NORM:.3e}: it cannot be normalized in f32",
                 first + row as u64

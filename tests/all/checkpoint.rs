@@ -16,9 +16,10 @@ fn head(shards: u32, adamw: bool, rate: f32) -> TestHead {
     TestHead::new(&config(C, D as u32, shards, adamw, rate))
 }
 
-/// A head with other seed, learning rate and centers than `head`, to load into.
-fn other_head(shards: u32, adamw: bool, rate: f32) -> TestHead {
+/// A head with other seed, learning rate and centers than `head`, storing `storage`, to load into.
+fn other_head(shards: u32, adamw: bool, rate: f32, storage: i32) -> TestHead {
     let mut cfg = config(C, D as u32, shards, adamw, rate);
+    cfg.storage_dtype = storage;
     cfg.seed = 999;
     cfg.lr = 0.7;
     let h = TestHead::new(&cfg);
@@ -52,6 +53,7 @@ fn save_writes_the_documented_layout() {
         assert_eq!(m["num_classes"], C);
         assert_eq!(m["embedding_dim"], D as u64);
         assert_eq!(m["optimizer"], if adamw { "adamw" } else { "sgd" });
+        assert_eq!(m["storage_dtype"], "f32");
         assert_eq!(m["step"], 4);
         assert_eq!(m["seed"], 1234);
         assert_eq!(m["lr"].as_f64().unwrap() as f32, 0.0371f32);
@@ -103,7 +105,7 @@ fn round_trips_into_other_shard_counts_keep_all_state() {
         let original = Snapshot::read(&a.0);
         assert_eq!(original.shards, 3);
         for shards in [1u32, 2, 5] {
-            let h = other_head(shards, adamw, 0.5);
+            let h = other_head(shards, adamw, 0.5, PFC_DTYPE_F32);
             assert_ne!(bits(&h.centers(D)), bits(&h3.centers(D)));
             ok(load(&h, &a.0));
             assert_eq!(bits(&h.centers(D)), bits(&h3.centers(D)), "centers after loading into {shards} shards");
@@ -114,7 +116,7 @@ fn round_trips_into_other_shard_counts_keep_all_state() {
             assert_eq!(again.shards, shards as usize);
             assert_eq!(again.state(), original.state(), "adamw {adamw}, {shards} shards");
             // And back into three shards.
-            let back = other_head(3, adamw, 0.5);
+            let back = other_head(3, adamw, 0.5, PFC_DTYPE_F32);
             ok(load(&back, &b.0));
             assert_eq!(state_of(&back), original.state());
             // The step counter continues from the checkpoint.
@@ -144,7 +146,7 @@ fn resumed_training_is_bit_identical_with_the_same_layout() {
         ok(save(&first, &s.0));
         drop(first);
         // Other seed and learning rate in the configuration: both come from the checkpoint.
-        let resumed = other_head(3, adamw, 0.5);
+        let resumed = other_head(3, adamw, 0.5, PFC_DTYPE_F32);
         ok(load(&resumed, &s.0));
         for (i, (want_stats, want_grad)) in (3..6).zip(&want) {
             let (emb, labels) = batch(C, D, 12, i);
@@ -170,7 +172,7 @@ fn resumed_training_on_another_layout_matches_within_rounding() {
         let s = Scratch::new("relayout");
         ok(save(&first, &s.0));
         for shards in [1u32, 2, 5] {
-            let resumed = other_head(shards, adamw, 1.0);
+            let resumed = other_head(shards, adamw, 1.0, PFC_DTYPE_F32);
             ok(load(&resumed, &s.0));
             let stats = train(&resumed, C, D, shards as usize, 3, 3);
             assert_eq!(stats[2].step, 6);
@@ -195,13 +197,13 @@ fn repeated_saves_replace_the_checkpoint_and_leave_only_its_files() {
         assert_eq!(listing(&s.0).len(), 5);
     }
     // Another layout into the same directory.
-    let h5 = other_head(5, true, 0.5);
+    let h5 = other_head(5, true, 0.5, PFC_DTYPE_F32);
     ok(load(&h5, &s.0));
     train(&h5, C, D, 5, 3, 1);
     ok(save(&h5, &s.0));
     assert_clean(&s.0);
     assert_eq!(listing(&s.0).len(), 7);
-    let check = other_head(2, true, 0.5);
+    let check = other_head(2, true, 0.5, PFC_DTYPE_F32);
     ok(load(&check, &s.0));
     assert_eq!(bits(&check.centers(D)), bits(&h5.centers(D)));
     // Files the library did not write are not its to delete, however they are named (issue #11,
@@ -230,7 +232,7 @@ fn repeated_saves_replace_the_checkpoint_and_leave_only_its_files() {
     // A manifest of a checkpoint written elsewhere names its files: a save replacing it removes them,
     // and nothing else.
     let other = Scratch::new("repeat-other");
-    let h2 = other_head(2, true, 0.5);
+    let h2 = other_head(2, true, 0.5, PFC_DTYPE_F32);
     ok(save(&h2, &other.0));
     let theirs: Vec<String> = read_manifest(&other.0)["shards"].as_array().unwrap().iter().map(|s| s["file"].as_str().unwrap().to_string()).collect();
     for f in theirs.iter().chain(["manifest.json".to_string()].iter()) {
@@ -248,9 +250,12 @@ fn repeated_saves_replace_the_checkpoint_and_leave_only_its_files() {
 // ------------------------------------------------------------------------------------------------
 // Damage.
 
-/// A trained AdamW checkpoint with three shards (AdamW: every kind of tensor, steps included).
-fn good_checkpoint() -> (Scratch, Vec<String>) {
-    let h = head(3, true, 0.5);
+/// A trained AdamW checkpoint with three shards (AdamW: every kind of tensor, steps included) of a
+/// head storing `storage` (a PFC_DTYPE_*).
+fn good_checkpoint(storage: i32) -> (Scratch, Vec<String>) {
+    let mut cfg = config(C, D as u32, 3, true, 0.5);
+    cfg.storage_dtype = storage;
+    let h = TestHead::new(&cfg);
     train(&h, C, D, 3, 0, 3);
     let s = Scratch::new("good");
     ok(save(&h, &s.0));
@@ -284,7 +289,37 @@ fn rebuild_shard(path: &Path, edit: impl Fn(&mut Tensors)) {
 
 type Damage = Box<dyn Fn(&Path, &[String])>;
 
-fn damages() -> Vec<(String, Damage, pfc_status)> {
+/// Bytes per value of a state tensor of `dtype`.
+fn value_bytes(dtype: Dtype) -> usize {
+    match dtype {
+        Dtype::BF16 | Dtype::F16 => 2,
+        _ => 4,
+    }
+}
+
+/// Value `i` of tensor `name` set to `value`, encoded as the tensor's dtype stores it.
+fn set_value(t: &mut Tensors, name: &str, i: usize, value: f32) {
+    let x = t.iter_mut().find(|x| x.0 == name).unwrap();
+    let bytes = match x.1 {
+        Dtype::BF16 => half::bf16::from_f32(value).to_le_bytes().to_vec(),
+        _ => value.to_le_bytes().to_vec(),
+    };
+    x.3[i * bytes.len()..(i + 1) * bytes.len()].copy_from_slice(&bytes);
+}
+
+/// A float tensor converted to the other storage dtype (F32 ↔ BF16).
+fn convert(x: &mut (String, Dtype, Vec<usize>, Vec<u8>)) {
+    if x.1 == Dtype::BF16 {
+        x.3 = x.3.chunks_exact(2).flat_map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes()).collect();
+        x.1 = Dtype::F32;
+    } else {
+        x.3 = x.3.chunks_exact(4).flat_map(|b| half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes()).collect();
+        x.1 = Dtype::BF16;
+    }
+}
+
+/// Every damage and the status its load must give, for a checkpoint of a head storing `storage`.
+fn damages(storage: i32) -> Vec<(String, Damage, pfc_status)> {
     let mut v: Vec<(String, Damage, pfc_status)> = Vec::new();
     let corrupt = PFC_ERR_CORRUPT;
     for r in 0..3usize {
@@ -415,12 +450,12 @@ fn damages() -> Vec<(String, Damage, pfc_status)> {
     v.push(("manifest: wrong shard checksum".into(), edit(|m| m["shards"][1]["crc32"] = (m["shards"][1]["crc32"].as_u64().unwrap() ^ 1).into()), corrupt));
     v.push(("manifest: checksum beyond 32 bits".into(), edit(|m| m["shards"][1]["crc32"] = (m["shards"][1]["crc32"].as_u64().unwrap() | 1 << 32).into()), corrupt));
     // Shard files with correct size and checksum in the manifest but wrong contents.
-    let shard_edit = |f: fn(&mut Tensors)| -> Damage {
+    fn shard_edit(f: impl Fn(&mut Tensors) + 'static) -> Damage {
         Box::new(move |d: &Path, files: &[String]| {
-            rebuild_shard(&d.join(&files[1]), f);
+            rebuild_shard(&d.join(&files[1]), &f);
             reseal(d);
         })
-    };
+    }
     v.push(("shard: centers missing".into(), shard_edit(|t| t.retain(|x| x.0 != "centers")), corrupt));
     v.push(("shard: steps missing".into(), shard_edit(|t| t.retain(|x| x.0 != "steps")), corrupt));
     v.push(("shard: exp_avg_sq missing".into(), shard_edit(|t| t.retain(|x| x.0 != "exp_avg_sq")), corrupt));
@@ -431,15 +466,24 @@ fn damages() -> Vec<(String, Damage, pfc_status)> {
     v.push(("shard: centers one row short".into(), shard_edit(|t| {
         let c = t.iter_mut().find(|x| x.0 == "centers").unwrap();
         c.2[0] -= 1;
-        let keep = c.3.len() - D * 4;
+        let keep = c.3.len() - D * value_bytes(c.1);
         c.3.truncate(keep);
     }), corrupt));
     v.push(("shard: centers as f16".into(), shard_edit(|t| {
         let c = t.iter_mut().find(|x| x.0 == "centers").unwrap();
         c.1 = Dtype::F16;
-        let half = c.3.len() / 2;
+        let half = c.2.iter().product::<usize>() * 2;
         c.3.truncate(half);
     }), corrupt));
+    // The storage dtype: the manifest's and every state tensor's must agree.
+    v.push(("shard: centers in the other storage dtype".into(), shard_edit(|t| convert(t.iter_mut().find(|x| x.0 == "centers").unwrap())), corrupt));
+    v.push(("shard: every state tensor in the other storage dtype".into(), shard_edit(|t| t.iter_mut().filter(|x| x.0 != "steps").for_each(convert)), corrupt));
+    v.push(("manifest: the other storage dtype".into(), edit(|m| m["storage_dtype"] = if m["storage_dtype"] == "bf16" { "f32" } else { "bf16" }.into()), corrupt));
+    v.push(("manifest: storage dtype a number".into(), edit(|m| m["storage_dtype"] = 2.into()), corrupt));
+    if storage == PFC_DTYPE_BF16 {
+        // A manifest without it is an f32 checkpoint, as before bf16 storage: these files are not.
+        v.push(("manifest: no storage dtype".into(), edit(|m| { m.as_object_mut().unwrap().remove("storage_dtype"); }), corrupt));
+    }
     for (what, count) in [("2^31", 1u32 << 31), ("2^32 - 1", u32::MAX), ("one more than the head's steps", 4)] {
         let steps: Damage = Box::new(move |d: &Path, files: &[String]| {
             rebuild_shard(&d.join(&files[1]), |t| t.iter_mut().find(|x| x.0 == "steps").unwrap().3[4..8].copy_from_slice(&count.to_le_bytes()));
@@ -448,9 +492,10 @@ fn damages() -> Vec<(String, Damage, pfc_status)> {
         v.push((format!("shard: a row's AdamW step count {what}"), steps, corrupt));
     }
     v.push(("shard: steps as i32".into(), shard_edit(|t| t.iter_mut().find(|x| x.0 == "steps").unwrap().1 = Dtype::I32), corrupt));
-    v.push(("shard: a NaN center".into(), shard_edit(|t| t.iter_mut().find(|x| x.0 == "centers").unwrap().3[8..12].copy_from_slice(&f32::NAN.to_le_bytes())), corrupt));
-    v.push(("shard: a center of norm 2^70 (pfc_set_centers refuses it)".into(), shard_edit(|t| t.iter_mut().find(|x| x.0 == "centers").unwrap().3[8..12].copy_from_slice(&(2f32.powi(70)).to_le_bytes())), corrupt));
-    v.push(("shard: an infinite moment".into(), shard_edit(|t| t.iter_mut().find(|x| x.0 == "exp_avg").unwrap().3[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes())), corrupt));
+    v.push(("shard: a NaN center".into(), shard_edit(|t| set_value(t, "centers", 2, f32::NAN)), corrupt));
+    v.push(("shard: a center of norm 2^70 (pfc_set_centers refuses it)".into(), shard_edit(|t| set_value(t, "centers", 2, 2f32.powi(70))), corrupt));
+    v.push(("shard: an infinite moment".into(), shard_edit(|t| set_value(t, "exp_avg", 0, f32::INFINITY)), corrupt));
+    v.push(("shard: a negative infinite second moment".into(), shard_edit(|t| set_value(t, "exp_avg_sq", 5, f32::NEG_INFINITY)), corrupt));
     v.push(("shard: garbage with the right checksum".into(), Box::new(|d, f| {
         std::fs::write(d.join(&f[2]), vec![0x5a; 500]).unwrap();
         reseal(d);
@@ -466,37 +511,80 @@ fn damages() -> Vec<(String, Damage, pfc_status)> {
     }), PFC_ERR_INCOMPATIBLE));
     v.push(("manifest: other dimension".into(), edit(|m| m["embedding_dim"] = (D + 1).into()), PFC_ERR_INCOMPATIBLE));
     v.push(("manifest: SGD state".into(), edit(|m| m["optimizer"] = "sgd".into()), PFC_ERR_INCOMPATIBLE));
+    v.push(("manifest: f16 storage".into(), edit(|m| m["storage_dtype"] = "f16".into()), PFC_ERR_INCOMPATIBLE));
     v
 }
 
+/// Every damage to a checkpoint of either storage dtype, loaded into a head of either: refused
+/// with its status, the head unchanged.
 #[test]
 fn damaged_checkpoints_are_rejected_and_change_nothing() {
-    let (good, files) = good_checkpoint();
-    // The victim: trained elsewhere, with its own state.
-    let victim = other_head(2, true, 0.5);
-    let before_centers = bits(&victim.centers(D));
-    let before = state_of(&victim);
     let work = Scratch::new("damaged");
-    let cases = damages();
-    assert!(cases.len() > 60, "{}", cases.len());
-    for (i, (name, damage, want)) in cases.iter().enumerate() {
-        let dir = work.path(&format!("case-{i}"));
-        copy_dir(&good.0, &dir);
-        damage(&dir, &files);
-        let got = load(&victim, &dir);
-        assert_eq!(got, *want, "{name}: expected status {want}, got {got} ({})", last_error());
-        assert!(!last_error().is_empty(), "{name}: no message");
-        assert_eq!(bits(&victim.centers(D)), before_centers, "{name}: centers changed");
-        if i % 8 == 0 {
-            assert_eq!(state_of(&victim), before, "{name}: state changed");
+    for (saved, into) in [(PFC_DTYPE_F32, PFC_DTYPE_F32), (PFC_DTYPE_BF16, PFC_DTYPE_BF16), (PFC_DTYPE_BF16, PFC_DTYPE_F32), (PFC_DTYPE_F32, PFC_DTYPE_BF16)] {
+        let (good, files) = good_checkpoint(saved);
+        // The victim: trained elsewhere, with its own state.
+        let victim = other_head(2, true, 0.5, into);
+        let before_centers = bits(&victim.centers(D));
+        let before = state_of(&victim);
+        let cases = damages(saved);
+        assert!(cases.len() > 60, "{}", cases.len());
+        for (i, (name, damage, want)) in cases.iter().enumerate() {
+            let name = format!("storage {saved} into {into}: {name}");
+            let dir = work.path(&format!("case-{saved}-{into}-{i}"));
+            copy_dir(&good.0, &dir);
+            damage(&dir, &files);
+            let got = load(&victim, &dir);
+            assert_eq!(got, *want, "{name}: expected status {want}, got {got} ({})", last_error());
+            assert!(!last_error().is_empty(), "{name}: no message");
+            assert_eq!(bits(&victim.centers(D)), before_centers, "{name}: centers changed");
+            if i % 8 == 0 {
+                assert_eq!(state_of(&victim), before, "{name}: state changed");
+            }
+            // Loading writes nothing: the damaged directory is as the damage left it.
+            std::fs::remove_dir_all(&dir).unwrap();
         }
-        // Loading writes nothing: the damaged directory is as the damage left it.
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(state_of(&victim), before);
+        // The undamaged checkpoint still loads into it.
+        ok(load(&victim, &good.0));
+        assert_ne!(bits(&victim.centers(D)), before_centers);
     }
-    assert_eq!(state_of(&victim), before);
-    // The undamaged checkpoint still loads into it.
-    ok(load(&victim, &good.0));
-    assert_ne!(bits(&victim.centers(D)), before_centers);
+}
+
+/// An f32 checkpoint holding values that bf16 rounds beyond what a head accepts — an f32 value
+/// above bf16's largest (it rounds to infinity), a center whose norm only the rounding takes above
+/// 2^62 — is refused by a bf16 head as incompatible, unchanged, and loads into an f32 head.
+#[test]
+fn f32_values_that_bf16_cannot_hold_are_refused_by_a_bf16_head() {
+    // Found by tests/all/storage_files.rs's search: 2^61 and this value have a norm of at most
+    // 2^62 in f32, above it once each is rounded to the nearest bf16.
+    let (a, b) = (2f32.powi(61), 3.993_837_2e18f32);
+    let norm = |a: f32, b: f32| (a as f64 * a as f64 + b as f64 * b as f64).sqrt();
+    assert!(norm(a, b) <= 2f64.powi(62) && norm(half::bf16::from_f32(a).to_f32(), half::bf16::from_f32(b).to_f32()) > 2f64.powi(62));
+    type Edit = Box<dyn Fn(&mut Tensors)>;
+    let cases: [(&str, Edit); 2] = [
+        ("a moment beyond bf16's range", Box::new(|t| set_value(t, "exp_avg", 3, f32::MAX))),
+        ("a center over the norm bound once rounded", Box::new(move |t| {
+            for i in 0..D {
+                set_value(t, "centers", i, 0.0);
+            }
+            set_value(t, "centers", 0, a);
+            set_value(t, "centers", 1, b);
+        })),
+    ];
+    for (what, edit) in cases {
+        let (good, files) = good_checkpoint(PFC_DTYPE_F32);
+        rebuild_shard(&good.0.join(&files[1]), |t| edit(t));
+        reseal(&good.0);
+        let victim = other_head(2, true, 0.5, PFC_DTYPE_BF16);
+        let before = state_of(&victim);
+        assert_eq!(load(&victim, &good.0), PFC_ERR_INCOMPATIBLE, "{what}: {}", last_error());
+        let msg = last_error();
+        assert!(msg.contains("bf16") && msg.contains("f32"), "{what}: {msg}");
+        assert_eq!(state_of(&victim), before, "{what}: the head changed");
+        let f32_head = other_head(2, true, 0.5, PFC_DTYPE_F32);
+        ok(load(&f32_head, &good.0));
+        assert_eq!(state_of(&f32_head).0, Snapshot::read(&good.0).tensors, "{what}: an f32 head holds the file's values");
+    }
 }
 
 #[test]
@@ -553,4 +641,21 @@ fn bad_paths_and_arguments() {
     ok(save(&h, &s.path("x/y/z")));
     ok(load(&h, &s.path("x/y/z")));
     assert_eq!(bits(&h.centers(D)), before);
+}
+
+/// A manifest without `storage_dtype` — every checkpoint written before bf16 storage — is f32 and
+/// loads, into a head of either storage.
+#[test]
+fn checkpoints_from_before_bf16_storage_load_as_f32() {
+    let (good, _) = good_checkpoint(PFC_DTYPE_F32);
+    let mut m = read_manifest(&good.0);
+    m.as_object_mut().unwrap().remove("storage_dtype").expect("the manifest names its storage");
+    write_manifest(&good.0, &m);
+    let centers = Snapshot::read(&good.0).f32("centers");
+    for storage in [PFC_DTYPE_F32, PFC_DTYPE_BF16] {
+        let h = other_head(2, true, 0.5, storage);
+        ok(load(&h, &good.0));
+        let want: Vec<f32> = if storage == PFC_DTYPE_BF16 { centers.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect() } else { centers.clone() };
+        assert_eq!(bits(&h.centers(D)), bits(&want), "storage {storage}");
+    }
 }

@@ -5,6 +5,9 @@
 //! damage, so that the JSON and safetensors parsers and the shape checks behind them see the damage
 //! too: then any of OK, CORRUPT or INCOMPATIBLE may be right, but a refused load changes nothing.
 //!
+//! Both rounds run on a checkpoint of f32 storage and on one of bf16 storage (BF16 tensors, two bytes
+//! a value), each loaded into a head of the same storage.
+//!
 //! PFC_FUZZ_SEED and PFC_FUZZ_CASES override the seed and the number of cases of each round.
 
 use crate::common::*;
@@ -115,14 +118,18 @@ struct Fixture {
     originals: Vec<Vec<u8>>,
 }
 
-fn fixture() -> (Fixture, TestHead, Vec<u32>) {
+/// A trained checkpoint, and a victim head of another state, both storing `storage` (PFC_DTYPE_*).
+fn fixture(storage: i32) -> (Fixture, TestHead, Vec<u32>) {
     let s = Scratch::new("fuzz");
     let dir = s.path("ckpt");
     let home = s.path("home");
-    let h = TestHead::new(&config(C, D as u32, 2, true, 0.5));
+    let mut cfg = config(C, D as u32, 2, true, 0.5);
+    cfg.storage_dtype = storage;
+    let h = TestHead::new(&cfg);
     train(&h, C, D, 2, 0, 3);
     ok(save(&h, &dir));
     let mut cfg = config(C, D as u32, 3, true, 0.5);
+    cfg.storage_dtype = storage;
     cfg.seed = 77;
     let victim = TestHead::new(&cfg);
     train(&victim, C, D, 3, 10, 2);
@@ -144,8 +151,17 @@ impl Fixture {
 
 #[test]
 fn random_damage_is_always_detected() {
-    let (fx, victim, before) = fixture();
-    let mut rng = Rng(seed());
+    random_damage_detected(PFC_DTYPE_F32, 0);
+}
+
+#[test]
+fn random_damage_to_a_bf16_checkpoint_is_always_detected() {
+    random_damage_detected(PFC_DTYPE_BF16, 0x0bf1_6bf1_6bf1_6bf1);
+}
+
+fn random_damage_detected(storage: i32, salt: u64) {
+    let (fx, victim, before) = fixture(storage);
+    let mut rng = Rng(seed() ^ salt);
     let n = cases();
     let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
     for case in 0..n {
@@ -197,8 +213,17 @@ fn reseal_all(dir: &Path, body: Option<Vec<u8>>) {
 
 #[test]
 fn random_damage_behind_valid_checksums_never_crashes_or_half_loads() {
-    let (fx, victim, before) = fixture();
-    let mut rng = Rng(seed() ^ 0xabcdef);
+    damage_behind_valid_checksums(PFC_DTYPE_F32, 0);
+}
+
+#[test]
+fn random_damage_to_a_bf16_checkpoint_behind_valid_checksums_never_crashes_or_half_loads() {
+    damage_behind_valid_checksums(PFC_DTYPE_BF16, 0x0bf1_6bf1_6bf1_6bf1);
+}
+
+fn damage_behind_valid_checksums(storage: i32, salt: u64) {
+    let (fx, victim, before) = fixture(storage);
+    let mut rng = Rng(seed() ^ 0xabcdef ^ salt);
     let n = cases();
     let mut outcomes = std::collections::BTreeMap::<i32, usize>::new();
     for case in 0..n {

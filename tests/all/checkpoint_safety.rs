@@ -129,10 +129,13 @@ fn two_heads_in_threads_saving_into_one_directory() {
 // ------------------------------------------------------------------------------------------------
 // Item 9: regular files only, never more than declared.
 
-fn small_checkpoint(tag: &str) -> (Scratch, PathBuf, Vec<String>) {
+/// A small trained checkpoint of a head storing `storage` (PFC_DTYPE_*).
+fn small_checkpoint(tag: &str, storage: i32) -> (Scratch, PathBuf, Vec<String>) {
     let s = Scratch::new(tag);
     let dir = s.path("ckpt");
-    let h = TestHead::new(&config(300, 16, 3, true, 1.0));
+    let mut cfg = config(300, 16, 3, true, 1.0);
+    cfg.storage_dtype = storage;
+    let h = TestHead::new(&cfg);
     train(&h, 300, 16, 3, 0, 2);
     ok(save(&h, &dir));
     let files = read_manifest(&dir)["shards"].as_array().unwrap().iter().map(|s| s["file"].as_str().unwrap().to_string()).collect();
@@ -188,8 +191,9 @@ fn fifos_devices_and_oversized_files_are_refused_without_blocking_or_reading() {
             mkfifo(&d.join(LOCK_FILE));
         }), "FIFO"),
     ];
-    for (what, trap, says) in traps {
-        let (_s, dir, files) = small_checkpoint("hostile");
+    for (storage, (what, trap, says)) in [PFC_DTYPE_F32, PFC_DTYPE_BF16].into_iter().flat_map(|st| traps.iter().map(move |t| (st, t))) {
+        let what = format!("{what}, storage {storage}");
+        let (_s, dir, files) = small_checkpoint("hostile", storage);
         trap(&dir, &files);
         let (st, msg) = load_fresh(&dir);
         assert_eq!(st, PFC_ERR_CORRUPT, "{what}: {msg}");
@@ -205,7 +209,7 @@ fn fifos_devices_and_oversized_files_are_refused_without_blocking_or_reading() {
         assert_eq!(st, PFC_ERR_CORRUPT, "index, {what}: {msg}");
     }
     // A real shard linked from elsewhere is an ordinary file and loads.
-    let (s, dir, files) = small_checkpoint("linked");
+    let (s, dir, files) = small_checkpoint("linked", PFC_DTYPE_BF16);
     let away = s.path("away.safetensors");
     std::fs::rename(dir.join(&files[1]), &away).unwrap();
     std::os::unix::fs::symlink(&away, dir.join(&files[1])).unwrap();
@@ -283,6 +287,15 @@ fn child_under_limit() {
     report("load-sparse", load(&h, &dir.join("sparse")));
     unlimit_address_space();
     println!("unchanged {}", bits(&h.centers(BIG_D as usize)) == before);
+    // A head storing bf16: its checkpoint and bf16 export stream in chunks as well.
+    cfg.storage_dtype = PFC_DTYPE_BF16;
+    let b = TestHead::new(&cfg);
+    limit_address_space(192 << 20);
+    report("save-bf16", save(&b, &dir.join("under-bf16")));
+    report("export-bf16", pfc_export_centers(b.0, cpath(&dir.join("c.safetensors")).as_ptr(), PFC_FORMAT_SAFETENSORS, PFC_DTYPE_BF16, 0));
+    report("load-bf16", load(&b, &dir.join("under-bf16")));
+    report("load-f32-into-bf16", load(&b, &dir.join("before")));
+    unlimit_address_space();
 }
 
 #[test]
@@ -296,7 +309,7 @@ fn checkpoint_and_export_buffers_under_an_address_space_limit() {
     assert!(out.status.success(), "the child died ({}): {text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     let got: std::collections::BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once(' ')).collect();
     eprintln!("{got:?}");
-    for ok_op in ["save", "export-npy-f16", "export-faiss", "load"] {
+    for ok_op in ["save", "export-npy-f16", "export-faiss", "load", "save-bf16", "export-bf16", "load-bf16", "load-f32-into-bf16"] {
         assert_eq!(got.get(ok_op), Some(&"ok"), "{ok_op} under the limit: {text}");
     }
     assert_eq!(got.get("load-sparse"), Some(&"corrupt"), "{text}");
@@ -309,6 +322,11 @@ fn checkpoint_and_export_buffers_under_an_address_space_limit() {
     let mut ix = std::ptr::null_mut();
     ok(pfc_index_open(cpath(&s.path("c.faiss")).as_ptr(), &mut ix));
     pfc_index_close(ix);
+    let mut cfg = config(BIG_C, BIG_D, 1, false, 1.0);
+    cfg.storage_dtype = PFC_DTYPE_BF16;
+    ok(load(&TestHead::new(&cfg), &s.path("under-bf16")));
+    ok(pfc_index_open(cpath(&s.path("c.safetensors")).as_ptr(), &mut ix));
+    pfc_index_close(ix);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -316,7 +334,7 @@ fn checkpoint_and_export_buffers_under_an_address_space_limit() {
 
 #[test]
 fn the_manifest_is_read_by_python_json_and_jq() {
-    let (_s, dir, files) = small_checkpoint("json");
+    let (_s, dir, files) = small_checkpoint("json", PFC_DTYPE_F32);
     let path = dir.join("manifest.json");
     let script = "import json, sys\nm = json.load(open(sys.argv[1]))\nprint(m['checksum'])\nprint(m['manifest']['format'], m['manifest']['format_version'], m['manifest']['step'])\nprint(' '.join(s['file'] for s in m['manifest']['shards']))";
     let out = Command::new("python3").args(["-c", script]).arg(&path).output().unwrap();
@@ -336,7 +354,7 @@ fn the_manifest_is_read_by_python_json_and_jq() {
 
 #[test]
 fn format_1_checkpoints_are_refused_as_incompatible() {
-    let (_s, dir, _) = small_checkpoint("format-1");
+    let (_s, dir, _) = small_checkpoint("format-1", PFC_DTYPE_F32);
     // The layout this library wrote before: the JSON object, then a line with its CRC-32.
     let mut m = read_manifest(&dir);
     m["format_version"] = 1.into();

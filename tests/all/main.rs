@@ -55,3 +55,4 @@ mod sampling;
 mod setup;
 mod step_split;
 mod storage;
+mod storage_files;

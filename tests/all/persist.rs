@@ -96,6 +96,8 @@ pub struct Snapshot {
     pub manifest: serde_json::Value,
     /// tensor name → little-endian bytes of all classes' rows.
     pub tensors: BTreeMap<String, Vec<u8>>,
+    /// tensor name → its safetensors dtype (the same in every shard file).
+    pub dtypes: BTreeMap<String, safetensors::Dtype>,
     pub shards: usize,
 }
 
@@ -103,6 +105,7 @@ impl Snapshot {
     pub fn read(dir: &Path) -> Snapshot {
         let manifest = read_manifest(dir);
         let mut tensors: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut dtypes = BTreeMap::new();
         let shards = manifest["shards"].as_array().unwrap();
         for s in shards {
             let bytes = std::fs::read(dir.join(s["file"].as_str().unwrap())).unwrap();
@@ -110,15 +113,22 @@ impl Snapshot {
             let len = s["len"].as_u64().unwrap() as usize;
             for (name, view) in st.tensors() {
                 assert_eq!(view.shape()[0], len, "{name}: rows");
+                assert_eq!(*dtypes.entry(name.clone()).or_insert(view.dtype()), view.dtype(), "{name}: dtype differs between shards");
                 tensors.entry(name).or_default().extend_from_slice(view.data());
             }
         }
         let shards = shards.len();
-        Snapshot { manifest, tensors, shards }
+        Snapshot { manifest, tensors, dtypes, shards }
     }
 
+    /// A tensor's values as f32: F32 as is, BF16 widened (exactly).
     pub fn f32(&self, name: &str) -> Vec<f32> {
-        self.tensors[name].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+        let bytes = &self.tensors[name];
+        match self.dtypes[name] {
+            safetensors::Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+            safetensors::Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes(b.try_into().unwrap()).to_f32()).collect(),
+            other => panic!("{name} is {other:?}, not a float tensor"),
+        }
     }
 
     pub fn u32(&self, name: &str) -> Vec<u32> {

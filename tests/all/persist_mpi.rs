@@ -2,8 +2,9 @@
 //! processes under OpenMPI running tests/mpi/persist.c: a checkpoint saved by 2 processes × 2 shards
 //! loads into 1 × 1, 1 × 3, 3 × 1 (and 1 × 4, 2 × 2) with identical centers and optimizer state;
 //! training continued from it agrees between layouts with the same total shard count; exports are
-//! byte-identical files and searches identical results whatever the layout; killing one process
-//! mid-save leaves the previous checkpoint loadable.
+//! byte-identical files and searches identical results whatever the layout — with f32 storage and
+//! with bf16 storage (BF16 checkpoint tensors); killing one process mid-save leaves the previous
+//! checkpoint loadable.
 
 use crate::common::*;
 use crate::native::{compile, describe, lib_dir, mpirun, scratch};
@@ -26,9 +27,14 @@ fn exe() -> &'static Path {
 
 /// Runs the program over one process per entry of `shards` and checks that all finished.
 fn job(dir: &Path, shards: &[usize], args: &[&str]) {
+    job_storing(dir, shards, args, "");
+}
+
+/// `job` with the heads storing `storage` ("" for f32, "bf16").
+fn job_storing(dir: &Path, shards: &[usize], args: &[&str], storage: &str) {
     let list = shards.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
     let mut cmd = mpirun(shards.len());
-    cmd.arg(exe()).arg(dir).arg(&list).args(args);
+    cmd.arg(exe()).arg(dir).arg(&list).args(args).env("PFC_PERSIST_STORAGE", storage);
     let out = cmd.output().expect("cannot run mpirun (OpenMPI is installed by scripts/setup.sh)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
@@ -51,15 +57,30 @@ fn npy_f32(path: PathBuf) -> Vec<f32> {
 const LOOP_CLASSES: u64 = 200_003;
 const TRAINED: u64 = 4;
 const MORE: u64 = 3;
-const EXPORTS: [&str; 4] = ["safetensors", "npy", "fvecs", "faiss"];
+const EXPORTS: [&str; 5] = ["safetensors", "bf16.safetensors", "npy", "fvecs", "faiss"];
 
 #[test]
 fn checkpoints_exports_and_searches_are_the_same_in_every_layout() {
+    same_in_every_layout("");
+}
+
+#[test]
+fn bf16_checkpoints_exports_and_searches_are_the_same_in_every_layout() {
+    same_in_every_layout("bf16");
+}
+
+/// A job of 2 processes × 2 shards storing `storage` trains and saves; the checkpoint loads into
+/// other layouts with the same state, exports and searches.
+fn same_in_every_layout(storage: &str) {
     let s = Scratch::new("persist-mpi");
     let dir = &s.0;
+    let job = |dir: &Path, shards: &[usize], args: &[&str]| job_storing(dir, shards, args, storage);
     job(dir, &[2, 2], &["train", &TRAINED.to_string()]);
     let saved = Snapshot::read(&dir.join("ckpt"));
     assert_eq!(saved.shards, 4);
+    let stored = if storage == "bf16" { safetensors::Dtype::BF16 } else { safetensors::Dtype::F32 };
+    assert_eq!(saved.dtypes["centers"], stored);
+    assert_eq!(saved.manifest["storage_dtype"], if storage == "bf16" { "bf16" } else { "f32" });
     assert_eq!(saved.manifest["step"], TRAINED);
     assert!(saved.tensors.contains_key("exp_avg_sq") && saved.tensors.contains_key("steps"));
     // The manifest names every process's shards and nothing else is left.

@@ -25,10 +25,11 @@ fn at(v: &Value, path: &str) -> u64 {
     cur.as_u64().unwrap_or_else(|| panic!("{path} is not an unsigned integer: {cur}"))
 }
 
-/// Checks one strategy's figures: memory (centers, optimizer, center gradients, logits) and
-/// communication (embedding all-gather, labels, softmax statistics, gradient), totals included.
-fn check(v: &Value, strategy: &str, memory: [u64; 4], comm: [u64; 4]) {
-    let m = ["centers", "optimizer_state", "center_gradients", "logits"];
+/// Checks one strategy's figures: memory (centers, optimizer, state row norms, center gradients,
+/// logits) and communication (embedding all-gather, labels, softmax statistics, gradient), totals
+/// included.
+fn check(v: &Value, strategy: &str, memory: [u64; 5], comm: [u64; 4]) {
+    let m = ["centers", "optimizer_state", "row_norms", "center_gradients", "logits"];
     for (key, want) in m.iter().zip(memory) {
         assert_eq!(at(v, &format!("{strategy}.memory.{key}")), want, "{strategy} memory {key}");
     }
@@ -61,6 +62,7 @@ fn headline_configuration_is_the_default() {
         [
             10_000_000 * 512 * 4, // 20,480,000,000
             10_000_000 * 512 * 4,
+            0,
             10_000_000 * 512 * 4,
             64 * 10_000_000 * 4, // 2,560,000,000
         ],
@@ -75,8 +77,9 @@ fn headline_configuration_is_the_default() {
     let softmax = 2 * (3 * 4096 - 3 * 64) * 4 + 2 * (3 * 4096 - 3 * 64) * 4; // 96,768 + 96,768 = 193,536
     assert_eq!((embeddings, labels, softmax), (8_257_536, 32_760, 193_536));
     let comm = [embeddings, labels, softmax, embeddings];
-    check(&v, "model_parallel", [156_250 * 512 * 4, 156_250 * 512 * 4, 0, 4096 * 156_250 * 4], comm);
-    check(&v, "partial_fc", [156_250 * 512 * 4, 156_250 * 512 * 4, 0, 4096 * 15_625 * 4], comm);
+    // Beside each momentum row, the engine's f32 norm of it.
+    check(&v, "model_parallel", [156_250 * 512 * 4, 156_250 * 512 * 4, 156_250 * 4, 0, 4096 * 156_250 * 4], comm);
+    check(&v, "partial_fc", [156_250 * 512 * 4, 156_250 * 512 * 4, 156_250 * 4, 0, 4096 * 15_625 * 4], comm);
     assert_eq!(at(&v, "model_parallel.memory.logits"), 2_560_000_000);
     assert_eq!(at(&v, "partial_fc.memory.logits"), 256_000_000);
     assert_eq!(at(&v, "partial_fc.communication.total"), 16_741_368);
@@ -144,7 +147,7 @@ fn uneven_shards_adamw_bf16_and_a_backbone() {
     check(
         &v,
         "data_parallel",
-        [1_000_003 * 3 * 4, 2 * 1_000_003 * 3 * 4 + 4, 1_000_003 * 3 * 4, 5 * 1_000_003 * 2],
+        [1_000_003 * 3 * 4, 2 * 1_000_003 * 3 * 4 + 4, 0, 1_000_003 * 3 * 4, 5 * 1_000_003 * 2],
         [0, 0, 0, 2 * (3_000_009 - 375_001) * 4],
     );
     assert_eq!(at(&v, "data_parallel.memory.optimizer_state"), 24_000_076);
@@ -158,8 +161,9 @@ fn uneven_shards_adamw_bf16_and_a_backbone() {
         7 * 5 * 3 * 2,                          // gradient reduce-scatter: 210
     ];
     let state = 2 * 125_001 * 3 * 4 + 125_001 * 4; // 3,500,028
-    check(&v, "model_parallel", [125_001 * 3 * 4, state, 0, 40 * 125_001 * 2], comm);
-    check(&v, "partial_fc", [125_001 * 3 * 4, state, 0, 40 * 37_500 * 2], comm);
+    // Two f32 norms per row, one of each moment's row.
+    check(&v, "model_parallel", [125_001 * 3 * 4, state, 2 * 125_001 * 4, 0, 40 * 125_001 * 2], comm);
+    check(&v, "partial_fc", [125_001 * 3 * 4, state, 2 * 125_001 * 4, 0, 40 * 37_500 * 2], comm);
 
     // The backbone: 65,000,000 f32 gradients, all-reduced; 65,000,000 / 8 = 8,125,000.
     assert_eq!(at(&v, "backbone.params"), 65_000_000);
@@ -188,10 +192,10 @@ fn few_classes_per_shard_bound_the_positives() {
     // Up to min(N, n) = 4 distinct positives can land on one shard, and positives are always kept.
     assert_eq!(at(&v, "sharding.sampled_per_gpu_bound"), 4);
     // DP all-reduce of L = 20 elements over 3 GPUs: 20 / 3 = 6, busiest GPU 2 × 14 × 4.
-    check(&v, "data_parallel", [10 * 2 * 4, 10 * 2 * 4, 10 * 2 * 4, 4 * 10 * 4], [0, 0, 0, 2 * (20 - 6) * 4]);
+    check(&v, "data_parallel", [10 * 2 * 4, 10 * 2 * 4, 0, 10 * 2 * 4, 4 * 10 * 4], [0, 0, 0, 2 * (20 - 6) * 4]);
     let comm = [2 * 4 * 2 * 4, 2 * 4 * 8 + 2 * 8, 2 * (36 - 12) * 4 + 2 * (36 - 12) * 4, 2 * 4 * 2 * 4];
-    check(&v, "model_parallel", [4 * 2 * 4, 4 * 2 * 4, 0, 12 * 4 * 4], comm);
-    check(&v, "partial_fc", [4 * 2 * 4, 4 * 2 * 4, 0, 12 * 2 * 4], comm);
+    check(&v, "model_parallel", [4 * 2 * 4, 4 * 2 * 4, 4 * 4, 0, 12 * 4 * 4], comm);
+    check(&v, "partial_fc", [4 * 2 * 4, 4 * 2 * 4, 4 * 4, 0, 12 * 2 * 4], comm);
     let (ok, out, _) = pfc(&["--gpus", "3", "--batch-per-gpu", "4", "--dim", "2", "--classes", "10", "--sample-rate", "0.5"]);
     assert!(ok && out.contains("samples up to min(N, n) = 4"), "{out}");
 }
@@ -201,8 +205,8 @@ fn one_gpu_sends_nothing_and_rate_one_is_model_parallel() {
     // S = 1: no peer to talk to; k from the decimal rate: floor(0.7 × 10) = 7 (f32 0.7 would give 6).
     let v = plan_json(&["--gpus", "1", "--batch-per-gpu", "8", "--dim", "4", "--classes", "10", "--sample-rate", "0.7"]);
     assert_eq!(at(&v, "sharding.sampled_per_gpu"), 7);
-    check(&v, "data_parallel", [10 * 4 * 4, 10 * 4 * 4, 10 * 4 * 4, 8 * 10 * 4], [0, 0, 0, 0]);
-    check(&v, "partial_fc", [10 * 4 * 4, 10 * 4 * 4, 0, 8 * 7 * 4], [0, 0, 0, 0]);
+    check(&v, "data_parallel", [10 * 4 * 4, 10 * 4 * 4, 0, 10 * 4 * 4, 8 * 10 * 4], [0, 0, 0, 0]);
+    check(&v, "partial_fc", [10 * 4 * 4, 10 * 4 * 4, 10 * 4, 0, 8 * 7 * 4], [0, 0, 0, 0]);
 
     // r = 1: PartialFC is model parallel; f16 halves the logits and the embedding traffic.
     let v = plan_json(&[
@@ -257,15 +261,60 @@ fn curricular_adds_the_target_cosine_exchange() {
     assert!(ok && text.contains("CurricularFace"), "{text}");
 }
 
+/// `--storage bf16` stores centers and optimizer state in 2 bytes a value: half the centers and
+/// moments (and, in data parallel, the dense gradient and its all-reduce); AdamW's u32 step counts,
+/// the engine's f32 row norms, the logits and the sharded strategies' traffic stay as they are.
+#[test]
+fn bf16_storage_halves_the_centers_and_their_state() {
+    // One CPU process holding 10M identities at d = 512 with SGD: what issue #26 trains on 24 GB.
+    let one = ["--gpus", "1", "--batch-per-gpu", "256", "--dim", "512", "--classes", "10M", "--sample-rate", "0.1"];
+    let f32 = plan_json(&one);
+    let bf16 = plan_json(&[&one[..], &["--storage", "bf16"]].concat());
+    assert_eq!((f32["config"]["storage"].as_str(), at(&f32, "config.storage_bytes")), (Some("f32"), 4));
+    assert_eq!((bf16["config"]["storage"].as_str(), at(&bf16, "config.storage_bytes")), (Some("bf16"), 2));
+    assert_eq!(at(&bf16, "sharding.sampled_per_gpu"), 1_000_000);
+    let logits = 256 * 1_000_000 * 4; // 1,024,000,000
+    check(&f32, "partial_fc", [10_000_000 * 512 * 4, 10_000_000 * 512 * 4, 10_000_000 * 4, 0, logits], [0, 0, 0, 0]);
+    check(&bf16, "partial_fc", [10_000_000 * 512 * 2, 10_000_000 * 512 * 2, 10_000_000 * 4, 0, logits], [0, 0, 0, 0]);
+    assert_eq!(at(&f32, "partial_fc.memory.total"), 42_024_000_000);
+    assert_eq!(at(&bf16, "partial_fc.memory.total"), 21_544_000_000);
+    check(&bf16, "data_parallel", [10_000_000 * 512 * 2, 10_000_000 * 512 * 2, 0, 10_000_000 * 512 * 2, 256 * 10_000_000 * 4], [0, 0, 0, 0]);
+
+    // AdamW on uneven shards: two bf16 moments per value, a u32 step count and two f32 norms per row.
+    let args = ["--gpus", "8", "--batch-per-gpu", "5", "--dim", "3", "--classes", "1,000,003", "--sample-rate", "0.3", "--optimizer", "adamw"];
+    let f32 = plan_json(&args);
+    let bf16 = plan_json(&[&args[..], &["--storage", "bf16"]].concat());
+    let comm = [7 * 5 * 3 * 4, 7 * 5 * 8 + 7 * 8, 2 * (120 - 15) * 4 + 2 * (120 - 15) * 4, 7 * 5 * 3 * 4];
+    check(&bf16, "model_parallel", [125_001 * 3 * 2, 2 * 125_001 * 3 * 2 + 125_001 * 4, 2 * 125_001 * 4, 0, 40 * 125_001 * 4], comm);
+    check(&f32, "model_parallel", [125_001 * 3 * 4, 2 * 125_001 * 3 * 4 + 125_001 * 4, 2 * 125_001 * 4, 0, 40 * 125_001 * 4], comm);
+    // Data parallel: its gradient is in the parameters' dtype, and so is its all-reduce.
+    check(
+        &bf16,
+        "data_parallel",
+        [1_000_003 * 3 * 2, 2 * 1_000_003 * 3 * 2 + 4, 0, 1_000_003 * 3 * 2, 5 * 1_000_003 * 4],
+        [0, 0, 0, 2 * (3_000_009 - 375_001) * 2],
+    );
+    assert_eq!(at(&bf16, "payload.center_gradient_all_reduce"), 3_000_009 * 2);
+
+    let (ok, out, err) = pfc(&[&one[..], &["--storage", "bf16"]].concat());
+    assert!(ok, "{err}");
+    assert!(out.contains("bf16 storage of centers and optimizer state (2 B)"), "{out}");
+    let row = |label: &str| out.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no row {label:?} in:\n{out}")).to_string();
+    assert!(row("  centers (bf16)").contains("10,240,000,000 B (9.54 GiB)"), "{out}"); // 10,240,000,000 / 2^30 = 9.54
+    assert!(row("  state row norms (f32)").contains("40,000,000 B (38.15 MiB)"), "{out}"); // 40,000,000 / 2^20 = 38.15
+    assert!(row("  total memory").contains("21,544,000,000 B (20.06 GiB)"), "{out}"); // 21,544,000,000 / 2^30 = 20.06
+}
+
 #[test]
 fn bad_options_are_rejected_with_a_message() {
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["--gpus", "0"], "--gpus 0"),
         (&["--sample-rate", "1.5"], "(0, 1]"),
         (&["--sample-rate", "0"], "--sample-rate 0"),
         (&["--sample-rate", "NaN"], "--sample-rate NaN"),
         (&["--dtype", "f64"], "'f64'"),
         (&["--optimizer", "adam"], "'adam'"),
+        (&["--storage", "f16"], "'f16'"),
         (&["--classes", "10", "--gpus", "64"], "every GPU needs at least one class"),
         (&["--classes", "ten"], "--classes"),
         (&["--batch-per-gpu", "0"], "--batch-per-gpu 0"),
@@ -278,6 +327,8 @@ fn bad_options_are_rejected_with_a_message() {
     }
     let (_, _, err) = pfc(&["--dtype", "f64"]);
     assert!(err.contains("f32") && err.contains("bf16"), "the valid dtypes are listed: {err}");
+    let (_, _, err) = pfc(&["--storage", "f16"]);
+    assert!(err.contains("f32") && err.contains("bf16"), "the valid storage dtypes are listed: {err}");
     // Figures past 2^64 bytes are refused, not wrapped: 10^12 classes × 10^7 dims × 4 B.
     let (ok, _, err) = pfc(&["--gpus", "1", "--classes", "1000G", "--dim", "10000000"]);
     assert!(!ok && err.contains("2^64"), "{err}");

@@ -122,7 +122,7 @@ static bool same_config(const pfc_config& a, const pfc_config& b) {
            a.backend == b.backend && a.local_shards == b.local_shards && a.devices == b.devices &&
            a.world_size == b.world_size && a.first_rank == b.first_rank && a.nccl_id == b.nccl_id &&
            a.margin_kind == b.margin_kind && a.margin_m == b.margin_m && a.adaface_h == b.adaface_h &&
-           a.adaface_t_alpha == b.adaface_t_alpha;
+           a.adaface_t_alpha == b.adaface_t_alpha && a.storage_dtype == b.storage_dtype;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ static void test_types_and_config() {
     CHECK(cfg.sample_rate == 1.0f && cfg.interclass_filter == 0.0f);
     CHECK(cfg.optimizer == pfc::Optimizer::Sgd && cfg.lr == 0.1f && cfg.momentum == 0.9f && cfg.weight_decay == 5e-4f);
     CHECK(cfg.beta1 == 0.9f && cfg.beta2 == 0.999f && cfg.eps == 1e-8f && cfg.init_std == 0.01f);
-    CHECK(cfg.compute_dtype == pfc::DType::F32 && cfg.backend == pfc::Backend::Cpu);
+    CHECK(cfg.compute_dtype == pfc::DType::F32 && cfg.storage_dtype == pfc::DType::F32 && cfg.backend == pfc::Backend::Cpu);
     CHECK(cfg.margin_grad == pfc::MarginGrad::StraightThrough && !cfg.arcface_fallback);
     CHECK(cfg.margin_kind == pfc::MarginKind::Combined && cfg.margin_m == 0.0f && cfg.adaface_h == 0.333f && cfg.adaface_t_alpha == 0.01f);
     CHECK(cfg.local_shards == 1 && cfg.devices.empty() && cfg.world_size == 0 && cfg.first_rank == 0);
@@ -163,10 +163,12 @@ static void test_types_and_config() {
     cfg.devices = {0, 1};
     cfg.local_shards = 2;
     cfg.optimizer = pfc::Optimizer::AdamW;
+    cfg.storage_dtype = pfc::DType::BF16;
     const pfc_config c2 = cfg.to_c();
     CHECK(c2.devices == cfg.devices.data() && c2.local_shards == 2 && c2.optimizer == PFC_OPTIMIZER_ADAMW);
+    CHECK(c2.storage_dtype == PFC_DTYPE_BF16);
     const pfc::Config round = pfc::Config::from_c(c2);
-    CHECK(round.devices == cfg.devices && round.optimizer == pfc::Optimizer::AdamW);
+    CHECK(round.devices == cfg.devices && round.optimizer == pfc::Optimizer::AdamW && round.storage_dtype == pfc::DType::BF16);
 
     // span views.
     std::vector<float> vec(6, 1.0f);
@@ -537,6 +539,97 @@ static void test_half(const Problem& p) {
     CHECK(std::isfinite(head.evaluate(pfc::Batch(bemb, p.labels)).loss));
 }
 
+static std::uint32_t bits_of(float f) {
+    std::uint32_t x;
+    std::memcpy(&x, &f, sizeof x);
+    return x;
+}
+
+// `f` rounded to the nearest bf16 (ties to even), widened back to float (finite values only).
+static float bf16_nearest(float f) {
+    std::uint32_t x = bits_of(f);
+    x = ((x + 0x7fffu + ((x >> 16) & 1u)) >> 16) << 16;
+    float r;
+    std::memcpy(&r, &x, sizeof r);
+    return r;
+}
+
+static bool all_bf16(const std::vector<float>& v) {
+    for (float x : v) {
+        if ((bits_of(x) & 0xffffu) != 0) return false;
+    }
+    return true;
+}
+
+// A head storing bf16: trains, its centers are bf16 values, set_centers rounds to nearest, its
+// checkpoint loads into bf16 and f32 heads of another shard count, and it exports bf16.
+static void test_bf16_storage(const Problem& p, const fs::path& dir) {
+    pfc::Config cfg = base_config(2);
+    cfg.storage_dtype = pfc::DType::BF16;
+    pfc::Head head(cfg);
+    std::vector<float> grad(N * D);
+    const pfc::Batch whole(p.emb, p.labels, grad);
+    const std::vector<pfc::Batch> two{pfc::Batch(pfc::span<const float>(p.emb.data(), 20 * D), pfc::span<const std::int64_t>(p.labels.data(), 20),
+                                                 pfc::span<float>(grad.data(), 20 * D)),
+                                      pfc::Batch(pfc::span<const float>(p.emb.data() + 20 * D, (N - 20) * D),
+                                                 pfc::span<const std::int64_t>(p.labels.data() + 20, N - 20),
+                                                 pfc::span<float>(grad.data() + 20 * D, (N - 20) * D))};
+    const std::vector<float> initial = all_centers(head);
+    const double first = head.train_step(two).loss;
+    double last = first;
+    for (int t = 0; t < 5; t++) last = head.train_step(two).loss;
+    const std::vector<float> trained = all_centers(head);
+    CHECK(std::isfinite(first) && last < first && trained != initial && all_bf16(trained));
+
+    // set_centers keeps the nearest bf16 of each value; get_centers gives them back exactly.
+    std::vector<float> values(3 * D);
+    for (std::size_t i = 0; i < values.size(); i++) values[i] = 0.1f + 1.0e-3f * static_cast<float>(i);
+    head.set_centers(5, values);
+    const std::vector<float> got = head.centers(5, 3);
+    bool nearest = true, rounded = false;
+    for (std::size_t i = 0; i < values.size(); i++) {
+        nearest = nearest && got[i] == bf16_nearest(values[i]);
+        rounded = rounded || got[i] != values[i];
+    }
+    CHECK(nearest && rounded);
+
+    const fs::path ckpt = dir / "ckpt-bf16";
+    head.save_checkpoint(ckpt.string());
+    const std::vector<float> saved = all_centers(head);
+    pfc::Config one = cfg;
+    one.local_shards = 1;
+    pfc::Head bf16_one(one);
+    bf16_one.load_checkpoint(ckpt.string());
+    CHECK(all_centers(bf16_one) == saved);
+    one.storage_dtype = pfc::DType::F32;
+    pfc::Head f32_one(one);
+    f32_one.load_checkpoint(ckpt.string());
+    CHECK(all_centers(f32_one) == saved);
+    CHECK(bf16_one.train_step(whole).step == 7 && all_bf16(all_centers(bf16_one)));
+
+    // A bf16 safetensors export holds the stored bits: 2 bytes a value after the header.
+    const fs::path st = dir / "centers-bf16.safetensors";
+    head.export_centers(st.string(), pfc::Format::Safetensors, pfc::DType::BF16, false);
+    const std::vector<char> bytes = read_file(st);
+    std::uint64_t header = 0;
+    std::memcpy(&header, bytes.data(), sizeof header);
+    CHECK(bytes.size() == 8 + header + C * D * 2);
+    const std::string json(bytes.data() + 8, header);
+    CHECK(json.find("\"BF16\"") != std::string::npos);
+    bool stored_bits = true;
+    for (std::size_t i = 0; i < C * D; i++) {
+        std::uint16_t b;
+        std::memcpy(&b, bytes.data() + 8 + header + 2 * i, sizeof b);
+        stored_bits = stored_bits && b == static_cast<std::uint16_t>(bits_of(saved[i]) >> 16);
+    }
+    CHECK(stored_bits);
+    EXPECT_ERROR(head.export_centers((dir / "c-bf16.npy").string(), pfc::Format::Npy, pfc::DType::BF16),
+                 pfc::Status::InvalidArgument, "numpy");
+    pfc::Config f16 = cfg;
+    f16.storage_dtype = pfc::DType::F16;
+    EXPECT_ERROR(pfc::Head{f16}, pfc::Status::InvalidArgument, "storage_dtype");
+}
+
 // Moved-from and reset heads: no double free, calls throw PFC_ERR_NULL_ARGUMENT naming the head.
 static void test_lifetime(const Problem& p) {
     pfc::Head a(base_config(1));
@@ -586,6 +679,7 @@ int main(int argc, char** argv) {
         test_search(p);
         test_checkpoint_and_export(p, dir);
         test_half(p);
+        test_bf16_storage(p, dir);
         test_lifetime(p);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "c++ binding: FAILED: unexpected exception: %s\n", e.what());

@@ -21,7 +21,8 @@
  *                  for exports (the previous file stays as it was; "export failure points N"), and a
  *                  search with other queries on one process, refused everywhere alike
  * Every process checks that its search results equal process 0's. The last line of a finished run
- * is "rank R: done".
+ * is "rank R: done". With PFC_PERSIST_STORAGE=bf16 in the environment the head stores bf16
+ * (storage_dtype), so its checkpoints hold BF16 tensors.
  */
 #include "partialfc.h"
 
@@ -131,6 +132,9 @@ static pfc_head *create(void) {
     cfg.seed = 1234;
     cfg.init_std = 0.5f;
     cfg.local_shards = (uint32_t)shards_[rank_];
+    const char *storage = getenv("PFC_PERSIST_STORAGE");
+    if (storage && !strcmp(storage, "bf16")) cfg.storage_dtype = PFC_DTYPE_BF16;
+    else if (storage && *storage) FAIL("PFC_PERSIST_STORAGE=%s: expected bf16 or nothing", storage);
     if (size_ > 1) {
         cfg.process_count = (uint32_t)size_;
         cfg.process_index = (uint32_t)rank_;
@@ -147,6 +151,7 @@ static void export_all(pfc_head *h, const char *tag) {
         const char *ext;
     } kinds[] = {
         {PFC_FORMAT_SAFETENSORS, PFC_DTYPE_F32, 0, "safetensors"},
+        {PFC_FORMAT_SAFETENSORS, PFC_DTYPE_BF16, 0, "bf16.safetensors"},
         {PFC_FORMAT_NPY, PFC_DTYPE_F16, 1, "npy"},
         {PFC_FORMAT_FVECS, PFC_DTYPE_F32, 1, "fvecs"},
         {PFC_FORMAT_FAISS, PFC_DTYPE_F32, 0, "faiss"},

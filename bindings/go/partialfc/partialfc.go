@@ -798,7 +798,9 @@ func (h *Head) Load(dir string) error {
 }
 
 // Export writes all centers to one file: FormatSafetensors, FormatNPY, FormatFvecs or FormatFAISS,
-// in DTypeF32 or DTypeF16 (.fvecs and FAISS: f32 only), L2-normalized rows when normalized is true.
+// in DTypeF32, DTypeF16 or DTypeBF16 (bf16: safetensors only; .fvecs and FAISS: f32 only),
+// L2-normalized rows when normalized is true. Narrower types hold each value rounded to nearest; a
+// head storing bf16 exports its stored values exactly as unnormalized DTypeBF16.
 func (h *Head) Export(path string, format Format, dtype DType, normalized bool) error {
 	norm := C.int32_t(0)
 	if normalized {

@@ -124,7 +124,7 @@ func TestVersionAndDefaults(t *testing.T) {
 	c := DefaultConfig()
 	if c.Scale != 64 || c.M1 != 1 || c.M2 != 0.5 || c.M3 != 0 || c.SampleRate != 1 || c.LR != 0.1 || c.Momentum != 0.9 ||
 		c.WeightDecay != 5e-4 || c.Beta1 != 0.9 || c.Beta2 != 0.999 || c.Eps != 1e-8 || c.InitStd != 0.01 ||
-		c.Optimizer != OptimizerSGD || c.Backend != BackendCPU || c.ComputeDType != DTypeF32 || c.LocalShards != 1 ||
+		c.Optimizer != OptimizerSGD || c.Backend != BackendCPU || c.ComputeDType != DTypeF32 || c.StorageDType != DTypeF32 || c.LocalShards != 1 ||
 		c.MarginGrad != MarginGradStraightThrough || c.ArcfaceFallback || c.NumClasses != 0 || c.EmbeddingDim != 0 {
 		t.Fatalf("unexpected defaults: %+v", c)
 	}
@@ -466,6 +466,109 @@ func TestCheckpointAndCorruption(t *testing.T) {
 	if err := h.Load(dir); err != nil || !equal(saved, allCenters(t, h)) {
 		t.Fatalf("Load after repair: %v", err)
 	}
+}
+
+// allBF16 reports whether every value is a bf16 widened to float32: its low 16 bits zero.
+func allBF16(v []float32) bool {
+	for _, x := range v {
+		if math.Float32bits(x)&0xffff != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// bf16Nearest is x rounded to the nearest bf16 (ties to even), widened back (finite x only).
+func bf16Nearest(x float32) float32 {
+	b := math.Float32bits(x)
+	return math.Float32frombits((b + 0x7fff + (b>>16)&1) >> 16 << 16)
+}
+
+// A head storing bf16 trains, holds bf16 values, rounds SetCenters to nearest, and its checkpoint
+// loads into bf16 and f32 heads of another shard count; it exports bf16 safetensors.
+func TestBF16Storage(t *testing.T) {
+	p := newProblem(5)
+	cfg := testConfig(2)
+	cfg.StorageDType = DTypeBF16
+	h := newHead(t, cfg)
+	grad := make([]float32, rows*dim)
+	batches := split(p, grad)
+	initial := allCenters(t, h)
+	var first, last StepStats
+	for i := 0; i < 6; i++ {
+		s, err := h.TrainStep(batches...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			first = s
+		}
+		last = s
+	}
+	trained := allCenters(t, h)
+	if !(last.Loss < first.Loss) || equal(trained, initial) || !allBF16(trained) {
+		t.Fatalf("loss %v → %v; centers moved %v; all bf16 %v", first.Loss, last.Loss, !equal(trained, initial), allBF16(trained))
+	}
+	values := make([]float32, 3*dim)
+	for i := range values {
+		values[i] = 0.1 + 1e-3*float32(i)
+	}
+	if err := h.SetCenters(5, values); err != nil {
+		t.Fatal(err)
+	}
+	got, err := h.Centers(5, 3, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rounded := false
+	for i := range values {
+		if got[i] != bf16Nearest(values[i]) {
+			t.Fatalf("value %d: set %v, got %v, nearest bf16 %v", i, values[i], got[i], bf16Nearest(values[i]))
+		}
+		rounded = rounded || got[i] != values[i]
+	}
+	if !rounded {
+		t.Fatal("no value needed rounding")
+	}
+
+	dir := filepath.Join(t.TempDir(), "ckpt")
+	if err := h.Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	saved := allCenters(t, h)
+	for _, storage := range []DType{DTypeBF16, DTypeF32} {
+		one := cfg
+		one.LocalShards = 1
+		one.StorageDType = storage
+		h1 := newHead(t, one)
+		if err := h1.Load(dir); err != nil || !equal(saved, allCenters(t, h1)) {
+			t.Fatalf("load into a one-shard head storing %d: %v", storage, err)
+		}
+	}
+
+	st := filepath.Join(t.TempDir(), "c.safetensors")
+	if err := h.Export(st, FormatSafetensors, DTypeBF16, false); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	header := int(uint64(b[0]) | uint64(b[1])<<8 | uint64(b[2])<<16 | uint64(b[3])<<24)
+	if len(b) != 8+header+numClasses*dim*2 || !bytes.Contains(b[8:8+header], []byte(`"BF16"`)) {
+		t.Fatalf("bf16 export of %d bytes, header %q", len(b), b[8:8+header])
+	}
+	for i, x := range saved {
+		at := 8 + header + 2*i
+		if uint16(b[at])|uint16(b[at+1])<<8 != uint16(math.Float32bits(x)>>16) {
+			t.Fatalf("exported value %d is not the stored bf16 of %v", i, x)
+		}
+	}
+	wantErr(t, h.Export(filepath.Join(t.TempDir(), "c.npy"), FormatNPY, DTypeBF16, false), StatusInvalidArgument, "pfc_export_centers", "numpy")
+	f16 := cfg
+	f16.StorageDType = DTypeF16
+	_, err = New(f16)
+	wantErr(t, err, StatusInvalidArgument, "pfc_create", "storage_dtype")
 }
 
 func mustWrite(t *testing.T, path string, b []byte) {

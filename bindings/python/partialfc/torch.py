@@ -35,6 +35,11 @@ How it maps onto the head (and where it differs from the reference):
   running statistics (AdaFace's batch_mean and batch_std over the global batch, CurricularFace's t)
   are `module.margin_state`; every training forward folds its batch in, as the authors' heads do at
   every forward, while evaluation (eval() or no autograd) neither folds nor uses a new batch's.
+- `storage_dtype="bf16"` (keyword; default "f32") stores the centers and their optimizer state in
+  bfloat16, half the memory, every update rounded stochastically (SPEC §2 `storage_dtype`). The
+  centers still come and go as float32 — `centers()` and `state_dict()["weight"]` are the stored
+  values widened exactly, a `weight` loaded is rounded to nearest — and the `_extra_state`
+  checkpoint holds them as stored; either storage loads the other's state (bf16 into f32 exactly).
 - `eval()` mode, or no autograd, evaluates the loss over all classes and changes nothing.
 - state_dict() holds the reference's `weight` (this rank's centers, [num_local, embedding_size])
   and `_extra_state`, the head's full checkpoint (optimizer state, step, seed, the margin's running
@@ -63,6 +68,7 @@ __all__ = ["PartialFC_V2", "CombinedMarginLoss", "AdaFace", "CurricularFace", "P
 
 _DTYPES = {torch.float32: n.PFC_DTYPE_F32, torch.float16: n.PFC_DTYPE_F16, torch.bfloat16: n.PFC_DTYPE_BF16}
 _MARGIN_GRADS = {"straight_through": n.PFC_MARGIN_GRAD_STRAIGHT_THROUGH, "exact": n.PFC_MARGIN_GRAD_EXACT}
+_STORAGE = {"f32": n.PFC_DTYPE_F32, torch.float32: n.PFC_DTYPE_F32, "bf16": n.PFC_DTYPE_BF16, torch.bfloat16: n.PFC_DTYPE_BF16}
 _STATE_FORMAT = "partialfc.torch/1"
 
 
@@ -329,7 +335,8 @@ class PartialFC_V2(torch.nn.Module):
     Keyword-only extras: `seed` (sampling; default torch.initial_seed(), agreed with rank 0),
     `margin_grad` ("straight_through", the reference's and the default, or "exact") and
     `arcface_fallback` (the combined margin's only: AdaFace's and CurricularFace's gradient is the
-    exact one, and they refuse either), and
+    exact one, and they refuse either), `storage_dtype` ("f32", the default, or "bf16" — also
+    torch.float32 / torch.bfloat16 — for the centers and their optimizer state), and
     `nonfinite`: "raise" (default: NaN/Inf embeddings or a non-finite step raise PartialFCError) or
     "nan" (they give a NaN loss and NaN gradients and leave the head untouched, so that AMP's
     GradScaler skips the step, as it does the reference's overflowing steps).
@@ -340,10 +347,13 @@ class PartialFC_V2(torch.nn.Module):
     _version = 2
 
     def __init__(self, margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False, *,
-                 seed=None, margin_grad=None, arcface_fallback=False, nonfinite="raise"):
+                 seed=None, margin_grad=None, arcface_fallback=False, nonfinite="raise", storage_dtype="f32"):
         super().__init__()
         if nonfinite not in ("raise", "nan"):
             raise ValueError(f"nonfinite must be 'raise' or 'nan', not {nonfinite!r}")
+        if storage_dtype not in _STORAGE:
+            raise ValueError(f"storage_dtype must be 'f32' or 'bf16' (or torch.float32, torch.bfloat16), not {storage_dtype!r}")
+        self.storage_dtype = "bf16" if _STORAGE[storage_dtype] == n.PFC_DTYPE_BF16 else "f32"
         self.nonfinite = nonfinite
         margin, self._state_names = _margin_settings(margin_loss)
         adaptive = margin.get("margin_kind", n.PFC_MARGIN_COMBINED) != n.PFC_MARGIN_COMBINED
@@ -381,7 +391,8 @@ class PartialFC_V2(torch.nn.Module):
             num_classes=self.num_classes, embedding_dim=self.embedding_size, sample_rate=self.sample_rate,
             **margin, margin_grad=_MARGIN_GRADS[margin_grad],
             arcface_fallback=int(bool(arcface_fallback)),
-            compute_dtype=n.PFC_DTYPE_F16 if self.fp16 else n.PFC_DTYPE_F32, seed=int(seed),
+            compute_dtype=n.PFC_DTYPE_F16 if self.fp16 else n.PFC_DTYPE_F32, storage_dtype=_STORAGE[storage_dtype],
+            seed=int(seed),
             # The centers come from torch's generator below, as the reference draws them.
             init_std=0.0, backend=n.PFC_BACKEND_CPU, local_shards=1)
         if self.world_size > 1:
@@ -580,7 +591,7 @@ class PartialFC_V2(torch.nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.pfc_token.dtype != torch.float32:
-            # .half()/.to(dtype) do not change the centers (f32 in the library); the token stays f32
+            # .half()/.to(dtype) do not change the centers (in the library, stored as storage_dtype says); the token stays f32
             # so that GradScaler can unscale its gradient.
             self.pfc_token.data = self.pfc_token.data.float()
         device = self.pfc_token.device
@@ -745,5 +756,6 @@ class PartialFC_V2(torch.nn.Module):
 
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
-                f"sample_rate={self.sample_rate}, fp16={self.fp16}, rank={self.rank}/{self.world_size}, "
+                f"sample_rate={self.sample_rate}, fp16={self.fp16}, storage_dtype={self.storage_dtype}, "
+                f"rank={self.rank}/{self.world_size}, "
                 f"classes=[{self.class_start}, {self.class_start + self.num_local})")

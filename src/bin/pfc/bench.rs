@@ -1,5 +1,7 @@
-//! `pfc bench`: median step time of the CPU engine, with a per-phase breakdown and GEMM GFLOP/s, side
-//! by side with the reference PartialFC_V2 (timed by scripts/reference_step.py) in the same run.
+//! `pfc bench`: median step time of the CPU engine, with a per-phase breakdown, GEMM GFLOP/s and the
+//! process's peak resident memory, side by side with the reference PartialFC_V2 (timed by
+//! scripts/reference_step.py) in the same run; each compute dtype and storage dtype given is timed
+//! in the same run.
 //! `pfc bench --search`: queries per second of top-k search over all centers (default C = 1M, d = 512).
 //! `pfc bench --init`: values per second of the class centers' initialisation, against filling the
 //! same memory.
@@ -7,7 +9,7 @@
 use clap::Parser;
 use partialfc::backend::step::PhaseTimes;
 use partialfc::batch::{Embeddings, GradOut, HostBatch};
-use partialfc::config::{BackendKind, Config, DType};
+use partialfc::config::{BackendKind, Config, DType, Rounding};
 use partialfc::rng;
 use partialfc::Head;
 use std::path::PathBuf;
@@ -16,9 +18,9 @@ use std::time::Instant;
 
 #[derive(Parser, Debug)]
 pub struct BenchArgs {
-    /// Classes C of the head. Without it, the two standard configurations are timed: C = 1,000,000
-    /// at sample rate 0.1 and C = 100,000 at sample rate 1.0.
-    #[arg(long)]
+    /// Classes C of the head (10000000, 10_000_000 or 10M alike). Without it, the two standard
+    /// configurations are timed: C = 1,000,000 at sample rate 0.1 and C = 100,000 at sample rate 1.0.
+    #[arg(long, value_parser = crate::plan::parse_count)]
     pub classes: Option<u64>,
     /// With --classes: fraction of each shard's classes sampled per step (positives always), in (0, 1].
     #[arg(long, default_value_t = 0.1)]
@@ -73,9 +75,13 @@ pub struct BenchArgs {
     /// each in the same run, and reports each against the first.
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     pub compute_dtype: Vec<String>,
-    /// Times each configuration's dtypes this many times, interleaved (f32, bf16, f32, bf16, …),
-    /// and reports the run with the median step time: on a shared machine, neighbours' load then
-    /// falls on every dtype alike.
+    /// How the head stores centers and optimizer state: f32, bf16 (stochastic rounding) or
+    /// bf16-nearest; a comma-separated list times each, with each compute dtype, in the same run.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    pub storage: Vec<String>,
+    /// Times each configuration's variants (compute dtype × storage) this many times, interleaved
+    /// (f32, bf16, f32, bf16, …), and reports the run with the median step time: on a shared
+    /// machine, neighbours' load then falls on every variant alike.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
     /// Also print each configuration's result as one JSON line.
@@ -92,7 +98,7 @@ fn dtype(name: &str) -> Result<DType, String> {
     }
 }
 
-fn head_config(classes: u64, rate: f32, a: &BenchArgs, compute_dtype: DType) -> Result<Config, String> {
+fn head_config(classes: u64, rate: f32, a: &BenchArgs, compute_dtype: DType, storage: (DType, Rounding)) -> Result<Config, String> {
     let mut cfg = Config { num_classes: classes, embedding_dim: a.dim, sample_rate: rate, ..Config::default() };
     cfg.local_shards = a.shards as usize;
     cfg.world_size = cfg.local_shards;
@@ -102,7 +108,26 @@ fn head_config(classes: u64, rate: f32, a: &BenchArgs, compute_dtype: DType) -> 
         other => return Err(format!("--backend {other}: expected cpu or cuda")),
     };
     cfg.compute_dtype = compute_dtype;
+    (cfg.storage_dtype, cfg.storage_rounding) = storage;
     Ok(cfg)
+}
+
+/// Resets the kernel's record of this process's peak resident memory (VmHWM) to what it holds now
+/// (Linux ≥ 4.0), so that a later [`peak_rss`] measures from here; false where it cannot.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// This process's peak resident memory since the last reset (VmHWM), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+    Some(kb * 1024)
+}
+
+/// Bytes in GiB, two decimals.
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
 /// Which engine runs the head's GEMMs, with oneDNN's kernel and library or why it is not used.
@@ -130,6 +155,9 @@ struct Measured {
     gemms: String,
     /// Per timed step, what the emulated CUDA driver counted on GPU 0, where it is the driver.
     device_work: Option<DeviceWork>,
+    /// The process's peak resident memory from just before the head was created to the end of
+    /// its timed steps (None where the kernel's record cannot be reset).
+    peak_rss: Option<u64>,
 }
 
 /// What a step did on a GPU, from the host emulation's counters (tests/cuda-emulator/README.md):
@@ -180,8 +208,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn ours(classes: u64, rate: f32, a: &BenchArgs, dtype: DType) -> Result<Measured, String> {
-    let mut head = Head::new(head_config(classes, rate, a, dtype)?).map_err(|e| e.message)?;
+fn ours(classes: u64, rate: f32, a: &BenchArgs, dtype: DType, storage: (DType, Rounding)) -> Result<Measured, String> {
+    let cfg = head_config(classes, rate, a, dtype, storage)?;
+    // The previous variant's head is gone; what this one holds is measured from here.
+    let measured_from_here = reset_peak_rss();
+    let mut head = Head::new(cfg).map_err(|e| e.message)?;
     let shards = a.shards as usize;
     let rows = |s: usize| a.batch / shards + usize::from(s < a.batch % shards);
     // Four distinct batches, as the reference script rotates; never time on zeros.
@@ -227,6 +258,7 @@ fn ours(classes: u64, rate: f32, a: &BenchArgs, dtype: DType) -> Result<Measured
             sampled = stats.sampled_classes;
         }
     }
+    let peak_rss = if measured_from_here { peak_rss() } else { None };
     let device_work = device_work.map(|per_step| DeviceWork { per_step });
     let pick = |f: fn(&PhaseTimes) -> f64| median(phases.iter().map(f).collect());
     Ok(Measured {
@@ -252,6 +284,7 @@ fn ours(classes: u64, rate: f32, a: &BenchArgs, dtype: DType) -> Result<Measured
             seen
         }).join(" then "),
         device_work,
+        peak_rss,
     })
 }
 
@@ -275,7 +308,7 @@ fn reference(classes: u64, rate: f32, a: &BenchArgs) -> Result<f64, String> {
 fn search(a: &BenchArgs) -> Result<(), String> {
     let classes = a.classes.unwrap_or(1_000_000);
     let t = Instant::now();
-    let head = Head::new(head_config(classes, 1.0, a, DType::F32)?).map_err(|e| e.message)?;
+    let head = Head::new(head_config(classes, 1.0, a, DType::F32, (DType::F32, Rounding::Stochastic))?).map_err(|e| e.message)?;
     let init = t.elapsed().as_secs_f64();
     println!(
         "search: C = {classes}, d = {}, k = {}, shards = {}, threads = {}, f32 centers ({:.1} GiB, initialised in {init:.1} s); medians of {} calls after one warm-up",
@@ -393,9 +426,13 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         return Err("--rounds 0: time at least one round".into());
     }
     let dtypes = a.compute_dtype.iter().map(|name| Ok((name.as_str(), dtype(name)?))).collect::<Result<Vec<_>, String>>()?;
+    let storages = a.storage.iter().map(|name| Ok((name.as_str(), crate::train::storage(name)?))).collect::<Result<Vec<_>, String>>()?;
+    // Every (compute dtype, storage) pair, timed side by side.
+    type Variant<'a> = ((&'a str, DType), (&'a str, (DType, Rounding)));
+    let variants: Vec<Variant> = dtypes.iter().flat_map(|&d| storages.iter().map(move |&s| (d, s))).collect();
     let paths = dtypes.iter().map(|&(name, d)| Ok(format!("{name}: {}", gemm_path(&a, d)?))).collect::<Result<Vec<_>, String>>()?;
     println!(
-        "threads: {}, d = {}, N = {}, shards = {}, GEMMs {}, SGD; medians of {} steps{}",
+        "threads: {}, d = {}, N = {}, shards = {}, GEMMs {}, SGD; medians of {} steps{}; peak RSS: the process's peak resident memory from creating the head to its last timed step",
         partialfc::pool::threads().map_err(|e| e.message)?,
         a.dim,
         a.batch,
@@ -404,14 +441,14 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         a.steps,
         if a.rounds > 1 { format!(", the median of {} interleaved rounds", a.rounds) } else { String::new() }
     );
-    let first = dtypes[0].0;
-    println!("| C | r | dtype | GEMMs | ours step | images/s | GEMM GFLOP/s | gather | sample | forward | reduce | backward | scatter | update | vs {first} | reference step | speed-up |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let ((first_dtype, _), (first_storage, _)) = variants[0];
+    println!("| C | r | dtype | storage | GEMMs | ours step | images/s | GEMM GFLOP/s | gather | sample | forward | reduce | backward | scatter | update | peak RSS | vs {first_dtype}/{first_storage} | reference step | speed-up |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (classes, rate) in configs {
-        let mut runs: Vec<Vec<Measured>> = dtypes.iter().map(|_| Vec::new()).collect();
+        let mut runs: Vec<Vec<Measured>> = variants.iter().map(|_| Vec::new()).collect();
         for _ in 0..a.rounds {
-            for (runs, &(_, d)) in runs.iter_mut().zip(&dtypes) {
-                runs.push(ours(classes, rate, &a, d)?);
+            for (runs, &((_, d), (_, storage))) in runs.iter_mut().zip(&variants) {
+                runs.push(ours(classes, rate, &a, d, storage)?);
             }
         }
         let measured: Vec<Measured> = runs
@@ -422,7 +459,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
             })
             .collect();
         let reference = have_reference.then(|| reference(classes, rate, &a));
-        for (m, &(name, _)) in measured.iter().zip(&dtypes) {
+        for (m, &((name, _), (storage, _))) in measured.iter().zip(&variants) {
             let (reference_cell, speedup) = match &reference {
                 Some(Ok(r)) => (format!("{r:.3} s"), format!("{:.2}×", r / m.median)),
                 Some(Err(e)) => (format!("failed: {e}"), "—".into()),
@@ -435,7 +472,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
             let gemm_s = p.gemm.unwrap_or(p.forward + p.backward);
             let vs_first = measured[0].median / m.median;
             println!(
-                "| {classes} | {rate} | {name} | {} | {:.3} s | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {vs_first:.2}× | {reference_cell} | {speedup} |",
+                "| {classes} | {rate} | {name} | {storage} | {} | {:.3} s | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {vs_first:.2}× | {reference_cell} | {speedup} |",
                 m.gemms,
                 m.median,
                 a.batch as f64 / m.median,
@@ -446,18 +483,19 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
                 p.reduce,
                 p.backward,
                 p.scatter,
-                if p.update_in_backward { "in backward".to_string() } else { format!("{:.3}", p.update) }
+                if p.update_in_backward { "in backward".to_string() } else { format!("{:.3}", p.update) },
+                m.peak_rss.map_or("—".to_string(), gib)
             );
             if let Some(w) = &m.device_work {
                 println!("|  | emulated CUDA driver, GPU 0, per step: {} |", w.line());
             }
             if a.json {
                 let line = serde_json::json!({
-                    "impl": "partialfc", "backend": a.backend, "compute_dtype": name, "gemm": gemm_path(&a, dtype(name)?)?, "classes": classes,
+                    "impl": "partialfc", "backend": a.backend, "compute_dtype": name, "storage": storage, "gemm": gemm_path(&a, dtype(name)?)?, "classes": classes,
                     "sample_rate": rate, "dim": a.dim, "batch": a.batch, "shards": a.shards, "steps": a.steps, "rounds": a.rounds,
                     "median_step_s": m.median, "images_per_s": a.batch as f64 / m.median, "gemm_gflops": flops / gemm_s / 1e9,
-                    "gemm_s": gemm_s, "gemm_timed_apart": p.gemm.is_some(), "peak_gpu_bytes": p.peak_device_bytes,
-                    "sampled_classes": m.sampled, "speedup_vs_first_dtype": vs_first, "gemms_used": m.gemms,
+                    "gemm_s": gemm_s, "gemm_timed_apart": p.gemm.is_some(), "peak_gpu_bytes": p.peak_device_bytes, "peak_rss_bytes": m.peak_rss,
+                    "sampled_classes": m.sampled, "speedup_vs_first_variant": vs_first, "gemms_used": m.gemms,
                     "reference_step_s": reference.as_ref().and_then(|r| r.as_ref().ok()),
                     "phases_s": {"gather": p.gather, "sample": p.sample, "forward": p.forward, "reduce": p.reduce, "backward": p.backward, "scatter": p.scatter, "update": p.update},
                     "update_in_backward": p.update_in_backward,

@@ -1,6 +1,6 @@
 //! `pfc plan`: the memory and the communication of one training step of the classification head, per
 //! GPU, for data parallel, model parallel (PartialFC with r = 1) and PartialFC (sampled r), exact to
-//! the byte. Nothing is run: the figures follow from the configuration. The model (what is counted
+//! the byte, with centers and optimizer state stored in f32 or bf16 (`--storage`). Nothing is run: the figures follow from the configuration. The model (what is counted
 //! and why) is written out in docs/plan.md and printed under the table.
 
 use clap::{Parser, ValueEnum};
@@ -32,11 +32,35 @@ impl PlanDType {
     }
 }
 
+/// How centers and optimizer state are stored (`storage_dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlanStorage {
+    F32,
+    /// bf16 with stochastic rounding: 2 bytes per value.
+    Bf16,
+}
+
+impl PlanStorage {
+    fn bytes(self) -> u128 {
+        match self {
+            PlanStorage::F32 => 4,
+            PlanStorage::Bf16 => 2,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            PlanStorage::F32 => "f32",
+            PlanStorage::Bf16 => "bf16",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PlanOptimizer {
-    /// Momentum SGD: one f32 buffer per center.
+    /// Momentum SGD: one buffer per center, stored as the centers are.
     Sgd,
-    /// AdamW: two f32 moments per center (and step counts).
+    /// AdamW: two moments per center, stored as the centers are (and step counts).
     Adamw,
 }
 
@@ -72,6 +96,9 @@ pub struct PlanArgs {
     /// Element type of the logits and of the embeddings' all-gather and gradient reduce-scatter.
     #[arg(long, value_enum, default_value_t = PlanDType::F32)]
     pub dtype: PlanDType,
+    /// How centers and optimizer state are stored: f32, or bf16 (2 bytes a value).
+    #[arg(long, value_enum, default_value_t = PlanStorage::F32)]
+    pub storage: PlanStorage,
     /// Optimizer whose state lives beside the centers.
     #[arg(long, value_enum, default_value_t = PlanOptimizer::Sgd)]
     pub optimizer: PlanOptimizer,
@@ -90,7 +117,7 @@ pub struct PlanArgs {
 }
 
 /// A count such as `10000000`, `10_000_000`, `10,000,000`, `10M` or `2.5k`: an exact whole number.
-fn parse_count(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_count(text: &str) -> Result<u64, String> {
     let cleaned: String = text.chars().filter(|&c| c != '_' && c != ',').collect();
     let (digits, multiplier): (&str, u128) = match cleaned.chars().last() {
         Some('k' | 'K') => (&cleaned[..cleaned.len() - 1], 1_000),
@@ -147,6 +174,8 @@ struct Column {
     logit_rows: u128,
     centers: u128,
     optimizer: u128,
+    /// The engine's f32 norm of each optimizer state row (none in data parallel).
+    row_norms: u128,
     center_gradients: u128,
     logits: u128,
     embedding_all_gather: u128,
@@ -157,7 +186,7 @@ struct Column {
 
 impl Column {
     fn memory_total(&self) -> u128 {
-        self.centers + self.optimizer + self.center_gradients + self.logits
+        self.centers + self.optimizer + self.row_norms + self.center_gradients + self.logits
     }
 
     fn communication_total(&self) -> u128 {
@@ -181,6 +210,8 @@ struct Plan {
     d: u128,
     c: u128,
     e: u128,
+    /// Bytes per stored value of the centers and optimizer state.
+    st: u128,
     /// Classes of the largest shard, C/S + (C%S ≠ 0), and of the smallest, C/S.
     n_max: u128,
     n_min: u128,
@@ -216,39 +247,49 @@ fn validate(a: &PlanArgs) -> Result<(), String> {
 
 fn compute(a: &PlanArgs) -> Result<Plan, String> {
     validate(a)?;
-    let (s, b, d, c, e) = (a.gpus as u128, a.batch_per_gpu as u128, a.dim as u128, a.classes as u128, a.dtype.bytes());
+    let (s, b, d, c, e, st) = (a.gpus as u128, a.batch_per_gpu as u128, a.dim as u128, a.classes as u128, a.dtype.bytes(), a.storage.bytes());
     let n = s * b;
     let n_min = c / s;
     let n_max = n_min + u128::from(c % s != 0);
     let k = sample_count(a.sample_rate, n_max as u64) as u128;
     let target_exchange = if a.margin == PlanMargin::Curricular { n } else { 0 };
-    // Optimizer state of `rows` f32 centers. The engine's sparse AdamW keeps a u32 step count per row
-    // (bias correction per row); a dense framework optimizer keeps one 4-byte step for the tensor.
+    // Optimizer state of `rows` centers, stored as the centers are. The engine's sparse AdamW keeps a
+    // u32 step count per row (bias correction per row); a dense framework optimizer keeps one 4-byte
+    // step for the tensor.
     let optimizer = |rows: u128, dense: bool| match a.optimizer {
-        PlanOptimizer::Sgd => rows * d * 4,
-        PlanOptimizer::Adamw => 2 * rows * d * 4 + if dense { 4 } else { rows * 4 },
+        PlanOptimizer::Sgd => rows * d * st,
+        PlanOptimizer::Adamw => 2 * rows * d * st + if dense { 4 } else { rows * 4 },
+    };
+    // Beside each state row the engine keeps its f32 norm (src/backend/cpu/optimizer.rs), with
+    // which the check before an update proves most updates finite without reading the rows.
+    let row_norms = |rows: u128| match a.optimizer {
+        PlanOptimizer::Sgd => rows * 4,
+        PlanOptimizer::Adamw => 2 * rows * 4,
     };
     let data_parallel = Column {
         strategy: Strategy::DataParallel,
         classes: c,
         logit_columns: c,
         logit_rows: b,
-        centers: c * d * 4,
+        centers: c * d * st,
         optimizer: optimizer(c, true),
-        center_gradients: c * d * 4,
+        row_norms: 0,
+        // A framework's gradients take their parameters' dtype.
+        center_gradients: c * d * st,
         logits: b * c * e,
         embedding_all_gather: 0,
         label_all_gather: 0,
         softmax_statistics: 0,
-        gradient: ring_all_reduce(c * d, 4, s),
+        gradient: ring_all_reduce(c * d, st, s),
     };
     let sharded = |strategy: Strategy, columns: u128| Column {
         strategy,
         classes: n_max,
         logit_columns: columns,
         logit_rows: n,
-        centers: n_max * d * 4,
+        centers: n_max * d * st,
         optimizer: optimizer(n_max, false),
+        row_norms: row_norms(n_max),
         center_gradients: 0,
         logits: n * columns * e,
         embedding_all_gather: ring_chunks(b * d * e, s),
@@ -273,7 +314,7 @@ fn compute(a: &PlanArgs) -> Result<Plan, String> {
     if largest > u64::MAX as u128 {
         return Err(format!("this configuration's figures exceed 2^64 bytes ({largest} B): not a plan for one job"));
     }
-    Ok(Plan { s, b, n, d, c, e, n_max, n_min, k, target_exchange, columns, backbone })
+    Ok(Plan { s, b, n, d, c, e, st, n_max, n_min, k, target_exchange, columns, backbone })
 }
 
 /// Digits in groups of three: 20,480,000,000.
@@ -328,6 +369,7 @@ fn to_json(a: &PlanArgs, p: &Plan) -> Value {
             "memory": {
                 "centers": u(col.centers),
                 "optimizer_state": u(col.optimizer),
+                "row_norms": u(col.row_norms),
                 "center_gradients": u(col.center_gradients),
                 "logits": u(col.logits),
                 "total": u(col.memory_total()),
@@ -353,6 +395,8 @@ fn to_json(a: &PlanArgs, p: &Plan) -> Value {
             "sample_rate": a.sample_rate.to_string().parse::<f64>().unwrap_or(a.sample_rate as f64),
             "dtype": a.dtype.name(),
             "dtype_bytes": u(p.e),
+            "storage": a.storage.name(),
+            "storage_bytes": u(p.st),
             "optimizer": match a.optimizer { PlanOptimizer::Sgd => "sgd", PlanOptimizer::Adamw => "adamw" },
             "margin": match a.margin { PlanMargin::Combined => "combined", PlanMargin::Adaface => "adaface", PlanMargin::Curricular => "curricular" },
             "backbone_params": a.backbone_params,
@@ -371,7 +415,7 @@ fn to_json(a: &PlanArgs, p: &Plan) -> Value {
             "softmax_sum_all_reduce": u(3 * p.n * 4),
             "target_cosine_all_reduce": u(p.target_exchange * 4),
             "embedding_gradient_reduce_scatter": u(p.n * p.d * p.e),
-            "center_gradient_all_reduce": u(p.c * p.d * 4),
+            "center_gradient_all_reduce": u(p.c * p.d * p.st),
         },
         "backbone": p.backbone.map(|(payload, sent)| json!({
             "params": a.backbone_params,
@@ -391,9 +435,10 @@ fn print_table(a: &PlanArgs, p: &Plan) {
     let g = |v: u128| grouped(v);
     let e = p.e;
     let dt = a.dtype.name();
+    let (st, sn) = (p.st, a.storage.name());
     println!("pfc plan: one training step of the classification head, per GPU");
     println!(
-        "  S = {} GPUs x B = {} images (N = {} per step), d = {}, C = {}, r = {}, {dt} logits and embeddings ({e} B), {} optimizer",
+        "  S = {} GPUs x B = {} images (N = {} per step), d = {}, C = {}, r = {}, {dt} logits and embeddings ({e} B), {sn} storage of centers and optimizer state ({st} B), {} optimizer",
         g(p.s),
         g(p.b),
         g(p.n),
@@ -443,7 +488,7 @@ fn print_table(a: &PlanArgs, p: &Plan) {
     println!("{:<30}{:>32}{:>32}{:>32}", "", header[0], header[1], header[2]);
     println!("memory per GPU");
     println!("{:<30}{:>32}{:>32}{:>32}", "  classes held", g(dp.classes), g(mp.classes), g(pfc.classes));
-    line("  centers (f32)", &|c| c.centers);
+    line(&format!("  centers ({sn})"), &|c| c.centers);
     line(
         match a.optimizer {
             PlanOptimizer::Sgd => "  optimizer (SGD momentum)",
@@ -451,6 +496,7 @@ fn print_table(a: &PlanArgs, p: &Plan) {
         },
         &|c| c.optimizer,
     );
+    line("  state row norms (f32)", &|c| c.row_norms);
     line("  center gradients", &|c| c.center_gradients);
     println!(
         "{:<30}{:>32}{:>32}{:>32}",
@@ -478,19 +524,26 @@ fn print_table(a: &PlanArgs, p: &Plan) {
     let s1 = p.s - 1;
     println!("How each row is counted (n = classes on the largest shard, k = sampled of them; all per GPU):");
     println!(
-        "  centers            rows x d x 4 B (f32 master copies): DP {} x {} x 4, MP and PFC {} x {} x 4",
+        "  centers            rows x d x {st} B ({sn} master copies): DP {} x {} x {st}, MP and PFC {} x {} x {st}",
         g(p.c),
         g(p.d),
         g(p.n_max),
         g(p.d)
     );
     match a.optimizer {
-        PlanOptimizer::Sgd => println!("  optimizer          SGD momentum: one f32 per center element, as the centers"),
+        PlanOptimizer::Sgd => println!("  optimizer          SGD momentum: one {sn} per center element, as the centers"),
         PlanOptimizer::Adamw => println!(
-            "  optimizer          AdamW: two f32 moments per center element; MP/PFC add a u32 step count per row (sparse updates), DP one 4-byte step"
+            "  optimizer          AdamW: two {sn} moments per center element; MP/PFC add a u32 step count per row (sparse updates), DP one 4-byte step"
         ),
     }
-    println!("  center gradients   DP: the dense C x d f32 gradient that DDP all-reduces; MP/PFC: none, the engine fuses each sampled row's gradient into its update");
+    println!(
+        "  state row norms    MP/PFC: the engine's f32 norm of each optimizer state row ({} per row), which proves most updates finite without reading the rows; DP: none",
+        match a.optimizer {
+            PlanOptimizer::Sgd => "one, 4 B",
+            PlanOptimizer::Adamw => "two, 8 B",
+        }
+    );
+    println!("  center gradients   DP: the dense C x d gradient that DDP all-reduces ({sn}, the parameters' dtype); MP/PFC: none, the engine fuses each sampled row's gradient into its update");
     println!(
         "  logits             DP: B x C (the local batch against every class); MP: N x n; PFC: N x k; {e} B each ({dt}); one matrix, no softmax copy"
     );
@@ -519,7 +572,7 @@ fn print_table(a: &PlanArgs, p: &Plan) {
             g(p.target_exchange * 4)
         );
     }
-    println!("  gradient           DP: all-reduce of the C x d f32 center gradient = {} B, sent 2(S-1)/S;", g(p.c * p.d * 4));
+    println!("  gradient           DP: all-reduce of the C x d {sn} center gradient = {} B, sent 2(S-1)/S;", g(p.c * p.d * st));
     println!("                     MP/PFC: reduce-scatter of the N x d embedding gradient ({dt}) = {} B, sent (S-1)/S; center gradients stay local", g(p.n * p.d * e));
     println!("  DP needs no all-gather and no softmax statistics: every GPU holds every class");
     if let Some((payload, _)) = p.backbone {

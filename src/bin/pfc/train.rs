@@ -9,7 +9,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use partialfc::backend::cpu::gemm::{matmul, Operand};
 use partialfc::batch::{Embeddings, GradOut, HostBatch};
-use partialfc::config::{BackendKind, Config, MarginKind};
+use partialfc::config::{BackendKind, Config, DType, MarginKind, Rounding};
 use partialfc::export::Format;
 use partialfc::rng;
 use partialfc::{Head, Status};
@@ -20,8 +20,8 @@ use std::time::Instant;
 
 #[derive(Parser, Debug, Clone)]
 pub struct TrainArgs {
-    /// Training identities, i.e. classes of the head.
-    #[arg(long, default_value_t = 100_000)]
+    /// Training identities, i.e. classes of the head (10000000, 10_000_000 or 10M alike).
+    #[arg(long, default_value = "100000", value_parser = crate::plan::parse_count)]
     pub classes: u64,
     /// Embedding dimension the backbone produces and the head's centers have.
     #[arg(long, default_value_t = 128)]
@@ -72,6 +72,11 @@ pub struct TrainArgs {
     /// Shards of the head in this process (threads of work on the CPU, GPUs with CUDA).
     #[arg(long, default_value_t = 2)]
     pub shards: u32,
+    /// How the head stores centers and optimizer state: f32; bf16 (half the memory, each update
+    /// rounded stochastically, as the C ABI offers it); or bf16-nearest (rounded to nearest: the
+    /// bias stochastic rounding removes, for comparison).
+    #[arg(long, default_value = "f32")]
+    pub storage: String,
     /// Learning rate of the head (SGD, momentum 0.9, weight decay 5e-4).
     #[arg(long, default_value_t = 0.1)]
     pub lr: f32,
@@ -358,6 +363,16 @@ fn mean_where(values: &[f32], flags: &[bool], flag: bool) -> f64 {
     picked.iter().sum::<f64>() / picked.len() as f64
 }
 
+/// A `--storage` name: the storage dtype and its rounding.
+pub(crate) fn storage(name: &str) -> Result<(DType, Rounding), String> {
+    match name {
+        "f32" => Ok((DType::F32, Rounding::Stochastic)),
+        "bf16" => Ok((DType::BF16, Rounding::Stochastic)),
+        "bf16-nearest" => Ok((DType::BF16, Rounding::Nearest)),
+        other => Err(format!("--storage {other}: expected f32, bf16 or bf16-nearest")),
+    }
+}
+
 pub fn run(a: TrainArgs) -> Result<(), String> {
     check(a.classes >= 2, || format!("--classes {} must be at least 2", a.classes))?;
     check(a.batch >= a.shards as usize && a.batch > 0, || format!("--batch {} must be at least --shards {}", a.batch, a.shards))?;
@@ -378,6 +393,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         "cuda" => BackendKind::Cuda,
         other => return Err(format!("--backend {other}: expected cpu or cuda")),
     };
+    (cfg.storage_dtype, cfg.storage_rounding) = storage(&a.storage)?;
     cfg.local_shards = a.shards as usize;
     cfg.world_size = cfg.local_shards;
     cfg.optimizer.lr = a.lr;
@@ -406,8 +422,8 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let mut records = Records::open(&a.out, first_step)?;
     let quality = if world.low_quality > 0.0 { format!(", low quality {} (blur up to {})", world.low_quality, world.blur) } else { String::new() };
     println!(
-        "pfc train: {} identities (long tail {}, label noise {}, conflicts {}{quality}), d = {}, batch {}, {} {} shards, sample rate {}, filter {}, steps {}..{}",
-        a.classes, a.tail, a.label_noise, a.conflicts, a.dim, a.batch, a.shards, a.backend, a.sample_rate, a.filter, first_step, a.steps
+        "pfc train: {} identities (long tail {}, label noise {}, conflicts {}{quality}), d = {}, batch {}, {} {} shards, {} storage, sample rate {}, filter {}, steps {}..{}",
+        a.classes, a.tail, a.label_noise, a.conflicts, a.dim, a.batch, a.shards, a.backend, a.storage, a.sample_rate, a.filter, first_step, a.steps
     );
     let shards = a.shards as usize;
     let rows_of = |s: usize| a.batch / shards + usize::from(s < a.batch % shards);
@@ -567,7 +583,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         "classes": a.classes, "dim": a.dim, "batch": a.batch, "steps": a.steps, "sample_rate": decimal(a.sample_rate),
         "margin": a.margin, "filter": decimal(a.filter), "label_noise": decimal(a.label_noise), "conflicts": decimal(a.conflicts),
         "tail": a.tail, "noise": decimal(a.noise), "low_quality": decimal(a.low_quality),
-        "blur": if a.low_quality > 0.0 { Some(decimal(world.blur)) } else { None }, "shards": a.shards, "seed": a.seed,
+        "blur": if a.low_quality > 0.0 { Some(decimal(world.blur)) } else { None }, "shards": a.shards, "storage": a.storage, "seed": a.seed,
         "lr": decimal(a.lr), "backbone_lr": decimal(a.backbone_lr),
         "train_seconds": sig6(train_time), "last_loss": sig6(last_loss),
         "tar_far_1e-3": sig6(verification_at(&verification, 1e-3, |v| v.tar)), "tar_far_1e-4": sig6(verification_at(&verification, 1e-4, |v| v.tar)),

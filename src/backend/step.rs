@@ -57,12 +57,21 @@ pub fn softmax_factors(sums: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
     (inv_sum, mass)
 }
 
-/// One optimizer step: its learning rate, and its index (the steps the head took before it),
-/// which with the seed keys the stochastic rounding of bf16 storage (`crate::storage`).
+/// One optimizer step: its learning rate, and its index (the steps the head took before it) and
+/// the head's seed, which key the stochastic rounding of bf16 storage (`crate::storage`). The seed
+/// is the head's now: a checkpoint's, once one is loaded.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct OptStep {
     pub lr: f32,
     pub index: u64,
+    pub seed: u64,
+}
+
+impl OptStep {
+    /// The stream of this step's rounding draws.
+    pub fn rounding_stream(self) -> u64 {
+        crate::storage::step_stream(self.seed, self.index)
+    }
 }
 
 /// What a backward pass does about the optimizer step of its call.

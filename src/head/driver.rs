@@ -332,7 +332,7 @@ impl<P: Primitives> StepDriver for Driver<P> {
 
     fn compute(&mut self, checked: Result<()>, batches: Batches<'_, '_>, plan: StepPlan, out: Outputs<'_, '_>, apply: Option<f32>) -> Result<Evaluated> {
         let fwd = self.forward(checked, batches, plan)?;
-        let apply = apply.map(|lr| OptStep { lr, index: plan.step });
+        let apply = apply.map(|lr| OptStep { lr, index: plan.step, seed: plan.seed });
         let update = match apply {
             Some(step) if !fwd.loss_deferred && self.update_proven(step.lr)? => Update::Apply(step),
             Some(step) => Update::Check(step),

@@ -190,7 +190,7 @@ impl Head {
     /// rate; the step count advances. A collective call.
     pub fn apply(&mut self) -> Result<()> {
         self.group.check()?;
-        if !self.driver.apply(OptStep { lr: self.lr, index: self.step })? {
+        if !self.driver.apply(OptStep { lr: self.lr, index: self.step, seed: self.cfg.seed })? {
             return Err(Error::invalid("no accumulated gradients to apply: call pfc_train_compute first"));
         }
         self.step += 1;

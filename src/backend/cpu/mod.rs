@@ -25,7 +25,7 @@ use crate::margin::MarginState;
 use crate::rng;
 use crate::sharding::{pieces, sample, ShardRange};
 use crate::state::StateTensor;
-use crate::storage::{step_stream, Stored};
+use crate::storage::Stored;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -668,7 +668,7 @@ impl<T: Stored> Shard<T> {
         let unit_bf16 = &self.unit_bf16;
         let state = self.optimizer.rows_ptr();
         let opt = cfg.optimizer;
-        let store = Store { how: cfg.storage_rounding, stream: step_stream(cfg.seed, update.step().map_or(0, |s| s.index)) };
+        let store = Store { how: cfg.storage_rounding, stream: update.step().map_or(0, OptStep::rounding_stream) };
         let worker = || {
             Ok(BackwardWorker {
                 grad_cos: if native { Vec::new() } else { try_zeroed(BLOCK * n, "cosine gradient scratch")? },
@@ -1013,10 +1013,10 @@ impl<T: Stored> Primitives for CpuBackend<T> {
     fn update_is_finite(&mut self, shard: usize, step: OptStep) -> Result<bool> {
         let d = self.cfg.embedding_dim;
         let opt = self.cfg.optimizer;
-        let store = Store { how: self.cfg.storage_rounding, stream: step_stream(self.cfg.seed, step.index) };
+        let store = Store { how: self.cfg.storage_rounding, stream: step.rounding_stream() };
         let s = &mut self.shards[shard];
         if let (Some(Undo::Moved), Some((checked, ok))) = (&s.undo, s.prechecked) {
-            if checked.lr.to_bits() == step.lr.to_bits() && checked.index == step.index {
+            if checked.lr.to_bits() == step.lr.to_bits() && (checked.index, checked.seed) == (step.index, step.seed) {
                 return Ok(ok);
             }
         }
@@ -1049,7 +1049,7 @@ impl<T: Stored> Primitives for CpuBackend<T> {
     fn apply(&mut self, shard: usize, step: OptStep) -> Result<()> {
         let d = self.cfg.embedding_dim;
         let opt = self.cfg.optimizer;
-        let store = Store { how: self.cfg.storage_rounding, stream: step_stream(self.cfg.seed, step.index) };
+        let store = Store { how: self.cfg.storage_rounding, stream: step.rounding_stream() };
         let s = &mut self.shards[shard];
         let state = s.optimizer.rows_ptr();
         let centers = Shared(s.centers.as_mut_ptr());

@@ -14,7 +14,8 @@ Needs a release build (cargo build --release) and matplotlib for `report`.
 import json, os, resource, subprocess, sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PFC = os.path.join(ROOT, "target", "release", "pfc")
+# PFC=<path> runs another build (a copy, say, while this tree rebuilds).
+PFC = os.environ.get("PFC", os.path.join(ROOT, "target", "release", "pfc"))
 RESULTS = os.path.join(ROOT, "docs", "experiments", "results")
 PLOTS = os.path.join(ROOT, "docs", "experiments")
 

@@ -146,11 +146,13 @@ impl RowKey {
     }
 }
 
-/// `x` rounded to bf16 by 16 random bits `r` (as f32 bits: the low half zero). Finite `x` only:
-/// a magnitude above bf16's largest may round up to ∞, which the checks before an update exclude.
+/// `x` rounded to bf16 by 16 random bits `r` (as f32 bits: the low half zero). A magnitude above
+/// bf16's largest may round up to ∞, which the checks before an update refuse; a NaN stays the
+/// quiet NaN rounding to nearest gives, where the sum would carry it into a zero the checks pass.
 #[inline(always)]
 pub fn stochastic_bits(x: u32, r: u32) -> u32 {
-    x.wrapping_add(r) & 0xFFFF_0000
+    let nan = x & 0x7FFF_FFFF > 0x7F80_0000;
+    if nan { nearest_bits(x) << 16 } else { x.wrapping_add(r) & 0xFFFF_0000 }
 }
 
 /// Draws per chunk of [`round_row`]: 1 KiB of them on the stack.
@@ -158,8 +160,7 @@ const CHUNK_DRAWS: usize = 128;
 
 crate::simd::multiversion! {
     /// Rounds one row's values in place to what bf16 stores (`how`): each value then is exactly a
-    /// bf16 and [`Stored::narrow`] packs it. The values must be finite (stochastic rounding) —
-    /// the step's checks have refused anything else before the update.
+    /// bf16 and [`Stored::narrow`] packs it.
     pub fn round_row(values: &mut [f32], how: Rounding, key: RowKey) {
         match how {
             Rounding::Nearest => {
@@ -217,6 +218,9 @@ mod tests {
 
     #[test]
     fn representable_values_stay_and_draws_are_reproducible_and_distinct() {
+        let mut nan = [f32::from_bits(0x7FFF_FFFF), f32::from_bits(0xFFFF_FFFF), f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        round_row(&mut nan, Rounding::Stochastic, key(1, 1));
+        assert!(nan[..3].iter().all(|v| v.is_nan()) && nan[3] == f32::INFINITY && nan[4] == f32::NEG_INFINITY, "{nan:?}");
         let exact: Vec<f32> = (0..512).map(|i| half::bf16::from_f32(i as f32 * 0.37 - 50.0).to_f32()).collect();
         let mut row = exact.clone();
         round_row(&mut row, Rounding::Stochastic, key(4, 9));

@@ -417,15 +417,15 @@ fn pool_used(ctx: &CudaContext) -> u64 {
     v
 }
 
-/// Centers and state in bf16 take half the device memory of f32: a head of 100,000 classes at
-/// d = 64 holds 51.2 MB with SGD (centers and momentum) and 76.8 MB with AdamW in f32, half that
+/// Centers and state in bf16 take half the device memory of f32: a head of 200,000 classes at
+/// d = 64 holds 102.4 MB with SGD (centers and momentum) and 153.6 MB with AdamW in f32, half that
 /// in bf16, beside the head's own bookkeeping (AdamW's step counts, 4 bytes a class, among it).
 #[test]
 fn bf16_storage_takes_half_the_device_memory() {
     if !on_cuda(module_path!(), "bf16_storage_takes_half_the_device_memory") {
         return;
     }
-    let (c, d) = (100_000u64, 64usize);
+    let (c, d) = (200_000u64, 64usize);
     let ctx = CudaContext::new(0).unwrap();
     for adamw in [false, true] {
         let tensors = if adamw { 3 } else { 2 };
@@ -440,8 +440,9 @@ fn bf16_storage_takes_half_the_device_memory() {
         };
         let (wide, narrow) = (held(PFC_DTYPE_F32), held(PFC_DTYPE_BF16));
         let values = tensors * c * d as u64;
-        // Beside the stored values: step counts (400 kB with AdamW) and a few small buffers.
-        let slack = 8 << 20;
+        // Beside the stored values: step counts (800 kB with AdamW), a few small buffers, and on
+        // a GPU the pool's rounding of each allocation.
+        let slack = 16 << 20;
         assert!(wide >= 4 * values && wide < 4 * values + slack, "adamw {adamw}: f32 storage holds {wide} bytes for {values} values");
         assert!(narrow >= 2 * values && narrow < 2 * values + slack, "adamw {adamw}: bf16 storage holds {narrow} bytes for {values} values");
     }

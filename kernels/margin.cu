@@ -66,10 +66,9 @@ __device__ __forceinline__ void label_cosines(const float* emb, const long long*
     const S* w = centers + local * dim;
     double ee = 0.0, ww = 0.0, we = 0.0;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-        const double wc = (double)widen(w[c]);
         ee += (double)e[c] * (double)e[c];
-        ww += wc * wc;
-        we += wc * (double)e[c];
+        ww += (double)widen(w[c]) * (double)widen(w[c]);
+        we += (double)widen(w[c]) * (double)e[c];
     }
     ee = block_sum(ee, scratch);
     ww = block_sum(ww, scratch);

@@ -121,3 +121,6 @@ __device__ __forceinline__ u64 mix64(u64 z) {
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
+
+// src/rng.rs `at`: value `index` of the counter-based stream `stream`.
+__device__ __forceinline__ u64 rng_at(u64 stream, u64 index) { return mix64(stream + (index + 1) * 0x9E3779B97F4A7C15ull); }

@@ -47,18 +47,29 @@ extern "C" __global__ void embedding_grad(const float* grad, const float* unit, 
 
 // Center gradient of sampled row j, back through ŵ = W/|W| from G = ∂loss/∂ŵ (k×d, f32):
 // out[j] = (g − w(w·g)/|w|²)/|w|. One block per sampled row. Mirrors the CPU's `project_out`.
-extern "C" __global__ void project_center_grads(const float* centers, const u32* sampled, const float* grad_unit,
-                                                const float* inv_norm, int k, int dim, float* out) {
+template <class S>
+__device__ __forceinline__ void project_rows(const S* centers, const u32* sampled, const float* grad_unit, const float* inv_norm,
+                                             int k, int dim, float* out) {
     __shared__ float scratch[32];
     const int j = blockIdx.x;
     if (j >= k) return;
-    const float* w = centers + (u64)sampled[j] * dim;
+    const S* w = centers + (u64)sampled[j] * dim;
     const float* g = grad_unit + (u64)j * dim;
     const float inv = inv_norm[j];
     float dot = 0.0f;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) dot += w[c] * g[c];
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) dot += widen(w[c]) * g[c];
     const float along = block_sum(dot, scratch) * inv * inv;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) out[(u64)j * dim + c] = (g[c] - w[c] * along) * inv;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) out[(u64)j * dim + c] = (g[c] - widen(w[c]) * along) * inv;
+}
+
+extern "C" __global__ void project_center_grads(const float* centers, const u32* sampled, const float* grad_unit,
+                                                const float* inv_norm, int k, int dim, float* out) {
+    project_rows(centers, sampled, grad_unit, inv_norm, k, dim, out);
+}
+
+extern "C" __global__ void project_center_grads_bf16(const u16* centers, const u32* sampled, const float* grad_unit,
+                                                     const float* inv_norm, int k, int dim, float* out) {
+    project_rows(centers, sampled, grad_unit, inv_norm, k, dim, out);
 }
 
 // Whether a row (its squared norm) is one the head accepts as a center: finite, of norm at most
@@ -68,45 +79,64 @@ __device__ __forceinline__ bool normalizable(float sq) { return sq == sq && sq <
 __device__ __forceinline__ bool finite(float v) { return (v - v) == 0.0f; }
 
 // PyTorch SGD (momentum, weight decay) on the `k` rows `rows` given their center gradients `grad`.
-// With commit = 0 nothing is written: the verdict's VERDICT_UPDATE is set if any new center value or momentum would be
-// non-finite or a row impossible to normalize (the check before an update, SPEC §2b). One block
-// per row; the same arithmetic either way.
-extern "C" __global__ void update_sgd(float* centers, float* momentum, const u32* rows, const float* grad, int k, int dim,
-                                      float lr, float mu, float wd, int commit, u64* verdict) {
+// With commit = 0 nothing is written: the verdict's VERDICT_UPDATE is set if any new center value or
+// momentum would be non-finite or a row impossible to normalize, as stored (the check before an
+// update, SPEC §2b). One block per row; the same arithmetic either way. Row r is global class
+// start + r, whose draws round its values where they are stored in bf16 (`Rounding`).
+template <class S>
+__device__ __forceinline__ void sgd_rows(S* centers, S* momentum, const u32* rows, const float* grad, int k, int dim, float lr,
+                                         float mu, float wd, int commit, u64* verdict, Rounding rounding, u64 start) {
     __shared__ float scratch[32];
     const int j = blockIdx.x;
     if (j >= k) return;
-    float* w = centers + (u64)rows[j] * dim;
-    float* buf = momentum + (u64)rows[j] * dim;
+    S* w = centers + (u64)rows[j] * dim;
+    S* buf = momentum + (u64)rows[j] * dim;
     const float* g = grad + (u64)j * dim;
+    const u64 first_w = first_draw(start + rows[j], SLOT_CENTERS, dim), first_m = first_draw(start + rows[j], SLOT_MOMENTUM, dim);
     float sq = 0.0f;
     bool ok = true;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-        const float b = mu * buf[c] + (g[c] + wd * w[c]);
-        const float wc = w[c] - lr * b;
-        ok = ok && finite(b);
+        const float wo = widen(w[c]);
+        const float b = mu * widen(buf[c]) + (g[c] + wd * wo);
+        const float wc = as_stored(w, wo - lr * b, rounding, first_w, c);
+        const float bc = as_stored(buf, b, rounding, first_m, c);
+        ok = ok && finite(bc);
         sq += wc * wc;
         if (commit) {
-            buf[c] = b;
-            w[c] = wc;
+            put(&buf[c], bc);
+            put(&w[c], wc);
         }
     }
     sq = block_sum(sq, scratch);
     if (!commit && (!ok || !normalizable(sq))) atomicOr(&verdict[VERDICT_FLAGS], (u64)VERDICT_UPDATE);
 }
 
+extern "C" __global__ void update_sgd(float* centers, float* momentum, const u32* rows, const float* grad, int k, int dim,
+                                      float lr, float mu, float wd, int commit, u64* verdict) {
+    sgd_rows(centers, momentum, rows, grad, k, dim, lr, mu, wd, commit, verdict, Rounding{0, 0}, 0);
+}
+
+extern "C" __global__ void update_sgd_bf16(u16* centers, u16* momentum, const u32* rows, const float* grad, int k, int dim,
+                                           float lr, float mu, float wd, int commit, u64* verdict, u64 stream, int nearest,
+                                           u64 start) {
+    sgd_rows(centers, momentum, rows, grad, k, dim, lr, mu, wd, commit, verdict, Rounding{stream, nearest}, start);
+}
+
 // The same with PyTorch AdamW and a per-row step count for bias correction.
-extern "C" __global__ void update_adamw(float* centers, float* exp_avg, float* exp_avg_sq, u32* steps, const u32* rows,
-                                        const float* grad, int k, int dim, float lr, float beta1, float beta2, float eps,
-                                        float wd, int commit, u64* verdict) {
+template <class S>
+__device__ __forceinline__ void adamw_rows(S* centers, S* exp_avg, S* exp_avg_sq, u32* steps, const u32* rows, const float* grad,
+                                           int k, int dim, float lr, float beta1, float beta2, float eps, float wd, int commit,
+                                           u64* verdict, Rounding rounding, u64 start) {
     __shared__ float scratch[32];
     const int j = blockIdx.x;
     if (j >= k) return;
     const u64 row = rows[j];
-    float* w = centers + row * dim;
-    float* m = exp_avg + row * dim;
-    float* v = exp_avg_sq + row * dim;
+    S* w = centers + row * dim;
+    S* m = exp_avg + row * dim;
+    S* v = exp_avg_sq + row * dim;
     const float* g = grad + (u64)j * dim;
+    const u64 first_w = first_draw(start + row, SLOT_CENTERS, dim), first_m = first_draw(start + row, SLOT_EXP_AVG, dim),
+              first_v = first_draw(start + row, SLOT_EXP_AVG_SQ, dim);
     const u32 t = steps[row] == 0xffffffffu ? steps[row] : steps[row] + 1;
     const double bias1 = 1.0 - pow((double)beta1, (double)t), bias2 = 1.0 - pow((double)beta2, (double)t);
     const float step_size = (float)((double)lr / bias1), inv_sqrt_bias2 = (float)(1.0 / sqrt(bias2));
@@ -114,21 +144,35 @@ extern "C" __global__ void update_adamw(float* centers, float* exp_avg, float* e
     float sq = 0.0f;
     bool ok = true;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-        const float wc = w[c] * decay;
-        const float mc = beta1 * m[c] + (1.0f - beta1) * g[c];
-        const float vc = beta2 * v[c] + (1.0f - beta2) * g[c] * g[c];
-        const float wn = wc - step_size * mc / (sqrtf(vc) * inv_sqrt_bias2 + eps);
-        ok = ok && finite(mc) && finite(vc);
+        const float wc = widen(w[c]) * decay;
+        const float mc = beta1 * widen(m[c]) + (1.0f - beta1) * g[c];
+        const float vc = beta2 * widen(v[c]) + (1.0f - beta2) * g[c] * g[c];
+        const float wn = as_stored(w, wc - step_size * mc / (sqrtf(vc) * inv_sqrt_bias2 + eps), rounding, first_w, c);
+        const float ms = as_stored(m, mc, rounding, first_m, c), vs = as_stored(v, vc, rounding, first_v, c);
+        ok = ok && finite(ms) && finite(vs);
         sq += wn * wn;
         if (commit) {
-            m[c] = mc;
-            v[c] = vc;
-            w[c] = wn;
+            put(&m[c], ms);
+            put(&v[c], vs);
+            put(&w[c], wn);
         }
     }
     sq = block_sum(sq, scratch);
     if (commit && threadIdx.x == 0) steps[row] = t;
     if (!commit && (!ok || !normalizable(sq))) atomicOr(&verdict[VERDICT_FLAGS], (u64)VERDICT_UPDATE);
+}
+
+extern "C" __global__ void update_adamw(float* centers, float* exp_avg, float* exp_avg_sq, u32* steps, const u32* rows,
+                                        const float* grad, int k, int dim, float lr, float beta1, float beta2, float eps,
+                                        float wd, int commit, u64* verdict) {
+    adamw_rows(centers, exp_avg, exp_avg_sq, steps, rows, grad, k, dim, lr, beta1, beta2, eps, wd, commit, verdict, Rounding{0, 0}, 0);
+}
+
+extern "C" __global__ void update_adamw_bf16(u16* centers, u16* exp_avg, u16* exp_avg_sq, u32* steps, const u32* rows,
+                                             const float* grad, int k, int dim, float lr, float beta1, float beta2, float eps,
+                                             float wd, int commit, u64* verdict, u64 stream, int nearest, u64 start) {
+    adamw_rows(centers, exp_avg, exp_avg_sq, steps, rows, grad, k, dim, lr, beta1, beta2, eps, wd, commit, verdict,
+               Rounding{stream, nearest}, start);
 }
 
 // The verdict's VERDICT_NON_FINITE_GRADIENT is set if any of the `len` values is NaN or Inf.

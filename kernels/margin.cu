@@ -51,8 +51,9 @@ extern "C" __global__ void adaface_scalers(const double* norms, int n, const flo
 // (classes [start, start + len)), −∞ elsewhere, for the max all-reduce that gives every shard every
 // row's. In f64 from the raw rows, each norm at least 1e-12 (PyTorch's `normalize`), as the CPU
 // backend's `target_cosines`. One block per row.
-extern "C" __global__ void target_cosines(const float* emb, const long long* labels, int n, int dim, const float* centers,
-                                          u64 start, u64 len, float* out) {
+template <class S>
+__device__ __forceinline__ void label_cosines(const float* emb, const long long* labels, int n, int dim, const S* centers, u64 start,
+                                              u64 len, float* out) {
     __shared__ double scratch[32];
     const int i = blockIdx.x;
     if (i >= n) return;
@@ -62,17 +63,27 @@ extern "C" __global__ void target_cosines(const float* emb, const long long* lab
         return;
     }
     const float* e = emb + (u64)i * dim;
-    const float* w = centers + local * dim;
+    const S* w = centers + local * dim;
     double ee = 0.0, ww = 0.0, we = 0.0;
     for (int c = threadIdx.x; c < dim; c += blockDim.x) {
         ee += (double)e[c] * (double)e[c];
-        ww += (double)w[c] * (double)w[c];
-        we += (double)w[c] * (double)e[c];
+        ww += (double)widen(w[c]) * (double)widen(w[c]);
+        we += (double)widen(w[c]) * (double)e[c];
     }
     ee = block_sum(ee, scratch);
     ww = block_sum(ww, scratch);
     we = block_sum(we, scratch);
     if (threadIdx.x == 0) out[i] = (float)(we / (fmax(sqrt(ww), 1e-12) * fmax(sqrt(ee), 1e-12)));
+}
+
+extern "C" __global__ void target_cosines(const float* emb, const long long* labels, int n, int dim, const float* centers,
+                                          u64 start, u64 len, float* out) {
+    label_cosines(emb, labels, n, dim, centers, start, len, out);
+}
+
+extern "C" __global__ void target_cosines_bf16(const float* emb, const long long* labels, int n, int dim, const u16* centers,
+                                               u64 start, u64 len, float* out) {
+    label_cosines(emb, labels, n, dim, centers, start, len, out);
 }
 
 // CurricularFace's t and each row's hard-negative threshold cos(θ_y + m) from the reduced target

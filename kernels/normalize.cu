@@ -20,17 +20,34 @@ extern "C" __global__ void normalize_rows(const float* x, int rows, int dim, flo
 }
 
 // Sampled centers, gathered: out[j] = centers[sampled[j]] normalized, in `dtype`; inv_norm[j].
-extern "C" __global__ void gather_centers(const float* centers, const u32* sampled, int k, int dim, void* out,
-                                          int dtype, float* inv_norm) {
+template <class S>
+__device__ __forceinline__ void gather_rows(const S* centers, const u32* sampled, int k, int dim, void* out, int dtype,
+                                            float* inv_norm) {
     __shared__ float scratch[32];
     const int j = blockIdx.x;
     if (j >= k) return;
-    const float* row = centers + (u64)sampled[j] * dim;
+    const S* row = centers + (u64)sampled[j] * dim;
     float sq = 0.0f;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) sq += row[c] * row[c];
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) sq += widen(row[c]) * widen(row[c]);
     const float inv = 1.0f / fmaxf(sqrtf(block_sum(sq, scratch)), 1e-12f);
     if (threadIdx.x == 0) inv_norm[j] = inv;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) store_from_f32(out, (u64)j * dim + c, row[c] * inv, dtype);
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) store_from_f32(out, (u64)j * dim + c, widen(row[c]) * inv, dtype);
+}
+
+extern "C" __global__ void gather_centers(const float* centers, const u32* sampled, int k, int dim, void* out,
+                                          int dtype, float* inv_norm) {
+    gather_rows(centers, sampled, k, dim, out, dtype, inv_norm);
+}
+
+extern "C" __global__ void gather_centers_bf16(const u16* centers, const u32* sampled, int k, int dim, void* out,
+                                               int dtype, float* inv_norm) {
+    gather_rows(centers, sampled, k, dim, out, dtype, inv_norm);
+}
+
+// dst[i] = src[i] widened to f32 (stored bf16 centers, for search's f32 arithmetic).
+extern "C" __global__ void widen_bf16(const u16* src, u64 len, float* dst) {
+    for (u64 at = blockIdx.x * (u64)blockDim.x + threadIdx.x; at < len; at += (u64)gridDim.x * blockDim.x)
+        dst[at] = widen(src[at]);
 }
 
 // dst[i] = src[i] in `dtype` (the caller's gradient buffers).

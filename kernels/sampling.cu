@@ -4,7 +4,6 @@
 // stays on the device: the select's state (`SELECT_*` words) is read and written by the kernels, and
 // the host reads back at most the sampled count, which it needs to size the GEMMs.
 
-#define GOLDEN_GAMMA 0x9E3779B97F4A7C15ull
 #define POSITIVE_KEY 0xFFFFFFFFFFFFFFFFull
 
 // One thread: a new select (no prefix, no positives yet) and a zero histogram for its first pass.
@@ -16,7 +15,7 @@ extern "C" __global__ void select_reset(u64* select, u32* hist) {
 // keys[j]: the counter-based key of local class j (src/rng.rs `at`).
 extern "C" __global__ void sample_keys(u64 stream, u64 start, u64 len, u64* keys) {
     for (u64 j = blockIdx.x * (u64)blockDim.x + threadIdx.x; j < len; j += (u64)gridDim.x * blockDim.x)
-        keys[j] = mix64(stream + (start + j + 1) * GOLDEN_GAMMA);
+        keys[j] = rng_at(stream, start + j);
 }
 
 // The shard's classes among the labels get the largest key, each counted once however many rows

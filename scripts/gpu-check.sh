@@ -90,12 +90,12 @@ json.dump(out, open(sys.argv[1], "w"))
 sys.exit(0 if all(k in out for k in ("cuda_driver", "nvrtc", "cublas", "nccl")) else 1)
 PY
 
-step "GPU tests (kernels compile to CUBIN for this device, then parity, golden, NCCL, bad input; the emulation's tests of NCCL against the real one)"
+step "GPU tests (kernels compile to CUBIN for this device, then parity, bf16 storage, golden, NCCL, bad input; the emulation's tests of NCCL against the real one)"
 export PFC_REQUIRE_GPU=1 PFC_SHARED_DIR="$PWD/.gpu/shared" PFC_BIN="$PWD/.gpu/pfc" PFC_TEST_TMPDIR="$PWD/.gpu/tmp"
 mkdir -p .gpu/tmp
 # One module of the tests' binary at a time (`kernels::` matches that module's tests only). A filter
 # that matches nothing passes with "0 passed", so each must report tests that ran.
-for t in kernels gpu gpu_step gpu_jobs gpu_margins golden nccl; do
+for t in kernels gpu gpu_step gpu_jobs gpu_margins gpu_storage golden nccl; do
     echo "--- $t"
     run "test $t" 150 .gpu/tests/all "$t::" --test-threads=1 >.gpu/test-$t.log 2>&1
     cat .gpu/test-$t.log

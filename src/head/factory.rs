@@ -47,9 +47,6 @@ pub(crate) fn create(cfg: &Config, group: &Arc<ProcessGroup>, process_shards: &[
             if let Some(dup) = ordinals.iter().find(|o| !seen.insert(**o)) {
                 return Err(Error::invalid(format!("devices lists GPU {dup} twice: NCCL needs one shard per GPU")));
             }
-            if cfg.storage_dtype != DType::F32 {
-                return Err(Error::new(Status::Unavailable, "storage_dtype PFC_DTYPE_BF16 runs on the CPU backend only so far; the CUDA backend stores f32"));
-            }
             let devices = cuda::probe(&ordinals)?;
             let prims = cuda::CudaBackend::new(cfg, &devices)?;
             let coll = NcclCollectives::new(prims.workspaces(), cfg.world_size, cfg.first_rank, group.clone(), process_shards.to_vec(), cfg.nccl_id.as_deref())?;

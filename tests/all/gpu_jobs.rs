@@ -365,6 +365,8 @@ fn search_of(h: &TestHead, queries: &[f32], d: usize, k: usize) -> (Vec<i64>, Ve
 /// id), rows whose squared norm is subnormal or underflows, k above a chunk's classes, and every
 /// class. The emulation's 16 MiB GPUs bound a chunk's products to 512 classes at 300 queries, so
 /// each shard of 2,000 classes searches in several chunks. A query alone gets its answer in the batch.
+/// The same with centers stored in bf16 (each head rounds them to nearest), which the GPUs widen a
+/// chunk at a time as the CPU does.
 #[test]
 fn cuda_search_matches_cpu_with_ties_across_chunks_and_shards() {
     if !on_cuda_with(module_path!(), "cuda_search_matches_cpu_with_ties_across_chunks_and_shards", &[("PFC_EMU_DEVICE_MEMORY", "16M")]) {
@@ -388,30 +390,32 @@ fn cuda_search_matches_cpu_with_ties_across_chunks_and_shards() {
     for j in 0..d {
         queries[j] = base[j] * 3.0;
     }
-    let devices = up_to(4);
-    let gpu = cuda_head(&config(c as u64, d, 1.0, PFC_DTYPE_F32, devices.len()), &devices);
-    gpu.set_centers(&centers);
-    let cpu = TestHead::new(&config(c as u64, d, 1.0, PFC_DTYPE_F32, 3));
-    cpu.set_centers(&centers);
-    let chunk_launches = || crate::common::emu_counters(0).map(|v| v["launches"]["topk_chunk"].as_u64().unwrap_or(0));
-    for k in [1usize, 37, 700] {
-        let before = chunk_launches();
-        let (ids, scores) = search_of(&gpu, &queries, d, k);
-        if let (Some(before), Some(after)) = (before, chunk_launches()) {
-            assert!(after - before >= 2, "k {k}: GPU 0 searched its 2,000 classes in {} chunk(s)", after - before);
+    for storage in [PFC_DTYPE_F32, PFC_DTYPE_BF16] {
+        let devices = up_to(4);
+        let gpu = cuda_head(&pfc_config { storage_dtype: storage, ..config(c as u64, d, 1.0, PFC_DTYPE_F32, devices.len()) }, &devices);
+        gpu.set_centers(&centers);
+        let cpu = TestHead::new(&pfc_config { storage_dtype: storage, ..config(c as u64, d, 1.0, PFC_DTYPE_F32, 3) });
+        cpu.set_centers(&centers);
+        let chunk_launches = || crate::common::emu_counters(0).map(|v| v["launches"]["topk_chunk"].as_u64().unwrap_or(0));
+        for k in [1usize, 37, 700] {
+            let before = chunk_launches();
+            let (ids, scores) = search_of(&gpu, &queries, d, k);
+            if let (Some(before), Some(after)) = (before, chunk_launches()) {
+                assert!(after - before >= 2, "storage {storage}, k {k}: GPU 0 searched its 2,000 classes in {} chunk(s)", after - before);
+            }
+            assert!((ids.clone(), scores.clone()) == search_of(&cpu, &queries, d, k), "storage {storage}, k {k}: the GPUs' search differs from the CPU's");
+            let tied: Vec<i64> = (run.start as i64..).take(k).collect();
+            assert_eq!(ids[..k], tied, "storage {storage}, k {k}: equal scores must list by ascending id");
+            assert!(scores[..k].iter().all(|&s| s == scores[0]), "storage {storage}, k {k}: duplicate directions must score identically");
+            for q in [0, 1, n / 2, n - 1] {
+                let alone = search_of(&gpu, &queries[q * d..(q + 1) * d], d, k);
+                let r = q * k..(q + 1) * k;
+                assert!(alone == (ids[r.clone()].to_vec(), scores[r].to_vec()), "storage {storage}, k {k}: query {q} alone differs from the batch");
+            }
         }
-        assert!((ids.clone(), scores.clone()) == search_of(&cpu, &queries, d, k), "k {k}: the GPUs' search differs from the CPU's");
-        let tied: Vec<i64> = (run.start as i64..).take(k).collect();
-        assert_eq!(ids[..k], tied, "k {k}: equal scores must list by ascending id");
-        assert!(scores[..k].iter().all(|&s| s == scores[0]), "k {k}: duplicate directions must score identically");
-        for q in [0, 1, n / 2, n - 1] {
-            let alone = search_of(&gpu, &queries[q * d..(q + 1) * d], d, k);
-            let r = q * k..(q + 1) * k;
-            assert!(alone == (ids[r.clone()].to_vec(), scores[r].to_vec()), "k {k}: query {q} alone differs from the batch");
-        }
+        let few = &queries[..3 * d];
+        assert!(search_of(&gpu, few, d, c) == search_of(&cpu, few, d, c), "storage {storage}: the full ranking differs from the CPU's");
     }
-    let few = &queries[..3 * d];
-    assert!(search_of(&gpu, few, d, c) == search_of(&cpu, few, d, c), "the full ranking differs from the CPU's");
 }
 
 /// Search leaves the centers on the GPUs: each GPU receives the queries once and sends back each

@@ -38,6 +38,7 @@ mod gpu;
 mod gpu_jobs;
 mod gpu_margins;
 mod gpu_step;
+mod gpu_storage;
 mod gpu_scripts;
 mod header;
 mod index;

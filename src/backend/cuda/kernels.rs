@@ -15,14 +15,15 @@ pub struct KernelSource {
     pub entries: &'static [&'static str],
 }
 
-/// Device helpers prepended to every source (NVRTC sees no CUDA headers here).
-pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
+/// Device helpers prepended to every source (NVRTC sees no CUDA headers here): common.cuh, then
+/// storage.cuh (the stored types of centers and optimizer state, and their rounding).
+pub const COMMON: &str = concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/storage.cuh"));
 
 pub const REGISTRY: &[KernelSource] = &[
     KernelSource {
         file: "normalize.cu",
         source: include_str!("../../../kernels/normalize.cu"),
-        entries: &["normalize_rows", "gather_centers", "convert_f32", "verdict_reset", "check_batch", "describe_batch"],
+        entries: &["normalize_rows", "gather_centers", "gather_centers_bf16", "widen_bf16", "convert_f32", "verdict_reset", "check_batch", "describe_batch"],
     },
     KernelSource {
         file: "sampling.cu",
@@ -49,17 +50,27 @@ pub const REGISTRY: &[KernelSource] = &[
     KernelSource {
         file: "margin.cu",
         source: include_str!("../../../kernels/margin.cu"),
-        entries: &["embedding_norms", "adaface_scalers", "target_cosines", "curricular_margins"],
+        entries: &["embedding_norms", "adaface_scalers", "target_cosines", "target_cosines_bf16", "curricular_margins"],
     },
     KernelSource {
         file: "init.cu",
         source: include_str!("../../../kernels/init.cu"),
-        entries: &["init_centers"],
+        entries: &["init_centers", "init_centers_bf16"],
     },
     KernelSource {
         file: "gradient.cu",
         source: include_str!("../../../kernels/gradient.cu"),
-        entries: &["cos_gradient", "embedding_grad", "project_center_grads", "update_sgd", "update_adamw", "flag_non_finite"],
+        entries: &[
+            "cos_gradient",
+            "embedding_grad",
+            "project_center_grads",
+            "project_center_grads_bf16",
+            "update_sgd",
+            "update_sgd_bf16",
+            "update_adamw",
+            "update_adamw_bf16",
+            "flag_non_finite",
+        ],
     },
     KernelSource {
         file: "topk.cu",

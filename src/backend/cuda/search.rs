@@ -2,10 +2,12 @@
 //! by its centers a chunk of classes at a time with cuBLAS, and kernels/topk.cu keeps each query's
 //! top k on the device, every score recomputed there with the CPU backend's arithmetic: the answer
 //! is the CPU's (src/backend/cpu/search.rs) bit for bit. Centers never leave the device; k hits a
-//! query come back from each shard, and the shards' lists merge on the host.
+//! query come back from each shard, and the shards' lists merge on the host. Centers stored in bf16
+//! are widened to f32 a chunk at a time, as the CPU widens them, and searched as f32 ones.
 
 use super::device::device_error;
 use super::plan::{class_chunks, THREADS};
+use super::stored::StoredRows;
 use crate::backend::cpu::selection_margin;
 use crate::config::DType;
 use crate::error::Result;
@@ -24,7 +26,7 @@ pub(super) struct Shard<'a> {
     pub blas: &'a CudaBlas,
     /// The loaded kernels by entry name (kernels/topk.cu's among them).
     pub functions: &'a HashMap<&'static str, CudaFunction>,
-    pub centers: &'a CudaSlice<f32>,
+    pub centers: &'a StoredRows,
     pub range: ShardRange,
     /// What one chunk's products may take (`plan::eval_chunk_bytes`).
     pub budget: usize,
@@ -59,17 +61,35 @@ fn queue(s: &Shard<'_>, d: usize, queries: &[f32], k: usize) -> Result<(DeviceBu
     let kept = k.min(rows);
     let unit = s.work.upload(queries, "search queries")?;
     let mut hits = s.work.take::<u64>(n * kept, "search results")?;
-    // A chunk's products (4 bytes a query) and its classes' 1/‖c‖ (4 bytes) within the budget.
-    let chunks = class_chunks(rows, n, 4, false, s.budget);
+    // A chunk's products (4 bytes a query) and its classes' 1/‖c‖ (4 bytes), and bf16 centers
+    // widened (4 bytes a value), within the budget.
+    let widened_bytes = if s.centers.is_bf16() { 4 * d } else { 0 };
+    let chunks = class_chunks(rows, n, 4 + widened_bytes, false, s.budget);
     let widest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
     let products = s.work.take::<f32>(n * widest, "search cosines (queries × a chunk of classes)")?;
     let mut inv = s.work.take::<f32>(widest, "search center norms")?;
+    let mut source = match s.centers {
+        StoredRows::F32(all) => Source::F32(all),
+        StoredRows::BF16(all) => Source::Widened(all, s.work.take::<f32>(widest * d, "search centers widened from bf16")?),
+    };
     let (d32, k32, margin) = (d as i32, kept as i32, selection_margin(d));
     let mut have = 0usize;
     for chunk in chunks {
         let (count, first) = (chunk.len(), chunk.start as u32);
         let count32 = count as i32;
-        let centers = s.centers.slice(chunk.start * d..chunk.end * d);
+        let centers = match &mut source {
+            Source::F32(all) => all.slice(chunk.start * d..chunk.end * d),
+            Source::Widened(all, wide) => {
+                let len = (count * d) as u64;
+                let stored = all.slice(chunk.start * d..chunk.end * d);
+                let mut b = stream.launch_builder(&s.functions["widen_bf16"]);
+                b.arg(&stored).arg(&len).arg(&mut *wide);
+                let cfg = LaunchConfig { grid_dim: ((count * d).div_ceil(THREADS as usize) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: arguments match kernels/normalize.cu `widen_bf16`; `wide` holds widest × d values.
+                unsafe { b.launch(cfg) }.map_err(|e| device_error("widen_bf16", e))?;
+                wide.slice(0..count * d)
+            }
+        };
         let mut b = stream.launch_builder(&s.functions["center_inv_norms"]);
         b.arg(&centers).arg(&count32).arg(&d32).arg(&mut inv);
         let cfg = LaunchConfig { grid_dim: (count.div_ceil(THREADS as usize) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
@@ -92,6 +112,12 @@ fn queue(s: &Shard<'_>, d: usize, queries: &[f32], k: usize) -> Result<(DeviceBu
         have = (have + count).min(kept);
     }
     Ok((hits, kept))
+}
+
+/// Where a chunk's f32 centers come from: the stored ones, or bf16 ones widened into a buffer.
+enum Source<'a> {
+    F32(&'a CudaSlice<f32>),
+    Widened(&'a CudaSlice<u16>, DeviceBuf<f32>),
 }
 
 /// The score and local row of a hit of kernels/topk.cu `hit_key`: the score's bits in total order

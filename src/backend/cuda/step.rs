@@ -12,17 +12,19 @@
 use super::device::{device_error, DeviceInfo};
 use super::kernels::{arch_of, cubin_for};
 use super::plan::{class_chunks, combine_grid, eval_chunk_bytes, stats_grid, STATS_COLUMNS, THREADS};
+use super::stored::StoredRows;
 use super::verdict::{self, Verdict};
 use crate::backend::step::{phase, DeviceTimes, OptStep, RowGrads, RowStats, StepPlan, Update};
 use crate::backend::{Primitives, ShardState};
 use crate::batch::{Batches, DeviceBatch, Embeddings, GradOut, Outputs};
-use crate::config::{Config, DType, MarginGrad, MarginKind, OptimizerKind};
+use crate::config::{Config, DType, MarginGrad, MarginKind, OptimizerKind, Rounding};
 use crate::error::{Error, Result, Status};
 use crate::margin::{MarginState, ADAFACE_EPS, ADAFACE_NORM_RANGE, CURRICULAR_T_ALPHA};
 use crate::memory::{Device, DeviceBuf, Workspace};
 use crate::rng;
 use crate::sharding::{sample_count, ShardRange};
 use crate::state::StateTensor;
+use crate::storage::step_stream;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUevent;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -65,8 +67,9 @@ struct GpuShard {
     work: Arc<Workspace>,
     blas: CudaBlas,
     functions: HashMap<&'static str, CudaFunction>,
-    centers: CudaSlice<f32>,
-    state: Vec<(StateTensor, CudaSlice<f32>)>,
+    /// Stored as `storage_dtype` says: f32, or bf16 (`StoredRows`).
+    centers: StoredRows,
+    state: Vec<(StateTensor, StoredRows)>,
     steps: Option<CudaSlice<u32>>,
     /// What the device found wrong in the current step (`verdict.rs`), and the sampling select's
     /// state and histogram: kept for the head's life, reset by kernels.
@@ -118,19 +121,20 @@ struct Forward {
 }
 
 /// What the backward pass leaves: the embedding side of the normalization (`embedding_grad`),
-/// the center gradients until `accumulate`, and the learning rate at which it checked the update
+/// the center gradients until `accumulate`, and the optimizer step for which it checked the update
 /// over exactly those rows (the verdict of which `finite` reads).
 struct Backward {
     unit: DeviceBuf<f32>,
     inv_norm_e: DeviceBuf<f32>,
     pending: DeviceRowGrads,
-    update_checked_at: Option<f32>,
+    update_checked_at: Option<OptStep>,
 }
 
-/// The update's verdict at a learning rate, over the accumulated rows.
+/// The update's verdict for an optimizer step (its rate, and its index, which keys the rounding of
+/// bf16 storage), over the accumulated rows.
 #[derive(Clone, Copy)]
 struct CheckedUpdate {
-    lr: f32,
+    step: OptStep,
     finite: bool,
 }
 
@@ -163,7 +167,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 
 macro_rules! launch {
-    ($shard:expr, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
+    ($shard:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
         let f = $shard.f($name);
         let mut b = $shard.stream.launch_builder(f);
         $( b.arg($arg); )*
@@ -220,24 +224,34 @@ impl GpuShard {
     }
 
     /// The optimizer kernel over `rows`: with `commit` the update, without it only the check (the
-    /// verdict's `UPDATE` set when a value would be non-finite or a row not normalizable).
-    fn launch_update(&self, rows: &DeviceRowGrads, cfg: &Config, lr: f32, commit: bool) -> Result<()> {
-        let (d32, opt) = (cfg.embedding_dim as i32, cfg.optimizer);
+    /// verdict's `UPDATE` set when a value would be non-finite or a row not normalizable, as
+    /// stored). bf16 storage's entry points also take the step's rounding: its stream, the mode,
+    /// and the shard's first class (draws follow the global class).
+    fn launch_update(&self, rows: &DeviceRowGrads, cfg: &Config, step: OptStep, commit: bool) -> Result<()> {
+        let (d32, opt, lr) = (cfg.embedding_dim as i32, cfg.optimizer, step.lr);
         let (k32, commit) = (rows.len as i32, i32::from(commit));
+        let (stream, nearest, start) = (step_stream(cfg.seed, step.index), i32::from(cfg.storage_rounding == Rounding::Nearest), self.range.start);
+        let name = match opt.kind {
+            OptimizerKind::Sgd => self.centers.kernel("update_sgd", "update_sgd_bf16"),
+            OptimizerKind::AdamW => self.centers.kernel("update_adamw", "update_adamw_bf16"),
+        };
+        let mut b = self.stream.launch_builder(self.f(name));
         match opt.kind {
-            OptimizerKind::Sgd => launch!(
-                self, "update_sgd", per_row(rows.len),
-                &self.centers, &self.state[0].1, &rows.rows, &rows.grads, &k32, &d32, &lr, &opt.momentum, &opt.weight_decay, &commit, &self.verdict
-            ),
+            OptimizerKind::Sgd => {
+                b.arg(&self.centers).arg(&self.state[0].1).arg(&rows.rows).arg(&rows.grads).arg(&k32).arg(&d32).arg(&lr).arg(&opt.momentum).arg(&opt.weight_decay);
+            }
             OptimizerKind::AdamW => {
                 let steps = self.steps.as_ref().ok_or_else(|| Error::internal("AdamW without step counts"))?;
-                launch!(
-                    self, "update_adamw", per_row(rows.len),
-                    &self.centers, &self.state[0].1, &self.state[1].1, steps, &rows.rows, &rows.grads, &k32, &d32, &lr, &opt.beta1, &opt.beta2, &opt.eps,
-                    &opt.weight_decay, &commit, &self.verdict
-                )
+                b.arg(&self.centers).arg(&self.state[0].1).arg(&self.state[1].1).arg(steps).arg(&rows.rows).arg(&rows.grads).arg(&k32).arg(&d32).arg(&lr);
+                b.arg(&opt.beta1).arg(&opt.beta2).arg(&opt.eps).arg(&opt.weight_decay);
             }
         }
+        b.arg(&commit).arg(&self.verdict);
+        if self.centers.is_bf16() {
+            b.arg(&stream).arg(&nearest).arg(&start);
+        }
+        // SAFETY: the arguments match the entry point's signature in kernels/gradient.cu.
+        unsafe { b.launch(per_row(rows.len)) }.map(|_| ()).map_err(|e| device_error(name, e))
     }
 
     /// Sampling on the GPU (kernels/sampling.cu): the set src/sharding.rs `sample` picks, found
@@ -366,18 +380,19 @@ impl CudaBackend {
             // The CPU backend's initial centers, drawn on the device from (seed, class): nothing
             // crosses the bus (at 10M classes the host's draw and upload took tens of seconds).
             // SAFETY: `init_centers` writes every value before anything reads it.
-            let mut centers = unsafe { stream.alloc::<f32>((rows * d).max(1)) }.map_err(|e| oom("the class centers", e))?;
+            let centers = unsafe { StoredRows::uninit(&stream, cfg.storage_dtype, (rows * d).max(1)) }.map_err(|e| oom("the class centers", e))?;
             {
                 let base = rng::purpose_base(cfg.seed, rng::PURPOSE_INIT);
                 let (start, rows64, d32) = (range.start, rows as u64, d as i32);
-                let mut b = stream.launch_builder(&functions["init_centers"]);
-                b.arg(&base).arg(&start).arg(&rows64).arg(&d32).arg(&cfg.init_std).arg(&mut centers);
+                let name = centers.kernel("init_centers", "init_centers_bf16");
+                let mut b = stream.launch_builder(&functions[name]);
+                b.arg(&base).arg(&start).arg(&rows64).arg(&d32).arg(&cfg.init_std).arg(&centers);
                 // SAFETY: arguments match kernels/init.cu `init_centers`; `centers` holds rows × d values.
-                unsafe { b.launch(grid_for(rows * d.div_ceil(2))) }.map_err(|e| device_error("init_centers", e))?;
+                unsafe { b.launch(grid_for(rows * d.div_ceil(2))) }.map_err(|e| device_error(name, e))?;
             }
             let state = StateTensor::for_optimizer(cfg.optimizer.kind)[1..]
                 .iter()
-                .map(|&t| Ok((t, stream.alloc_zeros::<f32>((rows * d).max(1)).map_err(|e| oom(t.name(), e))?)))
+                .map(|&t| Ok((t, StoredRows::zeros(&stream, cfg.storage_dtype, (rows * d).max(1)).map_err(|e| oom(t.name(), e))?)))
                 .collect::<Result<Vec<_>>>()?;
             let steps = match cfg.optimizer.kind {
                 OptimizerKind::AdamW => Some(stream.alloc_zeros::<u32>(rows.max(1)).map_err(|e| oom("step counts", e))?),
@@ -532,7 +547,7 @@ impl Primitives for CudaBackend {
         let n = labels.len();
         let (n32, d32, start, len) = (n as i32, d as i32, g.range.start, g.range.len);
         let mut out = g.take::<f32>(n, "target cosines")?;
-        launch!(g, "target_cosines", per_row(n), emb, labels, &n32, &d32, &g.centers, &start, &len, &mut out)?;
+        launch!(g, g.centers.kernel("target_cosines", "target_cosines_bf16"), per_row(n), emb, labels, &n32, &d32, &g.centers, &start, &len, &mut out)?;
         Ok(out)
     }
 
@@ -631,7 +646,7 @@ impl Primitives for CudaBackend {
                 let chunk_ids = ids.slice(first..first + count);
                 let mut w = w_gemm.slice_mut(at * center_bytes..(at + count) * center_bytes);
                 let mut inv = inv_w.slice_mut(at..at + count);
-                launch!(shard, "gather_centers", per_row(count), &shard.centers, &chunk_ids, &count32, &d32, &mut w, &dt, &mut inv)?;
+                launch!(shard, shard.centers.kernel("gather_centers", "gather_centers_bf16"), per_row(count), &shard.centers, &chunk_ids, &count32, &d32, &mut w, &dt, &mut inv)?;
                 let w_ptr = w_gemm.ptr() + (at * center_bytes) as u64;
                 let c_ptr = cos.ptr() + (at * n * 4) as u64;
                 // cos [count][N] = Ŵ·X̂ᵀ; column-major: C (N×count) = X̂ᵀ(N×d)·Ŵ(d×count).
@@ -721,14 +736,14 @@ impl Primitives for CudaBackend {
         // gŴ [k][d] = G·X̂; column-major: (d×k) = X̂(d×N)·G(N×k), G being [k][N] row-major.
         g.gemm(false, false, d, k, n, unit_gemm.ptr(), d, grad_cos.ptr(), n, g_unit.ptr(), d, dtype)?;
         let mut projected = g.take::<f32>(k * d, "center gradients (sampled classes × embedding_dim)")?;
-        launch!(g, "project_center_grads", per_row(k), &g.centers, &ids, &g_unit, &inv_norm_w, &k32, &d32, &mut projected)?;
+        launch!(g, g.centers.kernel("project_center_grads", "project_center_grads_bf16"), per_row(k), &g.centers, &ids, &g_unit, &inv_norm_w, &k32, &d32, &mut projected)?;
         g.step = StepState::Backward(Box::new(Backward { unit, inv_norm_e, pending: DeviceRowGrads { rows: ids, grads: projected, len: k }, update_checked_at: None }));
         // The update over exactly these rows is checked now, while they are fresh, where nothing
         // was accumulated before; `finite` reads its verdict with the rest.
-        if let (Update::Check(OptStep { lr, .. }), None, StepState::Backward(b)) = (update, &g.accumulated, &g.step) {
-            g.launch_update(&b.pending, &self.cfg, lr, false)?;
+        if let (Update::Check(step), None, StepState::Backward(b)) = (update, &g.accumulated, &g.step) {
+            g.launch_update(&b.pending, &self.cfg, step, false)?;
             if let StepState::Backward(b) = &mut g.step {
-                b.update_checked_at = Some(lr);
+                b.update_checked_at = Some(step);
             }
         }
         Ok(gx)
@@ -760,7 +775,7 @@ impl Primitives for CudaBackend {
         let checked_at = b.update_checked_at;
         let verdict = g.read_verdict()?;
         verdict.step()?;
-        g.update_checked = checked_at.map(|lr| CheckedUpdate { lr, finite: verdict.update_finite() });
+        g.update_checked = checked_at.map(|step| CheckedUpdate { step, finite: verdict.update_finite() });
         Ok(verdict.gradients_finite())
     }
 
@@ -847,23 +862,23 @@ impl Primitives for CudaBackend {
         self.shards[shard].accumulated.as_ref().map_or(0, |a| a.len)
     }
 
-    fn update_is_finite(&mut self, shard: usize, OptStep { lr, .. }: OptStep) -> Result<bool> {
-        if let Some(checked) = self.shards[shard].update_checked.filter(|c| c.lr == lr) {
+    fn update_is_finite(&mut self, shard: usize, step: OptStep) -> Result<bool> {
+        if let Some(checked) = self.shards[shard].update_checked.filter(|c| c.step == step) {
             return Ok(checked.finite);
         }
         let g = &self.shards[shard];
         let Some(acc) = &g.accumulated else { return Ok(true) };
         g.bind()?;
         g.reset_verdict()?;
-        g.launch_update(acc, &self.cfg, lr, false)?;
+        g.launch_update(acc, &self.cfg, step, false)?;
         Ok(g.read_verdict()?.update_finite())
     }
 
-    fn apply(&mut self, shard: usize, OptStep { lr, .. }: OptStep) -> Result<()> {
+    fn apply(&mut self, shard: usize, step: OptStep) -> Result<()> {
         let g = &mut self.shards[shard];
         if let Some(acc) = &g.accumulated {
             g.bind()?;
-            g.launch_update(acc, &self.cfg, lr, true)?;
+            g.launch_update(acc, &self.cfg, step, true)?;
         }
         g.accumulated = None;
         g.undo = None;
@@ -934,8 +949,7 @@ impl ShardState for CudaBackend {
                 StateTensor::Centers => &g.centers,
                 t => &g.state.iter().find(|(x, _)| *x == t).ok_or_else(|| Error::invalid(format!("this optimizer keeps no {}", t.name())))?.1,
             };
-            let view = src.slice(row * d..(row + rows) * d);
-            g.stream.memcpy_dtoh(&view, &mut out[at * d..(at + rows) * d]).map_err(|e| device_error("download", e))?;
+            src.read(&g.stream, row * d..(row + rows) * d, &mut out[at * d..(at + rows) * d])?;
         }
         Ok(())
     }
@@ -949,8 +963,7 @@ impl ShardState for CudaBackend {
                 StateTensor::Centers => &mut g.centers,
                 t => &mut g.state.iter_mut().find(|(x, _)| *x == t).ok_or_else(|| Error::invalid(format!("this optimizer keeps no {}", t.name())))?.1,
             };
-            let mut view = dst.slice_mut(row * d..(row + rows) * d);
-            stream.memcpy_htod(&values[at * d..(at + rows) * d], &mut view).map_err(|e| device_error("upload", e))?;
+            dst.write(&stream, row * d..(row + rows) * d, &values[at * d..(at + rows) * d])?;
         }
         Ok(())
     }

@@ -24,7 +24,6 @@ use crate::memory::{Device, DeviceBuf, Workspace};
 use crate::rng;
 use crate::sharding::{sample_count, ShardRange};
 use crate::state::StateTensor;
-use crate::storage::step_stream;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUevent;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -130,8 +129,8 @@ struct Backward {
     update_checked_at: Option<OptStep>,
 }
 
-/// The update's verdict for an optimizer step (its rate, and its index, which keys the rounding of
-/// bf16 storage), over the accumulated rows.
+/// The update's verdict for an optimizer step (its rate, and its index and seed, which key the
+/// rounding of bf16 storage), over the accumulated rows.
 #[derive(Clone, Copy)]
 struct CheckedUpdate {
     step: OptStep,
@@ -230,7 +229,7 @@ impl GpuShard {
     fn launch_update(&self, rows: &DeviceRowGrads, cfg: &Config, step: OptStep, commit: bool) -> Result<()> {
         let (d32, opt, lr) = (cfg.embedding_dim as i32, cfg.optimizer, step.lr);
         let (k32, commit) = (rows.len as i32, i32::from(commit));
-        let (stream, nearest, start) = (step_stream(cfg.seed, step.index), i32::from(cfg.storage_rounding == Rounding::Nearest), self.range.start);
+        let (stream, nearest, start) = (step.rounding_stream(), i32::from(cfg.storage_rounding == Rounding::Nearest), self.range.start);
         let name = match opt.kind {
             OptimizerKind::Sgd => self.centers.kernel("update_sgd", "update_sgd_bf16"),
             OptimizerKind::AdamW => self.centers.kernel("update_adamw", "update_adamw_bf16"),

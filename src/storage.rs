@@ -170,12 +170,18 @@ crate::simd::multiversion! {
             }
             Rounding::Stochastic => {
                 let mut draws = [0u64; CHUNK_DRAWS];
+                let mut lanes = [0u16; CHUNK_DRAWS * PER_DRAW];
                 for (c, chunk) in values.chunks_mut(CHUNK_DRAWS * PER_DRAW).enumerate() {
                     let n = chunk.len().div_ceil(PER_DRAW);
                     rng::fill_at(key.stream, key.first_draw + (c * CHUNK_DRAWS) as u64, &mut draws[..n]);
-                    for (i, v) in chunk.iter_mut().enumerate() {
-                        let r = ((draws[i / PER_DRAW] >> (16 * (i % PER_DRAW))) & 0xFFFF) as u32;
-                        *v = f32::from_bits(stochastic_bits(v.to_bits(), r));
+                    // Lane j of a draw is its bits 16j..16j + 16: the draws' little-endian bytes.
+                    for (pair, &draw) in lanes.chunks_exact_mut(PER_DRAW).zip(&draws[..n]) {
+                        for (j, lane) in pair.iter_mut().enumerate() {
+                            *lane = (draw >> (16 * j)) as u16;
+                        }
+                    }
+                    for (v, &r) in chunk.iter_mut().zip(&lanes) {
+                        *v = f32::from_bits(stochastic_bits(v.to_bits(), r as u32));
                     }
                 }
             }

@@ -175,6 +175,20 @@ def report():
         fig.tight_layout(); fig.savefig(os.path.join(PLOTS, "scale.png"), dpi=120)
 
 
+def seeds_against(rs, base, keys, is_base):
+    """Table cells for runs of several seeds: each key's mean (lowest–highest), and against `base`
+    (the baseline's runs by seed) the mean paired difference and the seeds on which these are ahead."""
+    import statistics
+    cells = ["%.2f%% (%.2f–%.2f)" % tuple(100 * f([r[k] for r in rs]) for f in (statistics.mean, min, max)) for k, _ in keys]
+    if is_base:
+        return cells, ["–"] * len(keys)
+    deltas = []
+    for k, _ in keys:
+        diff = [r[k] - base[r["seed"]][k] for r in rs if r["seed"] in base]
+        deltas.append("%+.2f pts, ahead on %d of %d" % (100 * statistics.mean(diff), sum(x > 0 for x in diff), len(diff)))
+    return cells, deltas
+
+
 def storage_report(runs, plt):
     import statistics
     pick = lambda lr, kind: [r for n, r in runs if n.startswith("storage-lr%s-%s-seed" % (lr, kind))]
@@ -189,15 +203,8 @@ def storage_report(runs, plt):
             rs = pick(lr, kind)
             if not rs:
                 continue
-            cells = ["%.2f%% (%.2f–%.2f)" % tuple(100 * f([r[k] for r in rs]) for f in (statistics.mean, min, max)) for k, _ in keys]
+            cells, deltas = seeds_against(rs, base, keys, kind == "f32")
             loss = "%.3f" % statistics.mean(r["last_loss"] for r in rs)
-            if kind == "f32":
-                deltas = ["–"] * len(keys)
-            else:
-                deltas = []
-                for k, _ in keys:
-                    diff = [r[k] - base[r["seed"]][k] for r in rs if r["seed"] in base]
-                    deltas.append("%+.2f pts, ahead on %d of %d" % (100 * statistics.mean(diff), sum(x > 0 for x in diff), len(diff)))
             print("| %s | %s | %s | %s | %s |" % (lr, kind, " | ".join(cells), loss, " | ".join(deltas)))
     print()
 
@@ -232,14 +239,7 @@ def quality_report(runs, plt):
         base = {r["seed"]: r for r in pick(d, "arcface")}
         for m in margins:
             rs = pick(d, m)
-            cells = ["%.2f%% (%.2f–%.2f)" % tuple(100 * f([r[k] for r in rs]) for f in (statistics.mean, min, max)) for k, _ in keys]
-            if m == "arcface":
-                deltas = ["–"] * len(keys)
-            else:
-                deltas = []
-                for k, _ in keys:
-                    diff = [r[k] - base[r["seed"]][k] for r in rs if r["seed"] in base]
-                    deltas.append("%+.2f pts, ahead on %d of %d" % (100 * statistics.mean(diff), sum(x > 0 for x in diff), len(diff)))
+            cells, deltas = seeds_against(rs, base, keys, m == "arcface")
             print("| %s | %s | %s | %s |" % (d, m, " | ".join(cells), " | ".join(deltas)))
     print()
 

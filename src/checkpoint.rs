@@ -43,7 +43,17 @@ use std::fs;
 use std::path::Path;
 
 pub(crate) const FORMAT: &str = "partialfc-checkpoint";
-pub(crate) const FORMAT_VERSION: u64 = 2;
+/// The newest format this reads and writes: 3 holds bf16 state (`storage_dtype`). A checkpoint
+/// of f32 state is still written as format 2, which versions before bf16 storage read; bf16 state
+/// is format 3, which they refuse as a newer format (`PFC_ERR_INCOMPATIBLE`) instead of finding
+/// its tensors of an unknown type corrupt.
+pub(crate) const FORMAT_VERSION: u64 = 3;
+const F32_FORMAT_VERSION: u64 = 2;
+
+/// The format a checkpoint of state stored as `storage` is written in.
+fn format_version(storage: DType) -> u64 {
+    if storage == DType::F32 { F32_FORMAT_VERSION } else { FORMAT_VERSION }
+}
 const MANIFEST: &str = "manifest.json";
 /// The manifest's fixed opening, up to its checksum's hex digits.
 const MANIFEST_HEAD: &str = "{\"checksum\":\"crc32:";
@@ -460,7 +470,7 @@ fn write_manifest(head: &Head, dir: &Path, save_id: &str, mut shards: Vec<Value>
     let m = &cfg.margin;
     let body = json!({
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(cfg.storage_dtype),
         "library": env!("CARGO_PKG_VERSION"),
         "save": save_id,
         "num_classes": cfg.num_classes,
@@ -544,11 +554,11 @@ fn manifest_body(path: &Path, text: &str) -> Result<Value> {
     // A manifest in format 1's layout is format 1, whatever it claims.
     let version = layout_version.or_else(|| v.get("format_version").and_then(Value::as_u64));
     if v.get("format").and_then(Value::as_str) == Some(FORMAT) {
-        if let Some(version) = version.filter(|&n| n != FORMAT_VERSION) {
-            let hint = if version < FORMAT_VERSION { "; load it with the partialfc version that wrote it and save it again" } else { "" };
+        if let Some(version) = version.filter(|n| !(F32_FORMAT_VERSION..=FORMAT_VERSION).contains(n)) {
+            let hint = if version < F32_FORMAT_VERSION { "; load it with the partialfc version that wrote it and save it again" } else { "" };
             return Err(Error::new(
                 Status::Incompatible,
-                format!("{}: checkpoint format version {version}; this version of partialfc reads format {FORMAT_VERSION}{hint}", path.display()),
+                format!("{}: checkpoint format version {version}; this version of partialfc reads formats {F32_FORMAT_VERSION} and {FORMAT_VERSION}{hint}", path.display()),
             ));
         }
     }
@@ -570,7 +580,8 @@ pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest> {
     if field(&v, "format")?.as_str() != Some(FORMAT) {
         return Err(corrupt(format!("{} is not a partialfc checkpoint manifest", path.display())));
     }
-    if uint(&v, "format_version")? != FORMAT_VERSION {
+    let version = uint(&v, "format_version")?;
+    if !(F32_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(corrupt(format!("{}: bad format version", path.display())));
     }
     // The same checks as a head's own setters: a checkpoint cannot smuggle in what they refuse.
@@ -594,6 +605,9 @@ pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest> {
             None => return Err(corrupt("checkpoint manifest: \"storage_dtype\" is not a string")),
         },
     };
+    if version < format_version(storage) {
+        return Err(corrupt(format!("{}: bf16 state in a format {version} manifest, which holds f32 only", path.display())));
+    }
     let mut shards = Vec::new();
     for s in field(&v, "shards")?.as_array().ok_or_else(|| corrupt("checkpoint manifest: \"shards\" is not a list"))? {
         let file = field(s, "file")?.as_str().ok_or_else(|| corrupt("checkpoint manifest: bad shard file name"))?;

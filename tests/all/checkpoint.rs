@@ -483,6 +483,8 @@ fn damages(storage: i32) -> Vec<(String, Damage, pfc_status)> {
     if storage == PFC_DTYPE_BF16 {
         // A manifest without it is an f32 checkpoint, as before bf16 storage: these files are not.
         v.push(("manifest: no storage dtype".into(), edit(|m| { m.as_object_mut().unwrap().remove("storage_dtype"); }), corrupt));
+        // Format 2 holds f32 state only: versions before bf16 storage must not read these files.
+        v.push(("manifest: bf16 state under format version 2".into(), edit(|m| m["format_version"] = 2.into()), corrupt));
     }
     for (what, count) in [("2^31", 1u32 << 31), ("2^32 - 1", u32::MAX), ("one more than the head's steps", 4)] {
         let steps: Damage = Box::new(move |d: &Path, files: &[String]| {
@@ -501,7 +503,7 @@ fn damages(storage: i32) -> Vec<(String, Damage, pfc_status)> {
         reseal(d);
     }), corrupt));
     // Incompatible, not corrupt.
-    v.push(("manifest: format version 3".into(), edit(|m| m["format_version"] = 3.into()), PFC_ERR_INCOMPATIBLE));
+    v.push(("manifest: format version 4".into(), edit(|m| m["format_version"] = 4.into()), PFC_ERR_INCOMPATIBLE));
     v.push(("manifest: format version 1 in this layout".into(), edit(|m| m["format_version"] = 1.into()), PFC_ERR_INCOMPATIBLE));
     v.push(("manifest: other class count".into(), edit(|m| {
         m["num_classes"] = (C + 1).into();

@@ -363,7 +363,7 @@ fn format_1_checkpoints_are_refused_as_incompatible() {
     std::fs::write(dir.join("manifest.json"), format!("{body}\ncrc32 {:08x}\n", crc32fast::hash(body.as_bytes()))).unwrap();
     let (st, msg) = load_fresh(&dir);
     assert_eq!(st, PFC_ERR_INCOMPATIBLE, "{msg}");
-    assert!(msg.contains("format version 1") && msg.contains("reads format 2"), "{msg}");
+    assert!(msg.contains("format version 1") && msg.contains("reads formats 2 and 3"), "{msg}");
     // A save replaces it, removing the files its manifest names and nothing else.
     std::fs::write(dir.join("notes.txt"), b"mine").unwrap();
     let old: Vec<String> = m["shards"].as_array().unwrap().iter().map(|s| s["file"].as_str().unwrap().to_string()).collect();

@@ -77,9 +77,14 @@ fn headline_configuration_is_the_default() {
     let softmax = 2 * (3 * 4096 - 3 * 64) * 4 + 2 * (3 * 4096 - 3 * 64) * 4; // 96,768 + 96,768 = 193,536
     assert_eq!((embeddings, labels, softmax), (8_257_536, 32_760, 193_536));
     let comm = [embeddings, labels, softmax, embeddings];
-    // Beside each momentum row, the engine's f32 norm of it.
-    check(&v, "model_parallel", [156_250 * 512 * 4, 156_250 * 512 * 4, 156_250 * 4, 0, 4096 * 156_250 * 4], comm);
-    check(&v, "partial_fc", [156_250 * 512 * 4, 156_250 * 512 * 4, 156_250 * 4, 0, 4096 * 15_625 * 4], comm);
+    // On GPUs (the default engine) nothing beside the momentum: the CUDA engine keeps no row norms.
+    check(&v, "model_parallel", [156_250 * 512 * 4, 156_250 * 512 * 4, 0, 0, 4096 * 156_250 * 4], comm);
+    check(&v, "partial_fc", [156_250 * 512 * 4, 156_250 * 512 * 4, 0, 0, 4096 * 15_625 * 4], comm);
+    // The CPU engine keeps each momentum row's f32 norm beside it.
+    let cpu = plan_json(&["--engine", "cpu"]);
+    check(&cpu, "partial_fc", [156_250 * 512 * 4, 156_250 * 512 * 4, 156_250 * 4, 0, 4096 * 15_625 * 4], comm);
+    assert_eq!(cpu["config"]["engine"], "cpu");
+    assert_eq!(v["config"]["engine"], "cuda");
     assert_eq!(at(&v, "model_parallel.memory.logits"), 2_560_000_000);
     assert_eq!(at(&v, "partial_fc.memory.logits"), 256_000_000);
     assert_eq!(at(&v, "partial_fc.communication.total"), 16_741_368);
@@ -132,7 +137,7 @@ fn table_shows_exact_bytes_and_binary_units() {
 #[test]
 fn uneven_shards_adamw_bf16_and_a_backbone() {
     // S = 8, B = 5 (N = 40), d = 3, C = 1,000,003 = 8 × 125,000 + 3: three GPUs hold 125,001 classes.
-    let args = ["--gpus", "8", "--batch-per-gpu", "5", "--dim", "3", "--classes", "1,000,003", "--sample-rate", "0.3"];
+    let args = ["--gpus", "8", "--batch-per-gpu", "5", "--dim", "3", "--classes", "1,000,003", "--sample-rate", "0.3", "--engine", "cpu"];
     let mut all = args.to_vec();
     all.extend_from_slice(&["--optimizer", "adamw", "--dtype", "bf16", "--backbone-params", "65M"]);
     let v = plan_json(&all);
@@ -185,7 +190,7 @@ fn uneven_shards_adamw_bf16_and_a_backbone() {
 #[test]
 fn few_classes_per_shard_bound_the_positives() {
     // S = 3, B = 4 (N = 12), d = 2, C = 10 = 3 × 3 + 1: n = 4 on GPU 0; k = floor(0.5 × 4) = 2.
-    let v = plan_json(&["--gpus", "3", "--batch-per-gpu", "4", "--dim", "2", "--classes", "10", "--sample-rate", "0.5"]);
+    let v = plan_json(&["--gpus", "3", "--batch-per-gpu", "4", "--dim", "2", "--classes", "10", "--sample-rate", "0.5", "--engine", "cpu"]);
     assert_eq!(at(&v, "sharding.classes_per_gpu_max"), 4);
     assert_eq!(at(&v, "sharding.classes_per_gpu_min"), 3);
     assert_eq!(at(&v, "sharding.sampled_per_gpu"), 2);
@@ -203,7 +208,7 @@ fn few_classes_per_shard_bound_the_positives() {
 #[test]
 fn one_gpu_sends_nothing_and_rate_one_is_model_parallel() {
     // S = 1: no peer to talk to; k from the decimal rate: floor(0.7 × 10) = 7 (f32 0.7 would give 6).
-    let v = plan_json(&["--gpus", "1", "--batch-per-gpu", "8", "--dim", "4", "--classes", "10", "--sample-rate", "0.7"]);
+    let v = plan_json(&["--gpus", "1", "--batch-per-gpu", "8", "--dim", "4", "--classes", "10", "--sample-rate", "0.7", "--engine", "cpu"]);
     assert_eq!(at(&v, "sharding.sampled_per_gpu"), 7);
     check(&v, "data_parallel", [10 * 4 * 4, 10 * 4 * 4, 0, 10 * 4 * 4, 8 * 10 * 4], [0, 0, 0, 0]);
     check(&v, "partial_fc", [10 * 4 * 4, 10 * 4 * 4, 10 * 4, 0, 8 * 7 * 4], [0, 0, 0, 0]);
@@ -267,7 +272,7 @@ fn curricular_adds_the_target_cosine_exchange() {
 #[test]
 fn bf16_storage_halves_the_centers_and_their_state() {
     // One CPU process holding 10M identities at d = 512 with SGD: what issue #26 trains on 24 GB.
-    let one = ["--gpus", "1", "--batch-per-gpu", "256", "--dim", "512", "--classes", "10M", "--sample-rate", "0.1"];
+    let one = ["--gpus", "1", "--batch-per-gpu", "256", "--dim", "512", "--classes", "10M", "--sample-rate", "0.1", "--engine", "cpu"];
     let f32 = plan_json(&one);
     let bf16 = plan_json(&[&one[..], &["--storage", "bf16"]].concat());
     assert_eq!((f32["config"]["storage"].as_str(), at(&f32, "config.storage_bytes")), (Some("f32"), 4));
@@ -281,7 +286,7 @@ fn bf16_storage_halves_the_centers_and_their_state() {
     check(&bf16, "data_parallel", [10_000_000 * 512 * 2, 10_000_000 * 512 * 2, 0, 10_000_000 * 512 * 2, 256 * 10_000_000 * 4], [0, 0, 0, 0]);
 
     // AdamW on uneven shards: two bf16 moments per value, a u32 step count and two f32 norms per row.
-    let args = ["--gpus", "8", "--batch-per-gpu", "5", "--dim", "3", "--classes", "1,000,003", "--sample-rate", "0.3", "--optimizer", "adamw"];
+    let args = ["--gpus", "8", "--batch-per-gpu", "5", "--dim", "3", "--classes", "1,000,003", "--sample-rate", "0.3", "--optimizer", "adamw", "--engine", "cpu"];
     let f32 = plan_json(&args);
     let bf16 = plan_json(&[&args[..], &["--storage", "bf16"]].concat());
     let comm = [7 * 5 * 3 * 4, 7 * 5 * 8 + 7 * 8, 2 * (120 - 15) * 4 + 2 * (120 - 15) * 4, 7 * 5 * 3 * 4];

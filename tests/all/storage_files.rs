@@ -112,6 +112,9 @@ fn checkpoints_load_into_either_storage_and_any_shard_count() {
             checkpoint::save(&src, &dir.0).unwrap();
             let file = Snapshot::read(&dir.0);
             assert_eq!(file.manifest["storage_dtype"], storage_name(from));
+            // Format 3 for bf16 state, which versions before bf16 storage refuse as newer; f32
+            // state stays format 2, which they read.
+            assert_eq!(file.manifest["format_version"], if from == DType::BF16 { 3 } else { 2 });
             // Stored as is: BF16 tensors of 2 bytes a value for a bf16 head, F32 ones otherwise.
             for &name in tensor_names(kind) {
                 let (dtype, size) = if from == DType::BF16 { (Dtype::BF16, 2) } else { (Dtype::F32, 4) };

@@ -8,6 +8,7 @@ pub mod gemm;
 pub mod kernels;
 pub(crate) mod optimizer;
 mod search;
+mod table;
 
 pub use search::scan as scan_centers;
 pub(crate) use search::{selection_margin, unit_rows};
@@ -15,6 +16,7 @@ pub(crate) use search::{selection_margin, unit_rows};
 use self::gemm::{matmul, GemmPath, Operand};
 use self::kernels::{LogitParams, RowAccumulator, RowGradParams};
 use self::optimizer::{above, OptimizerState, Store, VALUE_BOUND};
+use self::table::{per_task_scratch, rows_per_task, written};
 use super::step::{softmax_factors, OptStep, RowGrads, RowStats, StepPlan, Update};
 use super::{Primitives, ShardState};
 use crate::batch::{Batches, Outputs};
@@ -45,28 +47,6 @@ impl<W, K> Workers<W, K> {
     fn new() -> Self {
         Workers { key: None, workers: Vec::new() }
     }
-}
-
-/// `row` with every value set to its default.
-fn written<T: Default>(row: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
-    for x in row.iter_mut() {
-        x.write(T::default());
-    }
-    // SAFETY: every value was just written, and MaybeUninit<T> has T's layout.
-    unsafe { &mut *(row as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
-}
-
-/// `len` default values, written by the pool's threads: a table of gigabytes is zeroed in one
-/// parallel pass, and its memory is committed when the head is made rather than at a later step.
-pub(crate) fn zeroed_table<T: Default + Send>(len: usize, what: &str) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    try_reserve(&mut v, len, what)?;
-    crate::pool::install(|| v.spare_capacity_mut().par_chunks_mut(1 << 16).for_each(|chunk| {
-        written(chunk);
-    }))?;
-    // SAFETY: every value of the capacity was written above.
-    unsafe { v.set_len(len) };
-    Ok(v)
 }
 
 /// Runs `body(worker, block)` for every block on the pool, in tasks of consecutive blocks, each
@@ -749,7 +729,10 @@ impl<T: Stored> Shard<T> {
                     // SAFETY: as above; sampled rows are distinct, so each has one writer.
                     unsafe {
                         state.update_projected(&opt, step.lr, j as usize, class, weights, inv[r], factor, grad, store, &mut w.update);
-                        T::narrow(weights, stored.slice(j as usize * d, d));
+                        // An f32 table's `weights` is the stored row itself, updated in place.
+                        if T::ROUNDS {
+                            T::narrow(weights, stored.slice(j as usize * d, d));
+                        }
                     }
                     continue;
                 }
@@ -869,8 +852,7 @@ impl<T: Stored> Primitives for CpuBackend<T> {
         for ((o, &label), e) in out.iter_mut().zip(labels).zip(emb.chunks_exact(d)) {
             *o = if s.range.contains(label as u64) {
                 let local = (label as u64 - s.range.start) as usize;
-                T::widen(&s.centers[local * d..(local + 1) * d], &mut wide);
-                let w = wide.as_slice();
+                let w = table::row_f32(&s.centers[local * d..(local + 1) * d], &mut wide);
                 // As PyTorch's `normalize`: each norm at least 1e-12.
                 let norms = kernels::dot_f64(w, w).sqrt().max(1e-12) * kernels::dot_f64(e, e).sqrt().max(1e-12);
                 (kernels::dot_f64(w, e) / norms) as f32
@@ -1022,27 +1004,19 @@ impl<T: Stored> Primitives for CpuBackend<T> {
         }
         let state = s.optimizer.rows_ptr();
         let (acc, centers, first_class) = (&s.accumulated, &s.centers, s.range.start);
-        let rows = acc.rows.len();
+        // Each task's copy of a row and its candidate update (the exact check's).
+        let per = rows_per_task(acc.rows.len(), BLOCK);
+        let (mut scratch, width) = per_task_scratch(acc.rows.len(), per, 6 * d, true)?;
         crate::pool::install(|| {
-            (0..rows)
-                .into_par_iter()
-                .with_min_len(BLOCK)
-                .fold(|| (vec![0.0f32; 6 * d], true), |(mut scratch, ok), r| {
-                    let j = acc.rows[r] as usize;
-                    let (weights, rest) = scratch.split_at_mut(d);
-                    let weights = match T::as_f32(&centers[j * d..(j + 1) * d]) {
-                        Some(row) => row,
-                        None => {
-                            T::widen(&centers[j * d..(j + 1) * d], weights);
-                            weights
-                        }
-                    };
+            acc.rows.par_chunks(per).zip(scratch.par_chunks_mut(width)).enumerate().all(|(task, (rows, scratch))| {
+                rows.iter().enumerate().all(|(i, &j)| {
+                    let (r, j) = (task * per + i, j as usize);
+                    let (wide, rest) = scratch.split_at_mut(d);
+                    let weights = table::row_f32(&centers[j * d..(j + 1) * d], wide);
                     // SAFETY: rows are only read.
-                    let fine = unsafe { state.update_is_finite(&opt, step.lr, j, first_class + j as u64, weights, &acc.grads[r * d..(r + 1) * d], store, rest) };
-                    (scratch, ok && fine)
+                    unsafe { state.update_is_finite(&opt, step.lr, j, first_class + j as u64, weights, &acc.grads[r * d..(r + 1) * d], store, rest) }
                 })
-                .map(|(_, ok)| ok)
-                .reduce(|| true, |a, b| a && b)
+            })
         })
     }
 
@@ -1054,25 +1028,29 @@ impl<T: Stored> Primitives for CpuBackend<T> {
         let state = s.optimizer.rows_ptr();
         let centers = Shared(s.centers.as_mut_ptr());
         let (acc, first_class) = (&s.accumulated, s.range.start);
+        // Before the first update: nothing may fail once one has started.
+        let per = rows_per_task(acc.rows.len(), BLOCK);
+        let (mut scratch, width) = per_task_scratch(acc.rows.len(), per, 3 * d, T::ROUNDS)?;
         crate::pool::install(|| {
-            (0..acc.rows.len()).into_par_iter().with_min_len(BLOCK).for_each_init(Vec::new, |scratch: &mut Vec<f32>, r| {
-                if let Some(&ahead) = acc.rows.get(r + kernels::PREFETCH_AHEAD) {
-                    kernels::prefetch_row(centers.0, ahead as usize, d);
-                    state.prefetch(ahead as usize, d);
-                }
-                let j = acc.rows[r] as usize;
-                let grad = &acc.grads[r * d..(r + 1) * d];
-                // SAFETY: accumulated rows are distinct, so each center and state row has one writer.
-                unsafe {
-                    let stored = centers.slice(j * d, d);
-                    match T::as_f32_mut(stored) {
-                        Some(weights) => state.update(&opt, step.lr, j, first_class + j as u64, weights, grad, store, &mut []),
-                        None => {
-                            scratch.resize(3 * d, 0.0);
-                            let (weights, rest) = scratch.split_at_mut(d);
-                            T::widen(stored, weights);
-                            state.update(&opt, step.lr, j, first_class + j as u64, weights, grad, store, rest);
-                            T::narrow(weights, stored);
+            acc.rows.par_chunks(per).zip(scratch.par_chunks_mut(width)).enumerate().for_each(|(task, (rows, scratch))| {
+                for (i, &j) in rows.iter().enumerate() {
+                    let r = task * per + i;
+                    if let Some(&ahead) = acc.rows.get(r + kernels::PREFETCH_AHEAD) {
+                        kernels::prefetch_row(centers.0, ahead as usize, d);
+                        state.prefetch(ahead as usize, d);
+                    }
+                    let (j, grad) = (j as usize, &acc.grads[r * d..(r + 1) * d]);
+                    // SAFETY: accumulated rows are distinct, so each center and state row has one writer.
+                    unsafe {
+                        let stored = centers.slice(j * d, d);
+                        match T::as_f32_mut(stored) {
+                            Some(weights) => state.update(&opt, step.lr, j, first_class + j as u64, weights, grad, store, &mut []),
+                            None => {
+                                let (weights, rest) = scratch.split_at_mut(d);
+                                T::widen(stored, weights);
+                                state.update(&opt, step.lr, j, first_class + j as u64, weights, grad, store, rest);
+                                T::narrow(weights, stored);
+                            }
                         }
                     }
                 }

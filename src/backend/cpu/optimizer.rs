@@ -2,7 +2,7 @@
 //! given (SPEC §1.9). Semantics are PyTorch's `SGD` and `AdamW`, row by row.
 
 use crate::config::{OptimizerConfig, OptimizerKind, Rounding};
-use super::zeroed_table;
+use super::table::zeroed_table;
 use crate::error::{try_zeroed, Result};
 use crate::state::StateTensor;
 use crate::storage::{round_row, RowKey, Stored};

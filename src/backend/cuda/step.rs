@@ -18,7 +18,7 @@ use crate::backend::step::{phase, DeviceTimes, OptStep, RowGrads, RowStats, Step
 use crate::backend::{Primitives, ShardState};
 use crate::batch::{Batches, DeviceBatch, Embeddings, GradOut, Outputs};
 use crate::config::{Config, DType, MarginGrad, MarginKind, OptimizerKind, Rounding};
-use crate::error::{Error, Result, Status};
+use crate::error::{try_zeroed, Error, Result, Status};
 use crate::margin::{MarginState, ADAFACE_EPS, ADAFACE_NORM_RANGE, CURRICULAR_T_ALPHA};
 use crate::memory::{Device, DeviceBuf, Workspace};
 use crate::rng;
@@ -991,12 +991,12 @@ impl ShardState for CudaBackend {
     fn set_centers(&mut self, first: u64, count: u64, values: &[f32]) -> Result<()> {
         self.write_state(StateTensor::Centers, first, count, values)?;
         let d = self.cfg.embedding_dim;
-        let zeros = vec![0f32; count as usize * d];
+        let zeros = try_zeroed::<f32>(count as usize * d, "zeroed optimizer state")?;
         for &t in &StateTensor::for_optimizer(self.cfg.optimizer.kind)[1..] {
             self.write_state(t, first, count, &zeros)?;
         }
         if self.cfg.optimizer.kind == OptimizerKind::AdamW {
-            self.write_steps(first, count, &vec![0u32; count as usize])?;
+            self.write_steps(first, count, &try_zeroed::<u32>(count as usize, "zeroed step counts")?)?;
         }
         Ok(())
     }

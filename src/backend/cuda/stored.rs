@@ -6,7 +6,7 @@
 
 use super::device::device_error;
 use crate::config::DType;
-use crate::error::Result;
+use crate::error::{try_zeroed, Result};
 use crate::storage::Stored;
 use cudarc::driver::{CudaSlice, CudaStream, DriverError, LaunchArgs, PushKernelArg};
 use half::bf16;
@@ -59,8 +59,14 @@ impl StoredRows {
         match self {
             StoredRows::F32(v) => stream.memcpy_dtoh(&v.slice(range), out).map_err(|e| device_error("download", e)),
             StoredRows::BF16(v) => {
-                let bits = stream.clone_dtoh(&v.slice(range)).map_err(|e| device_error("download", e))?;
-                <bf16 as Stored>::widen(bits.reinterpret_cast(), out);
+                // Through a bounded staging buffer: a caller's request may be a whole shard.
+                let mut bits = try_zeroed::<u16>(STAGING.min(range.len()), "bf16 staging buffer")?;
+                for (at, out) in (range.start..range.end).step_by(STAGING).zip(out.chunks_mut(STAGING)) {
+                    let bits = &mut bits[..out.len()];
+                    stream.memcpy_dtoh(&v.slice(at..at + out.len()), bits).map_err(|e| device_error("download", e))?;
+                    stream.synchronize().map_err(|e| device_error("download", e))?;
+                    <bf16 as Stored>::widen(bits.reinterpret_cast(), out);
+                }
                 Ok(())
             }
         }
@@ -71,13 +77,21 @@ impl StoredRows {
         match self {
             StoredRows::F32(v) => stream.memcpy_htod(values, &mut v.slice_mut(range)).map_err(|e| device_error("upload", e)),
             StoredRows::BF16(v) => {
-                let mut narrow = vec![bf16::ZERO; values.len()];
-                <bf16 as Stored>::narrow_nearest(values, &mut narrow);
-                stream.memcpy_htod(narrow.reinterpret_cast(), &mut v.slice_mut(range)).map_err(|e| device_error("upload", e))
+                let mut narrow = try_zeroed::<bf16>(STAGING.min(values.len()), "bf16 staging buffer")?;
+                for (at, values) in (range.start..range.end).step_by(STAGING).zip(values.chunks(STAGING)) {
+                    let narrow = &mut narrow[..values.len()];
+                    <bf16 as Stored>::narrow_nearest(values, narrow);
+                    // A pageable upload has left the host buffer when the call returns.
+                    stream.memcpy_htod(narrow.reinterpret_cast(), &mut v.slice_mut(at..at + values.len())).map_err(|e| device_error("upload", e))?;
+                }
+                Ok(())
             }
         }
     }
 }
+
+/// Values converted at a time between the host's f32 and a GPU's bf16.
+const STAGING: usize = 1 << 20;
 
 // SAFETY: the kernel receives the tensor's device address, as for the CudaSlice it holds; the
 // entry point chosen by `StoredRows::kernel` takes it as a pointer to its stored type.

@@ -76,6 +76,15 @@ pub enum PlanMargin {
     Curricular,
 }
 
+/// The engine holding the shard: what it keeps beside the centers and their state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlanEngine {
+    /// The CUDA backend: a GPU holds the shard.
+    Cuda,
+    /// The CPU backend: a process holds the shard, and keeps each state row's f32 norm beside it.
+    Cpu,
+}
+
 #[derive(Parser, Debug)]
 pub struct PlanArgs {
     /// World size: GPUs (shards) in the job.
@@ -99,6 +108,10 @@ pub struct PlanArgs {
     /// How centers and optimizer state are stored: f32, or bf16 (2 bytes a value).
     #[arg(long, value_enum, default_value_t = PlanStorage::F32)]
     pub storage: PlanStorage,
+    /// The engine holding each shard: cuda (a GPU per shard, the table's usual reading) or cpu
+    /// (a process, which also keeps an f32 norm of each optimizer state row).
+    #[arg(long, value_enum, default_value_t = PlanEngine::Cuda)]
+    pub engine: PlanEngine,
     /// Optimizer whose state lives beside the centers.
     #[arg(long, value_enum, default_value_t = PlanOptimizer::Sgd)]
     pub optimizer: PlanOptimizer,
@@ -260,11 +273,13 @@ fn compute(a: &PlanArgs) -> Result<Plan, String> {
         PlanOptimizer::Sgd => rows * d * st,
         PlanOptimizer::Adamw => 2 * rows * d * st + if dense { 4 } else { rows * 4 },
     };
-    // Beside each state row the engine keeps its f32 norm (src/backend/cpu/optimizer.rs), with
-    // which the check before an update proves most updates finite without reading the rows.
-    let row_norms = |rows: u128| match a.optimizer {
-        PlanOptimizer::Sgd => rows * 4,
-        PlanOptimizer::Adamw => 2 * rows * 4,
+    // Beside each state row the CPU engine keeps its f32 norm (src/backend/cpu/optimizer.rs), with
+    // which the check before an update proves most updates finite without reading the rows; the
+    // CUDA engine checks on the device and keeps none.
+    let row_norms = |rows: u128| match (a.engine, a.optimizer) {
+        (PlanEngine::Cuda, _) => 0,
+        (PlanEngine::Cpu, PlanOptimizer::Sgd) => rows * 4,
+        (PlanEngine::Cpu, PlanOptimizer::Adamw) => 2 * rows * 4,
     };
     let data_parallel = Column {
         strategy: Strategy::DataParallel,
@@ -397,6 +412,7 @@ fn to_json(a: &PlanArgs, p: &Plan) -> Value {
             "dtype_bytes": u(p.e),
             "storage": a.storage.name(),
             "storage_bytes": u(p.st),
+            "engine": match a.engine { PlanEngine::Cuda => "cuda", PlanEngine::Cpu => "cpu" },
             "optimizer": match a.optimizer { PlanOptimizer::Sgd => "sgd", PlanOptimizer::Adamw => "adamw" },
             "margin": match a.margin { PlanMargin::Combined => "combined", PlanMargin::Adaface => "adaface", PlanMargin::Curricular => "curricular" },
             "backbone_params": a.backbone_params,
@@ -536,13 +552,16 @@ fn print_table(a: &PlanArgs, p: &Plan) {
             "  optimizer          AdamW: two {sn} moments per center element; MP/PFC add a u32 step count per row (sparse updates), DP one 4-byte step"
         ),
     }
-    println!(
-        "  state row norms    MP/PFC: the engine's f32 norm of each optimizer state row ({} per row), which proves most updates finite without reading the rows; DP: none",
-        match a.optimizer {
-            PlanOptimizer::Sgd => "one, 4 B",
-            PlanOptimizer::Adamw => "two, 8 B",
-        }
-    );
+    match a.engine {
+        PlanEngine::Cpu => println!(
+            "  state row norms    MP/PFC: the CPU engine's f32 norm of each optimizer state row ({} per row), which proves most updates finite without reading the rows; DP: none",
+            match a.optimizer {
+                PlanOptimizer::Sgd => "one, 4 B",
+                PlanOptimizer::Adamw => "two, 8 B",
+            }
+        ),
+        PlanEngine::Cuda => println!("  state row norms    none: the CUDA engine checks each update on the device (--engine cpu counts the CPU engine's)"),
+    }
     println!("  center gradients   DP: the dense C x d gradient that DDP all-reduces ({sn}, the parameters' dtype); MP/PFC: none, the engine fuses each sampled row's gradient into its update");
     println!(
         "  logits             DP: B x C (the local batch against every class); MP: N x n; PFC: N x k; {e} B each ({dt}); one matrix, no softmax copy"

@@ -446,3 +446,23 @@ pub fn counter_delta(before: &serde_json::Value, after: &serde_json::Value, key:
     };
     get(after) - get(before)
 }
+
+/// Batch `b` of a synthetic job: `rows` rows of unit-Gaussian embeddings of dimension `d` split
+/// evenly over `shards` (per shard: embeddings, labels uniform in [0, classes)); `salt` keeps one
+/// test's data apart from another's.
+pub fn split_batch(b: u64, rows: usize, shards: usize, d: usize, classes: u64, salt: u64) -> Vec<(Vec<f32>, Vec<i64>)> {
+    use partialfc::rng;
+    let mut first = 0u64;
+    even_split(rows, shards)
+        .iter()
+        .map(|&n| {
+            let mut e = vec![0f32; n * d];
+            for r in 0..n {
+                rng::init_center(salt + b, first + r as u64, 1.0, &mut e[r * d..(r + 1) * d]);
+            }
+            let labels = (0..n).map(|r| (rng::at(rng::stream(b, salt, 0), first + r as u64) % classes) as i64).collect();
+            first += n as u64;
+            (e, labels)
+        })
+        .collect()
+}

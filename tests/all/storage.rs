@@ -6,7 +6,6 @@ use partialfc::batch::{Embeddings, GradOut, HostBatch};
 use partialfc::config::{Config, DType, OptimizerKind, Rounding};
 use partialfc::error::Status;
 use partialfc::head::Head;
-use partialfc::rng;
 
 const D: usize = 40;
 const C: u64 = 600;
@@ -23,19 +22,7 @@ fn config(kind: OptimizerKind, storage: DType, shards: usize, rate: f32) -> Conf
 
 /// Embeddings and labels of batch `b`, 24 rows split over `shards`.
 fn batch(b: u64, shards: usize) -> Vec<(Vec<f32>, Vec<i64>)> {
-    let rows = crate::common::even_split(24, shards);
-    let mut first = 0u64;
-    rows.iter()
-        .map(|&n| {
-            let mut e = vec![0f32; n * D];
-            for r in 0..n {
-                rng::init_center(500 + b, first + r as u64, 1.0, &mut e[r * D..(r + 1) * D]);
-            }
-            let labels = (0..n).map(|r| (rng::at(rng::stream(b, 3, 0), first + r as u64) % C) as i64).collect();
-            first += n as u64;
-            (e, labels)
-        })
-        .collect()
+    crate::common::split_batch(b, 24, shards, D, C, 500)
 }
 
 fn train(head: &mut Head, data: &[(Vec<f32>, Vec<i64>)]) -> Result<(f64, Vec<f32>), partialfc::error::Error> {

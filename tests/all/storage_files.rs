@@ -45,20 +45,7 @@ fn other_head(kind: OptimizerKind, storage: DType, shards: usize) -> Head {
 fn train(head: &mut Head, from: u64, steps: u64) {
     let shards = head.config().local_shards;
     for b in from..from + steps {
-        let rows = crate::common::even_split(18, shards);
-        let mut first = 0u64;
-        let data: Vec<(Vec<f32>, Vec<i64>)> = rows
-            .iter()
-            .map(|&n| {
-                let mut e = vec![0f32; n * D];
-                for r in 0..n {
-                    rng::init_center(700 + b, first + r as u64, 1.0, &mut e[r * D..(r + 1) * D]);
-                }
-                let labels = (0..n).map(|r| (rng::at(rng::stream(b, 9, 0), first + r as u64) % C) as i64).collect();
-                first += n as u64;
-                (e, labels)
-            })
-            .collect();
+        let data = crate::common::split_batch(b, 18, shards, D, C, 700);
         let inputs: Vec<HostBatch> = data.iter().map(|(e, l)| HostBatch { embeddings: Embeddings::F32(e), labels: l }).collect();
         let mut grads: Vec<Vec<f32>> = data.iter().map(|(e, _)| vec![0f32; e.len()]).collect();
         let mut outs: Vec<GradOut> = grads.iter_mut().map(|g| GradOut::F32(g)).collect();

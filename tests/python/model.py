@@ -142,6 +142,25 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint["state_lr_scheduler"])
 
 
+def resumed_identically(a, make_b, data):
+    """`a`'s state_dict saved, loaded into the trainer `make_b()` makes, and both stepped over `data`:
+    the losses, embedding gradients, sampled counts and centers equal step by step. Returns `b`."""
+    import io
+    saved = io.BytesIO()
+    torch.save(a.state_dict(), saved)
+    expected = [a.step(x, y) + (a.head.centers(),) for x, y in data]
+    b = make_b()
+    saved.seek(0)
+    b.load_state_dict(torch.load(saved, weights_only=True))
+    got = [b.step(x, y) + (b.head.centers(),) for x, y in data]
+    for step, ((la, ga, sa, ca), (lb, gb, sb, cb)) in enumerate(zip(expected, got)):
+        assert la == lb, f"step {step}: loss {lb} != {la}"
+        assert torch.equal(ga, gb), f"step {step}: embedding gradients differ"
+        assert torch.equal(ca, cb), f"step {step}: centers differ"
+        assert sa == sb
+    return b
+
+
 def rel(a, b):
     """‖a − b‖ / ‖b‖ in float64 (the golden files' measure)."""
     a, b = a.double(), b.double()

@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from model import Float64PartialFC, Trainer, backbone, dataset
+from model import Float64PartialFC, Trainer, backbone, dataset, resumed_identically
 from partialfc.torch import CombinedMarginLoss, PartialFC_V2
 
 C, D, B, FEATURES = 240, 32, 24, 40
@@ -25,19 +25,8 @@ def test_state_dict_round_trip_continues_bit_identically(optimizer, sample_rate)
     a = make_trainer(optimizer, sample_rate, 0, len(data))
     for images, labels in data[:6]:
         a.step(images, labels)
-    saved = io.BytesIO()
-    torch.save(a.state_dict(), saved)
-    expected = [a.step(x, y) + (a.head.centers(),) for x, y in data[6:]]
-
-    b = make_trainer(optimizer, sample_rate, 7, len(data))  # other initial weights: the load must replace them
-    saved.seek(0)
-    b.load_state_dict(torch.load(saved, weights_only=True))
-    got = [b.step(x, y) + (b.head.centers(),) for x, y in data[6:]]
-    for step, ((la, ga, sa, ca), (lb, gb, sb, cb)) in enumerate(zip(expected, got)):
-        assert la == lb, f"step {step}: loss {lb} != {la}"
-        assert torch.equal(ga, gb), f"step {step}: embedding gradients differ"
-        assert torch.equal(ca, cb), f"step {step}: centers differ"
-        assert sa == sb
+    # Other initial weights: the load must replace them.
+    resumed_identically(a, lambda: make_trainer(optimizer, sample_rate, 7, len(data)), data[6:])
 
 
 def test_reference_state_dict_loads():

@@ -9,7 +9,7 @@ import torch
 
 import partialfc
 from partialfc import _native as n
-from model import Trainer, backbone, dataset
+from model import Trainer, backbone, dataset, resumed_identically
 from partialfc.torch import CombinedMarginLoss, PartialFC_V2
 
 C, D, B, FEATURES = 240, 32, 24, 40
@@ -96,22 +96,12 @@ def test_the_drop_in_stores_bf16_and_its_state_dict_round_trip_continues_bit_ide
     for images, labels in data[:5]:
         a.step(images, labels)
     assert low_bits_zero(a.head.centers())
-    saved = io.BytesIO()
-    torch.save(a.state_dict(), saved)
-    expected = [a.step(x, y) + (a.head.centers(),) for x, y in data[5:]]
-
-    b = make_trainer(7, len(data), storage_dtype)
-    saved.seek(0)
-    b.load_state_dict(torch.load(saved, weights_only=True))
-    got = [b.step(x, y) + (b.head.centers(),) for x, y in data[5:]]
-    for step, ((la, ga, sa, ca), (lb, gb, sb, cb)) in enumerate(zip(expected, got)):
-        assert la == lb, f"step {step}: loss {lb} != {la}"
-        assert torch.equal(ga, gb), f"step {step}: embedding gradients differ"
-        assert torch.equal(ca, cb), f"step {step}: centers differ"
-        assert sa == sb
+    b = resumed_identically(a, lambda: make_trainer(7, len(data), storage_dtype), data[5:])
     assert low_bits_zero(b.head.centers())
 
     # An f32 module takes the bf16 state exactly.
+    saved = io.BytesIO()
+    torch.save(a.state_dict(), saved)
     saved.seek(0)
     head_state = torch.load(saved, weights_only=True)["state_dict_softmax_fc"]
     f32 = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), D, C, 0.5)

@@ -73,10 +73,12 @@ fn checkpoint_shards(head: &Head, dir: &std::path::Path) -> Vec<Vec<u8>> {
 fn the_update_inside_the_backward_pass_is_the_deferred_update_bit_for_bit() {
     let tmp = std::env::temp_dir().join(format!("pfc-fused-{}", std::process::id()));
     for kind in [OptimizerKind::Sgd, OptimizerKind::AdamW] {
-        for dtype in [DType::F32, DType::BF16] {
+        // GEMMs in f32 or bf16, and centers stored in f32 or bf16: both paths round the same
+        // values with the same draws.
+        for (dtype, storage) in [(DType::F32, DType::F32), (DType::BF16, DType::F32), (DType::F32, DType::BF16)] {
             for (shards, rate) in [(1, 1.0), (2, 0.3), (3, 0.05)] {
-                let what = format!("{kind:?} {dtype:?} {shards} shards r = {rate}");
-                let cfg = config(kind, dtype, shards, rate);
+                let what = format!("{kind:?} {dtype:?} GEMMs, {storage:?} storage, {shards} shards r = {rate}");
+                let cfg = Config { storage_dtype: storage, ..config(kind, dtype, shards, rate) };
                 let (mut fused, mut deferred) = (Head::new(cfg.clone()).unwrap(), Head::new(cfg).unwrap());
                 for b in 0..6 {
                     let data = batch(b, shards, 2_000);
@@ -100,7 +102,13 @@ fn the_update_inside_the_backward_pass_is_the_deferred_update_bit_for_bit() {
 /// as a twin that applies both computes' sum.
 #[test]
 fn accumulated_gradients_take_the_deferred_path() {
-    let cfg = config(OptimizerKind::Sgd, DType::F32, 2, 0.3);
+    for storage in [DType::F32, DType::BF16] {
+        accumulated_gradients_take_the_deferred_path_with(storage);
+    }
+}
+
+fn accumulated_gradients_take_the_deferred_path_with(storage: DType) {
+    let cfg = Config { storage_dtype: storage, ..config(OptimizerKind::Sgd, DType::F32, 2, 0.3) };
     let (mut a, mut b) = (Head::new(cfg.clone()).unwrap(), Head::new(cfg).unwrap());
     let (first, second) = (batch(0, 2, 2_000), batch(1, 2, 2_000));
     for head in [&mut a, &mut b] {

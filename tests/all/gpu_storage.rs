@@ -8,7 +8,7 @@ use crate::common::*;
 use crate::gpu_jobs::cuda_head;
 use crate::persist::{self, bits, load, save, state_of, Scratch, Snapshot};
 use cudarc::driver::{CudaContext, CudaFunction, PushKernelArg};
-use partialfc::batch::{Embeddings, GradOut, HostBatch};
+use partialfc::batch::{Batches, Embeddings, GradOut, HostBatch, Outputs};
 use partialfc::checkpoint;
 use partialfc::config::{BackendKind, Config, DType, OptimizerKind, Rounding};
 use partialfc::ffi::*;
@@ -163,6 +163,12 @@ fn on_gpus(cfg: &Config) -> Config {
 
 /// One training step of the global batch (`e`, `l`) split evenly over the head's shards.
 fn train(head: &mut Head, e: &[f32], l: &[i64]) -> f64 {
+    step(head, e, l, true)
+}
+
+/// Forward and backward of the global batch (`e`, `l`) split evenly over the head's shards, its
+/// center gradients accumulated; with `apply`, then the optimizer step (`train_step`).
+fn step(head: &mut Head, e: &[f32], l: &[i64], apply: bool) -> f64 {
     let rows = even_split(l.len(), head.config().local_shards);
     let mut at = 0;
     let mut inputs = Vec::new();
@@ -172,7 +178,7 @@ fn train(head: &mut Head, e: &[f32], l: &[i64]) -> f64 {
     }
     let mut grads: Vec<Vec<f32>> = rows.iter().map(|&r| vec![0f32; r * D]).collect();
     let mut outs: Vec<GradOut> = grads.iter_mut().map(|g| GradOut::F32(g)).collect();
-    head.train_step(&inputs, &mut outs).unwrap().loss
+    head.compute(Batches::Host(&inputs), Outputs::Host(&mut outs), apply, true).unwrap().loss
 }
 
 fn centers(head: &Head) -> Vec<f32> {
@@ -236,6 +242,46 @@ fn cuda_bf16_storage_is_its_f32_step_rounded_by_round_row() {
                 if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
                     panic!("{what}: {} of class {} element {}: stored {:e}, the f32 step rounded {:e}", tensor.name(), i / D, i % D, got[i], want[i]);
                 }
+            }
+        }
+    }
+}
+
+/// The step split on a CUDA head storing bf16: two computes accumulate over the union of their
+/// sampled rows, then `apply` rounds that one update with the head's step as `train_step` does —
+/// every stored value is what an f32 CUDA head given the same state and calls stores, `round_row`ed.
+#[test]
+fn cuda_bf16_storage_rounds_an_accumulated_update_as_one_step() {
+    if !on_cuda(module_path!(), "cuda_bf16_storage_rounds_an_accumulated_update_as_one_step") {
+        return;
+    }
+    for (kind, rate, rounding, shards) in [CASES[1], CASES[3]] {
+        let cfg = config(kind, rate, rounding, shards);
+        let mut narrow = Head::new(on_gpus(&cfg)).unwrap();
+        let (e, l) = crate::gpu::data(C, D, N, 900);
+        train(&mut narrow, &e, &l);
+        let before = Scratch::new("split-before");
+        checkpoint::save(&narrow, &before.0).unwrap();
+        let mut wide = Head::new(Config { storage_dtype: DType::F32, ..on_gpus(&cfg) }).unwrap();
+        checkpoint::load(&mut wide, &before.0).unwrap();
+        let index = narrow.steps_taken();
+        for head in [&mut narrow, &mut wide] {
+            for batch in [901, 902] {
+                let (e, l) = crate::gpu::data(C, D, N, batch);
+                step(head, &e, &l, false);
+            }
+            head.apply().unwrap();
+        }
+        let (narrow_dir, wide_dir) = (Scratch::new("split-bf16"), Scratch::new("split-f32"));
+        checkpoint::save(&narrow, &narrow_dir.0).unwrap();
+        checkpoint::save(&wide, &wide_dir.0).unwrap();
+        for &tensor in StateTensor::for_optimizer(kind) {
+            let (got, mut want) = (checkpoint_tensor(&narrow_dir.0, tensor.name()), checkpoint_tensor(&wide_dir.0, tensor.name()));
+            for (class, row) in want.chunks_exact_mut(D).enumerate() {
+                round_row(row, rounding, RowKey::new(step_stream(cfg.seed, index), class as u64, tensor, D));
+            }
+            if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                panic!("{kind:?} r {rate} on {shards} GPU(s): {} of class {} element {}: stored {:e}, the f32 update rounded {:e}", tensor.name(), i / D, i % D, got[i], want[i]);
             }
         }
     }

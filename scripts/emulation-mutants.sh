@@ -6,6 +6,7 @@
 # library: about 15 minutes on 2 cores), in a scratch worktree of HEAD under target/, so the
 # checkout is never touched:
 #   bash scripts/emulation-mutants.sh
+#   MUTANTS="swapped-transposes missing-stream-wait" bash scripts/emulation-mutants.sh   # only these
 # Prints one line per mutant (logs in target/mutants-logs/) and exits 1 if a mutant survived.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,9 @@ reason() {
 survivors=0
 mutant() {
     local name=$1 file=$2 expr=$3 filter=$4
+    if [ -n "${MUTANTS:-}" ] && [[ " $MUTANTS " != *" $name "* ]]; then
+        return
+    fi
     (cd "$work" && git checkout -q -- . && sed -i "$expr" "$file")
     if (cd "$work" && git diff --quiet -- "$file"); then
         echo "$name: the mutation did not apply to $file (update this script)"
@@ -55,10 +59,10 @@ mutant missing-barrier kernels/common.cuh \
     '/if (lane == 0) scratch\[warp\] = v;/{n;/__syncthreads();/d}' \
     gpu::cuda_matches_the_golden_files
 mutant swapped-transposes src/backend/cuda/step.rs \
-    's/shard.gemm(true, false, n, count, d, a, d, b, d, cp, n, dtype, false)/shard.gemm(false, true, n, count, d, a, d, b, d, cp, n, dtype, false)/' \
+    's/shard.gemm(true, false, n, count, d, unit_gemm.ptr(), d, w_ptr, d, c_ptr, n, dtype)/shard.gemm(false, true, n, count, d, unit_gemm.ptr(), d, w_ptr, d, c_ptr, n, dtype)/' \
     gpu::cuda_matches_the_golden_files
 mutant missing-stream-wait src/backend/cuda/step.rs \
-    's/            after_caller(caller_stream(b.stream), ours)?;/            let _ = ours;/' \
+    's/            after_caller(caller_stream(b.stream), shard.stream.cu_stream())?;/            let _ = caller_stream(b.stream);/' \
     gpu::device_pointers_ordered_on_a_callers_stream
 mutant unagreed-backward-failure src/head/driver.rs \
     's/let (mut mine, partial) = agreed(&\*self.coll, local)/let (mut mine, partial) = local/' \

@@ -151,7 +151,7 @@ fn write_rows(head: &Head, temp: &Path, header_len: u64, format: Format, dtype: 
             }
             match dtype {
                 DType::F16 => values.iter().for_each(|v| bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-                DType::BF16 => values.iter().for_each(|v| bytes.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+                DType::BF16 => values.iter().for_each(|v| bytes.extend_from_slice(&crate::storage::bf16_nearest(*v).to_le_bytes())),
                 DType::F32 => values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
             }
         }

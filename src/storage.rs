@@ -99,10 +99,16 @@ fn nearest_bits(b: u32) -> u32 {
     if nan { (b >> 16) | 0x0040 } else { b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16 }
 }
 
+/// `x` rounded to the nearest bf16, ties to even: what a bf16 head stores of a value it is given.
+#[inline(always)]
+pub fn bf16_nearest(x: f32) -> bf16 {
+    bf16::from_bits(nearest_bits(x.to_bits()) as u16)
+}
+
 crate::simd::multiversion! {
     fn nearest_bf16(src: &[f32], dst: &mut [bf16]) {
         for (o, &v) in dst.iter_mut().zip(src) {
-            *o = bf16::from_bits(nearest_bits(v.to_bits()) as u16);
+            *o = bf16_nearest(v);
         }
     }
 }

@@ -247,7 +247,7 @@ impl Head {
         // a checkpoint of the head is checked by).
         let d = self.cfg.embedding_dim;
         let oversized = match self.cfg.storage_dtype {
-            DType::BF16 => first_oversized(values.chunks_exact(d).map(|row| row.iter().map(|&v| half::bf16::from_f32(v).to_f32()))),
+            DType::BF16 => first_oversized(values.chunks_exact(d).map(|row| row.iter().map(|&v| crate::storage::bf16_nearest(v).to_f32()))),
             DType::F32 | DType::F16 => first_oversized_row(values, d),
         };
         if let Some((row, norm)) = oversized {

@@ -224,7 +224,7 @@ fn cuda_bf16_storage_is_its_f32_step_rounded_by_round_row() {
         let mut wide = Head::new(Config { storage_dtype: DType::F32, ..on_gpus(&cfg) }).unwrap();
         for step in 0..3 {
             let what = format!("{kind:?} r {rate} {rounding:?} on {shards} GPU(s), step {step}");
-            let (before, narrow_dir, wide_dir) = (Scratch::new("bf16-before"), Scratch::new("bf16-after"), Scratch::new("f32-after"));
+            let before = Scratch::new("bf16-before");
             checkpoint::save(&narrow, &before.0).unwrap();
             checkpoint::load(&mut wide, &before.0).unwrap();
             let index = narrow.steps_taken();
@@ -232,17 +232,24 @@ fn cuda_bf16_storage_is_its_f32_step_rounded_by_round_row() {
             let (e, l) = crate::gpu::data(C, D, N, 700 + step);
             train(&mut narrow, &e, &l);
             train(&mut wide, &e, &l);
-            checkpoint::save(&narrow, &narrow_dir.0).unwrap();
-            checkpoint::save(&wide, &wide_dir.0).unwrap();
-            for &tensor in StateTensor::for_optimizer(kind) {
-                let (got, mut want) = (checkpoint_tensor(&narrow_dir.0, tensor.name()), checkpoint_tensor(&wide_dir.0, tensor.name()));
-                for (class, row) in want.chunks_exact_mut(D).enumerate() {
-                    round_row(row, rounding, RowKey::new(step_stream(cfg.seed, index), class as u64, tensor, D));
-                }
-                if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-                    panic!("{what}: {} of class {} element {}: stored {:e}, the f32 step rounded {:e}", tensor.name(), i / D, i % D, got[i], want[i]);
-                }
-            }
+            assert_stored_is_rounded(&narrow, &wide, &cfg, index, &what);
+        }
+    }
+}
+
+/// Every value the bf16 head `narrow` stores — centers and each optimizer tensor — is what the f32
+/// head `wide` stores after the same calls, `round_row`ed with optimizer step `index`'s key.
+fn assert_stored_is_rounded(narrow: &Head, wide: &Head, cfg: &Config, index: u64, what: &str) {
+    let (narrow_dir, wide_dir) = (Scratch::new("bf16-after"), Scratch::new("f32-after"));
+    checkpoint::save(narrow, &narrow_dir.0).unwrap();
+    checkpoint::save(wide, &wide_dir.0).unwrap();
+    for &tensor in StateTensor::for_optimizer(cfg.optimizer.kind) {
+        let (got, mut want) = (checkpoint_tensor(&narrow_dir.0, tensor.name()), checkpoint_tensor(&wide_dir.0, tensor.name()));
+        for (class, row) in want.chunks_exact_mut(D).enumerate() {
+            round_row(row, cfg.storage_rounding, RowKey::new(step_stream(cfg.seed, index), class as u64, tensor, D));
+        }
+        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+            panic!("{what}: {} of class {} element {}: stored {:e}, the f32 step rounded {:e}", tensor.name(), i / D, i % D, got[i], want[i]);
         }
     }
 }
@@ -272,18 +279,7 @@ fn cuda_bf16_storage_rounds_an_accumulated_update_as_one_step() {
             }
             head.apply().unwrap();
         }
-        let (narrow_dir, wide_dir) = (Scratch::new("split-bf16"), Scratch::new("split-f32"));
-        checkpoint::save(&narrow, &narrow_dir.0).unwrap();
-        checkpoint::save(&wide, &wide_dir.0).unwrap();
-        for &tensor in StateTensor::for_optimizer(kind) {
-            let (got, mut want) = (checkpoint_tensor(&narrow_dir.0, tensor.name()), checkpoint_tensor(&wide_dir.0, tensor.name()));
-            for (class, row) in want.chunks_exact_mut(D).enumerate() {
-                round_row(row, rounding, RowKey::new(step_stream(cfg.seed, index), class as u64, tensor, D));
-            }
-            if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-                panic!("{kind:?} r {rate} on {shards} GPU(s): {} of class {} element {}: stored {:e}, the f32 update rounded {:e}", tensor.name(), i / D, i % D, got[i], want[i]);
-            }
-        }
+        assert_stored_is_rounded(&narrow, &wide, &cfg, index, &format!("{kind:?} r {rate} {rounding:?} on {shards} GPU(s), an accumulated update"));
     }
 }
 

@@ -413,14 +413,13 @@ struct BackwardWorker {
 /// A block's stored centers widened to f32 in `scratch`, where they are not f32 already: then the
 /// table the block's passes read, with its rows at `LOCAL_IDS`.
 fn widened_block<'a, T: Stored>(centers: &'a [T], ids: &'a [u32], d: usize, scratch: &'a mut [f32]) -> (&'a [f32], &'a [u32]) {
-    if let Some(table) = T::as_f32(centers) {
-        return (table, ids);
+    let len = if T::ROUNDS { ids.len() * d } else { centers.len() };
+    // SAFETY: `centers` holds the rows `ids` and is borrowed, so nothing writes them; the table
+    // returned is `len` values, `centers` itself or the widened rows in `scratch`.
+    unsafe {
+        let (table, ids) = widened_rows(Shared(centers.as_ptr().cast_mut()), ids, d, scratch);
+        (table.read(0, len), ids)
     }
-    for (i, (dst, &j)) in scratch.chunks_exact_mut(d).zip(ids).enumerate() {
-        kernels::prefetch_ahead(centers.as_ptr(), d, ids, i);
-        T::widen(&centers[j as usize * d..(j as usize + 1) * d], dst);
-    }
-    (&scratch[..ids.len() * d], &LOCAL_IDS[..ids.len()])
 }
 
 /// [`widened_block`] for the backward pass, whose updates write the rows: the table as a pointer.

@@ -74,10 +74,9 @@ impl<T: Stored> OptimizerState<T> {
         };
         let stored = &mut data[first * dim..first * dim + values.len()];
         T::narrow_nearest(values, stored);
-        let mut row = vec![0.0f32; dim];
+        let mut wide = vec![0.0f32; if T::ROUNDS { dim } else { 0 }];
         for (r, s) in stored.chunks_exact(dim).enumerate() {
-            T::widen(s, &mut row);
-            norms[first + r] = norm(&row);
+            norms[first + r] = norm(super::table::row_f32(s, &mut wide));
         }
         Some(())
     }

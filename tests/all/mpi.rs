@@ -209,7 +209,7 @@ fn a_failing_callback_poisons_every_process() {
 #[test]
 fn mismatched_configurations_fail_everywhere_naming_the_field() {
     let case = synthetic("mismatch", 3, &[2, 1], 1.0, false);
-    for field in ["lr", "num_classes", "world_size", "embedding_dim", "margin_kind"] {
+    for field in ["lr", "num_classes", "world_size", "embedding_dim", "margin_kind", "storage_dtype"] {
         run_parity(&case.dir, 2, &["--mismatch", field]);
     }
 }

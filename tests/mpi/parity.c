@@ -253,6 +253,7 @@ int main(int argc, char **argv) {
             else if (!strcmp(mismatch, "world_size")) cfg.world_size = 99;
             else if (!strcmp(mismatch, "embedding_dim")) cfg.embedding_dim = 0; /* invalid on one process only */
             else if (!strcmp(mismatch, "margin_kind")) cfg.margin_kind = PFC_MARGIN_ADAFACE; /* valid alone */
+            else if (!strcmp(mismatch, "storage_dtype")) cfg.storage_dtype = PFC_DTYPE_BF16; /* valid alone */
         }
         pfc_head *h = NULL;
         int st = pfc_create(&cfg, &h);
